@@ -1,0 +1,211 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! node = "n0"
+//! listen = "10.100.0.11:7701"
+//! state_dir = "/var/lib/pairvisor/agent"
+//! image_dir = "/var/lib/pairvisor/images"
+//! domain_type = "kvm"                 # "qemu" (TCG, the default) or "kvm"
+//! # libvirt_uri = "qemu:///system"    # default: embedded driver in <state_dir>/libvirt
+//! [storage_groups]
+//! sg0 = "/var/lib/pairvisor/storage/sg0"
+//! [networks]
+//! business = "biz0"                   # network name = host bridge
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::domain::DomainType;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is not valid TOML or misses a required key.
+    #[error("parsing agent config {path}")]
+    Parse {
+        /// Config file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The file cannot be read.
+    #[error("reading agent config {path}")]
+    Read {
+        /// Config file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path in the file is relative.
+    #[error("{key} = {path} in {file} must be an absolute path")]
+    RelativePath {
+        /// Config file.
+        file: PathBuf,
+        /// The key.
+        key: String,
+        /// The relative path.
+        path: PathBuf,
+    },
+}
+
+/// Agent configuration.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's node name, as the pair knows it.
+    pub node: String,
+    /// Address of the agent's gRPC service.
+    pub listen: SocketAddr,
+    /// Directory for the embed root, serial logs and other agent state.
+    pub state_dir: PathBuf,
+    /// Directory of boot images, one subdirectory per image.
+    pub image_dir: PathBuf,
+    /// libvirt connection; default: the embedded QEMU driver rooted in `state_dir/libvirt`.
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
+    /// How QEMU runs guests.
+    #[serde(default = "default_domain_type")]
+    pub domain_type: DomainType,
+    /// QEMU binary.
+    #[serde(default = "default_emulator")]
+    pub emulator: PathBuf,
+    /// Storage groups: name → directory holding the volumes.
+    #[serde(default)]
+    pub storage_groups: BTreeMap<String, PathBuf>,
+    /// Business networks: name → host bridge.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+}
+
+fn default_domain_type() -> DomainType {
+    DomainType::Qemu
+}
+
+fn default_emulator() -> PathBuf {
+    PathBuf::from("/usr/bin/qemu-system-x86_64")
+}
+
+impl Config {
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|source| Error::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.check_paths(path)?;
+        Ok(config)
+    }
+
+    /// The libvirt URI: configured, or the embed root under the state directory.
+    pub fn libvirt_uri(&self) -> String {
+        self.libvirt_uri
+            .clone()
+            .unwrap_or_else(|| format!("qemu:///embed?root={}", self.embed_root().display()))
+    }
+
+    /// The embedded driver's root directory (used when no URI is configured).
+    pub fn embed_root(&self) -> PathBuf {
+        self.state_dir.join("libvirt")
+    }
+
+    /// Directory of the guests' serial logs.
+    pub fn serial_dir(&self) -> PathBuf {
+        self.state_dir.join("serial")
+    }
+
+    fn check_paths(&self, file: &Path) -> Result<(), Error> {
+        let fixed = [
+            ("state_dir".to_string(), &self.state_dir),
+            ("image_dir".to_string(), &self.image_dir),
+            ("emulator".to_string(), &self.emulator),
+        ];
+        let groups = self
+            .storage_groups
+            .iter()
+            .map(|(name, dir)| (format!("storage_groups.{name}"), dir));
+        for (key, path) in fixed.into_iter().chain(groups) {
+            if path.is_relative() {
+                return Err(Error::RelativePath {
+                    file: file.to_path_buf(),
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+node = "n0"
+listen = "127.0.0.1:7701"
+state_dir = "/var/lib/pv"
+image_dir = "/var/lib/pv/images"
+[storage_groups]
+sg0 = "/var/lib/pv/sg0"
+"#;
+
+    #[test]
+    fn parse_minimal_config_defaults_to_tcg_embed_root() {
+        let config = Config::parse(MINIMAL, Path::new("agent.toml")).unwrap();
+
+        assert_eq!(config.domain_type, DomainType::Qemu);
+        assert_eq!(
+            config.libvirt_uri(),
+            "qemu:///embed?root=/var/lib/pv/libvirt"
+        );
+    }
+
+    #[test]
+    fn parse_kvm_and_system_uri_are_taken_as_given() {
+        let text = format!("{MINIMAL}\n");
+        let text = text.replacen(
+            "node = \"n0\"",
+            "node = \"n0\"\ndomain_type = \"kvm\"\nlibvirt_uri = \"qemu:///system\"",
+            1,
+        );
+
+        let config = Config::parse(&text, Path::new("agent.toml")).unwrap();
+
+        assert_eq!(config.domain_type, DomainType::Kvm);
+        assert_eq!(config.libvirt_uri(), "qemu:///system");
+    }
+
+    #[test]
+    fn parse_relative_storage_group_is_refused_with_its_key() {
+        let text = MINIMAL.replace("\"/var/lib/pv/sg0\"", "\"sg0\"");
+
+        let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            "storage_groups.sg0 = sg0 in agent.toml must be an absolute path"
+        );
+    }
+
+    #[test]
+    fn parse_unknown_key_is_refused() {
+        let text = MINIMAL.replacen("node = ", "bogus = 1\nnode = ", 1);
+
+        let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err();
+
+        assert!(matches!(err, Error::Parse { .. }));
+    }
+}

@@ -1,0 +1,358 @@
+//! VM spec → libvirt domain XML, as a pure function.
+//!
+//! The agent renders every domain itself so the XML is the same on both hosts and needs no
+//! libvirt network or storage drivers: disks are plain files, NICs are bridge ports, and the
+//! first serial port is appended to a log file the agent owns. `<acpi/>` is always present:
+//! without it libvirt 9.0 passes `-no-acpi`, which QEMU 10 rejects, and the guest could not
+//! receive the ACPI power button that a graceful shutdown sends.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// The libvirt domain type: how QEMU runs the guest's CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    /// TCG software emulation (`<domain type='qemu'>`): works everywhere, e.g. in nested VMs.
+    Qemu,
+    /// Hardware virtualization (`<domain type='kvm'>`): the production choice.
+    Kvm,
+}
+
+impl DomainType {
+    /// The value of the XML `type` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Qemu => "qemu",
+            DomainType::Kvm => "kvm",
+        }
+    }
+}
+
+/// Disk image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// Raw image.
+    Raw,
+    /// QCOW2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name libvirt and qemu-img use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A disk attached to the domain, already resolved to a file on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// Path of the volume file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// A NIC attached to a bridge of this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// Host bridge the NIC is plugged into.
+    pub bridge: String,
+    /// Stable MAC address.
+    pub mac: String,
+}
+
+/// How the domain boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// Direct kernel boot from a boot image.
+    Kernel(images::BootImage),
+    /// Boot from an ISO attached as a CD-ROM.
+    Cdrom(PathBuf),
+}
+
+/// Everything needed to render one domain, resolved to this host's paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainSpec {
+    /// libvirt UUID (the VM's UUID).
+    pub uuid: String,
+    /// libvirt name (the VM's name).
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disks in guest order (vda, vdb, ...).
+    pub disks: Vec<Disk>,
+    /// NICs in guest order.
+    pub nics: Vec<Nic>,
+    /// Boot source.
+    pub boot: Boot,
+    /// File the first serial port appends to.
+    pub serial_log: PathBuf,
+}
+
+/// Host-wide settings that shape every domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostProfile {
+    /// TCG or KVM.
+    pub domain_type: DomainType,
+    /// QEMU binary.
+    pub emulator: PathBuf,
+}
+
+/// Renders the libvirt domain XML for `spec` on a host with `host`'s settings.
+pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
+    let mut xml = String::with_capacity(2048);
+    // Writing into a String cannot fail; the results are discarded on purpose below.
+    let _ = writeln!(xml, "<domain type='{}'>", host.domain_type.as_str());
+    let _ = writeln!(xml, "  <name>{}</name>", escape(&spec.name));
+    let _ = writeln!(xml, "  <uuid>{}</uuid>", escape(&spec.uuid));
+    let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
+    let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
+    push_os(&mut xml, &spec.boot);
+    xml.push_str("  <features><acpi/></features>\n");
+    xml.push_str("  <on_poweroff>destroy</on_poweroff>\n");
+    xml.push_str("  <on_reboot>restart</on_reboot>\n");
+    xml.push_str("  <on_crash>destroy</on_crash>\n");
+    xml.push_str("  <devices>\n");
+    let _ = writeln!(
+        xml,
+        "    <emulator>{}</emulator>",
+        escape(&host.emulator.to_string_lossy())
+    );
+    for (index, disk) in spec.disks.iter().enumerate() {
+        push_disk(&mut xml, index, disk);
+    }
+    if let Boot::Cdrom(iso) = &spec.boot {
+        push_cdrom(&mut xml, iso);
+    }
+    for nic in &spec.nics {
+        push_nic(&mut xml, nic);
+    }
+    let _ = writeln!(
+        xml,
+        "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
+        escape(&spec.serial_log.to_string_lossy())
+    );
+    xml.push_str("    <memballoon model='none'/>\n");
+    xml.push_str("  </devices>\n");
+    xml.push_str("</domain>\n");
+    xml
+}
+
+fn push_os(xml: &mut String, boot: &Boot) {
+    xml.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
+    match boot {
+        Boot::Kernel(image) => {
+            let _ = writeln!(
+                xml,
+                "    <kernel>{}</kernel>",
+                escape(&image.kernel.to_string_lossy())
+            );
+            let _ = writeln!(
+                xml,
+                "    <initrd>{}</initrd>",
+                escape(&image.initrd.to_string_lossy())
+            );
+            let _ = writeln!(xml, "    <cmdline>{}</cmdline>", escape(&image.cmdline));
+        }
+        Boot::Cdrom(_) => {
+            xml.push_str("    <boot dev='cdrom'/>\n    <boot dev='hd'/>\n");
+        }
+    }
+    xml.push_str("  </os>\n");
+}
+
+fn push_disk(xml: &mut String, index: usize, disk: &Disk) {
+    // cache='none': the guest's flushes reach the disk and no host page cache hides a lost write.
+    let _ = writeln!(
+        xml,
+        "    <disk type='file' device='disk'><driver name='qemu' type='{}' cache='none'/><source file='{}'/><target dev='{}' bus='virtio'/></disk>",
+        disk.format.as_str(),
+        escape(&disk.path.to_string_lossy()),
+        virtio_disk_name(index)
+    );
+}
+
+fn push_cdrom(xml: &mut String, iso: &std::path::Path) {
+    let _ = writeln!(
+        xml,
+        "    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{}'/><target dev='hdc' bus='ide'/><readonly/></disk>",
+        escape(&iso.to_string_lossy())
+    );
+}
+
+fn push_nic(xml: &mut String, nic: &Nic) {
+    let _ = writeln!(
+        xml,
+        "    <interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/></interface>",
+        escape(&nic.mac),
+        escape(&nic.bridge)
+    );
+}
+
+/// Guest device name of the `index`th virtio disk: vda … vdz, then vdaa ….
+pub fn virtio_disk_name(index: usize) -> String {
+    const LETTERS: &[u8; 26] = b"abcdefghijklmnopqrstuvwxyz";
+    let mut suffix = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(LETTERS[n % 26]);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+/// Escapes text for an XML attribute or element.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcg() -> HostProfile {
+        HostProfile {
+            domain_type: DomainType::Qemu,
+            emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        }
+    }
+
+    fn kernel_spec() -> DomainSpec {
+        DomainSpec {
+            uuid: "6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11".into(),
+            name: "web1".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            disks: vec![
+                Disk {
+                    path: "/sg0/a.raw".into(),
+                    format: DiskFormat::Raw,
+                },
+                Disk {
+                    path: "/sg0/b.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                },
+            ],
+            nics: vec![Nic {
+                bridge: "biz0".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+            boot: Boot::Kernel(images::BootImage {
+                kernel: "/img/tiny/vmlinuz".into(),
+                initrd: "/img/tiny/initrd.cpio.gz".into(),
+                cmdline: "console=ttyS0 quiet".into(),
+            }),
+            serial_log: "/state/serial/web1.log".into(),
+        }
+    }
+
+    #[test]
+    fn domain_xml_kernel_boot_renders_expected_document() {
+        let spec = kernel_spec();
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert_eq!(
+            xml,
+            "<domain type='qemu'>
+  <name>web1</name>
+  <uuid>6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11</uuid>
+  <memory unit='MiB'>512</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>/img/tiny/vmlinuz</kernel>
+    <initrd>/img/tiny/initrd.cpio.gz</initrd>
+    <cmdline>console=ttyS0 quiet</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/sg0/a.raw'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/sg0/b.qcow2'/><target dev='vdb' bus='virtio'/></disk>
+    <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/></interface>
+    <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"
+        );
+    }
+
+    #[test]
+    fn domain_xml_kvm_profile_sets_kvm_type() {
+        let host = HostProfile {
+            domain_type: DomainType::Kvm,
+            ..tcg()
+        };
+
+        let xml = domain_xml(&kernel_spec(), &host);
+
+        assert!(xml.starts_with("<domain type='kvm'>"));
+    }
+
+    #[test]
+    fn domain_xml_cdrom_boot_adds_cdrom_and_boot_order() {
+        let spec = DomainSpec {
+            boot: Boot::Cdrom("/isos/install.iso".into()),
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains("<boot dev='cdrom'/>\n    <boot dev='hd'/>"));
+        assert!(xml.contains(
+            "<source file='/isos/install.iso'/><target dev='hdc' bus='ide'/><readonly/>"
+        ));
+        assert!(!xml.contains("<kernel>"));
+    }
+
+    #[test]
+    fn domain_xml_special_characters_are_escaped() {
+        let spec = DomainSpec {
+            serial_log: "/state/a'b&c.log".into(),
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains("<source path='/state/a&apos;b&amp;c.log' append='on'/>"));
+    }
+
+    #[test]
+    fn virtio_disk_name_twelfth_disk_is_vdl() {
+        let name = virtio_disk_name(11);
+
+        assert_eq!(name, "vdl");
+    }
+
+    #[test]
+    fn virtio_disk_name_after_z_wraps_to_two_letters() {
+        let name = virtio_disk_name(26);
+
+        assert_eq!(name, "vdaa");
+    }
+}

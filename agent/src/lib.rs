@@ -1,0 +1,15 @@
+//! Pairvisor's per-host agent: the only process that opens its host's libvirt connection and
+//! talks to QEMU. The controllers call its gRPC service (`pairvisor.agent.v1`) to define,
+//! start and stop domains, manage volumes and read guest consoles. Guests outlive the agent;
+//! a restarted agent re-attaches to them.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod domain;
+pub mod embed;
+pub mod facts;
+pub mod fsutil;
+pub mod libvirt;
+pub mod serial;
+pub mod service;
+pub mod storage;

@@ -1,0 +1,424 @@
+//! The agent's one libvirt connection, driven from a dedicated thread.
+//!
+//! libvirt calls block (a destroy takes ~1.6 s, the first define of a fresh embed root runs
+//! QEMU's capability probe for 5–8 s), so none of them runs on the async runtime: callers send
+//! a closure to the `libvirt` thread, which owns the [`Connect`], and await its reply. libvirt's
+//! default event loop is registered once per process, before the connection opens, and runs on
+//! its own thread; in embed mode libvirt's QEMU driver (monitor I/O, reconnects) lives on it.
+
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::thread;
+
+use tokio::sync::oneshot;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as VirtState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+/// Errors from the libvirt connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A libvirt call failed.
+    #[error("libvirt: {op}")]
+    Call {
+        /// The operation, e.g. "starting domain web1".
+        op: String,
+        /// libvirt's error.
+        #[source]
+        source: virt::error::Error,
+    },
+    /// The domain is running, so the operation would lose its state.
+    #[error("domain {uuid} is running; power it off first")]
+    DomainRunning {
+        /// Domain UUID.
+        uuid: String,
+    },
+    /// No domain with this UUID is defined.
+    #[error("no domain with UUID {uuid} is defined on this host")]
+    DomainUnknown {
+        /// Domain UUID.
+        uuid: String,
+    },
+    /// Registering or running libvirt's event loop failed (once per process, so kept as text).
+    #[error("starting libvirt's event loop: {reason}")]
+    EventLoop {
+        /// What failed.
+        reason: String,
+    },
+    /// Opening the connection failed.
+    #[error("opening libvirt connection {uri}")]
+    Open {
+        /// Connection URI.
+        uri: String,
+        /// libvirt's error.
+        #[source]
+        source: virt::error::Error,
+    },
+    /// Starting a thread failed.
+    #[error("starting the {name} thread")]
+    Thread {
+        /// Thread name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The libvirt thread has stopped; the agent must restart.
+    #[error("the libvirt worker thread has stopped")]
+    WorkerGone,
+}
+
+/// A domain's state as the agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainState {
+    /// Not defined on this host.
+    Undefined,
+    /// Defined, not running.
+    Shutoff,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Shutting down.
+    ShuttingDown,
+    /// Crashed.
+    Crashed,
+    /// Any other libvirt state.
+    Other,
+}
+
+/// A domain with its state and libvirt's reason for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainStatus {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: DomainState,
+    /// libvirt's reason, e.g. "booted", "shutdown", "destroyed".
+    pub reason: String,
+}
+
+/// libvirt and QEMU versions, as "major.minor.micro".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versions {
+    /// libvirt library version.
+    pub libvirt: String,
+    /// QEMU version.
+    pub qemu: String,
+}
+
+type Job = Box<dyn FnOnce(&Connect) + Send>;
+
+/// Handle to the libvirt thread; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Libvirt {
+    jobs: mpsc::Sender<Job>,
+    uri: String,
+}
+
+impl Libvirt {
+    /// Opens `uri` on a new libvirt thread and re-attaches to every domain still running.
+    pub fn open(uri: &str) -> Result<Libvirt, Error> {
+        start_event_loop()?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let owned_uri = uri.to_string();
+        thread::Builder::new()
+            .name("libvirt".into())
+            .spawn(move || serve(&owned_uri, &queue, &ready_tx))
+            .map_err(|source| Error::Thread {
+                name: "libvirt",
+                source,
+            })?;
+        ready_rx.recv().map_err(|_| Error::WorkerGone)??;
+        Ok(Libvirt {
+            jobs,
+            uri: uri.to_string(),
+        })
+    }
+
+    /// The connection URI.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Runs `f` on the libvirt thread and returns its result.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            // The caller may have gone away; then nobody needs the result.
+            let _ = tx.send(f(conn));
+        });
+        self.jobs.send(job).map_err(|_| Error::WorkerGone)?;
+        rx.await.map_err(|_| Error::WorkerGone)?
+    }
+
+    /// libvirt and QEMU versions.
+    pub async fn versions(&self) -> Result<Versions, Error> {
+        self.run(|conn| {
+            let libvirt = conn
+                .lib_version()
+                .map_err(call("reading libvirt version"))?;
+            let qemu = conn.hyp_version().map_err(call("reading QEMU version"))?;
+            Ok(Versions {
+                libvirt: version_string(libvirt),
+                qemu: version_string(qemu),
+            })
+        })
+        .await
+    }
+
+    /// Every domain defined or running on this host.
+    pub async fn list(&self) -> Result<Vec<DomainStatus>, Error> {
+        self.run(|conn| {
+            let domains = conn.list_all_domains(0).map_err(call("listing domains"))?;
+            domains.iter().map(status_of).collect()
+        })
+        .await
+    }
+
+    /// The status of the domain `uuid` (`Undefined` if there is none).
+    pub async fn status(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        let uuid = uuid.to_string();
+        self.run(move |conn| match lookup(conn, &uuid)? {
+            Some(dom) => status_of(&dom),
+            None => Ok(undefined(&uuid)),
+        })
+        .await
+    }
+
+    /// Defines (or updates) a domain from XML.
+    pub async fn define(&self, xml: String) -> Result<DomainStatus, Error> {
+        self.run(move |conn| {
+            let dom = conn
+                .define_domain_xml(&xml)
+                .map_err(call("defining domain"))?;
+            status_of(&dom)
+        })
+        .await
+    }
+
+    /// Starts the domain; a running domain is left as it is.
+    pub async fn start(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, |dom, name| {
+            if !is_active(dom, name)? {
+                dom.create()
+                    .map_err(call(format!("starting domain {name}")))?;
+            }
+            status_of(dom)
+        })
+        .await
+    }
+
+    /// Presses the domain's ACPI power button; a stopped domain is left as it is.
+    pub async fn shutdown(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, |dom, name| {
+            if is_active(dom, name)? {
+                dom.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    .map_err(call(format!("sending ACPI shutdown to domain {name}")))?;
+            }
+            status_of(dom)
+        })
+        .await
+    }
+
+    /// Powers the domain off at once; a stopped domain is left as it is.
+    pub async fn destroy(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, |dom, name| {
+            // Right after a reconnect libvirt may kill QEMU yet report "not running";
+            // the state read below is the truth either way.
+            if is_active(dom, name)?
+                && let Err(e) = dom.destroy()
+                && e.code() != Enum::Known(ErrorNumber::OperationInvalid)
+            {
+                return Err(call(format!("destroying domain {name}"))(e));
+            }
+            status_of(dom)
+        })
+        .await
+    }
+
+    /// Removes a stopped domain's definition; an unknown domain is left as it is.
+    pub async fn undefine(&self, uuid: &str) -> Result<(), Error> {
+        let uuid = uuid.to_string();
+        self.run(move |conn| {
+            let Some(dom) = lookup(conn, &uuid)? else {
+                return Ok(());
+            };
+            let name = dom.name().map_err(call("reading domain name"))?;
+            if is_active(&dom, &name)? {
+                return Err(Error::DomainRunning { uuid });
+            }
+            dom.undefine()
+                .map_err(call(format!("undefining domain {name}")))
+        })
+        .await
+    }
+
+    async fn with_domain<F>(&self, uuid: &str, f: F) -> Result<DomainStatus, Error>
+    where
+        F: FnOnce(&Domain, &str) -> Result<DomainStatus, Error> + Send + 'static,
+    {
+        let uuid = uuid.to_string();
+        self.run(move |conn| {
+            let dom = lookup(conn, &uuid)?.ok_or(Error::DomainUnknown { uuid })?;
+            let name = dom.name().map_err(call("reading domain name"))?;
+            f(&dom, &name)
+        })
+        .await
+    }
+}
+
+/// Body of the libvirt thread: open, re-attach, then run jobs until every handle is dropped.
+fn serve(uri: &str, queue: &mpsc::Receiver<Job>, ready: &mpsc::SyncSender<Result<(), Error>>) {
+    let conn = match Connect::open(Some(uri)) {
+        Ok(conn) => conn,
+        Err(source) => {
+            let _ = ready.send(Err(Error::Open {
+                uri: uri.to_string(),
+                source,
+            }));
+            return;
+        }
+    };
+    reattach(&conn);
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    for job in queue {
+        job(&conn);
+    }
+}
+
+/// Touches every running domain's monitor so libvirt's reconnect threads have finished before
+/// the first real command (a destroy racing them kills QEMU but reports failure).
+fn reattach(conn: &Connect) {
+    let Ok(domains) = conn.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE) else {
+        return;
+    };
+    for dom in &domains {
+        let name = dom.name().unwrap_or_default();
+        match dom.qemu_monitor_command(r#"{"execute":"query-status"}"#, 0) {
+            Ok(reply) => tracing::info!(domain = %name, %reply, "re-attached to running domain"),
+            Err(e) => tracing::warn!(domain = %name, error = %e, "running domain did not answer"),
+        }
+    }
+}
+
+/// Registers libvirt's default event loop once per process and runs it on its own thread.
+fn start_event_loop() -> Result<(), Error> {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        virt::error::clear_error_callback();
+        virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
+        thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::error!(error = %e, "libvirt event loop iteration failed");
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    match started {
+        Ok(()) => Ok(()),
+        Err(reason) => Err(Error::EventLoop {
+            reason: reason.clone(),
+        }),
+    }
+}
+
+fn lookup(conn: &Connect, uuid: &str) -> Result<Option<Domain>, Error> {
+    match conn.lookup_domain_by_uuid_string(uuid) {
+        Ok(dom) => Ok(Some(dom)),
+        Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => Ok(None),
+        Err(e) => Err(call(format!("looking up domain {uuid}"))(e)),
+    }
+}
+
+fn is_active(dom: &Domain, name: &str) -> Result<bool, Error> {
+    dom.is_active()
+        .map_err(call(format!("reading state of domain {name}")))
+}
+
+fn status_of(dom: &Domain) -> Result<DomainStatus, Error> {
+    let name = dom.name().map_err(call("reading domain name"))?;
+    let uuid = dom
+        .uuid_string()
+        .map_err(call(format!("reading UUID of domain {name}")))?;
+    let (state, reason) = dom
+        .state()
+        .map_err(call(format!("reading state of domain {name}")))?;
+    let state = match state {
+        Enum::Known(VirtState::Running | VirtState::Blocked) => DomainState::Running,
+        Enum::Known(VirtState::Paused | VirtState::PMSuspended) => DomainState::Paused,
+        Enum::Known(VirtState::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(VirtState::Shutoff) => DomainState::Shutoff,
+        Enum::Known(VirtState::Crashed) => DomainState::Crashed,
+        _ => DomainState::Other,
+    };
+    let reason = match reason {
+        Enum::Known(r) => r.to_string().to_lowercase(),
+        Enum::Unknown(code) => format!("reason {code}"),
+    };
+    Ok(DomainStatus {
+        uuid,
+        name,
+        state,
+        reason,
+    })
+}
+
+fn undefined(uuid: &str) -> DomainStatus {
+    DomainStatus {
+        uuid: uuid.to_string(),
+        name: String::new(),
+        state: DomainState::Undefined,
+        reason: String::new(),
+    }
+}
+
+fn call(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> Error {
+    let op = op.into();
+    move |source| Error::Call { op, source }
+}
+
+/// Formats libvirt's packed version number (major * 1e6 + minor * 1e3 + micro).
+fn version_string(packed: u32) -> String {
+    format!(
+        "{}.{}.{}",
+        packed / 1_000_000,
+        packed / 1_000 % 1_000,
+        packed % 1_000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_string_unpacks_qemu_version() {
+        let text = version_string(10_000_002);
+
+        assert_eq!(text, "10.0.2");
+    }
+
+    #[test]
+    fn version_string_unpacks_libvirt_version() {
+        let text = version_string(9_000_000);
+
+        assert_eq!(text, "9.0.0");
+    }
+}

@@ -1,0 +1,476 @@
+//! The agent's gRPC service: translates `pairvisor.agent.v1` requests into calls on the
+//! libvirt thread, the storage groups and the serial logs, and their errors into statuses.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use proto::agent as pb;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::domain::{self, Boot, DiskFormat, DomainSpec, HostProfile};
+use crate::libvirt::{self, DomainState, DomainStatus, Libvirt};
+use crate::storage::{self, StorageGroups};
+use crate::{facts, serial};
+
+/// Errors of agent requests; each maps to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A boot image is missing or incomplete.
+    #[error("boot image {name} is not usable on this host")]
+    BootImage {
+        /// Image name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: images::Error,
+    },
+    /// Reading host facts failed.
+    #[error("reading host facts")]
+    Facts {
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request field is missing or malformed.
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A libvirt operation failed.
+    #[error(transparent)]
+    Libvirt(#[from] libvirt::Error),
+    /// A storage operation failed.
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    /// The spec names a network this host does not have.
+    #[error("network {name} is not configured on this host (known: {known})")]
+    UnknownNetwork {
+        /// Network name.
+        name: String,
+        /// Configured networks.
+        known: String,
+    },
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = error_chain(&e);
+        match &e {
+            Error::InvalidRequest { .. } | Error::UnknownNetwork { .. } => {
+                Status::invalid_argument(message)
+            }
+            Error::BootImage { .. } => Status::failed_precondition(message),
+            Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
+                Status::failed_precondition(message)
+            }
+            Error::Libvirt(libvirt::Error::DomainUnknown { .. }) => Status::not_found(message),
+            Error::Storage(
+                storage::Error::InvalidName { .. }
+                | storage::Error::InvalidSize { .. }
+                | storage::Error::UnknownGroup { .. },
+            ) => Status::invalid_argument(message),
+            Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
+            Error::Facts { .. } | Error::Libvirt(_) | Error::Storage(_) => {
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// The error and its causes, joined with ": ", for a status message a human can act on.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// The agent's gRPC service.
+#[derive(Clone, Debug)]
+pub struct AgentService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: String,
+    libvirt: Libvirt,
+    storage: StorageGroups,
+    host: HostProfile,
+    image_dir: PathBuf,
+    serial_dir: PathBuf,
+    networks: BTreeMap<String, String>,
+}
+
+impl AgentService {
+    /// A service for the host described by `config`, using the open `libvirt` connection.
+    pub fn new(config: &Config, libvirt: Libvirt, storage: StorageGroups) -> AgentService {
+        AgentService {
+            inner: Arc::new(Inner {
+                node: config.node.clone(),
+                libvirt,
+                storage,
+                host: HostProfile {
+                    domain_type: config.domain_type,
+                    emulator: config.emulator.clone(),
+                },
+                image_dir: config.image_dir.clone(),
+                serial_dir: config.serial_dir(),
+                networks: config.networks.clone(),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// Resolves a spec's names (storage groups, volumes, networks, image) to this host's paths.
+    fn resolve(&self, spec: pb::VmSpec) -> Result<DomainSpec, Error> {
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(domain::Disk {
+                    path: self.storage.volume_path(&d.storage_group, &d.volume)?,
+                    format: disk_format(d.format())?,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        let nics = spec
+            .nics
+            .iter()
+            .map(|n| {
+                let bridge =
+                    self.networks
+                        .get(&n.network)
+                        .ok_or_else(|| Error::UnknownNetwork {
+                            name: n.network.clone(),
+                            known: self.networks.keys().cloned().collect::<Vec<_>>().join(", "),
+                        })?;
+                Ok(domain::Nic {
+                    bridge: bridge.clone(),
+                    mac: n.mac.clone(),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        let boot = match spec.boot {
+            Some(pb::vm_spec::Boot::KernelImage(name)) => {
+                let dir = self.image_dir.join(&name);
+                Boot::Kernel(
+                    images::BootImage::open(&dir)
+                        .map_err(|source| Error::BootImage { name, source })?,
+                )
+            }
+            Some(pb::vm_spec::Boot::IsoPath(path)) => Boot::Cdrom(PathBuf::from(path)),
+            None => return Err(invalid("the spec has no boot source")),
+        };
+        if uuid_invalid(&spec.uuid) {
+            return Err(invalid(format!("{:?} is not a UUID", spec.uuid)));
+        }
+        Ok(DomainSpec {
+            serial_log: serial::log_path(&self.serial_dir, &spec.uuid),
+            uuid: spec.uuid,
+            name: spec.name,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disks,
+            nics,
+            boot,
+        })
+    }
+
+    /// Runs a domain operation between a begin and an end log line sharing vm/node/op fields.
+    async fn logged<F>(&self, op: &'static str, uuid: &str, f: F) -> Result<DomainStatus, Error>
+    where
+        F: Future<Output = Result<DomainStatus, libvirt::Error>>,
+    {
+        tracing::info!(vm = %uuid, node = %self.node, op, "domain op begin");
+        let result = f.await;
+        match &result {
+            Ok(s) => {
+                tracing::info!(vm = %uuid, node = %self.node, op, state = ?s.state, reason = %s.reason, "domain op end: ok");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %uuid, node = %self.node, op, error = %error_chain(e), "domain op end: failed");
+            }
+        }
+        Ok(result?)
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidRequest {
+        reason: reason.into(),
+    }
+}
+
+fn uuid_invalid(uuid: &str) -> bool {
+    uuid.len() != 36
+        || !uuid.chars().enumerate().all(|(i, c)| {
+            matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
+        })
+}
+
+fn disk_format(format: pb::VolumeFormat) -> Result<DiskFormat, Error> {
+    match format {
+        pb::VolumeFormat::Raw => Ok(DiskFormat::Raw),
+        pb::VolumeFormat::Qcow2 => Ok(DiskFormat::Qcow2),
+        pb::VolumeFormat::Invalid => Err(invalid("volume format is missing")),
+    }
+}
+
+fn volume_format(format: DiskFormat) -> pb::VolumeFormat {
+    match format {
+        DiskFormat::Raw => pb::VolumeFormat::Raw,
+        DiskFormat::Qcow2 => pb::VolumeFormat::Qcow2,
+    }
+}
+
+fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
+    let state = match s.state {
+        DomainState::Undefined => pb::DomainState::Undefined,
+        DomainState::Shutoff => pb::DomainState::Shutoff,
+        DomainState::Running => pb::DomainState::Running,
+        DomainState::Paused => pb::DomainState::Paused,
+        DomainState::ShuttingDown => pb::DomainState::ShuttingDown,
+        DomainState::Crashed => pb::DomainState::Crashed,
+        DomainState::Other => pb::DomainState::Other,
+    };
+    pb::DomainStatus {
+        uuid: s.uuid,
+        name: s.name,
+        state: state.into(),
+        reason: s.reason,
+    }
+}
+
+type SerialStream = Pin<Box<dyn Stream<Item = Result<pb::SerialChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn get_host_facts(
+        &self,
+        _request: Request<pb::GetHostFactsRequest>,
+    ) -> Result<Response<pb::HostFacts>, Status> {
+        let inner = &self.inner;
+        let versions = inner.libvirt.versions().await.map_err(Error::from)?;
+        let memory_mib = facts::memory_mib().map_err(|source| Error::Facts { source })?;
+        let storage_groups = inner
+            .storage
+            .facts()
+            .map_err(Error::from)?
+            .into_iter()
+            .map(|g| pb::StorageGroupFacts {
+                name: g.name,
+                path: g.path.to_string_lossy().into_owned(),
+                total_bytes: g.total_bytes,
+                free_bytes: g.free_bytes,
+            })
+            .collect();
+        let networks = inner
+            .networks
+            .iter()
+            .map(|(name, bridge)| pb::NetworkFacts {
+                name: name.clone(),
+                bridge: bridge.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::HostFacts {
+            node: inner.node.clone(),
+            cpus: facts::cpus(),
+            memory_mib,
+            storage_groups,
+            networks,
+            boot_images: facts::boot_images(&inner.image_dir),
+            qemu_version: versions.qemu,
+            libvirt_version: versions.libvirt,
+            domain_type: inner.host.domain_type.as_str().to_string(),
+            libvirt_uri: inner.libvirt.uri().to_string(),
+        }))
+    }
+
+    async fn list_domains(
+        &self,
+        _request: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let domains = self.inner.libvirt.list().await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListDomainsResponse {
+            domains: domains.into_iter().map(status_to_pb).collect(),
+        }))
+    }
+
+    async fn define_domain(
+        &self,
+        request: Request<pb::DefineDomainRequest>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| invalid("the request has no spec"))?;
+        let inner = &self.inner;
+        let spec = inner.resolve(spec)?;
+        let xml = domain::domain_xml(&spec, &inner.host);
+        tracing::debug!(vm = %spec.uuid, %xml, "domain XML");
+        let status = inner
+            .logged("define", &spec.uuid, inner.libvirt.define(xml))
+            .await?;
+        Ok(Response::new(status_to_pb(status)))
+    }
+
+    async fn start_domain(
+        &self,
+        request: Request<pb::DomainRef>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        let uuid = request.into_inner().uuid;
+        let inner = &self.inner;
+        let status = inner
+            .logged("start", &uuid, inner.libvirt.start(&uuid))
+            .await?;
+        Ok(Response::new(status_to_pb(status)))
+    }
+
+    async fn shutdown_domain(
+        &self,
+        request: Request<pb::DomainRef>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        let uuid = request.into_inner().uuid;
+        let inner = &self.inner;
+        let status = inner
+            .logged("acpi-shutdown", &uuid, inner.libvirt.shutdown(&uuid))
+            .await?;
+        Ok(Response::new(status_to_pb(status)))
+    }
+
+    async fn destroy_domain(
+        &self,
+        request: Request<pb::DomainRef>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        let uuid = request.into_inner().uuid;
+        let inner = &self.inner;
+        let status = inner
+            .logged("destroy", &uuid, inner.libvirt.destroy(&uuid))
+            .await?;
+        Ok(Response::new(status_to_pb(status)))
+    }
+
+    async fn undefine_domain(
+        &self,
+        request: Request<pb::DomainRef>,
+    ) -> Result<Response<pb::UndefineDomainResponse>, Status> {
+        let uuid = request.into_inner().uuid;
+        self.inner
+            .libvirt
+            .undefine(&uuid)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(vm = %uuid, node = %self.inner.node, "domain undefined");
+        Ok(Response::new(pb::UndefineDomainResponse {}))
+    }
+
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let req = request.into_inner();
+        let format = disk_format(req.format())?;
+        let volume = self
+            .inner
+            .storage
+            .create(&req.storage_group, &req.name, req.size_bytes, format)
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(node = %self.inner.node, path = %volume.path.display(), size = volume.size_bytes, "volume ready");
+        Ok(Response::new(pb::Volume {
+            storage_group: volume.group,
+            name: volume.name,
+            path: volume.path.to_string_lossy().into_owned(),
+            size_bytes: volume.size_bytes,
+            format: volume_format(volume.format).into(),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.inner
+            .storage
+            .delete(&req.storage_group, &req.name)
+            .map_err(Error::from)?;
+        tracing::info!(node = %self.inner.node, group = %req.storage_group, volume = %req.name, "volume deleted");
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    type StreamSerialStream = SerialStream;
+
+    async fn stream_serial(
+        &self,
+        request: Request<pb::StreamSerialRequest>,
+    ) -> Result<Response<SerialStream>, Status> {
+        let req = request.into_inner();
+        if uuid_invalid(&req.uuid) {
+            return Err(invalid(format!("{:?} is not a UUID", req.uuid)).into());
+        }
+        let path = serial::log_path(&self.inner.serial_dir, &req.uuid);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(serial::stream(path, req.tail_bytes, req.follow, tx));
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |item| {
+            item.map(|c| pb::SerialChunk {
+                offset: c.offset,
+                data: c.data,
+            })
+            .map_err(|e| Status::internal(format!("reading serial log: {e}")))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_invalid_accepts_canonical_uuid() {
+        let invalid = uuid_invalid("6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11");
+
+        assert!(!invalid);
+    }
+
+    #[test]
+    fn uuid_invalid_rejects_path_characters() {
+        let invalid = uuid_invalid("../../../../etc/passwd-aaaaaaaaaaaaa");
+
+        assert!(invalid);
+    }
+
+    #[test]
+    fn status_from_unknown_group_is_invalid_argument() {
+        let err = Error::Storage(storage::Error::UnknownGroup {
+            name: "x".into(),
+            known: "sg0".into(),
+        });
+
+        let status = Status::from(err);
+
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn status_from_running_domain_is_failed_precondition() {
+        let err = Error::Libvirt(libvirt::Error::DomainRunning { uuid: "u".into() });
+
+        let status = Status::from(err);
+
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    }
+}

@@ -1,0 +1,230 @@
+//! The real `pv-agent` binary on loopback with its own embed root: volumes, domain definition
+//! and bad input over gRPC. No guest is started here (that is the end-to-end tests' job).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use proto::agent as pb;
+use proto::agent::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+/// The first connection to a fresh embed root may wait for QEMU's capability probe.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+const UUID: &str = "0b7e7a52-8a7e-4f0e-9c1e-2f4c7b3d9a01";
+
+struct Agent {
+    child: Child,
+    client: AgentClient<Channel>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+fn write_fake_image(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, text) in [
+        ("vmlinuz", "k"),
+        ("initrd.cpio.gz", "i"),
+        ("cmdline", "console=ttyS0"),
+    ] {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+}
+
+async fn start_agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let root = dir.path();
+    write_fake_image(&root.join("images/fake"));
+    let config = format!(
+        "node = \"t0\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{s}\"\nimage_dir = \"{i}\"\n[storage_groups]\nsg0 = \"{g}\"\n[networks]\nbusiness = \"pvtestbr0\"\n",
+        s = root.join("state").display(),
+        i = root.join("images").display(),
+        g = root.join("sg0").display(),
+    );
+    let config_path = root.join("agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let log = std::fs::File::create(root.join("agent.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pv-agent"))
+        .arg("--config")
+        .arg(&config_path)
+        .stderr(log.try_clone().unwrap())
+        .stdout(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+    let client = loop {
+        match AgentClient::connect(format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!(
+                "agent did not listen: {e}; log: {}",
+                std::fs::read_to_string(root.join("agent.log")).unwrap_or_default()
+            ),
+        }
+    };
+    Agent {
+        child,
+        client,
+        _dir: dir,
+    }
+}
+
+fn spec(volume: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        uuid: UUID.into(),
+        name: "itest1".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        disks: vec![pb::DiskSpec {
+            storage_group: "sg0".into(),
+            volume: volume.into(),
+            format: pb::VolumeFormat::Raw.into(),
+        }],
+        nics: vec![],
+        boot: Some(pb::vm_spec::Boot::KernelImage("fake".into())),
+    }
+}
+
+#[tokio::test]
+async fn agent_defines_domain_on_created_volume_and_cleans_up() {
+    let mut agent = start_agent().await;
+    let c = &mut agent.client;
+
+    let facts = c
+        .get_host_facts(pb::GetHostFactsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let volume = c
+        .create_volume(pb::CreateVolumeRequest {
+            storage_group: "sg0".into(),
+            name: "itest1-d0.raw".into(),
+            size_bytes: 16 << 20,
+            format: pb::VolumeFormat::Raw.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let defined = c
+        .define_domain(pb::DefineDomainRequest {
+            spec: Some(spec("itest1-d0.raw")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = c
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    c.undefine_domain(pb::DomainRef { uuid: UUID.into() })
+        .await
+        .unwrap();
+    c.delete_volume(pb::DeleteVolumeRequest {
+        storage_group: "sg0".into(),
+        name: "itest1-d0.raw".into(),
+    })
+    .await
+    .unwrap();
+    let after = c
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(facts.node, "t0");
+    assert_eq!(facts.boot_images, vec!["fake".to_string()]);
+    assert!(
+        facts.qemu_version.starts_with("10."),
+        "QEMU {}",
+        facts.qemu_version
+    );
+    assert_eq!(facts.storage_groups[0].name, "sg0");
+    assert!(!Path::new(&volume.path).exists(), "volume file left behind");
+    assert_eq!(defined.state(), pb::DomainState::Shutoff);
+    assert_eq!(
+        listed
+            .domains
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["itest1"]
+    );
+    assert!(after.domains.is_empty());
+}
+
+#[tokio::test]
+async fn agent_refuses_bad_input_with_clear_errors() {
+    let mut agent = start_agent().await;
+    let c = &mut agent.client;
+
+    let bad_group = c
+        .create_volume(pb::CreateVolumeRequest {
+            storage_group: "nope".into(),
+            name: "v.raw".into(),
+            size_bytes: 1 << 20,
+            format: pb::VolumeFormat::Raw.into(),
+        })
+        .await
+        .unwrap_err();
+    let bad_name = c
+        .create_volume(pb::CreateVolumeRequest {
+            storage_group: "sg0".into(),
+            name: "../escape".into(),
+            size_bytes: 1 << 20,
+            format: pb::VolumeFormat::Raw.into(),
+        })
+        .await
+        .unwrap_err();
+    let bad_image = c
+        .define_domain(pb::DefineDomainRequest {
+            spec: Some(pb::VmSpec {
+                boot: Some(pb::vm_spec::Boot::KernelImage("missing".into())),
+                ..spec("v.raw")
+            }),
+        })
+        .await
+        .unwrap_err();
+    let unknown = c
+        .start_domain(pb::DomainRef { uuid: UUID.into() })
+        .await
+        .unwrap_err();
+    let listed = c
+        .list_domains(pb::ListDomainsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(bad_group.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad_group.message().contains("known: sg0"),
+        "{}",
+        bad_group.message()
+    );
+    assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
+    assert_eq!(bad_image.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        bad_image.message().contains("boot image missing"),
+        "{}",
+        bad_image.message()
+    );
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(listed.domains.is_empty());
+}

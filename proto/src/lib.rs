@@ -1,0 +1,15 @@
+//! Pairvisor's Protocol Buffers: the public API (`pairvisor.v1`) that pvctl and the console
+//! use, and the agent's internal API (`pairvisor.agent.v1`) that the controllers call.
+#![deny(missing_docs)]
+
+/// Public API, served by the pair's elected controller.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("pairvisor.v1");
+}
+
+/// Internal API of the per-host agent.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod agent {
+    tonic::include_proto!("pairvisor.agent.v1");
+}
