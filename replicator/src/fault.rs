@@ -5,16 +5,22 @@
 //! directions while keeping the sockets open (the endpoints only notice by silence, as with
 //! a real cable pull); [`Relay::restore`] closes the silenced connections and forwards new
 //! ones again.
+//!
+//! [`NetnsPair`] builds two network namespaces joined by veth pairs (one per link), for
+//! tests and benches that run as root; it can take a link down and add random loss with
+//! nftables.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-/// Errors of the relay.
+/// Errors of the fault injectors.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
     /// The relay's listening socket could not be bound.
@@ -25,6 +31,25 @@ pub enum FaultError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A namespace or nftables command could not be started.
+    #[error("running {command:?}")]
+    RunCommand {
+        /// The command line.
+        command: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A namespace or nftables command failed.
+    #[error("running {command:?}: exit {status}, stderr {stderr:?}")]
+    CommandStatus {
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
     },
 }
 
@@ -149,4 +174,253 @@ where
             _ = mode.changed() => {}
         }
     }
+}
+
+/// Number of pairs created by this process, to keep names and subnets unique.
+static PAIRS: AtomicU32 = AtomicU32::new(0);
+
+/// Two network namespaces `a` and `b` joined by one veth pair per link.
+///
+/// Link `i` has addresses `10.(200+i).<n>.1/24` (interface `a<i>` in namespace `a`) and
+/// `10.(200+i).<n>.2/24` (interface `b<i>` in namespace `b`), where `<n>` is derived from the
+/// process id and a per-process counter. Names start with `pvr`. Dropping the pair deletes
+/// both namespaces (and with them the veths and nftables rules).
+#[derive(Debug)]
+pub struct NetnsPair {
+    a: String,
+    b: String,
+    subnet: u8,
+    links: usize,
+}
+
+impl NetnsPair {
+    /// Creates the namespaces and `links` (at most 10) veth pairs, all up.
+    ///
+    /// # Errors
+    /// [`FaultError::RunCommand`] or [`FaultError::CommandStatus`] when `ip` fails (for example
+    /// when not running as root).
+    pub fn create(tag: &str, links: usize) -> Result<Self, FaultError> {
+        let serial = PAIRS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let subnet =
+            u8::try_from((pid.wrapping_mul(7).wrapping_add(serial)) % 250).unwrap_or(0) + 1;
+        let pair = Self {
+            a: format!("pvr{pid}{tag}{serial}a"),
+            b: format!("pvr{pid}{tag}{serial}b"),
+            subnet,
+            links: links.min(10),
+        };
+        info!(
+            a = pair.a,
+            b = pair.b,
+            links = pair.links,
+            "creating namespace pair"
+        );
+        run(&["ip", "netns", "add", &pair.a])?;
+        // From here on, Drop removes whatever was created.
+        run(&["ip", "netns", "add", &pair.b])?;
+        for ns in [&pair.a, &pair.b] {
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        for link in 0..pair.links {
+            let (ia, ib) = (format!("a{link}"), format!("b{link}"));
+            run(&[
+                "ip", "link", "add", &ia, "netns", &pair.a, "type", "veth", "peer", "name", &ib,
+                "netns", &pair.b,
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &pair.a,
+                "addr",
+                "add",
+                &format!("{}/24", pair.addr_a(link)),
+                "dev",
+                &ia,
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &pair.b,
+                "addr",
+                "add",
+                &format!("{}/24", pair.addr_b(link)),
+                "dev",
+                &ib,
+            ])?;
+            run(&["ip", "-n", &pair.a, "link", "set", &ia, "up"])?;
+            run(&["ip", "-n", &pair.b, "link", "set", &ib, "up"])?;
+        }
+        Ok(pair)
+    }
+
+    /// Whether this process may create namespaces (runs as root).
+    #[must_use]
+    pub fn available() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+    }
+
+    /// Name of namespace `a`.
+    #[must_use]
+    pub fn ns_a(&self) -> &str {
+        &self.a
+    }
+
+    /// Name of namespace `b`.
+    #[must_use]
+    pub fn ns_b(&self) -> &str {
+        &self.b
+    }
+
+    /// Address of link `link` in namespace `a`.
+    #[must_use]
+    pub fn addr_a(&self, link: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200 + u8::try_from(link).unwrap_or(0), self.subnet, 1)
+    }
+
+    /// Address of link `link` in namespace `b`.
+    #[must_use]
+    pub fn addr_b(&self, link: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200 + u8::try_from(link).unwrap_or(0), self.subnet, 2)
+    }
+
+    /// A command that runs `program` inside namespace `ns` (one of the pair's).
+    #[must_use]
+    pub fn command_in(ns: &str, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns, program]);
+        command
+    }
+
+    /// Sets link `link` down on the `a` side (a pulled cable: `b` sees no carrier).
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn link_down(&self, link: usize) -> Result<(), FaultError> {
+        run(&[
+            "ip",
+            "-n",
+            &self.a,
+            "link",
+            "set",
+            &format!("a{link}"),
+            "down",
+        ])
+    }
+
+    /// Sets link `link` up again on the `a` side.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn link_up(&self, link: usize) -> Result<(), FaultError> {
+        run(&[
+            "ip",
+            "-n",
+            &self.a,
+            "link",
+            "set",
+            &format!("a{link}"),
+            "up",
+        ])
+    }
+
+    /// Drops `percent` % of the packets leaving either side on link `link` (nftables).
+    ///
+    /// # Errors
+    /// When `nft` fails.
+    pub fn add_loss(&self, link: usize, percent: u8) -> Result<(), FaultError> {
+        for (ns, dev) in [(&self.a, format!("a{link}")), (&self.b, format!("b{link}"))] {
+            run(&[
+                "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "pvrfault",
+            ])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add",
+                "chain",
+                "inet",
+                "pvrfault",
+                "out",
+                "{ type filter hook output priority 0; policy accept; }",
+            ])?;
+            let rule = format!("oifname \"{dev}\" numgen random mod 100 < {percent} drop");
+            run(&[
+                "ip", "netns", "exec", ns, "nft", "add", "rule", "inet", "pvrfault", "out", &rule,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Removes the loss rules.
+    ///
+    /// # Errors
+    /// When `nft` fails.
+    pub fn clear_loss(&self) -> Result<(), FaultError> {
+        for ns in [&self.a, &self.b] {
+            run(&[
+                "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "pvrfault",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Polls until every `b`-side interface reports carrier (`LOWER_UP`), up to `timeout`.
+    #[must_use]
+    pub fn wait_carrier(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let up = (0..self.links).all(|link| {
+                Command::new("ip")
+                    .args(["-n", &self.b, "link", "show", &format!("b{link}")])
+                    .output()
+                    .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("LOWER_UP"))
+            });
+            if up {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            if let Err(error) = run(&["ip", "netns", "del", ns]) {
+                warn!(ns, reason = %error, "deleting namespace failed");
+            }
+        }
+        info!(a = self.a, b = self.b, "namespace pair removed");
+    }
+}
+
+/// Runs a command, failing on a non-zero exit.
+fn run(args: &[&str]) -> Result<(), FaultError> {
+    let command = args.join(" ");
+    let (program, rest) = args.split_first().ok_or_else(|| FaultError::RunCommand {
+        command: command.clone(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    let output = Command::new(program)
+        .args(rest)
+        .output()
+        .map_err(|source| FaultError::RunCommand {
+            command: command.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(FaultError::CommandStatus {
+            command,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }

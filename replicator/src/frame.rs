@@ -455,6 +455,15 @@ impl FrameCodec {
         self.max_payload
     }
 
+    /// How many more bytes `src` needs before the next frame can be complete.
+    #[must_use]
+    pub fn needed(&self, src: &BytesMut) -> usize {
+        match self.pending {
+            Some(pending) => pending.len.saturating_sub(src.len()),
+            None => HEADER_LEN.saturating_sub(src.len()),
+        }
+    }
+
     /// Appends the encoded frame to `dst`.
     ///
     /// # Errors

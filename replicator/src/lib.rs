@@ -33,7 +33,7 @@ mod session;
 pub mod stats;
 pub mod stream;
 
-pub use link::{Config, Endpoint, LinkError, Role};
+pub use link::{Config, Endpoint, LinkError, Role, StatsHandle};
 pub use session::ProtocolError;
 pub use stats::{EndpointStats, LinkState, LinkStats, StreamStats};
 pub use stream::{Stream, StreamError, StreamListener, StreamReceiver, StreamSender};
