@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -518,10 +518,12 @@ async fn run_conn(inner: &Arc<Inner>, link: usize, socket: TcpStream) -> Result<
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = Arc::new(Notify::new());
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let queued = Arc::new(AtomicUsize::new(0));
     let conn = Conn {
         id,
         tx,
         stop: Arc::clone(&stop),
+        queued: Arc::clone(&queued),
     };
     let stops = {
         let mut session = inner.lock();
@@ -536,6 +538,7 @@ async fn run_conn(inner: &Arc<Inner>, link: usize, socket: TcpStream) -> Result<
     let writer = Writer {
         inner: Arc::clone(inner),
         counters: Arc::clone(&counters),
+        queued,
         rx,
     };
     let mut writer = AbortOnDrop(tokio::spawn(writer.run(wr)));
@@ -745,6 +748,7 @@ impl Reader<'_> {
 struct Writer {
     inner: Arc<Inner>,
     counters: Arc<LinkCounters>,
+    queued: Arc<AtomicUsize>,
     rx: mpsc::UnboundedReceiver<Outgoing>,
 }
 
@@ -781,7 +785,7 @@ impl Writer {
             write_chunks(&mut wr, &mut chunks)
                 .await
                 .map_err(|source| LinkError::Write { source })?;
-            self.counters.queued.fetch_sub(cost, Ordering::Relaxed);
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
             LinkCounters::add(&self.counters.bytes_sent, total);
             LinkCounters::add(&self.counters.frames_sent, frames);
         }

@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -168,6 +168,8 @@ pub(crate) struct Conn {
     pub id: u64,
     pub tx: mpsc::UnboundedSender<Outgoing>,
     pub stop: Arc<Notify>,
+    /// Cost of the frames queued for this connection's writer and not yet written.
+    pub queued: Arc<AtomicUsize>,
 }
 
 /// State of one stream shared between the session and the stream handles.
@@ -509,7 +511,11 @@ impl Session {
             .iter()
             .enumerate()
             .filter(|(_, slot)| slot.conn.is_some())
-            .min_by_key(|(_, slot)| slot.counters.queued.load(Ordering::Relaxed))
+            .min_by_key(|(_, slot)| {
+                slot.conn
+                    .as_ref()
+                    .map_or(0, |conn| conn.queued.load(Ordering::Relaxed))
+            })
             .map(|(index, _)| index)
     }
 
@@ -1041,7 +1047,13 @@ impl Session {
                 .links
                 .iter()
                 .enumerate()
-                .map(|(index, slot)| slot.counters.snapshot(index))
+                .map(|(index, slot)| {
+                    let queued = slot
+                        .conn
+                        .as_ref()
+                        .map_or(0, |conn| conn.queued.load(Ordering::Relaxed));
+                    slot.counters.snapshot(index, queued)
+                })
                 .collect(),
             streams,
             peer_connected: self.peer.is_some() && self.any_link_up(),
@@ -1056,12 +1068,10 @@ fn push(links: &[LinkSlot], link: usize, outgoing: Outgoing) {
     if let Some(slot) = links.get(link)
         && let Some(conn) = &slot.conn
     {
-        slot.counters
-            .queued
-            .fetch_add(outgoing.cost, Ordering::Relaxed);
+        conn.queued.fetch_add(outgoing.cost, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(lost)) = conn.tx.send(outgoing) {
             // The writer is gone; the link is being torn down and resends what is unacked.
-            slot.counters.queued.fetch_sub(lost.cost, Ordering::Relaxed);
+            conn.queued.fetch_sub(lost.cost, Ordering::Relaxed);
         }
     }
 }
@@ -1079,4 +1089,487 @@ fn check_name(service: &str) -> Result<(), StreamError> {
         return Err(StreamError::OpenName { len: service.len() });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use super::*;
+
+    const WINDOW: usize = 64 * 1024;
+
+    fn config(role: Role) -> SessionConfig {
+        SessionConfig {
+            role,
+            limits: Limits {
+                session_window: 4 * WINDOW,
+                stream_window: WINDOW,
+                max_payload: WINDOW,
+            },
+            max_streams: 4,
+            accept_backlog: 4,
+        }
+    }
+
+    /// Two sessions joined by `links` in-memory links (queues, no sockets).
+    struct Pair {
+        a: Session,
+        b: Session,
+        to_b: Vec<UnboundedReceiver<Outgoing>>,
+        to_a: Vec<UnboundedReceiver<Outgoing>>,
+        conn: u64,
+    }
+
+    impl Pair {
+        fn new(links: usize) -> Self {
+            let mut pair = Self {
+                a: Session::new(config(Role::Connect), links),
+                b: Session::new(config(Role::Listen), links),
+                to_b: Vec::new(),
+                to_a: Vec::new(),
+                conn: 0,
+            };
+            for link in 0..links {
+                let (to_b, to_a) = pair.connect(link);
+                pair.to_b.push(to_b);
+                pair.to_a.push(to_a);
+            }
+            pair
+        }
+
+        /// Brings `link` up on both sides; returns the queues (A→B, B→A).
+        fn connect(
+            &mut self,
+            link: usize,
+        ) -> (UnboundedReceiver<Outgoing>, UnboundedReceiver<Outgoing>) {
+            let link16 = u16::try_from(link).unwrap();
+            let (hello_a, hello_b) = (self.a.hello(link16), self.b.hello(link16));
+            let (tx_a, rx_a) = mpsc::unbounded_channel();
+            let (tx_b, rx_b) = mpsc::unbounded_channel();
+            self.conn += 1;
+            self.a.link_up(link, conn(self.conn, tx_a), &hello_b);
+            self.b.link_up(link, conn(self.conn, tx_b), &hello_a);
+            (rx_a, rx_b)
+        }
+
+        /// Frames queued by A on `link`, taken off the queue.
+        fn take_a(&mut self, link: usize) -> Vec<Frame> {
+            drain(&mut self.to_b[link])
+        }
+
+        /// Feeds everything A queued on `link` to B, then lets B ack.
+        fn a_to_b(&mut self, link: usize) -> Result<(), ProtocolError> {
+            let frames = self.take_a(link);
+            feed(&mut self.b, link, frames)
+        }
+
+        /// Feeds everything B queued on `link` to A.
+        fn b_to_a(&mut self, link: usize) -> Result<(), ProtocolError> {
+            let frames = drain(&mut self.to_a[link]);
+            feed(&mut self.a, link, frames)
+        }
+
+        /// Moves frames both ways on every link until nothing is queued.
+        fn settle(&mut self) -> Result<(), ProtocolError> {
+            for _ in 0..8 {
+                for link in 0..self.to_b.len() {
+                    self.a_to_b(link)?;
+                    self.b_to_a(link)?;
+                }
+            }
+            Ok(())
+        }
+
+        /// Opens a stream from A and accepts it on B.
+        fn stream(&mut self) -> (Arc<StreamShared>, Arc<StreamShared>) {
+            let mut incoming = self.b.listen("svc").unwrap();
+            let opened = self.a.open("svc").unwrap();
+            self.settle().unwrap();
+            (opened, incoming.try_recv().unwrap())
+        }
+    }
+
+    fn conn(id: u64, tx: mpsc::UnboundedSender<Outgoing>) -> Conn {
+        Conn {
+            id,
+            tx,
+            stop: Arc::new(Notify::new()),
+            queued: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn drain(queue: &mut UnboundedReceiver<Outgoing>) -> Vec<Frame> {
+        std::iter::from_fn(|| queue.try_recv().ok())
+            .map(|outgoing| outgoing.frame)
+            .collect()
+    }
+
+    fn feed(session: &mut Session, link: usize, frames: Vec<Frame>) -> Result<(), ProtocolError> {
+        for frame in frames {
+            session.on_frame(link, frame)?;
+        }
+        session.flush_ack(link);
+        Ok(())
+    }
+
+    fn recv_all(session: &mut Session, shared: &StreamShared) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Ok(Received::Data(data)) = session.try_recv(shared) {
+            out.extend_from_slice(&data);
+        }
+        out
+    }
+
+    fn open_many(session: &mut Session, count: usize) -> Vec<Arc<StreamShared>> {
+        (0..count).map(|_| session.open("svc").unwrap()).collect()
+    }
+
+    fn data(byte: u8, len: usize) -> Bytes {
+        Bytes::from(vec![byte; len])
+    }
+
+    #[test]
+    fn try_send_in_order_delivers_bytes_to_peer_stream() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, rx) = pair.stream();
+        // Act
+        pair.a.try_send(&tx, &Bytes::from_static(b"hello")).unwrap();
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(
+            pair.b.try_recv(&rx),
+            Ok(Received::Data(Bytes::from_static(b"hello")))
+        );
+    }
+
+    #[test]
+    fn on_frame_reordered_across_links_delivers_in_order() {
+        // Arrange
+        let mut pair = Pair::new(2);
+        let (tx, rx) = pair.stream();
+        pair.a.try_send(&tx, &data(1, 100)).unwrap();
+        pair.a.try_send(&tx, &data(2, 100)).unwrap();
+        // Act: link 1 overtakes link 0.
+        pair.a_to_b(1).unwrap();
+        pair.a_to_b(0).unwrap();
+        // Assert
+        assert_eq!(
+            recv_all(&mut pair.b, &rx),
+            [vec![1u8; 100], vec![2u8; 100]].concat()
+        );
+    }
+
+    #[test]
+    fn on_frame_duplicate_sequence_is_dropped_once_counted() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, rx) = pair.stream();
+        pair.a.try_send(&tx, &data(7, 10)).unwrap();
+        let frames = pair.take_a(0);
+        // Act
+        feed(&mut pair.b, 0, frames.clone()).unwrap();
+        feed(&mut pair.b, 0, frames).unwrap();
+        // Assert
+        assert_eq!(recv_all(&mut pair.b, &rx), vec![7u8; 10]);
+        assert_eq!(pair.b.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn link_down_resends_unacked_frames_on_survivor_exactly_once() {
+        // Arrange
+        let mut pair = Pair::new(2);
+        let (tx, rx) = pair.stream();
+        pair.a.try_send(&tx, &data(3, 100)).unwrap();
+        pair.a.try_send(&tx, &data(4, 100)).unwrap();
+        let lost_on_link0 = pair.take_a(0);
+        // Act
+        pair.a.link_down(0, 1, "test");
+        let resent = pair.take_a(1);
+        feed(&mut pair.b, 1, resent.clone()).unwrap();
+        // Assert
+        assert_eq!(lost_on_link0.len(), 1);
+        assert!(
+            resent
+                .iter()
+                .any(|frame| frame.flags.contains(Flags::RESENT))
+        );
+        assert_eq!(
+            recv_all(&mut pair.b, &rx),
+            [vec![3u8; 100], vec![4u8; 100]].concat()
+        );
+    }
+
+    #[test]
+    fn link_down_counts_retransmits_on_failed_link() {
+        // Arrange
+        let mut pair = Pair::new(2);
+        let (tx, _rx) = pair.stream();
+        pair.a.try_send(&tx, &data(3, 100)).unwrap();
+        pair.a.try_send(&tx, &data(4, 100)).unwrap();
+        // Act
+        pair.a.link_down(0, 1, "test");
+        // Assert
+        assert_eq!(pair.a.stats().links[0].retransmits, 1);
+    }
+
+    #[test]
+    fn link_down_last_link_fails_streams_with_peer_unreachable() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        // Act
+        pair.a.link_down(0, 1, "test");
+        // Assert
+        assert_eq!(tx.error.get(), Some(&StreamError::PeerUnreachable));
+        assert_eq!(
+            pair.a.open("svc").unwrap_err(),
+            StreamError::PeerUnreachable
+        );
+    }
+
+    #[test]
+    fn link_down_stale_connection_id_changes_nothing() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        // Act
+        pair.a.link_down(0, 99, "test");
+        // Assert
+        assert_eq!(tx.error.get(), None);
+        assert!(pair.a.any_link_up());
+    }
+
+    #[test]
+    fn link_up_new_peer_generation_fails_streams_with_peer_reset() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (_tx, rx) = pair.stream();
+        let mut hello = pair.a.hello(0);
+        hello.generation += 1;
+        let (queue, _keep) = mpsc::unbounded_channel();
+        // Act
+        let stops = pair.b.link_up(0, conn(50, queue), &hello);
+        // Assert
+        assert_eq!(rx.error.get(), Some(&StreamError::PeerReset));
+        assert_eq!(stops.len(), 1);
+    }
+
+    #[test]
+    fn try_send_beyond_stream_window_waits() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        pair.a.try_send(&tx, &data(1, WINDOW)).unwrap();
+        // Act
+        let queued = pair.a.try_send(&tx, &data(2, 1));
+        // Assert
+        assert_eq!(queued, Ok(false));
+    }
+
+    #[test]
+    fn try_recv_consumed_window_sends_credit_that_unblocks_sender() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, rx) = pair.stream();
+        pair.a.try_send(&tx, &data(1, WINDOW)).unwrap();
+        pair.settle().unwrap();
+        // Act
+        recv_all(&mut pair.b, &rx);
+        pair.settle().unwrap();
+        let queued = pair.a.try_send(&tx, &data(2, 1));
+        // Assert
+        assert_eq!(queued, Ok(true));
+    }
+
+    #[test]
+    fn on_frame_data_beyond_credit_is_protocol_error() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        let frame = Frame::new(FrameKind::Data, tx.id, 1, data(0, WINDOW + 1));
+        // Act
+        let result = pair.b.on_frame(0, frame);
+        // Assert
+        assert_eq!(
+            result,
+            Err(ProtocolError::DeliverCredit {
+                stream: tx.id,
+                received: WINDOW as u64 + 1,
+                allowed: WINDOW as u64
+            })
+        );
+    }
+
+    #[test]
+    fn on_frame_reorder_beyond_session_window_is_protocol_error() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let frame = Frame::new(FrameKind::Data, 1, 5, data(0, 4 * WINDOW));
+        // Act
+        let result = pair.b.on_frame(0, frame);
+        // Assert
+        assert_eq!(
+            result,
+            Err(ProtocolError::ReorderWindow {
+                seq: 5,
+                expected: 0,
+                window: 4 * WINDOW
+            })
+        );
+    }
+
+    #[test]
+    fn on_frame_ack_beyond_sent_is_protocol_error() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let frame = Frame::new(FrameKind::Ack, 0, 10, Bytes::new());
+        // Act
+        let result = pair.a.on_frame(0, frame);
+        // Assert
+        assert_eq!(result, Err(ProtocolError::AcceptAck { ack: 10, sent: 0 }));
+    }
+
+    #[test]
+    fn on_frame_ack_releases_unacked_bytes() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        pair.a.try_send(&tx, &data(1, 1000)).unwrap();
+        // Act
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(pair.a.stats().unacked_bytes, 0);
+    }
+
+    #[test]
+    fn open_unknown_service_fails_with_open_refused() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let opened = pair.a.open("nobody").unwrap();
+        // Act
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(
+            opened.error.get(),
+            Some(&StreamError::OpenRefused {
+                service: "nobody".to_owned(),
+                reason: ResetReason::NoService
+            })
+        );
+    }
+
+    #[test]
+    fn on_frame_data_for_unknown_stream_replies_reset() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let frame = Frame::new(FrameKind::Data, 9, 0, data(1, 4));
+        // Act
+        pair.b.on_frame(0, frame).unwrap();
+        let replies = drain(&mut pair.to_a[0]);
+        // Assert
+        assert_eq!(
+            replies.first().map(|f| (f.kind, f.stream)),
+            Some((FrameKind::Reset, 9))
+        );
+    }
+
+    #[test]
+    fn on_frame_open_with_own_parity_is_protocol_error() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let frame = Frame::new(FrameKind::Open, 2, 0, Bytes::from_static(b"svc"));
+        // Act
+        let result = pair.b.on_frame(0, frame);
+        // Assert
+        assert_eq!(result, Err(ProtocolError::OpenStream { stream: 2 }));
+    }
+
+    #[test]
+    fn drop_rx_before_close_resets_sender_stream() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, rx) = pair.stream();
+        // Act
+        pair.b.drop_rx(&rx);
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(
+            tx.error.get(),
+            Some(&StreamError::Reset {
+                reason: ResetReason::Abandoned
+            })
+        );
+    }
+
+    #[test]
+    fn finish_delivers_fin_after_data() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, rx) = pair.stream();
+        pair.a.try_send(&tx, &data(5, 3)).unwrap();
+        // Act
+        pair.a.finish(&tx).unwrap();
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(pair.b.try_recv(&rx), Ok(Received::Data(data(5, 3))));
+        assert_eq!(pair.b.try_recv(&rx), Ok(Received::Fin));
+    }
+
+    #[test]
+    fn try_send_after_finish_fails_with_send_finished() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let (tx, _rx) = pair.stream();
+        pair.a.finish(&tx).unwrap();
+        // Act
+        let result = pair.a.try_send(&tx, &data(1, 1));
+        // Assert
+        assert_eq!(result, Err(StreamError::SendFinished));
+    }
+
+    #[test]
+    fn listen_twice_fails_with_listen_taken() {
+        // Arrange
+        let mut session = Session::new(config(Role::Listen), 1);
+        let _first = session.listen("svc").unwrap();
+        // Act
+        let second = session.listen("svc");
+        // Assert
+        assert_eq!(
+            second.unwrap_err(),
+            StreamError::ListenTaken {
+                service: "svc".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn open_over_max_streams_is_refused_by_peer() {
+        // Arrange
+        let mut pair = Pair::new(1);
+        let _incoming = pair.b.listen("svc").unwrap();
+        let opened = open_many(&mut pair.a, 5);
+        // Act
+        pair.settle().unwrap();
+        // Assert
+        assert_eq!(
+            opened[4].error.get(),
+            Some(&StreamError::OpenRefused {
+                service: "svc".to_owned(),
+                reason: ResetReason::TooManyStreams
+            })
+        );
+    }
+
+    #[test]
+    fn chunk_limit_is_capped_by_half_the_peer_stream_window() {
+        // Arrange
+        let pair = Pair::new(1);
+        // Act
+        let limit = pair.a.chunk_limit(usize::MAX);
+        // Assert
+        assert_eq!(limit, WINDOW / 2);
+    }
 }

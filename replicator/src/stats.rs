@@ -3,7 +3,7 @@
 //! [`crate::Endpoint::stats`] returns an [`EndpointStats`]; the agent maps it to its own
 //! (protobuf) types. Counters are cumulative since the endpoint started.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 /// State of one A-Link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,6 @@ pub(crate) struct LinkCounters {
     pub(crate) rtt_us: AtomicU64,
     pub(crate) ups: AtomicU64,
     pub(crate) downs: AtomicU64,
-    pub(crate) queued: AtomicUsize,
 }
 
 impl LinkCounters {
@@ -102,7 +101,7 @@ impl LinkCounters {
         counter.fetch_add(u64::try_from(value).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, index: usize) -> LinkStats {
+    pub(crate) fn snapshot(&self, index: usize, queued_bytes: usize) -> LinkStats {
         let state = match self.state.load(Ordering::Relaxed) {
             2 => LinkState::Up,
             1 => LinkState::Connecting,
@@ -120,7 +119,7 @@ impl LinkCounters {
             rtt_us: (rtt != 0).then_some(rtt),
             ups: self.ups.load(Ordering::Relaxed),
             downs: self.downs.load(Ordering::Relaxed),
-            queued_bytes: self.queued.load(Ordering::Relaxed),
+            queued_bytes,
         }
     }
 }
@@ -134,7 +133,7 @@ mod tests {
         // Arrange
         let counters = LinkCounters::default();
         // Act
-        let stats = counters.snapshot(3);
+        let stats = counters.snapshot(3, 0);
         // Assert
         assert_eq!(stats.index, 3);
         assert_eq!(stats.state, LinkState::Down);
@@ -147,7 +146,7 @@ mod tests {
         let counters = LinkCounters::default();
         counters.set_state(LinkState::Up);
         // Act
-        let stats = counters.snapshot(0);
+        let stats = counters.snapshot(0, 0);
         // Assert
         assert_eq!(stats.state, LinkState::Up);
     }
