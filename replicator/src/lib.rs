@@ -27,6 +27,9 @@
 
 pub mod fault;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod proxy;
 mod session;
