@@ -37,8 +37,17 @@ pub fn decode(data: &[u8]) {
 /// handshake, then frames handed to the session exactly as a link reader does, until the
 /// first decode or protocol error (where the real link would be dropped).
 pub fn receive(data: &[u8]) {
-    let limits = Limits { session_window: 256 * 1024, stream_window: 64 * 1024, max_payload: 64 * 1024 };
-    let config = SessionConfig { role: Role::Listen, limits, max_streams: 4, accept_backlog: 2 };
+    let limits = Limits {
+        session_window: 256 * 1024,
+        stream_window: 64 * 1024,
+        max_payload: 64 * 1024,
+    };
+    let config = SessionConfig {
+        role: Role::Listen,
+        limits,
+        max_streams: 4,
+        accept_backlog: 2,
+    };
     let mut session = Session::new(config, 1);
     let _incoming = session.listen("svc");
     let mut codec = FrameCodec::new(limits.max_payload);
@@ -53,7 +62,12 @@ pub fn receive(data: &[u8]) {
         return;
     }
     let (tx, mut written) = mpsc::unbounded_channel();
-    let conn = Conn { id: 1, tx, stop: Arc::new(Notify::new()), queued: Arc::new(AtomicUsize::new(0)) };
+    let conn = Conn {
+        id: 1,
+        tx,
+        stop: Arc::new(Notify::new()),
+        queued: Arc::new(AtomicUsize::new(0)),
+    };
     session.link_up(0, conn, &hello);
     while let Ok(Some(frame)) = codec.decode(&mut buf) {
         if session.on_frame(0, frame).is_err() {
