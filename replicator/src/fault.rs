@@ -32,15 +32,6 @@ pub enum FaultError {
         #[source]
         source: std::io::Error,
     },
-    /// A namespace or nftables command could not be started.
-    #[error("running {command:?}")]
-    RunCommand {
-        /// The command line.
-        command: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// A namespace or nftables command failed.
     #[error("running {command:?}: exit {status}, stderr {stderr:?}")]
     CommandStatus {
@@ -50,6 +41,15 @@ pub enum FaultError {
         status: String,
         /// What it printed on stderr.
         stderr: String,
+    },
+    /// A namespace or nftables command could not be started.
+    #[error("running {command:?}")]
+    RunCommand {
+        /// The command line.
+        command: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -278,13 +278,23 @@ impl NetnsPair {
     /// Address of link `link` in namespace `a`.
     #[must_use]
     pub fn addr_a(&self, link: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200 + u8::try_from(link).unwrap_or(0), self.subnet, 1)
+        Ipv4Addr::new(
+            10,
+            200u8.saturating_add(u8::try_from(link).unwrap_or(u8::MAX)),
+            self.subnet,
+            1,
+        )
     }
 
     /// Address of link `link` in namespace `b`.
     #[must_use]
     pub fn addr_b(&self, link: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200 + u8::try_from(link).unwrap_or(0), self.subnet, 2)
+        Ipv4Addr::new(
+            10,
+            200u8.saturating_add(u8::try_from(link).unwrap_or(u8::MAX)),
+            self.subnet,
+            2,
+        )
     }
 
     /// A command that runs `program` inside namespace `ns` (one of the pair's).

@@ -13,7 +13,7 @@
 //!   declared down on a socket error, on a decode or protocol error (with the reason logged),
 //!   or when nothing arrives for `link_timeout`;
 //! - when every link is down, every stream fails with
-//!   [`StreamError::PeerUnreachable`](crate::stream::StreamError::PeerUnreachable); the links
+//!   [`StreamError::PeerUnreachable`]; the links
 //!   keep reconnecting and new streams can be opened once one is back.
 //!
 //! ```text
@@ -197,7 +197,11 @@ impl Config {
         if self.links.is_empty() || self.links.len() > usize::from(u16::MAX) {
             return fail("between 1 and 65535 links are needed");
         }
-        if self.keepalive_interval.is_zero() || self.keepalive_interval * 2 > self.link_timeout {
+        let twice = self
+            .keepalive_interval
+            .checked_mul(2)
+            .unwrap_or(Duration::MAX);
+        if self.keepalive_interval.is_zero() || twice > self.link_timeout {
             return fail("keepalive_interval must be non-zero and at most half of link_timeout");
         }
         if self.max_payload < 4096 || u32::try_from(self.max_payload).is_err() {
@@ -612,10 +616,8 @@ async fn handshake(
             reason: format!("first frame is {:?}, not Hello", frame.kind),
         });
     }
-    let hello = Hello::from_payload(&frame.payload).map_err(|error| LinkError::Handshake {
-        link,
-        reason: error.to_string(),
-    })?;
+    let hello =
+        Hello::from_payload(&frame.payload).map_err(|source| LinkError::Decode { source })?;
     if usize::from(hello.link) != link {
         return Err(LinkError::Handshake {
             link,

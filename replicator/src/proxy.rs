@@ -49,19 +49,19 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
-    /// Opening or using the stream failed.
-    #[error("carrying proxy connection over stream")]
-    Stream {
-        /// Cause.
-        #[source]
-        source: StreamError,
-    },
     /// Reading from or writing to the local socket failed.
     #[error("copying proxy connection bytes")]
     Socket {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// Opening or using the stream failed.
+    #[error("carrying proxy connection over stream")]
+    Stream {
+        /// Cause.
+        #[source]
+        source: StreamError,
     },
 }
 
