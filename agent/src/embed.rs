@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::write_atomic;
+use daemon::fsutil::write_atomic;
 
 /// The qemu.conf the agent writes into every embed root.
 pub const QEMU_CONF: &str =

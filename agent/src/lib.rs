@@ -8,7 +8,6 @@ pub mod config;
 pub mod domain;
 pub mod embed;
 pub mod facts;
-pub mod fsutil;
 pub mod libvirt;
 pub mod serial;
 pub mod service;

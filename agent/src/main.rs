@@ -21,7 +21,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
+    daemon::init_logging();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
     if let Err(e) = run(&config) {
@@ -53,7 +53,7 @@ async fn serve(config: &Config, libvirt: Libvirt, service: AgentService) -> anyh
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
     tonic::transport::Server::builder()
         .add_service(proto::agent::agent_server::AgentServer::new(service))
-        .serve_with_shutdown(config.listen, shutdown_signal())
+        .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen))?;
     tracing::info!(node = %config.node, "agent stopped by signal; guests keep running");
@@ -79,28 +79,4 @@ async fn prewarm(libvirt: Libvirt) {
         ),
         Err(e) => tracing::warn!(error = %e, "QEMU capability probe failed"),
     }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PV_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
 }

@@ -60,7 +60,7 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
-        let message = error_chain(&e);
+        let message = daemon::error_chain(&e);
         match &e {
             Error::InvalidRequest { .. } | Error::UnknownNetwork { .. } => {
                 Status::invalid_argument(message)
@@ -81,18 +81,6 @@ impl From<Error> for Status {
             }
         }
     }
-}
-
-/// The error and its causes, joined with ": ", for a status message a human can act on.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// The agent's gRPC service.
@@ -200,7 +188,7 @@ impl Inner {
                 tracing::info!(vm = %uuid, node = %self.node, op, state = ?s.state, reason = %s.reason, "domain op end: ok");
             }
             Err(e) => {
-                tracing::warn!(vm = %uuid, node = %self.node, op, error = %error_chain(e), "domain op end: failed");
+                tracing::warn!(vm = %uuid, node = %self.node, op, error = %daemon::error_chain(e), "domain op end: failed");
             }
         }
         Ok(result?)
