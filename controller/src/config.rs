@@ -1,0 +1,164 @@
+//! The controller's configuration file (TOML).
+//!
+//! ```toml
+//! node = "n0"
+//! listen = "0.0.0.0:7400"               # public API (also reachable on the system IP)
+//! api_address = "10.100.0.11:7400"      # where the peer controller forwards API calls
+//! agent_address = "10.100.0.11:7701"    # this node's agent
+//! etcd_endpoints = ["10.100.0.11:2379", "10.100.0.12:2379", "10.100.0.13:2379"]
+//! lease_ttl_seconds = 3
+//! [system_ip]                           # optional: the floating IP of the serving controller
+//! address = "10.100.0.10/24"
+//! device = "ibiz0"
+//! [capacity]
+//! reserve_vcpus = 2
+//! reserve_memory_mib = 4096
+//! vcpu_overcommit = 1
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::placement::Policy;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value is out of range.
+    #[error("{key} in {file}: {reason}")]
+    Invalid {
+        /// Config file.
+        file: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file is not valid TOML or misses a required key.
+    #[error("parsing controller config {path}")]
+    Parse {
+        /// Config file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// The file cannot be read.
+    #[error("reading controller config {path}")]
+    Read {
+        /// Config file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The floating system IP, held by the serving controller.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemIp {
+    /// Address with prefix length, e.g. "10.100.0.10/24".
+    pub address: String,
+    /// Interface that carries it.
+    pub device: String,
+}
+
+/// Controller configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name.
+    pub node: String,
+    /// Where the public API listens.
+    pub listen: SocketAddr,
+    /// Address under which the peer reaches this controller's API.
+    pub api_address: String,
+    /// Address of this node's agent.
+    pub agent_address: String,
+    /// etcd client endpoints of all three members (host:port).
+    pub etcd_endpoints: Vec<String>,
+    /// TTL of this controller's etcd lease: how fast the peer takes over when it dies.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: i64,
+    /// The floating system IP, if this pair has one.
+    #[serde(default)]
+    pub system_ip: Option<SystemIp>,
+    /// System reserve and overcommit for capacity accounting.
+    #[serde(default)]
+    pub capacity: Policy,
+}
+
+fn default_lease_ttl() -> i64 {
+    3
+}
+
+impl Config {
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|source| Error::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |key, reason: &str| Error::Invalid {
+            file: path.to_path_buf(),
+            key,
+            reason: reason.to_string(),
+        };
+        if !(2..=60).contains(&config.lease_ttl_seconds) {
+            return Err(invalid(
+                "lease_ttl_seconds",
+                "must be 2 to 60 (etcd's minimum TTL is about 2 s)",
+            ));
+        }
+        if config.etcd_endpoints.is_empty() {
+            return Err(invalid(
+                "etcd_endpoints",
+                "list the client endpoints of all three etcd members",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+node = "n0"
+listen = "0.0.0.0:7400"
+api_address = "10.100.0.11:7400"
+agent_address = "10.100.0.11:7701"
+etcd_endpoints = ["10.100.0.11:2379"]
+"#;
+
+    #[test]
+    fn parse_minimal_config_uses_defaults() {
+        let config = Config::parse(MINIMAL, Path::new("c.toml")).unwrap();
+
+        assert_eq!(config.lease_ttl_seconds, 3);
+        assert_eq!(config.capacity, Policy::default());
+        assert_eq!(config.system_ip, None);
+    }
+
+    #[test]
+    fn parse_ttl_below_two_is_refused() {
+        let text = format!("lease_ttl_seconds = 1\n{MINIMAL}");
+
+        let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+
+        assert!(err.to_string().starts_with("lease_ttl_seconds in c.toml"));
+    }
+}

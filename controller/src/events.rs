@@ -1,0 +1,221 @@
+//! The pair's event log: committed changes in etcd, turned into API events.
+//!
+//! Any controller can serve `WatchEvents` from its own etcd watch (with previous values), so the
+//! log needs no writes of its own, is ordered by store revision, survives a change of serving
+//! controller, and can be resumed from a revision.
+
+use proto::v1 as pb;
+
+use crate::membership::LeaderInfo;
+use crate::model::{NodeRecord, VmRecord, VmState};
+use crate::store::{LEADER, NODES, VMS};
+
+/// One committed change of a key.
+#[derive(Clone, Copy, Debug)]
+pub struct Change<'a> {
+    /// Store revision of the change.
+    pub revision: i64,
+    /// The key.
+    pub key: &'a str,
+    /// The new value, or `None` for a delete.
+    pub value: Option<&'a [u8]>,
+    /// The previous value, if there was one.
+    pub prev: Option<&'a [u8]>,
+    /// Wall-clock time to stamp events that carry none.
+    pub now_unix_ms: i64,
+}
+
+/// The API event a change means, if any.
+pub fn from_change(change: &Change<'_>) -> Option<pb::Event> {
+    if change.key.starts_with(VMS) {
+        vm_event(change)
+    } else if change.key.starts_with(NODES) {
+        node_event(change)
+    } else if change.key == LEADER {
+        leader_event(change)
+    } else {
+        None
+    }
+}
+
+fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
+    let new: Option<VmRecord> = change.value.and_then(|v| serde_json::from_slice(v).ok());
+    let old: Option<VmRecord> = change.prev.and_then(|v| serde_json::from_slice(v).ok());
+    let (kind, vm, message) = match (&new, &old) {
+        (Some(new), None) => (
+            pb::EventKind::VmCreated,
+            new,
+            format!("created on {}", new.node),
+        ),
+        (Some(new), Some(old)) if new.state != old.state => (
+            pb::EventKind::VmChanged,
+            new,
+            format!(
+                "{} → {}: {}",
+                old.state.name(),
+                new.state.name(),
+                new.state_reason
+            ),
+        ),
+        (Some(new), Some(_)) => (
+            pb::EventKind::VmChanged,
+            new,
+            format!(
+                "modified: {} vCPUs, {} MiB, mode {}",
+                new.vcpus,
+                new.memory_mib,
+                new.mode.as_str()
+            ),
+        ),
+        (None, Some(old)) => (pb::EventKind::VmDeleted, old, "deleted".to_string()),
+        (None, None) => return None,
+    };
+    Some(pb::Event {
+        revision: change.revision,
+        kind: kind.into(),
+        vm_uuid: vm.uuid.clone(),
+        vm_name: vm.name.clone(),
+        node: vm.node.clone(),
+        state: vm_state_to_pb(vm.state).into(),
+        message,
+        unix_ms: if new.is_some() {
+            vm.updated_unix_ms
+        } else {
+            change.now_unix_ms
+        },
+    })
+}
+
+fn node_event(change: &Change<'_>) -> Option<pb::Event> {
+    let (kind, raw, message) = match (change.value, change.prev) {
+        (Some(value), None) => (
+            pb::EventKind::NodeUp,
+            value,
+            "node up: its controller registered",
+        ),
+        (None, Some(prev)) => (
+            pb::EventKind::NodeDown,
+            prev,
+            "node down: its controller's lease expired",
+        ),
+        _ => return None,
+    };
+    let node: NodeRecord = serde_json::from_slice(raw).ok()?;
+    Some(pb::Event {
+        revision: change.revision,
+        kind: kind.into(),
+        node: node.name,
+        message: message.into(),
+        unix_ms: change.now_unix_ms,
+        ..Default::default()
+    })
+}
+
+fn leader_event(change: &Change<'_>) -> Option<pb::Event> {
+    let value = change.value?;
+    let leader: LeaderInfo = serde_json::from_slice(value).ok()?;
+    Some(pb::Event {
+        revision: change.revision,
+        kind: pb::EventKind::ControllerElected.into(),
+        message: format!("controller on {} serves the API", leader.node),
+        node: leader.node,
+        unix_ms: change.now_unix_ms,
+        ..Default::default()
+    })
+}
+
+/// The API's name for a VM state.
+pub fn vm_state_to_pb(state: VmState) -> pb::VmState {
+    match state {
+        VmState::Creating => pb::VmState::Creating,
+        VmState::Stopped => pb::VmState::Stopped,
+        VmState::Starting => pb::VmState::Starting,
+        VmState::Running => pb::VmState::Running,
+        VmState::Stopping { .. } => pb::VmState::Stopping,
+        VmState::Deleting => pb::VmState::Deleting,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Mode;
+    use crate::placement::tests::vm;
+
+    fn json(record: &VmRecord) -> Vec<u8> {
+        serde_json::to_vec(record).unwrap()
+    }
+
+    fn change<'a>(key: &'a str, value: Option<&'a [u8]>, prev: Option<&'a [u8]>) -> Change<'a> {
+        Change {
+            revision: 42,
+            key,
+            value,
+            prev,
+            now_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn from_change_new_vm_is_created_event() {
+        let record = vm("web", Mode::Ha, 1, 256, "n0");
+        let value = json(&record);
+
+        let event = from_change(&change("/pairvisor/vms/u", Some(&value), None)).unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::VmCreated);
+        assert_eq!(event.vm_name, "web");
+        assert_eq!(event.revision, 42);
+    }
+
+    #[test]
+    fn from_change_state_change_says_from_and_to() {
+        let old = vm("web", Mode::Ha, 1, 256, "n0");
+        let mut new = old.clone();
+        new.state = VmState::Running;
+        new.state_reason = "started".into();
+        let (old, new) = (json(&old), json(&new));
+
+        let event = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old))).unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::VmChanged);
+        assert_eq!(event.message, "stopped → running: started");
+        assert_eq!(event.state(), pb::VmState::Running);
+    }
+
+    #[test]
+    fn from_change_deleted_vm_is_named_from_previous_value() {
+        let old = json(&vm("web", Mode::Ha, 1, 256, "n0"));
+
+        let event = from_change(&change("/pairvisor/vms/u", None, Some(&old))).unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::VmDeleted);
+        assert_eq!(event.vm_name, "web");
+    }
+
+    #[test]
+    fn from_change_leader_key_is_controller_elected() {
+        let value = br#"{"node":"n1","api_address":"10.0.0.2:7400"}"#;
+
+        let event = from_change(&change("/pairvisor/leader", Some(value), None)).unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::ControllerElected);
+        assert_eq!(event.node, "n1");
+    }
+
+    #[test]
+    fn from_change_campaign_key_is_no_event() {
+        let value = br#"{"node":"n1","api_address":"10.0.0.2:7400"}"#;
+
+        let event = from_change(&change("/pairvisor/serving/694d", Some(value), None));
+
+        assert_eq!(event, None);
+    }
+
+    #[test]
+    fn from_change_name_reservation_is_no_event() {
+        let event = from_change(&change("/pairvisor/names/web", Some(b"u"), None));
+
+        assert_eq!(event, None);
+    }
+}

@@ -1,0 +1,28 @@
+//! Pairvisor's controller: the pair's brain. Both hosts run one; they elect the serving one
+//! through etcd, which holds the pair's state. The serving controller decides (validation,
+//! capacity, placement, the VM state machine), persists every decision before acting on it,
+//! and drives the agents; the other forwards API calls to it and takes over when it dies.
+#![deny(missing_docs)]
+
+pub mod agents;
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod membership;
+pub mod model;
+pub mod placement;
+pub mod serving;
+pub mod store;
+pub mod sysip;
+pub mod validate;
+pub mod vm;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,259 @@
+//! The pair's state as stored in etcd (JSON values) and seen by the pure decision modules.
+//! No proto types here: the gRPC layer converts at the edge.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// How a VM is protected against a host failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Fault tolerant: continuous checkpoints to the peer; no reboot on host failure.
+    Ft,
+    /// Highly available: synchronous disk mirror; restart on the peer on host failure.
+    Ha,
+    /// Runs on one node only.
+    Unprotected,
+}
+
+impl Mode {
+    /// Lower-case name, as users type it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ft => "ft",
+            Mode::Ha => "ha",
+            Mode::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// Volume file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Raw image.
+    Raw,
+    /// QCOW2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// File extension of volumes in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where a VM boots from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boot {
+    /// A kernel boot image from the nodes' image libraries.
+    Kernel {
+        /// Image name.
+        image: String,
+    },
+    /// An ISO present at the same path on both nodes.
+    Iso {
+        /// ISO path.
+        path: String,
+    },
+}
+
+/// A disk a user asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequest {
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Storage group.
+    pub storage_group: String,
+    /// Format.
+    pub format: DiskFormat,
+}
+
+/// A disk of a VM, with the name of its volume on the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Storage group.
+    pub storage_group: String,
+    /// Format.
+    pub format: DiskFormat,
+    /// Volume file name in the storage group.
+    pub volume: String,
+}
+
+/// A NIC of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// Business network.
+    pub network: String,
+    /// Stable MAC address.
+    pub mac: String,
+}
+
+/// A VM's lifecycle state (see [`crate::vm`] for the transitions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+pub enum VmState {
+    /// Volumes and domain are being created; the create has not been acknowledged.
+    Creating,
+    /// Not running.
+    Stopped,
+    /// Being started.
+    Starting,
+    /// Running.
+    Running,
+    /// Being shut down; powered off at `deadline_unix_ms` if still running.
+    Stopping {
+        /// When the grace period ends.
+        deadline_unix_ms: i64,
+        /// Set once the VM has been powered off rather than asked.
+        forced: bool,
+    },
+    /// Its domain and volumes are being removed.
+    Deleting,
+}
+
+impl VmState {
+    /// Short name for logs and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping { .. } => "stopping",
+            VmState::Deleting => "deleting",
+        }
+    }
+}
+
+/// What a user asks for when creating a VM (or the result of applying a modification).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Unique name.
+    pub name: String,
+    /// Protection mode.
+    pub mode: Mode,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disks, in guest order.
+    pub disks: Vec<DiskRequest>,
+    /// Business networks, one NIC each.
+    pub networks: Vec<String>,
+    /// Boot source.
+    pub boot: Boot,
+}
+
+/// A VM as stored in etcd under `vms/<uuid>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Stable UUID (also the libvirt domain UUID).
+    pub uuid: String,
+    /// Unique name (also the libvirt domain name).
+    pub name: String,
+    /// Protection mode.
+    pub mode: Mode,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disks in guest order.
+    pub disks: Vec<Disk>,
+    /// NICs in guest order.
+    pub nics: Vec<Nic>,
+    /// Boot source.
+    pub boot: Boot,
+    /// Node the VM runs on or will start on.
+    pub node: String,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// Why it is in that state.
+    pub state_reason: String,
+    /// Creation time.
+    pub created_unix_ms: i64,
+    /// Time of the last change.
+    pub updated_unix_ms: i64,
+}
+
+/// Capacity of a storage group on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageGroupFacts {
+    /// Size of its file system.
+    pub total_bytes: u64,
+    /// Free space.
+    pub free_bytes: u64,
+}
+
+/// What a node's agent reports about its host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Storage groups by name.
+    pub storage_groups: BTreeMap<String, StorageGroupFacts>,
+    /// Business networks.
+    pub networks: BTreeSet<String>,
+    /// Boot images.
+    pub boot_images: BTreeSet<String>,
+    /// QEMU version.
+    pub qemu_version: String,
+    /// libvirt version.
+    pub libvirt_version: String,
+}
+
+/// A node as registered in etcd under `nodes/<name>` by its controller, bound to its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node name.
+    pub name: String,
+    /// Address of the node controller's public API.
+    pub api_address: String,
+    /// Address of the node's agent.
+    pub agent_address: String,
+    /// Host facts, as last read from the agent.
+    pub facts: HostFacts,
+    /// When the facts were read.
+    pub updated_unix_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_state_stopping_serializes_with_phase_tag() {
+        let state = VmState::Stopping {
+            deadline_unix_ms: 5,
+            forced: false,
+        };
+
+        let json = serde_json::to_string(&state).unwrap();
+
+        assert_eq!(
+            json,
+            r#"{"phase":"stopping","deadline_unix_ms":5,"forced":false}"#
+        );
+    }
+
+    #[test]
+    fn boot_kernel_round_trips_through_json() {
+        let boot = Boot::Kernel {
+            image: "tiny".into(),
+        };
+
+        let back: Boot = serde_json::from_str(&serde_json::to_string(&boot).unwrap()).unwrap();
+
+        assert_eq!(back, boot);
+    }
+}
