@@ -1,0 +1,487 @@
+//! `pvctl lab`: a whole two-node pair on one machine. Each host is a network namespace with its
+//! own etcd member, agent (own libvirt embed root and storage) and controller; a third namespace
+//! is the witness. See [`plan`] for names and addresses.
+
+mod net;
+pub mod plan;
+mod procs;
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use proto::v1 as pb;
+
+pub use plan::Plan;
+use plan::{
+    AGENT_PORT, API_PORT, BUSINESS_BRIDGE, BUSINESS_NETWORK, ETCD_CLIENT_PORT, ETCD_PEER_PORT,
+    HOSTS, Host, MGMT_DEV, STORAGE_GROUP,
+};
+use procs::Daemon;
+
+/// Time for the three etcd members to form a cluster.
+const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for the agents to listen (a fresh embed root needs no probe to listen).
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for a controller to be elected and both nodes to report their facts.
+const PAIR_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// vCPUs per host CPU in the lab: both simulated hosts share this machine's few cores.
+const LAB_VCPU_OVERCOMMIT: u32 = 8;
+
+/// Prints a numbered step and returns when it started.
+fn step(n: u32, text: &str) -> Instant {
+    println!("[{n}/6] {text}");
+    Instant::now()
+}
+
+fn done(started: Instant, detail: &str) {
+    println!(
+        "      ok ({:.1} s){detail}",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Brings the lab up, starting only what is not running yet.
+pub async fn up(plan: &Plan) -> anyhow::Result<()> {
+    let total = Instant::now();
+    let t = step(1, "checking prerequisites");
+    let bins = prerequisites()?;
+    done(t, "");
+
+    let t = step(2, "tiny guest image (built once, then cached)");
+    let cache = cache_dir();
+    let image = images::ensure_tiny_guest(&cache)?;
+    for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+        let dst = plan
+            .host_dir(host)
+            .join("images")
+            .join(images::TINY_GUEST_NAME);
+        std::fs::create_dir_all(plan.host_dir(host).join("images"))?;
+        images::BootImage::install(&image, &dst)?;
+    }
+    done(t, &format!(": {}", image.display()));
+
+    let t = step(3, "hosts and networks (namespaces, veth links, bridges)");
+    net::up(plan)?;
+    done(
+        t,
+        &format!(
+            ": namespaces {}",
+            HOSTS
+                .iter()
+                .map(|h| plan.ns(h))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+
+    let t = step(4, "etcd members on n0, n1 and the witness");
+    for host in &HOSTS {
+        start(plan, &etcd_daemon(plan, host))?;
+    }
+    wait_etcd(plan)?;
+    done(t, "");
+
+    let t = step(5, "agents (libvirt embed roots, storage, serial capture)");
+    for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+        write_agent_config(plan, host)?;
+        start(plan, &agent_daemon(plan, host, &bins.agent))?;
+    }
+    for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+        wait_tcp(
+            SocketAddr::from((plan.mgmt_ip(host), AGENT_PORT)),
+            AGENT_READY_TIMEOUT,
+        )
+        .with_context(|| {
+            format!(
+                "agent on {} did not listen; see {}",
+                host.name,
+                log_path(plan, host, "agent").display()
+            )
+        })?;
+    }
+    done(t, "");
+
+    let t = step(6, "controllers (election through etcd, system IP)");
+    for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+        write_controller_config(plan, host)?;
+        start(plan, &controller_daemon(plan, host, &bins.controller))?;
+    }
+    let serving = wait_pair(plan).await?;
+    done(t, &format!(": {serving} serves on {}", plan.system_ip()));
+
+    println!(
+        "lab up in {:.1} s. API endpoints: {}\n  pvctl node-info\n  pvctl vm-create demo --mode ha --disk 16M --network {BUSINESS_NETWORK} --kernel-image {}\n  pvctl lab down",
+        total.elapsed().as_secs_f64(),
+        plan.endpoints(),
+        images::TINY_GUEST_NAME,
+    );
+    Ok(())
+}
+
+/// Stops everything the lab started, removes its networks and, unless `keep_data`, its data.
+pub fn down(plan: &Plan, keep_data: bool) -> anyhow::Result<()> {
+    let marker = marker(plan);
+    let pid_dir = plan.pid_dir();
+    let order = ["controller", "agent"];
+    for kind in order {
+        for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+            stop_daemon(&pid_dir, &format!("{}-{kind}", host.name), &marker);
+        }
+    }
+    for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+        for pid in guest_pids(plan, host) {
+            if procs::stop(pid, &marker) {
+                println!("stopped guest QEMU {pid} on {}", host.name);
+            }
+        }
+    }
+    for host in &HOSTS {
+        stop_daemon(&pid_dir, &format!("{}-etcd", host.name), &marker);
+    }
+    net::down(plan)?;
+    println!("removed namespaces and bridge {}", plan.bridge());
+    if !keep_data && plan.dir().exists() {
+        std::fs::remove_dir_all(plan.dir())
+            .with_context(|| format!("removing {}", plan.dir().display()))?;
+        println!("removed {}", plan.dir().display());
+    }
+    Ok(())
+}
+
+/// A summary of the lab's processes and addresses.
+pub fn status(plan: &Plan) -> String {
+    let marker = marker(plan);
+    let mut out = String::new();
+    for host in &HOSTS {
+        let _ = writeln!(
+            out,
+            "{} ({}, {}): namespace {}",
+            host.name,
+            if host.is_witness() { "witness" } else { "node" },
+            plan.mgmt_ip(host),
+            if net::host_exists(plan, host) {
+                "present"
+            } else {
+                "missing"
+            },
+        );
+        for kind in daemon_kinds(host) {
+            let name = format!("{}-{kind}", host.name);
+            let state = match procs::running(&procs::pid_file(&plan.pid_dir(), &name), &marker) {
+                Some(pid) => format!("running, PID {pid}"),
+                None => "stopped".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {kind:<10} {state}  log {}",
+                log_path(plan, host, kind).display()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "system IP {}; API endpoints {}",
+        plan.system_ip(),
+        plan.endpoints()
+    );
+    out
+}
+
+fn daemon_kinds(host: &Host) -> &'static [&'static str] {
+    if host.is_witness() {
+        &["etcd"]
+    } else {
+        &["etcd", "agent", "controller"]
+    }
+}
+
+fn stop_daemon(pid_dir: &Path, name: &str, marker: &str) {
+    if let Some(pid) = procs::running(&procs::pid_file(pid_dir, name), marker) {
+        procs::stop(pid, marker);
+        println!("stopped {name} (PID {pid})");
+    }
+}
+
+/// The PIDs of the guests' QEMU processes on `host`, from its embed root.
+fn guest_pids(plan: &Plan, host: &Host) -> Vec<i32> {
+    let dir = plan.host_dir(host).join("agent/libvirt/run/qemu");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+        .collect()
+}
+
+/// What every lab process's command line contains: the lab directory.
+fn marker(plan: &Plan) -> String {
+    plan.dir().to_string_lossy().into_owned()
+}
+
+fn log_path(plan: &Plan, host: &Host, kind: &str) -> PathBuf {
+    plan.host_dir(host).join("logs").join(format!("{kind}.log"))
+}
+
+fn start(plan: &Plan, daemon: &Daemon) -> anyhow::Result<()> {
+    let (pid, started) = procs::ensure(daemon, &plan.pid_dir())?;
+    let how = if started {
+        "started"
+    } else {
+        "already running"
+    };
+    println!(
+        "      {} {how} (PID {pid}), log {}",
+        daemon.name,
+        daemon.log.display()
+    );
+    Ok(())
+}
+
+struct Binaries {
+    agent: PathBuf,
+    controller: PathBuf,
+}
+
+/// Checks root, the sibling binaries and the system tools the lab needs.
+fn prerequisites() -> anyhow::Result<Binaries> {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        bail!("the lab creates network namespaces: run it as root");
+    }
+    let exe = std::env::current_exe().context("locating pvctl")?;
+    let dir = exe.parent().context("locating pvctl's directory")?;
+    let bins = Binaries {
+        agent: dir.join("pv-agent"),
+        controller: dir.join("pv-controller"),
+    };
+    for bin in [&bins.agent, &bins.controller] {
+        if !bin.is_file() {
+            bail!(
+                "{} is missing: build the workspace (cargo build)",
+                bin.display()
+            );
+        }
+    }
+    for tool in ["etcd", "etcdctl", "qemu-system-x86_64", "qemu-img", "ip"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed: run scripts/install-deps.sh");
+        }
+    }
+    Ok(bins)
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Where built images are cached: `$PAIRVISOR_CACHE`, else /var/cache/pairvisor.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("PAIRVISOR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"))
+}
+
+fn etcd_daemon(plan: &Plan, host: &Host) -> Daemon {
+    let ip = plan.mgmt_ip(host);
+    let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+    let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
+    let data = plan.host_dir(host).join("etcd");
+    let args = [
+        "etcd",
+        "--name",
+        host.name,
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &plan.etcd_initial_cluster(),
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        "pairvisor-lab",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ]
+    .map(String::from);
+    Daemon {
+        ns: plan.ns(host),
+        name: format!("{}-etcd", host.name),
+        argv: args.to_vec(),
+        log: log_path(plan, host, "etcd"),
+        marker: marker(plan),
+    }
+}
+
+fn agent_daemon(plan: &Plan, host: &Host, bin: &Path) -> Daemon {
+    let config = plan.host_dir(host).join("agent.toml");
+    Daemon {
+        ns: plan.ns(host),
+        name: format!("{}-agent", host.name),
+        argv: vec![
+            bin.to_string_lossy().into_owned(),
+            "--config".into(),
+            config.to_string_lossy().into_owned(),
+        ],
+        log: log_path(plan, host, "agent"),
+        marker: marker(plan),
+    }
+}
+
+fn controller_daemon(plan: &Plan, host: &Host, bin: &Path) -> Daemon {
+    let config = plan.host_dir(host).join("controller.toml");
+    Daemon {
+        ns: plan.ns(host),
+        name: format!("{}-controller", host.name),
+        argv: vec![
+            bin.to_string_lossy().into_owned(),
+            "--config".into(),
+            config.to_string_lossy().into_owned(),
+        ],
+        log: log_path(plan, host, "controller"),
+        marker: marker(plan),
+    }
+}
+
+fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
+    let dir = plan.host_dir(host);
+    let text = format!(
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n",
+        node = host.name,
+        ip = plan.mgmt_ip(host),
+        state = dir.join("agent").display(),
+        images = dir.join("images").display(),
+        storage = dir.join("storage").join(STORAGE_GROUP).display(),
+    );
+    write(&dir.join("agent.toml"), &text)
+}
+
+fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
+    let dir = plan.host_dir(host);
+    let endpoints: Vec<String> = plan
+        .etcd_endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let text = format!(
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\nagent_address = \"{ip}:{AGENT_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = 3\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n",
+        node = host.name,
+        ip = plan.mgmt_ip(host),
+        endpoints = endpoints.join(", "),
+        system = plan.system_ip(),
+    );
+    write(&dir.join("controller.toml"), &text)
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn wait_tcp(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{address} did not accept connections within {} s",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every etcd member reports healthy (the cluster has a leader).
+fn wait_etcd(plan: &Plan) -> anyhow::Result<()> {
+    let endpoints = plan.etcd_endpoints().join(",");
+    let deadline = Instant::now() + ETCD_READY_TIMEOUT;
+    loop {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &endpoints,
+                "--dial-timeout",
+                "2s",
+                "endpoint",
+                "health",
+            ])
+            .output()
+            .context("running etcdctl")?;
+        if output.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "etcd cluster not healthy within {} s: {}; see the etcd logs under {}",
+                ETCD_READY_TIMEOUT.as_secs(),
+                String::from_utf8_lossy(&output.stderr).trim(),
+                plan.dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until a controller serves and both nodes report facts; returns the serving node.
+async fn wait_pair(plan: &Plan) -> anyhow::Result<String> {
+    let deadline = Instant::now() + PAIR_READY_TIMEOUT;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        match nodes(plan).await {
+            Ok(resp) => {
+                let up = resp
+                    .nodes
+                    .iter()
+                    .filter(|n| n.cpus > 0 && n.state() == pb::NodeState::Up)
+                    .count();
+                let serving = resp
+                    .nodes
+                    .iter()
+                    .find(|n| n.role() == pb::NodeRole::Serving);
+                if let (2, Some(serving)) = (up, serving) {
+                    return Ok(serving.name.clone());
+                }
+                last = format!("{up} of 2 nodes up");
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!(
+        "the pair did not become ready within {} s ({last}); see the controller logs under {}",
+        PAIR_READY_TIMEOUT.as_secs(),
+        plan.dir().display()
+    )
+}
+
+async fn nodes(plan: &Plan) -> anyhow::Result<pb::ListNodesResponse> {
+    let mut api = crate::client::connect(&plan.endpoints()).await?;
+    Ok(api.list_nodes(pb::ListNodesRequest {}).await?.into_inner())
+}

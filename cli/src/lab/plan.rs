@@ -1,0 +1,246 @@
+//! The lab's address plan: every name, address, port and path of the simulated pair, in one
+//! place. With prefix `pv` and subnet 100:
+//!
+//! ```text
+//!  root ns: bridge pv-mgmt 10.100.0.1/24 ── veth pv-n0m ── pv-n0:ibiz0 10.100.0.11 (+ system IP .10)
+//!                                        ── veth pv-n1m ── pv-n1:ibiz0 10.100.0.12
+//!                                        ── veth pv-wm  ── pv-w:ibiz0  10.100.0.13 (witness)
+//!  pv-n0 ⇄ pv-n1 veth pairs: priv0 10.101.0.{1,2}, alink1 10.102.0.{1,2}, alink2 10.103.0.{1,2},
+//!                            business (bridged into biz0 on each side; guests' NICs plug in there)
+//! ```
+//! Each host namespace runs an etcd member (:2379/:2380), an agent (:7701) and a controller
+//! (API :7400); the witness runs only its etcd member.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+/// Default namespace and bridge prefix.
+pub const DEFAULT_PREFIX: &str = "pv";
+/// Default second octet of the lab's subnets.
+pub const DEFAULT_SUBNET: u8 = 100;
+/// Default state directory.
+pub const DEFAULT_DIR: &str = "/var/lib/pairvisor-lab";
+
+/// etcd client port.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd peer port.
+pub const ETCD_PEER_PORT: u16 = 2380;
+/// Agent port.
+pub const AGENT_PORT: u16 = 7701;
+/// Controller API port.
+pub const API_PORT: u16 = 7400;
+/// Host-side name of the management interface.
+pub const MGMT_DEV: &str = "ibiz0";
+/// Host-side bridge for guests' business NICs.
+pub const BUSINESS_BRIDGE: &str = "biz0";
+/// Business network name the agents offer.
+pub const BUSINESS_NETWORK: &str = "business";
+/// Storage group the agents offer.
+pub const STORAGE_GROUP: &str = "sg0";
+
+/// A point-to-point role link between the two hosts: (interface name, subnet offset).
+pub const ROLE_LINKS: [(&str, u8); 3] = [("priv0", 1), ("alink1", 2), ("alink2", 3)];
+
+/// One simulated host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// Node name: "n0", "n1" or "w".
+    pub name: &'static str,
+    /// Index: 0, 1, 2 (the witness).
+    pub index: u8,
+}
+
+impl Host {
+    /// Whether this is the witness (etcd member only).
+    pub fn is_witness(&self) -> bool {
+        self.index == 2
+    }
+}
+
+/// The two nodes and the witness.
+pub const HOSTS: [Host; 3] = [
+    Host {
+        name: "n0",
+        index: 0,
+    },
+    Host {
+        name: "n1",
+        index: 1,
+    },
+    Host {
+        name: "w",
+        index: 2,
+    },
+];
+
+/// A lab's names and addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    prefix: String,
+    subnet: u8,
+    dir: PathBuf,
+}
+
+impl Plan {
+    /// A plan with namespace/bridge `prefix`, subnets `10.subnet.0.0/24` onwards, state in `dir`.
+    pub fn new(prefix: &str, subnet: u8, dir: &Path) -> anyhow::Result<Plan> {
+        let prefix_ok = (1..=8).contains(&prefix.len())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !prefix_ok {
+            bail!("lab prefix {prefix:?}: use 1-8 lower-case letters or digits");
+        }
+        if subnet > 250 {
+            bail!("lab subnet {subnet}: use 0-250 (the lab takes 10.N.0.0/24 to 10.N+3.0.0/24)");
+        }
+        if !dir.is_absolute() {
+            bail!("lab directory {} must be absolute", dir.display());
+        }
+        Ok(Plan {
+            prefix: prefix.to_string(),
+            subnet,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// pvctl's default endpoints: those of the default lab.
+    pub fn default_endpoints() -> String {
+        Plan {
+            prefix: DEFAULT_PREFIX.into(),
+            subnet: DEFAULT_SUBNET,
+            dir: PathBuf::from(DEFAULT_DIR),
+        }
+        .endpoints()
+    }
+
+    /// The lab's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Network namespace of `host`.
+    pub fn ns(&self, host: &Host) -> String {
+        format!("{}-{}", self.prefix, host.name)
+    }
+
+    /// Root-namespace bridge of the management network.
+    pub fn bridge(&self) -> String {
+        format!("{}-mgmt", self.prefix)
+    }
+
+    /// Root-namespace end of `host`'s management veth.
+    pub fn root_veth(&self, host: &Host) -> String {
+        format!("{}-{}m", self.prefix, host.name)
+    }
+
+    /// Management address of the root namespace (the bridge).
+    pub fn root_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, 1)
+    }
+
+    /// Management address of `host`.
+    pub fn mgmt_ip(&self, host: &Host) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, 11 + host.index)
+    }
+
+    /// The floating system IP.
+    pub fn system_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, 10)
+    }
+
+    /// Address of node `host` on the role link with subnet `offset`.
+    pub fn link_ip(&self, offset: u8, host: &Host) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet + offset, 0, 1 + host.index)
+    }
+
+    /// pvctl endpoints: the system IP, then both controllers.
+    pub fn endpoints(&self) -> String {
+        let nodes = HOSTS.iter().filter(|h| !h.is_witness());
+        std::iter::once(self.system_ip())
+            .chain(nodes.map(|h| self.mgmt_ip(h)))
+            .map(|ip| format!("{ip}:{API_PORT}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// etcd client endpoints of all members.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        HOSTS
+            .iter()
+            .map(|h| format!("{}:{ETCD_CLIENT_PORT}", self.mgmt_ip(h)))
+            .collect()
+    }
+
+    /// etcd's `--initial-cluster` value.
+    pub fn etcd_initial_cluster(&self) -> String {
+        HOSTS
+            .iter()
+            .map(|h| format!("{}=http://{}:{ETCD_PEER_PORT}", h.name, self.mgmt_ip(h)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// State directory of `host`.
+    pub fn host_dir(&self, host: &Host) -> PathBuf {
+        self.dir.join(host.name)
+    }
+
+    /// Directory of PID files.
+    pub fn pid_dir(&self) -> PathBuf {
+        self.dir.join("pids")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan::new("pv", 100, Path::new("/var/lib/pvlab")).unwrap()
+    }
+
+    #[test]
+    fn endpoints_start_with_system_ip() {
+        let endpoints = plan().endpoints();
+
+        assert_eq!(
+            endpoints,
+            "10.100.0.10:7400,10.100.0.11:7400,10.100.0.12:7400"
+        );
+    }
+
+    #[test]
+    fn link_ip_of_second_node_on_alink2() {
+        let ip = plan().link_ip(3, &HOSTS[1]);
+
+        assert_eq!(ip, Ipv4Addr::new(10, 103, 0, 2));
+    }
+
+    #[test]
+    fn etcd_initial_cluster_lists_all_three_members() {
+        let cluster = plan().etcd_initial_cluster();
+
+        assert_eq!(
+            cluster,
+            "n0=http://10.100.0.11:2380,n1=http://10.100.0.12:2380,w=http://10.100.0.13:2380"
+        );
+    }
+
+    #[test]
+    fn new_with_long_prefix_is_refused() {
+        let err = Plan::new("toolongprefix", 100, Path::new("/x")).unwrap_err();
+
+        assert!(err.to_string().contains("1-8 lower-case letters"));
+    }
+
+    #[test]
+    fn names_fit_linux_interface_limit() {
+        let plan = Plan::new("abcdefgh", 100, Path::new("/x")).unwrap();
+
+        assert!(plan.bridge().len() <= 15);
+        assert!(plan.root_veth(&HOSTS[0]).len() <= 15);
+    }
+}

@@ -1,0 +1,488 @@
+//! `pvctl`: the Pairvisor command line, modelled on everRun's avcli. Every command takes
+//! `--json`; the exit code is 0 only on success, so cron jobs and UPS scripts can rely on it.
+
+mod client;
+mod lab;
+mod output;
+mod units;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::output::{event_json, event_text, nodes_json, nodes_text, vm_json, vm_text, vms_table};
+
+/// Pairvisor command line: manage the pair's nodes and VMs.
+#[derive(Debug, Parser)]
+#[command(version, name = "pvctl")]
+struct Args {
+    /// API endpoints, tried in order (host:port, comma separated) [default: the lab's system
+    /// IP, then its two controllers].
+    #[arg(long, global = true, env = "PVCTL_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Ft,
+    Ha,
+    Unprotected,
+}
+
+impl From<ModeArg> for pb::ProtectionMode {
+    fn from(mode: ModeArg) -> pb::ProtectionMode {
+        match mode {
+            ModeArg::Ft => pb::ProtectionMode::Ft,
+            ModeArg::Ha => pb::ProtectionMode::Ha,
+            ModeArg::Unprotected => pb::ProtectionMode::Unprotected,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Api(ApiCmd),
+    /// Run a whole two-node pair on this machine in network namespaces (needs root).
+    Lab {
+        #[command(subcommand)]
+        command: LabCmd,
+    },
+}
+
+/// Commands on the pair's public API.
+#[derive(Debug, Subcommand)]
+enum ApiCmd {
+    /// Show the nodes, which one serves, and the capacity left.
+    NodeInfo,
+    /// Create a VM (it starts stopped).
+    VmCreate {
+        /// VM name: 1-64 letters, digits, '-', '_', '.'.
+        name: String,
+        /// Protection mode.
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        cpu: u32,
+        /// Memory, e.g. 512M or 2G (a bare number is MiB).
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// A disk: SIZE[:STORAGE_GROUP[:raw|qcow2]], e.g. 16M:sg0 (repeat for more disks).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// A business network to attach (repeat for more NICs).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+        /// Boot from this kernel image of the nodes' image library (e.g. tiny).
+        #[arg(long, conflicts_with = "iso", required_unless_present = "iso")]
+        kernel_image: Option<String>,
+        /// Boot from this ISO (same path on both nodes).
+        #[arg(long)]
+        iso: Option<String>,
+    },
+    /// Show one VM, or all VMs.
+    VmInfo {
+        /// VM name or UUID; all VMs if omitted.
+        vm: Option<String>,
+    },
+    /// Start a stopped VM; returns once it runs.
+    VmStart {
+        /// VM name or UUID.
+        vm: String,
+    },
+    /// Shut a VM down (ACPI), powering it off after the grace period; returns once stopped.
+    VmShutdown {
+        /// VM name or UUID.
+        vm: String,
+        /// Seconds to wait for the guest before powering it off.
+        #[arg(long, default_value_t = 60)]
+        grace: u32,
+    },
+    /// Power a VM off at once.
+    VmPoweroff {
+        /// VM name or UUID.
+        vm: String,
+    },
+    /// Delete a stopped VM and its disks.
+    VmDelete {
+        /// VM name or UUID.
+        vm: String,
+    },
+    /// Change a stopped VM's mode, vCPUs or memory.
+    VmModify {
+        /// VM name or UUID.
+        vm: String,
+        /// New protection mode.
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// New vCPUs.
+        #[arg(long)]
+        cpu: Option<u32>,
+        /// New memory, e.g. 1G.
+        #[arg(long)]
+        memory: Option<String>,
+    },
+    /// Show a VM's serial console.
+    VmConsole {
+        /// VM name or UUID.
+        vm: String,
+        /// Keep following new output (until Ctrl-C, or --until matches).
+        #[arg(long, short)]
+        follow: bool,
+        /// Bytes of earlier output to show first.
+        #[arg(long, default_value_t = 16384)]
+        tail: u64,
+        /// Stop (exit 0) once a line containing this text appears.
+        #[arg(long)]
+        until: Option<String>,
+        /// With --until: give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Show the pair's events, then follow new ones.
+    Events {
+        /// Start at this store revision (0: only new events).
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCmd {
+    /// Create the hosts, networks, etcd members, agents and controllers (safe to re-run).
+    Up(LabArgs),
+    /// Stop everything the lab started (by PID) and remove its networks and data.
+    Down {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Keep the lab's data directory (VM disks, etcd data).
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Show the lab's processes and addresses.
+    Status(LabArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// Directory for the lab's state, disks and logs.
+    #[arg(long, env = "PV_LAB_DIR", default_value = lab::plan::DEFAULT_DIR)]
+    dir: PathBuf,
+    /// Prefix of the lab's namespaces and bridge.
+    #[arg(long, env = "PV_LAB_PREFIX", default_value = lab::plan::DEFAULT_PREFIX)]
+    prefix: String,
+    /// Second octet of the lab's subnets (10.N.0.0/24 management, N+1..N+3 private links).
+    #[arg(long, env = "PV_LAB_SUBNET", default_value_t = lab::plan::DEFAULT_SUBNET)]
+    subnet: u8,
+}
+
+impl LabArgs {
+    fn plan(&self) -> anyhow::Result<lab::Plan> {
+        lab::Plan::new(&self.prefix, self.subnet, &self.dir)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pvctl: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pvctl: {}", message(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error for a human: a gRPC status shows its message only, anything else its chain.
+fn message(e: &anyhow::Error) -> String {
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        return format!("{} ({:?})", status.message(), status.code());
+    }
+    format!("{e:#}")
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Cmd::Api(command) => {
+            let endpoint = args.endpoint.unwrap_or_else(lab::Plan::default_endpoints);
+            run_api(command, &endpoint, args.json).await
+        }
+        Cmd::Lab { command } => run_lab(command).await,
+    }
+}
+
+async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<()> {
+    let mut api = client::connect(endpoint).await?;
+    match command {
+        ApiCmd::NodeInfo => {
+            let nodes = api.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+            print(json, &nodes_json(&nodes), &nodes_text(&nodes));
+        }
+        ApiCmd::VmCreate {
+            name,
+            mode,
+            cpu,
+            memory,
+            disks,
+            networks,
+            kernel_image,
+            iso,
+        } => {
+            let request = pb::CreateVmRequest {
+                name,
+                mode: pb::ProtectionMode::from(mode).into(),
+                vcpus: cpu,
+                memory_mib: units::parse_mib(&memory)?,
+                disks: disks
+                    .iter()
+                    .map(|d| parse_disk(d))
+                    .collect::<anyhow::Result<_>>()?,
+                networks,
+                boot: match (kernel_image, iso) {
+                    (Some(image), _) => Some(pb::create_vm_request::Boot::KernelImage(image)),
+                    (None, Some(iso)) => Some(pb::create_vm_request::Boot::IsoPath(iso)),
+                    (None, None) => bail!("give --kernel-image or --iso"),
+                },
+            };
+            let vm = api.create_vm(request).await?.into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmInfo { vm: Some(vm) } => {
+            let vm = api.get_vm(pb::GetVmRequest { vm }).await?.into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmInfo { vm: None } => {
+            let vms = api.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+            let value = serde_json::Value::Array(vms.iter().map(vm_json).collect());
+            print(json, &value, &vms_table(&vms));
+        }
+        ApiCmd::VmStart { vm } => {
+            let vm = api.start_vm(pb::StartVmRequest { vm }).await?.into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmShutdown { vm, grace } => {
+            let request = pb::ShutdownVmRequest {
+                vm,
+                grace_seconds: grace,
+            };
+            let vm = api.shutdown_vm(request).await?.into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmPoweroff { vm } => {
+            let vm = api
+                .power_off_vm(pb::PowerOffVmRequest { vm })
+                .await?
+                .into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmDelete { vm } => {
+            let deleted = api
+                .delete_vm(pb::DeleteVmRequest { vm: vm.clone() })
+                .await?
+                .into_inner();
+            let value = serde_json::json!({ "deleted": vm, "uuid": deleted.uuid });
+            print(
+                json,
+                &value,
+                &format!("deleted VM {vm} ({})\n", deleted.uuid),
+            );
+        }
+        ApiCmd::VmModify {
+            vm,
+            mode,
+            cpu,
+            memory,
+        } => {
+            let request = pb::ModifyVmRequest {
+                vm,
+                mode: mode.map(|m| pb::ProtectionMode::from(m).into()),
+                vcpus: cpu,
+                memory_mib: memory.as_deref().map(units::parse_mib).transpose()?,
+            };
+            let vm = api.modify_vm(request).await?.into_inner();
+            print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmConsole {
+            vm,
+            follow,
+            tail,
+            until,
+            timeout,
+        } => {
+            let request = pb::StreamConsoleRequest {
+                vm,
+                tail_bytes: tail,
+                follow: follow || until.is_some(),
+            };
+            let stream = api.stream_console(request).await?.into_inner();
+            let watch = console(stream, json, until.as_deref());
+            match &until {
+                Some(text) => tokio::time::timeout(std::time::Duration::from_secs(timeout), watch)
+                    .await
+                    .with_context(|| {
+                        format!("{text:?} did not appear on the console within {timeout} s")
+                    })??,
+                None => watch.await?,
+            }
+        }
+        ApiCmd::Events { since, count } => {
+            let mut stream = api
+                .watch_events(pb::WatchEventsRequest {
+                    since_revision: since,
+                })
+                .await?
+                .into_inner();
+            let mut seen = 0;
+            while count.is_none_or(|c| seen < c) {
+                let Some(event) = stream.next().await else {
+                    break;
+                };
+                let event = event?;
+                print(
+                    json,
+                    &event_json(&event),
+                    &format!("{}\n", event_text(&event)),
+                );
+                seen += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_lab(command: LabCmd) -> anyhow::Result<()> {
+    match command {
+        LabCmd::Up(args) => lab::up(&args.plan()?).await,
+        LabCmd::Down {
+            lab: args,
+            keep_data,
+        } => lab::down(&args.plan()?, keep_data),
+        LabCmd::Status(args) => {
+            print!("{}", lab::status(&args.plan()?));
+            Ok(())
+        }
+    }
+}
+
+/// Prints console output; with `until`, returns once a line contains it.
+async fn console(
+    mut stream: tonic::Streaming<pb::ConsoleChunk>,
+    json: bool,
+    until: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout();
+    let mut line = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if json {
+            let text = String::from_utf8_lossy(&chunk.data);
+            println!(
+                "{}",
+                serde_json::json!({ "offset": chunk.offset, "data": text })
+            );
+        } else {
+            stdout.write_all(&chunk.data)?;
+            stdout.flush()?;
+        }
+        for &byte in &chunk.data {
+            if byte != b'\n' {
+                line.push(byte);
+                continue;
+            }
+            if until.is_some_and(|u| String::from_utf8_lossy(&line).contains(u)) {
+                return Ok(());
+            }
+            line.clear();
+        }
+    }
+    match until {
+        Some(text) => bail!("the console ended before {text:?} appeared"),
+        None => Ok(()),
+    }
+}
+
+/// Parses SIZE[:STORAGE_GROUP[:FORMAT]].
+fn parse_disk(text: &str) -> anyhow::Result<pb::DiskRequest> {
+    let mut parts = text.split(':');
+    let size = parts.next().unwrap_or_default();
+    let group = parts.next().filter(|g| !g.is_empty()).unwrap_or("sg0");
+    let format = match parts.next() {
+        None | Some("raw") => pb::DiskFormat::Raw,
+        Some("qcow2") => pb::DiskFormat::Qcow2,
+        Some(other) => bail!("disk {text:?}: unknown format {other:?}; use raw or qcow2"),
+    };
+    if parts.next().is_some() {
+        bail!("disk {text:?}: expected SIZE[:STORAGE_GROUP[:raw|qcow2]]");
+    }
+    Ok(pb::DiskRequest {
+        size_bytes: units::parse_bytes(size)?,
+        storage_group: group.to_string(),
+        format: format.into(),
+    })
+}
+
+fn print(json: bool, value: &serde_json::Value, text: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        print!("{text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_disk_size_only_uses_sg0_raw() {
+        let disk = parse_disk("16M").unwrap();
+
+        assert_eq!(
+            disk,
+            pb::DiskRequest {
+                size_bytes: 16 << 20,
+                storage_group: "sg0".into(),
+                format: pb::DiskFormat::Raw.into(),
+            }
+        );
+    }
+
+    #[test]
+    fn parse_disk_with_group_and_qcow2() {
+        let disk = parse_disk("1G:fast:qcow2").unwrap();
+
+        assert_eq!(disk.storage_group, "fast");
+        assert_eq!(disk.format(), pb::DiskFormat::Qcow2);
+    }
+
+    #[test]
+    fn parse_disk_unknown_format_is_refused() {
+        let err = parse_disk("1G:sg0:vmdk").unwrap_err();
+
+        assert!(err.to_string().contains("unknown format"));
+    }
+}

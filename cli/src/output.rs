@@ -1,0 +1,297 @@
+//! How pvctl shows API objects: aligned text for people, JSON (`--json`) for scripts.
+
+use proto::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::units::human;
+
+/// Lower-case name of a protection mode.
+pub fn mode_name(mode: pb::ProtectionMode) -> &'static str {
+    match mode {
+        pb::ProtectionMode::Ft => "ft",
+        pb::ProtectionMode::Ha => "ha",
+        pb::ProtectionMode::Unprotected => "unprotected",
+        pb::ProtectionMode::Invalid => "invalid",
+    }
+}
+
+/// Lower-case name of a VM state.
+pub fn state_name(state: pb::VmState) -> &'static str {
+    match state {
+        pb::VmState::Creating => "creating",
+        pb::VmState::Stopped => "stopped",
+        pb::VmState::Starting => "starting",
+        pb::VmState::Running => "running",
+        pb::VmState::Stopping => "stopping",
+        pb::VmState::Deleting => "deleting",
+        pb::VmState::Invalid => "invalid",
+    }
+}
+
+fn event_kind_name(kind: pb::EventKind) -> &'static str {
+    match kind {
+        pb::EventKind::VmCreated => "vm-created",
+        pb::EventKind::VmChanged => "vm-changed",
+        pb::EventKind::VmDeleted => "vm-deleted",
+        pb::EventKind::NodeUp => "node-up",
+        pb::EventKind::NodeDown => "node-down",
+        pb::EventKind::ControllerElected => "controller-elected",
+        pb::EventKind::Invalid => "invalid",
+    }
+}
+
+fn boot_json(vm: &pb::Vm) -> Value {
+    match &vm.boot {
+        Some(pb::vm::Boot::KernelImage(image)) => json!({ "kernel_image": image }),
+        Some(pb::vm::Boot::IsoPath(path)) => json!({ "iso": path }),
+        None => Value::Null,
+    }
+}
+
+/// A VM as JSON.
+pub fn vm_json(vm: &pb::Vm) -> Value {
+    json!({
+        "uuid": vm.uuid,
+        "name": vm.name,
+        "mode": mode_name(vm.mode()),
+        "state": state_name(vm.state()),
+        "state_reason": vm.state_reason,
+        "node": vm.node,
+        "vcpus": vm.vcpus,
+        "memory_mib": vm.memory_mib,
+        "disks": vm.disks.iter().map(|d| json!({
+            "index": d.index,
+            "size_bytes": d.size_bytes,
+            "storage_group": d.storage_group,
+            "format": if d.format() == pb::DiskFormat::Qcow2 { "qcow2" } else { "raw" },
+            "volume": d.volume,
+        })).collect::<Vec<_>>(),
+        "nics": vm.nics.iter().map(|n| json!({ "network": n.network, "mac": n.mac })).collect::<Vec<_>>(),
+        "boot": boot_json(vm),
+        "created_unix_ms": vm.created_unix_ms,
+        "updated_unix_ms": vm.updated_unix_ms,
+    })
+}
+
+/// A VM as a block of `key: value` lines.
+pub fn vm_text(vm: &pb::Vm) -> String {
+    let disks: Vec<String> = vm
+        .disks
+        .iter()
+        .map(|d| format!("{} in {}", human(d.size_bytes), d.storage_group))
+        .collect();
+    let nics: Vec<String> = vm
+        .nics
+        .iter()
+        .map(|n| format!("{} ({})", n.network, n.mac))
+        .collect();
+    let boot = match &vm.boot {
+        Some(pb::vm::Boot::KernelImage(image)) => format!("kernel image {image}"),
+        Some(pb::vm::Boot::IsoPath(path)) => format!("ISO {path}"),
+        None => "-".into(),
+    };
+    format!(
+        "name:    {}\nuuid:    {}\nstate:   {} ({})\nnode:    {}\nmode:    {}\nvcpus:   {}\nmemory:  {} MiB\ndisks:   {}\nnics:    {}\nboot:    {}\n",
+        vm.name,
+        vm.uuid,
+        state_name(vm.state()),
+        vm.state_reason,
+        vm.node,
+        mode_name(vm.mode()),
+        vm.vcpus,
+        vm.memory_mib,
+        if disks.is_empty() {
+            "-".into()
+        } else {
+            disks.join(", ")
+        },
+        if nics.is_empty() {
+            "-".into()
+        } else {
+            nics.join(", ")
+        },
+        boot,
+    )
+}
+
+/// VMs as an aligned table.
+pub fn vms_table(vms: &[pb::Vm]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "STATE".into(),
+        "MODE".into(),
+        "NODE".into(),
+        "VCPUS".into(),
+        "MEMORY".into(),
+        "REASON".into(),
+    ]];
+    rows.extend(vms.iter().map(|vm| {
+        [
+            vm.name.clone(),
+            state_name(vm.state()).into(),
+            mode_name(vm.mode()).into(),
+            vm.node.clone(),
+            vm.vcpus.to_string(),
+            format!("{} MiB", vm.memory_mib),
+            vm.state_reason.clone(),
+        ]
+    }));
+    table(&rows)
+}
+
+/// Nodes and capacity as JSON.
+pub fn nodes_json(resp: &pb::ListNodesResponse) -> Value {
+    json!({
+        "nodes": resp.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "role": if n.role() == pb::NodeRole::Serving { "serving" } else { "standby" },
+            "state": if n.state() == pb::NodeState::Up { "up" } else { "unreachable" },
+            "api_address": n.api_address,
+            "cpus": n.cpus,
+            "memory_mib": n.memory_mib,
+            "storage_groups": n.storage_groups.iter().map(|g| json!({
+                "name": g.name, "total_bytes": g.total_bytes, "free_bytes": g.free_bytes,
+            })).collect::<Vec<_>>(),
+            "networks": n.networks,
+            "boot_images": n.boot_images,
+            "qemu_version": n.qemu_version,
+            "libvirt_version": n.libvirt_version,
+            "running_vms": n.running_vms,
+        })).collect::<Vec<_>>(),
+        "capacity": resp.capacity.as_ref().map(|c| json!({
+            "free_vcpus": c.free_vcpus, "free_memory_mib": c.free_memory_mib,
+        })),
+    })
+}
+
+/// Nodes as a table, then the free capacity.
+pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "ROLE".into(),
+        "STATE".into(),
+        "CPUS".into(),
+        "MEMORY".into(),
+        "VMS".into(),
+        "STORAGE".into(),
+        "QEMU/LIBVIRT".into(),
+    ]];
+    rows.extend(resp.nodes.iter().map(|n| {
+        let storage: Vec<String> = n
+            .storage_groups
+            .iter()
+            .map(|g| format!("{} {} free", g.name, human(g.free_bytes)))
+            .collect();
+        [
+            n.name.clone(),
+            if n.role() == pb::NodeRole::Serving {
+                "serving"
+            } else {
+                "standby"
+            }
+            .into(),
+            if n.state() == pb::NodeState::Up {
+                "up"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            n.cpus.to_string(),
+            format!("{} MiB", n.memory_mib),
+            n.running_vms.to_string(),
+            storage.join(", "),
+            format!("{}/{}", n.qemu_version, n.libvirt_version),
+        ]
+    }));
+    let mut text = table(&rows);
+    if let Some(c) = &resp.capacity {
+        text.push_str(&format!(
+            "\nfree for new VMs (smaller node, overhead included): {} vCPUs, {} MiB\n",
+            c.free_vcpus, c.free_memory_mib
+        ));
+    }
+    text
+}
+
+/// An event as JSON.
+pub fn event_json(e: &pb::Event) -> Value {
+    json!({
+        "revision": e.revision,
+        "kind": event_kind_name(e.kind()),
+        "vm_uuid": e.vm_uuid,
+        "vm_name": e.vm_name,
+        "node": e.node,
+        "state": state_name(e.state()),
+        "message": e.message,
+        "unix_ms": e.unix_ms,
+    })
+}
+
+/// An event as one line.
+pub fn event_text(e: &pb::Event) -> String {
+    let subject = if e.vm_name.is_empty() {
+        e.node.clone()
+    } else {
+        format!("{} on {}", e.vm_name, e.node)
+    };
+    format!(
+        "{:>8} {:<18} {} {}",
+        e.revision,
+        event_kind_name(e.kind()),
+        subject,
+        e.message
+    )
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let rows = [
+            ["A".to_string(), "B".to_string()],
+            ["long".to_string(), "x".to_string()],
+        ];
+
+        let text = table(&rows);
+
+        assert_eq!(text, "A     B\nlong  x\n");
+    }
+
+    #[test]
+    fn vm_json_names_state_and_mode() {
+        let vm = pb::Vm {
+            name: "web".into(),
+            mode: pb::ProtectionMode::Ft.into(),
+            state: pb::VmState::Running.into(),
+            ..Default::default()
+        };
+
+        let value = vm_json(&vm);
+
+        assert_eq!(value["state"], "running");
+        assert_eq!(value["mode"], "ft");
+    }
+}
