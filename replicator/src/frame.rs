@@ -485,8 +485,9 @@ impl FrameCodec {
     /// Takes one frame from the front of `src`.
     ///
     /// Returns `Ok(None)` when `src` does not hold a whole frame yet; the bytes stay in `src`
-    /// (a validated header is consumed and remembered). The payload is split off `src`
-    /// without copying.
+    /// (a validated header is consumed and remembered) and [`needed`](Self::needed) tells how
+    /// many more are missing — the caller makes room for them (the decoder never grows `src`,
+    /// so a peer cannot make it allocate). The payload is split off `src` without copying.
     ///
     /// # Errors
     /// Any [`FrameError`] of the `Check*` family: the stream is corrupt and must be dropped.
@@ -504,7 +505,6 @@ impl FrameCodec {
             }
         };
         if src.len() < pending.len {
-            src.reserve(pending.len - src.len());
             return Ok(None);
         }
         self.pending = None;

@@ -49,6 +49,8 @@ use crate::stream::{Stream, StreamError, StreamListener};
 const READ_CHUNK: usize = 256 * 1024;
 /// Size of a link's receive buffer allocations (at least two largest frames).
 const RECV_BUFFER: usize = 4 * 1024 * 1024;
+/// Filled receive buffers kept for reuse per link (see `RecvBuffers`).
+const RECV_SPARES: usize = 4;
 /// Most frames one writer system call gathers.
 const WRITE_BATCH_FRAMES: usize = 64;
 /// Most bytes one writer batch gathers.
@@ -594,7 +596,7 @@ async fn handshake(
             {
                 return Ok(frame);
             }
-            buf.reserve(HEADER_LEN);
+            buf.reserve(codec.needed(buf).max(HEADER_LEN));
             let read = rd
                 .read_buf(buf)
                 .await
@@ -640,13 +642,14 @@ struct Reader<'a> {
 /// Receive buffers that recycle their allocations.
 ///
 /// Decoded payloads are handed to the application as slices of the buffer they were read
-/// into, so a buffer cannot be reused while any of them lives. Two allocations alternate:
-/// when the active one is full, the spare is reclaimed if every payload sliced from it has
-/// been dropped (the usual case), and only otherwise is a fresh one allocated. Fresh
-/// allocations cost a page fault per page, which showed as ~15 % of the receiver's CPU.
+/// into, so a buffer cannot be reused while any of them lives. Filled buffers are kept as
+/// spares (up to [`RECV_SPARES`]); when the active one is full, the oldest spare whose
+/// payloads have all been dropped is reclaimed, and only if none is free is a fresh one
+/// allocated. Fresh allocations cost a page fault per page, which showed as ~10-15 % of
+/// the receiver's CPU in perf.
 struct RecvBuffers {
     active: BytesMut,
-    spare: BytesMut,
+    spares: VecDeque<BytesMut>,
     size: usize,
 }
 
@@ -656,7 +659,7 @@ impl RecvBuffers {
         active.extend_from_slice(leftover);
         Self {
             active,
-            spare: BytesMut::new(),
+            spares: VecDeque::new(),
             size,
         }
     }
@@ -666,14 +669,25 @@ impl RecvBuffers {
         if self.active.capacity() - self.active.len() >= need {
             return;
         }
-        let mut next = std::mem::take(&mut self.spare);
-        next.clear();
-        if !next.try_reclaim(self.size.max(need)) {
-            next = BytesMut::with_capacity(self.size.max(need + self.active.len()));
-        }
+        let want = self.size.max(need + self.active.len());
+        let reclaimed = self
+            .spares
+            .iter_mut()
+            .position(|spare| spare.try_reclaim(want));
+        let mut next = match reclaimed.and_then(|index| self.spares.remove(index)) {
+            Some(spare) => spare,
+            None => {
+                if self.spares.len() >= RECV_SPARES {
+                    // Still referenced by unread payloads; it is freed when they are.
+                    self.spares.pop_front();
+                }
+                BytesMut::with_capacity(want)
+            }
+        };
         next.extend_from_slice(&self.active);
         self.active.clear();
-        self.spare = std::mem::replace(&mut self.active, next);
+        let full = std::mem::replace(&mut self.active, next);
+        self.spares.push_back(full);
     }
 }
 
@@ -687,7 +701,11 @@ impl Reader<'_> {
         let timeout = self.inner.config.link_timeout;
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
-            self.process()?;
+            if self.process()? {
+                // Let the application read what was delivered before reading more: its
+                // promptness is what lets `RecvBuffers` reuse memory.
+                tokio::task::yield_now().await;
+            }
             let need = READ_CHUNK.max(self.codec.needed(&self.buf.active));
             self.buf.make_room(need);
             tokio::select! {
@@ -714,7 +732,8 @@ impl Reader<'_> {
     }
 
     /// Decodes every whole frame in the buffer and hands them to the session in one lock.
-    fn process(&mut self) -> Result<(), LinkError> {
+    /// Returns whether any frame was decoded.
+    fn process(&mut self) -> Result<bool, LinkError> {
         let mut frames = Vec::new();
         while let Some(frame) = self
             .codec
@@ -724,7 +743,7 @@ impl Reader<'_> {
             frames.push(frame);
         }
         if frames.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         LinkCounters::add(&self.counters.frames_received, frames.len());
         let mut session = self.inner.lock();
@@ -742,7 +761,7 @@ impl Reader<'_> {
                 .map_err(|source| LinkError::Protocol { source })?;
         }
         session.flush_ack(self.link);
-        Ok(())
+        Ok(true)
     }
 }
 

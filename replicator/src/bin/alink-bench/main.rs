@@ -6,6 +6,9 @@
 //! `--json`. Throughput is in Mbit/s (10^6 bits per second, payload bytes only), measured at
 //! the receiver from the first to the last byte; the codec is in GB/s (10^9 bytes per second).
 //!
+//! Each peer runs a single-threaded tokio runtime by default (`--threads`): the two
+//! simulated hosts share this machine's two cores, one each.
+//!
 //! Targets (issue 4): replicated throughput ≥ 90 % of raw TCP; failover stall < 1000 ms;
 //! codec ≥ 2 GB/s. Measure release builds: `cargo run --release -p replicator --bin alink-bench`.
 
@@ -28,6 +31,8 @@ use serde_json::{Value, json};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one measurement may take before the bench gives up on it.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Worker threads of each peer process (`--threads`), set once at start.
+static PEER_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 /// Replicated throughput must reach this share of raw TCP.
 const THROUGHPUT_TARGET: f64 = 0.90;
 /// Failover stall target in milliseconds.
@@ -55,6 +60,10 @@ struct Cli {
     /// Seconds of transfer in the failover measurement (one link is cut after a third).
     #[arg(long, default_value_t = 3.0)]
     failover_seconds: f64,
+    /// Tokio worker threads of each peer process. The default 1 gives each simulated host
+    /// one of this machine's two cores; 2 oversubscribes them (4 workers on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Skip the network-namespace path even when running as root.
     #[arg(long)]
     loopback_only: bool,
@@ -79,6 +88,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(Sub::Peer(args)) = &cli.command {
         return peer::main(args);
     }
+    PEER_THREADS.store(cli.threads, std::sync::atomic::Ordering::Relaxed);
     let (encode_gbps, decode_gbps) = codec_speed();
     let loopback = measure_path(&cli, &Path::Loopback).context("measuring on loopback")?;
     let netns = if !cli.loopback_only && NetnsPair::available() {
@@ -171,6 +181,7 @@ impl Path<'_> {
     }
 
     fn spawn(&self, side: Side, args: &[String]) -> anyhow::Result<Peer> {
+        let threads = PEER_THREADS.load(std::sync::atomic::Ordering::Relaxed);
         let exe = std::env::current_exe().context("locating alink-bench")?;
         let exe = exe.to_string_lossy();
         let mut command = match (self, side) {
@@ -180,6 +191,7 @@ impl Path<'_> {
         };
         command
             .arg("peer")
+            .args(["--threads", &threads.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

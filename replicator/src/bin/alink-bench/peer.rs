@@ -18,8 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 /// Length of the repeating test pattern; not a multiple of any chunk size, so that
 /// reordered chunks change the checksum.
 const PATTERN_LEN: usize = 1024 * 1024 + 4099;
-/// Chunk size the source hands to `send`.
-const SEND_CHUNK: usize = 256 * 1024;
+/// Chunk size the sources hand to `send` / `write_all` (the stream splits it into frames).
+const SEND_CHUNK: usize = 1024 * 1024;
+/// Read buffer of the plain TCP sink (a link reader reads up to its 4 MiB buffer too).
+const RAW_READ: usize = 4 * 1024 * 1024;
 
 /// What the peer process does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +86,9 @@ pub struct PeerArgs {
     /// Target of a proxy egress: `HOST:PORT` or `unix:PATH`.
     #[arg(long)]
     target: Option<String>,
+    /// Runtime worker threads (1: a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Exit after this many seconds whatever happens.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
@@ -104,10 +109,15 @@ fn emit(value: &Value) {
 
 /// Runs the peer until its job is done or `--max-seconds` passed.
 pub fn main(args: &PeerArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = match args.threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        threads => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?,
+    };
     let limit = Duration::from_secs(args.max_seconds);
     runtime.block_on(async {
         match tokio::time::timeout(limit, run(args)).await {
@@ -451,7 +461,7 @@ async fn raw_sink(args: &PeerArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     emit(&json!({"event": "ready", "addrs": [listener.local_addr()?.to_string()]}));
     let (mut socket, _) = listener.accept().await?;
-    let mut buf = vec![0u8; SEND_CHUNK];
+    let mut buf = vec![0u8; RAW_READ];
     let mut report = SinkReport::new(args.verify);
     loop {
         let read = socket.read(&mut buf).await?;
