@@ -289,6 +289,8 @@ pub(crate) struct Session {
     services: HashMap<String, mpsc::Sender<Arc<StreamShared>>>,
     up_wake: Arc<Notify>,
     shut_down: bool,
+    /// Where the next link choice starts looking (round-robin among equally loaded links).
+    next_pick: std::cell::Cell<usize>,
 }
 
 fn random_u64() -> u64 {
@@ -330,6 +332,7 @@ impl Session {
             services: HashMap::new(),
             up_wake: Arc::new(Notify::new()),
             shut_down: false,
+            next_pick: std::cell::Cell::new(0),
         }
     }
 
@@ -506,17 +509,20 @@ impl Session {
     }
 
     /// The up link with the fewest queued bytes.
+    /// Ties (idle links) go round-robin, so that light traffic uses every link too.
     fn pick_link(&self) -> Option<usize> {
-        self.links
-            .iter()
-            .enumerate()
-            .filter(|(_, slot)| slot.conn.is_some())
-            .min_by_key(|(_, slot)| {
-                slot.conn
-                    .as_ref()
-                    .map_or(0, |conn| conn.queued.load(Ordering::Relaxed))
+        let count = self.links.len();
+        let start = self.next_pick.get();
+        let picked = (0..count)
+            .map(|step| (start + step) % count)
+            .filter_map(|index| {
+                let conn = self.links.get(index)?.conn.as_ref()?;
+                Some((conn.queued.load(Ordering::Relaxed), index))
             })
-            .map(|(index, _)| index)
+            .min_by_key(|(queued, _)| *queued)
+            .map(|(_, index)| index)?;
+        self.next_pick.set(picked + 1);
+        Some(picked)
     }
 
     /// Fails every stream with `error` and restarts the sequence space.
