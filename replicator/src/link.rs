@@ -458,8 +458,16 @@ async fn dial_link(inner: Arc<Inner>, link: usize, addr: SocketAddr) {
             Ok(Ok(socket)) => {
                 failures = 0;
                 debug!(link, %addr, "connected");
+                let counters = inner.lock().counters(link);
+                if let Some(counters) = &counters {
+                    counters.set_state(LinkState::Connecting);
+                }
                 if let Err(error) = run_conn(&inner, link, socket).await {
+                    // Connections that were up are logged by the session as "link down".
                     debug!(link, %addr, reason = %chain(&error), "connection ended");
+                }
+                if let Some(counters) = &counters {
+                    counters.set_state(LinkState::Down);
                 }
             }
             Ok(Err(error)) => {
@@ -490,7 +498,8 @@ async fn listen_link(inner: Arc<Inner>, link: usize, listener: TcpListener) {
                     let inner = Arc::clone(&inner);
                     conns.spawn(async move {
                         if let Err(error) = run_conn(&inner, link, socket).await {
-                            warn!(link, %peer, reason = %chain(&error), "connection closed");
+                            // Failures are logged where they happen (handshake, link down).
+                            debug!(link, %peer, reason = %chain(&error), "connection ended");
                         }
                     });
                 }
@@ -518,7 +527,13 @@ async fn run_conn(inner: &Arc<Inner>, link: usize, socket: TcpStream) -> Result<
     let (mut rd, mut wr) = socket.into_split();
     let mut codec = FrameCodec::new(inner.config.max_payload);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let hello = handshake(inner, link, &mut rd, &mut wr, &mut codec, &mut buf).await?;
+    let hello = match handshake(inner, link, &mut rd, &mut wr, &mut codec, &mut buf).await {
+        Ok(hello) => hello,
+        Err(error) => {
+            warn!(link, reason = %chain(&error), "handshake failed; connection closed");
+            return Err(error);
+        }
+    };
     let size = RECV_BUFFER.max(2 * (inner.config.max_payload + HEADER_LEN));
     let buf = RecvBuffers::new(size, &buf);
     let (tx, rx) = mpsc::unbounded_channel();
