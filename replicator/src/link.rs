@@ -155,9 +155,10 @@ pub struct Config {
     /// Bytes of sequenced frames buffered ahead of a gap; the peer keeps at most this much
     /// unacknowledged (default 32 MiB).
     pub session_window: usize,
-    /// Bytes of one stream buffered before the application reads them (default 16 MiB).
+    /// Bytes of one stream buffered before the application reads them (default 8 MiB).
     pub stream_window: usize,
-    /// Most streams open at once (default 64).
+    /// Most streams open at once (default 32). What a peer can make this side buffer is at
+    /// most `session_window + max_streams * stream_window` (288 MiB with the defaults).
     pub max_streams: usize,
     /// Streams opened by the peer and not accepted yet, per service (default 16).
     pub accept_backlog: usize,
@@ -176,8 +177,8 @@ impl Config {
             max_payload: 1024 * 1024,
             chunk_size: 256 * 1024,
             session_window: 32 * 1024 * 1024,
-            stream_window: 16 * 1024 * 1024,
-            max_streams: 64,
+            stream_window: 8 * 1024 * 1024,
+            max_streams: 32,
             accept_backlog: 16,
         }
     }

@@ -636,6 +636,7 @@ impl Session {
         let seq = frame.seq;
         if seq < self.expected || self.reorder.contains_key(&seq) {
             self.duplicates += 1;
+            // Our ack may have been lost with a link: make the next flush repeat it.
             self.ack_sent = u64::MAX;
             return Ok(());
         }
