@@ -92,8 +92,11 @@ impl Api {
         let leader = self
             .inner
             .client
-            .clone()
-            .leader(ELECTION)
+            .request(
+                "finding the serving controller",
+                store::REQUEST_BUDGET,
+                |mut c| async move { c.leader(ELECTION).await },
+            )
             .await
             .map_err(|_| election())?;
         let info: LeaderInfo = leader
@@ -283,63 +286,8 @@ impl pb::pairvisor_server::Pairvisor for Api {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let since = request.into_inner().since_revision;
-        let mut options = WatchOptions::new().with_prefix().with_prev_key();
-        if since > 0 {
-            options = options.with_start_revision(since);
-        }
-        let mut watch = self
-            .inner
-            .client
-            .clone()
-            .watch(PREFIX, Some(options))
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("watching the pair's state store: {e}")))?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let response = tokio::select! {
-                    r = watch.message() => r,
-                    () = tx.closed() => return,
-                };
-                let response = match response {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!(
-                                "event watch broke: {e}; resume from the last revision + 1"
-                            ))))
-                            .await;
-                        return;
-                    }
-                };
-                if response.canceled() {
-                    let reason = response.cancel_reason().to_string();
-                    let _ = tx
-                        .send(Err(Status::out_of_range(format!(
-                            "event watch canceled: {reason}"
-                        ))))
-                        .await;
-                    return;
-                }
-                for event in response.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    let is_put = matches!(event.event_type(), etcd_client::EventType::Put);
-                    let change = Change {
-                        revision: kv.mod_revision(),
-                        key: &String::from_utf8_lossy(kv.key()),
-                        value: is_put.then(|| kv.value()),
-                        prev: event.prev_kv().map(|p| p.value()),
-                        now_unix_ms: crate::now_unix_ms(),
-                    };
-                    if let Some(api_event) = events::from_change(&change)
-                        && tx.send(Ok(api_event)).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        });
+        tokio::spawn(stream_events(self.inner.client.clone(), since, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -380,6 +328,65 @@ impl pb::pairvisor_server::Pairvisor for Api {
             })
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Sends the pair's events from revision `since` (0: from now) until the receiver goes away,
+/// re-watching on another etcd member from the last revision seen if one fails.
+async fn stream_events(etcd: Etcd, since: i64, tx: mpsc::Sender<Result<pb::Event, Status>>) {
+    let mut next = since;
+    loop {
+        let (endpoint, mut member) = etcd.current();
+        let mut options = WatchOptions::new().with_prefix().with_prev_key();
+        if next > 0 {
+            options = options.with_start_revision(next);
+        }
+        let mut watch = match member.watch(PREFIX, Some(options)).await {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::debug!(%endpoint, error = %e, "event watch failed; trying the next etcd member");
+                etcd.rotate(&endpoint);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    () = tx.closed() => return,
+                }
+            }
+        };
+        loop {
+            let response = tokio::select! {
+                r = watch.message() => r,
+                () = tx.closed() => return,
+            };
+            let response = match response {
+                Ok(Some(r)) => r,
+                Ok(None) | Err(_) => {
+                    etcd.rotate(&endpoint);
+                    break;
+                }
+            };
+            if response.canceled() {
+                let reason = format!("event watch canceled: {}", response.cancel_reason());
+                let _ = tx.send(Err(Status::out_of_range(reason))).await;
+                return;
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                next = kv.mod_revision() + 1;
+                let is_put = matches!(event.event_type(), etcd_client::EventType::Put);
+                let change = Change {
+                    revision: kv.mod_revision(),
+                    key: &String::from_utf8_lossy(kv.key()),
+                    value: is_put.then(|| kv.value()),
+                    prev: event.prev_kv().map(|p| p.value()),
+                    now_unix_ms: crate::now_unix_ms(),
+                };
+                if let Some(api_event) = events::from_change(&change)
+                    && tx.send(Ok(api_event)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod etcd;
 pub mod events;
 pub mod membership;
 pub mod model;

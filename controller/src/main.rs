@@ -1,7 +1,6 @@
 //! `pv-controller`: Pairvisor's per-host controller daemon.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -13,9 +12,6 @@ use controller::config::Config;
 use controller::membership::{self, Role};
 use controller::serving::{self, Deps};
 use controller::store;
-
-/// How long to keep retrying the first etcd connection (the cluster may still be forming).
-const ETCD_CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Pairvisor controller: elects the serving controller through etcd and serves the public API.
 #[derive(Debug, Parser)]
@@ -39,8 +35,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let client = connect(&config, Some(store::REQUEST_TIMEOUT)).await?;
-    let waiting = connect(&config, None).await?;
+    let client = store::Etcd::connect(&config.etcd_endpoints, Some(store::REQUEST_TIMEOUT)).await?;
+    let waiting = store::Etcd::connect(&config.etcd_endpoints, None).await?;
     let agents = AgentPool::default();
     let (role_tx, role_rx) = watch::channel(Role::Standby);
     let (route_tx, route_rx) = watch::channel(Route::Forward);
@@ -69,21 +65,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(node = %config.node, "controller stopped by signal");
     Ok(())
-}
-
-async fn connect(
-    config: &Config,
-    request_timeout: Option<Duration>,
-) -> anyhow::Result<store::Etcd> {
-    let deadline = tokio::time::Instant::now() + ETCD_CONNECT_PATIENCE;
-    loop {
-        match store::connect(&config.etcd_endpoints, request_timeout).await {
-            Ok(client) => return Ok(client),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(node = %config.node, error = %controller::error::chain(&e), "etcd not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).context("connecting to etcd"),
-        }
-    }
 }

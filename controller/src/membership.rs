@@ -58,25 +58,15 @@ pub struct LeaderInfo {
 /// Errors that end a membership term.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An etcd request failed.
-    #[error("etcd: {op}")]
-    Etcd {
-        /// What was being done.
-        op: &'static str,
-        /// The cause.
-        #[source]
-        source: etcd_client::Error,
-    },
+    /// An etcd request failed on every member.
+    #[error("membership")]
+    Etcd(#[from] crate::etcd::Error),
     /// The lease expired: etcd has dropped this node's registration and election key.
     #[error("lease {lease:x} expired")]
     LeaseExpired {
         /// The lease.
         lease: i64,
     },
-}
-
-fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Error {
-    move |source| Error::Etcd { op, source }
 }
 
 /// Runs membership terms forever, publishing the role on `role`. `waiting` is a client
@@ -123,11 +113,14 @@ async fn term(
     mut facts: watch::Receiver<NodeRecord>,
 ) -> Result<(), Error> {
     let ttl = Duration::from_secs(config.lease_ttl_seconds.unsigned_abs());
+    let ttl_seconds = config.lease_ttl_seconds;
     let lease = client
-        .clone()
-        .lease_grant(config.lease_ttl_seconds, None)
-        .await
-        .map_err(etcd("granting lease"))?
+        .request(
+            "granting lease",
+            store::REQUEST_BUDGET,
+            |mut c| async move { c.lease_grant(ttl_seconds, None).await },
+        )
+        .await?
         .id();
     tracing::info!(node = %config.node, lease = format!("{lease:x}"), ttl_s = config.lease_ttl_seconds, "membership term begins");
     let renewal = AbortOnDrop(tokio::spawn(renew(client.clone(), lease, ttl)));
@@ -184,7 +177,7 @@ async fn renew(client: Etcd, lease: i64, ttl: Duration) -> Error {
     let mut last_renewed = Instant::now();
     loop {
         tick.tick().await;
-        match keep_alive(&client, lease).await {
+        match keep_alive(&client, lease, ttl / 3).await {
             Ok(true) => last_renewed = Instant::now(),
             Ok(false) => return Error::LeaseExpired { lease },
             Err(e) => {
@@ -217,38 +210,43 @@ async fn refresh_facts(agent: Option<Agent>, out: watch::Sender<NodeRecord>) {
     }
 }
 
-/// Campaigns until elected, retrying through etcd errors; returns the election key and revision.
-async fn campaign(mut client: Etcd, value: Vec<u8>, lease: i64) -> (Vec<u8>, i64) {
+/// Campaigns until elected, moving to another etcd member when one fails; returns the
+/// election key and its revision.
+async fn campaign(client: Etcd, value: Vec<u8>, lease: i64) -> (Vec<u8>, i64) {
     loop {
-        match client.campaign(ELECTION, value.clone(), lease).await {
+        let (endpoint, mut member) = client.current();
+        match member.campaign(ELECTION, value.clone(), lease).await {
             Ok(resp) => {
                 if let Some(leader) = resp.leader() {
                     return (leader.key().to_vec(), leader.rev());
                 }
-                tracing::warn!("campaign answered without a leader key; retrying");
+                tracing::warn!(%endpoint, "campaign answered without a leader key; retrying");
             }
-            Err(e) => tracing::warn!(error = %e, "campaign failed; retrying"),
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e, "campaign failed; retrying on the next etcd member");
+                client.rotate(&endpoint);
+            }
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
-/// Renews `lease` once; `Ok(false)` when etcd says it has expired.
-async fn keep_alive(client: &Etcd, lease: i64) -> Result<bool, Error> {
-    let (mut keeper, mut stream) = client
-        .clone()
-        .lease_keep_alive(lease)
-        .await
-        .map_err(etcd("opening lease keep-alive"))?;
-    keeper
-        .keep_alive()
-        .await
-        .map_err(etcd("sending lease keep-alive"))?;
-    let answer = stream
-        .message()
-        .await
-        .map_err(etcd("reading lease keep-alive"))?;
-    Ok(answer.is_some_and(|a| a.ttl() > 0))
+/// Renews `lease` once within `budget`; `Ok(false)` when etcd says it has expired.
+async fn keep_alive(client: &Etcd, lease: i64, budget: Duration) -> Result<bool, Error> {
+    let ttl = client
+        .request("renewing lease", budget, |mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            match tokio::time::timeout(budget, stream.message()).await {
+                Ok(answer) => Ok(answer?.map(|a| a.ttl())),
+                Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no keep-alive answer",
+                ))),
+            }
+        })
+        .await?;
+    Ok(ttl.is_some_and(|ttl| ttl > 0))
 }
 
 /// Registers (or refreshes) this node under `lease`.

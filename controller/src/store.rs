@@ -10,12 +10,12 @@
 //! transaction that also requires the writer's election key to still exist with its creation
 //! revision, so a controller that lost its lease can no longer change anything (fencing).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
+pub use crate::etcd::Etcd;
 use crate::model::{NodeRecord, VmRecord};
 
 /// Prefix of every key Pairvisor owns.
@@ -31,10 +31,11 @@ pub const ELECTION: &str = "/pairvisor/serving";
 /// Who serves now: written by the elected controller once it has taken over.
 pub const LEADER: &str = "/pairvisor/leader";
 
-/// How long to wait for an etcd member to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one etcd request may take (a commit needs a majority, which may be re-electing).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one attempt on one member may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a request may keep trying members: losing one and re-electing etcd's leader
+/// takes a few seconds.
+pub const REQUEST_BUDGET: Duration = Duration::from_secs(8);
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +55,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// An etcd request failed.
-    #[error("etcd: {op}")]
-    Etcd {
-        /// What was being done.
-        op: &'static str,
-        /// The cause.
-        #[source]
-        source: etcd_client::Error,
-    },
+    /// The cluster did not answer.
+    #[error("the pair's state store")]
+    Etcd(#[from] crate::etcd::Error),
     /// The name is taken.
     #[error("the name {name} is taken")]
     NameTaken {
@@ -72,33 +67,6 @@ pub enum Error {
     /// This controller is no longer the serving one; it must not write.
     #[error("this controller lost its serving role")]
     NotLeader,
-}
-
-/// A handle to the etcd cluster (a cheap clone of etcd-client's `Client`, printable in logs).
-#[derive(Clone)]
-pub struct Etcd(Client);
-
-impl std::fmt::Debug for Etcd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Etcd")
-    }
-}
-
-impl std::ops::Deref for Etcd {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Etcd {
-    fn deref_mut(&mut self) -> &mut Client {
-        &mut self.0
-    }
-}
-
-fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Error {
-    move |source| Error::Etcd { op, source }
 }
 
 /// Key of a VM record.
@@ -116,28 +84,7 @@ pub fn node_key(name: &str) -> String {
     format!("{NODES}{name}")
 }
 
-/// Connects to the etcd cluster. Requests time out after `request_timeout`; a client for
-/// calls that block by design (a campaign) passes `None` and relies on keep-alives to notice
-/// a dead member.
-pub async fn connect(
-    endpoints: &[String],
-    request_timeout: Option<Duration>,
-) -> Result<Etcd, Error> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    if let Some(timeout) = request_timeout {
-        options = options.with_timeout(timeout);
-    }
-    Client::connect(endpoints, Some(options))
-        .await
-        .map(Etcd)
-        .map_err(etcd("connecting"))
-}
-
-/// A VM record with the revision it was last written at.
+/// A value with the revision it was last written at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored<T> {
     /// The value.
@@ -147,82 +94,78 @@ pub struct Stored<T> {
 }
 
 /// Every VM record.
-pub async fn load_vms(client: &Etcd) -> Result<Vec<Stored<VmRecord>>, Error> {
-    load_prefix(client, VMS).await
+pub async fn load_vms(etcd: &Etcd) -> Result<Vec<Stored<VmRecord>>, Error> {
+    load_prefix(etcd, VMS).await
 }
 
 /// Every live node registration.
-pub async fn load_nodes(client: &Etcd) -> Result<Vec<NodeRecord>, Error> {
-    Ok(load_prefix(client, NODES)
+pub async fn load_nodes(etcd: &Etcd) -> Result<Vec<NodeRecord>, Error> {
+    Ok(load_prefix(etcd, NODES)
         .await?
         .into_iter()
         .map(|s: Stored<NodeRecord>| s.value)
         .collect())
 }
 
+/// The raw value of `key`, if it exists.
+async fn get(etcd: &Etcd, key: &str) -> Result<Option<etcd_client::KeyValue>, Error> {
+    let resp = etcd
+        .request("reading a key", REQUEST_BUDGET, |mut c| {
+            let key = key.to_string();
+            async move { c.get(key, None).await }
+        })
+        .await?;
+    Ok(resp.kvs().first().cloned())
+}
+
 /// The VM named by `vm`, which is a name or a UUID.
-pub async fn find_vm(client: &Etcd, vm: &str) -> Result<Option<VmRecord>, Error> {
-    let mut c = client.clone();
-    let by_uuid = c.get(vm_key(vm), None).await.map_err(etcd("reading VM"))?;
-    if let Some(kv) = by_uuid.kvs().first() {
-        return decode(kv).map(|s| Some(s.value));
+pub async fn find_vm(etcd: &Etcd, vm: &str) -> Result<Option<VmRecord>, Error> {
+    if let Some(kv) = get(etcd, &vm_key(vm)).await? {
+        return decode(&kv).map(|s| Some(s.value));
     }
-    let name = c
-        .get(name_key(vm), None)
-        .await
-        .map_err(etcd("reading VM name"))?;
-    let Some(uuid) = name.kvs().first().map(|kv| kv.value().to_vec()) else {
+    let Some(name) = get(etcd, &name_key(vm)).await? else {
         return Ok(None);
     };
-    let record = c
-        .get(vm_key(&String::from_utf8_lossy(&uuid)), None)
-        .await
-        .map_err(etcd("reading VM"))?;
-    record
-        .kvs()
-        .first()
-        .map(decode)
+    let uuid = String::from_utf8_lossy(name.value()).into_owned();
+    get(etcd, &vm_key(&uuid))
+        .await?
+        .map(|kv| decode(&kv).map(|s| s.value))
         .transpose()
-        .map(|s| s.map(|s| s.value))
 }
 
 /// The node registration of `name`, if that node's controller is alive.
-pub async fn find_node(client: &Etcd, name: &str) -> Result<Option<NodeRecord>, Error> {
-    let mut c = client.clone();
-    let resp = c
-        .get(node_key(name), None)
-        .await
-        .map_err(etcd("reading node"))?;
-    resp.kvs()
-        .first()
-        .map(decode)
+pub async fn find_node(etcd: &Etcd, name: &str) -> Result<Option<NodeRecord>, Error> {
+    get(etcd, &node_key(name))
+        .await?
+        .map(|kv| decode(&kv).map(|s| s.value))
         .transpose()
-        .map(|s| s.map(|s| s.value))
 }
 
 /// Registers (or refreshes) this node under `lease`.
-pub async fn put_node(client: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), Error> {
+pub async fn put_node(etcd: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), Error> {
+    let key = node_key(&record.name);
     let value = encode(record);
-    let mut c = client.clone();
-    c.put(
-        node_key(&record.name),
-        value,
-        Some(PutOptions::new().with_lease(lease)),
-    )
-    .await
-    .map_err(etcd("registering node"))?;
+    etcd.request("registering node", REQUEST_BUDGET, |mut c| {
+        let (key, value) = (key.clone(), value.clone());
+        async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
     Ok(())
 }
 
 async fn load_prefix<T: serde::de::DeserializeOwned>(
-    client: &Etcd,
+    etcd: &Etcd,
     prefix: &str,
 ) -> Result<Vec<Stored<T>>, Error> {
-    let mut c = client.clone();
-    let resp = c
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(etcd("loading state"))?;
+    let resp = etcd
+        .request("loading state", REQUEST_BUDGET, |mut c| {
+            let prefix = prefix.to_string();
+            async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
     resp.kvs().iter().map(decode).collect()
 }
 
@@ -245,19 +188,30 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// How a fenced transaction ended.
+enum Outcome {
+    /// It applied, at this revision.
+    Committed(i64),
+    /// Its data compare failed; `retried` says whether an earlier attempt may have applied.
+    CompareFailed {
+        /// More than one attempt was made.
+        retried: bool,
+    },
+}
+
 /// The serving controller's fenced writes: each commits only while its election key lives.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    client: Etcd,
+    etcd: Etcd,
     leader_key: Vec<u8>,
     leader_revision: i64,
 }
 
 impl Writer {
     /// A writer fenced by the election key `leader_key` created at `leader_revision`.
-    pub fn new(client: Etcd, leader_key: Vec<u8>, leader_revision: i64) -> Writer {
+    pub fn new(etcd: Etcd, leader_key: Vec<u8>, leader_revision: i64) -> Writer {
         Writer {
-            client,
+            etcd,
             leader_key,
             leader_revision,
         }
@@ -271,83 +225,145 @@ impl Writer {
         )
     }
 
+    fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Txn {
+        let mut all = vec![self.still_leader()];
+        all.extend(compares);
+        Txn::new()
+            .when(all)
+            .and_then(ops)
+            .or_else([TxnOp::get(self.leader_key.clone(), None)])
+    }
+
     /// Records that this controller serves, with where its API is.
     pub async fn announce(&self, leader: &impl serde::Serialize) -> Result<(), Error> {
-        let txn = Txn::new()
-            .when([self.still_leader()])
-            .and_then([TxnOp::put(LEADER, encode(leader), None)])
-            .or_else([TxnOp::get(self.leader_key.clone(), None)]);
-        self.commit(txn, "announcing the serving controller")
-            .await?
-            .map(|_| ())
-            .ok_or(Error::NotLeader)
+        let value = encode(leader);
+        let outcome = self
+            .commit("announcing the serving controller", || {
+                self.txn(vec![], vec![TxnOp::put(LEADER, value.clone(), None)])
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed(_) => Ok(()),
+            Outcome::CompareFailed { .. } => Err(Error::NotLeader),
+        }
     }
 
     /// Stores a new VM and reserves its name; fails if the name or UUID exists.
     pub async fn create_vm(&self, vm: &VmRecord) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);
         let name = name_key(&vm.name);
-        let txn = Txn::new()
-            .when([
-                self.still_leader(),
-                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(name.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(key.clone(), encode(vm), None),
-                TxnOp::put(name, vm.uuid.clone(), None),
-            ])
-            .or_else([TxnOp::get(self.leader_key.clone(), None)]);
-        match self.commit(txn, "creating VM").await? {
-            Some(revision) => Ok(revision),
-            None => Err(Error::NameTaken {
-                name: vm.name.clone(),
-            }),
+        let value = encode(vm);
+        let outcome = self
+            .commit("creating VM", || {
+                self.txn(
+                    vec![
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                        Compare::create_revision(name.clone(), CompareOp::Equal, 0),
+                    ],
+                    vec![
+                        TxnOp::put(key.clone(), value.clone(), None),
+                        TxnOp::put(name.clone(), vm.uuid.clone(), None),
+                    ],
+                )
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed(revision) => Ok(revision),
+            Outcome::CompareFailed { retried } => self
+                .landed(retried, &key, Some(&value))
+                .await?
+                .ok_or_else(|| Error::NameTaken {
+                    name: vm.name.clone(),
+                }),
         }
     }
 
     /// Replaces a VM record last read at `revision`; returns the new revision.
     pub async fn update_vm(&self, vm: &VmRecord, revision: i64) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);
-        let txn = Txn::new()
-            .when([
-                self.still_leader(),
-                Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
-            ])
-            .and_then([TxnOp::put(key.clone(), encode(vm), None)])
-            .or_else([TxnOp::get(self.leader_key.clone(), None)]);
-        self.commit(txn, "updating VM")
-            .await?
-            .ok_or(Error::Conflict { key })
+        let value = encode(vm);
+        let outcome = self
+            .commit("updating VM", || {
+                self.txn(
+                    vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )],
+                    vec![TxnOp::put(key.clone(), value.clone(), None)],
+                )
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed(revision) => Ok(revision),
+            Outcome::CompareFailed { retried } => self
+                .landed(retried, &key, Some(&value))
+                .await?
+                .ok_or(Error::Conflict { key }),
+        }
     }
 
     /// Removes a VM record last read at `revision`, and its name.
     pub async fn remove_vm(&self, vm: &VmRecord, revision: i64) -> Result<(), Error> {
         let key = vm_key(&vm.uuid);
-        let txn = Txn::new()
-            .when([
-                self.still_leader(),
-                Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
-            ])
-            .and_then([
-                TxnOp::delete(key.clone(), None),
-                TxnOp::delete(name_key(&vm.name), None),
-            ])
-            .or_else([TxnOp::get(self.leader_key.clone(), None)]);
-        self.commit(txn, "removing VM")
-            .await?
-            .map(|_| ())
-            .ok_or(Error::Conflict { key })
+        let outcome = self
+            .commit("removing VM", || {
+                self.txn(
+                    vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )],
+                    vec![
+                        TxnOp::delete(key.clone(), None),
+                        TxnOp::delete(name_key(&vm.name), None),
+                    ],
+                )
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed(_) => Ok(()),
+            Outcome::CompareFailed { retried } => self
+                .landed(retried, &key, None)
+                .await?
+                .map(|_| ())
+                .ok_or(Error::Conflict { key }),
+        }
     }
 
-    /// Commits `txn`: `Some(revision)` on success, `None` when a data compare failed,
-    /// `Err(NotLeader)` when the election key is gone.
-    async fn commit(&self, txn: Txn, op: &'static str) -> Result<Option<i64>, Error> {
-        let mut c = self.client.clone();
-        let resp = c.txn(txn).await.map_err(etcd(op))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+    /// After a failed compare: if an earlier attempt may have applied, whether `key` now holds
+    /// `expected` (or is gone, for `None`) — i.e. our own write landed. `Some(revision)` if so.
+    async fn landed(
+        &self,
+        retried: bool,
+        key: &str,
+        expected: Option<&[u8]>,
+    ) -> Result<Option<i64>, Error> {
+        if !retried {
+            return Ok(None);
+        }
+        let current = get(&self.etcd, key).await?;
+        Ok(match (current, expected) {
+            (Some(kv), Some(value)) if kv.value() == value => Some(kv.mod_revision()),
+            (None, None) => Some(0),
+            _ => None,
+        })
+    }
+
+    /// Commits the transaction built by `txn`, trying other members on failure.
+    async fn commit(&self, op: &'static str, txn: impl Fn() -> Txn) -> Result<Outcome, Error> {
+        let attempts = AtomicUsize::new(0);
+        let resp = self
+            .etcd
+            .request(op, REQUEST_BUDGET, |mut c| {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                let txn = txn();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if resp.succeeded() {
-            return Ok(Some(revision));
+            let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            return Ok(Outcome::Committed(revision));
         }
         let leader_alive = resp.op_responses().iter().any(|r| match r {
             TxnOpResponse::Get(get) => get
@@ -356,10 +372,11 @@ impl Writer {
                 .is_some_and(|kv| kv.create_revision() == self.leader_revision),
             _ => false,
         });
-        if leader_alive {
-            Ok(None)
-        } else {
-            Err(Error::NotLeader)
+        if !leader_alive {
+            return Err(Error::NotLeader);
         }
+        Ok(Outcome::CompareFailed {
+            retried: attempts.load(Ordering::Relaxed) > 1,
+        })
     }
 }

@@ -1,0 +1,194 @@
+//! A failover client for the three-member etcd cluster.
+//!
+//! etcd-client's balanced channel keeps sending requests to a dead member (its maintainers
+//! leave failover to the application), so this client holds one lazily connected client per
+//! member, sends each request to the current member and, when that member fails (connection
+//! refused, no leader, transport error, timeout), moves on to the next until a time budget is
+//! spent. Callers retry only what is safe to retry: reads, lease renewals, registrations, and
+//! compare-and-set transactions (a retried transaction that already applied fails its compare,
+//! which the writer then checks for; see `store::Writer`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tokio::time::Instant;
+
+/// How long to wait for a member to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after every member failed once, before trying them again.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Errors of the failover client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating a member's client failed (a malformed endpoint).
+    #[error("etcd endpoint {endpoint}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The request failed on a member in a way retrying cannot help.
+    #[error("etcd member {endpoint}: {op}")]
+    Request {
+        /// What was being done.
+        op: &'static str,
+        /// The member.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// No endpoint was given.
+    #[error("no etcd endpoints configured; list all three members in etcd_endpoints")]
+    NoEndpoints,
+    /// No member answered within the budget.
+    #[error("no etcd member answered {op} within {budget:?}; the last one ({endpoint}) failed")]
+    Unreachable {
+        /// What was being done.
+        op: &'static str,
+        /// The time budget.
+        budget: Duration,
+        /// The last member tried.
+        endpoint: String,
+        /// Its failure.
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+/// A handle to the cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Etcd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    members: Vec<(String, Client)>,
+    current: AtomicUsize,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints: Vec<&str> = self.inner.members.iter().map(|(e, _)| e.as_str()).collect();
+        f.debug_struct("Etcd").field("members", &endpoints).finish()
+    }
+}
+
+impl Etcd {
+    /// Clients for every member of `endpoints` (connected lazily). Requests time out after
+    /// `request_timeout`; a client for calls that block by design (a campaign) passes `None`.
+    pub async fn connect(
+        endpoints: &[String],
+        request_timeout: Option<Duration>,
+    ) -> Result<Etcd, Error> {
+        if endpoints.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        let mut members = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let mut options = ConnectOptions::new()
+                .with_connect_timeout(CONNECT_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true)
+                .with_require_leader(true);
+            if let Some(timeout) = request_timeout {
+                options = options.with_timeout(timeout);
+            }
+            let client = Client::connect([endpoint.as_str()], Some(options))
+                .await
+                .map_err(|source| Error::Endpoint {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            members.push((endpoint.clone(), client));
+        }
+        Ok(Etcd {
+            inner: Arc::new(Inner {
+                members,
+                current: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The current member's endpoint and client.
+    pub fn current(&self) -> (String, Client) {
+        let members = &self.inner.members;
+        // `connect` refuses an empty member list, so the index is always in range.
+        members[self.inner.current.load(Ordering::Relaxed) % members.len()].clone()
+    }
+
+    /// Moves on from `endpoint` to the next member (unless another caller already has).
+    pub fn rotate(&self, endpoint: &str) {
+        let members = &self.inner.members;
+        let index = self.inner.current.load(Ordering::Relaxed) % members.len();
+        if members.get(index).is_some_and(|(e, _)| e == endpoint) {
+            self.inner.current.store(index + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `request` on the current member, moving to the next on a member failure, until
+    /// it succeeds, fails for another reason, or `budget` is spent.
+    pub async fn request<T, F, Fut>(
+        &self,
+        op: &'static str,
+        budget: Duration,
+        request: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + budget;
+        let mut tried = 0usize;
+        loop {
+            let (endpoint, client) = self.current();
+            match request(client).await {
+                Ok(value) => return Ok(value),
+                Err(e) if !member_failure(&e) => {
+                    return Err(Error::Request {
+                        op,
+                        endpoint,
+                        source: e,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(%endpoint, op, error = %e, "etcd member failed; trying the next");
+                    self.rotate(&endpoint);
+                    tried += 1;
+                    if Instant::now() >= deadline {
+                        return Err(Error::Unreachable {
+                            op,
+                            budget,
+                            endpoint,
+                            source: e,
+                        });
+                    }
+                    if tried.is_multiple_of(self.inner.members.len()) {
+                        tokio::time::sleep(ROUND_PAUSE).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `e` means the member (or its connection) failed, so another member may succeed.
+pub fn member_failure(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
