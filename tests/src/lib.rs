@@ -1,0 +1,371 @@
+//! End-to-end fixture: a whole Pairvisor lab (network namespaces, etcd, agents, controllers,
+//! real QEMU guests under TCG), brought up with `pvctl lab up` under a prefix and subnet of
+//! its own, and torn down by PID with `pvctl lab down` when dropped. On a failing test the
+//! drop prints the daemons' logs and the guests' serial consoles.
+//!
+//! These tests need root (namespaces) and the packages of `scripts/install-deps.sh`. Set
+//! `PV_SKIP_E2E=1` to skip them in a quick local loop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use proto::v1::pairvisor_client::PairvisorClient;
+use tonic::transport::Channel;
+
+/// A TCG guest prints its first COUNTER 7–9 s after start on an idle 2-core machine; allow
+/// for a loaded CI machine.
+pub const GUEST_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// The guest writes a counter line every ~1 s.
+pub const COUNTER_PERIOD_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lease TTL (3 s) + campaign + state load, with margin for a loaded machine.
+pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether the end-to-end tests should be skipped (`PV_SKIP_E2E=1`).
+pub fn skip() -> bool {
+    if std::env::var_os("PV_SKIP_E2E").is_some_and(|v| v == "1") {
+        eprintln!("PV_SKIP_E2E=1: skipping an end-to-end test");
+        return true;
+    }
+    false
+}
+
+/// A running lab.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    subnet: u8,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl Lab {
+    /// Brings up a lab named `prefix` on subnets `10.subnet.0.0/24`…, panicking with the
+    /// lab's output if it fails.
+    pub fn up(prefix: &str, subnet: u8) -> Lab {
+        // SAFETY: geteuid has no preconditions.
+        #[allow(unsafe_code)]
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "end-to-end tests create network namespaces: run them as root (or set PV_SKIP_E2E=1)"
+        );
+        let lab = Lab {
+            prefix: prefix.to_string(),
+            subnet,
+            dir: PathBuf::from(format!("/var/tmp/pairvisor-test-{prefix}")),
+            bin: bin_dir(),
+        };
+        // A previous run killed hard may have left its lab behind.
+        let _ = lab.lab(&["down"]);
+        let started = Instant::now();
+        let output = lab.lab(&["up"]);
+        assert!(
+            output.status.success(),
+            "pvctl lab up failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        eprintln!(
+            "lab {prefix} up in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        lab
+    }
+
+    fn lab(&self, args: &[&str]) -> Output {
+        let subnet = self.subnet.to_string();
+        let dir = self.dir.to_string_lossy().into_owned();
+        let mut all = vec!["lab"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--prefix", &self.prefix, "--subnet", &subnet, "--dir", &dir]);
+        Command::new(self.bin.join("pvctl"))
+            .args(&all)
+            .env("PAIRVISOR_CACHE", cache_dir())
+            .output()
+            .unwrap_or_else(|e| panic!("running pvctl: {e}"))
+    }
+
+    /// Starts whatever the lab lacks (e.g. a daemon a test killed); panics on failure.
+    pub fn repair(&self) {
+        let output = self.lab(&["up"]);
+        assert!(
+            output.status.success(),
+            "pvctl lab up (repair) failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Management address of node `index` (0 or 1), or of the witness (2).
+    pub fn node_address(&self, index: u8) -> String {
+        format!("10.{}.0.{}", self.subnet, 11 + index)
+    }
+
+    /// The API endpoints: system IP first, then both controllers.
+    pub fn endpoints(&self) -> String {
+        format!(
+            "10.{s}.0.10:7400,10.{s}.0.11:7400,10.{s}.0.12:7400",
+            s = self.subnet
+        )
+    }
+
+    /// Runs `pvctl ARGS` against this lab.
+    pub fn pvctl(&self, args: &[&str]) -> Output {
+        Command::new(self.bin.join("pvctl"))
+            .args(args)
+            .env("PVCTL_ENDPOINT", self.endpoints())
+            .output()
+            .unwrap_or_else(|e| panic!("running pvctl: {e}"))
+    }
+
+    /// An API client connected to the first endpoint of `endpoints` that answers.
+    pub async fn client_at(&self, endpoints: &str) -> Result<PairvisorClient<Channel>, String> {
+        let mut errors = Vec::new();
+        for address in endpoints.split(',') {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(120));
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(PairvisorClient::new(channel)),
+                Err(e) => errors.push(format!("{address}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// An API client through the usual endpoints.
+    pub async fn client(&self) -> PairvisorClient<Channel> {
+        self.client_at(&self.endpoints())
+            .await
+            .unwrap_or_else(|e| panic!("no API endpoint answers: {e}"))
+    }
+
+    /// PID of a lab daemon, e.g. `pid("n0-agent")`.
+    pub fn pid(&self, daemon: &str) -> i32 {
+        let file = self.dir.join("pids").join(format!("{daemon}.pid"));
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("PID in {}: {e}", file.display()))
+    }
+
+    /// Sends SIGKILL to a lab daemon and waits until it is gone.
+    pub fn kill9(&self, daemon: &str) {
+        let pid = self.pid(daemon);
+        // SAFETY: kill(2) touches no memory of ours; `pid` comes from the lab's own PID file.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "{daemon} (PID {pid}) survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Path of a VM's volume on `node` ("n0" or "n1").
+    pub fn volume_path(&self, node: &str, volume: &str) -> PathBuf {
+        self.dir.join(node).join("storage/sg0").join(volume)
+    }
+
+    /// The counter block at the start of a VM's first disk: `(n, boot id)`.
+    pub fn disk_counter(&self, vm: &pb::Vm) -> Option<(u64, String)> {
+        let path = self.volume_path(&vm.node, &vm.disks.first()?.volume);
+        let bytes = std::fs::read(path).ok()?;
+        let block = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+        parse_counter(block.trim_matches('\0'))
+    }
+
+    /// Path of a guest's serial log on its node.
+    pub fn serial_log(&self, vm: &pb::Vm) -> PathBuf {
+        self.dir
+            .join(&vm.node)
+            .join("agent/serial")
+            .join(format!("{}.log", vm.uuid))
+    }
+
+    fn dump_logs(&self) {
+        for host in ["n0", "n1", "w"] {
+            for kind in ["controller", "agent", "etcd"] {
+                let path = self.dir.join(host).join("logs").join(format!("{kind}.log"));
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    eprintln!("===== {} (last 60 lines)", path.display());
+                    let lines: Vec<&str> = text.lines().collect();
+                    for line in &lines[lines.len().saturating_sub(60)..] {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            for log in glob(&self.dir.join(host).join("agent/serial")) {
+                eprintln!("===== serial {}", log.display());
+                eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let output = self.lab(&["down"]);
+        if !output.status.success() {
+            eprintln!(
+                "pvctl lab down failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+fn glob(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The directory of the workspace's binaries (next to the test's `deps` directory).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("locating the test binary: {e}"));
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("no target directory above {}", exe.display()))
+        .to_path_buf();
+    for bin in ["pvctl", "pv-agent", "pv-controller"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// Where the tests cache the tiny guest (built once per machine).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("PAIRVISOR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"))
+}
+
+/// Parses "COUNTER n boot=<id>".
+pub fn parse_counter(line: &str) -> Option<(u64, String)> {
+    let rest = line.trim().strip_prefix("COUNTER ")?;
+    let mut parts = rest.split_whitespace();
+    let n = parts.next()?.parse().ok()?;
+    let boot = parts.next()?.strip_prefix("boot=")?.to_string();
+    Some((n, boot))
+}
+
+/// A guest's console, read from its serial log.
+#[derive(Debug)]
+pub struct Console {
+    path: PathBuf,
+    /// Bytes of the log already consumed by `after_mark` readers.
+    mark: u64,
+}
+
+impl Console {
+    /// The console of `vm` in `lab`, reading from the log's current end.
+    pub fn new(lab: &Lab, vm: &pb::Vm) -> Console {
+        let path = lab.serial_log(vm);
+        let mark = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Console { path, mark }
+    }
+
+    /// Lines written since the mark.
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = std::fs::read(&self.path).unwrap_or_default();
+        let start = usize::try_from(self.mark)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The counter lines since the mark.
+    pub fn counters(&self) -> Vec<(u64, String)> {
+        self.lines()
+            .iter()
+            .filter_map(|l| parse_counter(l))
+            .collect()
+    }
+
+    /// Waits until a line since the mark satisfies `f`, returning it.
+    pub fn wait_line(&self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| f(l)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} on the console within {} s; console since mark:\n{}",
+                timeout.as_secs(),
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for `count` counter lines since the mark and returns them.
+    pub fn wait_counters(&self, count: usize, timeout: Duration) -> Vec<(u64, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let counters = self.counters();
+            if counters.len() >= count {
+                return counters;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} COUNTER lines within {} s; console since mark:\n{}",
+                counters.len(),
+                timeout.as_secs(),
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_counter_reads_value_and_boot_id() {
+        let parsed = parse_counter("COUNTER 12 boot=ab12cd34");
+
+        assert_eq!(parsed, Some((12, "ab12cd34".to_string())));
+    }
+
+    #[test]
+    fn parse_counter_ignores_other_lines() {
+        let parsed = parse_counter("GUEST-UP boot=ab12cd34 vda=yes resume=0");
+
+        assert_eq!(parsed, None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Controller and etcd failures in the lab: the serving controller's death hands the API to the
+//! peer with every acknowledged change; one etcd member's death does not interrupt the API.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use tests::{Lab, TAKEOVER_TIMEOUT};
+
+/// Longest an API call may stall while etcd re-elects after losing a member.
+const ETCD_MEMBER_LOSS_STALL: Duration = Duration::from_secs(10);
+
+fn request(name: &str, vcpus: u32) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        name: name.into(),
+        mode: pb::ProtectionMode::Unprotected.into(),
+        vcpus,
+        memory_mib: 128,
+        disks: vec![pb::DiskRequest {
+            size_bytes: 1 << 20,
+            storage_group: "sg0".into(),
+            format: pb::DiskFormat::Raw.into(),
+        }],
+        networks: vec![],
+        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
+    }
+}
+
+/// name → (uuid, vcpus, state) of every VM.
+async fn snapshot(
+    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
+) -> BTreeMap<String, (String, u32, i32)> {
+    api.list_vms(pb::ListVmsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .vms
+        .into_iter()
+        .map(|vm| (vm.name.clone(), (vm.uuid, vm.vcpus, vm.state)))
+        .collect()
+}
+
+async fn serving_node(lab: &Lab) -> String {
+    let mut api = lab.client().await;
+    let nodes = api
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    nodes
+        .nodes
+        .into_iter()
+        .find(|n| n.role() == pb::NodeRole::Serving)
+        .map(|n| n.name)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_controller_death_keeps_every_acknowledged_change() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvtf", 140);
+    let mut api = lab.client().await;
+    for i in 0..4 {
+        api.create_vm(request(&format!("vm{i}"), 1)).await.unwrap();
+    }
+    api.modify_vm(pb::ModifyVmRequest {
+        vm: "vm1".into(),
+        vcpus: Some(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    api.delete_vm(pb::DeleteVmRequest { vm: "vm3".into() })
+        .await
+        .unwrap();
+    let acknowledged = snapshot(&mut api).await;
+
+    let serving = serving_node(&lab).await;
+    let survivor = if serving == "n0" { 1 } else { 0 };
+    let survivor_api = format!("{}:7400", lab.node_address(survivor));
+    lab.kill9(&format!("{serving}-controller"));
+    let killed = Instant::now();
+    let mut survivor_client = lab.client_at(&survivor_api).await.unwrap();
+    let taken_over = loop {
+        if let Ok(vms) = survivor_client.list_vms(pb::ListVmsRequest {}).await {
+            break vms.into_inner();
+        }
+        assert!(
+            killed.elapsed() < TAKEOVER_TIMEOUT,
+            "no takeover within {TAKEOVER_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let takeover = killed.elapsed();
+    eprintln!(
+        "takeover after kill -9 of the serving controller: {:.2} s",
+        takeover.as_secs_f64()
+    );
+    let after: BTreeMap<_, _> = taken_over
+        .vms
+        .into_iter()
+        .map(|vm| (vm.name.clone(), (vm.uuid, vm.vcpus, vm.state)))
+        .collect();
+    let created = survivor_client
+        .create_vm(request("after", 1))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(
+        after, acknowledged,
+        "the new serving controller lost or changed acknowledged state"
+    );
+    assert!(after.contains_key("vm0") && !after.contains_key("vm3"));
+    assert_eq!(after["vm1"].1, 2);
+    assert_eq!(created.state(), pb::VmState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_member_death_keeps_the_api_working() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvte", 150);
+    let mut api = lab.client().await;
+    api.create_vm(request("before", 1)).await.unwrap();
+
+    // The member on the serving controller's own host: its client must move to the others.
+    let serving = serving_node(&lab).await;
+    lab.kill9(&format!("{serving}-etcd"));
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let started = Instant::now();
+        let result = api.create_vm(request(&format!("during{i}"), 1)).await;
+        let took = started.elapsed();
+        slowest = slowest.max(took);
+        if let Err(status) = result {
+            panic!("create {i} failed after {took:?}: {status}");
+        }
+    }
+    eprintln!(
+        "slowest create after losing an etcd member: {:.2} s",
+        slowest.as_secs_f64()
+    );
+    let vms = snapshot(&mut api).await;
+    let still_serving = serving_node(&lab).await;
+
+    assert!(
+        slowest < ETCD_MEMBER_LOSS_STALL,
+        "a create stalled {slowest:?}"
+    );
+    assert_eq!(vms.len(), 6);
+    assert_eq!(
+        still_serving, serving,
+        "losing an etcd member must not move the API"
+    );
+}
