@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test on this machine (as root): installs missing system packages, then
-# formatting, lints, docs, unit and integration tests, and the end-to-end tests that boot real
+# formatting, lints, docs, unit and integration tests, a short fuzz run, and the end-to-end
+# tests that boot real
 # QEMU guests in network namespaces. PV_SKIP_E2E=1 skips the end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ phase "build"
 cargo build --workspace --all-targets
 phase "unit and integration tests"
 cargo test --workspace --exclude tests
+phase "fuzz smoke (bounded run of the A-Link decoder and receive path)"
+bash replicator/fuzz/smoke.sh
 phase "end-to-end tests (labs run one at a time)"
 cargo test -p tests -- --test-threads=1
 phase "all tests passed"

@@ -425,7 +425,7 @@ async fn console(
     }
 }
 
-/// Parses SIZE[:STORAGE_GROUP[:FORMAT]].
+/// Parses `SIZE[:STORAGE_GROUP[:FORMAT]]`.
 fn parse_disk(text: &str) -> anyhow::Result<pb::DiskRequest> {
     let mut parts = text.split(':');
     let size = parts.next().unwrap_or_default();

@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-/// An API request failed; [`From<ApiError> for Status`] picks the gRPC code.
+/// An API request failed; its `From` conversion into `tonic::Status` picks the gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     /// A VM of that name exists already.
@@ -17,7 +17,7 @@ pub enum ApiError {
     /// A field of the request is invalid.
     #[error("{field}: {reason}")]
     InvalidArgument {
-        /// The field, e.g. "vcpus" or "disks[2].size".
+        /// The field, e.g. `vcpus` or `disks[2].size`.
         field: String,
         /// What is wrong and what is allowed.
         reason: String,

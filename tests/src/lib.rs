@@ -269,7 +269,7 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"))
 }
 
-/// Parses "COUNTER n boot=<id>".
+/// Parses `COUNTER n boot=<id>`.
 pub fn parse_counter(line: &str) -> Option<(u64, String)> {
     let rest = line.trim().strip_prefix("COUNTER ")?;
     let mut parts = rest.split_whitespace();
