@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test on this machine (as root): installs missing system packages, then
 # formatting, lints, docs, unit and integration tests, a short fuzz run, and the end-to-end
-# tests that boot real
-# QEMU guests in network namespaces. PV_SKIP_E2E=1 skips the end-to-end tests.
+# tests that boot real QEMU guests in network namespaces. PV_SKIP_E2E=1 skips the latter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

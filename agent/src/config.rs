@@ -22,24 +22,9 @@ use crate::domain::DomainType;
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file is not valid TOML or misses a required key.
-    #[error("parsing agent config {path}")]
-    Parse {
-        /// Config file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// The file cannot be read.
-    #[error("reading agent config {path}")]
-    Read {
-        /// Config file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file cannot be read or parsed.
+    #[error(transparent)]
+    File(#[from] daemon::config::ConfigError),
     /// A path in the file is relative.
     #[error("{key} = {path} in {file} must be an absolute path")]
     RelativePath {
@@ -92,20 +77,15 @@ fn default_emulator() -> PathBuf {
 impl Config {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        let config: Config = daemon::config::load(path)?;
+        config.check(path)?;
+        Ok(config)
     }
 
     /// Parses config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = toml::from_str(text).map_err(|source| Error::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        config.check_paths(path)?;
+        let config: Config = daemon::config::parse(text, path)?;
+        config.check(path)?;
         Ok(config)
     }
 
@@ -126,7 +106,8 @@ impl Config {
         self.state_dir.join("serial")
     }
 
-    fn check_paths(&self, file: &Path) -> Result<(), Error> {
+    /// Checks that every path in the file is absolute.
+    fn check(&self, file: &Path) -> Result<(), Error> {
         let fixed = [
             ("state_dir".to_string(), &self.state_dir),
             ("image_dir".to_string(), &self.image_dir),
@@ -206,6 +187,9 @@ sg0 = "/var/lib/pv/sg0"
 
         let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err();
 
-        assert!(matches!(err, Error::Parse { .. }));
+        assert!(matches!(
+            err,
+            Error::File(daemon::config::ConfigError::Parse { .. })
+        ));
     }
 }

@@ -195,6 +195,35 @@ impl Inner {
     }
 }
 
+/// A change of a domain's power state.
+#[derive(Clone, Copy, Debug)]
+enum Power {
+    Start,
+    AcpiShutdown,
+    Destroy,
+}
+
+impl Inner {
+    /// Starts, shuts down or destroys the domain a request names, logging begin and end.
+    async fn power(
+        &self,
+        power: Power,
+        request: Request<pb::DomainRef>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        let uuid = request.into_inner().uuid;
+        let libvirt = &self.libvirt;
+        let status = match power {
+            Power::Start => self.logged("start", &uuid, libvirt.start(&uuid)).await,
+            Power::AcpiShutdown => {
+                self.logged("acpi-shutdown", &uuid, libvirt.shutdown(&uuid))
+                    .await
+            }
+            Power::Destroy => self.logged("destroy", &uuid, libvirt.destroy(&uuid)).await,
+        }?;
+        Ok(Response::new(status_to_pb(status)))
+    }
+}
+
 fn invalid(reason: impl Into<String>) -> Error {
     Error::InvalidRequest {
         reason: reason.into(),
@@ -318,36 +347,21 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::DomainRef>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
-        let uuid = request.into_inner().uuid;
-        let inner = &self.inner;
-        let status = inner
-            .logged("start", &uuid, inner.libvirt.start(&uuid))
-            .await?;
-        Ok(Response::new(status_to_pb(status)))
+        self.inner.power(Power::Start, request).await
     }
 
     async fn shutdown_domain(
         &self,
         request: Request<pb::DomainRef>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
-        let uuid = request.into_inner().uuid;
-        let inner = &self.inner;
-        let status = inner
-            .logged("acpi-shutdown", &uuid, inner.libvirt.shutdown(&uuid))
-            .await?;
-        Ok(Response::new(status_to_pb(status)))
+        self.inner.power(Power::AcpiShutdown, request).await
     }
 
     async fn destroy_domain(
         &self,
         request: Request<pb::DomainRef>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
-        let uuid = request.into_inner().uuid;
-        let inner = &self.inner;
-        let status = inner
-            .logged("destroy", &uuid, inner.libvirt.destroy(&uuid))
-            .await?;
-        Ok(Response::new(status_to_pb(status)))
+        self.inner.power(Power::Destroy, request).await
     }
 
     async fn undefine_domain(

@@ -26,6 +26,9 @@ use crate::placement::Policy;
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The file cannot be read or parsed.
+    #[error(transparent)]
+    File(#[from] daemon::config::ConfigError),
     /// A value is out of range.
     #[error("{key} in {file}: {reason}")]
     Invalid {
@@ -35,24 +38,6 @@ pub enum Error {
         key: &'static str,
         /// What is wrong.
         reason: String,
-    },
-    /// The file is not valid TOML or misses a required key.
-    #[error("parsing controller config {path}")]
-    Parse {
-        /// Config file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// The file cannot be read.
-    #[error("reading controller config {path}")]
-    Read {
-        /// Config file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -98,37 +83,38 @@ fn default_lease_ttl() -> i64 {
 impl Config {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        let config: Config = daemon::config::load(path)?;
+        config.check(path)?;
+        Ok(config)
     }
 
     /// Parses config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = toml::from_str(text).map_err(|source| Error::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let config: Config = daemon::config::parse(text, path)?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Checks the values TOML cannot constrain.
+    fn check(&self, path: &Path) -> Result<(), Error> {
         let invalid = |key, reason: &str| Error::Invalid {
             file: path.to_path_buf(),
             key,
             reason: reason.to_string(),
         };
-        if !(2..=60).contains(&config.lease_ttl_seconds) {
+        if !(2..=60).contains(&self.lease_ttl_seconds) {
             return Err(invalid(
                 "lease_ttl_seconds",
                 "must be 2 to 60 (etcd's minimum TTL is about 2 s)",
             ));
         }
-        if config.etcd_endpoints.is_empty() {
+        if self.etcd_endpoints.is_empty() {
             return Err(invalid(
                 "etcd_endpoints",
                 "list the client endpoints of all three etcd members",
             ));
         }
-        Ok(config)
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! Process plumbing shared by Pairvisor's daemons (`pv-agent`, `pv-controller`): log setup,
-//! the shutdown signal, error chains for messages, and crash-safe file writes.
+//! config files, the shutdown signal, error chains for messages, and crash-safe file writes.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod fsutil;
 
 /// Sets up `tracing` to stderr, filtered by `PV_LOG` (default `info`), coloured only on a
