@@ -250,13 +250,11 @@ fn qemu_io_in(ns: &str, url: &str, commands: &[&str]) -> (bool, String) {
 #[test]
 fn proxy_carries_qemu_nbd_export_between_namespaces() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    if Command::new("qemu-nbd").arg("--version").output().is_err() {
-        println!(
-            "SKIPPED proxy_carries_qemu_nbd_export_between_namespaces: qemu-nbd not installed"
-        );
-        return;
-    }
     let Some(pair) = lab("nbd") else { return };
+    assert!(
+        Command::new("qemu-nbd").arg("--version").output().is_ok(),
+        "qemu-nbd is not installed: run scripts/install-deps.sh"
+    );
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     std::fs::File::create(&image)
