@@ -178,6 +178,66 @@ async fn vm_lifecycle_keeps_every_acknowledged_write() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert!(!lab.volume_path(&vm.node, &vm.disks[0].volume).exists());
+
+    // The event log tells the same story, in order.
+    let story = vm_story(&mut api, "life").await;
+    assert_eq!(
+        story,
+        [
+            "vm-created creating",
+            "vm-changed stopped",
+            "vm-changed starting",
+            "vm-changed running",
+            "vm-changed stopping",
+            "vm-changed stopped",
+            "vm-changed starting",
+            "vm-changed running",
+            "vm-changed stopping",
+            "vm-changed stopped",
+            "vm-changed deleting",
+            "vm-deleted deleting",
+        ]
+    );
+}
+
+/// Time for the event log to replay from its first revision.
+const EVENT_REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The events of VM `name` from the start of the log until it was deleted, as "kind state".
+async fn vm_story(
+    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
+    name: &str,
+) -> Vec<String> {
+    let mut stream = api
+        .watch_events(pb::WatchEventsRequest { since_revision: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut story = Vec::new();
+    let replay = async {
+        while let Some(event) = stream.message().await.unwrap() {
+            if event.vm_name != name {
+                continue;
+            }
+            let kind = match event.kind() {
+                pb::EventKind::VmCreated => "vm-created",
+                pb::EventKind::VmChanged => "vm-changed",
+                pb::EventKind::VmDeleted => "vm-deleted",
+                _ => "other",
+            };
+            let state = format!("{:?}", event.state()).to_lowercase();
+            story.push(format!("{kind} {state}"));
+            if event.kind() == pb::EventKind::VmDeleted {
+                return;
+            }
+        }
+    };
+    let replayed = tokio::time::timeout(EVENT_REPLAY_TIMEOUT, replay).await;
+    assert!(
+        replayed.is_ok(),
+        "no vm-deleted event for {name}; got {story:?}"
+    );
+    story
 }
 
 /// One bad request: what to send, the expected code, and a phrase the message must contain.
@@ -357,6 +417,24 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         .await
         .unwrap_err(),
     ];
+    api.start_vm(pb::StartVmRequest { vm: "taken".into() })
+        .await
+        .unwrap();
+    let modify_running = api
+        .modify_vm(pb::ModifyVmRequest {
+            vm: "taken".into(),
+            vcpus: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let delete_running = api
+        .delete_vm(pb::DeleteVmRequest { vm: "taken".into() })
+        .await
+        .unwrap_err();
+    api.power_off_vm(pb::PowerOffVmRequest { vm: "taken".into() })
+        .await
+        .unwrap();
     let after = api
         .list_vms(pb::ListVmsRequest {})
         .await
@@ -385,7 +463,26 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(state_errors[1].code(), tonic::Code::FailedPrecondition);
     assert_eq!(state_errors[2].code(), tonic::Code::NotFound);
     assert_eq!(state_errors[3].code(), tonic::Code::InvalidArgument);
-    assert_eq!(after, before, "a refused request changed the pair's state");
+    assert_eq!(modify_running.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        modify_running
+            .message()
+            .contains("only while it is stopped"),
+        "{}",
+        modify_running.message()
+    );
+    assert_eq!(delete_running.code(), tonic::Code::FailedPrecondition);
+    let settled = |vms: &pb::ListVmsResponse| {
+        vms.vms
+            .iter()
+            .map(|vm| (vm.uuid.clone(), vm.vcpus, vm.mode, vm.state))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        settled(&after),
+        settled(&before),
+        "a refused request changed the pair's state"
+    );
     assert_eq!(cli.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&cli.stderr).contains("1 to 20 vCPUs"));
     let parsed: serde_json::Value = serde_json::from_slice(&cli_json.stdout).unwrap();
