@@ -154,7 +154,11 @@ impl Libvirt {
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            // The caller may have gone away; then nobody needs the result.
+            // A caller that gave up (timed out) must not have its operation run late, e.g. a
+            // start that lands after the controller decided the VM is stopped.
+            if tx.is_closed() {
+                return;
+            }
             let _ = tx.send(f(conn));
         });
         self.jobs.send(job).map_err(|_| Error::WorkerGone)?;
@@ -230,8 +234,11 @@ impl Libvirt {
         .await
     }
 
-    /// Powers the domain off at once; a stopped domain is left as it is.
+    /// Powers the domain off at once; a stopped or unknown domain is left as it is.
     pub async fn destroy(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        if self.status(uuid).await?.state == DomainState::Undefined {
+            return Ok(undefined(uuid));
+        }
         self.with_domain(uuid, |dom, name| {
             // Right after a reconnect libvirt may kill QEMU yet report "not running";
             // the state read below is the truth either way.

@@ -152,6 +152,9 @@ impl Inner {
             .collect::<Result<_, Error>>()?;
         let boot = match spec.boot {
             Some(pb::vm_spec::Boot::KernelImage(name)) => {
+                if !plain_name(&name) {
+                    return Err(invalid(format!("{name:?} is not a boot image name")));
+                }
                 let dir = self.image_dir.join(&name);
                 Boot::Kernel(
                     images::BootImage::open(&dir)
@@ -228,6 +231,15 @@ fn invalid(reason: impl Into<String>) -> Error {
     Error::InvalidRequest {
         reason: reason.into(),
     }
+}
+
+/// A name usable as one path component: letters, digits, '.', '_', '-', not starting with '.'.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn uuid_invalid(uuid: &str) -> bool {
@@ -369,11 +381,16 @@ impl pb::agent_server::Agent for AgentService {
         request: Request<pb::DomainRef>,
     ) -> Result<Response<pb::UndefineDomainResponse>, Status> {
         let uuid = request.into_inner().uuid;
+        if uuid_invalid(&uuid) {
+            return Err(invalid(format!("{uuid:?} is not a UUID")).into());
+        }
         self.inner
             .libvirt
             .undefine(&uuid)
             .await
             .map_err(Error::from)?;
+        // The console history goes with the domain; a missing log is fine.
+        let _ = std::fs::remove_file(serial::log_path(&self.inner.serial_dir, &uuid));
         tracing::info!(vm = %uuid, node = %self.inner.node, "domain undefined");
         Ok(Response::new(pb::UndefineDomainResponse {}))
     }
@@ -446,6 +463,13 @@ mod tests {
         let invalid = uuid_invalid("6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11");
 
         assert!(!invalid);
+    }
+
+    #[test]
+    fn plain_name_rejects_parent_directory() {
+        let plain = plain_name("..");
+
+        assert!(!plain);
     }
 
     #[test]

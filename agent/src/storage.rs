@@ -168,7 +168,8 @@ impl StorageGroups {
                 stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        fs::rename(&tmp, &path).map_err(io_err("renaming volume into place", &path))?;
+        daemon::fsutil::sync_rename(&tmp, &path)
+            .map_err(io_err("syncing the new volume into place", &path))?;
         Ok(volume)
     }
 

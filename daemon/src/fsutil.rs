@@ -7,14 +7,21 @@ use std::path::Path;
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
 /// write a temporary sibling, fsync it, rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    let tmp = path.with_file_name(tmp_name);
     let mut file = File::create(&tmp)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
+    drop(file);
+    sync_rename(&tmp, path)
+}
+
+/// Makes the finished file `tmp` durable under the name `path`: fsync it, rename it over
+/// `path`, fsync the directory so the rename itself survives a crash.
+pub fn sync_rename(tmp: &Path, path: &Path) -> io::Result<()> {
+    File::open(tmp)?.sync_all()?;
+    fs::rename(tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()
 }
 
