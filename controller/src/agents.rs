@@ -12,6 +12,9 @@ use crate::model::{Boot, DiskFormat, HostFacts, StorageGroupFacts, VmRecord};
 
 /// How long to wait for an agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 keep-alive interval and timeout: a connection to a host that lost power is noticed
+/// in seconds, not when TCP gives up.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Longest agent call: the first define on a fresh embed root runs QEMU's capability probe.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of the periodic state polls, short so a dead node is noticed quickly.
@@ -75,6 +78,9 @@ impl AgentPool {
                         source,
                     })?
                     .connect_timeout(CONNECT_TIMEOUT)
+                    .http2_keep_alive_interval(KEEP_ALIVE)
+                    .keep_alive_timeout(KEEP_ALIVE)
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 channels.insert(address.to_string(), channel.clone());
                 channel

@@ -118,6 +118,9 @@ impl Api {
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| ApiError::Internal(format!("serving controller address {address}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         let client = PairvisorClient::new(channel);
         peers.insert(address.to_string(), client.clone());
@@ -365,9 +368,20 @@ async fn stream_events(etcd: Etcd, since: i64, tx: mpsc::Sender<Result<pb::Event
                 }
             };
             if response.canceled() {
-                let reason = format!("event watch canceled: {}", response.cancel_reason());
-                let _ = tx.send(Err(Status::out_of_range(reason))).await;
+                let reason = format!(
+                    "event watch canceled ({}); resume from a newer revision",
+                    response.cancel_reason()
+                );
+                let _ = tx
+                    .send(Err(ApiError::FailedPrecondition(reason).into()))
+                    .await;
                 return;
+            }
+            // Watching "from now": pin "now" so a re-watch after a member failure misses nothing.
+            if next == 0
+                && let Some(header) = response.header()
+            {
+                next = header.revision() + 1;
             }
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };

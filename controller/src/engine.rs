@@ -181,6 +181,7 @@ pub async fn start(ctx: Context) -> Result<(EngineHandle, tokio::task::JoinHandl
             .into_iter()
             .map(|s| (s.value.uuid.clone(), Entry::new(s)))
             .collect(),
+        members: BTreeMap::new(),
         nodes: BTreeMap::new(),
         waiters: HashMap::new(),
         observing: false,
@@ -235,12 +236,23 @@ struct NodeState {
 #[derive(Debug)]
 struct Observation {
     started: Instant,
+    /// `None` when etcd could not be read: keep what is known.
+    view: Option<PairView>,
+}
+
+/// The pair's members (last known facts) and its live nodes with their agents' reports.
+#[derive(Debug)]
+struct PairView {
+    members: Vec<NodeRecord>,
     nodes: Vec<NodeState>,
 }
 
 struct Engine {
     ctx: Context,
     vms: BTreeMap<String, Entry>,
+    /// Every node of the pair with its last known facts, live or not.
+    members: BTreeMap<String, NodeRecord>,
+    /// The live nodes (registered under their controller's lease) and their agents' reports.
     nodes: BTreeMap<String, NodeState>,
     waiters: HashMap<String, Vec<Reply<VmRecord>>>,
     observing: bool,
@@ -315,8 +327,11 @@ impl Engine {
     }
 
     async fn apply_observation(&mut self, observation: Observation) {
+        let Some(view) = observation.view else {
+            return;
+        };
         let mut events = Vec::new();
-        for node in &observation.nodes {
+        for node in &view.nodes {
             let Some(domains) = &node.domains else {
                 continue;
             };
@@ -331,7 +346,12 @@ impl Engine {
                 }
             }
         }
-        self.nodes = observation
+        self.members = view
+            .members
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect();
+        self.nodes = view
             .nodes
             .into_iter()
             .map(|n| (n.record.name.clone(), n))
@@ -398,28 +418,42 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound { vm: vm.to_string() })
     }
 
+    /// Every node of the pair with its last known facts: what validation and capacity count,
+    /// so a node that is down still limits the pair (after a failover all VMs run on one).
     fn inventory(&self) -> Result<Inventory, ApiError> {
-        if self.nodes.is_empty() {
+        if self.members.is_empty() {
             return Err(ApiError::Unavailable(
                 "no node has registered yet; wait for the controllers and agents to start".into(),
             ));
         }
-        if let Some(n) = self.nodes.values().find(|n| n.record.facts.cpus == 0) {
+        if let Some(n) = self.members.values().find(|n| n.facts.cpus == 0) {
             return Err(ApiError::Unavailable(format!(
                 "node {} has not reported its host facts yet; check its agent",
-                n.record.name
+                n.name
             )));
         }
         Ok(Inventory {
             nodes: self
-                .nodes
+                .members
                 .values()
                 .map(|n| NodeInventory {
-                    name: n.record.name.clone(),
-                    facts: n.record.facts.clone(),
+                    name: n.name.clone(),
+                    facts: n.facts.clone(),
                 })
                 .collect(),
         })
+    }
+
+    /// The nodes of `inventory` whose agents answered the last poll: where a VM can go now.
+    fn reachable(&self, inventory: &Inventory) -> Inventory {
+        Inventory {
+            nodes: inventory
+                .nodes
+                .iter()
+                .filter(|n| self.nodes.get(&n.name).is_some_and(|s| s.domains.is_some()))
+                .cloned()
+                .collect(),
+        }
     }
 
     fn nodes_view(&self) -> NodesView {
@@ -432,16 +466,20 @@ impl Engine {
             u32::try_from(count).unwrap_or(u32::MAX)
         };
         let inventory = self.inventory().unwrap_or_default();
+        let nodes = self
+            .members
+            .values()
+            .map(|member| {
+                let live = self.nodes.get(&member.name);
+                NodeView {
+                    record: live.map_or_else(|| member.clone(), |n| n.record.clone()),
+                    reachable: live.is_some_and(|n| n.domains.is_some()),
+                    running_vms: running(&member.name),
+                }
+            })
+            .collect();
         NodesView {
-            nodes: self
-                .nodes
-                .values()
-                .map(|n| NodeView {
-                    record: n.record.clone(),
-                    reachable: n.domains.is_some(),
-                    running_vms: running(&n.record.name),
-                })
-                .collect(),
+            nodes,
             serving: self.ctx.node.clone(),
             free: placement::free(
                 &self.ctx.policy,
@@ -481,17 +519,26 @@ impl Engine {
             },
         )?;
         let all: Vec<&VmRecord> = self.vms.values().map(|e| &e.record).collect();
-        let node = placement::choose_node(&inventory, &all)
-            .ok_or_else(|| ApiError::Unavailable("no node can take the VM".into()))?;
+        let node = placement::choose_node(&self.reachable(&inventory), &all).ok_or_else(|| {
+            ApiError::Unavailable(
+                "no node's agent answers right now, so the VM has nowhere to go; retry when a node is up"
+                    .into(),
+            )
+        })?;
         let record = new_record(spec, node, crate::now_unix_ms());
         let uuid = record.uuid.clone();
         tracing::info!(vm = %record.name, uuid = %uuid, node = %record.node, mode = record.mode.as_str(), "create begin");
-        let revision = self
-            .ctx
-            .writer
-            .create_vm(&record)
-            .await
-            .map_err(store_error)?;
+        let revision = match self.ctx.writer.create_vm(&record).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                let err = self.after_store_error(&uuid, e).await;
+                if self.vms.contains_key(&uuid) {
+                    // An attempt applied after all: roll back the unacknowledged create.
+                    let _ = self.drive(&uuid, VmEvent::Delete).await;
+                }
+                return Err(err);
+            }
+        };
         self.vms.insert(
             uuid.clone(),
             Entry::new(Stored {
@@ -597,12 +644,10 @@ impl Engine {
             },
         )?;
         record.updated_unix_ms = crate::now_unix_ms();
-        let revision = self
-            .ctx
-            .writer
-            .update_vm(&record, entry.revision)
-            .await
-            .map_err(store_error)?;
+        let revision = match self.ctx.writer.update_vm(&record, entry.revision).await {
+            Ok(revision) => revision,
+            Err(e) => return Err(self.after_store_error(&uuid, e).await),
+        };
         tracing::info!(vm = %record.name, mode = record.mode.as_str(), vcpus = record.vcpus, memory_mib = record.memory_mib, "VM modified");
         let entry = self
             .vms
@@ -645,6 +690,12 @@ impl Engine {
             }
             for action in transition.actions {
                 match self.act(uuid, action).await {
+                    // A failed start ends the actions: starting an old definition after a
+                    // failed define would run what the user did not ask for.
+                    Ok(Some(next @ VmEvent::StartFailed { .. })) => {
+                        queue.push_back(next);
+                        break;
+                    }
                     Ok(Some(next)) => queue.push_back(next),
                     Ok(None) => {}
                     Err(e) => {
@@ -674,12 +725,10 @@ impl Engine {
             record.state_reason = reason.to_string();
         }
         record.updated_unix_ms = crate::now_unix_ms();
-        let revision = self
-            .ctx
-            .writer
-            .update_vm(&record, entry.revision)
-            .await
-            .map_err(store_error)?;
+        let revision = match self.ctx.writer.update_vm(&record, entry.revision).await {
+            Ok(revision) => revision,
+            Err(e) => return Err(self.after_store_error(uuid, e).await),
+        };
         if let Some(entry) = self.vms.get_mut(uuid) {
             entry.record = record;
             entry.revision = revision;
@@ -698,44 +747,77 @@ impl Engine {
         let op = action_name(action);
         if action == Action::RemoveRecord {
             let revision = entry.revision;
-            self.ctx
-                .writer
-                .remove_vm(&record, revision)
-                .await
-                .map_err(store_error)?;
+            if let Err(e) = self.ctx.writer.remove_vm(&record, revision).await {
+                return Err(self.after_store_error(uuid, e).await);
+            }
             self.vms.remove(uuid);
             tracing::info!(vm, node, "VM deleted");
             return Ok(None);
         }
         tracing::info!(vm, node, op, "begin");
-        let agent = self.agent_of(node)?;
-        let outcome = match action {
-            Action::DefineDomain => agent.define(&record).await.map(|_| None),
-            Action::StartDomain => match agent.start(uuid).await {
-                Ok(_) => Ok(Some(VmEvent::StartSucceeded)),
-                Err(e) => Ok(Some(VmEvent::StartFailed { reason: chain(&e) })),
-            },
-            Action::AcpiShutdown => agent.shutdown(uuid).await.map(|_| None),
-            Action::DestroyDomain => agent.destroy(uuid).await.map(|s| stopped_event(&s)),
-            Action::UndefineDomain => agent.undefine(uuid).await.map(|()| None),
-            Action::DeleteVolumes => agent.delete_volumes(&record).await.map(|()| None),
-            Action::RemoveRecord => Ok(None),
+        let outcome = match self.agent_of(node) {
+            Err(e) => Err(e),
+            Ok(agent) => match action {
+                Action::DefineDomain => agent.define(&record).await.map(|_| None),
+                Action::StartDomain => agent
+                    .start(uuid)
+                    .await
+                    .map(|_| Some(VmEvent::StartSucceeded)),
+                Action::AcpiShutdown => agent.shutdown(uuid).await.map(|_| None),
+                Action::DestroyDomain => agent.destroy(uuid).await.map(|s| stopped_event(&s)),
+                Action::UndefineDomain => agent.undefine(uuid).await.map(|()| None),
+                Action::DeleteVolumes => agent.delete_volumes(&record).await.map(|()| None),
+                Action::RemoveRecord => Ok(None),
+            }
+            .map_err(ApiError::from),
         };
-        match &outcome {
-            Ok(Some(VmEvent::StartFailed { reason })) => {
-                tracing::warn!(vm, node, op, %reason, "end: failed")
-            }
-            Ok(_) => tracing::info!(vm, node, op, "end: ok"),
-            Err(e) => tracing::warn!(vm, node, op, error = %chain(e), "end: failed"),
-        }
         match outcome {
-            Ok(next) => Ok(next),
-            // A failed define means the start cannot proceed; report it as a failed start.
-            Err(e) if action == Action::DefineDomain => {
-                Ok(Some(VmEvent::StartFailed { reason: chain(&e) }))
+            Ok(next) => {
+                tracing::info!(vm, node, op, "end: ok");
+                Ok(next)
             }
-            Err(e) => Err(ApiError::from(e)),
+            // A start that cannot proceed (define failed, agent unreachable) is a failed start.
+            Err(e) if matches!(action, Action::DefineDomain | Action::StartDomain) => {
+                tracing::warn!(vm, node, op, error = %e, "end: failed; the start fails");
+                Ok(Some(VmEvent::StartFailed {
+                    reason: e.to_string(),
+                }))
+            }
+            // A lost ACPI press is not fatal: the grace deadline powers the VM off.
+            Err(e) if action == Action::AcpiShutdown => {
+                tracing::warn!(vm, node, op, error = %e, "end: failed; the VM is powered off at its deadline");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(vm, node, op, error = %e, "end: failed");
+                Err(e)
+            }
         }
+    }
+
+    /// After a failed write of VM `uuid`: unless this controller lost its role, re-reads the
+    /// record, since an attempt may have applied (or another writer changed it), so the next
+    /// write compares against what etcd holds. Returns the error for the caller.
+    async fn after_store_error(&mut self, uuid: &str, e: store::Error) -> ApiError {
+        if !matches!(e, store::Error::NotLeader) {
+            match store::load_vm(&self.ctx.client, uuid).await {
+                Ok(Some(stored)) => {
+                    if let Some(entry) = self.vms.get_mut(uuid) {
+                        entry.record = stored.value;
+                        entry.revision = stored.revision;
+                    } else {
+                        self.vms.insert(uuid.to_string(), Entry::new(stored));
+                    }
+                }
+                Ok(None) => {
+                    self.vms.remove(uuid);
+                }
+                Err(reread) => {
+                    tracing::warn!(vm = %uuid, error = %chain(&reread), "re-reading VM after a failed write failed");
+                }
+            }
+        }
+        store_error(e)
     }
 
     /// Answers the shutdown/power-off waiters of a VM that has stopped or vanished.
@@ -791,14 +873,19 @@ fn stopped_event(status: &pb::DomainStatus) -> Option<VmEvent> {
 /// Polls every registered node's agent and sends the result to the engine.
 async fn observe(client: Etcd, agents: AgentPool, out: mpsc::Sender<Observation>) {
     let started = Instant::now();
-    let records = match store::load_nodes(&client).await {
-        Ok(records) => records,
+    let read = async {
+        let members = store::load_members(&client).await?;
+        let nodes = store::load_nodes(&client).await?;
+        Ok::<_, store::Error>((members, nodes))
+    };
+    let (members, records) = match read.await {
+        Ok(read) => read,
         Err(e) => {
-            tracing::warn!(error = %chain(&e), "reading node registrations failed");
+            tracing::warn!(error = %chain(&e), "reading the pair's nodes failed; keeping the last view");
             let _ = out
                 .send(Observation {
                     started,
-                    nodes: Vec::new(),
+                    view: None,
                 })
                 .await;
             return;
@@ -821,7 +908,13 @@ async fn observe(client: Etcd, agents: AgentPool, out: mpsc::Sender<Observation>
         }
     });
     let nodes = futures_join_all(polls).await;
-    let _ = out.send(Observation { started, nodes }).await;
+    let view = PairView { members, nodes };
+    let _ = out
+        .send(Observation {
+            started,
+            view: Some(view),
+        })
+        .await;
 }
 
 /// Runs the futures concurrently and collects their outputs in order.

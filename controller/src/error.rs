@@ -88,7 +88,8 @@ impl From<crate::agents::Error> for ApiError {
                 code:
                     tonic::Code::InvalidArgument
                     | tonic::Code::FailedPrecondition
-                    | tonic::Code::AlreadyExists,
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::NotFound,
                 ..
             } => ApiError::FailedPrecondition(message),
             _ => ApiError::Unavailable(message),

@@ -43,6 +43,8 @@ pub enum Role {
         key: Vec<u8>,
         /// Creation revision of the key.
         revision: i64,
+        /// The lease the key lives on; revoking it gives the role up.
+        lease: i64,
     },
 }
 
@@ -114,6 +116,7 @@ async fn term(
 ) -> Result<(), Error> {
     let ttl = Duration::from_secs(config.lease_ttl_seconds.unsigned_abs());
     let ttl_seconds = config.lease_ttl_seconds;
+    let granted = Instant::now();
     let lease = client
         .request(
             "granting lease",
@@ -123,7 +126,7 @@ async fn term(
         .await?
         .id();
     tracing::info!(node = %config.node, lease = format!("{lease:x}"), ttl_s = config.lease_ttl_seconds, "membership term begins");
-    let renewal = AbortOnDrop(tokio::spawn(renew(client.clone(), lease, ttl)));
+    let renewal = AbortOnDrop(tokio::spawn(renew(client.clone(), lease, ttl, granted)));
     let record = facts.borrow_and_update().clone();
     register(client, &record, lease).await;
     let value = serde_json::to_vec(&LeaderInfo {
@@ -141,7 +144,7 @@ async fn term(
                 campaigning = false;
                 let (key, revision) = elected;
                 tracing::info!(node = %config.node, revision, "elected: serving the pair's API");
-                role.send_replace(Role::Serving { key, revision });
+                role.send_replace(Role::Serving { key, revision, lease });
             }
             changed = facts.changed(), if facts_open => {
                 if changed.is_err() {
@@ -171,20 +174,28 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Renews `lease` every `ttl / 3`; returns the error once the lease is lost.
-async fn renew(client: Etcd, lease: i64, ttl: Duration) -> Error {
+///
+/// etcd expires the lease `ttl` after it *received* the last renewal, which is no earlier than
+/// when we *sent* it; so counting from the send and stepping down `ttl / 6` early means this
+/// controller stops serving before the peer can have been elected.
+async fn renew(client: Etcd, lease: i64, ttl: Duration, granted: Instant) -> Error {
+    let safe_for = ttl - ttl / 6;
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_renewed = Instant::now();
+    let mut last_sent_ok = granted;
     loop {
         tick.tick().await;
-        match keep_alive(&client, lease, ttl / 3).await {
-            Ok(true) => last_renewed = Instant::now(),
-            Ok(false) => return Error::LeaseExpired { lease },
-            Err(e) => {
+        let sent = Instant::now();
+        let deadline = last_sent_ok + safe_for;
+        match tokio::time::timeout_at(deadline, keep_alive(&client, lease, ttl / 3)).await {
+            Ok(Ok(true)) => last_sent_ok = sent,
+            Ok(Ok(false)) => return Error::LeaseExpired { lease },
+            Ok(Err(e)) => {
                 tracing::warn!(lease = format!("{lease:x}"), error = %crate::error::chain(&e), "lease renewal failed; retrying")
             }
+            Err(_) => return Error::LeaseExpired { lease },
         }
-        if last_renewed.elapsed() >= ttl {
+        if last_sent_ok.elapsed() >= safe_for {
             return Error::LeaseExpired { lease };
         }
     }

@@ -10,8 +10,13 @@ use crate::config::Config;
 use crate::engine::{self, Context};
 use crate::error::chain;
 use crate::membership::{LeaderInfo, Role};
-use crate::store::Writer;
+use crate::store::{self, Writer};
 use crate::sysip;
+
+/// Attempts to start serving before giving the role up.
+const SERVE_ATTEMPTS: u32 = 3;
+/// Pause between attempts.
+const SERVE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the engine needs besides the fencing key.
 #[derive(Clone, Debug)]
@@ -31,11 +36,15 @@ pub async fn follow(deps: Deps, mut role: watch::Receiver<Role>, route: watch::S
     loop {
         let current = role.borrow_and_update().clone();
         match current {
-            Role::Serving { key, revision } => {
+            Role::Serving {
+                key,
+                revision,
+                lease,
+            } => {
                 if let Some(task) = engine.take() {
                     task.abort();
                 }
-                engine = serve(&deps, key, revision, &route).await;
+                engine = serve_or_resign(&deps, &key, revision, lease, &route, &role).await;
             }
             Role::Standby => {
                 if let Some(task) = engine.take() {
@@ -50,6 +59,45 @@ pub async fn follow(deps: Deps, mut role: watch::Receiver<Role>, route: watch::S
             return;
         }
     }
+}
+
+/// Tries to start serving a few times; if it cannot, revokes the lease so that the peer, which
+/// may be able to, is elected instead of the pair having no API while this one holds the role.
+async fn serve_or_resign(
+    deps: &Deps,
+    key: &[u8],
+    revision: i64,
+    lease: i64,
+    route: &watch::Sender<Route>,
+    role: &watch::Receiver<Role>,
+) -> Option<JoinHandle<()>> {
+    let node = &deps.config.node;
+    for attempt in 1..=SERVE_ATTEMPTS {
+        if let Some(task) = serve(deps, key.to_vec(), revision, route).await {
+            return Some(task);
+        }
+        if !matches!(&*role.borrow(), Role::Serving { revision: r, .. } if *r == revision) {
+            return None;
+        }
+        tracing::warn!(node = %node, attempt, "could not start serving; retrying");
+        tokio::time::sleep(SERVE_RETRY).await;
+    }
+    tracing::error!(node = %node, lease = format!("{lease:x}"), "resign begin: cannot serve, giving the role to the peer");
+    let revoked = deps
+        .client
+        .request(
+            "revoking the lease to resign",
+            store::REQUEST_BUDGET,
+            |mut c| async move { c.lease_revoke(lease).await },
+        )
+        .await;
+    match revoked {
+        Ok(_) => tracing::error!(node = %node, "resign end: ok"),
+        Err(e) => {
+            tracing::error!(node = %node, error = %chain(&e), "resign end: failed; the lease expires on its own only if this controller stops")
+        }
+    }
+    None
 }
 
 async fn serve(

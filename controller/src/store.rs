@@ -4,6 +4,8 @@
 //! - `/pairvisor/vms/<uuid>`   → [`VmRecord`]
 //! - `/pairvisor/names/<name>` → the UUID owning the name (names are unique by construction)
 //! - `/pairvisor/nodes/<name>` → [`NodeRecord`], bound to that node controller's lease
+//! - `/pairvisor/members/<name>` → the same record without a lease: the pair's nodes and their
+//!   last known facts, kept while a node is down so capacity still counts the smaller node
 //! - `/pairvisor/serving/…`    → etcd election of the serving controller ([`ELECTION`])
 //!
 //! Only the serving controller writes VM keys, through a [`Writer`]: every write is a
@@ -26,6 +28,8 @@ pub const VMS: &str = "/pairvisor/vms/";
 pub const NAMES: &str = "/pairvisor/names/";
 /// Prefix of node registrations.
 pub const NODES: &str = "/pairvisor/nodes/";
+/// Prefix of the pair's members (node records without a lease).
+pub const MEMBERS: &str = "/pairvisor/members/";
 /// Name of the serving-controller election.
 pub const ELECTION: &str = "/pairvisor/serving";
 /// Who serves now: written by the elected controller once it has taken over.
@@ -84,6 +88,11 @@ pub fn node_key(name: &str) -> String {
     format!("{NODES}{name}")
 }
 
+/// Key of a pair member.
+pub fn member_key(name: &str) -> String {
+    format!("{MEMBERS}{name}")
+}
+
 /// A value with the revision it was last written at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored<T> {
@@ -98,9 +107,26 @@ pub async fn load_vms(etcd: &Etcd) -> Result<Vec<Stored<VmRecord>>, Error> {
     load_prefix(etcd, VMS).await
 }
 
+/// The VM record of `uuid`, if it exists.
+pub async fn load_vm(etcd: &Etcd, uuid: &str) -> Result<Option<Stored<VmRecord>>, Error> {
+    get(etcd, &vm_key(uuid))
+        .await?
+        .map(|kv| decode(&kv))
+        .transpose()
+}
+
 /// Every live node registration.
 pub async fn load_nodes(etcd: &Etcd) -> Result<Vec<NodeRecord>, Error> {
     Ok(load_prefix(etcd, NODES)
+        .await?
+        .into_iter()
+        .map(|s: Stored<NodeRecord>| s.value)
+        .collect())
+}
+
+/// Every member of the pair, with its last known facts (live or not).
+pub async fn load_members(etcd: &Etcd) -> Result<Vec<NodeRecord>, Error> {
+    Ok(load_prefix(etcd, MEMBERS)
         .await?
         .into_iter()
         .map(|s: Stored<NodeRecord>| s.value)
@@ -141,16 +167,20 @@ pub async fn find_node(etcd: &Etcd, name: &str) -> Result<Option<NodeRecord>, Er
         .transpose()
 }
 
-/// Registers (or refreshes) this node under `lease`.
+/// Registers (or refreshes) this node under `lease`, and records it as a member of the pair.
 pub async fn put_node(etcd: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), Error> {
-    let key = node_key(&record.name);
+    let (node, member) = (node_key(&record.name), member_key(&record.name));
     let value = encode(record);
     etcd.request("registering node", REQUEST_BUDGET, |mut c| {
-        let (key, value) = (key.clone(), value.clone());
-        async move {
-            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                .await
-        }
+        let txn = Txn::new().and_then([
+            TxnOp::put(
+                node.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(member.clone(), value.clone(), None),
+        ]);
+        async move { c.txn(txn).await }
     })
     .await?;
     Ok(())
@@ -166,7 +196,19 @@ async fn load_prefix<T: serde::de::DeserializeOwned>(
             async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
         })
         .await?;
-    resp.kvs().iter().map(decode).collect()
+    // One record that does not decode (say, written by a newer version) must not take the
+    // whole pair's state with it: skip it, loudly.
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| match decode(kv) {
+            Ok(stored) => Some(stored),
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), "skipping a stored record that does not decode");
+                None
+            }
+        })
+        .collect())
 }
 
 /// Decodes a JSON value with its revision.

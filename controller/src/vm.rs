@@ -11,6 +11,10 @@
 //! ```
 //! A running domain reported for a stopped VM is adopted (`Stopped --DomainRunning--> Running`);
 //! a domain found stopped under a running VM stops it (`Running --DomainStopped--> Stopped`).
+//! Agent reports older than the engine's last command to the VM are dropped, so a report of a
+//! stopped domain during `Starting` means the start did not take (`--> Stopped`), and one of a
+//! running domain during a forced stop means the power-off must be sent again. Removal powers
+//! the domain off first, in case a start raced the delete.
 //! `Takeover` is fed to every VM when a controller starts serving: it finishes or rolls back
 //! whatever the previous serving controller left half done.
 
@@ -119,7 +123,9 @@ pub enum Error {
     },
 }
 
-const REMOVE: [Action; 3] = [
+/// Removal: power off (a start may have raced the delete), undefine, delete volumes, forget.
+const REMOVE: [Action; 4] = [
+    Action::DestroyDomain,
     Action::UndefineDomain,
     Action::DeleteVolumes,
     Action::RemoveRecord,
@@ -216,8 +222,15 @@ pub fn transition(state: VmState, event: &VmEvent) -> Result<Transition, Error> 
             "powering off",
             &[Action::DestroyDomain],
         ),
-        // Starting --Tick|DomainStopped--> Starting: the start is still in progress.
-        (S::Starting, E::Tick { .. } | E::DomainStopped { .. }) => to(state, &[]),
+        // Starting --DomainStopped--> Stopped: a report taken after the last start command
+        // (older ones are dropped) shows the start did not take.
+        (S::Starting, E::DomainStopped { reason }) => to_because(
+            S::Stopped,
+            &format!("start did not complete (domain {reason})"),
+            &[],
+        ),
+        // Starting --Tick--> Starting
+        (S::Starting, E::Tick { .. }) => to(state, &[]),
         (S::Starting, E::Start | E::Shutdown { .. } | E::Delete | E::Provisioned) => {
             refuse(state, event, "; wait until it runs, or power it off")
         }
@@ -268,7 +281,9 @@ pub fn transition(state: VmState, event: &VmEvent) -> Result<Transition, Error> 
             "grace period over; powering off",
             &[Action::DestroyDomain],
         ),
-        // Stopping --Tick|DomainRunning--> Stopping
+        // Stopping (forced) --DomainRunning--> Stopping: the power-off did not take; again.
+        (S::Stopping { forced: true, .. }, E::DomainRunning) => to(state, &[Action::DestroyDomain]),
+        // Stopping --Tick|DomainRunning--> Stopping: the guest is still shutting down.
         (S::Stopping { .. }, E::Tick { .. } | E::DomainRunning) => to(state, &[]),
         // Stopping --DomainStopped--> Stopped
         (S::Stopping { forced, .. }, E::DomainStopped { reason }) => {
@@ -475,6 +490,49 @@ mod tests {
         let t = transition(VmState::Starting, &VmEvent::Takeover).unwrap();
 
         assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
+    }
+
+    #[test]
+    fn forced_stopping_domain_running_destroys_again() {
+        let state = VmState::Stopping {
+            deadline_unix_ms: 0,
+            forced: true,
+        };
+
+        let t = transition(state, &VmEvent::DomainRunning).unwrap();
+
+        assert_eq!(t.state, state);
+        assert_eq!(t.actions, vec![Action::DestroyDomain]);
+    }
+
+    #[test]
+    fn graceful_stopping_domain_running_waits() {
+        let t = transition(STOPPING, &VmEvent::DomainRunning).unwrap();
+
+        assert_eq!(t.actions, vec![]);
+    }
+
+    #[test]
+    fn starting_domain_stopped_gives_up_the_start() {
+        let event = VmEvent::DomainStopped {
+            reason: "shutoff".into(),
+        };
+
+        let t = transition(VmState::Starting, &event).unwrap();
+
+        assert_eq!(t.state, VmState::Stopped);
+        assert_eq!(
+            t.reason.as_deref(),
+            Some("start did not complete (domain shutoff)")
+        );
+    }
+
+    #[test]
+    fn deleting_delete_powers_off_before_undefining() {
+        let t = transition(VmState::Deleting, &VmEvent::Delete).unwrap();
+
+        assert_eq!(t.actions[0], Action::DestroyDomain);
+        assert_eq!(t.actions[1], Action::UndefineDomain);
     }
 
     #[test]
