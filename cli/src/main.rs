@@ -9,6 +9,7 @@ mod units;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -28,6 +29,9 @@ struct Args {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up on a request after this many seconds (vm-shutdown adds its grace period).
+    #[arg(long, global = true, default_value_t = 120)]
+    timeout: u64,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -229,17 +233,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Cmd::Api(command) => {
             let endpoint = args.endpoint.unwrap_or_else(lab::Plan::default_endpoints);
-            run_api(command, &endpoint, args.json).await
+            let timeout = Duration::from_secs(args.timeout);
+            run_api(command, &endpoint, args.json, timeout).await
         }
         Cmd::Lab { command } => run_lab(command).await,
     }
 }
 
-async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<()> {
+async fn run_api(
+    command: ApiCmd,
+    endpoint: &str,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    // Unary calls carry a deadline, so a cron job never hangs on a pair that stopped answering.
     let mut api = client::connect(endpoint).await?;
     match command {
         ApiCmd::NodeInfo => {
-            let nodes = api.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+            let nodes = api
+                .list_nodes(deadline(pb::ListNodesRequest {}, timeout))
+                .await?
+                .into_inner();
             print(json, &nodes_json(&nodes), &nodes_text(&nodes));
         }
         ApiCmd::VmCreate {
@@ -268,20 +282,33 @@ async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<
                     (None, None) => bail!("give --kernel-image or --iso"),
                 },
             };
-            let vm = api.create_vm(request).await?.into_inner();
+            let vm = api
+                .create_vm(deadline(request, timeout))
+                .await?
+                .into_inner();
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmInfo { vm: Some(vm) } => {
-            let vm = api.get_vm(pb::GetVmRequest { vm }).await?.into_inner();
+            let vm = api
+                .get_vm(deadline(pb::GetVmRequest { vm }, timeout))
+                .await?
+                .into_inner();
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmInfo { vm: None } => {
-            let vms = api.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+            let vms = api
+                .list_vms(deadline(pb::ListVmsRequest {}, timeout))
+                .await?
+                .into_inner()
+                .vms;
             let value = serde_json::Value::Array(vms.iter().map(vm_json).collect());
             print(json, &value, &vms_table(&vms));
         }
         ApiCmd::VmStart { vm } => {
-            let vm = api.start_vm(pb::StartVmRequest { vm }).await?.into_inner();
+            let vm = api
+                .start_vm(deadline(pb::StartVmRequest { vm }, timeout))
+                .await?
+                .into_inner();
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmShutdown { vm, grace } => {
@@ -289,7 +316,11 @@ async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<
                 vm,
                 grace_seconds: grace,
             };
-            let vm = api.shutdown_vm(request).await?.into_inner();
+            let waited = timeout + Duration::from_secs(u64::from(grace));
+            let vm = api
+                .shutdown_vm(deadline(request, waited))
+                .await?
+                .into_inner();
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmPoweroff { vm } => {
@@ -301,7 +332,7 @@ async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<
         }
         ApiCmd::VmDelete { vm } => {
             let deleted = api
-                .delete_vm(pb::DeleteVmRequest { vm: vm.clone() })
+                .delete_vm(deadline(pb::DeleteVmRequest { vm: vm.clone() }, timeout))
                 .await?
                 .into_inner();
             let value = serde_json::json!({ "deleted": vm, "uuid": deleted.uuid });
@@ -323,7 +354,10 @@ async fn run_api(command: ApiCmd, endpoint: &str, json: bool) -> anyhow::Result<
                 vcpus: cpu,
                 memory_mib: memory.as_deref().map(units::parse_mib).transpose()?,
             };
-            let vm = api.modify_vm(request).await?.into_inner();
+            let vm = api
+                .modify_vm(deadline(request, timeout))
+                .await?
+                .into_inner();
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmConsole {
@@ -443,6 +477,13 @@ fn parse_disk(text: &str) -> anyhow::Result<pb::DiskRequest> {
         storage_group: group.to_string(),
         format: format.into(),
     })
+}
+
+/// `message` as a request that fails after `timeout`.
+fn deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
 }
 
 fn print(json: bool, value: &serde_json::Value, text: &str) {

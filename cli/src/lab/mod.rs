@@ -134,8 +134,12 @@ pub fn down(plan: &Plan, keep_data: bool) -> anyhow::Result<()> {
     }
     for host in HOSTS.iter().filter(|h| !h.is_witness()) {
         for pid in guest_pids(plan, host) {
-            if procs::stop(pid, &marker) {
-                println!("stopped guest QEMU {pid} on {}", host.name);
+            if !procs::alive_with_marker(pid, &marker) {
+                continue;
+            }
+            match procs::stop(pid, &marker) {
+                Ok(()) => println!("stopped guest QEMU {pid} on {}", host.name),
+                Err(e) => eprintln!("could not stop guest QEMU {pid} on {}: {e}", host.name),
             }
         }
     }
@@ -201,8 +205,10 @@ fn daemon_kinds(host: &Host) -> &'static [&'static str] {
 
 fn stop_daemon(pid_dir: &Path, name: &str, marker: &str) {
     if let Some(pid) = procs::running(&procs::pid_file(pid_dir, name), marker) {
-        procs::stop(pid, marker);
-        println!("stopped {name} (PID {pid})");
+        match procs::stop(pid, marker) {
+            Ok(()) => println!("stopped {name} (PID {pid})"),
+            Err(e) => eprintln!("could not stop {name} (PID {pid}): {e}"),
+        }
     }
 }
 
@@ -219,9 +225,10 @@ fn guest_pids(plan: &Plan, host: &Host) -> Vec<i32> {
         .collect()
 }
 
-/// What every lab process's command line contains: the lab directory.
+/// What every lab process's command line contains: a path inside the lab directory (the
+/// trailing '/' keeps a sibling directory such as `<lab>2` from matching).
 fn marker(plan: &Plan) -> String {
-    plan.dir().to_string_lossy().into_owned()
+    format!("{}/", plan.dir().to_string_lossy().trim_end_matches('/'))
 }
 
 fn log_path(plan: &Plan, host: &Host, kind: &str) -> PathBuf {

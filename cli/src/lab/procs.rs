@@ -88,29 +88,31 @@ pub fn ensure(daemon: &Daemon, pid_dir: &Path) -> anyhow::Result<(i32, bool)> {
     Ok((pid, true))
 }
 
-/// Stops the process `pid` (SIGTERM, then SIGKILL after a grace period) if it is ours.
-pub fn stop(pid: i32, marker: &str) -> bool {
+/// Stops the process `pid` if it is ours: SIGTERM, then SIGKILL after a grace period.
+pub fn stop(pid: i32, marker: &str) -> std::io::Result<()> {
     if !alive_with_marker(pid, marker) {
-        return false;
+        return Ok(());
     }
-    signal(pid, libc::SIGTERM);
+    signal(pid, libc::SIGTERM)?;
     let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline {
         if !alive_with_marker(pid, marker) {
-            return true;
+            return Ok(());
         }
         sleep(Duration::from_millis(50));
     }
-    signal(pid, libc::SIGKILL);
-    true
+    signal(pid, libc::SIGKILL)
 }
 
 /// Sends `sig` to `pid`.
 #[allow(unsafe_code)]
-pub fn signal(pid: i32, sig: i32) {
+pub fn signal(pid: i32, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours; the caller has
     // checked that `pid` is one of the lab's processes.
-    unsafe {
-        libc::kill(pid, sig);
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
