@@ -77,16 +77,12 @@ fn default_emulator() -> PathBuf {
 impl Config {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let config: Config = daemon::config::load(path)?;
-        config.check(path)?;
-        Ok(config)
+        daemon::config::load_checked(path)
     }
 
-    /// Parses config text; `path` names the file in errors.
+    /// Parses and checks config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = daemon::config::parse(text, path)?;
-        config.check(path)?;
-        Ok(config)
+        daemon::config::parse_checked(text, path)
     }
 
     /// The libvirt URI: configured, or the embed root under the state directory.
@@ -105,6 +101,10 @@ impl Config {
     pub fn serial_dir(&self) -> PathBuf {
         self.state_dir.join("serial")
     }
+}
+
+impl daemon::config::Checked for Config {
+    type Error = Error;
 
     /// Checks that every path in the file is absolute.
     fn check(&self, file: &Path) -> Result<(), Error> {

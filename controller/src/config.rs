@@ -83,17 +83,17 @@ fn default_lease_ttl() -> i64 {
 impl Config {
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let config: Config = daemon::config::load(path)?;
-        config.check(path)?;
-        Ok(config)
+        daemon::config::load_checked(path)
     }
 
-    /// Parses config text; `path` names the file in errors.
+    /// Parses and checks config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        let config: Config = daemon::config::parse(text, path)?;
-        config.check(path)?;
-        Ok(config)
+        daemon::config::parse_checked(text, path)
     }
+}
+
+impl daemon::config::Checked for Config {
+    type Error = Error;
 
     /// Checks the values TOML cannot constrain.
     fn check(&self, path: &Path) -> Result<(), Error> {

@@ -309,15 +309,11 @@ impl Writer {
                 )
             })
             .await?;
-        match outcome {
-            Outcome::Committed(revision) => Ok(revision),
-            Outcome::CompareFailed { retried } => self
-                .landed(retried, &key, Some(&value))
-                .await?
-                .ok_or_else(|| Error::NameTaken {
-                    name: vm.name.clone(),
-                }),
-        }
+        self.resolve(outcome, &key, Some(&value))
+            .await?
+            .ok_or_else(|| Error::NameTaken {
+                name: vm.name.clone(),
+            })
     }
 
     /// Replaces a VM record last read at `revision`; returns the new revision.
@@ -336,13 +332,9 @@ impl Writer {
                 )
             })
             .await?;
-        match outcome {
-            Outcome::Committed(revision) => Ok(revision),
-            Outcome::CompareFailed { retried } => self
-                .landed(retried, &key, Some(&value))
-                .await?
-                .ok_or(Error::Conflict { key }),
-        }
+        self.resolve(outcome, &key, Some(&value))
+            .await?
+            .ok_or(Error::Conflict { key })
     }
 
     /// Removes a VM record last read at `revision`, and its name.
@@ -363,26 +355,25 @@ impl Writer {
                 )
             })
             .await?;
-        match outcome {
-            Outcome::Committed(_) => Ok(()),
-            Outcome::CompareFailed { retried } => self
-                .landed(retried, &key, None)
-                .await?
-                .map(|_| ())
-                .ok_or(Error::Conflict { key }),
-        }
+        self.resolve(outcome, &key, None)
+            .await?
+            .map(|_| ())
+            .ok_or(Error::Conflict { key })
     }
 
-    /// After a failed compare: if an earlier attempt may have applied, whether `key` now holds
-    /// `expected` (or is gone, for `None`) — i.e. our own write landed. `Some(revision)` if so.
-    async fn landed(
+    /// The revision our write of `key` applied at, if it did: committed now, or — after a
+    /// failed compare following an uncertain attempt — found in place (`expected`, or the key
+    /// gone for `None`). `None` means another writer got there first.
+    async fn resolve(
         &self,
-        retried: bool,
+        outcome: Outcome,
         key: &str,
         expected: Option<&[u8]>,
     ) -> Result<Option<i64>, Error> {
-        if !retried {
-            return Ok(None);
+        match outcome {
+            Outcome::Committed(revision) => return Ok(Some(revision)),
+            Outcome::CompareFailed { retried: false } => return Ok(None),
+            Outcome::CompareFailed { retried: true } => {}
         }
         let current = get(&self.etcd, key).await?;
         Ok(match (current, expected) {

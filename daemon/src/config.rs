@@ -27,6 +27,29 @@ pub enum ConfigError {
     },
 }
 
+/// A configuration with checks beyond what its TOML types express.
+pub trait Checked: DeserializeOwned {
+    /// The config's error type, which can carry a [`ConfigError`].
+    type Error: From<ConfigError>;
+
+    /// Checks the parsed values; `path` names the file in errors.
+    fn check(&self, path: &Path) -> Result<(), Self::Error>;
+}
+
+/// Reads, parses and checks the TOML file at `path`.
+pub fn load_checked<T: Checked>(path: &Path) -> Result<T, T::Error> {
+    let config: T = load(path)?;
+    config.check(path)?;
+    Ok(config)
+}
+
+/// Parses and checks TOML `text`; `path` names the file in errors.
+pub fn parse_checked<T: Checked>(text: &str, path: &Path) -> Result<T, T::Error> {
+    let config: T = parse(text, path)?;
+    config.check(path)?;
+    Ok(config)
+}
+
 /// Reads and parses the TOML file at `path`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
