@@ -6,7 +6,7 @@ set -euo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "install-deps: run as root (apt-get, useradd)" >&2; exit 1; }
 
-BUILD_PKGS=(libvirt-dev pkg-config protobuf-compiler libprotobuf-dev gcc)
+BUILD_PKGS=(libvirt-dev pkg-config protobuf-compiler libprotobuf-dev gcc g++)
 RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu etcd-server etcd-client iproute2 iputils-arping)
 GUEST_PKGS=(busybox-static gzip)
 TEST_PKGS=(nftables socat)
