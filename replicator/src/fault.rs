@@ -310,15 +310,7 @@ impl NetnsPair {
     /// # Errors
     /// When `ip` fails.
     pub fn link_down(&self, link: usize) -> Result<(), FaultError> {
-        run(&[
-            "ip",
-            "-n",
-            &self.a,
-            "link",
-            "set",
-            &format!("a{link}"),
-            "down",
-        ])
+        self.set_link(link, "down")
     }
 
     /// Sets link `link` up again on the `a` side.
@@ -326,15 +318,12 @@ impl NetnsPair {
     /// # Errors
     /// When `ip` fails.
     pub fn link_up(&self, link: usize) -> Result<(), FaultError> {
-        run(&[
-            "ip",
-            "-n",
-            &self.a,
-            "link",
-            "set",
-            &format!("a{link}"),
-            "up",
-        ])
+        self.set_link(link, "up")
+    }
+
+    fn set_link(&self, link: usize, state: &str) -> Result<(), FaultError> {
+        let dev = format!("a{link}");
+        run(&["ip", "-n", &self.a, "link", "set", &dev, state])
     }
 
     /// Drops `percent` % of the packets leaving either side on link `link` (nftables).
