@@ -7,6 +7,12 @@
 //! image_dir = "/var/lib/pairvisor/images"
 //! domain_type = "kvm"                 # "qemu" (TCG, the default) or "kvm"
 //! # libvirt_uri = "qemu:///system"    # default: embedded driver in <state_dir>/libvirt
+//! etcd_endpoints = ["10.100.0.11:2379", "10.100.0.12:2379", "10.100.0.13:2379"]
+//! host_lease_ttl_seconds = 2          # how fast the pair learns this host is gone
+//! [heartbeat]                         # UDP heartbeats to the peer on every path
+//! port = 7702
+//! interval_ms = 100
+//! paths = [{ name = "priv0", local = "10.101.0.1", peer = "10.101.0.2" }]
 //! [storage_groups]
 //! sg0 = "/var/lib/pairvisor/storage/sg0"
 //! [networks]
@@ -18,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::domain::DomainType;
+use crate::heartbeat::PathConfig;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +32,16 @@ pub enum Error {
     /// The file cannot be read or parsed.
     #[error(transparent)]
     File(#[from] daemon::config::ConfigError),
+    /// A value is out of range.
+    #[error("{key} in {file}: {reason}")]
+    Invalid {
+        /// Config file.
+        file: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// A path in the file is relative.
     #[error("{key} = {path} in {file} must be an absolute path")]
     RelativePath {
@@ -45,6 +62,9 @@ pub struct Config {
     pub node: String,
     /// Address of the agent's gRPC service.
     pub listen: SocketAddr,
+    /// Address the controllers reach the agent at, if not `listen` (e.g. listening on 0.0.0.0).
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// Directory for the embed root, serial logs and other agent state.
     pub state_dir: PathBuf,
     /// Directory of boot images, one subdirectory per image.
@@ -64,6 +84,53 @@ pub struct Config {
     /// Business networks: name → host bridge.
     #[serde(default)]
     pub networks: BTreeMap<String, String>,
+    /// etcd client endpoints of all three members; empty runs the agent alone (no host lease,
+    /// no registration: for tests of the agent by itself).
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    /// TTL of the host lease: how soon the pair learns this host is gone.
+    #[serde(default = "default_host_lease_ttl")]
+    pub host_lease_ttl_seconds: u64,
+    /// Heartbeats to the peer.
+    #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
+}
+
+/// Heartbeats to the peer on every path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// UDP port, the same on every path and on both hosts.
+    #[serde(default = "default_heartbeat_port")]
+    pub port: u16,
+    /// Milliseconds between heartbeats (at most 200).
+    #[serde(default = "default_heartbeat_interval")]
+    pub interval_ms: u64,
+    /// The paths to the peer.
+    #[serde(default)]
+    pub paths: Vec<PathConfig>,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> HeartbeatConfig {
+        HeartbeatConfig {
+            port: default_heartbeat_port(),
+            interval_ms: default_heartbeat_interval(),
+            paths: Vec::new(),
+        }
+    }
+}
+
+fn default_host_lease_ttl() -> u64 {
+    2
+}
+
+fn default_heartbeat_port() -> u16 {
+    7702
+}
+
+fn default_heartbeat_interval() -> u64 {
+    100
 }
 
 fn default_domain_type() -> DomainType {
@@ -97,6 +164,13 @@ impl Config {
         self.state_dir.join("libvirt")
     }
 
+    /// The address the controllers reach this agent at: `advertise`, else `listen`.
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
     /// Directory of the guests' serial logs.
     pub fn serial_dir(&self) -> PathBuf {
         self.state_dir.join("serial")
@@ -106,8 +180,25 @@ impl Config {
 impl daemon::config::Checked for Config {
     type Error = Error;
 
-    /// Checks that every path in the file is absolute.
+    /// Checks that every path in the file is absolute and the timings are in range.
     fn check(&self, file: &Path) -> Result<(), Error> {
+        let invalid = |key, reason: &str| Error::Invalid {
+            file: file.to_path_buf(),
+            key,
+            reason: reason.to_string(),
+        };
+        if !(2..=60).contains(&self.host_lease_ttl_seconds) {
+            return Err(invalid(
+                "host_lease_ttl_seconds",
+                "must be 2 to 60 (etcd's minimum TTL is about 2 s)",
+            ));
+        }
+        if !(10..=200).contains(&self.heartbeat.interval_ms) {
+            return Err(invalid(
+                "heartbeat.interval_ms",
+                "must be 10 to 200: host health needs a heartbeat at least every 200 ms",
+            ));
+        }
         let fixed = [
             ("state_dir".to_string(), &self.state_dir),
             ("image_dir".to_string(), &self.image_dir),

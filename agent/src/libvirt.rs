@@ -1,16 +1,18 @@
-//! The agent's one libvirt connection, driven from a dedicated thread.
+//! The agent's one libvirt connection, used from a pool of blocking threads.
 //!
 //! libvirt calls block (a destroy takes ~1.6 s, the first define of a fresh embed root runs
-//! QEMU's capability probe for 5–8 s), so none of them runs on the async runtime: callers send
-//! a closure to the `libvirt` thread, which owns the [`Connect`], and await its reply. libvirt's
-//! default event loop is registered once per process, before the connection opens, and runs on
-//! its own thread; in embed mode libvirt's QEMU driver (monitor I/O, reconnects) lives on it.
+//! QEMU's capability probe for 5–8 s, a hung QEMU monitor holds a call for libvirt's job
+//! timeout), so none of them runs on the async runtime: each runs on tokio's blocking pool
+//! against the shared, thread-safe [`Connect`]. Calls on one domain are serialized by a lock
+//! per domain, so a hung monitor stalls only its own domain; listing domains and reading their
+//! state take no domain job and are never stuck behind one. libvirt's default event loop is
+//! registered once per process, before the connection opens, and runs on its own thread; in
+//! embed mode libvirt's QEMU driver (monitor I/O, reconnects) lives on it.
 
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
-use tokio::sync::oneshot;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirtState};
 use virt::enumutil::Enum;
@@ -56,17 +58,8 @@ pub enum Error {
         #[source]
         source: virt::error::Error,
     },
-    /// Starting a thread failed.
-    #[error("starting the {name} thread")]
-    Thread {
-        /// Thread name.
-        name: &'static str,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The libvirt thread has stopped; the agent must restart.
-    #[error("the libvirt worker thread has stopped")]
+    /// A blocking call's thread panicked or was cancelled; the agent should be restarted.
+    #[error("a libvirt call's worker thread failed")]
     WorkerGone,
 }
 
@@ -98,7 +91,7 @@ pub struct DomainStatus {
     pub name: String,
     /// State.
     pub state: DomainState,
-    /// libvirt's reason, e.g. "booted", "shutdown", "destroyed".
+    /// libvirt's reason, e.g. "booted", "shutdown", "destroyed", "ioerror".
     pub reason: String,
 }
 
@@ -111,33 +104,34 @@ pub struct Versions {
     pub qemu: String,
 }
 
-type Job = Box<dyn FnOnce(&Connect) + Send>;
-
-/// Handle to the libvirt thread; cheap to clone.
-#[derive(Clone, Debug)]
+/// Handle to the connection; cheap to clone.
+#[derive(Clone)]
 pub struct Libvirt {
-    jobs: mpsc::Sender<Job>,
+    conn: Connect,
     uri: String,
+    /// One lock per domain UUID: calls on a domain run one at a time.
+    domains: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).finish()
+    }
 }
 
 impl Libvirt {
-    /// Opens `uri` on a new libvirt thread and re-attaches to every domain still running.
+    /// Opens `uri` and re-attaches to every domain still running.
     pub fn open(uri: &str) -> Result<Libvirt, Error> {
         start_event_loop()?;
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let owned_uri = uri.to_string();
-        thread::Builder::new()
-            .name("libvirt".into())
-            .spawn(move || serve(&owned_uri, &queue, &ready_tx))
-            .map_err(|source| Error::Thread {
-                name: "libvirt",
-                source,
-            })?;
-        ready_rx.recv().map_err(|_| Error::WorkerGone)??;
-        Ok(Libvirt {
-            jobs,
+        let conn = Connect::open(Some(uri)).map_err(|source| Error::Open {
             uri: uri.to_string(),
+            source,
+        })?;
+        reattach(&conn);
+        Ok(Libvirt {
+            conn,
+            uri: uri.to_string(),
+            domains: Arc::default(),
         })
     }
 
@@ -146,23 +140,35 @@ impl Libvirt {
         &self.uri
     }
 
-    /// Runs `f` on the libvirt thread and returns its result.
+    /// Runs `f` on a blocking thread and returns its result. Use for calls that take no domain
+    /// job (listing, reading state) or concern no one domain.
     pub async fn run<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            // A caller that gave up (timed out) must not have its operation run late, e.g. a
-            // start that lands after the controller decided the VM is stopped.
-            if tx.is_closed() {
-                return;
-            }
-            let _ = tx.send(f(conn));
-        });
-        self.jobs.send(job).map_err(|_| Error::WorkerGone)?;
-        rx.await.map_err(|_| Error::WorkerGone)?
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|_| Error::WorkerGone)?
+    }
+
+    /// Runs `f` for the domain `uuid` once no other call on that domain is running. A caller
+    /// that gives up while waiting (a timeout) never has its call run late.
+    async fn run_on<T, F>(&self, uuid: &str, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
+    {
+        let lock = {
+            let mut domains = self
+                .domains
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            domains.entry(uuid.to_string()).or_default().clone()
+        };
+        let _turn = lock.lock().await;
+        self.run(f).await
     }
 
     /// libvirt and QEMU versions.
@@ -191,17 +197,17 @@ impl Libvirt {
 
     /// The status of the domain `uuid` (`Undefined` if there is none).
     pub async fn status(&self, uuid: &str) -> Result<DomainStatus, Error> {
-        let uuid = uuid.to_string();
-        self.run(move |conn| match lookup(conn, &uuid)? {
+        let owned = uuid.to_string();
+        self.run(move |conn| match lookup(conn, &owned)? {
             Some(dom) => status_of(&dom),
-            None => Ok(undefined(&uuid)),
+            None => Ok(undefined(&owned)),
         })
         .await
     }
 
     /// Defines (or updates) a domain from XML.
-    pub async fn define(&self, xml: String) -> Result<DomainStatus, Error> {
-        self.run(move |conn| {
+    pub async fn define(&self, uuid: &str, xml: String) -> Result<DomainStatus, Error> {
+        self.run_on(uuid, move |conn| {
             let dom = conn
                 .define_domain_xml(&xml)
                 .map_err(call("defining domain"))?;
@@ -255,8 +261,9 @@ impl Libvirt {
 
     /// Removes a stopped domain's definition; an unknown domain is left as it is.
     pub async fn undefine(&self, uuid: &str) -> Result<(), Error> {
-        let uuid = uuid.to_string();
-        self.run(move |conn| {
+        let owned = uuid.to_string();
+        self.run_on(uuid, move |conn| {
+            let uuid = owned;
             let Some(dom) = lookup(conn, &uuid)? else {
                 return Ok(());
             };
@@ -274,34 +281,15 @@ impl Libvirt {
     where
         F: FnOnce(&Domain, &str) -> Result<DomainStatus, Error> + Send + 'static,
     {
-        let uuid = uuid.to_string();
-        self.run(move |conn| {
-            let dom = lookup(conn, &uuid)?.ok_or(Error::DomainUnknown { uuid })?;
+        let owned = uuid.to_string();
+        self.run_on(uuid, move |conn| {
+            let dom = lookup(conn, &owned)?.ok_or(Error::DomainUnknown {
+                uuid: owned.clone(),
+            })?;
             let name = dom.name().map_err(call("reading domain name"))?;
             f(&dom, &name)
         })
         .await
-    }
-}
-
-/// Body of the libvirt thread: open, re-attach, then run jobs until every handle is dropped.
-fn serve(uri: &str, queue: &mpsc::Receiver<Job>, ready: &mpsc::SyncSender<Result<(), Error>>) {
-    let conn = match Connect::open(Some(uri)) {
-        Ok(conn) => conn,
-        Err(source) => {
-            let _ = ready.send(Err(Error::Open {
-                uri: uri.to_string(),
-                source,
-            }));
-            return;
-        }
-    };
-    reattach(&conn);
-    if ready.send(Ok(())).is_err() {
-        return;
-    }
-    for job in queue {
-        job(&conn);
     }
 }
 

@@ -1,15 +1,26 @@
 //! `pv-agent`: Pairvisor's per-host agent daemon.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use daemon::etcd::Etcd;
+use daemon::lease::LeaseStatus;
+use tokio::sync::watch;
 
 use agent::config::Config;
+use agent::facts::Collector;
+use agent::fence::Fence;
+use agent::heartbeat::Heartbeats;
 use agent::libvirt::Libvirt;
-use agent::service::AgentService;
+use agent::membership::Membership;
+use agent::service::{AgentService, Deps};
 use agent::storage::StorageGroups;
+
+/// How long one etcd request may take on one member.
+const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Pairvisor per-host agent: drives libvirt/QEMU, storage and guest consoles for the controllers.
 #[derive(Debug, Parser)]
@@ -35,6 +46,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
     for dir in [&config.state_dir, &config.serial_dir(), &config.image_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let fence = Arc::new(Fence::open(&config.state_dir.join("fence.json"))?);
     if config.libvirt_uri.is_none() {
         agent::embed::prepare(&config.embed_root())?;
     }
@@ -43,13 +55,55 @@ fn run(config: &Config) -> anyhow::Result<()> {
     let libvirt = Libvirt::open(&uri)?;
     tracing::info!(node = %config.node, %uri, ms = opened.elapsed().as_millis(), "libvirt connection open");
     let storage = StorageGroups::open(config.storage_groups.clone())?;
-    let service = AgentService::new(config, libvirt.clone(), storage);
+    let facts = Collector::new(
+        storage.clone(),
+        config.image_dir.clone(),
+        config.networks.clone(),
+    )
+    .context("reading host facts")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(config, libvirt, service))
+    runtime.block_on(serve(config, libvirt, storage, facts, fence))
 }
 
-async fn serve(config: &Config, libvirt: Libvirt, service: AgentService) -> anyhow::Result<()> {
-    tokio::spawn(prewarm(libvirt));
+async fn serve(
+    config: &Config,
+    libvirt: Libvirt,
+    storage: StorageGroups,
+    facts: Collector,
+    fence: Arc<Fence>,
+) -> anyhow::Result<()> {
+    let heartbeats = Heartbeats::start(
+        &config.node,
+        config.heartbeat.port,
+        Duration::from_millis(config.heartbeat.interval_ms),
+        &config.heartbeat.paths,
+    );
+    // Once, before the host registers: the probe behind it takes seconds (see facts).
+    facts.read_versions(&libvirt).await;
+    let (lease_tx, lease) = watch::channel(LeaseStatus::Expired);
+    if config.etcd_endpoints.is_empty() {
+        tracing::warn!(node = %config.node, "no etcd_endpoints: running alone, without host lease or registration");
+    } else {
+        let etcd = Etcd::connect(&config.etcd_endpoints, Some(ETCD_REQUEST_TIMEOUT)).await?;
+        let membership = Membership {
+            node: config.node.clone(),
+            agent_address: config.advertise(),
+            ttl: Duration::from_secs(config.host_lease_ttl_seconds),
+            etcd,
+            facts: facts.clone(),
+            fence: fence.clone(),
+        };
+        tokio::spawn(membership.run(lease_tx));
+    }
+    let deps = Deps {
+        libvirt,
+        storage,
+        facts,
+        fence,
+        heartbeats,
+        lease,
+    };
+    let service = AgentService::new(config, deps);
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
     tonic::transport::Server::builder()
         .add_service(proto::agent::agent_server::AgentServer::new(service))
@@ -58,25 +112,4 @@ async fn serve(config: &Config, libvirt: Libvirt, service: AgentService) -> anyh
         .with_context(|| format!("serving the agent API on {}", config.listen))?;
     tracing::info!(node = %config.node, "agent stopped by signal; guests keep running");
     Ok(())
-}
-
-/// Runs QEMU's capability probe now (5–8 s on a fresh embed root) rather than in the first define.
-async fn prewarm(libvirt: Libvirt) {
-    let started = Instant::now();
-    let result = libvirt
-        .run(|conn| {
-            conn.capabilities()
-                .map_err(|source| agent::libvirt::Error::Call {
-                    op: "reading capabilities".into(),
-                    source,
-                })
-        })
-        .await;
-    match result {
-        Ok(_) => tracing::info!(
-            ms = started.elapsed().as_millis(),
-            "QEMU capabilities ready"
-        ),
-        Err(e) => tracing::warn!(error = %e, "QEMU capability probe failed"),
-    }
 }

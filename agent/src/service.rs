@@ -1,21 +1,27 @@
-//! The agent's gRPC service: translates `pairvisor.agent.v1` requests into calls on the
-//! libvirt thread, the storage groups and the serial logs, and their errors into statuses.
+//! The agent's gRPC service: translates `pairvisor.agent.v1` requests into calls on libvirt,
+//! the storage groups and the serial logs, and their errors into statuses. Every mutating
+//! request passes the [`Fence`] first.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use daemon::lease::LeaseStatus;
 use proto::agent as pb;
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::domain::{self, Boot, DiskFormat, DomainSpec, HostProfile};
+use crate::facts::Collector;
+use crate::fence::{self, Fence, Token};
+use crate::heartbeat::Heartbeats;
 use crate::libvirt::{self, DomainState, DomainStatus, Libvirt};
+use crate::serial;
 use crate::storage::{self, StorageGroups};
-use crate::{facts, serial};
 
 /// Errors of agent requests; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +35,9 @@ pub enum Error {
         #[source]
         source: images::Error,
     },
-    /// Reading host facts failed.
-    #[error("reading host facts")]
-    Facts {
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The fence refused the request (or could not record it).
+    #[error("refused")]
+    Fence(#[from] fence::Error),
     /// A request field is missing or malformed.
     #[error("invalid request: {reason}")]
     InvalidRequest {
@@ -66,6 +68,10 @@ impl From<Error> for Status {
                 Status::invalid_argument(message)
             }
             Error::BootImage { .. } => Status::failed_precondition(message),
+            Error::Fence(fence::Error::Load { .. } | fence::Error::Persist { .. }) => {
+                Status::internal(message)
+            }
+            Error::Fence(_) => Status::aborted(message),
             Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
                 Status::failed_precondition(message)
             }
@@ -76,9 +82,7 @@ impl From<Error> for Status {
                 | storage::Error::UnknownGroup { .. },
             ) => Status::invalid_argument(message),
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
-            Error::Facts { .. } | Error::Libvirt(_) | Error::Storage(_) => {
-                Status::internal(message)
-            }
+            Error::Libvirt(_) | Error::Storage(_) => Status::internal(message),
         }
     }
 }
@@ -92,22 +96,37 @@ pub struct AgentService {
 #[derive(Debug)]
 struct Inner {
     node: String,
-    libvirt: Libvirt,
-    storage: StorageGroups,
+    deps: Deps,
     host: HostProfile,
     image_dir: PathBuf,
     serial_dir: PathBuf,
     networks: BTreeMap<String, String>,
 }
 
+/// The parts of the agent the service uses.
+#[derive(Debug)]
+pub struct Deps {
+    /// The libvirt connection.
+    pub libvirt: Libvirt,
+    /// The storage groups.
+    pub storage: StorageGroups,
+    /// The host's facts.
+    pub facts: Collector,
+    /// The fence every mutating request passes.
+    pub fence: Arc<Fence>,
+    /// What this host hears of its peer.
+    pub heartbeats: Heartbeats,
+    /// The host lease's status (always `Expired` for an agent without etcd).
+    pub lease: watch::Receiver<LeaseStatus>,
+}
+
 impl AgentService {
-    /// A service for the host described by `config`, using the open `libvirt` connection.
-    pub fn new(config: &Config, libvirt: Libvirt, storage: StorageGroups) -> AgentService {
+    /// A service for the host described by `config`.
+    pub fn new(config: &Config, deps: Deps) -> AgentService {
         AgentService {
             inner: Arc::new(Inner {
                 node: config.node.clone(),
-                libvirt,
-                storage,
+                deps,
                 host: HostProfile {
                     domain_type: config.domain_type,
                     emulator: config.emulator.clone(),
@@ -128,7 +147,7 @@ impl Inner {
             .iter()
             .map(|d| {
                 Ok(domain::Disk {
-                    path: self.storage.volume_path(&d.storage_group, &d.volume)?,
+                    path: self.deps.storage.volume_path(&d.storage_group, &d.volume)?,
                     format: disk_format(d.format())?,
                 })
             })
@@ -207,14 +226,42 @@ enum Power {
 }
 
 impl Inner {
+    /// Passes `fence` for `vm` through the agent's fence, logging a refusal.
+    fn admit(&self, op: &'static str, vm: &str, fence: Option<pb::Fence>) -> Result<(), Error> {
+        let token = fence.map_or(
+            Token {
+                term: 0,
+                generation: 0,
+            },
+            |f| Token {
+                term: f.term,
+                generation: f.generation,
+            },
+        );
+        self.deps.fence.admit(token, vm).map_err(|e| {
+            tracing::warn!(vm, node = %self.node, op, term = token.term, generation = token.generation, error = %e, "request refused by the fence");
+            Error::from(e)
+        })
+    }
+
     /// Starts, shuts down or destroys the domain a request names, logging begin and end.
     async fn power(
         &self,
         power: Power,
-        request: Request<pb::DomainRef>,
+        request: Request<pb::DomainCommand>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
-        let uuid = request.into_inner().uuid;
-        let libvirt = &self.libvirt;
+        let command = request.into_inner();
+        let uuid = command.uuid;
+        if uuid_invalid(&uuid) {
+            return Err(invalid(format!("{uuid:?} is not a UUID")).into());
+        }
+        let op = match power {
+            Power::Start => "start",
+            Power::AcpiShutdown => "acpi-shutdown",
+            Power::Destroy => "destroy",
+        };
+        self.admit(op, &uuid, command.fence)?;
+        let libvirt = &self.deps.libvirt;
         let status = match power {
             Power::Start => self.logged("start", &uuid, libvirt.start(&uuid)).await,
             Power::AcpiShutdown => {
@@ -291,12 +338,9 @@ impl pb::agent_server::Agent for AgentService {
         _request: Request<pb::GetHostFactsRequest>,
     ) -> Result<Response<pb::HostFacts>, Status> {
         let inner = &self.inner;
-        let versions = inner.libvirt.versions().await.map_err(Error::from)?;
-        let memory_mib = facts::memory_mib().map_err(|source| Error::Facts { source })?;
-        let storage_groups = inner
-            .storage
-            .facts()
-            .map_err(Error::from)?
+        let facts = inner.deps.facts.snapshot().map_err(Error::from)?;
+        let storage_groups = facts
+            .storage_groups
             .into_iter()
             .map(|g| pb::StorageGroupFacts {
                 name: g.name,
@@ -305,25 +349,22 @@ impl pb::agent_server::Agent for AgentService {
                 free_bytes: g.free_bytes,
             })
             .collect();
-        let networks = inner
+        let networks = facts
             .networks
-            .iter()
-            .map(|(name, bridge)| pb::NetworkFacts {
-                name: name.clone(),
-                bridge: bridge.clone(),
-            })
+            .into_iter()
+            .map(|(name, bridge)| pb::NetworkFacts { name, bridge })
             .collect();
         Ok(Response::new(pb::HostFacts {
             node: inner.node.clone(),
-            cpus: facts::cpus(),
-            memory_mib,
+            cpus: facts.cpus,
+            memory_mib: facts.memory_mib,
             storage_groups,
             networks,
-            boot_images: facts::boot_images(&inner.image_dir),
-            qemu_version: versions.qemu,
-            libvirt_version: versions.libvirt,
+            boot_images: facts.boot_images,
+            qemu_version: facts.versions.qemu,
+            libvirt_version: facts.versions.libvirt,
             domain_type: inner.host.domain_type.as_str().to_string(),
-            libvirt_uri: inner.libvirt.uri().to_string(),
+            libvirt_uri: inner.deps.libvirt.uri().to_string(),
         }))
     }
 
@@ -331,7 +372,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         _request: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let domains = self.inner.libvirt.list().await.map_err(Error::from)?;
+        let domains = self.inner.deps.libvirt.list().await.map_err(Error::from)?;
         Ok(Response::new(pb::ListDomainsResponse {
             domains: domains.into_iter().map(status_to_pb).collect(),
         }))
@@ -341,50 +382,58 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::DefineDomainRequest>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
+        let request = request.into_inner();
         let spec = request
-            .into_inner()
             .spec
             .ok_or_else(|| invalid("the request has no spec"))?;
         let inner = &self.inner;
         let spec = inner.resolve(spec)?;
+        inner.admit("define", &spec.uuid, request.fence)?;
         let xml = domain::domain_xml(&spec, &inner.host);
         tracing::debug!(vm = %spec.uuid, %xml, "domain XML");
         let status = inner
-            .logged("define", &spec.uuid, inner.libvirt.define(xml))
+            .logged(
+                "define",
+                &spec.uuid,
+                inner.deps.libvirt.define(&spec.uuid, xml),
+            )
             .await?;
         Ok(Response::new(status_to_pb(status)))
     }
 
     async fn start_domain(
         &self,
-        request: Request<pb::DomainRef>,
+        request: Request<pb::DomainCommand>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
         self.inner.power(Power::Start, request).await
     }
 
     async fn shutdown_domain(
         &self,
-        request: Request<pb::DomainRef>,
+        request: Request<pb::DomainCommand>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
         self.inner.power(Power::AcpiShutdown, request).await
     }
 
     async fn destroy_domain(
         &self,
-        request: Request<pb::DomainRef>,
+        request: Request<pb::DomainCommand>,
     ) -> Result<Response<pb::DomainStatus>, Status> {
         self.inner.power(Power::Destroy, request).await
     }
 
     async fn undefine_domain(
         &self,
-        request: Request<pb::DomainRef>,
+        request: Request<pb::DomainCommand>,
     ) -> Result<Response<pb::UndefineDomainResponse>, Status> {
-        let uuid = request.into_inner().uuid;
+        let command = request.into_inner();
+        let uuid = command.uuid;
         if uuid_invalid(&uuid) {
             return Err(invalid(format!("{uuid:?} is not a UUID")).into());
         }
+        self.inner.admit("undefine", &uuid, command.fence)?;
         self.inner
+            .deps
             .libvirt
             .undefine(&uuid)
             .await
@@ -401,8 +450,13 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::Volume>, Status> {
         let req = request.into_inner();
         let format = disk_format(req.format())?;
+        if uuid_invalid(&req.vm_uuid) {
+            return Err(invalid(format!("vm_uuid {:?} is not a UUID", req.vm_uuid)).into());
+        }
+        self.inner.admit("create-volume", &req.vm_uuid, req.fence)?;
         let volume = self
             .inner
+            .deps
             .storage
             .create(&req.storage_group, &req.name, req.size_bytes, format)
             .await
@@ -422,12 +476,35 @@ impl pb::agent_server::Agent for AgentService {
         request: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
+        if uuid_invalid(&req.vm_uuid) {
+            return Err(invalid(format!("vm_uuid {:?} is not a UUID", req.vm_uuid)).into());
+        }
+        self.inner.admit("delete-volume", &req.vm_uuid, req.fence)?;
         self.inner
+            .deps
             .storage
             .delete(&req.storage_group, &req.name)
             .map_err(Error::from)?;
         tracing::info!(node = %self.inner.node, group = %req.storage_group, volume = %req.name, "volume deleted");
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn get_peer_health(
+        &self,
+        _request: Request<pb::GetPeerHealthRequest>,
+    ) -> Result<Response<pb::PeerHealth>, Status> {
+        let deps = &self.inner.deps;
+        Ok(Response::new(pb::PeerHealth {
+            node: self.inner.node.clone(),
+            paths: deps
+                .heartbeats
+                .report()
+                .into_iter()
+                .map(path_to_pb)
+                .collect(),
+            term: deps.fence.term(),
+            lease_alive: *deps.lease.borrow() == LeaseStatus::Alive,
+        }))
     }
 
     type StreamSerialStream = SerialStream;
@@ -451,6 +528,18 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(|e| Status::internal(format!("reading serial log: {e}")))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn path_to_pb(report: crate::heartbeat::PathReport) -> pb::PathHealth {
+    pb::PathHealth {
+        name: report.name,
+        heard: report.since_heard.is_some(),
+        ms_since_heard: report
+            .since_heard
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        peer: report.peer,
+        send_error: report.send_error,
     }
 }
 

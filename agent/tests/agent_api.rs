@@ -86,6 +86,21 @@ async fn start_agent() -> Agent {
     }
 }
 
+/// The authority of a serving controller at `term` for the test VM.
+fn fence(term: i64) -> Option<pb::Fence> {
+    Some(pb::Fence {
+        term,
+        generation: 1,
+    })
+}
+
+fn command(term: i64) -> pb::DomainCommand {
+    pb::DomainCommand {
+        uuid: UUID.into(),
+        fence: fence(term),
+    }
+}
+
 fn spec(volume: &str) -> pb::VmSpec {
     pb::VmSpec {
         uuid: UUID.into(),
@@ -118,6 +133,8 @@ async fn agent_defines_domain_on_created_volume_and_cleans_up() {
             name: "itest1-d0.raw".into(),
             size_bytes: 16 << 20,
             format: pb::VolumeFormat::Raw.into(),
+            vm_uuid: UUID.into(),
+            fence: fence(5),
         })
         .await
         .unwrap()
@@ -125,6 +142,7 @@ async fn agent_defines_domain_on_created_volume_and_cleans_up() {
     let defined = c
         .define_domain(pb::DefineDomainRequest {
             spec: Some(spec("itest1-d0.raw")),
+            fence: fence(5),
         })
         .await
         .unwrap()
@@ -134,12 +152,12 @@ async fn agent_defines_domain_on_created_volume_and_cleans_up() {
         .await
         .unwrap()
         .into_inner();
-    c.undefine_domain(pb::DomainRef { uuid: UUID.into() })
-        .await
-        .unwrap();
+    c.undefine_domain(command(5)).await.unwrap();
     c.delete_volume(pb::DeleteVolumeRequest {
         storage_group: "sg0".into(),
         name: "itest1-d0.raw".into(),
+        vm_uuid: UUID.into(),
+        fence: fence(5),
     })
     .await
     .unwrap();
@@ -181,6 +199,8 @@ async fn agent_refuses_bad_input_with_clear_errors() {
             name: "v.raw".into(),
             size_bytes: 1 << 20,
             format: pb::VolumeFormat::Raw.into(),
+            vm_uuid: UUID.into(),
+            fence: fence(5),
         })
         .await
         .unwrap_err();
@@ -190,6 +210,8 @@ async fn agent_refuses_bad_input_with_clear_errors() {
             name: "../escape".into(),
             size_bytes: 1 << 20,
             format: pb::VolumeFormat::Raw.into(),
+            vm_uuid: UUID.into(),
+            fence: fence(5),
         })
         .await
         .unwrap_err();
@@ -199,13 +221,11 @@ async fn agent_refuses_bad_input_with_clear_errors() {
                 boot: Some(pb::vm_spec::Boot::KernelImage("missing".into())),
                 ..spec("v.raw")
             }),
+            fence: fence(5),
         })
         .await
         .unwrap_err();
-    let unknown = c
-        .start_domain(pb::DomainRef { uuid: UUID.into() })
-        .await
-        .unwrap_err();
+    let unknown = c.start_domain(command(5)).await.unwrap_err();
     let listed = c
         .list_domains(pb::ListDomainsRequest {})
         .await
@@ -227,4 +247,46 @@ async fn agent_refuses_bad_input_with_clear_errors() {
     );
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     assert!(listed.domains.is_empty());
+}
+
+#[tokio::test]
+async fn agent_refuses_commands_of_an_older_term_or_without_one() {
+    let mut agent = start_agent().await;
+    let c = &mut agent.client;
+
+    c.create_volume(pb::CreateVolumeRequest {
+        storage_group: "sg0".into(),
+        name: "itest1-d0.raw".into(),
+        size_bytes: 1 << 20,
+        format: pb::VolumeFormat::Raw.into(),
+        vm_uuid: UUID.into(),
+        fence: fence(9),
+    })
+    .await
+    .unwrap();
+    let stale = c.destroy_domain(command(8)).await.unwrap_err();
+    let unfenced = c
+        .destroy_domain(pb::DomainCommand {
+            uuid: UUID.into(),
+            fence: None,
+        })
+        .await
+        .unwrap_err();
+    let health = c
+        .get_peer_health(pb::GetPeerHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(stale.code(), tonic::Code::Aborted);
+    assert!(
+        stale
+            .message()
+            .contains("stale term 8: this host has seen term 9"),
+        "{}",
+        stale.message()
+    );
+    assert_eq!(unfenced.code(), tonic::Code::Aborted);
+    assert_eq!(health.term, 9);
+    assert!(!health.lease_alive);
 }

@@ -1,13 +1,22 @@
-//! Connecting to the pair's API: the system IP first, then each node's controller.
+//! Connecting to the pair's API: the system IP first, then each node's controller; and calling
+//! it with retries. A call that fails with UNAVAILABLE (an election, an etcd member lost) or
+//! whose endpoint does not answer is tried again, on the next endpoint that answers, until the
+//! command's deadline; every attempt carries the same request ID, so a retried change is
+//! never applied twice (the API answers a retry with the first attempt's outcome).
 
 use std::time::Duration;
 
 use anyhow::bail;
 use proto::v1::pairvisor_client::PairvisorClient;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long to wait for each endpoint to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Pause between attempts.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// Metadata key of the request ID (the API's `x-pairvisor-request-id`).
+const REQUEST_ID: &str = "x-pairvisor-request-id";
 
 /// Connects to the first endpoint of the comma-separated list that accepts a connection.
 pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>> {
@@ -38,4 +47,87 @@ pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>
         "cannot reach the pair's API ({}); is the pair up (`pvctl lab up`)? set --endpoint or PVCTL_ENDPOINT",
         failures.join("; ")
     )
+}
+
+/// One pvctl command's calls: its endpoints, its deadline and its request ID.
+#[derive(Debug)]
+pub struct Api {
+    endpoints: String,
+    deadline: Instant,
+    request_id: String,
+}
+
+impl Api {
+    /// Calls for one command against `endpoints`, giving up `timeout` from now.
+    pub fn new(endpoints: &str, timeout: Duration) -> Api {
+        Api {
+            endpoints: endpoints.to_string(),
+            deadline: Instant::now() + timeout,
+            request_id: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// Calls `method` with `message`, retrying as the module doc says.
+    pub async fn call<M, T, F, Fut>(&self, message: M, method: F) -> anyhow::Result<T>
+    where
+        M: Clone,
+        F: Fn(PairvisorClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        loop {
+            let failure = match connect(&self.endpoints).await {
+                Ok(client) => match method(client, self.request(message.clone())).await {
+                    Ok(response) => return Ok(response.into_inner()),
+                    Err(status) if retryable(&status) => anyhow::Error::new(status),
+                    Err(status) => return Err(status.into()),
+                },
+                Err(e) => e,
+            };
+            if Instant::now() + RETRY_PAUSE >= self.deadline {
+                return Err(failure);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// `message` with this command's request ID and the time left as its gRPC deadline.
+    fn request<M>(&self, message: M) -> tonic::Request<M> {
+        let mut request = tonic::Request::new(message);
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        request.set_timeout(left.max(Duration::from_millis(100)));
+        if let Ok(id) = self.request_id.parse() {
+            request.metadata_mut().insert(REQUEST_ID, id);
+        }
+        request
+    }
+}
+
+/// Whether another attempt may succeed: the pair is between controllers or lost an etcd
+/// member, or the connection broke.
+fn retryable(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        // A connection reset mid-call surfaces as UNKNOWN with a transport error inside.
+        tonic::Code::Unknown => status.message().contains("transport error"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_unavailable_is_retried() {
+        let retry = retryable(&tonic::Status::unavailable("election in progress"));
+
+        assert!(retry);
+    }
+
+    #[test]
+    fn retryable_invalid_argument_is_final() {
+        let retry = retryable(&tonic::Status::invalid_argument("vcpus: too many"));
+
+        assert!(!retry);
+    }
 }

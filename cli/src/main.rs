@@ -16,7 +16,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use proto::v1 as pb;
 use tokio_stream::StreamExt;
 
-use crate::output::{event_json, event_text, nodes_json, nodes_text, vm_json, vm_text, vms_table};
+use crate::output::{
+    alerts_json, alerts_text, event_json, event_text, nodes_json, nodes_text, vm_json, vm_text,
+    vms_table,
+};
 
 /// Pairvisor command line: manage the pair's nodes and VMs.
 #[derive(Debug, Parser)]
@@ -67,8 +70,19 @@ enum Cmd {
 /// Commands on the pair's public API.
 #[derive(Debug, Subcommand)]
 enum ApiCmd {
-    /// Show the nodes, which one serves, and the capacity left.
+    /// Show the nodes: which one serves, each host's health and heartbeat paths, capacity left.
     NodeInfo,
+    /// Show the open alerts (a heartbeat path down, a host lost, a domain outside the API).
+    Alerts,
+    /// Show the host-health timeouts, or change them (takes effect at once).
+    HealthConfig {
+        /// A heartbeat path is silent after this many milliseconds without a heartbeat.
+        #[arg(long)]
+        path_timeout_ms: Option<u64>,
+        /// A host that looks dead on every signal is lost after this many more milliseconds.
+        #[arg(long)]
+        lost_confirm_ms: Option<u64>,
+    },
     /// Create a VM (it starts stopped).
     VmCreate {
         /// VM name: 1-64 letters, digits, '-', '_', '.'.
@@ -179,6 +193,43 @@ enum LabCmd {
     },
     /// Show the lab's processes and addresses.
     Status(LabArgs),
+    /// Cut a node's power: kill -9 every process in its namespace (guests too), drop the system
+    /// IP, take its links down.
+    KillHost {
+        /// The node: n0 or n1.
+        host: String,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Power a node on again: links up, then its etcd member, agent and controller.
+    RestoreHost {
+        /// The node: n0 or n1.
+        host: String,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Drop every packet between a node and the other node, the system IP and the witness
+    /// (links stay up).
+    Isolate {
+        /// The node: n0 or n1.
+        host: String,
+        /// Keep the node's traffic to and from the witness flowing.
+        #[arg(long)]
+        keep_witness: bool,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Drop one path between a node and the other node (faults add up until heal).
+    CutPath {
+        /// The node: n0 or n1.
+        host: String,
+        /// The path: priv0, alink1, alink2 or mgmt (management traffic to the other node).
+        path: String,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Remove every isolate and cut-path fault from the lab's namespaces.
+    Heal(LabArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -246,15 +297,55 @@ async fn run_api(
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    // Unary calls carry a deadline, so a cron job never hangs on a pair that stopped answering.
-    let mut api = client::connect(endpoint).await?;
+    // Every call has a deadline, so a cron job never hangs on a pair that stopped answering,
+    // and is retried within it (same request ID) while the pair elects or loses an etcd member.
+    let api = client::Api::new(endpoint, timeout);
     match command {
         ApiCmd::NodeInfo => {
             let nodes = api
-                .list_nodes(deadline(pb::ListNodesRequest {}, timeout))
-                .await?
-                .into_inner();
+                .call(pb::ListNodesRequest {}, |mut c, r| async move {
+                    c.list_nodes(r).await
+                })
+                .await?;
             print(json, &nodes_json(&nodes), &nodes_text(&nodes));
+        }
+        ApiCmd::Alerts => {
+            let alerts = api
+                .call(pb::ListAlertsRequest {}, |mut c, r| async move {
+                    c.list_alerts(r).await
+                })
+                .await?
+                .alerts;
+            print(json, &alerts_json(&alerts), &alerts_text(&alerts));
+        }
+        ApiCmd::HealthConfig {
+            path_timeout_ms,
+            lost_confirm_ms,
+        } => {
+            let mut config = api
+                .call(pb::GetHealthConfigRequest {}, |mut c, r| async move {
+                    c.get_health_config(r).await
+                })
+                .await?;
+            if path_timeout_ms.is_some() || lost_confirm_ms.is_some() {
+                config.path_timeout_ms = path_timeout_ms.unwrap_or(config.path_timeout_ms);
+                config.lost_confirm_ms = lost_confirm_ms.unwrap_or(config.lost_confirm_ms);
+                config = api
+                    .call(
+                        config,
+                        |mut c, r| async move { c.set_health_config(r).await },
+                    )
+                    .await?;
+            }
+            let value = serde_json::json!({
+                "path_timeout_ms": config.path_timeout_ms,
+                "lost_confirm_ms": config.lost_confirm_ms,
+            });
+            let text = format!(
+                "path_timeout_ms: {}\nlost_confirm_ms: {}\n",
+                config.path_timeout_ms, config.lost_confirm_ms
+            );
+            print(json, &value, &text);
         }
         ApiCmd::VmCreate {
             name,
@@ -283,32 +374,34 @@ async fn run_api(
                 },
             };
             let vm = api
-                .create_vm(deadline(request, timeout))
-                .await?
-                .into_inner();
+                .call(request, |mut c, r| async move { c.create_vm(r).await })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmInfo { vm: Some(vm) } => {
             let vm = api
-                .get_vm(deadline(pb::GetVmRequest { vm }, timeout))
-                .await?
-                .into_inner();
+                .call(pb::GetVmRequest { vm }, |mut c, r| async move {
+                    c.get_vm(r).await
+                })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmInfo { vm: None } => {
             let vms = api
-                .list_vms(deadline(pb::ListVmsRequest {}, timeout))
+                .call(pb::ListVmsRequest {}, |mut c, r| async move {
+                    c.list_vms(r).await
+                })
                 .await?
-                .into_inner()
                 .vms;
             let value = serde_json::Value::Array(vms.iter().map(vm_json).collect());
             print(json, &value, &vms_table(&vms));
         }
         ApiCmd::VmStart { vm } => {
             let vm = api
-                .start_vm(deadline(pb::StartVmRequest { vm }, timeout))
-                .await?
-                .into_inner();
+                .call(pb::StartVmRequest { vm }, |mut c, r| async move {
+                    c.start_vm(r).await
+                })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmShutdown { vm, grace } => {
@@ -316,25 +409,25 @@ async fn run_api(
                 vm,
                 grace_seconds: grace,
             };
-            let waited = timeout + Duration::from_secs(u64::from(grace));
+            let api = client::Api::new(endpoint, timeout + Duration::from_secs(u64::from(grace)));
             let vm = api
-                .shutdown_vm(deadline(request, waited))
-                .await?
-                .into_inner();
+                .call(request, |mut c, r| async move { c.shutdown_vm(r).await })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmPoweroff { vm } => {
             let vm = api
-                .power_off_vm(pb::PowerOffVmRequest { vm })
-                .await?
-                .into_inner();
+                .call(pb::PowerOffVmRequest { vm }, |mut c, r| async move {
+                    c.power_off_vm(r).await
+                })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmDelete { vm } => {
+            let request = pb::DeleteVmRequest { vm: vm.clone() };
             let deleted = api
-                .delete_vm(deadline(pb::DeleteVmRequest { vm: vm.clone() }, timeout))
-                .await?
-                .into_inner();
+                .call(request, |mut c, r| async move { c.delete_vm(r).await })
+                .await?;
             let value = serde_json::json!({ "deleted": vm, "uuid": deleted.uuid });
             print(
                 json,
@@ -355,9 +448,8 @@ async fn run_api(
                 memory_mib: memory.as_deref().map(units::parse_mib).transpose()?,
             };
             let vm = api
-                .modify_vm(deadline(request, timeout))
-                .await?
-                .into_inner();
+                .call(request, |mut c, r| async move { c.modify_vm(r).await })
+                .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::VmConsole {
@@ -372,7 +464,8 @@ async fn run_api(
                 tail_bytes: tail,
                 follow: follow || until.is_some(),
             };
-            let stream = api.stream_console(request).await?.into_inner();
+            let mut client = client::connect(endpoint).await?;
+            let stream = client.stream_console(request).await?.into_inner();
             let watch = console(stream, json, until.as_deref());
             match &until {
                 Some(text) => tokio::time::timeout(std::time::Duration::from_secs(timeout), watch)
@@ -384,7 +477,8 @@ async fn run_api(
             }
         }
         ApiCmd::Events { since, count } => {
-            let mut stream = api
+            let mut client = client::connect(endpoint).await?;
+            let mut stream = client
                 .watch_events(pb::WatchEventsRequest {
                     since_revision: since,
                 })
@@ -419,6 +513,19 @@ async fn run_lab(command: LabCmd) -> anyhow::Result<()> {
             print!("{}", lab::status(&args.plan()?));
             Ok(())
         }
+        LabCmd::KillHost { host, lab: args } => lab::faults::kill_host(&args.plan()?, &host),
+        LabCmd::RestoreHost { host, lab: args } => lab::faults::restore_host(&args.plan()?, &host),
+        LabCmd::Isolate {
+            host,
+            keep_witness,
+            lab: args,
+        } => lab::faults::isolate(&args.plan()?, &host, keep_witness),
+        LabCmd::CutPath {
+            host,
+            path,
+            lab: args,
+        } => lab::faults::cut_path(&args.plan()?, &host, &path),
+        LabCmd::Heal(args) => lab::faults::heal(&args.plan()?),
     }
 }
 
@@ -480,12 +587,6 @@ fn parse_disk(text: &str) -> anyhow::Result<pb::DiskRequest> {
 }
 
 /// `message` as a request that fails after `timeout`.
-fn deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(timeout);
-    request
-}
-
 fn print(json: bool, value: &serde_json::Value, text: &str) {
     if json {
         println!("{value}");

@@ -24,6 +24,8 @@ pub fn state_name(state: pb::VmState) -> &'static str {
         pb::VmState::Running => "running",
         pb::VmState::Stopping => "stopping",
         pb::VmState::Deleting => "deleting",
+        pb::VmState::Paused => "paused",
+        pb::VmState::Lost => "lost",
         pb::VmState::Invalid => "invalid",
     }
 }
@@ -36,6 +38,8 @@ fn event_kind_name(kind: pb::EventKind) -> &'static str {
         pb::EventKind::NodeUp => "node-up",
         pb::EventKind::NodeDown => "node-down",
         pb::EventKind::ControllerElected => "controller-elected",
+        pb::EventKind::AlertRaised => "alert-raised",
+        pb::EventKind::AlertCleared => "alert-cleared",
         pb::EventKind::Invalid => "invalid",
     }
 }
@@ -139,13 +143,55 @@ pub fn vms_table(vms: &[pb::Vm]) -> String {
     table(&rows)
 }
 
+/// Lower-case name of a host's health.
+pub fn node_state_name(state: pb::NodeState) -> &'static str {
+    match state {
+        pb::NodeState::Up => "up",
+        pb::NodeState::Suspect => "suspect",
+        pb::NodeState::Lost => "lost",
+        pb::NodeState::Fenced => "fenced",
+        pb::NodeState::Invalid => "invalid",
+    }
+}
+
+fn role_name(role: pb::NodeRole) -> &'static str {
+    if role == pb::NodeRole::Serving {
+        "serving"
+    } else {
+        "standby"
+    }
+}
+
+fn up_down(up: bool) -> &'static str {
+    if up { "up" } else { "down" }
+}
+
+/// A heartbeat path in a few characters: `alink1 up (40 ms)`, `priv0 SILENT (never)`.
+fn path_text(p: &pb::HeartbeatPath) -> String {
+    let heard = p
+        .ms_since_heard
+        .map_or_else(|| "never".to_string(), |ms| format!("{ms} ms"));
+    if p.up {
+        format!("{} up ({heard})", p.name)
+    } else {
+        format!("{} SILENT ({heard})", p.name)
+    }
+}
+
 /// Nodes and capacity as JSON.
 pub fn nodes_json(resp: &pb::ListNodesResponse) -> Value {
     json!({
         "nodes": resp.nodes.iter().map(|n| json!({
             "name": n.name,
-            "role": if n.role() == pb::NodeRole::Serving { "serving" } else { "standby" },
-            "state": if n.state() == pb::NodeState::Up { "up" } else { "unreachable" },
+            "role": role_name(n.role()),
+            "state": node_state_name(n.state()),
+            "state_reason": n.state_reason,
+            "lease_alive": n.lease_alive,
+            "agent_up": n.agent_up,
+            "controller_up": n.controller_up,
+            "paths": n.paths.iter().map(|p| json!({
+                "name": p.name, "up": p.up, "ms_since_heard": p.ms_since_heard,
+            })).collect::<Vec<_>>(),
             "api_address": n.api_address,
             "cpus": n.cpus,
             "memory_mib": n.memory_mib,
@@ -164,12 +210,14 @@ pub fn nodes_json(resp: &pb::ListNodesResponse) -> Value {
     })
 }
 
-/// Nodes as a table, then the free capacity.
+/// Nodes as a table, each node's health and heartbeat paths, then the free capacity.
 pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
     let mut rows = vec![[
         "NODE".to_string(),
         "ROLE".into(),
-        "STATE".into(),
+        "HEALTH".into(),
+        "AGENT".into(),
+        "CONTROLLER".into(),
         "CPUS".into(),
         "MEMORY".into(),
         "VMS".into(),
@@ -184,18 +232,10 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
             .collect();
         [
             n.name.clone(),
-            if n.role() == pb::NodeRole::Serving {
-                "serving"
-            } else {
-                "standby"
-            }
-            .into(),
-            if n.state() == pb::NodeState::Up {
-                "up"
-            } else {
-                "unreachable"
-            }
-            .into(),
+            role_name(n.role()).into(),
+            node_state_name(n.state()).into(),
+            up_down(n.agent_up).into(),
+            up_down(n.controller_up).into(),
             n.cpus.to_string(),
             format!("{} MiB", n.memory_mib),
             n.running_vms.to_string(),
@@ -204,6 +244,22 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
         ]
     }));
     let mut text = table(&rows);
+    for n in &resp.nodes {
+        let paths: Vec<String> = n.paths.iter().map(path_text).collect();
+        text.push_str(&format!(
+            "\n{}: {} ({}); host lease {}\n  heartbeats heard from {}: {}\n",
+            n.name,
+            node_state_name(n.state()),
+            n.state_reason,
+            if n.lease_alive { "alive" } else { "expired" },
+            n.name,
+            if paths.is_empty() {
+                "no report".to_string()
+            } else {
+                paths.join(", ")
+            },
+        ));
+    }
     if let Some(c) = &resp.capacity {
         text.push_str(&format!(
             "\nfree for new VMs (smaller node, overhead included): {} vCPUs, {} MiB\n",
@@ -211,6 +267,32 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
         ));
     }
     text
+}
+
+/// Alerts as JSON.
+pub fn alerts_json(alerts: &[pb::Alert]) -> Value {
+    Value::Array(
+        alerts
+            .iter()
+            .map(|a| {
+                json!({
+                    "id": a.id, "node": a.node, "vm_uuid": a.vm_uuid,
+                    "message": a.message, "raised_unix_ms": a.raised_unix_ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Alerts as lines, or a line saying there are none.
+pub fn alerts_text(alerts: &[pb::Alert]) -> String {
+    if alerts.is_empty() {
+        return "no open alerts\n".into();
+    }
+    alerts
+        .iter()
+        .map(|a| format!("{:<40} {}\n", a.id, a.message))
+        .collect()
 }
 
 /// An event as JSON.
@@ -224,6 +306,7 @@ pub fn event_json(e: &pb::Event) -> Value {
         "state": state_name(e.state()),
         "message": e.message,
         "unix_ms": e.unix_ms,
+        "alert_id": e.alert_id,
     })
 }
 
@@ -278,6 +361,19 @@ mod tests {
         let text = table(&rows);
 
         assert_eq!(text, "A     B\nlong  x\n");
+    }
+
+    #[test]
+    fn path_text_silent_path_is_shouted() {
+        let path = pb::HeartbeatPath {
+            name: "alink1".into(),
+            up: false,
+            ms_since_heard: Some(4200),
+        };
+
+        let text = path_text(&path);
+
+        assert_eq!(text, "alink1 SILENT (4200 ms)");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Clients of the nodes' agents, one lazily connected channel per agent address.
+//! Clients of the nodes' agents, one lazily connected channel per agent address. Every
+//! mutating call carries a [`Token`]: the serving term and the VM's ownership generation,
+//! which the agent checks against the highest it has seen.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,7 +10,7 @@ use proto::agent as pb;
 use proto::agent::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::model::{Boot, DiskFormat, HostFacts, StorageGroupFacts, VmRecord};
+use crate::model::{Boot, DiskFormat, VmRecord};
 
 /// How long to wait for an agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -19,6 +21,26 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of the periodic state polls, short so a dead node is noticed quickly.
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of the health polls (several a second).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The authority a command acts under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// The serving controller's term.
+    pub term: i64,
+    /// The VM's ownership generation.
+    pub generation: u64,
+}
+
+impl Token {
+    fn to_pb(self) -> Option<pb::Fence> {
+        Some(pb::Fence {
+            term: self.term,
+            generation: self.generation,
+        })
+    }
+}
 
 /// Errors reaching an agent.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +54,17 @@ pub enum Error {
         op: &'static str,
         /// The agent's gRPC code.
         code: tonic::Code,
+        /// The agent's message.
+        message: String,
+    },
+    /// The agent refused the command's term or generation: another controller serves now,
+    /// or the VM was reassigned.
+    #[error("agent on {node} refused {op}: {message}")]
+    Fenced {
+        /// Node.
+        node: String,
+        /// The call.
+        op: &'static str,
         /// The agent's message.
         message: String,
     },
@@ -102,24 +135,30 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 impl Agent {
     fn failed(&self, op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
         let node = self.node.clone();
-        move |status| Error::Call {
-            node,
-            op,
-            code: status.code(),
-            message: status.message().to_string(),
+        move |status| match status.code() {
+            tonic::Code::Aborted => Error::Fenced {
+                node,
+                op,
+                message: status.message().to_string(),
+            },
+            code => Error::Call {
+                node,
+                op,
+                code,
+                message: status.message().to_string(),
+            },
         }
     }
 
-    /// The host's facts.
-    pub async fn facts(&self) -> Result<HostFacts, Error> {
-        let facts = self
+    /// What this host hears of its peer, its highest term and its lease.
+    pub async fn peer_health(&self) -> Result<pb::PeerHealth, Error> {
+        Ok(self
             .client
             .clone()
-            .get_host_facts(request(pb::GetHostFactsRequest {}, POLL_TIMEOUT))
+            .get_peer_health(request(pb::GetPeerHealthRequest {}, HEALTH_TIMEOUT))
             .await
-            .map_err(self.failed("reading host facts"))?
-            .into_inner();
-        Ok(facts_from_pb(facts))
+            .map_err(self.failed("reading peer health"))?
+            .into_inner())
     }
 
     /// Every domain of the host.
@@ -135,13 +174,15 @@ impl Agent {
     }
 
     /// Creates every volume of `vm` (idempotent).
-    pub async fn create_volumes(&self, vm: &VmRecord) -> Result<(), Error> {
+    pub async fn create_volumes(&self, vm: &VmRecord, token: Token) -> Result<(), Error> {
         for disk in &vm.disks {
             let message = pb::CreateVolumeRequest {
                 storage_group: disk.storage_group.clone(),
                 name: disk.volume.clone(),
                 size_bytes: disk.size_bytes,
                 format: volume_format(disk.format).into(),
+                vm_uuid: vm.uuid.clone(),
+                fence: token.to_pb(),
             };
             self.client
                 .clone()
@@ -153,11 +194,13 @@ impl Agent {
     }
 
     /// Deletes every volume of `vm` (idempotent).
-    pub async fn delete_volumes(&self, vm: &VmRecord) -> Result<(), Error> {
+    pub async fn delete_volumes(&self, vm: &VmRecord, token: Token) -> Result<(), Error> {
         for disk in &vm.disks {
             let message = pb::DeleteVolumeRequest {
                 storage_group: disk.storage_group.clone(),
                 name: disk.volume.clone(),
+                vm_uuid: vm.uuid.clone(),
+                fence: token.to_pb(),
             };
             self.client
                 .clone()
@@ -169,9 +212,10 @@ impl Agent {
     }
 
     /// Defines the domain of `vm` (idempotent).
-    pub async fn define(&self, vm: &VmRecord) -> Result<pb::DomainStatus, Error> {
+    pub async fn define(&self, vm: &VmRecord, token: Token) -> Result<pb::DomainStatus, Error> {
         let message = pb::DefineDomainRequest {
             spec: Some(spec_of(vm)),
+            fence: token.to_pb(),
         };
         Ok(self
             .client
@@ -183,43 +227,43 @@ impl Agent {
     }
 
     /// Starts the domain of `uuid`.
-    pub async fn start(&self, uuid: &str) -> Result<pb::DomainStatus, Error> {
+    pub async fn start(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
         Ok(self
             .client
             .clone()
-            .start_domain(request(domain(uuid), CALL_TIMEOUT))
+            .start_domain(request(command(uuid, token), CALL_TIMEOUT))
             .await
             .map_err(self.failed("starting domain"))?
             .into_inner())
     }
 
     /// Presses the ACPI power button of `uuid`.
-    pub async fn shutdown(&self, uuid: &str) -> Result<pb::DomainStatus, Error> {
+    pub async fn shutdown(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
         Ok(self
             .client
             .clone()
-            .shutdown_domain(request(domain(uuid), CALL_TIMEOUT))
+            .shutdown_domain(request(command(uuid, token), CALL_TIMEOUT))
             .await
             .map_err(self.failed("shutting down domain"))?
             .into_inner())
     }
 
     /// Powers `uuid` off.
-    pub async fn destroy(&self, uuid: &str) -> Result<pb::DomainStatus, Error> {
+    pub async fn destroy(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
         Ok(self
             .client
             .clone()
-            .destroy_domain(request(domain(uuid), CALL_TIMEOUT))
+            .destroy_domain(request(command(uuid, token), CALL_TIMEOUT))
             .await
             .map_err(self.failed("powering off domain"))?
             .into_inner())
     }
 
     /// Removes the definition of `uuid` (idempotent).
-    pub async fn undefine(&self, uuid: &str) -> Result<(), Error> {
+    pub async fn undefine(&self, uuid: &str, token: Token) -> Result<(), Error> {
         self.client
             .clone()
-            .undefine_domain(request(domain(uuid), CALL_TIMEOUT))
+            .undefine_domain(request(command(uuid, token), CALL_TIMEOUT))
             .await
             .map_err(self.failed("undefining domain"))?;
         Ok(())
@@ -247,9 +291,10 @@ impl Agent {
     }
 }
 
-fn domain(uuid: &str) -> pb::DomainRef {
-    pb::DomainRef {
+fn command(uuid: &str, token: Token) -> pb::DomainCommand {
+    pb::DomainCommand {
         uuid: uuid.to_string(),
+        fence: token.to_pb(),
     }
 }
 
@@ -288,29 +333,5 @@ pub fn spec_of(vm: &VmRecord) -> pb::VmSpec {
             Boot::Kernel { image } => pb::vm_spec::Boot::KernelImage(image.clone()),
             Boot::Iso { path } => pb::vm_spec::Boot::IsoPath(path.clone()),
         }),
-    }
-}
-
-fn facts_from_pb(f: pb::HostFacts) -> HostFacts {
-    HostFacts {
-        cpus: f.cpus,
-        memory_mib: f.memory_mib,
-        storage_groups: f
-            .storage_groups
-            .into_iter()
-            .map(|g| {
-                (
-                    g.name,
-                    StorageGroupFacts {
-                        total_bytes: g.total_bytes,
-                        free_bytes: g.free_bytes,
-                    },
-                )
-            })
-            .collect(),
-        networks: f.networks.into_iter().map(|n| n.name).collect(),
-        boot_images: f.boot_images.into_iter().collect(),
-        qemu_version: f.qemu_version,
-        libvirt_version: f.libvirt_version,
     }
 }

@@ -1,9 +1,10 @@
 //! The public gRPC API (`pairvisor.v1`): translates requests into engine commands and back.
 //!
-//! On the serving controller a call goes to the local [`EngineHandle`]; on the standby it is
-//! forwarded to the serving controller found through the etcd election (marked so it is never
-//! forwarded twice). Event and console streams are read-only and served by any controller
-//! straight from etcd and the agents.
+//! On the serving controller a mutating call goes to the local [`EngineHandle`] and a read is
+//! answered from the engine's snapshot (never queued behind an agent call); on the standby a
+//! call is forwarded to the serving controller found through the etcd election (marked so it
+//! is never forwarded twice, and keeping its request ID). Event and console streams are
+//! read-only and served by any controller straight from etcd and the agents.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::Etcd;
-use etcd_client::WatchOptions;
+use daemon::etcd::{WatchSpec, Watched};
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
 use tokio::sync::{mpsc, watch};
@@ -24,12 +25,15 @@ use crate::agents::AgentPool;
 use crate::engine::{Command, EngineHandle, Modify, NodesView};
 use crate::error::{ApiError, chain};
 use crate::events::{self, Change, vm_state_to_pb};
-use crate::membership::LeaderInfo;
+use crate::health::{self, HostState};
 use crate::model::{Boot, DiskFormat, DiskRequest, Mode, VmRecord, VmSpec};
-use crate::store::{self, ELECTION, PREFIX};
+use crate::store::{self, Alert, ELECTION, PREFIX};
+use daemon::pair::LeaderInfo;
 
 /// Metadata key marking a call forwarded by the standby controller.
 const FORWARDED: &str = "x-pairvisor-forwarded";
+/// Metadata key of a mutating call's request ID (a retry carries the same one).
+pub const REQUEST_ID: &str = "x-pairvisor-request-id";
 /// Grace period of a shutdown when the request gives none.
 const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 /// Longest grace period a shutdown may ask for.
@@ -128,20 +132,43 @@ impl Api {
     }
 }
 
-/// The same request, marked as forwarded.
+/// The same request, marked as forwarded, with its request ID.
 fn forwarded<T>(request: Request<T>) -> Request<T> {
+    let id = request.metadata().get(REQUEST_ID).cloned();
     let mut out = Request::new(request.into_inner());
     out.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(id) = id {
+        out.metadata_mut().insert(REQUEST_ID, id);
+    }
     out
 }
 
-/// Runs `$body` with the local engine, or forwards the call to the serving controller.
+/// The request ID a call carries, if it carries a well-formed one.
+fn request_id<T>(request: &Request<T>) -> Result<Option<String>, ApiError> {
+    let Some(value) = request.metadata().get(REQUEST_ID) else {
+        return Ok(None);
+    };
+    let id = value.to_str().unwrap_or_default();
+    let well_formed =
+        (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !well_formed {
+        return Err(ApiError::invalid(
+            REQUEST_ID,
+            "give 8 to 64 letters, digits or '-' (a UUID)",
+        ));
+    }
+    Ok(Some(id.to_string()))
+}
+
+/// Runs `$body` with the local engine (and the call's request ID), or forwards the call to
+/// the serving controller.
 macro_rules! serve_or_forward {
-    ($self:ident, $request:ident, $method:ident, |$engine:ident, $message:ident| $body:expr) => {
+    ($self:ident, $request:ident, $method:ident, |$engine:ident, $message:ident, $id:ident| $body:expr) => {
         match $self.target(&$request).await? {
             Target::Peer(mut peer) => peer.$method(forwarded($request)).await,
             Target::Local($engine) => {
+                let $id = request_id(&$request)?;
                 let $message = $request.into_inner();
                 $body
             }
@@ -158,9 +185,15 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, create_vm, |engine, message| {
+        serve_or_forward!(self, request, create_vm, |engine, message, id| {
             let spec = spec_from_pb(message)?;
-            let vm = engine.call(|reply| Command::Create { spec, reply }).await?;
+            let vm = engine
+                .call(|reply| Command::Create {
+                    spec,
+                    request: id,
+                    reply,
+                })
+                .await?;
             Ok(Response::new(vm_to_pb(&vm)))
         })
     }
@@ -169,10 +202,11 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::StartVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, start_vm, |engine, message| {
+        serve_or_forward!(self, request, start_vm, |engine, message, id| {
             let vm = engine
                 .call(|reply| Command::Start {
                     vm: message.vm,
+                    request: id,
                     reply,
                 })
                 .await?;
@@ -184,12 +218,13 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::ShutdownVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, shutdown_vm, |engine, message| {
+        serve_or_forward!(self, request, shutdown_vm, |engine, message, id| {
             let grace = grace_from_pb(message.grace_seconds)?;
             let vm = engine
                 .call(|reply| Command::Shutdown {
                     vm: message.vm,
                     grace,
+                    request: id,
                     reply,
                 })
                 .await?;
@@ -201,10 +236,11 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::PowerOffVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, power_off_vm, |engine, message| {
+        serve_or_forward!(self, request, power_off_vm, |engine, message, id| {
             let vm = engine
                 .call(|reply| Command::PowerOff {
                     vm: message.vm,
+                    request: id,
                     reply,
                 })
                 .await?;
@@ -216,10 +252,11 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
-        serve_or_forward!(self, request, delete_vm, |engine, message| {
+        serve_or_forward!(self, request, delete_vm, |engine, message, id| {
             let uuid = engine
                 .call(|reply| Command::Delete {
                     vm: message.vm,
+                    request: id,
                     reply,
                 })
                 .await?;
@@ -231,7 +268,7 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::ModifyVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, modify_vm, |engine, message| {
+        serve_or_forward!(self, request, modify_vm, |engine, message, id| {
             let change = Modify {
                 mode: message.mode.map(mode_from_pb).transpose()?,
                 vcpus: message.vcpus,
@@ -241,6 +278,7 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 .call(|reply| Command::Modify {
                     vm: message.vm,
                     change,
+                    request: id,
                     reply,
                 })
                 .await?;
@@ -249,13 +287,8 @@ impl pb::pairvisor_server::Pairvisor for Api {
     }
 
     async fn get_vm(&self, request: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
-        serve_or_forward!(self, request, get_vm, |engine, message| {
-            let vm = engine
-                .call(|reply| Command::Get {
-                    vm: message.vm,
-                    reply,
-                })
-                .await?;
+        serve_or_forward!(self, request, get_vm, |engine, message, _id| {
+            let vm = engine.snapshot().vm(&message.vm)?;
             Ok(Response::new(vm_to_pb(&vm)))
         })
     }
@@ -264,10 +297,10 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
-        serve_or_forward!(self, request, list_vms, |engine, _message| {
-            let vms = engine.call(|reply| Command::List { reply }).await?;
+        serve_or_forward!(self, request, list_vms, |engine, _message, _id| {
+            let snapshot = engine.snapshot();
             Ok(Response::new(pb::ListVmsResponse {
-                vms: vms.iter().map(vm_to_pb).collect(),
+                vms: snapshot.vms.values().map(vm_to_pb).collect(),
             }))
         })
     }
@@ -276,9 +309,46 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        serve_or_forward!(self, request, list_nodes, |engine, _message| {
-            let view = engine.call(|reply| Command::Nodes { reply }).await?;
-            Ok(Response::new(nodes_to_pb(view)))
+        serve_or_forward!(self, request, list_nodes, |engine, _message, _id| {
+            Ok(Response::new(nodes_to_pb(&engine.snapshot().nodes)))
+        })
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        serve_or_forward!(self, request, list_alerts, |engine, _message, _id| {
+            Ok(Response::new(pb::ListAlertsResponse {
+                alerts: engine.snapshot().alerts.values().map(alert_to_pb).collect(),
+            }))
+        })
+    }
+
+    async fn get_health_config(
+        &self,
+        request: Request<pb::GetHealthConfigRequest>,
+    ) -> Result<Response<pb::HealthConfig>, Status> {
+        serve_or_forward!(self, request, get_health_config, |engine, _message, _id| {
+            Ok(Response::new(health_config_to_pb(
+                engine.snapshot().health_config,
+            )))
+        })
+    }
+
+    async fn set_health_config(
+        &self,
+        request: Request<pb::HealthConfig>,
+    ) -> Result<Response<pb::HealthConfig>, Status> {
+        serve_or_forward!(self, request, set_health_config, |engine, message, _id| {
+            let config = health::Config {
+                path_timeout_ms: message.path_timeout_ms,
+                lost_confirm_ms: message.lost_confirm_ms,
+            };
+            let config = engine
+                .call(|reply| Command::SetHealthConfig { config, reply })
+                .await?;
+            Ok(Response::new(health_config_to_pb(config)))
         })
     }
 
@@ -334,74 +404,52 @@ impl pb::pairvisor_server::Pairvisor for Api {
     }
 }
 
-/// Sends the pair's events from revision `since` (0: from now) until the receiver goes away,
-/// re-watching on another etcd member from the last revision seen if one fails.
+/// Sends the pair's events from revision `since` (0: from now) until the receiver goes away.
 async fn stream_events(etcd: Etcd, since: i64, tx: mpsc::Sender<Result<pb::Event, Status>>) {
-    let mut next = since;
+    let mut watch = etcd.watch(WatchSpec {
+        key: PREFIX.to_string(),
+        prefix: true,
+        start_revision: since,
+    });
     loop {
-        let (endpoint, mut member) = etcd.current();
-        let mut options = WatchOptions::new().with_prefix().with_prev_key();
-        if next > 0 {
-            options = options.with_start_revision(next);
-        }
-        let mut watch = match member.watch(PREFIX, Some(options)).await {
-            Ok(watch) => watch,
-            Err(e) => {
-                tracing::debug!(%endpoint, error = %e, "event watch failed; trying the next etcd member");
-                etcd.rotate(&endpoint);
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                    () = tx.closed() => return,
+        let watched = tokio::select! {
+            watched = watch.recv() => watched,
+            () = tx.closed() => return,
+        };
+        match watched {
+            Some(Watched::Events(events)) => {
+                for event in &events {
+                    if let Some(api_event) = api_event(event)
+                        && tx.send(Ok(api_event)).await.is_err()
+                    {
+                        return;
+                    }
                 }
             }
-        };
-        loop {
-            let response = tokio::select! {
-                r = watch.message() => r,
-                () = tx.closed() => return,
-            };
-            let response = match response {
-                Ok(Some(r)) => r,
-                Ok(None) | Err(_) => {
-                    etcd.rotate(&endpoint);
-                    break;
-                }
-            };
-            if response.canceled() {
-                let reason = format!(
-                    "event watch canceled ({}); resume from a newer revision",
-                    response.cancel_reason()
-                );
+            Some(Watched::Cancelled { reason }) => {
+                let reason = format!("event watch cancelled: {reason}");
                 let _ = tx
                     .send(Err(ApiError::FailedPrecondition(reason).into()))
                     .await;
                 return;
             }
-            // Watching "from now": pin "now" so a re-watch after a member failure misses nothing.
-            if next == 0
-                && let Some(header) = response.header()
-            {
-                next = header.revision() + 1;
-            }
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                next = kv.mod_revision() + 1;
-                let is_put = matches!(event.event_type(), etcd_client::EventType::Put);
-                let change = Change {
-                    revision: kv.mod_revision(),
-                    key: &String::from_utf8_lossy(kv.key()),
-                    value: is_put.then(|| kv.value()),
-                    prev: event.prev_kv().map(|p| p.value()),
-                    now_unix_ms: crate::now_unix_ms(),
-                };
-                if let Some(api_event) = events::from_change(&change)
-                    && tx.send(Ok(api_event)).await.is_err()
-                {
-                    return;
-                }
-            }
+            None => return,
         }
     }
+}
+
+/// The API event a watched change means, if any.
+fn api_event(event: &etcd_client::Event) -> Option<pb::Event> {
+    let kv = event.kv()?;
+    let is_put = matches!(event.event_type(), etcd_client::EventType::Put);
+    let change = Change {
+        revision: kv.mod_revision(),
+        key: &String::from_utf8_lossy(kv.key()),
+        value: is_put.then(|| kv.value()),
+        prev: event.prev_kv().map(|p| p.value()),
+        now_unix_ms: crate::now_unix_ms(),
+    };
+    events::from_change(&change)
 }
 
 fn grace_from_pb(seconds: u32) -> Result<Duration, ApiError> {
@@ -534,43 +582,57 @@ pub fn vm_to_pb(vm: &VmRecord) -> pb::Vm {
     }
 }
 
-fn nodes_to_pb(view: NodesView) -> pb::ListNodesResponse {
+fn nodes_to_pb(view: &NodesView) -> pb::ListNodesResponse {
     let nodes = view
         .nodes
-        .into_iter()
+        .iter()
         .map(|n| {
             let role = if n.record.name == view.serving {
                 pb::NodeRole::Serving
             } else {
                 pb::NodeRole::Standby
             };
-            let state = if n.reachable {
-                pb::NodeState::Up
-            } else {
-                pb::NodeState::Unreachable
+            let state = match n.health {
+                HostState::Up => pb::NodeState::Up,
+                HostState::Suspect => pb::NodeState::Suspect,
+                HostState::Lost => pb::NodeState::Lost,
+                HostState::Fenced => pb::NodeState::Fenced,
             };
-            let facts = n.record.facts;
+            let facts = &n.record.facts;
             pb::Node {
-                name: n.record.name,
+                name: n.record.name.clone(),
                 role: role.into(),
                 state: state.into(),
-                api_address: n.record.api_address,
+                api_address: n.api_address.clone(),
                 cpus: facts.cpus,
                 memory_mib: facts.memory_mib,
                 storage_groups: facts
                     .storage_groups
-                    .into_iter()
+                    .iter()
                     .map(|(name, g)| pb::StorageGroup {
-                        name,
+                        name: name.clone(),
                         total_bytes: g.total_bytes,
                         free_bytes: g.free_bytes,
                     })
                     .collect(),
-                networks: facts.networks.into_iter().collect(),
-                boot_images: facts.boot_images.into_iter().collect(),
-                qemu_version: facts.qemu_version,
-                libvirt_version: facts.libvirt_version,
+                networks: facts.networks.iter().cloned().collect(),
+                boot_images: facts.boot_images.iter().cloned().collect(),
+                qemu_version: facts.qemu_version.clone(),
+                libvirt_version: facts.libvirt_version.clone(),
                 running_vms: n.running_vms,
+                state_reason: n.health_reason.clone(),
+                lease_alive: n.lease_alive,
+                agent_up: n.agent_up,
+                controller_up: n.controller_up,
+                paths: n
+                    .paths
+                    .iter()
+                    .map(|p| pb::HeartbeatPath {
+                        name: p.name.clone(),
+                        up: p.up,
+                        ms_since_heard: p.since_ms,
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -580,6 +642,23 @@ fn nodes_to_pb(view: NodesView) -> pb::ListNodesResponse {
             free_vcpus: u32::try_from(view.free.vcpus).unwrap_or(u32::MAX),
             free_memory_mib: view.free.memory_mib,
         }),
+    }
+}
+
+fn alert_to_pb(alert: &Alert) -> pb::Alert {
+    pb::Alert {
+        id: alert.id.clone(),
+        node: alert.node.clone(),
+        vm_uuid: alert.vm.clone(),
+        message: alert.message.clone(),
+        raised_unix_ms: alert.raised_unix_ms,
+    }
+}
+
+fn health_config_to_pb(config: health::Config) -> pb::HealthConfig {
+    pb::HealthConfig {
+        path_timeout_ms: config.path_timeout_ms,
+        lost_confirm_ms: config.lost_confirm_ms,
     }
 }
 

@@ -4,9 +4,8 @@
 //! node = "n0"
 //! listen = "0.0.0.0:7400"               # public API (also reachable on the system IP)
 //! api_address = "10.100.0.11:7400"      # where the peer controller forwards API calls
-//! agent_address = "10.100.0.11:7701"    # this node's agent
 //! etcd_endpoints = ["10.100.0.11:2379", "10.100.0.12:2379", "10.100.0.13:2379"]
-//! lease_ttl_seconds = 3
+//! lease_ttl_seconds = 2                 # how soon the peer takes over from a dead controller
 //! [system_ip]                           # optional: the floating IP of the serving controller
 //! address = "10.100.0.10/24"
 //! device = "ibiz0"
@@ -61,8 +60,6 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address under which the peer reaches this controller's API.
     pub api_address: String,
-    /// Address of this node's agent.
-    pub agent_address: String,
     /// etcd client endpoints of all three members (host:port).
     pub etcd_endpoints: Vec<String>,
     /// TTL of this controller's etcd lease: how fast the peer takes over when it dies.
@@ -126,7 +123,6 @@ mod tests {
 node = "n0"
 listen = "0.0.0.0:7400"
 api_address = "10.100.0.11:7400"
-agent_address = "10.100.0.11:7701"
 etcd_endpoints = ["10.100.0.11:2379"]
 "#;
 

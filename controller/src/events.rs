@@ -6,9 +6,9 @@
 
 use proto::v1 as pb;
 
-use crate::membership::LeaderInfo;
 use crate::model::{NodeRecord, VmRecord, VmState};
-use crate::store::{LEADER, NODES, VMS};
+use crate::store::{ALERTS, Alert, LEADER, NODES, VMS};
+use daemon::pair::LeaderInfo;
 
 /// One committed change of a key.
 #[derive(Clone, Copy, Debug)]
@@ -33,6 +33,8 @@ pub fn from_change(change: &Change<'_>) -> Option<pb::Event> {
         node_event(change)
     } else if change.key == LEADER {
         leader_event(change)
+    } else if change.key.starts_with(ALERTS) {
+        alert_event(change)
     } else {
         None
     }
@@ -83,6 +85,7 @@ fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
         } else {
             change.now_unix_ms
         },
+        alert_id: String::new(),
     })
 }
 
@@ -91,12 +94,12 @@ fn node_event(change: &Change<'_>) -> Option<pb::Event> {
         (Some(value), None) => (
             pb::EventKind::NodeUp,
             value,
-            "node up: its controller registered",
+            "node up: its agent registered the host",
         ),
         (None, Some(prev)) => (
             pb::EventKind::NodeDown,
             prev,
-            "node down: its controller's lease expired",
+            "node down: its host lease expired",
         ),
         _ => return None,
     };
@@ -111,13 +114,35 @@ fn node_event(change: &Change<'_>) -> Option<pb::Event> {
     })
 }
 
+fn alert_event(change: &Change<'_>) -> Option<pb::Event> {
+    let (kind, raw, verb) = match (change.value, change.prev) {
+        (Some(value), _) => (pb::EventKind::AlertRaised, value, "alert"),
+        (None, Some(prev)) => (pb::EventKind::AlertCleared, prev, "cleared"),
+        (None, None) => return None,
+    };
+    let alert: Alert = serde_json::from_slice(raw).ok()?;
+    Some(pb::Event {
+        revision: change.revision,
+        kind: kind.into(),
+        vm_uuid: alert.vm,
+        node: alert.node,
+        message: format!("{verb}: {}", alert.message),
+        unix_ms: change.now_unix_ms,
+        alert_id: alert.id,
+        ..Default::default()
+    })
+}
+
 fn leader_event(change: &Change<'_>) -> Option<pb::Event> {
     let value = change.value?;
     let leader: LeaderInfo = serde_json::from_slice(value).ok()?;
     Some(pb::Event {
         revision: change.revision,
         kind: pb::EventKind::ControllerElected.into(),
-        message: format!("controller on {} serves the API", leader.node),
+        message: format!(
+            "controller on {} serves the API (term {})",
+            leader.node, leader.term
+        ),
         node: leader.node,
         unix_ms: change.now_unix_ms,
         ..Default::default()
@@ -133,6 +158,8 @@ pub fn vm_state_to_pb(state: VmState) -> pb::VmState {
         VmState::Running => pb::VmState::Running,
         VmState::Stopping { .. } => pb::VmState::Stopping,
         VmState::Deleting => pb::VmState::Deleting,
+        VmState::Paused => pb::VmState::Paused,
+        VmState::Lost { .. } => pb::VmState::Lost,
     }
 }
 
@@ -195,12 +222,27 @@ mod tests {
 
     #[test]
     fn from_change_leader_key_is_controller_elected() {
-        let value = br#"{"node":"n1","api_address":"10.0.0.2:7400"}"#;
+        let value = br#"{"node":"n1","api_address":"10.0.0.2:7400","term":9}"#;
 
         let event = from_change(&change("/pairvisor/leader", Some(value), None)).unwrap();
 
         assert_eq!(event.kind(), pb::EventKind::ControllerElected);
         assert_eq!(event.node, "n1");
+    }
+
+    #[test]
+    fn from_change_alert_delete_is_cleared_event() {
+        let alert = br#"{"id":"path/n0/alink1","node":"n0","vm":"","message":"alink1 silent","raised_unix_ms":5}"#;
+
+        let event = from_change(&change(
+            "/pairvisor/alerts/path/n0/alink1",
+            None,
+            Some(alert),
+        ))
+        .unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::AlertCleared);
+        assert_eq!(event.alert_id, "path/n0/alink1");
     }
 
     #[test]

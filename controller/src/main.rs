@@ -1,15 +1,17 @@
 //! `pv-controller`: Pairvisor's per-host controller daemon.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use daemon::lease::LeaseStatus;
 use tokio::sync::watch;
 
 use controller::agents::AgentPool;
 use controller::api::{Api, Route};
 use controller::config::Config;
-use controller::membership::{self, Role};
+use controller::membership::{self, Published, Role};
 use controller::serving::{self, Deps};
 use controller::store;
 
@@ -39,21 +41,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let waiting = store::Etcd::connect(&config.etcd_endpoints, None).await?;
     let agents = AgentPool::default();
     let (role_tx, role_rx) = watch::channel(Role::Standby);
+    let (lease_tx, lease_rx) = watch::channel(LeaseStatus::Expired);
+    let (lease_id_tx, lease_id) = watch::channel(0);
     let (route_tx, route_rx) = watch::channel(Route::Forward);
+    let published = Published {
+        role: role_tx,
+        lease: lease_tx,
+        lease_id: lease_id_tx,
+    };
     tokio::spawn(membership::run(
         config.clone(),
         client.clone(),
         waiting,
-        agents.clone(),
-        role_tx,
+        published,
     ));
     let deps = Deps {
         config: config.clone(),
         client: client.clone(),
         agents: agents.clone(),
+        lease: lease_rx,
     };
     tokio::spawn(serving::follow(deps, role_rx, route_tx));
-    let api = Api::new(route_rx, client, agents);
+    let api = Api::new(route_rx, client.clone(), agents);
     tracing::info!(node = %config.node, listen = %config.listen, "controller API listening");
     tonic::transport::Server::builder()
         .add_service(proto::v1::pairvisor_server::PairvisorServer::new(api))
@@ -62,6 +71,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("serving the API on {}", config.listen))?;
     if let Some(ip) = &config.system_ip {
         let _ = controller::sysip::release(ip).await;
+    }
+    // Hand the role over at once rather than after the lease's TTL.
+    let lease = *lease_id.borrow();
+    if lease != 0 {
+        let _ = daemon::lease::revoke(&client, lease, Duration::from_secs(2)).await;
     }
     tracing::info!(node = %config.node, "controller stopped by signal");
     Ok(())

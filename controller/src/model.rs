@@ -1,9 +1,9 @@
 //! The pair's state as stored in etcd (JSON values) and seen by the pure decision modules.
 //! No proto types here: the gRPC layer converts at the edge.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use serde::{Deserialize, Serialize};
+
+pub use daemon::pair::{HostFacts, NodeRecord, StorageGroupFacts};
 
 /// How a VM is protected against a host failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +97,29 @@ pub struct Nic {
     pub mac: String,
 }
 
+/// What the pair does with a VM whose host is lost once the host returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Intent {
+    /// Keep it running: start it again if it stopped.
+    Resume,
+    /// Power it off.
+    PowerOff,
+    /// Delete it with its volumes.
+    Delete,
+}
+
+impl Intent {
+    /// Short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Intent::Resume => "resume",
+            Intent::PowerOff => "power off",
+            Intent::Delete => "delete",
+        }
+    }
+}
+
 /// A VM's lifecycle state (see [`crate::vm`] for the transitions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "lowercase")]
@@ -118,6 +141,13 @@ pub enum VmState {
     },
     /// Its domain and volumes are being removed.
     Deleting,
+    /// Its domain is paused by QEMU (an I/O error, a full disk): the guest is frozen.
+    Paused,
+    /// Its host is lost: what runs there cannot be seen or commanded until the host returns.
+    Lost {
+        /// What to do once the host returns.
+        intent: Intent,
+    },
 }
 
 impl VmState {
@@ -130,6 +160,8 @@ impl VmState {
             VmState::Running => "running",
             VmState::Stopping { .. } => "stopping",
             VmState::Deleting => "deleting",
+            VmState::Paused => "paused",
+            VmState::Lost { .. } => "lost",
         }
     }
 }
@@ -174,6 +206,10 @@ pub struct VmRecord {
     pub boot: Boot,
     /// Node the VM runs on or will start on.
     pub node: String,
+    /// Ownership generation: raised each time the pair assigns where the VM runs (every
+    /// start), committed before any agent is told; agents refuse commands of older ones.
+    #[serde(default)]
+    pub generation: u64,
     /// Lifecycle state.
     pub state: VmState,
     /// Why it is in that state.
@@ -181,49 +217,6 @@ pub struct VmRecord {
     /// Creation time.
     pub created_unix_ms: i64,
     /// Time of the last change.
-    pub updated_unix_ms: i64,
-}
-
-/// Capacity of a storage group on one node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StorageGroupFacts {
-    /// Size of its file system.
-    pub total_bytes: u64,
-    /// Free space.
-    pub free_bytes: u64,
-}
-
-/// What a node's agent reports about its host.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostFacts {
-    /// Logical CPUs.
-    pub cpus: u32,
-    /// Memory in MiB.
-    pub memory_mib: u64,
-    /// Storage groups by name.
-    pub storage_groups: BTreeMap<String, StorageGroupFacts>,
-    /// Business networks.
-    pub networks: BTreeSet<String>,
-    /// Boot images.
-    pub boot_images: BTreeSet<String>,
-    /// QEMU version.
-    pub qemu_version: String,
-    /// libvirt version.
-    pub libvirt_version: String,
-}
-
-/// A node as registered in etcd under `nodes/<name>` by its controller, bound to its lease.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    /// Node name.
-    pub name: String,
-    /// Address of the node controller's public API.
-    pub api_address: String,
-    /// Address of the node's agent.
-    pub agent_address: String,
-    /// Host facts, as last read from the agent.
-    pub facts: HostFacts,
-    /// When the facts were read.
     pub updated_unix_ms: i64,
 }
 

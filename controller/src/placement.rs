@@ -300,6 +300,7 @@ pub(crate) mod tests {
                 image: "tiny".into(),
             },
             node: node.into(),
+            generation: 1,
             state: VmState::Stopped,
             state_reason: String::new(),
             created_unix_ms: 0,

@@ -1,7 +1,12 @@
 //! Follows this controller's role: on election it starts the engine, routes the API to it and
 //! takes the system IP; when the role is lost it stops the engine at once, routes the API to
-//! the peer and drops the system IP.
+//! the peer and drops the system IP. While the role's lease is in doubt (no renewal confirmed
+//! within its TTL, e.g. during an etcd election) the engine holds still and the system IP is
+//! dropped, since the peer takes both over if the lease did expire; once a renewal is
+//! confirmed the IP comes back, and nothing was stepped down.
 
+use daemon::lease::LeaseStatus;
+use daemon::pair::LeaderInfo;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -9,7 +14,7 @@ use crate::api::Route;
 use crate::config::Config;
 use crate::engine::{self, Context};
 use crate::error::chain;
-use crate::membership::{LeaderInfo, Role};
+use crate::membership::Role;
 use crate::store::{self, Writer};
 use crate::sysip;
 
@@ -27,11 +32,16 @@ pub struct Deps {
     pub client: crate::store::Etcd,
     /// Agent clients.
     pub agents: crate::agents::AgentPool,
+    /// The serving lease's status.
+    pub lease: watch::Receiver<LeaseStatus>,
 }
 
 /// Runs until `role` closes, keeping `route` and the system IP in line with the role.
 pub async fn follow(deps: Deps, mut role: watch::Receiver<Role>, route: watch::Sender<Route>) {
-    let mut engine: Option<JoinHandle<()>> = None;
+    // The running engine and the term it serves.
+    let mut engine: Option<(i64, JoinHandle<()>)> = None;
+    let mut lease = deps.lease.clone();
+    let mut holds_ip = false;
     release_ip(&deps.config).await;
     loop {
         let current = role.borrow_and_update().clone();
@@ -39,24 +49,37 @@ pub async fn follow(deps: Deps, mut role: watch::Receiver<Role>, route: watch::S
             Role::Serving {
                 key,
                 revision,
-                lease,
-            } => {
-                if let Some(task) = engine.take() {
+                lease: lease_id,
+            } if engine.as_ref().is_none_or(|(term, _)| *term != revision) => {
+                if let Some((_, task)) = engine.take() {
                     task.abort();
                 }
-                engine = serve_or_resign(&deps, &key, revision, lease, &route, &role).await;
+                engine = serve_or_resign(&deps, &key, revision, lease_id, &route, &role)
+                    .await
+                    .map(|task| (revision, task));
             }
+            Role::Serving { .. } => {}
             Role::Standby => {
-                if let Some(task) = engine.take() {
+                if let Some((_, task)) = engine.take() {
                     task.abort();
                     route.send_replace(Route::Forward);
                     tracing::info!(node = %deps.config.node, "standby: engine stopped, API forwarded to the peer");
-                    release_ip(&deps.config).await;
                 }
             }
         }
-        if role.changed().await.is_err() {
-            return;
+        let status = *lease.borrow_and_update();
+        let want_ip = engine.is_some() && status == LeaseStatus::Alive;
+        if want_ip != holds_ip {
+            holds_ip = want_ip;
+            if want_ip {
+                acquire_ip(&deps.config).await;
+            } else {
+                release_ip(&deps.config).await;
+            }
+        }
+        tokio::select! {
+            changed = role.changed() => if changed.is_err() { return },
+            changed = lease.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -73,7 +96,7 @@ async fn serve_or_resign(
 ) -> Option<JoinHandle<()>> {
     let node = &deps.config.node;
     for attempt in 1..=SERVE_ATTEMPTS {
-        if let Some(task) = serve(deps, key.to_vec(), revision, route).await {
+        if let Some(task) = serve(deps, key.to_vec(), revision, lease, route).await {
             return Some(task);
         }
         if !matches!(&*role.borrow(), Role::Serving { revision: r, .. } if *r == revision) {
@@ -83,16 +106,8 @@ async fn serve_or_resign(
         tokio::time::sleep(SERVE_RETRY).await;
     }
     tracing::error!(node = %node, lease = format!("{lease:x}"), "resign begin: cannot serve, giving the role to the peer");
-    let revoked = deps
-        .client
-        .request(
-            "revoking the lease to resign",
-            store::REQUEST_BUDGET,
-            |mut c| async move { c.lease_revoke(lease).await },
-        )
-        .await;
-    match revoked {
-        Ok(_) => tracing::error!(node = %node, "resign end: ok"),
+    match daemon::lease::revoke(&deps.client, lease, store::REQUEST_BUDGET).await {
+        Ok(()) => tracing::error!(node = %node, "resign end: ok"),
         Err(e) => {
             tracing::error!(node = %node, error = %chain(&e), "resign end: failed; the lease expires on its own only if this controller stops")
         }
@@ -104,14 +119,16 @@ async fn serve(
     deps: &Deps,
     key: Vec<u8>,
     revision: i64,
+    lease: i64,
     route: &watch::Sender<Route>,
 ) -> Option<JoinHandle<()>> {
     let node = &deps.config.node;
-    tracing::info!(node = %node, revision, "serving begin: loading state");
+    tracing::info!(node = %node, term = revision, "serving begin: announcing the term, loading state");
     let writer = Writer::new(deps.client.clone(), key, revision);
     let leader = LeaderInfo {
         node: node.clone(),
         api_address: deps.config.api_address.clone(),
+        term: revision,
     };
     if let Err(e) = writer.announce(&leader).await {
         tracing::error!(node = %node, error = %chain(&e), "serving end: failed to announce; staying standby");
@@ -121,23 +138,15 @@ async fn serve(
         node: node.clone(),
         client: deps.client.clone(),
         writer,
+        lease,
+        lease_status: deps.lease.clone(),
         agents: deps.agents.clone(),
         policy: deps.config.capacity,
     };
     match engine::start(ctx).await {
         Ok((handle, task)) => {
             route.send_replace(Route::Local(handle));
-            if let Some(ip) = &deps.config.system_ip {
-                match sysip::acquire(ip).await {
-                    Ok(()) => {
-                        tracing::info!(node = %node, address = %ip.address, "system IP acquired")
-                    }
-                    Err(e) => {
-                        tracing::error!(node = %node, error = %chain(&e), "system IP not acquired")
-                    }
-                }
-            }
-            tracing::info!(node = %node, "serving end: ok, API served here");
+            tracing::info!(node = %node, term = revision, "serving end: ok, API served here");
             Some(task)
         }
         Err(e) => {
@@ -147,10 +156,26 @@ async fn serve(
     }
 }
 
+async fn acquire_ip(config: &Config) {
+    let Some(ip) = &config.system_ip else {
+        return;
+    };
+    match sysip::acquire(ip).await {
+        Ok(()) => tracing::info!(node = %config.node, address = %ip.address, "system IP acquired"),
+        Err(e) => {
+            tracing::error!(node = %config.node, error = %chain(&e), "system IP not acquired")
+        }
+    }
+}
+
 async fn release_ip(config: &Config) {
-    if let Some(ip) = &config.system_ip
-        && let Err(e) = sysip::release(ip).await
-    {
-        tracing::warn!(node = %config.node, error = %chain(&e), "system IP not released");
+    let Some(ip) = &config.system_ip else {
+        return;
+    };
+    match sysip::release(ip).await {
+        Ok(()) => tracing::info!(node = %config.node, address = %ip.address, "system IP released"),
+        Err(e) => {
+            tracing::warn!(node = %config.node, error = %chain(&e), "system IP not released")
+        }
     }
 }

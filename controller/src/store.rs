@@ -3,37 +3,49 @@
 //! Keys (values are JSON):
 //! - `/pairvisor/vms/<uuid>`   → [`VmRecord`]
 //! - `/pairvisor/names/<name>` → the UUID owning the name (names are unique by construction)
-//! - `/pairvisor/nodes/<name>` → [`NodeRecord`], bound to that node controller's lease
-//! - `/pairvisor/members/<name>` → the same record without a lease: the pair's nodes and their
-//!   last known facts, kept while a node is down so capacity still counts the smaller node
+//! - `/pairvisor/nodes/<name>` → [`NodeRecord`], written by the host's agent, bound to its
+//!   host lease (see `daemon::pair`); `/pairvisor/members/<name>` keeps it while the host is down
+//! - `/pairvisor/controllers/<name>` → [`ControllerRecord`], bound to that controller's lease
+//! - `/pairvisor/requests/<id>` → [`RequestRecord`]: a mutating API request that applied,
+//!   written in the same transaction as its first change, expiring after minutes
+//! - `/pairvisor/alerts/<id>`  → [`Alert`]: an open alert (a path down, a host lost, a domain
+//!   running outside the API); deleted when cleared
+//! - `/pairvisor/config/health` → the host-health timeouts ([`crate::health::Config`])
 //! - `/pairvisor/serving/…`    → etcd election of the serving controller ([`ELECTION`])
+//! - `/pairvisor/leader`       → who serves, with its term (`daemon::pair::LeaderInfo`)
 //!
-//! Only the serving controller writes VM keys, through a [`Writer`]: every write is a
-//! transaction that also requires the writer's election key to still exist with its creation
-//! revision, so a controller that lost its lease can no longer change anything (fencing).
+//! Only the serving controller writes VM, request, alert and config keys, through a
+//! [`Writer`]: every write is a transaction that also requires the writer's election key to
+//! still exist with its creation revision, so a controller that lost its lease can no longer
+//! change anything (fencing).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use serde::{Deserialize, Serialize};
 
-pub use crate::etcd::Etcd;
+pub use daemon::etcd::Etcd;
+use daemon::pair::encode;
+pub use daemon::pair::{LEADER, MEMBERS, NODES, PREFIX, member_key, node_key};
+
+use crate::health;
 use crate::model::{NodeRecord, VmRecord};
 
-/// Prefix of every key Pairvisor owns.
-pub const PREFIX: &str = "/pairvisor/";
 /// Prefix of VM records.
 pub const VMS: &str = "/pairvisor/vms/";
 /// Prefix of name reservations.
 pub const NAMES: &str = "/pairvisor/names/";
-/// Prefix of node registrations.
-pub const NODES: &str = "/pairvisor/nodes/";
-/// Prefix of the pair's members (node records without a lease).
-pub const MEMBERS: &str = "/pairvisor/members/";
+/// Prefix of controller registrations.
+pub const CONTROLLERS: &str = "/pairvisor/controllers/";
+/// Prefix of applied requests.
+pub const REQUESTS: &str = "/pairvisor/requests/";
+/// Prefix of open alerts.
+pub const ALERTS: &str = "/pairvisor/alerts/";
+/// The host-health configuration.
+pub const HEALTH_CONFIG: &str = "/pairvisor/config/health";
 /// Name of the serving-controller election.
 pub const ELECTION: &str = "/pairvisor/serving";
-/// Who serves now: written by the elected controller once it has taken over.
-pub const LEADER: &str = "/pairvisor/leader";
 
 /// How long one attempt on one member may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -61,7 +73,7 @@ pub enum Error {
     },
     /// The cluster did not answer.
     #[error("the pair's state store")]
-    Etcd(#[from] crate::etcd::Error),
+    Etcd(#[from] daemon::etcd::Error),
     /// The name is taken.
     #[error("the name {name} is taken")]
     NameTaken {
@@ -83,14 +95,63 @@ pub fn name_key(name: &str) -> String {
     format!("{NAMES}{name}")
 }
 
-/// Key of a node registration.
-pub fn node_key(name: &str) -> String {
-    format!("{NODES}{name}")
+/// Key of a controller registration.
+pub fn controller_key(name: &str) -> String {
+    format!("{CONTROLLERS}{name}")
 }
 
-/// Key of a pair member.
-pub fn member_key(name: &str) -> String {
-    format!("{MEMBERS}{name}")
+/// Key of an applied request.
+pub fn request_key(id: &str) -> String {
+    format!("{REQUESTS}{id}")
+}
+
+/// Key of an alert.
+pub fn alert_key(id: &str) -> String {
+    format!("{ALERTS}{id}")
+}
+
+/// A controller as it registers itself, bound to its lease: present while it lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerRecord {
+    /// Node name.
+    pub name: String,
+    /// Its API address.
+    pub api_address: String,
+}
+
+/// A mutating API request that applied: a retry with the same ID returns its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// The API method, e.g. "create".
+    pub op: String,
+    /// The VM it acted on.
+    pub vm: String,
+}
+
+/// An open alert.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Stable ID, e.g. `path/n1/alink1` or `unknown-domain/n0/<uuid>`: raising it again is a no-op.
+    pub id: String,
+    /// The node it concerns, if any.
+    pub node: String,
+    /// The VM it concerns, if any.
+    pub vm: String,
+    /// What is wrong and what to do, in words.
+    pub message: String,
+    /// When it was raised.
+    pub raised_unix_ms: i64,
+}
+
+/// A request's tag for the transaction that applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tag {
+    /// The request ID (from the `x-pairvisor-request-id` header).
+    pub id: String,
+    /// What it did.
+    pub record: RequestRecord,
+    /// The lease its record expires with.
+    pub lease: i64,
 }
 
 /// A value with the revision it was last written at.
@@ -100,6 +161,8 @@ pub struct Stored<T> {
     pub value: T,
     /// etcd's mod_revision of the key.
     pub revision: i64,
+    /// The key.
+    pub key: String,
 }
 
 /// Every VM record.
@@ -115,13 +178,17 @@ pub async fn load_vm(etcd: &Etcd, uuid: &str) -> Result<Option<Stored<VmRecord>>
         .transpose()
 }
 
-/// Every live node registration.
-pub async fn load_nodes(etcd: &Etcd) -> Result<Vec<NodeRecord>, Error> {
-    Ok(load_prefix(etcd, NODES)
+/// Every live host registration (its agent's lease holds).
+pub async fn load_nodes(etcd: &Etcd) -> Result<Vec<Stored<NodeRecord>>, Error> {
+    load_prefix(etcd, NODES).await
+}
+
+/// The live registration of host `name`, if its agent's lease holds.
+pub async fn find_node(etcd: &Etcd, name: &str) -> Result<Option<NodeRecord>, Error> {
+    get(etcd, &node_key(name))
         .await?
-        .into_iter()
-        .map(|s: Stored<NodeRecord>| s.value)
-        .collect())
+        .map(|kv| decode(&kv).map(|s| s.value))
+        .transpose()
 }
 
 /// Every member of the pair, with its last known facts (live or not).
@@ -131,6 +198,61 @@ pub async fn load_members(etcd: &Etcd) -> Result<Vec<NodeRecord>, Error> {
         .into_iter()
         .map(|s: Stored<NodeRecord>| s.value)
         .collect())
+}
+
+/// Every live controller registration.
+pub async fn load_controllers(etcd: &Etcd) -> Result<Vec<ControllerRecord>, Error> {
+    Ok(load_prefix(etcd, CONTROLLERS)
+        .await?
+        .into_iter()
+        .map(|s: Stored<ControllerRecord>| s.value)
+        .collect())
+}
+
+/// Every applied request still remembered, by ID.
+pub async fn load_requests(etcd: &Etcd) -> Result<Vec<(String, RequestRecord)>, Error> {
+    Ok(load_prefix(etcd, REQUESTS)
+        .await?
+        .into_iter()
+        .map(|s: Stored<RequestRecord>| (s.key[REQUESTS.len()..].to_string(), s.value))
+        .collect())
+}
+
+/// Every open alert.
+pub async fn load_alerts(etcd: &Etcd) -> Result<Vec<Alert>, Error> {
+    Ok(load_prefix(etcd, ALERTS)
+        .await?
+        .into_iter()
+        .map(|s: Stored<Alert>| s.value)
+        .collect())
+}
+
+/// The host-health configuration (the defaults until an admin changes it).
+pub async fn load_health_config(etcd: &Etcd) -> Result<health::Config, Error> {
+    Ok(get(etcd, HEALTH_CONFIG)
+        .await?
+        .map(|kv| decode(&kv).map(|s| s.value))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// Registers this controller under `lease` (its API address, for node-info and forwarding).
+pub async fn put_controller(
+    etcd: &Etcd,
+    record: &ControllerRecord,
+    lease: i64,
+) -> Result<(), Error> {
+    let key = controller_key(&record.name);
+    let value = encode(record);
+    etcd.request("registering controller", REQUEST_BUDGET, |mut c| {
+        let (key, value) = (key.clone(), value.clone());
+        async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
+    Ok(())
 }
 
 /// The raw value of `key`, if it exists.
@@ -159,46 +281,29 @@ pub async fn find_vm(etcd: &Etcd, vm: &str) -> Result<Option<VmRecord>, Error> {
         .transpose()
 }
 
-/// The node registration of `name`, if that node's controller is alive.
-pub async fn find_node(etcd: &Etcd, name: &str) -> Result<Option<NodeRecord>, Error> {
-    get(etcd, &node_key(name))
-        .await?
-        .map(|kv| decode(&kv).map(|s| s.value))
-        .transpose()
-}
-
-/// Registers (or refreshes) this node under `lease`, and records it as a member of the pair.
-pub async fn put_node(etcd: &Etcd, record: &NodeRecord, lease: i64) -> Result<(), Error> {
-    let (node, member) = (node_key(&record.name), member_key(&record.name));
-    let value = encode(record);
-    etcd.request("registering node", REQUEST_BUDGET, |mut c| {
-        let txn = Txn::new().and_then([
-            TxnOp::put(
-                node.clone(),
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-            TxnOp::put(member.clone(), value.clone(), None),
-        ]);
-        async move { c.txn(txn).await }
-    })
-    .await?;
-    Ok(())
-}
-
 async fn load_prefix<T: serde::de::DeserializeOwned>(
     etcd: &Etcd,
     prefix: &str,
 ) -> Result<Vec<Stored<T>>, Error> {
+    Ok(load_prefix_at(etcd, prefix).await?.0)
+}
+
+/// Every record under `prefix`, and the store revision they were read at (watch from the
+/// next one to miss nothing).
+pub async fn load_prefix_at<T: serde::de::DeserializeOwned>(
+    etcd: &Etcd,
+    prefix: &str,
+) -> Result<(Vec<Stored<T>>, i64), Error> {
     let resp = etcd
         .request("loading state", REQUEST_BUDGET, |mut c| {
             let prefix = prefix.to_string();
             async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
         })
         .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
     // One record that does not decode (say, written by a newer version) must not take the
     // whole pair's state with it: skip it, loudly.
-    Ok(resp
+    let records = resp
         .kvs()
         .iter()
         .filter_map(|kv| match decode(kv) {
@@ -208,7 +313,8 @@ async fn load_prefix<T: serde::de::DeserializeOwned>(
                 None
             }
         })
-        .collect())
+        .collect();
+    Ok((records, revision))
 }
 
 /// Decodes a JSON value with its revision.
@@ -222,12 +328,8 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     Ok(Stored {
         value,
         revision: kv.mod_revision(),
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
     })
-}
-
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Our records are plain structs of strings and numbers: serializing them cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// How a fenced transaction ended.
@@ -259,6 +361,12 @@ impl Writer {
         }
     }
 
+    /// The term this writer serves: its election key's creation revision. Agents refuse
+    /// commands of older terms.
+    pub fn term(&self) -> i64 {
+        self.leader_revision
+    }
+
     fn still_leader(&self) -> Compare {
         Compare::create_revision(
             self.leader_key.clone(),
@@ -267,21 +375,28 @@ impl Writer {
         )
     }
 
-    fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Txn {
+    fn txn(&self, compares: Vec<Compare>, mut ops: Vec<TxnOp>, tag: Option<&Tag>) -> Txn {
         let mut all = vec![self.still_leader()];
         all.extend(compares);
+        if let Some(tag) = tag {
+            ops.push(TxnOp::put(
+                request_key(&tag.id),
+                encode(&tag.record),
+                Some(PutOptions::new().with_lease(tag.lease)),
+            ));
+        }
         Txn::new()
             .when(all)
             .and_then(ops)
             .or_else([TxnOp::get(self.leader_key.clone(), None)])
     }
 
-    /// Records that this controller serves, with where its API is.
+    /// Records that this controller serves, where its API is and its term.
     pub async fn announce(&self, leader: &impl serde::Serialize) -> Result<(), Error> {
         let value = encode(leader);
         let outcome = self
             .commit("announcing the serving controller", || {
-                self.txn(vec![], vec![TxnOp::put(LEADER, value.clone(), None)])
+                self.txn(vec![], vec![TxnOp::put(LEADER, value.clone(), None)], None)
             })
             .await?;
         match outcome {
@@ -291,7 +406,7 @@ impl Writer {
     }
 
     /// Stores a new VM and reserves its name; fails if the name or UUID exists.
-    pub async fn create_vm(&self, vm: &VmRecord) -> Result<i64, Error> {
+    pub async fn create_vm(&self, vm: &VmRecord, tag: Option<&Tag>) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);
         let name = name_key(&vm.name);
         let value = encode(vm);
@@ -306,6 +421,7 @@ impl Writer {
                         TxnOp::put(key.clone(), value.clone(), None),
                         TxnOp::put(name.clone(), vm.uuid.clone(), None),
                     ],
+                    tag,
                 )
             })
             .await?;
@@ -317,7 +433,12 @@ impl Writer {
     }
 
     /// Replaces a VM record last read at `revision`; returns the new revision.
-    pub async fn update_vm(&self, vm: &VmRecord, revision: i64) -> Result<i64, Error> {
+    pub async fn update_vm(
+        &self,
+        vm: &VmRecord,
+        revision: i64,
+        tag: Option<&Tag>,
+    ) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);
         let value = encode(vm);
         let outcome = self
@@ -329,6 +450,7 @@ impl Writer {
                         revision,
                     )],
                     vec![TxnOp::put(key.clone(), value.clone(), None)],
+                    tag,
                 )
             })
             .await?;
@@ -352,6 +474,7 @@ impl Writer {
                         TxnOp::delete(key.clone(), None),
                         TxnOp::delete(name_key(&vm.name), None),
                     ],
+                    None,
                 )
             })
             .await?;
@@ -359,6 +482,50 @@ impl Writer {
             .await?
             .map(|_| ())
             .ok_or(Error::Conflict { key })
+    }
+
+    /// Raises `alert` (replacing an open one of the same ID).
+    pub async fn raise_alert(&self, alert: &Alert) -> Result<(), Error> {
+        let value = encode(alert);
+        let key = alert_key(&alert.id);
+        self.write("raising an alert", || {
+            self.txn(
+                vec![],
+                vec![TxnOp::put(key.clone(), value.clone(), None)],
+                None,
+            )
+        })
+        .await
+    }
+
+    /// Clears the alert `id` (a missing one is fine).
+    pub async fn clear_alert(&self, id: &str) -> Result<(), Error> {
+        let key = alert_key(id);
+        self.write("clearing an alert", || {
+            self.txn(vec![], vec![TxnOp::delete(key.clone(), None)], None)
+        })
+        .await
+    }
+
+    /// Stores the host-health configuration.
+    pub async fn put_health_config(&self, config: &health::Config) -> Result<(), Error> {
+        let value = encode(config);
+        self.write("changing the health configuration", || {
+            self.txn(
+                vec![],
+                vec![TxnOp::put(HEALTH_CONFIG, value.clone(), None)],
+                None,
+            )
+        })
+        .await
+    }
+
+    /// Commits an unconditional (but fenced) write; idempotent, so a retry is harmless.
+    async fn write(&self, op: &'static str, txn: impl Fn() -> Txn) -> Result<(), Error> {
+        match self.commit(op, txn).await? {
+            Outcome::Committed(_) => Ok(()),
+            Outcome::CompareFailed { .. } => Err(Error::NotLeader),
+        }
     }
 
     /// The revision our write of `key` applied at, if it did: committed now, or — after a

@@ -2,29 +2,42 @@
 //!
 //! ```text
 //!              Provisioned                Start                StartSucceeded
-//!  Creating ───────────────► Stopped ─────────────► Starting ─────────────────► Running
-//!     │ Takeover                ▲  ▲ StartFailed        │ PowerOff                 │ │
-//!     ▼                         │  └────────────────────┤                          │ │ Shutdown
-//!  Deleting ◄───────────────────┘ Delete                ▼          PowerOff        │ ▼
-//!     (undefine, delete          ◄──DomainStopped─── Stopping ◄──────────────────┘
-//!      volumes, remove)                               (ACPI; destroy at deadline)
+//!  Creating ───────────────► Stopped ─────────────► Starting ─────────────────► Running ◄─┐
+//!     │ Takeover, Delete,       ▲  ▲ StartFailed        │ PowerOff          DomainPaused │ │ DomainRunning
+//!     │ ProvisionFailed         │  └────────────────────┤                      ▼         │ │
+//!     ▼                         │ Delete                ▼          PowerOff   Paused ────┘ │ Shutdown
+//!  Deleting ◄───────────────────┘               ◄──DomainStopped─── Stopping ◄─────────────┘
+//!     (undefine, delete                             (ACPI; destroy at deadline)
+//!      volumes, remove)
+//!
+//!  Starting, Running, Paused, Stopping ──HostLost──► Lost { resume | power off | delete }
+//!  Lost ──first report once the host is back──► Running / Starting (resume), Stopped /
+//!        Stopping (power off), Deleting (delete)
 //! ```
-//! A running domain reported for a stopped VM is adopted (`Stopped --DomainRunning--> Running`);
-//! a domain found stopped under a running VM stops it (`Running --DomainStopped--> Stopped`).
-//! Agent reports older than the engine's last command to the VM are dropped, so a report of a
-//! stopped domain during `Starting` means the start did not take (`--> Stopped`), and one of a
-//! running domain during a forced stop means the power-off must be sent again. Removal powers
-//! the domain off first, in case a start raced the delete.
+//! A domain found stopped under a running VM stops it (`Running --DomainStopped--> Stopped`);
+//! a domain found running under a stopped VM is never adopted (`Stopped --DomainRunning-->
+//! Stopped`; the reconciler raises an alert instead). Agent reports older than the engine's last
+//! command to the VM are dropped, so a report of a stopped domain during `Starting` means the
+//! start did not take, and one of a running domain during a forced stop means the power-off
+//! must be sent again. Removal powers the domain off first, in case a start raced the delete.
 //! `Takeover` is fed to every VM when a controller starts serving: it finishes or rolls back
-//! whatever the previous serving controller left half done.
+//! whatever the previous serving controller left half done. Power-off and delete of a VM whose
+//! host is lost record the intent; it is carried out once the host is back.
+//! A transition that assigns where the VM runs (every start) has `reassign` set: the engine
+//! raises the VM's ownership generation in the same fenced write that commits the new state.
 
-use crate::model::VmState;
+use crate::model::{Intent, VmState};
 
 /// Something that happened to a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmEvent {
     /// API: delete the VM.
     Delete,
+    /// The agent reports the domain paused, with libvirt's reason.
+    DomainPaused {
+        /// libvirt's reason, e.g. "ioerror".
+        reason: String,
+    },
     /// The agent reports the domain running.
     DomainRunning,
     /// The agent reports the domain stopped, with libvirt's reason.
@@ -32,8 +45,18 @@ pub enum VmEvent {
         /// libvirt's reason, e.g. "shutdown", "crashed", "destroyed".
         reason: String,
     },
+    /// The VM's host was judged lost (`crate::health`).
+    HostLost {
+        /// The host.
+        node: String,
+    },
     /// API: power the VM off now.
     PowerOff,
+    /// Creating the VM's volumes or domain failed.
+    ProvisionFailed {
+        /// Why.
+        reason: String,
+    },
     /// The VM's volumes and domain exist.
     Provisioned,
     /// API: shut the VM down, powering it off at the deadline.
@@ -64,9 +87,12 @@ impl VmEvent {
     pub fn name(&self) -> &'static str {
         match self {
             VmEvent::Delete => "delete",
+            VmEvent::DomainPaused { .. } => "domain-paused",
             VmEvent::DomainRunning => "domain-running",
             VmEvent::DomainStopped { .. } => "domain-stopped",
+            VmEvent::HostLost { .. } => "host-lost",
             VmEvent::PowerOff => "power off",
+            VmEvent::ProvisionFailed { .. } => "provision-failed",
             VmEvent::Provisioned => "provisioned",
             VmEvent::Shutdown { .. } => "shut down",
             VmEvent::Start => "start",
@@ -83,6 +109,8 @@ impl VmEvent {
 pub enum Action {
     /// Press the domain's ACPI power button.
     AcpiShutdown,
+    /// Create the VM's volumes.
+    CreateVolumes,
     /// Delete the VM's volumes.
     DeleteVolumes,
     /// (Re)define the domain from the VM record.
@@ -97,6 +125,22 @@ pub enum Action {
     UndefineDomain,
 }
 
+impl Action {
+    /// Short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::AcpiShutdown => "acpi-shutdown",
+            Action::CreateVolumes => "create-volumes",
+            Action::DeleteVolumes => "delete-volumes",
+            Action::DefineDomain => "define",
+            Action::DestroyDomain => "power-off",
+            Action::RemoveRecord => "remove-record",
+            Action::StartDomain => "start",
+            Action::UndefineDomain => "undefine",
+        }
+    }
+}
+
 /// The outcome of an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -106,6 +150,8 @@ pub struct Transition {
     pub reason: Option<String>,
     /// Actions to run, in order.
     pub actions: Vec<Action>,
+    /// Whether this transition assigns where the VM runs: raise its ownership generation.
+    pub reassign: bool,
 }
 
 /// Errors of the state machine.
@@ -124,18 +170,30 @@ pub enum Error {
 }
 
 /// Removal: power off (a start may have raced the delete), undefine, delete volumes, forget.
-const REMOVE: [Action; 4] = [
+pub const REMOVE: [Action; 4] = [
     Action::DestroyDomain,
     Action::UndefineDomain,
     Action::DeleteVolumes,
     Action::RemoveRecord,
 ];
 
+/// Provisioning of a new VM: its volumes, then its domain definition.
+pub const PROVISION: [Action; 2] = [Action::CreateVolumes, Action::DefineDomain];
+
+/// A (re)start where the VM is recorded: define, then start.
+const START: [Action; 2] = [Action::DefineDomain, Action::StartDomain];
+
+const FORCED: VmState = VmState::Stopping {
+    deadline_unix_ms: 0,
+    forced: true,
+};
+
 fn to(state: VmState, actions: &[Action]) -> Result<Transition, Error> {
     Ok(Transition {
         state,
         reason: None,
         actions: actions.to_vec(),
+        reassign: false,
     })
 }
 
@@ -144,6 +202,17 @@ fn to_because(state: VmState, reason: &str, actions: &[Action]) -> Result<Transi
         state,
         reason: Some(reason.to_string()),
         actions: actions.to_vec(),
+        reassign: false,
+    })
+}
+
+/// A start: the VM gets a new ownership generation before any agent hears of it.
+fn start_because(reason: &str) -> Result<Transition, Error> {
+    Ok(Transition {
+        state: VmState::Starting,
+        reason: Some(reason.to_string()),
+        actions: START.to_vec(),
+        reassign: true,
     })
 }
 
@@ -166,78 +235,151 @@ fn stop_reason(libvirt_reason: &str, forced: Option<bool>) -> String {
     }
 }
 
-/// Applies `event` to a VM in `state`.
-pub fn transition(state: VmState, event: &VmEvent) -> Result<Transition, Error> {
+/// Why a domain is paused, in words, from libvirt's reason.
+fn pause_reason(libvirt_reason: &str) -> String {
+    match libvirt_reason {
+        "ioerror" => "paused (io-error): a disk of the VM failed or is full".into(),
+        other => format!("paused ({other})"),
+    }
+}
+
+fn lost_because(node: &str, intent: Intent) -> Result<Transition, Error> {
+    let reason = match intent {
+        Intent::Resume => format!("host {node} down"),
+        Intent::PowerOff => format!("host {node} down; powered off when it returns"),
+        Intent::Delete => format!("host {node} down; deleted when it returns"),
+    };
+    to_because(VmState::Lost { intent }, &reason, &[])
+}
+
+/// Applies `event` to a VM in `state` on `node`.
+pub fn transition(state: VmState, node: &str, event: &VmEvent) -> Result<Transition, Error> {
     use VmEvent as E;
     use VmState as S;
-    match (state, event) {
-        // Creating --Provisioned--> Stopped
-        (S::Creating, E::Provisioned) => to_because(S::Stopped, "created", &[]),
-        // Creating --Takeover|Delete--> Deleting: the create was never acknowledged; roll back.
-        (S::Creating, E::Takeover | E::Delete) => {
-            to_because(S::Deleting, "rolling back an unfinished create", &REMOVE)
-        }
-        // Creating --Tick|Domain*--> Creating
-        (S::Creating, E::Tick { .. } | E::DomainRunning | E::DomainStopped { .. }) => {
-            to(state, &[])
-        }
-        (
-            S::Creating,
-            E::Start | E::StartSucceeded | E::StartFailed { .. } | E::Shutdown { .. } | E::PowerOff,
-        ) => refuse(state, event, "; wait until it is created"),
+    match state {
+        S::Creating => creating(event),
+        S::Stopped => stopped(event),
+        S::Starting => starting(node, event),
+        S::Running => running(node, event),
+        S::Paused => paused(node, event),
+        S::Stopping {
+            deadline_unix_ms,
+            forced,
+        } => stopping(deadline_unix_ms, forced, node, event),
+        S::Deleting => match event {
+            // Deleting --Delete|Takeover--> Deleting: removal is idempotent; run it again.
+            E::Delete | E::Takeover => to(state, &REMOVE),
+            // Deleting --Tick|Domain*|HostLost--> Deleting
+            E::Tick { .. }
+            | E::DomainRunning
+            | E::DomainStopped { .. }
+            | E::DomainPaused { .. }
+            | E::HostLost { .. } => to(state, &[]),
+            E::Start
+            | E::Shutdown { .. }
+            | E::PowerOff
+            | E::Provisioned
+            | E::ProvisionFailed { .. }
+            | E::StartSucceeded
+            | E::StartFailed { .. } => refuse(state, event, "; it is being deleted"),
+        },
+        S::Lost { intent } => lost(intent, node, event),
+    }
+}
 
-        // Stopped --Start--> Starting
-        (S::Stopped, E::Start) => to_because(
-            S::Starting,
-            "starting",
-            &[Action::DefineDomain, Action::StartDomain],
+fn creating(event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Creating;
+    match event {
+        // Creating --Provisioned--> Stopped
+        E::Provisioned => to_because(VmState::Stopped, "created", &[]),
+        // Creating --ProvisionFailed--> Deleting: undo what was made.
+        E::ProvisionFailed { reason } => to_because(
+            VmState::Deleting,
+            &format!("create failed: {reason}; removing it"),
+            &REMOVE,
         ),
+        // Creating --Takeover|Delete--> Deleting: the create was never acknowledged; roll back.
+        E::Takeover | E::Delete => to_because(
+            VmState::Deleting,
+            "rolling back an unfinished create",
+            &REMOVE,
+        ),
+        // Creating --Tick|Domain*|HostLost--> Creating: provisioning ends it either way.
+        E::Tick { .. }
+        | E::DomainRunning
+        | E::DomainStopped { .. }
+        | E::DomainPaused { .. }
+        | E::HostLost { .. } => to(state, &[]),
+        E::Start | E::StartSucceeded | E::StartFailed { .. } | E::Shutdown { .. } | E::PowerOff => {
+            refuse(state, event, "; wait until it is created")
+        }
+    }
+}
+
+fn stopped(event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Stopped;
+    match event {
+        // Stopped --Start--> Starting (new generation)
+        E::Start => start_because("starting"),
         // Stopped --Delete--> Deleting
-        (S::Stopped, E::Delete) => to_because(S::Deleting, "deleting", &REMOVE),
-        // Stopped --DomainRunning--> Running: a domain runs that we thought stopped; adopt it.
-        (S::Stopped, E::DomainRunning) => to_because(S::Running, "found running on its node", &[]),
-        // Stopped --Tick|DomainStopped|Takeover--> Stopped
-        (S::Stopped, E::Tick { .. } | E::DomainStopped { .. } | E::Takeover) => to(state, &[]),
-        (S::Stopped, E::Shutdown { .. } | E::PowerOff) => refuse(state, event, " already"),
-        (S::Stopped, E::Provisioned | E::StartSucceeded | E::StartFailed { .. }) => {
+        E::Delete => to_because(VmState::Deleting, "deleting", &REMOVE),
+        // Stopped --DomainRunning|DomainPaused--> Stopped: never adopted (the reconciler alerts).
+        // Stopped --Tick|DomainStopped|Takeover|HostLost--> Stopped
+        E::DomainRunning
+        | E::DomainPaused { .. }
+        | E::Tick { .. }
+        | E::DomainStopped { .. }
+        | E::Takeover
+        | E::HostLost { .. } => to(state, &[]),
+        E::Shutdown { .. } | E::PowerOff => refuse(state, event, " already"),
+        E::Provisioned | E::ProvisionFailed { .. } | E::StartSucceeded | E::StartFailed { .. } => {
             refuse(state, event, "")
         }
+    }
+}
 
+fn starting(node: &str, event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Starting;
+    match event {
         // Starting --StartSucceeded|DomainRunning--> Running
-        (S::Starting, E::StartSucceeded | E::DomainRunning) => {
-            to_because(S::Running, "started", &[])
-        }
+        E::StartSucceeded | E::DomainRunning => to_because(VmState::Running, "started", &[]),
         // Starting --StartFailed--> Stopped
-        (S::Starting, E::StartFailed { reason }) => {
-            to_because(S::Stopped, &format!("start failed: {reason}"), &[])
+        E::StartFailed { reason } => {
+            to_because(VmState::Stopped, &format!("start failed: {reason}"), &[])
         }
         // Starting --Takeover--> Starting: start again (define and start are idempotent).
-        (S::Starting, E::Takeover) => to(state, &[Action::DefineDomain, Action::StartDomain]),
+        E::Takeover => to(state, &START),
         // Starting --PowerOff--> Stopping (forced)
-        (S::Starting, E::PowerOff) => to_because(
-            S::Stopping {
-                deadline_unix_ms: 0,
-                forced: true,
-            },
-            "powering off",
-            &[Action::DestroyDomain],
-        ),
+        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
         // Starting --DomainStopped--> Stopped: a report taken after the last start command
         // (older ones are dropped) shows the start did not take.
-        (S::Starting, E::DomainStopped { reason }) => to_because(
-            S::Stopped,
+        E::DomainStopped { reason } => to_because(
+            VmState::Stopped,
             &format!("start did not complete (domain {reason})"),
             &[],
         ),
+        // Starting --DomainPaused--> Paused
+        E::DomainPaused { reason } => to_because(VmState::Paused, &pause_reason(reason), &[]),
+        // Starting --HostLost--> Lost (resume)
+        E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Starting --Tick--> Starting
-        (S::Starting, E::Tick { .. }) => to(state, &[]),
-        (S::Starting, E::Start | E::Shutdown { .. } | E::Delete | E::Provisioned) => {
+        E::Tick { .. } => to(state, &[]),
+        E::Start | E::Shutdown { .. } | E::Delete | E::Provisioned | E::ProvisionFailed { .. } => {
             refuse(state, event, "; wait until it runs, or power it off")
         }
+    }
+}
 
+fn running(node: &str, event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Running;
+    match event {
         // Running --Shutdown--> Stopping
-        (S::Running, E::Shutdown { deadline_unix_ms }) => to_because(
-            S::Stopping {
+        E::Shutdown { deadline_unix_ms } => to_because(
+            VmState::Stopping {
                 deadline_unix_ms: *deadline_unix_ms,
                 forced: false,
             },
@@ -245,63 +387,96 @@ pub fn transition(state: VmState, event: &VmEvent) -> Result<Transition, Error> 
             &[Action::AcpiShutdown],
         ),
         // Running --PowerOff--> Stopping (forced)
-        (S::Running, E::PowerOff) => to_because(
-            S::Stopping {
-                deadline_unix_ms: 0,
-                forced: true,
-            },
-            "powering off",
-            &[Action::DestroyDomain],
-        ),
+        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
         // Running --DomainStopped--> Stopped: the guest powered off, or QEMU died.
-        (S::Running, E::DomainStopped { reason }) => {
-            to_because(S::Stopped, &stop_reason(reason, None), &[])
+        E::DomainStopped { reason } => {
+            to_because(VmState::Stopped, &stop_reason(reason, None), &[])
         }
+        // Running --DomainPaused--> Paused: QEMU froze the guest (an I/O error, a full disk).
+        E::DomainPaused { reason } => to_because(VmState::Paused, &pause_reason(reason), &[]),
+        // Running --HostLost--> Lost (resume)
+        E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Running --Tick|DomainRunning|Takeover--> Running
-        (S::Running, E::Tick { .. } | E::DomainRunning | E::Takeover) => to(state, &[]),
-        (S::Running, E::Start | E::StartSucceeded | E::Provisioned) => {
-            refuse(state, event, " already")
-        }
-        (S::Running, E::Delete | E::StartFailed { .. }) => {
+        E::Tick { .. } | E::DomainRunning | E::Takeover => to(state, &[]),
+        E::Start | E::StartSucceeded | E::Provisioned => refuse(state, event, " already"),
+        E::Delete | E::StartFailed { .. } | E::ProvisionFailed { .. } => {
             refuse(state, event, "; shut it down first")
         }
+    }
+}
 
-        // Stopping --Tick past deadline--> Stopping (forced): the grace period is over.
-        (
-            S::Stopping {
-                deadline_unix_ms,
+fn paused(node: &str, event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Paused;
+    match event {
+        // Paused --DomainRunning--> Running: resumed.
+        E::DomainRunning => to_because(VmState::Running, "resumed", &[]),
+        // Paused --DomainStopped--> Stopped
+        E::DomainStopped { reason } => {
+            to_because(VmState::Stopped, &stop_reason(reason, None), &[])
+        }
+        // Paused --PowerOff--> Stopping (forced)
+        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
+        // Paused --Shutdown--> Stopping: a frozen guest will not answer; the deadline forces it.
+        E::Shutdown { deadline_unix_ms } => to_because(
+            VmState::Stopping {
+                deadline_unix_ms: *deadline_unix_ms,
                 forced: false,
             },
-            E::Tick { now_unix_ms },
-        ) if *now_unix_ms >= deadline_unix_ms => to_because(
-            S::Stopping {
+            "shutting down",
+            &[Action::AcpiShutdown],
+        ),
+        // Paused --HostLost--> Lost (resume)
+        E::HostLost { .. } => lost_because(node, Intent::Resume),
+        // Paused --Tick|DomainPaused|Takeover--> Paused
+        E::Tick { .. } | E::DomainPaused { .. } | E::Takeover => to(state, &[]),
+        E::Start | E::StartSucceeded | E::Provisioned => refuse(
+            state,
+            event,
+            "; QEMU paused it (see its reason): fix the cause, or power it off",
+        ),
+        E::Delete | E::StartFailed { .. } | E::ProvisionFailed { .. } => {
+            refuse(state, event, "; power it off first")
+        }
+    }
+}
+
+fn stopping(
+    deadline_unix_ms: i64,
+    forced: bool,
+    node: &str,
+    event: &VmEvent,
+) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Stopping {
+        deadline_unix_ms,
+        forced,
+    };
+    match event {
+        // Stopping --Tick past deadline--> Stopping (forced): the grace period is over.
+        E::Tick { now_unix_ms } if !forced && *now_unix_ms >= deadline_unix_ms => to_because(
+            VmState::Stopping {
                 deadline_unix_ms,
                 forced: true,
             },
             "grace period over; powering off",
             &[Action::DestroyDomain],
         ),
-        // Stopping (forced) --DomainRunning--> Stopping: the power-off did not take; again.
-        (S::Stopping { forced: true, .. }, E::DomainRunning) => to(state, &[Action::DestroyDomain]),
-        // Stopping --Tick|DomainRunning--> Stopping: the guest is still shutting down.
-        (S::Stopping { .. }, E::Tick { .. } | E::DomainRunning) => to(state, &[]),
+        // Stopping (forced) --DomainRunning|DomainPaused--> Stopping: the power-off did not take.
+        E::DomainRunning | E::DomainPaused { .. } if forced => to(state, &[Action::DestroyDomain]),
+        // Stopping --Tick|DomainRunning|DomainPaused--> Stopping: still shutting down.
+        E::Tick { .. } | E::DomainRunning | E::DomainPaused { .. } => to(state, &[]),
         // Stopping --DomainStopped--> Stopped
-        (S::Stopping { forced, .. }, E::DomainStopped { reason }) => {
-            to_because(S::Stopped, &stop_reason(reason, Some(forced)), &[])
+        E::DomainStopped { reason } => {
+            to_because(VmState::Stopped, &stop_reason(reason, Some(forced)), &[])
         }
         // Stopping --PowerOff--> Stopping (forced)
-        (S::Stopping { .. }, E::PowerOff) => to_because(
-            S::Stopping {
-                deadline_unix_ms: 0,
-                forced: true,
-            },
-            "powering off",
-            &[Action::DestroyDomain],
-        ),
+        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
         // Stopping --Shutdown--> Stopping: already on its way down.
-        (S::Stopping { .. }, E::Shutdown { .. }) => to(state, &[]),
-        // Stopping --Takeover--> Stopping: a forced stop is forced again; a graceful one keeps its deadline.
-        (S::Stopping { forced, .. }, E::Takeover) => to(
+        E::Shutdown { .. } => to(state, &[]),
+        // Stopping --Takeover--> Stopping: a forced stop is forced again; a graceful one keeps
+        // its deadline.
+        E::Takeover => to(
             state,
             if forced {
                 &[Action::DestroyDomain]
@@ -309,26 +484,74 @@ pub fn transition(state: VmState, event: &VmEvent) -> Result<Transition, Error> 
                 &[]
             },
         ),
-        (
-            S::Stopping { .. },
-            E::Start | E::Delete | E::Provisioned | E::StartSucceeded | E::StartFailed { .. },
-        ) => refuse(state, event, "; wait until it has stopped"),
+        // Stopping --HostLost--> Lost (power off)
+        E::HostLost { .. } => lost_because(node, Intent::PowerOff),
+        E::Start
+        | E::Delete
+        | E::Provisioned
+        | E::ProvisionFailed { .. }
+        | E::StartSucceeded
+        | E::StartFailed { .. } => refuse(state, event, "; wait until it has stopped"),
+    }
+}
 
-        // Deleting --Delete|Takeover--> Deleting: removal is idempotent; run it again.
-        (S::Deleting, E::Delete | E::Takeover) => to(state, &REMOVE),
-        // Deleting --Tick|Domain*--> Deleting
-        (S::Deleting, E::Tick { .. } | E::DomainRunning | E::DomainStopped { .. }) => {
-            to(state, &[])
+fn lost(intent: Intent, node: &str, event: &VmEvent) -> Result<Transition, Error> {
+    use VmEvent as E;
+    let state = VmState::Lost { intent };
+    match (intent, event) {
+        // Lost (resume) --DomainRunning--> Running: it ran on while its host was cut off.
+        (Intent::Resume, E::DomainRunning) => {
+            to_because(VmState::Running, "running again: its host returned", &[])
         }
+        // Lost (resume) --DomainPaused--> Paused
+        (Intent::Resume, E::DomainPaused { reason }) => {
+            to_because(VmState::Paused, &pause_reason(reason), &[])
+        }
+        // Lost (resume) --DomainStopped--> Starting: its host lost power; start it again there.
+        (Intent::Resume, E::DomainStopped { .. }) => {
+            start_because("its host returned; starting it again")
+        }
+        // Lost (power off) --DomainRunning|DomainPaused--> Stopping (forced)
+        (Intent::PowerOff, E::DomainRunning | E::DomainPaused { .. }) => to_because(
+            FORCED,
+            "its host returned; powering off",
+            &[Action::DestroyDomain],
+        ),
+        // Lost (power off) --DomainStopped--> Stopped
+        (Intent::PowerOff, E::DomainStopped { .. }) => {
+            to_because(VmState::Stopped, "powered off (its host returned)", &[])
+        }
+        // Lost (delete) --Domain*--> Deleting
+        (Intent::Delete, E::DomainRunning | E::DomainPaused { .. } | E::DomainStopped { .. }) => {
+            to_because(VmState::Deleting, "its host returned; deleting", &REMOVE)
+        }
+        // Lost --PowerOff--> Lost (power off), unless a delete is already due.
+        (Intent::Resume | Intent::PowerOff, E::PowerOff) => lost_because(node, Intent::PowerOff),
+        (Intent::Delete, E::PowerOff) => to(state, &[]),
+        // Lost --Delete--> Lost (delete)
+        (_, E::Delete) => lost_because(node, Intent::Delete),
+        // Lost --Tick|Takeover|HostLost|late outcomes--> Lost: the first report after the host
+        // returns decides.
         (
-            S::Deleting,
-            E::Start
-            | E::Shutdown { .. }
-            | E::PowerOff
-            | E::Provisioned
+            _,
+            E::Tick { .. }
+            | E::Takeover
+            | E::HostLost { .. }
             | E::StartSucceeded
-            | E::StartFailed { .. },
-        ) => refuse(state, event, "; it is being deleted"),
+            | E::StartFailed { .. }
+            | E::Provisioned
+            | E::ProvisionFailed { .. },
+        ) => to(state, &[]),
+        (_, E::Start) => refuse(
+            state,
+            event,
+            "; its host is down: it starts again when the host returns",
+        ),
+        (_, E::Shutdown { .. }) => refuse(
+            state,
+            event,
+            "; its host is down: power it off instead, which is done when the host returns",
+        ),
     }
 }
 
@@ -343,7 +566,7 @@ mod tests {
 
     #[test]
     fn stopped_start_defines_then_starts() {
-        let t = transition(VmState::Stopped, &VmEvent::Start).unwrap();
+        let t = transition(VmState::Stopped, "n0", &VmEvent::Start).unwrap();
 
         assert_eq!(t.state, VmState::Starting);
         assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
@@ -351,7 +574,7 @@ mod tests {
 
     #[test]
     fn starting_start_succeeded_runs() {
-        let t = transition(VmState::Starting, &VmEvent::StartSucceeded).unwrap();
+        let t = transition(VmState::Starting, "n0", &VmEvent::StartSucceeded).unwrap();
 
         assert_eq!(t.state, VmState::Running);
     }
@@ -362,7 +585,7 @@ mod tests {
             reason: "no such image".into(),
         };
 
-        let t = transition(VmState::Starting, &event).unwrap();
+        let t = transition(VmState::Starting, "n0", &event).unwrap();
 
         assert_eq!(t.state, VmState::Stopped);
         assert_eq!(t.reason.as_deref(), Some("start failed: no such image"));
@@ -374,7 +597,7 @@ mod tests {
             deadline_unix_ms: 1000,
         };
 
-        let t = transition(VmState::Running, &event).unwrap();
+        let t = transition(VmState::Running, "n0", &event).unwrap();
 
         assert_eq!(t.state, STOPPING);
         assert_eq!(t.actions, vec![Action::AcpiShutdown]);
@@ -382,7 +605,7 @@ mod tests {
 
     #[test]
     fn stopping_tick_before_deadline_waits() {
-        let t = transition(STOPPING, &VmEvent::Tick { now_unix_ms: 999 }).unwrap();
+        let t = transition(STOPPING, "n0", &VmEvent::Tick { now_unix_ms: 999 }).unwrap();
 
         assert_eq!(t.state, STOPPING);
         assert_eq!(t.actions, vec![]);
@@ -390,7 +613,7 @@ mod tests {
 
     #[test]
     fn stopping_tick_at_deadline_forces_power_off() {
-        let t = transition(STOPPING, &VmEvent::Tick { now_unix_ms: 1000 }).unwrap();
+        let t = transition(STOPPING, "n0", &VmEvent::Tick { now_unix_ms: 1000 }).unwrap();
 
         assert_eq!(
             t.state,
@@ -408,7 +631,7 @@ mod tests {
             reason: "shutdown".into(),
         };
 
-        let t = transition(STOPPING, &event).unwrap();
+        let t = transition(STOPPING, "n0", &event).unwrap();
 
         assert_eq!(t.state, VmState::Stopped);
         assert_eq!(
@@ -419,7 +642,7 @@ mod tests {
 
     #[test]
     fn running_power_off_destroys() {
-        let t = transition(VmState::Running, &VmEvent::PowerOff).unwrap();
+        let t = transition(VmState::Running, "n0", &VmEvent::PowerOff).unwrap();
 
         assert_eq!(t.actions, vec![Action::DestroyDomain]);
     }
@@ -430,29 +653,173 @@ mod tests {
             reason: "crashed".into(),
         };
 
-        let t = transition(VmState::Running, &event).unwrap();
+        let t = transition(VmState::Running, "n0", &event).unwrap();
 
         assert_eq!(t.state, VmState::Stopped);
         assert_eq!(t.reason.as_deref(), Some("domain crashed"));
     }
 
     #[test]
-    fn stopped_domain_running_is_adopted() {
-        let t = transition(VmState::Stopped, &VmEvent::DomainRunning).unwrap();
+    fn stopped_domain_running_is_never_adopted() {
+        let t = transition(VmState::Stopped, "n0", &VmEvent::DomainRunning).unwrap();
+
+        assert_eq!(t.state, VmState::Stopped);
+        assert_eq!(t.actions, vec![]);
+    }
+
+    #[test]
+    fn stopped_start_raises_generation() {
+        let t = transition(VmState::Stopped, "n0", &VmEvent::Start).unwrap();
+
+        assert!(t.reassign);
+    }
+
+    #[test]
+    fn running_host_lost_is_lost_with_resume() {
+        let event = VmEvent::HostLost { node: "n0".into() };
+
+        let t = transition(VmState::Running, "n0", &event).unwrap();
+
+        assert_eq!(
+            t.state,
+            VmState::Lost {
+                intent: Intent::Resume
+            }
+        );
+        assert_eq!(t.reason.as_deref(), Some("host n0 down"));
+    }
+
+    #[test]
+    fn lost_power_off_records_intent_without_acting() {
+        let state = VmState::Lost {
+            intent: Intent::Resume,
+        };
+
+        let t = transition(state, "n0", &VmEvent::PowerOff).unwrap();
+
+        assert_eq!(
+            t.state,
+            VmState::Lost {
+                intent: Intent::PowerOff
+            }
+        );
+        assert_eq!(t.actions, vec![]);
+    }
+
+    #[test]
+    fn lost_resume_domain_stopped_starts_again_with_new_generation() {
+        let state = VmState::Lost {
+            intent: Intent::Resume,
+        };
+        let event = VmEvent::DomainStopped {
+            reason: "unknown".into(),
+        };
+
+        let t = transition(state, "n0", &event).unwrap();
+
+        assert_eq!(t.state, VmState::Starting);
+        assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
+        assert!(t.reassign);
+    }
+
+    #[test]
+    fn lost_resume_domain_running_runs_without_restart() {
+        let state = VmState::Lost {
+            intent: Intent::Resume,
+        };
+
+        let t = transition(state, "n0", &VmEvent::DomainRunning).unwrap();
 
         assert_eq!(t.state, VmState::Running);
+        assert_eq!(t.actions, vec![]);
+    }
+
+    #[test]
+    fn lost_power_off_domain_running_destroys() {
+        let state = VmState::Lost {
+            intent: Intent::PowerOff,
+        };
+
+        let t = transition(state, "n0", &VmEvent::DomainRunning).unwrap();
+
+        assert_eq!(t.actions, vec![Action::DestroyDomain]);
+    }
+
+    #[test]
+    fn lost_delete_domain_stopped_removes() {
+        let state = VmState::Lost {
+            intent: Intent::Delete,
+        };
+        let event = VmEvent::DomainStopped {
+            reason: "unknown".into(),
+        };
+
+        let t = transition(state, "n0", &event).unwrap();
+
+        assert_eq!(t.state, VmState::Deleting);
+        assert_eq!(t.actions, REMOVE.to_vec());
+    }
+
+    #[test]
+    fn lost_start_is_refused_with_hint() {
+        let state = VmState::Lost {
+            intent: Intent::Resume,
+        };
+
+        let err = transition(state, "n0", &VmEvent::Start).unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            "cannot start a VM that is lost; its host is down: it starts again when the host returns"
+        );
+    }
+
+    #[test]
+    fn running_domain_paused_by_io_error_is_paused_with_reason() {
+        let event = VmEvent::DomainPaused {
+            reason: "ioerror".into(),
+        };
+
+        let t = transition(VmState::Running, "n0", &event).unwrap();
+
+        assert_eq!(t.state, VmState::Paused);
+        assert!(t.reason.unwrap().starts_with("paused (io-error)"));
+    }
+
+    #[test]
+    fn stopping_host_lost_powers_off_when_back() {
+        let t = transition(STOPPING, "n0", &VmEvent::HostLost { node: "n0".into() }).unwrap();
+
+        assert_eq!(
+            t.state,
+            VmState::Lost {
+                intent: Intent::PowerOff
+            }
+        );
+    }
+
+    #[test]
+    fn creating_provision_failed_removes() {
+        let event = VmEvent::ProvisionFailed {
+            reason: "disk full".into(),
+        };
+
+        let t = transition(VmState::Creating, "n0", &event).unwrap();
+
+        assert_eq!(t.state, VmState::Deleting);
+        assert_eq!(t.actions, REMOVE.to_vec());
     }
 
     #[test]
     fn stopped_delete_removes_domain_volumes_record() {
-        let t = transition(VmState::Stopped, &VmEvent::Delete).unwrap();
+        let t = transition(VmState::Stopped, "n0", &VmEvent::Delete).unwrap();
 
         assert_eq!(t.actions, REMOVE.to_vec());
     }
 
     #[test]
     fn running_delete_is_refused_with_hint() {
-        let err = transition(VmState::Running, &VmEvent::Delete).unwrap_err();
+        let err = transition(VmState::Running, "n0", &VmEvent::Delete).unwrap_err();
 
         assert_eq!(
             err.to_string(),
@@ -462,14 +829,14 @@ mod tests {
 
     #[test]
     fn running_start_is_refused() {
-        let err = transition(VmState::Running, &VmEvent::Start).unwrap_err();
+        let err = transition(VmState::Running, "n0", &VmEvent::Start).unwrap_err();
 
         assert_eq!(err.to_string(), "cannot start a VM that is running already");
     }
 
     #[test]
     fn stopped_power_off_is_refused() {
-        let err = transition(VmState::Stopped, &VmEvent::PowerOff).unwrap_err();
+        let err = transition(VmState::Stopped, "n0", &VmEvent::PowerOff).unwrap_err();
 
         assert_eq!(
             err.to_string(),
@@ -479,7 +846,7 @@ mod tests {
 
     #[test]
     fn creating_takeover_rolls_back() {
-        let t = transition(VmState::Creating, &VmEvent::Takeover).unwrap();
+        let t = transition(VmState::Creating, "n0", &VmEvent::Takeover).unwrap();
 
         assert_eq!(t.state, VmState::Deleting);
         assert_eq!(t.actions, REMOVE.to_vec());
@@ -487,7 +854,7 @@ mod tests {
 
     #[test]
     fn starting_takeover_starts_again() {
-        let t = transition(VmState::Starting, &VmEvent::Takeover).unwrap();
+        let t = transition(VmState::Starting, "n0", &VmEvent::Takeover).unwrap();
 
         assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
     }
@@ -499,7 +866,7 @@ mod tests {
             forced: true,
         };
 
-        let t = transition(state, &VmEvent::DomainRunning).unwrap();
+        let t = transition(state, "n0", &VmEvent::DomainRunning).unwrap();
 
         assert_eq!(t.state, state);
         assert_eq!(t.actions, vec![Action::DestroyDomain]);
@@ -507,7 +874,7 @@ mod tests {
 
     #[test]
     fn graceful_stopping_domain_running_waits() {
-        let t = transition(STOPPING, &VmEvent::DomainRunning).unwrap();
+        let t = transition(STOPPING, "n0", &VmEvent::DomainRunning).unwrap();
 
         assert_eq!(t.actions, vec![]);
     }
@@ -518,7 +885,7 @@ mod tests {
             reason: "shutoff".into(),
         };
 
-        let t = transition(VmState::Starting, &event).unwrap();
+        let t = transition(VmState::Starting, "n0", &event).unwrap();
 
         assert_eq!(t.state, VmState::Stopped);
         assert_eq!(
@@ -529,7 +896,7 @@ mod tests {
 
     #[test]
     fn deleting_delete_powers_off_before_undefining() {
-        let t = transition(VmState::Deleting, &VmEvent::Delete).unwrap();
+        let t = transition(VmState::Deleting, "n0", &VmEvent::Delete).unwrap();
 
         assert_eq!(t.actions[0], Action::DestroyDomain);
         assert_eq!(t.actions[1], Action::UndefineDomain);
@@ -542,7 +909,7 @@ mod tests {
             forced: true,
         };
 
-        let t = transition(state, &VmEvent::Takeover).unwrap();
+        let t = transition(state, "n0", &VmEvent::Takeover).unwrap();
 
         assert_eq!(t.actions, vec![Action::DestroyDomain]);
     }

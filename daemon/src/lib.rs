@@ -1,9 +1,13 @@
 //! Process plumbing shared by Pairvisor's daemons (`pv-agent`, `pv-controller`): log setup,
-//! config files, the shutdown signal, error chains for messages, and crash-safe file writes.
+//! config files, the shutdown signal, error chains for messages, crash-safe file writes, the
+//! failover etcd client, lease keeping, and the etcd keys both daemons share.
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod etcd;
 pub mod fsutil;
+pub mod lease;
+pub mod pair;
 
 /// Sets up `tracing` to stderr, filtered by `PV_LOG` (default `info`), coloured only on a
 /// terminal so log files stay plain text.

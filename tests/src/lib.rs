@@ -98,6 +98,50 @@ impl Lab {
         );
     }
 
+    /// Runs `pvctl lab ARGS` for this lab, panicking with its output unless it succeeds.
+    fn lab_ok(&self, args: &[&str]) {
+        let output = self.lab(args);
+        assert!(
+            output.status.success(),
+            "pvctl lab {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Cuts the power of node `host` ("n0" or "n1"): every process in its namespace, guests
+    /// included, gets SIGKILL and its links go down.
+    pub fn kill_host(&self, host: &str) {
+        self.lab_ok(&["kill-host", host]);
+    }
+
+    /// Powers node `host` on again: links up, then its etcd member, agent and controller.
+    pub fn restore_host(&self, host: &str) {
+        self.lab_ok(&["restore-host", host]);
+    }
+
+    /// Drops every packet between node `host` and the other node and the system IP, and the
+    /// witness too unless `keep_witness` (links stay up).
+    pub fn isolate(&self, host: &str, keep_witness: bool) {
+        let mut args = vec!["isolate", host];
+        if keep_witness {
+            args.push("--keep-witness");
+        }
+        self.lab_ok(&args);
+    }
+
+    /// Removes every `isolate` and `cut_path` fault.
+    pub fn heal(&self) {
+        self.lab_ok(&["heal"]);
+    }
+
+    /// Drops one path (`priv0`, `alink1`, `alink2` or `mgmt`) between node `host` and the
+    /// other node; cuts add up until `heal`.
+    pub fn cut_path(&self, host: &str, path: &str) {
+        self.lab_ok(&["cut-path", host, path]);
+    }
+
     /// Management address of node `index` (0 or 1), or of the witness (2).
     pub fn node_address(&self, index: u8) -> String {
         format!("10.{}.0.{}", self.subnet, 11 + index)

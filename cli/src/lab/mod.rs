@@ -2,6 +2,7 @@
 //! own etcd member, agent (own libvirt embed root and storage) and controller; a third namespace
 //! is the witness. See [`plan`] for names and addresses.
 
+pub mod faults;
 mod net;
 pub mod plan;
 mod procs;
@@ -26,10 +27,22 @@ use procs::Daemon;
 const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for the agents to listen (a fresh embed root needs no probe to listen).
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for a restarted controller to connect to etcd and listen on its API port.
+const CONTROLLER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for a controller to be elected and both nodes to report their facts.
 const PAIR_READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// vCPUs per host CPU in the lab: both simulated hosts share this machine's few cores.
 const LAB_VCPU_OVERCOMMIT: u32 = 8;
+/// TTL of each agent's host lease: how soon a dead host's lease expires (etcd's minimum).
+const LAB_HOST_LEASE_TTL: u32 = 2;
+/// TTL of each controller's lease: how soon the peer takes over from a dead controller.
+const LAB_CONTROLLER_LEASE_TTL: u32 = 2;
+/// UDP port of the agents' heartbeats.
+const HEARTBEAT_PORT: u16 = 7702;
+/// etcd compacts history older than this, so the pair never fills its space quota.
+const ETCD_COMPACTION_RETENTION: &str = "5m";
+/// etcd's space quota (bytes): a full quota makes etcd read-only, which the pair reports.
+const ETCD_QUOTA_BYTES: &str = "1073741824";
 
 /// Prints a numbered step and returns when it started.
 fn step(n: u32, text: &str) -> Instant {
@@ -91,17 +104,7 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
         start(plan, &agent_daemon(plan, host, &bins.agent))?;
     }
     for host in HOSTS.iter().filter(|h| !h.is_witness()) {
-        wait_tcp(
-            SocketAddr::from((plan.mgmt_ip(host), AGENT_PORT)),
-            AGENT_READY_TIMEOUT,
-        )
-        .with_context(|| {
-            format!(
-                "agent on {} did not listen; see {}",
-                host.name,
-                log_path(plan, host, "agent").display()
-            )
-        })?;
+        wait_agent(plan, host)?;
     }
     done(t, "");
 
@@ -120,6 +123,41 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
         images::TINY_GUEST_NAME,
     );
     Ok(())
+}
+
+/// Starts node `host`'s etcd member, agent and controller (whichever is not running) as `lab up`
+/// does, each once the one before listens. It waits for listening only, not for a healthy
+/// cluster: a node may come back into a partition.
+fn start_node(plan: &Plan, host: &Host) -> anyhow::Result<()> {
+    let bins = prerequisites()?;
+    start(plan, &etcd_daemon(plan, host))?;
+    wait_tcp(
+        SocketAddr::from((plan.mgmt_ip(host), ETCD_CLIENT_PORT)),
+        ETCD_READY_TIMEOUT,
+    )
+    .with_context(|| {
+        format!(
+            "etcd on {} did not listen; see {}",
+            host.name,
+            log_path(plan, host, "etcd").display()
+        )
+    })?;
+    write_agent_config(plan, host)?;
+    start(plan, &agent_daemon(plan, host, &bins.agent))?;
+    wait_agent(plan, host)?;
+    write_controller_config(plan, host)?;
+    start(plan, &controller_daemon(plan, host, &bins.controller))?;
+    wait_tcp(
+        SocketAddr::from((plan.mgmt_ip(host), API_PORT)),
+        CONTROLLER_READY_TIMEOUT,
+    )
+    .with_context(|| {
+        format!(
+            "controller on {} did not listen; see {}",
+            host.name,
+            log_path(plan, host, "controller").display()
+        )
+    })
 }
 
 /// Stops everything the lab started, removes its networks and, unless `keep_data`, its data.
@@ -255,14 +293,20 @@ struct Binaries {
     controller: PathBuf,
 }
 
-/// Checks root, the sibling binaries and the system tools the lab needs.
-fn prerequisites() -> anyhow::Result<Binaries> {
+/// Fails unless pvctl runs as root (namespaces, links and nftables need it).
+fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and touches no memory.
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
         bail!("the lab creates network namespaces: run it as root");
     }
+    Ok(())
+}
+
+/// Checks root, the sibling binaries and the system tools the lab needs.
+fn prerequisites() -> anyhow::Result<Binaries> {
+    require_root()?;
     let exe = std::env::current_exe().context("locating pvctl")?;
     let dir = exe.parent().context("locating pvctl's directory")?;
     let bins = Binaries {
@@ -285,6 +329,7 @@ fn prerequisites() -> anyhow::Result<Binaries> {
     Ok(bins)
 }
 
+/// The path of `tool` on `PATH`, if it is installed.
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_string_lossy()
@@ -325,6 +370,12 @@ fn etcd_daemon(plan: &Plan, host: &Host) -> Daemon {
         "new",
         "--initial-cluster-token",
         "pairvisor-lab",
+        "--auto-compaction-mode",
+        "periodic",
+        "--auto-compaction-retention",
+        ETCD_COMPACTION_RETENTION,
+        "--quota-backend-bytes",
+        ETCD_QUOTA_BYTES,
         "--logger",
         "zap",
         "--log-level",
@@ -372,29 +423,42 @@ fn controller_daemon(plan: &Plan, host: &Host, bin: &Path) -> Daemon {
 
 fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
+    let endpoints = quoted(&plan.etcd_endpoints());
+    let paths: Vec<String> = plan
+        .heartbeat_paths(host)
+        .iter()
+        .map(|(name, local, peer)| {
+            format!("  {{ name = \"{name}\", local = \"{local}\", peer = \"{peer}\" }},")
+        })
+        .collect();
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
         state = dir.join("agent").display(),
         images = dir.join("images").display(),
         storage = dir.join("storage").join(STORAGE_GROUP).display(),
+        paths = paths.join("\n"),
     );
     write(&dir.join("agent.toml"), &text)
 }
 
-fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
-    let dir = plan.host_dir(host);
-    let endpoints: Vec<String> = plan
-        .etcd_endpoints()
+/// `"a", "b"`: items as a TOML array body.
+fn quoted(items: &[String]) -> String {
+    items
         .iter()
         .map(|e| format!("\"{e}\""))
-        .collect();
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
+    let dir = plan.host_dir(host);
+    let endpoints = quoted(&plan.etcd_endpoints());
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\nagent_address = \"{ip}:{AGENT_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = 3\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
-        endpoints = endpoints.join(", "),
         system = plan.system_ip(),
     );
     write(&dir.join("controller.toml"), &text)
@@ -422,6 +486,21 @@ fn wait_tcp(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Waits until the agent of `host` accepts connections.
+fn wait_agent(plan: &Plan, host: &Host) -> anyhow::Result<()> {
+    wait_tcp(
+        SocketAddr::from((plan.mgmt_ip(host), AGENT_PORT)),
+        AGENT_READY_TIMEOUT,
+    )
+    .with_context(|| {
+        format!(
+            "agent on {} did not listen; see {}",
+            host.name,
+            log_path(plan, host, "agent").display()
+        )
+    })
 }
 
 /// Waits until every etcd member reports healthy (the cluster has a leader).

@@ -156,6 +156,27 @@ impl Plan {
         Ipv4Addr::new(10, self.subnet + offset, 0, 1 + host.index)
     }
 
+    /// The heartbeat paths of node `host` to the other node: (name, local address, peer
+    /// address) on each role link, then the management network.
+    pub fn heartbeat_paths(&self, host: &Host) -> Vec<(&'static str, Ipv4Addr, Ipv4Addr)> {
+        let peer = &HOSTS[usize::from(1 - host.index.min(1))];
+        ROLE_LINKS
+            .iter()
+            .map(|(name, offset)| {
+                (
+                    *name,
+                    self.link_ip(*offset, host),
+                    self.link_ip(*offset, peer),
+                )
+            })
+            .chain(std::iter::once((
+                "mgmt",
+                self.mgmt_ip(host),
+                self.mgmt_ip(peer),
+            )))
+            .collect()
+    }
+
     /// pvctl endpoints: the system IP, then both controllers.
     pub fn endpoints(&self) -> String {
         let nodes = HOSTS.iter().filter(|h| !h.is_witness());
@@ -217,6 +238,28 @@ mod tests {
         let ip = plan().link_ip(3, &HOSTS[1]);
 
         assert_eq!(ip, Ipv4Addr::new(10, 103, 0, 2));
+    }
+
+    #[test]
+    fn heartbeat_paths_of_second_node_point_at_first() {
+        let paths = plan().heartbeat_paths(&HOSTS[1]);
+
+        assert_eq!(
+            paths[3],
+            (
+                "mgmt",
+                Ipv4Addr::new(10, 100, 0, 12),
+                Ipv4Addr::new(10, 100, 0, 11)
+            )
+        );
+        assert_eq!(
+            paths[0],
+            (
+                "priv0",
+                Ipv4Addr::new(10, 101, 0, 2),
+                Ipv4Addr::new(10, 101, 0, 1)
+            )
+        );
     }
 
     #[test]

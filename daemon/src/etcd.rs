@@ -192,3 +192,94 @@ pub fn member_failure(e: &etcd_client::Error) -> bool {
         _ => false,
     }
 }
+
+/// What a [`Etcd::watch`] delivers.
+#[derive(Debug)]
+pub enum Watched {
+    /// Committed changes, in order.
+    Events(Vec<etcd_client::Event>),
+    /// etcd cancelled the watch (its start revision was compacted away); nothing follows.
+    Cancelled {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// What to watch.
+#[derive(Clone, Debug)]
+pub struct WatchSpec {
+    /// The key, or the prefix when `prefix` is set.
+    pub key: String,
+    /// Watch every key under `key`.
+    pub prefix: bool,
+    /// First revision to deliver; 0 means changes from now on.
+    pub start_revision: i64,
+}
+
+impl Etcd {
+    /// Watches `spec` until the receiver is dropped, re-watching on another member from the
+    /// last revision seen when one fails, so no change is missed or delivered twice.
+    pub fn watch(&self, spec: WatchSpec) -> tokio::sync::mpsc::Receiver<Watched> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(watch_loop(self.clone(), spec, tx));
+        rx
+    }
+}
+
+async fn watch_loop(etcd: Etcd, spec: WatchSpec, tx: tokio::sync::mpsc::Sender<Watched>) {
+    let mut next = spec.start_revision;
+    loop {
+        let (endpoint, mut member) = etcd.current();
+        let mut options = etcd_client::WatchOptions::new().with_prev_key();
+        if spec.prefix {
+            options = options.with_prefix();
+        }
+        if next > 0 {
+            options = options.with_start_revision(next);
+        }
+        let mut stream = match member.watch(spec.key.as_str(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%endpoint, key = %spec.key, error = %e, "watch failed; trying the next etcd member");
+                etcd.rotate(&endpoint);
+                tokio::select! {
+                    () = tokio::time::sleep(ROUND_PAUSE) => continue,
+                    () = tx.closed() => return,
+                }
+            }
+        };
+        loop {
+            let response = tokio::select! {
+                r = stream.message() => r,
+                () = tx.closed() => return,
+            };
+            let Ok(Some(response)) = response else {
+                etcd.rotate(&endpoint);
+                break;
+            };
+            if response.canceled() {
+                let reason = match response.compact_revision() {
+                    0 => format!("etcd cancelled the watch: {}", response.cancel_reason()),
+                    kept => format!(
+                        "history before revision {kept} was compacted; start at {kept} or later"
+                    ),
+                };
+                let _ = tx.send(Watched::Cancelled { reason }).await;
+                return;
+            }
+            // Watching "from now": pin "now" so a re-watch after a member failure misses nothing.
+            if next == 0
+                && let Some(header) = response.header()
+            {
+                next = header.revision() + 1;
+            }
+            let events = response.events().to_vec();
+            if let Some(last) = events.iter().filter_map(|e| e.kv()).next_back() {
+                next = last.mod_revision() + 1;
+            }
+            if !events.is_empty() && tx.send(Watched::Events(events)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

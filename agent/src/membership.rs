@@ -1,0 +1,215 @@
+//! This host's membership in the pair, held by its agent: the host lease and registration, and
+//! the serving term the agent learns from etcd.
+//!
+//! The agent, not the controller, holds the host's liveness: it is the process that outlives a
+//! controller crash, so a host whose controller died stays registered, reachable and
+//! manageable. The registration (`nodes/<node>`, bound to the host lease) carries the host's
+//! facts; it is rewritten only when the facts change, and the lease-free `members/<node>` copy
+//! keeps the last known facts while the host is down.
+//!
+//! ```text
+//!  agent                                        etcd
+//!    │ LeaseGrant(ttl) ─────────────────────────► host lease H
+//!    │ Txn: nodes/<node> (lease H), members/<node> ►
+//!    │ KeepAlive(H) every ttl/6 ────────────────►   (daemon::lease)
+//!    │ Watch(leader) ◄─────────────────────────── term T  → fence: refuse terms < T
+//!    │ facts changed → Txn again
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use daemon::etcd::{Etcd, WatchSpec, Watched};
+use daemon::lease::{self, LeaseStatus};
+use daemon::pair::{self, HostFacts, LeaderInfo, NodeRecord};
+use etcd_client::{PutOptions, Txn, TxnOp};
+use tokio::sync::watch;
+
+use crate::facts::Collector;
+use crate::fence::Fence;
+
+/// How often the facts are read to see whether they changed.
+const FACTS_CHECK: Duration = Duration::from_secs(5);
+/// Pause before a new lease after the last one expired or could not be granted.
+const RETRY: Duration = Duration::from_millis(500);
+/// Budget of one registration write.
+const WRITE_BUDGET: Duration = Duration::from_secs(5);
+
+/// What the agent registers and how.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    /// This host's node name.
+    pub node: String,
+    /// Where the controllers reach this agent.
+    pub agent_address: String,
+    /// TTL of the host lease.
+    pub ttl: Duration,
+    /// The pair's etcd.
+    pub etcd: Etcd,
+    /// The host's facts.
+    pub facts: Collector,
+    /// The agent's fence, raised by announced terms.
+    pub fence: Arc<Fence>,
+}
+
+impl Membership {
+    /// Holds the host lease and registration forever, publishing the lease's status.
+    pub async fn run(self, status: watch::Sender<LeaseStatus>) {
+        tokio::spawn(follow_leader(self.etcd.clone(), self.fence.clone()));
+        let ttl_seconds = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        loop {
+            match lease::grant(&self.etcd, ttl_seconds).await {
+                Ok((lease, granted)) => self.term(lease, granted, &status).await,
+                Err(e) => {
+                    tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "host lease not granted; retrying")
+                }
+            }
+            status.send_replace(LeaseStatus::Expired);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// One lease's lifetime: register, keep alive, re-register when the facts change.
+    async fn term(
+        &self,
+        lease: i64,
+        granted: tokio::time::Instant,
+        status: &watch::Sender<LeaseStatus>,
+    ) {
+        tracing::info!(node = %self.node, lease = format!("{lease:x}"), ttl_s = self.ttl.as_secs(), "host lease begins");
+        status.send_replace(LeaseStatus::Alive);
+        let keeper = tokio::spawn(lease::keep(
+            self.etcd.clone(),
+            lease,
+            self.ttl,
+            granted,
+            status.clone(),
+        ));
+        let _abort = AbortOnDrop(keeper.abort_handle());
+        let mut registered: Option<HostFacts> = None;
+        let mut check = tokio::time::interval(FACTS_CHECK);
+        let mut keeper = keeper;
+        loop {
+            tokio::select! {
+                ended = &mut keeper => {
+                    let reason = ended.map_or_else(|e| e.to_string(), |e| daemon::error_chain(&e));
+                    tracing::warn!(node = %self.node, lease = format!("{lease:x}"), %reason, "host lease ended; registering anew");
+                    return;
+                }
+                _ = check.tick() => {
+                    let facts = match self.facts.snapshot() {
+                        Ok(snapshot) => snapshot.host_facts(),
+                        Err(e) => {
+                            tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "reading host facts failed");
+                            continue;
+                        }
+                    };
+                    if registered.as_ref() != Some(&facts) && self.register(&facts, lease).await {
+                        registered = Some(facts);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the registration (bound to `lease`) and the member record; false if it failed.
+    async fn register(&self, facts: &HostFacts, lease: i64) -> bool {
+        let record = NodeRecord {
+            name: self.node.clone(),
+            agent_address: self.agent_address.clone(),
+            facts: facts.clone(),
+        };
+        let value = pair::encode(&record);
+        let (node, member) = (pair::node_key(&self.node), pair::member_key(&self.node));
+        let result = self
+            .etcd
+            .request("registering host", WRITE_BUDGET, |mut c| {
+                let txn = Txn::new().and_then([
+                    TxnOp::put(
+                        node.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::put(member.clone(), value.clone(), None),
+                ]);
+                async move { c.txn(txn).await }
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(node = %self.node, cpus = facts.cpus, memory_mib = facts.memory_mib, "host registered");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "registering host failed; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped, so a term's keeper never outlives the term.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Raises the fence to every term the pair announces (the leader key), from the current one on.
+async fn follow_leader(etcd: Etcd, fence: Arc<Fence>) {
+    loop {
+        let start_revision = read_term(&etcd, &fence).await;
+        let mut watch = etcd.watch(WatchSpec {
+            key: pair::LEADER.to_string(),
+            prefix: false,
+            start_revision,
+        });
+        while let Some(watched) = watch.recv().await {
+            match watched {
+                Watched::Events(events) => {
+                    for kv in events.iter().filter_map(|e| e.kv()) {
+                        observe(&fence, kv.value());
+                    }
+                }
+                Watched::Cancelled { reason } => {
+                    tracing::warn!(%reason, "the serving-term watch was cancelled; reading the term again");
+                }
+            }
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Reads the announced term now; returns the revision to watch from (0 if etcd did not answer).
+async fn read_term(etcd: &Etcd, fence: &Fence) -> i64 {
+    let current = etcd
+        .request(
+            "reading the serving term",
+            WRITE_BUDGET,
+            |mut c| async move { c.get(pair::LEADER, None).await },
+        )
+        .await;
+    match current {
+        Ok(resp) => {
+            if let Some(kv) = resp.kvs().first() {
+                observe(fence, kv.value());
+            }
+            resp.header().map_or(0, |h| h.revision() + 1)
+        }
+        Err(e) => {
+            tracing::warn!(error = %daemon::error_chain(&e), "reading the serving term failed; following changes only");
+            0
+        }
+    }
+}
+
+fn observe(fence: &Fence, value: &[u8]) {
+    let Ok(leader) = serde_json::from_slice::<LeaderInfo>(value) else {
+        return;
+    };
+    if let Err(e) = fence.observe_term(leader.term) {
+        tracing::error!(error = %daemon::error_chain(&e), "raising the fence to a new term failed");
+    }
+}

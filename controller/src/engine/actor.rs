@@ -1,0 +1,418 @@
+//! The engine actor: owns the pair's state, takes commands, agent outcomes and observations
+//! one at a time, and publishes a snapshot after each.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::effects::{Batch, Done, Waiter};
+use super::observe::{self, DomainsPoll, HealthPoll};
+use super::view::{self, NodeView, NodesView, Snapshot};
+use super::{Command, Context};
+use crate::error::{ApiError, chain};
+use crate::health;
+use crate::model::{NodeRecord, VmRecord, VmState};
+use crate::placement;
+use crate::store::{self, Alert, RequestRecord, Stored};
+use crate::vm::VmEvent;
+
+/// How often deadlines are checked and domains polled.
+const TICK: Duration = Duration::from_secs(1);
+/// How often host health is polled (heartbeats go every 100 ms).
+const HEALTH_TICK: Duration = Duration::from_millis(200);
+/// TTL of the lease request records expire with.
+const REQUEST_LEASE_TTL: i64 = 600;
+/// A fresh request lease is granted this often, so records live 5 to 10 minutes.
+const REQUEST_LEASE_RENEW: Duration = Duration::from_secs(300);
+
+/// Something the engine's own tasks report.
+#[derive(Debug)]
+pub(super) enum Internal {
+    /// A VM's agent calls finished.
+    Effect(Done),
+    /// The agents' domain lists.
+    Domains(DomainsPoll),
+    /// The agents' heartbeat reports.
+    Health(HealthPoll),
+}
+
+/// A VM and what the engine does with it.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub record: VmRecord,
+    pub revision: i64,
+    /// When the engine last commanded this VM's domain; older agent reports are stale.
+    pub last_command: Instant,
+    /// Whether a batch of agent calls runs for it.
+    pub busy: bool,
+    /// Batches waiting for the running one.
+    pub queued: VecDeque<Batch>,
+}
+
+impl Entry {
+    pub fn new(stored: Stored<VmRecord>) -> Entry {
+        Entry {
+            record: stored.value,
+            revision: stored.revision,
+            last_command: Instant::now(),
+            busy: false,
+            queued: VecDeque::new(),
+        }
+    }
+}
+
+/// The engine's state.
+pub(super) struct Engine {
+    pub ctx: Context,
+    pub vms: BTreeMap<String, Entry>,
+    /// Every node of the pair with its last known record, live or not.
+    pub members: BTreeMap<String, NodeRecord>,
+    /// Live host registrations (their agents' leases hold).
+    pub registered: BTreeMap<String, NodeRecord>,
+    /// Registered controllers: node → API address.
+    pub controllers: BTreeMap<String, String>,
+    /// Host health by node.
+    pub hosts: BTreeMap<String, health::Host>,
+    /// The last health poll, for the view.
+    pub last_health: Option<HealthPoll>,
+    pub health_config: health::Config,
+    pub alerts: BTreeMap<String, Alert>,
+    pub requests: HashMap<String, RequestRecord>,
+    pub request_lease: (i64, Instant),
+    pub waiters: HashMap<String, Vec<Waiter>>,
+    pub internal: mpsc::Sender<Internal>,
+    pub polling_domains: bool,
+    pub polling_health: bool,
+    /// Set when an agent refused our term: another controller serves; step down.
+    pub fenced: bool,
+    pub started: Instant,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    internal_rx: Option<mpsc::Receiver<Internal>>,
+}
+
+fn store_error(e: store::Error) -> ApiError {
+    super::effects::store_error(e)
+}
+
+impl Engine {
+    /// Loads the pair's state from etcd.
+    pub async fn load(ctx: Context) -> Result<(Engine, watch::Receiver<Arc<Snapshot>>), ApiError> {
+        let client = &ctx.client;
+        let vms = store::load_vms(client).await.map_err(store_error)?;
+        let members = store::load_members(client).await.map_err(store_error)?;
+        let registered = store::load_nodes(client).await.map_err(store_error)?;
+        let controllers = store::load_controllers(client).await.map_err(store_error)?;
+        let alerts = store::load_alerts(client).await.map_err(store_error)?;
+        let requests = store::load_requests(client).await.map_err(store_error)?;
+        let health_config = store::load_health_config(client)
+            .await
+            .map_err(store_error)?;
+        let (lease, _) = daemon::lease::grant(client, REQUEST_LEASE_TTL)
+            .await
+            .map_err(|e| ApiError::Unavailable(chain(&e)))?;
+        let (internal, internal_rx) = mpsc::channel(64);
+        let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let engine = Engine {
+            vms: vms
+                .into_iter()
+                .map(|s| (s.value.uuid.clone(), Entry::new(s)))
+                .collect(),
+            members: members.into_iter().map(|m| (m.name.clone(), m)).collect(),
+            registered: registered
+                .into_iter()
+                .map(|s| (s.value.name.clone(), s.value))
+                .collect(),
+            controllers: controllers
+                .into_iter()
+                .map(|c| (c.name, c.api_address))
+                .collect(),
+            hosts: BTreeMap::new(),
+            last_health: None,
+            health_config,
+            alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            requests: requests.into_iter().collect(),
+            request_lease: (lease, Instant::now()),
+            waiters: HashMap::new(),
+            internal,
+            polling_domains: false,
+            polling_health: false,
+            fenced: false,
+            started: Instant::now(),
+            snapshot,
+            internal_rx: Some(internal_rx),
+            ctx,
+        };
+        engine.publish();
+        Ok((engine, rx))
+    }
+
+    /// Runs until the command channel closes or an agent refuses our term.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let Some(mut internal) = self.internal_rx.take() else {
+            return;
+        };
+        let mut registrations = observe::watch_registrations(self.ctx.client.clone());
+        self.take_over().await;
+        self.publish();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut health_tick = tokio::time::interval(HEALTH_TICK);
+        health_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => return,
+                },
+                Some(message) = internal.recv() => self.internal(message).await,
+                Ok(()) = registrations.changed() => {
+                    let latest = registrations.borrow_and_update().clone();
+                    self.registrations_changed(latest);
+                }
+                _ = tick.tick() => self.tick().await,
+                _ = health_tick.tick() => self.poll_health(),
+            }
+            if self.fenced {
+                self.step_down_fenced().await;
+                return;
+            }
+            self.publish();
+        }
+    }
+
+    /// Feeds `Takeover` to every VM so half-done work is finished or rolled back.
+    async fn take_over(&mut self) {
+        let uuids: Vec<String> = self.vms.keys().cloned().collect();
+        tracing::info!(node = %self.ctx.node, vms = uuids.len(), term = self.ctx.writer.term(), "takeover begin");
+        for uuid in &uuids {
+            if let Err(e) = self.drive(uuid, VmEvent::Takeover, None).await {
+                tracing::warn!(vm = %uuid, node = %self.ctx.node, error = %e, "takeover of VM failed");
+            }
+        }
+        tracing::info!(node = %self.ctx.node, vms = uuids.len(), "takeover end: ok");
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Create {
+                spec,
+                request,
+                reply,
+            } => self.create(spec, request, reply).await,
+            Command::Start { vm, request, reply } => self.start_vm(&vm, request, reply).await,
+            Command::Shutdown {
+                vm,
+                grace,
+                request,
+                reply,
+            } => {
+                let deadline = crate::now_unix_ms()
+                    .saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+                let event = VmEvent::Shutdown {
+                    deadline_unix_ms: deadline,
+                };
+                self.stop_vm(&vm, event, request, reply).await;
+            }
+            Command::PowerOff { vm, request, reply } => {
+                self.stop_vm(&vm, VmEvent::PowerOff, request, reply).await;
+            }
+            Command::Delete { vm, request, reply } => self.delete(&vm, request, reply).await,
+            Command::Modify {
+                vm,
+                change,
+                request,
+                reply,
+            } => {
+                let result = self.modify(&vm, change, request).await;
+                let _ = reply.send(result);
+            }
+            Command::SetHealthConfig { config, reply } => {
+                let result = self.set_health_config(config).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn internal(&mut self, message: Internal) {
+        match message {
+            Internal::Effect(done) => self.effect_done(done).await,
+            Internal::Domains(poll) => {
+                self.polling_domains = false;
+                self.apply_domains(poll).await;
+            }
+            Internal::Health(poll) => {
+                self.polling_health = false;
+                self.apply_health(poll).await;
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        let now = crate::now_unix_ms();
+        let stopping: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| matches!(e.record.state, VmState::Stopping { forced: false, .. }))
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        for uuid in stopping {
+            if let Err(e) = self
+                .drive(&uuid, VmEvent::Tick { now_unix_ms: now }, None)
+                .await
+            {
+                tracing::warn!(vm = %uuid, error = %e, "deadline check failed");
+            }
+        }
+        self.renew_request_lease().await;
+        self.poll_domains();
+    }
+
+    /// Grants a fresh lease for request records every few minutes (each record lives 5 to
+    /// 10 minutes: long enough for any retry).
+    async fn renew_request_lease(&mut self) {
+        if self.request_lease.1.elapsed() < REQUEST_LEASE_RENEW {
+            return;
+        }
+        match daemon::lease::grant(&self.ctx.client, REQUEST_LEASE_TTL).await {
+            Ok((lease, _)) => self.request_lease = (lease, Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "granting a request lease failed; keeping the old one")
+            }
+        }
+    }
+
+    async fn set_health_config(
+        &mut self,
+        config: health::Config,
+    ) -> Result<health::Config, ApiError> {
+        config
+            .check()
+            .map_err(|e| ApiError::invalid("health_config", e.to_string()))?;
+        self.ctx
+            .writer
+            .put_health_config(&config)
+            .await
+            .map_err(store_error)?;
+        tracing::info!(
+            path_timeout_ms = config.path_timeout_ms,
+            lost_confirm_ms = config.lost_confirm_ms,
+            "health configuration changed"
+        );
+        self.health_config = config;
+        Ok(config)
+    }
+
+    /// An agent refused our term: another controller serves. Give the role up at once.
+    async fn step_down_fenced(&mut self) {
+        tracing::error!(node = %self.ctx.node, term = self.ctx.writer.term(), "step-down begin: an agent refused this controller's term; another controller serves");
+        let revoked =
+            daemon::lease::revoke(&self.ctx.client, self.ctx.lease, store::REQUEST_BUDGET).await;
+        match revoked {
+            Ok(()) => tracing::error!(node = %self.ctx.node, "step-down end: ok, lease revoked"),
+            Err(e) => {
+                tracing::error!(node = %self.ctx.node, error = %chain(&e), "step-down end: lease not revoked; it expires on its own")
+            }
+        }
+    }
+
+    /// Every node of the pair with its last known facts: what validation and capacity count,
+    /// so a node that is down still limits the pair (after a failover all VMs run on one).
+    pub fn inventory(&self) -> Result<placement::Inventory, ApiError> {
+        if self.members.is_empty() {
+            return Err(ApiError::Unavailable(
+                "no host has registered yet; wait for the agents to start".into(),
+            ));
+        }
+        if let Some(n) = self.members.values().find(|n| n.facts.cpus == 0) {
+            return Err(ApiError::Unavailable(format!(
+                "node {} has not reported its host facts yet; check its agent",
+                n.name
+            )));
+        }
+        Ok(placement::Inventory {
+            nodes: self
+                .members
+                .values()
+                .map(|n| placement::NodeInventory {
+                    name: n.name.clone(),
+                    facts: n.facts.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The UUID of the VM named by `vm` (a name or a UUID).
+    pub fn find(&self, vm: &str) -> Result<String, ApiError> {
+        if self.vms.contains_key(vm) {
+            return Ok(vm.to_string());
+        }
+        self.vms
+            .iter()
+            .find(|(_, e)| e.record.name == vm)
+            .map(|(uuid, _)| uuid.clone())
+            .ok_or_else(|| ApiError::NotFound { vm: vm.to_string() })
+    }
+
+    /// Publishes the current state for reads.
+    fn publish(&self) {
+        let snapshot = Snapshot {
+            vms: self
+                .vms
+                .iter()
+                .map(|(uuid, e)| (uuid.clone(), e.record.clone()))
+                .collect(),
+            nodes: self.nodes_view(),
+            alerts: self.alerts.clone(),
+            health_config: self.health_config,
+        };
+        self.snapshot.send_replace(Arc::new(snapshot));
+    }
+
+    fn nodes_view(&self) -> NodesView {
+        let inventory = self.inventory().unwrap_or_default();
+        let nodes = self
+            .members
+            .values()
+            .map(|member| {
+                let host = self.hosts.get(&member.name).cloned().unwrap_or_default();
+                NodeView {
+                    record: self
+                        .registered
+                        .get(&member.name)
+                        .cloned()
+                        .unwrap_or_else(|| member.clone()),
+                    health: host.state,
+                    health_reason: host.reason,
+                    lease_alive: self.registered.contains_key(&member.name),
+                    agent_up: self
+                        .last_health
+                        .as_ref()
+                        .is_some_and(|p| p.answered(&member.name)),
+                    controller_up: self.controllers.contains_key(&member.name),
+                    api_address: self
+                        .controllers
+                        .get(&member.name)
+                        .cloned()
+                        .unwrap_or_default(),
+                    paths: self.path_views(&member.name),
+                    running_vms: view::running_on(
+                        self.vms.values().map(|e| &e.record),
+                        &member.name,
+                    ),
+                }
+            })
+            .collect();
+        NodesView {
+            nodes,
+            serving: self.ctx.node.clone(),
+            free: placement::free(
+                &self.ctx.policy,
+                &inventory,
+                self.vms.values().map(|e| &e.record),
+            ),
+        }
+    }
+}

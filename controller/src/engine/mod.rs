@@ -1,0 +1,184 @@
+//! The serving controller's engine: the one task that owns the pair's VM state.
+//!
+//! API handlers send it [`Command`]s with a reply channel; reads never do: they are answered
+//! from the [`Snapshot`] it publishes after every change, so a read never waits behind an
+//! agent call or an etcd write. The engine decides with the pure modules ([`crate::validate`],
+//! [`crate::placement`], [`crate::vm`], [`crate::health`]), commits every new state through
+//! the fenced [`Writer`] *before* it acts on it or replies, and hands agent calls to one task
+//! per VM, so calls for different VMs run concurrently and a hung one stalls only its VM.
+//!
+//! One file per seam:
+//! - `actor`: the loop, commands in, replies out, takeover;
+//! - `lifecycle`: create, modify, delete, start and stop requests (validation, placement,
+//!   request IDs);
+//! - `effects`: persist fenced, then act: each VM's agent calls, their outcomes, waiters;
+//! - `observe`: what agents and etcd report (domains, heartbeats, registrations) → host
+//!   health, VM events, alerts (reconciliation);
+//! - `view`: the snapshot that reads are answered from.
+
+mod actor;
+mod effects;
+mod lifecycle;
+mod observe;
+mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use daemon::lease::LeaseStatus;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::agents::AgentPool;
+use crate::error::ApiError;
+use crate::health;
+use crate::model::{Mode, VmRecord, VmSpec};
+use crate::placement::Policy;
+use crate::store::{Etcd, Writer};
+
+pub use view::{NodeView, NodesView, PathView, Snapshot};
+
+/// Commands queued before API callers wait.
+const QUEUE: usize = 64;
+
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// A change to a stopped VM's size or mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Modify {
+    /// New protection mode.
+    pub mode: Option<Mode>,
+    /// New vCPUs.
+    pub vcpus: Option<u32>,
+    /// New memory in MiB.
+    pub memory_mib: Option<u64>,
+}
+
+/// A mutating request to the engine. `request` is the caller's request ID, if it gave one: a
+/// retry with the same ID returns the first attempt's outcome instead of acting twice.
+#[derive(Debug)]
+pub enum Command {
+    /// Create a VM.
+    Create {
+        /// What to create.
+        spec: VmSpec,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply.
+        reply: Reply<VmRecord>,
+    },
+    /// Delete a stopped VM (or record the intent, if its host is lost).
+    Delete {
+        /// Name or UUID.
+        vm: String,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply: the UUID.
+        reply: Reply<String>,
+    },
+    /// Change a stopped VM.
+    Modify {
+        /// Name or UUID.
+        vm: String,
+        /// The change.
+        change: Modify,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply.
+        reply: Reply<VmRecord>,
+    },
+    /// Power a VM off; replies once it is stopped (or the intent is recorded).
+    PowerOff {
+        /// Name or UUID.
+        vm: String,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply.
+        reply: Reply<VmRecord>,
+    },
+    /// Change the host-health timeouts.
+    SetHealthConfig {
+        /// The new configuration.
+        config: health::Config,
+        /// Reply.
+        reply: Reply<health::Config>,
+    },
+    /// Shut a VM down; replies once it is stopped.
+    Shutdown {
+        /// Name or UUID.
+        vm: String,
+        /// Grace period before it is powered off.
+        grace: Duration,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply.
+        reply: Reply<VmRecord>,
+    },
+    /// Start a VM; replies once it runs.
+    Start {
+        /// Name or UUID.
+        vm: String,
+        /// Request ID.
+        request: Option<String>,
+        /// Reply.
+        reply: Reply<VmRecord>,
+    },
+}
+
+/// Sends commands to the engine and reads its snapshot; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl EngineHandle {
+    /// Sends the command built by `make` and waits for its reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| stepped_down())?;
+        rx.await.map_err(|_| stepped_down())?
+    }
+
+    /// The engine's latest view of the pair: what reads are answered from.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+}
+
+fn stepped_down() -> ApiError {
+    ApiError::Unavailable(
+        "the serving controller stepped down while handling the request; retry to reach the new one"
+            .into(),
+    )
+}
+
+/// What the engine needs to run.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// This controller's node.
+    pub node: String,
+    /// etcd client.
+    pub client: Etcd,
+    /// Fenced writer; its term goes with every agent command.
+    pub writer: Writer,
+    /// The serving role's lease: revoked when an agent refuses our term.
+    pub lease: i64,
+    /// The lease's status: agent commands wait while it is in doubt; `Alive` is quorum.
+    pub lease_status: watch::Receiver<LeaseStatus>,
+    /// Agent clients.
+    pub agents: AgentPool,
+    /// Capacity policy.
+    pub policy: Policy,
+}
+
+/// Loads the pair's state and starts the engine task, which first finishes what a previous
+/// serving controller left half done. Drop or abort the task to step down.
+pub async fn start(ctx: Context) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), ApiError> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let (engine, snapshot) = actor::Engine::load(ctx).await?;
+    let task = tokio::spawn(engine.run(rx));
+    Ok((EngineHandle { tx, snapshot }, task))
+}

@@ -1,0 +1,605 @@
+//! Observation and reconciliation: what etcd and the agents report, turned into host health,
+//! VM events and alerts.
+//!
+//! - Registrations (`nodes/`, bound to each agent's host lease, and `controllers/`) are
+//!   watched: a host lease that expires shows at once.
+//! - Every 200 ms both agents are asked what they hear of their peer on each heartbeat path;
+//!   with the registrations and this controller's own quorum that is one
+//!   [`health::Observation`] per host, stepped through [`health::step`].
+//! - Every second both agents list their domains. Per VM recorded on a host that is not lost,
+//!   the report becomes a VM event; a report older than the engine's last command to that VM
+//!   is dropped. A domain no VM record claims, one running on the other host than its VM's
+//!   record says, or one running under a stopped VM raises an alert and is never adopted.
+
+use std::collections::BTreeMap;
+
+use daemon::etcd::{Etcd, WatchSpec, Watched};
+use daemon::lease::LeaseStatus;
+use daemon::pair::NodeRecord;
+use proto::agent as pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::actor::{Engine, Internal};
+use super::effects::stopped_event;
+use super::view::PathView;
+use crate::error::chain;
+use crate::health::{self, HostState, Observation, PathHeard};
+use crate::model::VmState;
+use crate::store::{self, Alert, CONTROLLERS, ControllerRecord, NODES};
+use crate::vm::VmEvent;
+
+/// Pause before reloading the registrations after a failed read.
+const RELOAD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The live registrations: hosts (agents' leases) and controllers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Registrations {
+    /// Host registrations by node, once loaded.
+    pub nodes: Option<BTreeMap<String, NodeRecord>>,
+    /// Registered controllers: node → API address.
+    pub controllers: BTreeMap<String, String>,
+}
+
+/// One poll of every member's domains.
+#[derive(Debug)]
+pub(crate) struct DomainsPoll {
+    started: Instant,
+    /// Per node: its domains, or `None` if its agent did not answer.
+    nodes: BTreeMap<String, Option<Vec<pb::DomainStatus>>>,
+}
+
+/// One poll of every member's heartbeat report.
+#[derive(Debug)]
+pub(crate) struct HealthPoll {
+    now_ms: u64,
+    /// Per node: its agent's report, or `None` if it did not answer.
+    reports: BTreeMap<String, Option<pb::PeerHealth>>,
+    /// Whether this controller's lease is confirmed (it holds quorum).
+    quorum: bool,
+}
+
+impl HealthPoll {
+    /// Whether `node`'s agent answered this poll.
+    pub fn answered(&self, node: &str) -> bool {
+        self.reports.get(node).is_some_and(Option::is_some)
+    }
+
+    /// What the host other than `node` hears of it on each path; `None` if that host's agent
+    /// did not answer (or there is no other host).
+    fn heard_of(&self, node: &str) -> Option<Vec<PathHeard>> {
+        let (_, report) = self.reports.iter().find(|(name, _)| *name != node)?;
+        let report = report.as_ref()?;
+        Some(
+            report
+                .paths
+                .iter()
+                .map(|p| PathHeard {
+                    name: p.name.clone(),
+                    since_ms: p.heard.then_some(p.ms_since_heard),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Watches the registrations; the receiver sees each change (nothing until the first load).
+pub(crate) fn watch_registrations(etcd: Etcd) -> watch::Receiver<Registrations> {
+    let (tx, rx) = watch::channel(Registrations::default());
+    tokio::spawn(follow_registrations(etcd, tx));
+    rx
+}
+
+async fn follow_registrations(etcd: Etcd, out: watch::Sender<Registrations>) {
+    loop {
+        let loaded = async {
+            let (nodes, revision) = store::load_prefix_at::<NodeRecord>(&etcd, NODES).await?;
+            let controllers = store::load_controllers(&etcd).await?;
+            Ok::<_, store::Error>((nodes, controllers, revision))
+        };
+        let (nodes, controllers, revision) = match loaded.await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "loading registrations failed; retrying");
+                tokio::time::sleep(RELOAD).await;
+                continue;
+            }
+        };
+        let mut current = Registrations {
+            nodes: Some(
+                nodes
+                    .into_iter()
+                    .map(|s| (s.value.name.clone(), s.value))
+                    .collect(),
+            ),
+            controllers: controllers
+                .into_iter()
+                .map(|c| (c.name, c.api_address))
+                .collect(),
+        };
+        out.send_replace(current.clone());
+        // From the nodes' read revision on: the controllers, read later, may see changes
+        // again, which converge to the same state when applied in order.
+        let mut changes = etcd.watch(WatchSpec {
+            key: store::PREFIX.to_string(),
+            prefix: true,
+            start_revision: revision + 1,
+        });
+        loop {
+            let watched = tokio::select! {
+                watched = changes.recv() => watched,
+                () = out.closed() => return,
+            };
+            let Some(Watched::Events(events)) = watched else {
+                break;
+            };
+            if apply_registrations(&mut current, &events) {
+                out.send_replace(current.clone());
+            }
+        }
+        tokio::time::sleep(RELOAD).await;
+    }
+}
+
+/// Applies watched changes of registration keys to `current`; whether anything changed.
+fn apply_registrations(current: &mut Registrations, events: &[etcd_client::Event]) -> bool {
+    let mut changed = false;
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        let key = String::from_utf8_lossy(kv.key());
+        let put = matches!(event.event_type(), etcd_client::EventType::Put);
+        if let Some(name) = key.strip_prefix(NODES) {
+            let nodes = current.nodes.get_or_insert_with(BTreeMap::new);
+            match (put, serde_json::from_slice::<NodeRecord>(kv.value())) {
+                (true, Ok(record)) => {
+                    nodes.insert(name.to_string(), record);
+                }
+                (true, Err(_)) => continue,
+                (false, _) => {
+                    nodes.remove(name);
+                }
+            }
+            changed = true;
+        } else if let Some(name) = key.strip_prefix(CONTROLLERS) {
+            match (put, serde_json::from_slice::<ControllerRecord>(kv.value())) {
+                (true, Ok(record)) => {
+                    current
+                        .controllers
+                        .insert(name.to_string(), record.api_address);
+                }
+                (true, Err(_)) => continue,
+                (false, _) => {
+                    current.controllers.remove(name);
+                }
+            }
+            changed = true;
+        }
+    }
+    changed
+}
+
+impl Engine {
+    /// Takes the latest registrations: live hosts (also the pair's members) and controllers.
+    pub(super) fn registrations_changed(&mut self, latest: Registrations) {
+        self.controllers = latest.controllers;
+        let Some(nodes) = latest.nodes else {
+            return;
+        };
+        for (name, record) in &nodes {
+            self.members.insert(name.clone(), record.clone());
+        }
+        self.registered = nodes;
+    }
+
+    /// Starts a poll of every member's domains, unless one runs.
+    pub(super) fn poll_domains(&mut self) {
+        if self.polling_domains {
+            return;
+        }
+        self.polling_domains = true;
+        let agents: Vec<_> = self
+            .members
+            .keys()
+            .map(|name| (name.clone(), self.agent_of(name).ok()))
+            .collect();
+        let out = self.internal.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let polls = agents.into_iter().map(|(name, agent)| async move {
+                let domains = match agent {
+                    Some(agent) => agent.list_domains().await.ok(),
+                    None => None,
+                };
+                (name, domains)
+            });
+            let nodes = join_all(polls).await.into_iter().collect();
+            let _ = out
+                .send(Internal::Domains(DomainsPoll { started, nodes }))
+                .await;
+        });
+    }
+
+    /// Starts a poll of every member's heartbeat report, unless one runs.
+    pub(super) fn poll_health(&mut self) {
+        if self.polling_health {
+            return;
+        }
+        self.polling_health = true;
+        let agents: Vec<_> = self
+            .members
+            .keys()
+            .map(|name| (name.clone(), self.agent_of(name).ok()))
+            .collect();
+        let quorum = *self.ctx.lease_status.borrow() == LeaseStatus::Alive;
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let out = self.internal.clone();
+        tokio::spawn(async move {
+            let polls = agents.into_iter().map(|(name, agent)| async move {
+                let report = match agent {
+                    Some(agent) => agent.peer_health().await.ok(),
+                    None => None,
+                };
+                (name, report)
+            });
+            let reports = join_all(polls).await.into_iter().collect();
+            let poll = HealthPoll {
+                now_ms,
+                reports,
+                quorum,
+            };
+            let _ = out.send(Internal::Health(poll)).await;
+        });
+    }
+
+    /// Steps every member's health with the poll and acts on what changed.
+    pub(super) async fn apply_health(&mut self, poll: HealthPoll) {
+        let names: Vec<String> = self.members.keys().cloned().collect();
+        for node in names {
+            let observation = Observation {
+                now_ms: poll.now_ms,
+                lease_alive: self.registered.contains_key(&node),
+                paths: poll.heard_of(&node),
+                agent_answers: poll.answered(&node),
+                controller_alive: self.controllers.contains_key(&node),
+                quorum: poll.quorum,
+            };
+            let host = self.hosts.get(&node).cloned().unwrap_or_default();
+            let event = health::Event::Observed(observation);
+            let (next, actions) = health::step(&host, &self.health_config, &event);
+            self.hosts.insert(node.clone(), next);
+            for action in actions {
+                self.health_action(&node, action).await;
+            }
+        }
+        self.last_health = Some(poll);
+    }
+
+    async fn health_action(&mut self, node: &str, action: health::Action) {
+        let listener = self
+            .members
+            .keys()
+            .find(|name| *name != node)
+            .cloned()
+            .unwrap_or_default();
+        match action {
+            health::Action::PathSilent { path } => {
+                let message = format!(
+                    "heartbeat path {path}: {listener} hears nothing from {node}; check the link"
+                );
+                self.raise(&format!("path/{node}/{path}"), node, "", message)
+                    .await;
+            }
+            health::Action::PathHeard { path } => {
+                self.clear(&format!("path/{node}/{path}")).await;
+            }
+            health::Action::Degraded { state, reason } => {
+                tracing::warn!(node, state = state.name(), %reason, "host health changed");
+                let message = format!("host {node} is {}: {reason}", state.name());
+                self.raise(&format!("host/{node}"), node, "", message).await;
+            }
+            health::Action::Lost => self.host_lost(node).await,
+            health::Action::Recovered { was_lost } => {
+                tracing::info!(node, was_lost, "host health changed: up");
+                self.clear(&format!("host/{node}")).await;
+            }
+        }
+    }
+
+    /// Every VM recorded on `node` is lost until the host returns.
+    async fn host_lost(&mut self, node: &str) {
+        let uuids: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| e.record.node == node)
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        tracing::warn!(
+            node,
+            vms = uuids.len(),
+            "host lost begin: its VMs are lost until it returns"
+        );
+        for uuid in &uuids {
+            let event = VmEvent::HostLost {
+                node: node.to_string(),
+            };
+            if let Err(e) = self.drive(uuid, event, None).await {
+                tracing::warn!(vm = %uuid, node, error = %e, "marking VM lost failed");
+            }
+        }
+        tracing::warn!(node, vms = uuids.len(), "host lost end: ok");
+    }
+
+    /// Reconciles every VM with what its host's agent reports, and raises or clears the
+    /// alerts for domains that no record explains.
+    pub(super) async fn apply_domains(&mut self, poll: DomainsPoll) {
+        let mut events = Vec::new();
+        let mut alerts = BTreeMap::new();
+        for (node, domains) in &poll.nodes {
+            let Some(domains) = domains else { continue };
+            if self
+                .hosts
+                .get(node)
+                .is_some_and(|h| matches!(h.state, HostState::Lost | HostState::Fenced))
+            {
+                continue;
+            }
+            self.reconcile_node(node, domains, poll.started, &mut events);
+            self.unexplained(node, domains, &mut alerts);
+        }
+        for (uuid, event) in events {
+            if let Err(e) = self.drive(&uuid, event, None).await {
+                tracing::warn!(vm = %uuid, error = %e, "applying agent report failed");
+            }
+        }
+        self.sync_domain_alerts(alerts, &poll).await;
+    }
+
+    /// The VM events `node`'s report means for the VMs recorded there.
+    fn reconcile_node(
+        &self,
+        node: &str,
+        domains: &[pb::DomainStatus],
+        started: Instant,
+        events: &mut Vec<(String, VmEvent)>,
+    ) {
+        for (uuid, entry) in &self.vms {
+            if entry.record.node != node || entry.busy || entry.last_command > started {
+                continue;
+            }
+            let found = domains.iter().find(|d| &d.uuid == uuid);
+            if let Some(event) = domain_event(found) {
+                events.push((uuid.clone(), event));
+            }
+        }
+    }
+
+    /// Alerts for `node`'s domains that no record explains: unknown, misplaced, or running
+    /// under a stopped VM.
+    fn unexplained(
+        &self,
+        node: &str,
+        domains: &[pb::DomainStatus],
+        alerts: &mut BTreeMap<String, (String, String, String)>,
+    ) {
+        for domain in domains {
+            let active = matches!(
+                domain.state(),
+                pb::DomainState::Running | pb::DomainState::Paused | pb::DomainState::ShuttingDown
+            );
+            let name = &domain.name;
+            match self.vms.get(&domain.uuid).map(|e| &e.record) {
+                None => {
+                    let message = format!(
+                        "domain {name} ({}) on {node} belongs to no VM of the pair: it was made outside Pairvisor and is not adopted; remove it with virsh, or create a VM for it",
+                        domain.uuid
+                    );
+                    alerts.insert(
+                        format!("domain/unknown/{node}/{}", domain.uuid),
+                        (node.to_string(), String::new(), message),
+                    );
+                }
+                Some(record) if record.node != node && active => {
+                    let message = format!(
+                        "VM {} runs on {node}, but the pair records it on {}: a second copy; power off the one on {node}",
+                        record.name, record.node
+                    );
+                    alerts.insert(
+                        format!("domain/misplaced/{node}/{}", domain.uuid),
+                        (node.to_string(), record.uuid.clone(), message),
+                    );
+                }
+                Some(record) if record.state == VmState::Stopped && active => {
+                    let message = format!(
+                        "VM {} is stopped, but its domain runs on {node} (started outside Pairvisor): not adopted; start the VM to adopt it, or power the domain off",
+                        record.name
+                    );
+                    alerts.insert(
+                        format!("domain/unadopted/{node}/{}", domain.uuid),
+                        (node.to_string(), record.uuid.clone(), message),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Raises the domain alerts found now and clears those of polled nodes that are gone.
+    async fn sync_domain_alerts(
+        &mut self,
+        found: BTreeMap<String, (String, String, String)>,
+        poll: &DomainsPoll,
+    ) {
+        let stale: Vec<String> = self
+            .alerts
+            .values()
+            .filter(|a| a.id.starts_with("domain/") && !found.contains_key(&a.id))
+            .filter(|a| poll.nodes.get(&a.node).is_some_and(Option::is_some))
+            .map(|a| a.id.clone())
+            .collect();
+        for id in stale {
+            self.clear(&id).await;
+        }
+        for (id, (node, vm, message)) in found {
+            self.raise(&id, &node, &vm, message).await;
+        }
+    }
+
+    /// Raises alert `id` unless it is open with the same message.
+    pub(super) async fn raise(&mut self, id: &str, node: &str, vm: &str, message: String) {
+        if self.alerts.get(id).is_some_and(|a| a.message == message) {
+            return;
+        }
+        let alert = Alert {
+            id: id.to_string(),
+            node: node.to_string(),
+            vm: vm.to_string(),
+            message,
+            raised_unix_ms: crate::now_unix_ms(),
+        };
+        match self.ctx.writer.raise_alert(&alert).await {
+            Ok(()) => {
+                tracing::warn!(alert = id, node, message = %alert.message, "alert raised");
+                self.alerts.insert(id.to_string(), alert);
+            }
+            Err(e) => tracing::warn!(alert = id, error = %chain(&e), "raising alert failed"),
+        }
+    }
+
+    /// Clears alert `id` if it is open.
+    pub(super) async fn clear(&mut self, id: &str) {
+        if !self.alerts.contains_key(id) {
+            return;
+        }
+        match self.ctx.writer.clear_alert(id).await {
+            Ok(()) => {
+                tracing::info!(alert = id, "alert cleared");
+                self.alerts.remove(id);
+            }
+            Err(e) => tracing::warn!(alert = id, error = %chain(&e), "clearing alert failed"),
+        }
+    }
+
+    /// What the other host hears of `node` on each path, for the view.
+    pub(super) fn path_views(&self, node: &str) -> Vec<PathView> {
+        let timeout = self.health_config.path_timeout_ms;
+        self.last_health
+            .as_ref()
+            .and_then(|p| p.heard_of(node))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| PathView {
+                up: p.since_ms.is_some_and(|ms| ms < timeout),
+                name: p.name,
+                since_ms: p.since_ms,
+            })
+            .collect()
+    }
+}
+
+/// The VM event an agent's report of a domain means, if any.
+fn domain_event(found: Option<&pb::DomainStatus>) -> Option<VmEvent> {
+    let Some(status) = found else {
+        return Some(VmEvent::DomainStopped {
+            reason: "undefined".into(),
+        });
+    };
+    stopped_event(status).or(match status.state() {
+        pb::DomainState::Running => Some(VmEvent::DomainRunning),
+        pb::DomainState::Paused => Some(VmEvent::DomainPaused {
+            reason: status.reason.clone(),
+        }),
+        _ => None,
+    })
+}
+
+/// Runs the futures concurrently and collects their outputs in order.
+async fn join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        if let Ok(output) = handle.await {
+            outputs.push(output);
+        }
+    }
+    outputs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_event_missing_domain_is_stopped() {
+        let event = domain_event(None);
+
+        assert_eq!(
+            event,
+            Some(VmEvent::DomainStopped {
+                reason: "undefined".into()
+            })
+        );
+    }
+
+    #[test]
+    fn domain_event_running_domain_is_running() {
+        let status = pb::DomainStatus {
+            state: pb::DomainState::Running.into(),
+            ..Default::default()
+        };
+
+        let event = domain_event(Some(&status));
+
+        assert_eq!(event, Some(VmEvent::DomainRunning));
+    }
+
+    #[test]
+    fn domain_event_paused_domain_carries_reason() {
+        let status = pb::DomainStatus {
+            state: pb::DomainState::Paused.into(),
+            reason: "ioerror".into(),
+            ..Default::default()
+        };
+
+        let event = domain_event(Some(&status));
+
+        assert_eq!(
+            event,
+            Some(VmEvent::DomainPaused {
+                reason: "ioerror".into()
+            })
+        );
+    }
+
+    #[test]
+    fn heard_of_reads_the_other_hosts_report() {
+        let report = pb::PeerHealth {
+            node: "n1".into(),
+            paths: vec![pb::PathHealth {
+                name: "alink1".into(),
+                heard: true,
+                ms_since_heard: 40,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let poll = HealthPoll {
+            now_ms: 0,
+            reports: BTreeMap::from([("n0".into(), None), ("n1".into(), Some(report))]),
+            quorum: true,
+        };
+
+        let heard = poll.heard_of("n0");
+
+        assert_eq!(
+            heard,
+            Some(vec![PathHeard {
+                name: "alink1".into(),
+                since_ms: Some(40)
+            }])
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! An etcd lease kept alive, with an honest view of whether it still holds.
+//!
+//! Both daemons hold one: the agent's is its host's liveness in the pair, the controller's
+//! carries its serving role. etcd expires a lease `ttl` after it *received* the last renewal,
+//! which is no earlier than when we *sent* it; so the lease surely holds until `sent + ttl` of
+//! the last renewal etcd confirmed. Past that point we do not know: etcd may have expired it, or
+//! kept it (a new etcd leader extends every lease by its full TTL, so a Raft election never
+//! expires one). The keeper then reports [`LeaseStatus::Doubt`] and keeps trying; only etcd
+//! saying so (an answer with TTL 0, or "lease not found") makes it [`LeaseStatus::Expired`].
+//! A holder that must not act on an expired lease stops acting in doubt, and resumes when a
+//! renewal is confirmed, without giving up what it holds (no churn on etcd faults).
+//!
+//! ```text
+//!  holder                                  etcd
+//!    │ LeaseGrant(ttl) ─────────────────────► lease L        valid_until = sent + ttl
+//!    │ KeepAlive(L) every ttl/6 ────────────► TTL=ttl        valid_until = sent + ttl
+//!    │ ... no answer (member died, Raft election) ...
+//!    │ now > valid_until: Doubt (stop acting, keep trying)
+//!    │ KeepAlive(L) ────────────────────────► TTL=ttl        Alive again
+//!    │                                  or ─► TTL=0          Expired: start over
+//! ```
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::etcd::Etcd;
+
+/// How long to wait for one member to answer one renewal before trying the next.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Errors granting or keeping a lease.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// etcd did not grant a lease.
+    #[error("granting a {ttl_seconds} s lease")]
+    Grant {
+        /// The TTL asked for.
+        ttl_seconds: i64,
+        /// The cause.
+        #[source]
+        source: crate::etcd::Error,
+    },
+    /// etcd says the lease has expired (or was revoked).
+    #[error("lease {lease:x} expired")]
+    Expired {
+        /// The lease.
+        lease: i64,
+    },
+}
+
+/// What the holder may assume about its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// A renewal was confirmed recently enough that the lease surely holds.
+    Alive,
+    /// No renewal was confirmed within the TTL: the lease may have expired.
+    Doubt,
+    /// etcd said the lease is gone.
+    Expired,
+}
+
+/// The pure part: when the lease surely holds, from confirmed renewals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    ttl: Duration,
+    valid_until: Instant,
+}
+
+impl Validity {
+    /// A lease granted by a request sent at `sent`.
+    pub fn granted(sent: Instant, ttl: Duration) -> Validity {
+        Validity {
+            ttl,
+            valid_until: sent + ttl,
+        }
+    }
+
+    /// etcd confirmed a renewal sent at `sent` (a late answer never moves the bound back).
+    pub fn confirmed(&mut self, sent: Instant) {
+        self.valid_until = self.valid_until.max(sent + self.ttl);
+    }
+
+    /// Whether the lease surely holds at `now`.
+    pub fn status(&self, now: Instant) -> LeaseStatus {
+        if now < self.valid_until {
+            LeaseStatus::Alive
+        } else {
+            LeaseStatus::Doubt
+        }
+    }
+}
+
+/// Grants a lease of `ttl_seconds`; returns its ID and when the request was sent.
+pub async fn grant(etcd: &Etcd, ttl_seconds: i64) -> Result<(i64, Instant), Error> {
+    let sent = Instant::now();
+    let lease = etcd
+        .request(
+            "granting lease",
+            Duration::from_secs(ttl_seconds.unsigned_abs()),
+            |mut c| async move { c.lease_grant(ttl_seconds, None).await },
+        )
+        .await
+        .map_err(|source| Error::Grant {
+            ttl_seconds,
+            source,
+        })?;
+    Ok((lease.id(), sent))
+}
+
+/// Renews `lease` every `ttl / 6`, publishing its status on `status`, until etcd says it has
+/// expired; returns that error. Doubt is published but never ends the lease by itself.
+pub async fn keep(
+    etcd: Etcd,
+    lease: i64,
+    ttl: Duration,
+    granted: Instant,
+    status: watch::Sender<LeaseStatus>,
+) -> Error {
+    let mut validity = Validity::granted(granted, ttl);
+    let mut tick = tokio::time::interval(ttl / 6);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sent = Instant::now();
+        match renew_once(&etcd, lease, ttl / 6).await {
+            Ok(true) => validity.confirmed(sent),
+            Ok(false) => {
+                status.send_replace(LeaseStatus::Expired);
+                return Error::Expired { lease };
+            }
+            Err(e) => {
+                tracing::debug!(lease = format!("{lease:x}"), error = %crate::error_chain(&e), "lease renewal failed; retrying");
+            }
+        }
+        let now = validity.status(Instant::now());
+        let before = status.send_replace(now);
+        if before != now {
+            match now {
+                LeaseStatus::Doubt => {
+                    tracing::warn!(
+                        lease = format!("{lease:x}"),
+                        "lease in doubt: no renewal confirmed within its TTL; holding still until etcd answers"
+                    )
+                }
+                _ => tracing::info!(
+                    lease = format!("{lease:x}"),
+                    "lease renewal confirmed again"
+                ),
+            }
+        }
+    }
+}
+
+/// Renews `lease` once, trying members for up to `budget`; `Ok(false)` when etcd says it has
+/// expired.
+async fn renew_once(etcd: &Etcd, lease: i64, budget: Duration) -> Result<bool, crate::etcd::Error> {
+    let ttl = etcd
+        .request("renewing lease", budget, |mut c| async move {
+            let attempt = async {
+                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                Ok(stream.message().await?.map(|a| a.ttl()))
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                Ok(answer) => answer,
+                Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no keep-alive answer",
+                ))),
+            }
+        })
+        .await?;
+    Ok(ttl.is_some_and(|ttl| ttl > 0))
+}
+
+/// Revokes `lease` (best effort, within `budget`): what a holder does when it stops cleanly.
+pub async fn revoke(etcd: &Etcd, lease: i64, budget: Duration) -> Result<(), crate::etcd::Error> {
+    etcd.request("revoking lease", budget, |mut c| async move {
+        c.lease_revoke(lease).await
+    })
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn status_within_ttl_of_grant_is_alive() {
+        let start = Instant::now();
+        let validity = Validity::granted(start, TTL);
+
+        let status = validity.status(start + Duration::from_millis(2900));
+
+        assert_eq!(status, LeaseStatus::Alive);
+    }
+
+    #[test]
+    fn status_past_ttl_without_renewal_is_doubt() {
+        let start = Instant::now();
+        let validity = Validity::granted(start, TTL);
+
+        let status = validity.status(start + TTL);
+
+        assert_eq!(status, LeaseStatus::Doubt);
+    }
+
+    #[test]
+    fn confirmed_renewal_counts_from_its_send() {
+        let start = Instant::now();
+        let mut validity = Validity::granted(start, TTL);
+
+        validity.confirmed(start + Duration::from_secs(2));
+
+        assert_eq!(
+            validity.status(start + Duration::from_millis(4900)),
+            LeaseStatus::Alive
+        );
+    }
+
+    #[test]
+    fn confirmed_older_send_never_shortens_validity() {
+        let start = Instant::now();
+        let mut validity = Validity::granted(start + Duration::from_secs(2), TTL);
+
+        validity.confirmed(start);
+
+        assert_eq!(
+            validity.status(start + Duration::from_millis(4900)),
+            LeaseStatus::Alive
+        );
+    }
+}
