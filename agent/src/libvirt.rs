@@ -240,12 +240,18 @@ impl Libvirt {
         .await
     }
 
-    /// Powers the domain off at once; a stopped or unknown domain is left as it is.
+    /// Powers the domain off at once; a stopped or unknown domain is left as it is. It does
+    /// not wait for the domain's lock: pulling the plug must work on a domain whose monitor
+    /// hangs (libvirt's destroy kills QEMU first, then takes its job).
     pub async fn destroy(&self, uuid: &str) -> Result<DomainStatus, Error> {
-        if self.status(uuid).await?.state == DomainState::Undefined {
-            return Ok(undefined(uuid));
-        }
-        self.with_domain(uuid, |dom, name| {
+        let owned = uuid.to_string();
+        self.run(move |conn| {
+            let Some(dom) = lookup(conn, &owned)? else {
+                return Ok(undefined(&owned));
+            };
+            let name = dom.name().map_err(call("reading domain name"))?;
+            let dom = &dom;
+            let name = name.as_str();
             // Right after a reconnect libvirt may kill QEMU yet report "not running";
             // the state read below is the truth either way.
             if is_active(dom, name)?

@@ -71,7 +71,7 @@ impl From<Error> for Status {
             Error::Fence(fence::Error::Load { .. } | fence::Error::Persist { .. }) => {
                 Status::internal(message)
             }
-            Error::Fence(_) => Status::aborted(message),
+            Error::Fence(fence::Error::Refused(_)) => Status::aborted(message),
             Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
                 Status::failed_precondition(message)
             }

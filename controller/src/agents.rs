@@ -24,22 +24,14 @@ pub const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of the health polls (several a second).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// The authority a command acts under.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Token {
-    /// The serving controller's term.
-    pub term: i64,
-    /// The VM's ownership generation.
-    pub generation: u64,
-}
+pub use daemon::fence::Token;
 
-impl Token {
-    fn to_pb(self) -> Option<pb::Fence> {
-        Some(pb::Fence {
-            term: self.term,
-            generation: self.generation,
-        })
-    }
+/// A token as the agent API carries it.
+fn fence(token: Token) -> Option<pb::Fence> {
+    Some(pb::Fence {
+        term: token.term,
+        generation: token.generation,
+    })
 }
 
 /// Errors reaching an agent.
@@ -182,7 +174,7 @@ impl Agent {
                 size_bytes: disk.size_bytes,
                 format: volume_format(disk.format).into(),
                 vm_uuid: vm.uuid.clone(),
-                fence: token.to_pb(),
+                fence: fence(token),
             };
             self.client
                 .clone()
@@ -200,7 +192,7 @@ impl Agent {
                 storage_group: disk.storage_group.clone(),
                 name: disk.volume.clone(),
                 vm_uuid: vm.uuid.clone(),
-                fence: token.to_pb(),
+                fence: fence(token),
             };
             self.client
                 .clone()
@@ -215,7 +207,7 @@ impl Agent {
     pub async fn define(&self, vm: &VmRecord, token: Token) -> Result<pb::DomainStatus, Error> {
         let message = pb::DefineDomainRequest {
             spec: Some(spec_of(vm)),
-            fence: token.to_pb(),
+            fence: fence(token),
         };
         Ok(self
             .client
@@ -294,7 +286,7 @@ impl Agent {
 fn command(uuid: &str, token: Token) -> pb::DomainCommand {
     pb::DomainCommand {
         uuid: uuid.to_string(),
-        fence: token.to_pb(),
+        fence: fence(token),
     }
 }
 

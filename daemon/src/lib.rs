@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod etcd;
+pub mod fence;
 pub mod fsutil;
 pub mod lease;
 pub mod pair;

@@ -291,11 +291,10 @@ impl Engine {
         config
             .check()
             .map_err(|e| ApiError::invalid("health_config", e.to_string()))?;
-        self.ctx
-            .writer
-            .put_health_config(&config)
-            .await
-            .map_err(store_error)?;
+        if let Err(e) = self.ctx.writer.put_health_config(&config).await {
+            self.note_store_error(&e);
+            return Err(store_error(e));
+        }
         tracing::info!(
             path_timeout_ms = config.path_timeout_ms,
             lost_confirm_ms = config.lost_confirm_ms,
@@ -305,9 +304,10 @@ impl Engine {
         Ok(config)
     }
 
-    /// An agent refused our term: another controller serves. Give the role up at once.
+    /// An agent refused our term, or a fenced write found our election key gone: another
+    /// controller may serve. Give the role up at once.
     async fn step_down_fenced(&mut self) {
-        tracing::error!(node = %self.ctx.node, term = self.ctx.writer.term(), "step-down begin: an agent refused this controller's term; another controller serves");
+        tracing::error!(node = %self.ctx.node, term = self.ctx.writer.term(), "step-down begin: fenced (an agent refused this controller's term, or its election key is gone)");
         let revoked =
             daemon::lease::revoke(&self.ctx.client, self.ctx.lease, store::REQUEST_BUDGET).await;
         match revoked {

@@ -249,6 +249,7 @@ impl Engine {
     /// record, since an attempt may have applied (or another writer changed it), so the next
     /// write compares against what etcd holds. Returns the error for the caller.
     pub(crate) async fn after_store_error(&mut self, uuid: &str, e: store::Error) -> ApiError {
+        self.note_store_error(&e);
         if !matches!(e, store::Error::NotLeader) {
             match store::load_vm(&self.ctx.client, uuid).await {
                 Ok(Some(stored)) => {
@@ -269,6 +270,15 @@ impl Engine {
             }
         }
         store_error(e)
+    }
+
+    /// A fenced write failing because our election key is gone means another controller may
+    /// serve: stop acting and step down.
+    pub(crate) fn note_store_error(&mut self, e: &store::Error) {
+        if matches!(e, store::Error::NotLeader) && !self.fenced {
+            tracing::error!(node = %self.ctx.node, term = self.ctx.writer.term(), "a fenced write found this controller's election key gone");
+            self.fenced = true;
+        }
     }
 
     /// Answers the waiters of VM `uuid` whose wait is over.

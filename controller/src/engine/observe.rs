@@ -461,7 +461,10 @@ impl Engine {
                 tracing::warn!(alert = id, node, message = %alert.message, "alert raised");
                 self.alerts.insert(id.to_string(), alert);
             }
-            Err(e) => tracing::warn!(alert = id, error = %chain(&e), "raising alert failed"),
+            Err(e) => {
+                tracing::warn!(alert = id, error = %chain(&e), "raising alert failed");
+                self.note_store_error(&e);
+            }
         }
     }
 
@@ -475,7 +478,10 @@ impl Engine {
                 tracing::info!(alert = id, "alert cleared");
                 self.alerts.remove(id);
             }
-            Err(e) => tracing::warn!(alert = id, error = %chain(&e), "clearing alert failed"),
+            Err(e) => {
+                tracing::warn!(alert = id, error = %chain(&e), "clearing alert failed");
+                self.note_store_error(&e);
+            }
         }
     }
 
