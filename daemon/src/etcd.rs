@@ -18,6 +18,8 @@ use tokio::time::Instant;
 
 /// How long to wait for a member to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 keep-alive interval and timeout on every member connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Pause after every member failed once, before trying them again.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
@@ -92,9 +94,11 @@ impl Etcd {
         }
         let mut members = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
+            // Pings every 2 s notice a dead member fast; the members must allow it
+            // (`--grpc-keepalive-min-time 1s`, or etcd closes the connection as abusive).
             let mut options = ConnectOptions::new()
                 .with_connect_timeout(CONNECT_TIMEOUT)
-                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
                 .with_keep_alive_while_idle(true)
                 .with_require_leader(true);
             if let Some(timeout) = request_timeout {

@@ -156,23 +156,24 @@ pub async fn keep(
 /// Renews `lease` once, trying members for up to `budget`; `Ok(false)` when etcd says it has
 /// expired.
 async fn renew_once(etcd: &Etcd, lease: i64, budget: Duration) -> Result<bool, crate::etcd::Error> {
-    let ttl = etcd
-        .request("renewing lease", budget, |mut c| async move {
-            let attempt = async {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                Ok(stream.message().await?.map(|a| a.ttl()))
-            };
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
-                Ok(answer) => answer,
-                Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no keep-alive answer",
-                ))),
+    etcd.request("renewing lease", budget, |mut c| async move {
+        // Opening the keep-alive stream sends one renewal and reads its answer: success means
+        // etcd granted a TTL; etcd-client reports a TTL of 0 (lease gone) as "lease not found".
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, c.lease_keep_alive(lease)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason)))
+                if reason.contains("not found") =>
+            {
+                Ok(false)
             }
-        })
-        .await?;
-    Ok(ttl.is_some_and(|ttl| ttl > 0))
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no keep-alive answer",
+            ))),
+        }
+    })
+    .await
 }
 
 /// Revokes `lease` (best effort, within `budget`): what a holder does when it stops cleanly.

@@ -6,6 +6,10 @@
 //! These tests need root (namespaces) and the packages of `scripts/install-deps.sh`. Set
 //! `PV_SKIP_E2E=1` to skip them in a quick local loop.
 
+mod pair;
+
+pub use pair::Spinner;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -288,12 +292,13 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// The directory of the workspace's binaries (next to the test's `deps` directory).
+/// The directory of the workspace's binaries: next to the test's `deps` directory, or the
+/// directory of a binary of this crate itself (`pair-bench` in `target/debug`).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("locating the test binary: {e}"));
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
+    let own = exe.parent().filter(|dir| dir.join("pvctl").is_file());
+    let dir = own
+        .or_else(|| exe.parent().and_then(Path::parent))
         .unwrap_or_else(|| panic!("no target directory above {}", exe.display()))
         .to_path_buf();
     for bin in ["pvctl", "pv-agent", "pv-controller"] {
@@ -392,6 +397,14 @@ impl Console {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+impl Lab {
+    /// The lab's directory: per host `<dir>/<host>/logs/`, the agent's libvirt embed root
+    /// `<dir>/<host>/agent/libvirt/` and its serial logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 

@@ -76,7 +76,12 @@ fn host_up(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     }
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     let root_end = plan.root_veth(host);
-    if !ip_ok(&["link", "show", &root_end]) {
+    let host_end = ip_ok(&["-n", &ns, "link", "show", MGMT_DEV]);
+    if !host_end && ip_ok(&["link", "show", &root_end]) {
+        // A stale end whose namespace is still dying (see `down`): replace the pair.
+        ip(&["link", "del", &root_end])?;
+    }
+    if !host_end {
         ip(&[
             "link", "add", &root_end, "type", "veth", "peer", "name", MGMT_DEV, "netns", &ns,
         ])?;
@@ -122,6 +127,12 @@ fn business_up(n0: &str, n1: &str) -> anyhow::Result<()> {
 /// Removes the namespaces (with every veth in them) and the bridge.
 pub fn down(plan: &Plan) -> anyhow::Result<()> {
     for host in &HOSTS {
+        // Delete the root end first: a namespace outlives `netns del` while a killed process's
+        // orphaned TCP sockets still retransmit into it, and with it its veth pairs would.
+        let root_end = plan.root_veth(host);
+        if ip_ok(&["link", "show", &root_end]) {
+            ip(&["link", "del", &root_end])?;
+        }
         let ns = plan.ns(host);
         if namespace_exists(&ns) {
             ip(&["netns", "del", &ns])?;

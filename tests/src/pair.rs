@@ -1,0 +1,188 @@
+//! Fixture helpers for the pair's brain: who serves, the etcd Raft leader, direct agent calls
+//! (to play a stale controller or make a domain outside the API), signals to daemons, the
+//! daemons' logs, and a spinning process that keeps one core busy.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::agent as agent_pb;
+use proto::agent::agent_client::AgentClient;
+use proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::Lab;
+
+/// Agent port in the lab.
+const AGENT_PORT: u16 = 7701;
+/// etcd client port in the lab.
+const ETCD_PORT: u16 = 2379;
+/// How long one poll of a lab API may take before it counts as "no answer".
+const POLL_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Lab {
+    /// Management address of `node` ("n0", "n1" or "w").
+    pub fn address_of(&self, node: &str) -> String {
+        let index = match node {
+            "n0" => 0,
+            "n1" => 1,
+            _ => 2,
+        };
+        self.node_address(index)
+    }
+
+    /// A client of `node`'s agent.
+    pub async fn agent(&self, node: &str) -> AgentClient<Channel> {
+        let address = format!("http://{}:{AGENT_PORT}", self.address_of(node));
+        AgentClient::connect(address.clone())
+            .await
+            .unwrap_or_else(|e| panic!("agent at {address}: {e}"))
+    }
+
+    /// The node whose controller serves, asked through any controller that answers.
+    pub async fn serving(&self) -> Option<String> {
+        let mut api = self.client_at(&self.endpoints()).await.ok()?;
+        let mut request = tonic::Request::new(pb::ListNodesRequest {});
+        request.set_timeout(POLL_CALL_TIMEOUT);
+        let nodes = api.list_nodes(request).await.ok()?.into_inner();
+        nodes
+            .nodes
+            .into_iter()
+            .find(|n| n.role() == pb::NodeRole::Serving)
+            .map(|n| n.name)
+    }
+
+    /// The serving term as `node`'s agent has seen it.
+    pub async fn agent_term(&self, node: &str) -> i64 {
+        self.agent(node)
+            .await
+            .get_peer_health(agent_pb::GetPeerHealthRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("peer health of {node}: {e}"))
+            .into_inner()
+            .term
+    }
+
+    /// The lab daemon name (`n0-etcd`, `n1-etcd`, `w-etcd`) of etcd's Raft leader.
+    pub fn etcd_leader(&self) -> String {
+        for host in ["n0", "n1", "w"] {
+            let endpoint = format!("{}:{ETCD_PORT}", self.address_of(host));
+            let output = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &endpoint, "endpoint", "status", "-w", "json"])
+                .output()
+                .unwrap_or_else(|e| panic!("running etcdctl: {e}"));
+            let text = String::from_utf8_lossy(&output.stdout);
+            // One member's own status: it leads when its member ID is the leader's.
+            let id = json_number(&text, "\"member_id\":");
+            let leader = json_number(&text, "\"leader\":");
+            if id.is_some() && id == leader {
+                return format!("{host}-etcd");
+            }
+        }
+        panic!("no etcd member says it leads");
+    }
+
+    /// Sends `signal` to a lab daemon (e.g. `SIGSTOP` to `n0-controller`).
+    pub fn signal(&self, daemon: &str, signal: i32) {
+        let pid = self.pid(daemon);
+        // SAFETY: kill(2) touches no memory of ours; `pid` comes from the lab's own PID file.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "signal {signal} to {daemon} (PID {pid}) failed");
+    }
+
+    /// The log of a lab daemon, e.g. `log("n0", "controller")`.
+    pub fn log(&self, host: &str, kind: &str) -> String {
+        let path = self.dir.join(host).join("logs").join(format!("{kind}.log"));
+        std::fs::read_to_string(&path).unwrap_or_default()
+    }
+
+    /// Waits until `node` serves (asked through any controller), or panics after `timeout`.
+    pub async fn wait_serving(&self, node: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            if self.serving().await.as_deref() == Some(node) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{node} did not serve within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until VM `name` is in `state` (asked through any controller), returning it.
+    pub async fn wait_vm_state(&self, name: &str, state: pb::VmState, timeout: Duration) -> pb::Vm {
+        let started = Instant::now();
+        let mut last = String::from("no answer");
+        loop {
+            if let Ok(mut api) = self.client_at(&self.endpoints()).await {
+                let mut request = tonic::Request::new(pb::GetVmRequest { vm: name.into() });
+                request.set_timeout(POLL_CALL_TIMEOUT);
+                match api.get_vm(request).await {
+                    Ok(vm) if vm.get_ref().state() == state => return vm.into_inner(),
+                    Ok(vm) => {
+                        last = format!("{:?} ({})", vm.get_ref().state(), vm.get_ref().state_reason)
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "VM {name} not {state:?} within {timeout:?}; last: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The first number after `key` in `text`.
+fn json_number(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// A process that keeps one CPU core busy until dropped (stopped by its PID).
+#[derive(Debug)]
+pub struct Spinner {
+    child: Child,
+}
+
+impl Spinner {
+    /// Starts spinning.
+    pub fn start() -> Spinner {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting a spinning process: {e}"));
+        Spinner { child }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_number_reads_member_id() {
+        let text = r#"[{"Endpoint":"x","Status":{"header":{"member_id":1234,"raft_term":3},"leader":1234}}]"#;
+
+        let id = json_number(text, "\"member_id\":");
+
+        assert_eq!(id, Some(1234));
+    }
+}
