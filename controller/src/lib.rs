@@ -15,6 +15,8 @@ pub mod membership;
 pub mod model;
 pub mod placement;
 pub mod serving;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod sysip;
 pub mod validate;

@@ -1,0 +1,839 @@
+//! The simulated world: hosts, network, processes, delayed messages, and the agent and
+//! controller models driven by the real decision code.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use daemon::fence::{State as FenceState, Token};
+use daemon::lease::{LeaseStatus, Validity};
+use tokio::time::Instant;
+
+use super::store::{LEADER, Store};
+use super::{Executed, HOSTS, ROLE_PATHS, SimVm};
+use crate::health::{self, HostState, Observation, PathHeard};
+use crate::model::VmState;
+use crate::vm::{self, Action, VmEvent};
+
+/// Virtual time per step.
+pub const STEP_MS: u64 = 50;
+/// TTL of every lease (the lab's).
+const TTL_MS: u64 = 2000;
+/// Renewal period: TTL / 6, as `daemon::lease::keep`.
+const RENEW_MS: u64 = TTL_MS / 6;
+/// A renewal unanswered this long is given up and sent again (the keeper's attempt timeout).
+const ATTEMPT_MS: u64 = 700;
+/// Reports of a VM this soon after a command to it are stale (the engine drops reports taken
+/// before its last command finished).
+const REPORT_QUIET_MS: u64 = 600;
+
+/// A process's condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proc {
+    /// Running.
+    Running,
+    /// Stopped by SIGSTOP: holds everything, does nothing.
+    Paused,
+    /// Gone.
+    Dead,
+}
+
+/// A lease a process holds, and its view of it.
+#[derive(Clone, Debug)]
+struct Held {
+    id: i64,
+    validity: Validity,
+    next_renew_ms: u64,
+    /// When the renewal in flight was sent, if one is.
+    renewing: Option<u64>,
+}
+
+/// An agent: its fence, the domains it runs (VM → generation), its host lease.
+#[derive(Clone, Debug, Default)]
+pub struct Agent {
+    pub fence: FenceState,
+    pub domains: BTreeMap<String, u64>,
+    lease: Option<Held>,
+}
+
+/// A controller's role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Not serving.
+    Standby,
+    /// Serving under `term`, fenced by election key `key`.
+    Serving {
+        /// Election key.
+        key: String,
+        /// Its creation revision.
+        term: i64,
+    },
+}
+
+/// A controller: its lease, role, view of host health and its VMs' last command times.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    lease: Option<Held>,
+    pub role: Role,
+    pub health: [health::Host; 2],
+    last_command_ms: BTreeMap<String, u64>,
+    /// Commands decided (and persisted) but not yet sent: a process paused between its write
+    /// and its call sends them when it resumes, as an engine's batch in flight would.
+    outbox: Vec<Message>,
+    pub step_downs: u32,
+}
+
+impl Default for Controller {
+    fn default() -> Controller {
+        Controller {
+            lease: None,
+            role: Role::Standby,
+            health: [health::Host::default(), health::Host::default()],
+            last_command_ms: BTreeMap::new(),
+            outbox: Vec::new(),
+            step_downs: 0,
+        }
+    }
+}
+
+/// A simulated host.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub power: bool,
+    pub etcd: bool,
+    pub agent_proc: Proc,
+    pub controller_proc: Proc,
+    pub agent: Agent,
+    pub controller: Controller,
+}
+
+impl Default for Host {
+    fn default() -> Host {
+        Host {
+            power: true,
+            etcd: true,
+            agent_proc: Proc::Running,
+            controller_proc: Proc::Running,
+            agent: Agent::default(),
+            controller: Controller::default(),
+        }
+    }
+}
+
+/// Who sent a keep-alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    Agent,
+    Controller,
+}
+
+/// A message in flight.
+#[derive(Clone, Debug)]
+enum Message {
+    /// A lease renewal on its way to etcd (`answer: None`) or back (`Some`).
+    KeepAlive {
+        host: usize,
+        holder: Holder,
+        lease: i64,
+        sent_ms: u64,
+        answer: Option<Option<u64>>,
+    },
+    /// A command on its way to an agent.
+    Command {
+        host: usize,
+        vm: String,
+        start: bool,
+        token: Token,
+    },
+}
+
+/// An API request waiting for the serving controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Start a VM.
+    Start(String),
+    /// Power a VM off.
+    PowerOff(String),
+}
+
+/// The whole simulated pair.
+#[derive(Debug)]
+pub struct World {
+    pub now_ms: u64,
+    pub store: Store,
+    pub hosts: [Host; 2],
+    pub witness: bool,
+    /// etcd answers no one before this (a Raft election in progress).
+    etcd_down_until_ms: u64,
+    /// Management links that are cut: pairs of (0 = n0, 1 = n1, 2 = witness), lower first.
+    cuts: BTreeSet<(usize, usize)>,
+    /// Role links (heartbeat paths) that are cut.
+    paths_down: BTreeSet<&'static str>,
+    messages: Vec<(u64, Message)>,
+    seed: u64,
+    /// Largest one-way delay of a message, in ms.
+    pub max_delay_ms: u64,
+    pub requests: VecDeque<Request>,
+    pub executed: Vec<Executed>,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    health_config: health::Config,
+    base: Instant,
+}
+
+impl World {
+    /// A healthy pair with VMs `a` (on n0) and `b` (on n1), stopped, and message delays up to
+    /// `max_delay_ms`, drawn from `seed`.
+    pub fn new(seed: u64, max_delay_ms: u64) -> World {
+        let mut store = Store::default();
+        for (name, host) in [("a", 0), ("b", 1)] {
+            let vm = SimVm {
+                state: VmState::Stopped,
+                host,
+                generation: 1,
+            };
+            store.put(&vm_key(name), &encode(&vm), None);
+        }
+        World {
+            now_ms: 0,
+            store,
+            hosts: [Host::default(), Host::default()],
+            witness: true,
+            etcd_down_until_ms: 0,
+            cuts: BTreeSet::new(),
+            paths_down: BTreeSet::new(),
+            messages: Vec::new(),
+            seed: seed | 1,
+            max_delay_ms,
+            requests: VecDeque::new(),
+            executed: Vec::new(),
+            violations: Vec::new(),
+            trace: Vec::new(),
+            health_config: health::Config::default(),
+            base: Instant::now(),
+        }
+    }
+
+    /// Runs for `ms` of virtual time.
+    pub fn run(&mut self, ms: u64) {
+        let end = self.now_ms + ms;
+        while self.now_ms < end {
+            self.step();
+        }
+    }
+
+    /// The host whose controller believes it serves and holds a confirmed lease, if one does.
+    pub fn serving(&self) -> Option<usize> {
+        (0..2).find(|&h| {
+            let c = &self.hosts[h].controller;
+            self.hosts[h].power
+                && self.hosts[h].controller_proc == Proc::Running
+                && matches!(c.role, Role::Serving { .. })
+                && self.status(c.lease.as_ref()) == LeaseStatus::Alive
+        })
+    }
+
+    /// The VM `name` as stored.
+    pub fn vm(&self, name: &str) -> SimVm {
+        decode(
+            &self
+                .store
+                .get(&vm_key(name))
+                .map(|kv| kv.value.clone())
+                .unwrap_or_default(),
+        )
+        .unwrap_or(SimVm {
+            state: VmState::Stopped,
+            host: 0,
+            generation: 0,
+        })
+    }
+
+    // ----- faults -----
+
+    /// kill -9 of a host's controller.
+    pub fn kill_controller(&mut self, host: usize) {
+        self.hosts[host].controller_proc = Proc::Dead;
+        self.hosts[host].controller = Controller::default();
+        self.note(&format!("kill controller {}", HOSTS[host]));
+    }
+
+    /// kill -9 of a host's agent (its guests run on).
+    pub fn kill_agent(&mut self, host: usize) {
+        self.hosts[host].agent_proc = Proc::Dead;
+        self.hosts[host].agent.lease = None;
+        self.note(&format!("kill agent {}", HOSTS[host]));
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT of a host's controller.
+    pub fn pause_controller(&mut self, host: usize, paused: bool) {
+        if self.hosts[host].controller_proc != Proc::Dead {
+            self.hosts[host].controller_proc = if paused { Proc::Paused } else { Proc::Running };
+        }
+        self.note(&format!(
+            "{} controller {}",
+            if paused { "pause" } else { "resume" },
+            HOSTS[host]
+        ));
+    }
+
+    /// A power cut: every process and guest of the host is gone.
+    pub fn power_off(&mut self, host: usize) {
+        self.hosts[host] = Host {
+            power: false,
+            etcd: false,
+            agent_proc: Proc::Dead,
+            controller_proc: Proc::Dead,
+            ..Host::default()
+        };
+        self.note(&format!("power off {}", HOSTS[host]));
+    }
+
+    /// Power back on: etcd, agent and controller start (the agent keeps its fence file).
+    pub fn power_on(&mut self, host: usize) {
+        let fence = self.hosts[host].agent.fence.clone();
+        self.hosts[host] = Host::default();
+        self.hosts[host].agent.fence = fence;
+        self.note(&format!("power on {}", HOSTS[host]));
+    }
+
+    /// Restarts whatever process of a powered host is dead.
+    pub fn restart_processes(&mut self, host: usize) {
+        let h = &mut self.hosts[host];
+        if !h.power {
+            return;
+        }
+        if h.agent_proc == Proc::Dead {
+            h.agent_proc = Proc::Running;
+        }
+        if h.controller_proc == Proc::Dead {
+            h.controller_proc = Proc::Running;
+        }
+        h.etcd = true;
+    }
+
+    /// Cuts `host` off from the other host on every path, and from the witness unless
+    /// `keep_witness`.
+    pub fn isolate(&mut self, host: usize, keep_witness: bool) {
+        self.cuts.insert((0, 1));
+        self.paths_down.extend(ROLE_PATHS);
+        if !keep_witness {
+            self.cuts.insert((host, 2));
+        }
+        self.note(&format!(
+            "isolate {} (keep witness: {keep_witness})",
+            HOSTS[host]
+        ));
+    }
+
+    /// Cuts one heartbeat path between the hosts ("mgmt" cuts their management link).
+    pub fn cut_path(&mut self, path: &'static str) {
+        if path == "mgmt" {
+            self.cuts.insert((0, 1));
+        } else {
+            self.paths_down.insert(path);
+        }
+        self.note(&format!("cut path {path}"));
+    }
+
+    /// The witness's etcd member dies (`false`) or returns.
+    pub fn set_witness(&mut self, up: bool) {
+        self.witness = up;
+        self.note(&format!("witness {}", if up { "up" } else { "down" }));
+    }
+
+    /// etcd elects a new Raft leader: nobody is answered for `ms`, then every lease is
+    /// extended by its TTL.
+    pub fn etcd_election(&mut self, ms: u64) {
+        self.etcd_down_until_ms = self.now_ms + ms;
+        self.note(&format!("etcd leader election for {ms} ms"));
+    }
+
+    /// Heals every cut and path.
+    pub fn heal(&mut self) {
+        self.cuts.clear();
+        self.paths_down.clear();
+        self.note("heal");
+    }
+
+    // ----- the step -----
+
+    fn step(&mut self) {
+        self.now_ms += STEP_MS;
+        if self.now_ms == self.etcd_down_until_ms {
+            self.store.promote(self.now_ms);
+        }
+        if self.etcd_running() {
+            self.store.expire(self.now_ms);
+        }
+        self.deliver();
+        for host in 0..2 {
+            if self.hosts[host].power && self.hosts[host].agent_proc == Proc::Running {
+                self.agent_step(host);
+            }
+            if self.hosts[host].power && self.hosts[host].controller_proc == Proc::Running {
+                self.controller_step(host);
+            }
+        }
+    }
+
+    /// Whether etcd has a quorum at all (outside an election).
+    fn etcd_running(&self) -> bool {
+        self.now_ms >= self.etcd_down_until_ms && !self.quorum_members().is_empty()
+    }
+
+    /// The etcd members in the majority partition.
+    fn quorum_members(&self) -> Vec<usize> {
+        let alive = [self.hosts[0].etcd, self.hosts[1].etcd, self.witness];
+        let linked = |a: usize, b: usize| a == b || !self.cuts.contains(&(a.min(b), a.max(b)));
+        (0..3)
+            .filter(|&m| alive[m] && (0..3).any(|o| o != m && alive[o] && linked(m, o)))
+            .collect()
+    }
+
+    /// Whether a process on `host` can use etcd now.
+    fn etcd_from(&self, host: usize) -> bool {
+        self.now_ms >= self.etcd_down_until_ms
+            && self
+                .quorum_members()
+                .iter()
+                .any(|&m| m == host || !self.cuts.contains(&(host.min(m), host.max(m))))
+    }
+
+    /// Whether `from` reaches `to` over management.
+    fn mgmt(&self, from: usize, to: usize) -> bool {
+        from == to || !self.cuts.contains(&(from.min(to), from.max(to)))
+    }
+
+    fn random(&mut self, below: u64) -> u64 {
+        // xorshift64: deterministic for a seed.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        if below == 0 { 0 } else { self.seed % below }
+    }
+
+    fn send(&mut self, message: Message) {
+        let delay = self.random(self.max_delay_ms + 1);
+        self.messages.push((self.now_ms + delay, message));
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn status(&self, held: Option<&Held>) -> LeaseStatus {
+        held.map_or(LeaseStatus::Expired, |h| {
+            h.validity.status(self.at(self.now_ms))
+        })
+    }
+
+    fn note(&mut self, text: &str) {
+        self.trace.push(format!("t={} {text}", self.now_ms));
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now_ms;
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.messages.drain(..).partition(|(at, _)| *at <= now);
+        self.messages = later;
+        for (_, message) in due {
+            self.handle(message);
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::KeepAlive {
+                host,
+                holder,
+                lease,
+                sent_ms,
+                answer: None,
+            } => {
+                // At etcd: renewed if it is reachable, else the request is lost.
+                if self.etcd_from(host) {
+                    let answer = self.store.keep_alive(self.now_ms, lease);
+                    self.send(Message::KeepAlive {
+                        host,
+                        holder,
+                        lease,
+                        sent_ms,
+                        answer: Some(answer),
+                    });
+                } else {
+                    self.renew_failed(host, holder, lease);
+                }
+            }
+            Message::KeepAlive {
+                host,
+                holder,
+                lease,
+                sent_ms,
+                answer: Some(answer),
+            } => self.renewed(host, holder, lease, sent_ms, answer),
+            Message::Command {
+                host,
+                vm,
+                start,
+                token,
+            } => self.execute(host, &vm, start, token),
+        }
+    }
+
+    fn held_mut(&mut self, host: usize, holder: Holder) -> Option<&mut Held> {
+        let h = &mut self.hosts[host];
+        match holder {
+            Holder::Agent => h.agent.lease.as_mut(),
+            Holder::Controller => h.controller.lease.as_mut(),
+        }
+    }
+
+    fn renew_failed(&mut self, host: usize, holder: Holder, lease: i64) {
+        if let Some(held) = self.held_mut(host, holder).filter(|h| h.id == lease) {
+            held.renewing = None;
+        }
+    }
+
+    /// A renewal's answer reaches its holder (if it still runs and holds that lease).
+    fn renewed(
+        &mut self,
+        host: usize,
+        holder: Holder,
+        lease: i64,
+        sent_ms: u64,
+        answer: Option<u64>,
+    ) {
+        let running = self.hosts[host].power
+            && match holder {
+                Holder::Agent => self.hosts[host].agent_proc == Proc::Running,
+                Holder::Controller => self.hosts[host].controller_proc == Proc::Running,
+            };
+        if !running {
+            return;
+        }
+        let sent = self.at(sent_ms);
+        let Some(held) = self.held_mut(host, holder).filter(|h| h.id == lease) else {
+            return;
+        };
+        held.renewing = None;
+        match answer {
+            Some(_) => held.validity.confirmed(sent),
+            None => self.lease_lost(host, holder),
+        }
+    }
+
+    fn lease_lost(&mut self, host: usize, holder: Holder) {
+        match holder {
+            Holder::Agent => self.hosts[host].agent.lease = None,
+            Holder::Controller => {
+                let c = &mut self.hosts[host].controller;
+                if matches!(c.role, Role::Serving { .. }) {
+                    c.step_downs += 1;
+                }
+                c.lease = None;
+                c.role = Role::Standby;
+                self.note(&format!(
+                    "controller {} lease expired: standby",
+                    HOSTS[host]
+                ));
+            }
+        }
+    }
+
+    /// Grants a lease (and registers) when the holder has none; renews it on schedule.
+    fn keep_lease(&mut self, host: usize, holder: Holder) {
+        let now = self.now_ms;
+        let has = match holder {
+            Holder::Agent => self.hosts[host].agent.lease.is_some(),
+            Holder::Controller => self.hosts[host].controller.lease.is_some(),
+        };
+        if !has {
+            if !self.etcd_from(host) {
+                return;
+            }
+            let id = self.store.grant(now, TTL_MS);
+            let key = match holder {
+                Holder::Agent => format!("nodes/{}", HOSTS[host]),
+                Holder::Controller => format!("controllers/{}", HOSTS[host]),
+            };
+            self.store.put(&key, "up", Some(id));
+            let held = Held {
+                id,
+                validity: Validity::granted(self.at(now), Duration::from_millis(TTL_MS)),
+                next_renew_ms: now + RENEW_MS,
+                renewing: None,
+            };
+            match holder {
+                Holder::Agent => self.hosts[host].agent.lease = Some(held),
+                Holder::Controller => self.hosts[host].controller.lease = Some(held),
+            }
+            return;
+        }
+        let Some(held) = self.held_mut(host, holder) else {
+            return;
+        };
+        let waiting = held.renewing.is_some_and(|sent| now < sent + ATTEMPT_MS);
+        if waiting || now < held.next_renew_ms {
+            return;
+        }
+        held.renewing = Some(now);
+        held.next_renew_ms = now + RENEW_MS;
+        let lease = held.id;
+        self.send(Message::KeepAlive {
+            host,
+            holder,
+            lease,
+            sent_ms: now,
+            answer: None,
+        });
+    }
+
+    fn agent_step(&mut self, host: usize) {
+        self.keep_lease(host, Holder::Agent);
+        if self.etcd_from(host)
+            && let Some(term) = self.store.get(LEADER).and_then(|kv| kv.value.parse().ok())
+            && let Some(raised) = self.hosts[host].agent.fence.observe(term)
+        {
+            self.hosts[host].agent.fence = raised;
+        }
+    }
+
+    /// A command reaches an agent: the fence decides, then it runs.
+    fn execute(&mut self, host: usize, vm: &str, start: bool, token: Token) {
+        if !self.hosts[host].power || self.hosts[host].agent_proc != Proc::Running {
+            return;
+        }
+        let agent = &mut self.hosts[host].agent;
+        match agent.fence.admit(token, vm) {
+            Err(refusal) => {
+                self.note(&format!("{} refused {vm}: {refusal}", HOSTS[host]));
+                return;
+            }
+            Ok(Some(raised)) => agent.fence = raised,
+            Ok(None) => {}
+        }
+        if start {
+            agent.domains.insert(vm.to_string(), token.generation);
+        } else {
+            agent.domains.remove(vm);
+        }
+        let newest = self
+            .executed
+            .iter()
+            .filter(|e| e.vm == vm)
+            .map(|e| (e.term, e.generation))
+            .max();
+        if let Some((term, generation)) = newest
+            && (token.term < term || token.generation < generation)
+        {
+            self.violations.push(format!(
+                "t={} {} ran VM {vm}'s command of term {} generation {} after one of term {term} generation {generation} ran",
+                self.now_ms, HOSTS[host], token.term, token.generation
+            ));
+        }
+        self.executed.push(Executed {
+            at_ms: self.now_ms,
+            host,
+            vm: vm.to_string(),
+            start,
+            term: token.term,
+            generation: token.generation,
+        });
+    }
+
+    fn controller_step(&mut self, host: usize) {
+        for message in std::mem::take(&mut self.hosts[host].controller.outbox) {
+            self.send(message);
+        }
+        self.keep_lease(host, Holder::Controller);
+        let status = self.status(self.hosts[host].controller.lease.as_ref());
+        if status != LeaseStatus::Alive || !self.etcd_from(host) {
+            return;
+        }
+        if self.hosts[host].controller.role == Role::Standby {
+            self.campaign(host);
+        }
+        if let Role::Serving { key, term } = self.hosts[host].controller.role.clone() {
+            self.serve(host, &key, term);
+        }
+    }
+
+    fn campaign(&mut self, host: usize) {
+        let Some(lease) = self.hosts[host].controller.lease.as_ref().map(|h| h.id) else {
+            return;
+        };
+        let Some((key, term)) = self.store.campaign(lease, HOSTS[host]) else {
+            return;
+        };
+        if self
+            .store
+            .elected()
+            .is_some_and(|(elected, _)| elected == key)
+            && self
+                .store
+                .put_fenced(&key, term, LEADER, &term.to_string())
+                .is_some()
+        {
+            self.note(&format!("{} serves, term {term}", HOSTS[host]));
+            self.hosts[host].controller.role = Role::Serving { key, term };
+        }
+    }
+
+    /// One round of the serving controller: host health, reconciliation, API requests.
+    fn serve(&mut self, host: usize, key: &str, term: i64) {
+        for (judged, name) in HOSTS.iter().enumerate() {
+            let observation = self.observe(host, judged);
+            let before = self.hosts[host].controller.health[judged].clone();
+            let (next, actions) = health::step(
+                &before,
+                &self.health_config,
+                &health::Event::Observed(observation),
+            );
+            self.hosts[host].controller.health[judged] = next;
+            if actions.contains(&health::Action::Lost) {
+                self.note(&format!("{} judges {name} lost", HOSTS[host]));
+                for vm in ["a", "b"] {
+                    if self.vm(vm).host == judged {
+                        let event = VmEvent::HostLost {
+                            node: (*name).into(),
+                        };
+                        self.drive(host, key, term, vm, &event);
+                    }
+                }
+            }
+        }
+        self.reconcile(host, key, term);
+        if let Some(request) = self.requests.pop_front() {
+            let (vm, event) = match &request {
+                Request::Start(vm) => (vm.clone(), VmEvent::Start),
+                Request::PowerOff(vm) => (vm.clone(), VmEvent::PowerOff),
+            };
+            self.drive(host, key, term, &vm, &event);
+        }
+    }
+
+    /// What the judge on `judge` sees of host `judged`.
+    fn observe(&self, judge: usize, judged: usize) -> Observation {
+        let other = 1 - judged;
+        let up = |h: usize| self.hosts[h].power && self.hosts[h].agent_proc == Proc::Running;
+        let other_answers = up(other) && self.mgmt(judge, other);
+        let paths = other_answers.then(|| {
+            ROLE_PATHS
+                .iter()
+                .map(|p| (*p, !self.paths_down.contains(p)))
+                .chain(std::iter::once(("mgmt", self.mgmt(0, 1))))
+                .map(|(name, link)| PathHeard {
+                    name: name.to_string(),
+                    since_ms: (link && up(judged)).then_some(0),
+                })
+                .collect()
+        });
+        let judge_lease = self.hosts[judge].controller.lease.as_ref();
+        Observation {
+            now_ms: self.now_ms,
+            lease_alive: self
+                .store
+                .get(&format!("nodes/{}", HOSTS[judged]))
+                .is_some(),
+            paths,
+            agent_answers: up(judged) && self.mgmt(judge, judged),
+            controller_alive: self
+                .store
+                .get(&format!("controllers/{}", HOSTS[judged]))
+                .is_some(),
+            quorum: self.status(judge_lease) == LeaseStatus::Alive,
+        }
+    }
+
+    /// Feeds each VM its host's report, unless the host is lost or the VM was just commanded.
+    fn reconcile(&mut self, host: usize, key: &str, term: i64) {
+        for vm in ["a", "b"] {
+            let record = self.vm(vm);
+            let judged = record.host;
+            let health = self.hosts[host].controller.health[judged].state;
+            let answers = self.hosts[judged].power
+                && self.hosts[judged].agent_proc == Proc::Running
+                && self.mgmt(host, judged);
+            let quiet = self.hosts[host]
+                .controller
+                .last_command_ms
+                .get(vm)
+                .is_some_and(|t| self.now_ms < t + REPORT_QUIET_MS + self.max_delay_ms);
+            if !answers || quiet || matches!(health, HostState::Lost | HostState::Fenced) {
+                continue;
+            }
+            let event = if self.hosts[judged].agent.domains.contains_key(vm) {
+                VmEvent::DomainRunning
+            } else {
+                VmEvent::DomainStopped {
+                    reason: "shutoff".into(),
+                }
+            };
+            self.drive(host, key, term, vm, &event);
+        }
+    }
+
+    /// The engine's drive: transition, fenced persist, then the commands.
+    fn drive(&mut self, host: usize, key: &str, term: i64, vm: &str, event: &VmEvent) {
+        let mut record = self.vm(vm);
+        let Ok(transition) = vm::transition(record.state, HOSTS[record.host], event) else {
+            return;
+        };
+        let changed = transition.state != record.state || transition.reason.is_some();
+        if !changed && transition.actions.is_empty() {
+            return;
+        }
+        record.state = transition.state;
+        if transition.reassign {
+            record.generation += 1;
+        }
+        if self
+            .store
+            .put_fenced(key, term, &vm_key(vm), &encode(&record))
+            .is_none()
+        {
+            // Our election key is gone: step down at once, as the engine does.
+            let c = &mut self.hosts[host].controller;
+            c.role = Role::Standby;
+            c.step_downs += 1;
+            if let Some(lease) = c.lease.take() {
+                self.store.revoke(lease.id);
+            }
+            self.note(&format!("{} fenced write refused: steps down", HOSTS[host]));
+            return;
+        }
+        let token = Token {
+            term,
+            generation: record.generation,
+        };
+        for action in transition.actions {
+            let start = match action {
+                Action::StartDomain => true,
+                Action::DestroyDomain | Action::AcpiShutdown => false,
+                _ => continue,
+            };
+            self.hosts[host]
+                .controller
+                .last_command_ms
+                .insert(vm.to_string(), self.now_ms);
+            self.hosts[host].controller.outbox.push(Message::Command {
+                host: record.host,
+                vm: vm.to_string(),
+                start,
+                token,
+            });
+        }
+    }
+}
+
+fn vm_key(name: &str) -> String {
+    format!("vms/{name}")
+}
+
+fn encode(vm: &SimVm) -> String {
+    serde_json::to_string(vm).unwrap_or_default()
+}
+
+fn decode(text: &str) -> Option<SimVm> {
+    serde_json::from_str(text).ok()
+}

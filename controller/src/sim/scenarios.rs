@@ -1,0 +1,365 @@
+//! Split-brain and failure cases of the pair, each written here before the daemons handle it,
+//! and a property test over random fault schedules.
+
+use proptest::prelude::*;
+
+use super::model::{Request, STEP_MS};
+use super::{World, violations};
+use crate::health::HostState;
+use crate::model::{Intent, VmState};
+
+/// A pair whose controller serves and whose VMs `a` (n0) and `b` (n1) run.
+fn running_pair(seed: u64) -> World {
+    let mut world = World::new(seed, 150);
+    world.run(3_000);
+    world.requests.push_back(Request::Start("a".into()));
+    world.requests.push_back(Request::Start("b".into()));
+    world.run(3_000);
+    world
+}
+
+fn assert_safe(world: &World) {
+    let found = violations(world);
+    assert!(
+        found.is_empty(),
+        "{found:?}\ntrace:\n{}",
+        world.trace.join("\n")
+    );
+}
+
+fn domain_runs(world: &World, host: usize, vm: &str) -> bool {
+    world.hosts[host].agent.domains.contains_key(vm)
+}
+
+#[test]
+fn steady_pair_serves_once_and_runs_both_vms() {
+    let world = running_pair(1);
+
+    assert!(world.serving().is_some());
+    assert_eq!(world.vm("a").state, VmState::Running);
+    assert!(domain_runs(&world, 0, "a") && domain_runs(&world, 1, "b"));
+    assert_safe(&world);
+}
+
+#[test]
+fn controller_death_moves_the_api_and_keeps_guests() {
+    let mut world = running_pair(2);
+    let serving = world.serving().unwrap();
+    let generations = (world.vm("a").generation, world.vm("b").generation);
+
+    world.kill_controller(serving);
+    world.run(3_000);
+
+    assert_eq!(world.serving(), Some(1 - serving));
+    assert!(domain_runs(&world, 0, "a") && domain_runs(&world, 1, "b"));
+    assert_eq!(
+        (world.vm("a").generation, world.vm("b").generation),
+        generations
+    );
+    assert_safe(&world);
+}
+
+#[test]
+fn agent_death_is_not_host_death() {
+    let mut world = running_pair(3);
+    let serving = world.serving().unwrap();
+    let other = 1 - serving;
+
+    world.kill_agent(other);
+    world.run(5_000);
+    let health = world.hosts[serving].controller.health[other].state;
+
+    assert_eq!(health, HostState::Suspect);
+    assert_eq!(world.vm(["a", "b"][other]).state, VmState::Running);
+    assert!(domain_runs(&world, other, ["a", "b"][other]));
+    assert_safe(&world);
+}
+
+#[test]
+fn host_death_loses_its_vm_and_restarts_it_on_return() {
+    let mut world = running_pair(4);
+    let serving = world.serving().unwrap();
+    let other = 1 - serving;
+    let vm = ["a", "b"][other];
+    let generation = world.vm(vm).generation;
+
+    world.power_off(other);
+    world.run(4_000);
+    let lost = world.vm(vm).state;
+    world.power_on(other);
+    world.run(5_000);
+
+    assert_eq!(
+        lost,
+        VmState::Lost {
+            intent: Intent::Resume
+        }
+    );
+    assert_eq!(world.vm(vm).state, VmState::Running);
+    assert_eq!(world.vm(vm).generation, generation + 1);
+    assert!(domain_runs(&world, other, vm));
+    assert_safe(&world);
+}
+
+#[test]
+fn serving_host_death_moves_the_api_and_loses_its_vm() {
+    let mut world = running_pair(5);
+    let serving = world.serving().unwrap();
+    let vm = ["a", "b"][serving];
+
+    world.power_off(serving);
+    world.run(6_000);
+
+    assert_eq!(world.serving(), Some(1 - serving));
+    assert_eq!(
+        world.vm(vm).state,
+        VmState::Lost {
+            intent: Intent::Resume
+        }
+    );
+    assert_safe(&world);
+}
+
+#[test]
+fn witness_death_changes_nothing() {
+    let mut world = running_pair(6);
+    let serving = world.serving();
+
+    world.set_witness(false);
+    world.run(5_000);
+
+    assert_eq!(world.serving(), serving);
+    assert_eq!(world.vm("a").state, VmState::Running);
+    assert_eq!(world.vm("b").state, VmState::Running);
+    assert_safe(&world);
+}
+
+#[test]
+fn partition_with_witness_takes_nothing_over() {
+    let mut world = running_pair(7);
+    let serving = world.serving().unwrap();
+    let other = 1 - serving;
+
+    world.isolate(other, true);
+    world.run(5_000);
+
+    assert_eq!(
+        world.hosts[serving].controller.health[other].state,
+        HostState::Suspect
+    );
+    assert_eq!(world.vm(["a", "b"][other]).state, VmState::Running);
+    assert!(domain_runs(&world, other, ["a", "b"][other]));
+    assert_safe(&world);
+}
+
+#[test]
+fn partition_without_witness_leaves_the_minority_without_a_role() {
+    let mut world = running_pair(8);
+    let serving = world.serving().unwrap();
+
+    world.isolate(serving, false);
+    world.run(6_000);
+
+    assert_eq!(world.serving(), Some(1 - serving));
+    assert_eq!(
+        world.hosts[1 - serving].controller.health[serving].state,
+        HostState::Lost
+    );
+    assert_safe(&world);
+}
+
+#[test]
+fn paused_serving_controller_is_fenced_when_it_resumes() {
+    let mut world = running_pair(9);
+    let serving = world.serving().unwrap();
+    world.requests.push_back(Request::PowerOff("a".into()));
+    world.run(2_000);
+    world.requests.push_back(Request::Start("a".into()));
+    // Paused between its write of "starting" and its call to the agent.
+    world.run(STEP_MS);
+
+    world.pause_controller(serving, true);
+    world.run(4_000);
+    let took_over = world.serving();
+    world.requests.push_back(Request::Start("a".into()));
+    world.run(2_000);
+    world.pause_controller(serving, false);
+    world.run(3_000);
+
+    assert_eq!(took_over, Some(1 - serving));
+    assert_eq!(world.serving(), Some(1 - serving));
+    assert!(world.hosts[serving].controller.step_downs >= 1);
+    assert_safe(&world);
+    assert!(
+        world.trace.iter().any(|line| line.contains("refused a")),
+        "{}",
+        world.trace.join("\n")
+    );
+}
+
+#[test]
+fn etcd_leader_change_moves_no_controller() {
+    let mut world = running_pair(10);
+    let serving = world.serving();
+
+    world.etcd_election(1_500);
+    world.run(5_000);
+
+    assert_eq!(world.serving(), serving);
+    assert_eq!(
+        world.hosts[0].controller.step_downs + world.hosts[1].controller.step_downs,
+        0
+    );
+    assert_eq!(world.vm("a").state, VmState::Running);
+    assert_safe(&world);
+}
+
+/// A fault the property test injects.
+#[derive(Clone, Debug)]
+enum Fault {
+    KillController(usize),
+    KillAgent(usize),
+    Pause(usize, u64),
+    PowerCut(usize, u64),
+    Isolate(usize, bool, u64),
+    CutPath(&'static str, u64),
+    Witness(u64),
+    Election(u64),
+    Request(bool, usize),
+    /// A request, then SIGSTOP of whoever serves `after_ms` later (maybe mid-action), a start
+    /// of the same VM while it is paused, then SIGCONT.
+    PauseMidRequest {
+        start: bool,
+        vm: usize,
+        after_ms: u64,
+        paused_ms: u64,
+    },
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    let host = 0usize..2;
+    let long = 500u64..6_000;
+    prop_oneof![
+        host.clone().prop_map(Fault::KillController),
+        host.clone().prop_map(Fault::KillAgent),
+        (host.clone(), long.clone()).prop_map(|(h, ms)| Fault::Pause(h, ms)),
+        (host.clone(), long.clone()).prop_map(|(h, ms)| Fault::PowerCut(h, ms)),
+        (host.clone(), any::<bool>(), long.clone()).prop_map(|(h, w, ms)| Fault::Isolate(h, w, ms)),
+        (
+            prop_oneof![Just("priv0"), Just("alink1"), Just("mgmt")],
+            long.clone()
+        )
+            .prop_map(|(p, ms)| Fault::CutPath(p, ms)),
+        long.clone().prop_map(Fault::Witness),
+        (200u64..3_000).prop_map(Fault::Election),
+        (any::<bool>(), host.clone()).prop_map(|(start, h)| Fault::Request(start, h)),
+        (any::<bool>(), host, 0u64..200, long).prop_map(|(start, vm, after_ms, paused_ms)| {
+            Fault::PauseMidRequest {
+                start,
+                vm,
+                after_ms,
+                paused_ms,
+            }
+        }),
+    ]
+}
+
+/// Injects `fault`, lets it last, and repairs it.
+fn inject(world: &mut World, fault: &Fault) {
+    match *fault {
+        Fault::KillController(h) => {
+            world.kill_controller(h);
+            world.run(1_000);
+            world.restart_processes(h);
+        }
+        Fault::KillAgent(h) => {
+            world.kill_agent(h);
+            world.run(1_000);
+            world.restart_processes(h);
+        }
+        Fault::Pause(h, ms) => {
+            world.pause_controller(h, true);
+            world.run(ms);
+            world.pause_controller(h, false);
+        }
+        Fault::PowerCut(h, ms) => {
+            world.power_off(h);
+            world.run(ms);
+            world.power_on(h);
+        }
+        Fault::Isolate(h, keep_witness, ms) => {
+            world.isolate(h, keep_witness);
+            world.run(ms);
+            world.heal();
+        }
+        Fault::CutPath(path, ms) => {
+            world.cut_path(path);
+            world.run(ms);
+            world.heal();
+        }
+        Fault::Witness(ms) => {
+            world.set_witness(false);
+            world.run(ms);
+            world.set_witness(true);
+        }
+        Fault::Election(ms) => world.etcd_election(ms - ms % STEP_MS + STEP_MS),
+        Fault::Request(start, h) => world.requests.push_back(request(start, h)),
+        Fault::PauseMidRequest {
+            start,
+            vm,
+            after_ms,
+            paused_ms,
+        } => {
+            world.requests.push_back(request(start, vm));
+            world.run(after_ms);
+            let Some(serving) = world.serving() else {
+                return;
+            };
+            world.pause_controller(serving, true);
+            world.run(paused_ms / 2);
+            world.requests.push_back(request(true, vm));
+            world.run(paused_ms / 2);
+            world.pause_controller(serving, false);
+        }
+    }
+}
+
+fn request(start: bool, vm: usize) -> Request {
+    let vm = ["a", "b"][vm].to_string();
+    if start {
+        Request::Start(vm)
+    } else {
+        Request::PowerOff(vm)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the faults and message delays: never two owners of a VM generation, never an
+    /// old term acting after a newer one; and once healed, one controller serves again.
+    #[test]
+    fn random_faults_keep_one_owner_and_fence_old_terms(
+        seed in any::<u64>(),
+        delay in 0u64..400,
+        faults in proptest::collection::vec((fault(), 0u64..2_000), 1..8),
+    ) {
+        let mut world = World::new(seed, delay);
+        world.run(3_000);
+        world.requests.push_back(Request::Start("a".into()));
+        world.requests.push_back(Request::Start("b".into()));
+        for (fault, pause) in &faults {
+            inject(&mut world, fault);
+            world.run(*pause + STEP_MS);
+        }
+        world.heal();
+        world.set_witness(true);
+        world.restart_processes(0);
+        world.restart_processes(1);
+        world.run(10_000);
+
+        let found = violations(&world);
+        prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
+        prop_assert!(world.serving().is_some(), "nobody serves after healing:\n{}", world.trace.join("\n"));
+    }
+}
