@@ -73,6 +73,11 @@ async fn serving_controller_death_keeps_every_acknowledged_change() {
     api.delete_vm(pb::DeleteVmRequest { vm: "vm3".into() })
         .await
         .unwrap();
+    let first = api
+        .create_vm(with_request_id(request("retried", 1), RETRIED_ID))
+        .await
+        .unwrap()
+        .into_inner();
     let acknowledged = snapshot(&mut api).await;
 
     let serving = serving_node(&lab).await;
@@ -106,6 +111,16 @@ async fn serving_controller_death_keeps_every_acknowledged_change() {
         .await
         .unwrap()
         .into_inner();
+    // A client that never saw its create's answer retries it, now at the new controller.
+    let retried = survivor_client
+        .create_vm(with_request_id(request("retried", 1), RETRIED_ID))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = survivor_client
+        .create_vm(request("retried", 1))
+        .await
+        .unwrap_err();
 
     assert_eq!(
         after, acknowledged,
@@ -114,6 +129,25 @@ async fn serving_controller_death_keeps_every_acknowledged_change() {
     assert!(after.contains_key("vm0") && !after.contains_key("vm3"));
     assert_eq!(after["vm1"].1, 2);
     assert_eq!(created.state(), pb::VmState::Stopped);
+    assert_eq!(
+        retried.uuid, first.uuid,
+        "a retried create made a second VM"
+    );
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+}
+
+/// The request ID of the create retried across the takeover.
+const RETRIED_ID: &str = "5e1d7a1c-0000-4000-8000-00000000beef";
+
+/// `message` with request ID `id`, as pvctl sends it.
+fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "x-pairvisor-request-id",
+        id.parse()
+            .unwrap_or_else(|e| panic!("request ID {id}: {e}")),
+    );
+    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

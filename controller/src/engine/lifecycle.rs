@@ -135,10 +135,11 @@ impl Engine {
                         .hosts
                         .get(&n.name)
                         .is_none_or(|h| h.state == HostState::Up);
+                    // Before the first poll (just after a takeover) the registration decides.
                     let answering = self
                         .last_health
                         .as_ref()
-                        .is_some_and(|p| p.answered(&n.name));
+                        .is_none_or(|p| p.answered(&n.name));
                     healthy && answering && self.registered.contains_key(&n.name)
                 })
                 .cloned()
