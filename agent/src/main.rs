@@ -19,9 +19,6 @@ use agent::membership::Membership;
 use agent::service::{AgentService, Deps};
 use agent::storage::StorageGroups;
 
-/// How long one etcd request may take on one member.
-const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Pairvisor per-host agent: drives libvirt/QEMU, storage and guest consoles for the controllers.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -84,7 +81,8 @@ async fn serve(
     if config.etcd_endpoints.is_empty() {
         tracing::warn!(node = %config.node, "no etcd_endpoints: running alone, without host lease or registration");
     } else {
-        let etcd = Etcd::connect(&config.etcd_endpoints, Some(ETCD_REQUEST_TIMEOUT)).await?;
+        let etcd =
+            Etcd::connect(&config.etcd_endpoints, Some(daemon::etcd::REQUEST_TIMEOUT)).await?;
         let membership = Membership {
             node: config.node.clone(),
             agent_address: config.advertise(),

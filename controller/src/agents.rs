@@ -124,6 +124,8 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     request
 }
 
+type Client = AgentClient<Channel>;
+
 impl Agent {
     fn failed(&self, op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
         let node = self.node.clone();
@@ -142,27 +144,55 @@ impl Agent {
         }
     }
 
+    /// One call of `method` with `message`, bounded by `timeout` here as well as at the agent:
+    /// the deadline header alone does not end a call to a host that vanished (no reset, no
+    /// answer), and a health poll stuck on one would go stale.
+    async fn call<M, R, F, Fut>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        message: M,
+        method: F,
+    ) -> Result<R, Error>
+    where
+        F: FnOnce(Client, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let call = method(self.client.clone(), request(message, timeout));
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result
+                .map(tonic::Response::into_inner)
+                .map_err(self.failed(op)),
+            Err(_) => Err(self.failed(op)(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            )))),
+        }
+    }
+
     /// What this host hears of its peer, its highest term and its lease.
     pub async fn peer_health(&self) -> Result<pb::PeerHealth, Error> {
-        Ok(self
-            .client
-            .clone()
-            .get_peer_health(request(pb::GetPeerHealthRequest {}, HEALTH_TIMEOUT))
-            .await
-            .map_err(self.failed("reading peer health"))?
-            .into_inner())
+        let message = pb::GetPeerHealthRequest {};
+        self.call(
+            "reading peer health",
+            HEALTH_TIMEOUT,
+            message,
+            |mut c, r| async move { c.get_peer_health(r).await },
+        )
+        .await
     }
 
     /// Every domain of the host.
     pub async fn list_domains(&self) -> Result<Vec<pb::DomainStatus>, Error> {
-        Ok(self
-            .client
-            .clone()
-            .list_domains(request(pb::ListDomainsRequest {}, POLL_TIMEOUT))
-            .await
-            .map_err(self.failed("listing domains"))?
-            .into_inner()
-            .domains)
+        let message = pb::ListDomainsRequest {};
+        let listed = self
+            .call(
+                "listing domains",
+                POLL_TIMEOUT,
+                message,
+                |mut c, r| async move { c.list_domains(r).await },
+            )
+            .await?;
+        Ok(listed.domains)
     }
 
     /// Creates every volume of `vm` (idempotent).
@@ -176,11 +206,13 @@ impl Agent {
                 vm_uuid: vm.uuid.clone(),
                 fence: fence(token),
             };
-            self.client
-                .clone()
-                .create_volume(request(message, CALL_TIMEOUT))
-                .await
-                .map_err(self.failed("creating volume"))?;
+            self.call(
+                "creating volume",
+                CALL_TIMEOUT,
+                message,
+                |mut c, r| async move { c.create_volume(r).await },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -194,11 +226,13 @@ impl Agent {
                 vm_uuid: vm.uuid.clone(),
                 fence: fence(token),
             };
-            self.client
-                .clone()
-                .delete_volume(request(message, CALL_TIMEOUT))
-                .await
-                .map_err(self.failed("deleting volume"))?;
+            self.call(
+                "deleting volume",
+                CALL_TIMEOUT,
+                message,
+                |mut c, r| async move { c.delete_volume(r).await },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -209,55 +243,61 @@ impl Agent {
             spec: Some(spec_of(vm)),
             fence: fence(token),
         };
-        Ok(self
-            .client
-            .clone()
-            .define_domain(request(message, CALL_TIMEOUT))
-            .await
-            .map_err(self.failed("defining domain"))?
-            .into_inner())
+        self.call(
+            "defining domain",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.define_domain(r).await },
+        )
+        .await
     }
 
     /// Starts the domain of `uuid`.
     pub async fn start(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
-        Ok(self
-            .client
-            .clone()
-            .start_domain(request(command(uuid, token), CALL_TIMEOUT))
-            .await
-            .map_err(self.failed("starting domain"))?
-            .into_inner())
+        let message = command(uuid, token);
+        self.call(
+            "starting domain",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.start_domain(r).await },
+        )
+        .await
     }
 
     /// Presses the ACPI power button of `uuid`.
     pub async fn shutdown(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
-        Ok(self
-            .client
-            .clone()
-            .shutdown_domain(request(command(uuid, token), CALL_TIMEOUT))
-            .await
-            .map_err(self.failed("shutting down domain"))?
-            .into_inner())
+        let message = command(uuid, token);
+        self.call(
+            "shutting down domain",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.shutdown_domain(r).await },
+        )
+        .await
     }
 
     /// Powers `uuid` off.
     pub async fn destroy(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
-        Ok(self
-            .client
-            .clone()
-            .destroy_domain(request(command(uuid, token), CALL_TIMEOUT))
-            .await
-            .map_err(self.failed("powering off domain"))?
-            .into_inner())
+        let message = command(uuid, token);
+        self.call(
+            "powering off domain",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.destroy_domain(r).await },
+        )
+        .await
     }
 
     /// Removes the definition of `uuid` (idempotent).
     pub async fn undefine(&self, uuid: &str, token: Token) -> Result<(), Error> {
-        self.client
-            .clone()
-            .undefine_domain(request(command(uuid, token), CALL_TIMEOUT))
-            .await
-            .map_err(self.failed("undefining domain"))?;
+        let message = command(uuid, token);
+        self.call(
+            "undefining domain",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.undefine_domain(r).await },
+        )
+        .await?;
         Ok(())
     }
 

@@ -47,8 +47,7 @@ pub const HEALTH_CONFIG: &str = "/pairvisor/config/health";
 /// Name of the serving-controller election.
 pub const ELECTION: &str = "/pairvisor/serving";
 
-/// How long one attempt on one member may take.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+pub use daemon::etcd::REQUEST_TIMEOUT;
 /// How long a request may keep trying members: losing one and re-electing etcd's leader
 /// takes a few seconds.
 pub const REQUEST_BUDGET: Duration = Duration::from_secs(8);

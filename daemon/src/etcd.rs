@@ -16,6 +16,10 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions};
 use tokio::time::Instant;
 
+/// How long one request may take on one member before the next is tried. Short: a write
+/// proposed through a follower just as the Raft leader dies is lost and never answered, and
+/// waiting longer only stalls the pair (a retried transaction is safe: see `store::Writer`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to wait for a member to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// HTTP/2 keep-alive interval and timeout on every member connection.
@@ -285,5 +289,95 @@ async fn watch_loop(etcd: Etcd, spec: WatchSpec, tx: tokio::sync::mpsc::Sender<W
                 return;
             }
         }
+    }
+}
+
+/// Budget of one maintenance call (alarms, compaction, defragmentation).
+const MAINTENANCE_BUDGET: Duration = Duration::from_secs(30);
+
+impl Etcd {
+    /// The members that raised etcd's space-quota alarm (NOSPACE): etcd then refuses every
+    /// write until space is reclaimed and the alarm disarmed.
+    pub async fn space_alarms(&self) -> Result<Vec<u64>, Error> {
+        let resp = self
+            .request("reading alarms", MAINTENANCE_BUDGET, |mut c| async move {
+                c.alarm(
+                    etcd_client::AlarmAction::Get,
+                    etcd_client::AlarmType::None,
+                    None,
+                )
+                .await
+            })
+            .await?;
+        Ok(resp
+            .alarms()
+            .iter()
+            .filter(|a| a.alarm() == etcd_client::AlarmType::Nospace)
+            .map(|a| a.member_id())
+            .collect())
+    }
+
+    /// Reclaims space after a NOSPACE alarm: compacts history up to now, defragments every
+    /// member that answers, and disarms the alarms of `members`.
+    pub async fn reclaim_space(&self, members: &[u64]) -> Result<(), Error> {
+        let now = self
+            .request(
+                "reading the revision",
+                MAINTENANCE_BUDGET,
+                |mut c| async move { c.get("/", None).await },
+            )
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        let compacted = self
+            .request(
+                "compacting history",
+                MAINTENANCE_BUDGET,
+                |mut c| async move {
+                    c.compact(
+                        now,
+                        Some(etcd_client::CompactionOptions::new().with_physical()),
+                    )
+                    .await
+                },
+            )
+            .await;
+        // Compacted already (e.g. by auto-compaction) is fine.
+        if let Err(e) = compacted {
+            tracing::warn!(error = %crate::error_chain(&e), "compaction before defragmenting failed");
+        }
+        for (endpoint, _) in &self.inner.members {
+            // Defragmenting a large database takes longer than any request timeout: a client
+            // of its own, without one.
+            let options = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+            let defragmented = match Client::connect([endpoint.as_str()], Some(options)).await {
+                Ok(mut member) => member.defragment().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match defragmented {
+                Ok(_) => tracing::info!(%endpoint, "etcd member defragmented"),
+                Err(e) => {
+                    tracing::warn!(%endpoint, error = %e, "defragmenting an etcd member failed")
+                }
+            }
+        }
+        for &id in members {
+            self.request(
+                "disarming the space alarm",
+                MAINTENANCE_BUDGET,
+                |mut c| async move {
+                    let mut options = etcd_client::AlarmOptions::new();
+                    options.with_member(id);
+                    c.alarm(
+                        etcd_client::AlarmAction::Deactivate,
+                        etcd_client::AlarmType::Nospace,
+                        Some(options),
+                    )
+                    .await
+                },
+            )
+            .await?;
+        }
+        Ok(())
     }
 }

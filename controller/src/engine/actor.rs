@@ -27,6 +27,8 @@ const HEALTH_TICK: Duration = Duration::from_millis(200);
 const REQUEST_LEASE_TTL: i64 = 600;
 /// A fresh request lease is granted this often, so records live 5 to 10 minutes.
 const REQUEST_LEASE_RENEW: Duration = Duration::from_secs(300);
+/// How often etcd's alarms are checked (a full space quota makes the pair read-only).
+const ALARM_CHECK: Duration = Duration::from_secs(10);
 
 /// Something the engine's own tasks report.
 #[derive(Debug)]
@@ -37,6 +39,13 @@ pub(super) enum Internal {
     Domains(DomainsPoll),
     /// The agents' heartbeat reports.
     Health(HealthPoll),
+    /// etcd hit its space quota on `members`; `reclaimed` says how reclaiming it went.
+    SpaceAlarm {
+        /// The members that raised the alarm.
+        members: Vec<u64>,
+        /// The reclaim's outcome.
+        reclaimed: Result<(), String>,
+    },
 }
 
 /// A VM and what the engine does with it.
@@ -86,6 +95,7 @@ pub(super) struct Engine {
     pub internal: mpsc::Sender<Internal>,
     pub polling_domains: bool,
     pub polling_health: bool,
+    last_alarm_check: Instant,
     /// Set when an agent refused our term: another controller serves; step down.
     pub fenced: bool,
     pub started: Instant,
@@ -139,6 +149,7 @@ impl Engine {
             internal,
             polling_domains: false,
             polling_health: false,
+            last_alarm_check: Instant::now(),
             fenced: false,
             started: Instant::now(),
             snapshot,
@@ -170,7 +181,7 @@ impl Engine {
                 Some(message) = internal.recv() => self.internal(message).await,
                 Ok(()) = registrations.changed() => {
                     let latest = registrations.borrow_and_update().clone();
-                    self.registrations_changed(latest);
+                    self.registrations_changed(latest).await;
                 }
                 _ = tick.tick() => self.tick().await,
                 _ = health_tick.tick() => self.poll_health(),
@@ -247,7 +258,62 @@ impl Engine {
                 self.polling_health = false;
                 self.apply_health(poll).await;
             }
+            Internal::SpaceAlarm { members, reclaimed } => {
+                self.space_alarm(&members, reclaimed).await;
+            }
         }
+    }
+
+    /// Checks etcd's alarms in the background, reclaiming space after a NOSPACE alarm.
+    fn check_alarms(&mut self) {
+        if self.last_alarm_check.elapsed() < ALARM_CHECK {
+            return;
+        }
+        self.last_alarm_check = Instant::now();
+        let (etcd, out, node) = (
+            self.ctx.client.clone(),
+            self.internal.clone(),
+            self.ctx.node.clone(),
+        );
+        tokio::spawn(async move {
+            let members = match etcd.space_alarms().await {
+                Ok(members) if !members.is_empty() => members,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %chain(&e), "reading etcd's alarms failed");
+                    return;
+                }
+            };
+            tracing::error!(
+                node,
+                ?members,
+                "reclaim begin: etcd reached its space quota and refuses writes; compacting and defragmenting"
+            );
+            let reclaimed = etcd.reclaim_space(&members).await.map_err(|e| chain(&e));
+            match &reclaimed {
+                Ok(()) => tracing::warn!(node, "reclaim end: ok, etcd accepts writes again"),
+                Err(e) => {
+                    tracing::error!(node, error = %e, "reclaim end: failed; etcd stays read-only: defragment it and disarm the alarm by hand")
+                }
+            }
+            let _ = out.send(Internal::SpaceAlarm { members, reclaimed }).await;
+        });
+    }
+
+    /// Reports a space-quota alarm as an alert (an event), once etcd takes writes again.
+    async fn space_alarm(&mut self, members: &[u64], reclaimed: Result<(), String>) {
+        let members: Vec<String> = members.iter().map(|m| format!("{m:x}")).collect();
+        let message = match reclaimed {
+            Ok(()) => format!(
+                "etcd reached its space quota (members {}) and refused writes; history was compacted and the members defragmented: raise --quota-backend-bytes if it recurs",
+                members.join(", ")
+            ),
+            Err(e) => format!(
+                "etcd reached its space quota (members {}) and refuses writes; reclaiming failed ({e}): run etcdctl defrag and etcdctl alarm disarm",
+                members.join(", ")
+            ),
+        };
+        self.raise("etcd/space", "", "", message).await;
     }
 
     async fn tick(&mut self) {
@@ -267,6 +333,7 @@ impl Engine {
             }
         }
         self.renew_request_lease().await;
+        self.check_alarms();
         self.poll_domains();
     }
 
