@@ -169,6 +169,40 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
     // A domain started outside the API is reported and not adopted.
     outsider_is_reported_not_adopted(&lab, &node).await;
 
+    // One heartbeat path cut: an alert naming it, nothing else; healed: cleared.
+    let mut api = lab.client().await;
+    lab.cut_path(&node, "alink1");
+    let silent = wait_alert(&mut api, &format!("path/{node}/alink1"), true).await;
+    assert!(silent.contains("alink1"), "{silent}");
+    lab.heal();
+    wait_alert(&mut api, &format!("path/{node}/alink1"), false).await;
+
+    // Cut off from the peer on every path but still holding quorum through the witness: a
+    // partition, nothing is taken over, the guest runs on.
+    let console = Console::new(&lab, &vm);
+    let serving = lab.serving().await.unwrap();
+    // The serving controller judges the host on the other side of the cut.
+    let judged = if serving == node {
+        other(&node)
+    } else {
+        node.as_str()
+    };
+    lab.isolate(&node, true);
+    let partitioned = wait_alert(&mut api, &format!("host/{judged}"), true).await;
+    let during = console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+    let state = lab
+        .client()
+        .await
+        .get_vm(pb::GetVmRequest { vm: "u".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    lab.heal();
+    wait_alert(&mut api, &format!("host/{judged}"), false).await;
+    assert!(partitioned.contains("partitioned"), "{partitioned}");
+    assert_eq!(state.state(), pb::VmState::Running);
+    assert!(during.iter().all(|(_, boot)| *boot == counters[0].1));
+
     // Power cut: the VM shows lost, its host lost.
     let console = Console::new(&lab, &vm);
     let last_printed = console
