@@ -318,6 +318,24 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"))
 }
 
+/// A create request for the tiny guest: unprotected, 1 vCPU, 256 MiB, one 16 MiB raw disk in
+/// sg0, no NIC. Tests change what they need with struct update syntax.
+pub fn tiny_guest(name: &str) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        name: name.into(),
+        mode: pb::ProtectionMode::Unprotected.into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disks: vec![pb::DiskRequest {
+            size_bytes: 16 << 20,
+            storage_group: "sg0".into(),
+            format: pb::DiskFormat::Raw.into(),
+        }],
+        networks: vec![],
+        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
+    }
+}
+
 /// Parses `COUNTER n boot=<id>`.
 pub fn parse_counter(line: &str) -> Option<(u64, String)> {
     let rest = line.trim().strip_prefix("COUNTER ")?;

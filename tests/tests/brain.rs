@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use proto::agent as agent_pb;
 use proto::v1 as pb;
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, TAKEOVER_TIMEOUT};
+use tests::{
+    COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, TAKEOVER_TIMEOUT, tiny_guest,
+};
 
 /// Lost detection: host lease TTL (2 s), plus an etcd election when the dead host held etcd's
 /// leader (a new leader extends every lease), plus a takeover when it held the serving
@@ -21,22 +23,6 @@ const ALERT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A UUID no VM of the pair has: the domain "made outside the API".
 const OUTSIDER: &str = "0badd0e5-5eed-4000-8000-000000000001";
 
-fn vm_request(name: &str) -> pb::CreateVmRequest {
-    pb::CreateVmRequest {
-        name: name.into(),
-        mode: pb::ProtectionMode::Unprotected.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disks: vec![pb::DiskRequest {
-            size_bytes: 16 << 20,
-            storage_group: "sg0".into(),
-            format: pb::DiskFormat::Raw.into(),
-        }],
-        networks: vec![],
-        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
-    }
-}
-
 fn other(node: &str) -> &'static str {
     if node == "n0" { "n1" } else { "n0" }
 }
@@ -44,7 +30,7 @@ fn other(node: &str) -> &'static str {
 /// Starts VM `name` and waits for its first counters; returns the VM and them.
 async fn run_guest(lab: &Lab, name: &str) -> (pb::Vm, Vec<(u64, String)>) {
     let mut api = lab.client().await;
-    let vm = api.create_vm(vm_request(name)).await.unwrap().into_inner();
+    let vm = api.create_vm(tiny_guest(name)).await.unwrap().into_inner();
     let console = Console::new(lab, &vm);
     api.start_vm(pb::StartVmRequest { vm: name.into() })
         .await

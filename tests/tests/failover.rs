@@ -6,21 +6,18 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{Lab, Spinner, TAKEOVER_TIMEOUT};
+use tests::{Lab, Spinner, TAKEOVER_TIMEOUT, tiny_guest};
 
+/// A VM that is only created, changed and deleted: small, one 1 MiB disk.
 fn request(name: &str, vcpus: u32) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
-        name: name.into(),
-        mode: pb::ProtectionMode::Unprotected.into(),
         vcpus,
         memory_mib: 128,
         disks: vec![pb::DiskRequest {
             size_bytes: 1 << 20,
-            storage_group: "sg0".into(),
-            format: pb::DiskFormat::Raw.into(),
+            ..tiny_guest(name).disks[0].clone()
         }],
-        networks: vec![],
-        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
+        ..tiny_guest(name)
     }
 }
 

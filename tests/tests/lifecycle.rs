@@ -3,24 +3,17 @@
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
 /// Time for the controller to notice a restarted agent (polls every second).
 const AGENT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The tiny guest in HA mode with a NIC on the business network.
 fn create_request(name: &str) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
-        name: name.into(),
         mode: pb::ProtectionMode::Ha.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disks: vec![pb::DiskRequest {
-            size_bytes: 16 << 20,
-            storage_group: "sg0".into(),
-            format: pb::DiskFormat::Raw.into(),
-        }],
         networks: vec!["business".into()],
-        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
+        ..tiny_guest(name)
     }
 }
 

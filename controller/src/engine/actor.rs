@@ -113,8 +113,6 @@ impl Engine {
         let client = &ctx.client;
         let vms = store::load_vms(client).await.map_err(store_error)?;
         let members = store::load_members(client).await.map_err(store_error)?;
-        let registered = store::load_nodes(client).await.map_err(store_error)?;
-        let controllers = store::load_controllers(client).await.map_err(store_error)?;
         let alerts = store::load_alerts(client).await.map_err(store_error)?;
         let requests = store::load_requests(client).await.map_err(store_error)?;
         let health_config = store::load_health_config(client)
@@ -131,14 +129,9 @@ impl Engine {
                 .map(|s| (s.value.uuid.clone(), Entry::new(s)))
                 .collect(),
             members: members.into_iter().map(|m| (m.name.clone(), m)).collect(),
-            registered: registered
-                .into_iter()
-                .map(|s| (s.value.name.clone(), s.value))
-                .collect(),
-            controllers: controllers
-                .into_iter()
-                .map(|c| (c.name, c.api_address))
-                .collect(),
+            // Filled from the registrations' watch before the takeover (`run`).
+            registered: BTreeMap::new(),
+            controllers: BTreeMap::new(),
             hosts: BTreeMap::new(),
             last_health: None,
             health_config,
@@ -166,6 +159,11 @@ impl Engine {
             return;
         };
         let mut registrations = observe::watch_registrations(self.ctx.client.clone());
+        let first = match registrations.wait_for(|r| r.nodes.is_some()).await {
+            Ok(first) => first.clone(),
+            Err(_) => return,
+        };
+        self.registrations_changed(first).await;
         self.take_over().await;
         self.publish();
         let mut tick = tokio::time::interval(TICK);

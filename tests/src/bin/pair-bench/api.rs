@@ -226,32 +226,15 @@ pub(crate) async fn remove_vm(api: &mut Retrying, name: &str) -> anyhow::Result<
     delete_vm(api, name).await
 }
 
-/// A VM that is only created and deleted: unprotected, 1 MiB disk.
+/// A VM that is only created and deleted: unprotected, 128 MiB, a 1 MiB disk.
 pub(crate) fn small_vm(name: &str) -> pb::CreateVmRequest {
+    let guest = tests::tiny_guest(name);
     pb::CreateVmRequest {
-        name: name.into(),
-        mode: pb::ProtectionMode::Unprotected.into(),
-        vcpus: 1,
         memory_mib: 128,
         disks: vec![pb::DiskRequest {
             size_bytes: 1 << 20,
-            storage_group: "sg0".into(),
-            format: pb::DiskFormat::Raw.into(),
+            ..guest.disks[0].clone()
         }],
-        networks: vec![],
-        boot: Some(pb::create_vm_request::Boot::KernelImage("tiny".into())),
-    }
-}
-
-/// The tiny guest, unprotected, as the lifecycle test runs it (without a network).
-pub(crate) fn tiny_guest(name: &str) -> pb::CreateVmRequest {
-    pb::CreateVmRequest {
-        memory_mib: 256,
-        disks: vec![pb::DiskRequest {
-            size_bytes: 16 << 20,
-            storage_group: "sg0".into(),
-            format: pb::DiskFormat::Raw.into(),
-        }],
-        ..small_vm(name)
+        ..guest
     }
 }

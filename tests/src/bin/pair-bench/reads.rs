@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::v1 as pb;
 use serde_json::{Value, json};
-use tests::{Console, GUEST_BOOT_TIMEOUT, Lab};
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 use tokio::runtime::Runtime;
 
-use crate::api::{
-    Client, Retrying, connect, remove_vm, tiny_guest, wait_pair_healthy, with_id, with_timeout,
-};
+use crate::api::{Client, Retrying, connect, remove_vm, wait_pair_healthy, with_id, with_timeout};
 use crate::stats::{millis, percentile, tenth};
 use crate::{PAIR_RECOVERY_TIMEOUT, check_interrupted};
 
