@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 pub use daemon::fence::{Refusal, State, Token};
 
@@ -53,6 +54,8 @@ pub enum Error {
 pub struct Fence {
     path: PathBuf,
     state: Mutex<State>,
+    /// The state's term, readable without waiting behind a raise's fsync.
+    term: AtomicI64,
 }
 
 impl Fence {
@@ -69,6 +72,7 @@ impl Fence {
         };
         Ok(Fence {
             path: path.to_path_buf(),
+            term: AtomicI64::new(state.term),
             state: Mutex::new(state),
         })
     }
@@ -85,6 +89,7 @@ impl Fence {
                     "fence: new serving term"
                 );
             }
+            self.term.store(raised.term, Ordering::Release);
             *state = raised;
         }
         Ok(())
@@ -102,13 +107,14 @@ impl Fence {
             previous = state.term,
             "fence: new serving term announced"
         );
+        self.term.store(raised.term, Ordering::Release);
         *state = raised;
         Ok(())
     }
 
     /// The highest term seen.
     pub fn term(&self) -> i64 {
-        self.lock().term
+        self.term.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

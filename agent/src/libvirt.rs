@@ -154,7 +154,8 @@ impl Libvirt {
     }
 
     /// Runs `f` for the domain `uuid` once no other call on that domain is running. A caller
-    /// that gives up while waiting (a timeout) never has its call run late.
+    /// that gives up while waiting (a timeout) never has its call run late; one that gives up
+    /// while its call runs does not free the domain for the next call until the call ends.
     async fn run_on<T, F>(&self, uuid: &str, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
@@ -167,8 +168,15 @@ impl Libvirt {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             domains.entry(uuid.to_string()).or_default().clone()
         };
-        let _turn = lock.lock().await;
-        self.run(f).await
+        let turn = lock.lock_owned().await;
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = f(&conn);
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|_| Error::WorkerGone)?
     }
 
     /// libvirt and QEMU versions.

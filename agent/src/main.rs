@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use daemon::etcd::Etcd;
-use daemon::lease::LeaseStatus;
+use daemon::lease::LeaseView;
 use tokio::sync::watch;
 
 use agent::config::Config;
@@ -77,7 +77,7 @@ async fn serve(
     );
     // Once, before the host registers: the probe behind it takes seconds (see facts).
     facts.read_versions(&libvirt).await;
-    let (lease_tx, lease) = watch::channel(LeaseStatus::Expired);
+    let (lease_tx, lease) = watch::channel(LeaseView::NONE);
     if config.etcd_endpoints.is_empty() {
         tracing::warn!(node = %config.node, "no etcd_endpoints: running alone, without host lease or registration");
     } else {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::etcd::{Etcd, WatchSpec, Watched};
-use daemon::lease::{self, LeaseStatus};
+use daemon::lease::{self, LeaseView};
 use daemon::pair::{self, HostFacts, LeaderInfo, NodeRecord};
 use etcd_client::{PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
@@ -54,17 +54,17 @@ pub struct Membership {
 
 impl Membership {
     /// Holds the host lease and registration forever, publishing the lease's status.
-    pub async fn run(self, status: watch::Sender<LeaseStatus>) {
+    pub async fn run(self, status: watch::Sender<LeaseView>) {
         tokio::spawn(follow_leader(self.etcd.clone(), self.fence.clone()));
         let ttl_seconds = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         loop {
-            match lease::grant(&self.etcd, ttl_seconds).await {
+            match lease::grant(&self.etcd, ttl_seconds, self.ttl).await {
                 Ok((lease, granted)) => self.term(lease, granted, &status).await,
                 Err(e) => {
                     tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "host lease not granted; retrying")
                 }
             }
-            status.send_replace(LeaseStatus::Expired);
+            status.send_replace(LeaseView::NONE);
             tokio::time::sleep(RETRY).await;
         }
     }
@@ -74,10 +74,9 @@ impl Membership {
         &self,
         lease: i64,
         granted: tokio::time::Instant,
-        status: &watch::Sender<LeaseStatus>,
+        status: &watch::Sender<LeaseView>,
     ) {
         tracing::info!(node = %self.node, lease = format!("{lease:x}"), ttl_s = self.ttl.as_secs(), "host lease begins");
-        status.send_replace(LeaseStatus::Alive);
         let keeper = tokio::spawn(lease::keep(
             self.etcd.clone(),
             lease,

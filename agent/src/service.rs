@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use daemon::lease::LeaseStatus;
+use daemon::lease::{LeaseStatus, LeaseView};
 use proto::agent as pb;
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -71,6 +71,11 @@ impl From<Error> for Status {
             Error::Fence(fence::Error::Load { .. } | fence::Error::Persist { .. }) => {
                 Status::internal(message)
             }
+            // A stale generation is this VM's record being behind, not another controller
+            // serving: the caller fails the command but keeps its role.
+            Error::Fence(fence::Error::Refused(fence::Refusal::StaleGeneration { .. })) => {
+                Status::failed_precondition(message)
+            }
             Error::Fence(fence::Error::Refused(_)) => Status::aborted(message),
             Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
                 Status::failed_precondition(message)
@@ -117,7 +122,7 @@ pub struct Deps {
     /// What this host hears of its peer.
     pub heartbeats: Heartbeats,
     /// The host lease's status (always `Expired` for an agent without etcd).
-    pub lease: watch::Receiver<LeaseStatus>,
+    pub lease: watch::Receiver<LeaseView>,
 }
 
 impl AgentService {
@@ -503,7 +508,7 @@ impl pb::agent_server::Agent for AgentService {
                 .map(path_to_pb)
                 .collect(),
             term: deps.fence.term(),
-            lease_alive: *deps.lease.borrow() == LeaseStatus::Alive,
+            lease_alive: deps.lease.borrow().status() == LeaseStatus::Alive,
         }))
     }
 

@@ -21,6 +21,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of the periodic state polls, short so a dead node is noticed quickly.
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of an ACPI power-button press: quick unless the guest's monitor hangs, and a
+/// power-off queued behind it must not wait long.
+pub const ACPI_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of the health polls (several a second).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -269,7 +272,7 @@ impl Agent {
         let message = command(uuid, token);
         self.call(
             "shutting down domain",
-            CALL_TIMEOUT,
+            ACPI_TIMEOUT,
             message,
             |mut c, r| async move { c.shutdown_domain(r).await },
         )

@@ -289,6 +289,9 @@ fn judge(
 ) -> (HostState, String) {
     match (o.lease_alive, alive_somehow) {
         (true, true) => (HostState::Up, "up".into()),
+        // No agent answered the judge at all (the judge itself stalled, most likely): with its
+        // lease alive, an up host stays up rather than flap to suspect.
+        (true, false) if o.paths.is_none() && from == HostState::Up => (from, "up".into()),
         (true, false) => (
             HostState::Suspect,
             "partitioned: silent on every path but its lease is alive; it keeps what it runs"
@@ -580,6 +583,23 @@ mod tests {
             paths: None,
             agent_answers: true,
             controller_alive: false,
+            quorum: true,
+        });
+
+        let (next, actions) = step(&up_host(), &Config::default(), &event);
+
+        assert_eq!(next.state, HostState::Up);
+        assert_eq!(actions, vec![]);
+    }
+
+    #[test]
+    fn step_up_host_without_any_report_but_lease_stays_up() {
+        let event = Event::Observed(Observation {
+            now_ms: 1,
+            lease_alive: true,
+            paths: None,
+            agent_answers: false,
+            controller_alive: true,
             quorum: true,
         });
 

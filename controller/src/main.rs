@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use daemon::lease::LeaseStatus;
+use daemon::lease::LeaseView;
 use tokio::sync::watch;
 
 use controller::agents::AgentPool;
@@ -41,7 +41,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let waiting = store::Etcd::connect(&config.etcd_endpoints, None).await?;
     let agents = AgentPool::default();
     let (role_tx, role_rx) = watch::channel(Role::Standby);
-    let (lease_tx, lease_rx) = watch::channel(LeaseStatus::Expired);
+    let (lease_tx, lease_rx) = watch::channel(LeaseView::NONE);
     let (lease_id_tx, lease_id) = watch::channel(0);
     let (route_tx, route_rx) = watch::channel(Route::Forward);
     let published = Published {
@@ -60,6 +60,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         client: client.clone(),
         agents: agents.clone(),
         lease: lease_rx,
+        lease_id: lease_id.clone(),
     };
     tokio::spawn(serving::follow(deps, role_rx, route_tx));
     let api = Api::new(route_rx, client.clone(), agents);

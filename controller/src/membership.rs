@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use daemon::lease::{self, LeaseStatus};
+use daemon::lease::{self, LeaseView};
 use daemon::pair::LeaderInfo;
 use tokio::sync::watch;
 
@@ -41,8 +41,6 @@ pub enum Role {
         key: Vec<u8>,
         /// Creation revision of the key: the term.
         revision: i64,
-        /// The lease the key lives on; revoking it gives the role up.
-        lease: i64,
     },
 }
 
@@ -52,7 +50,7 @@ pub struct Published {
     /// The role.
     pub role: watch::Sender<Role>,
     /// The current term's lease status.
-    pub lease: watch::Sender<LeaseStatus>,
+    pub lease: watch::Sender<LeaseView>,
     /// The current term's lease ID (0 between terms), for a clean resignation.
     pub lease_id: watch::Sender<i64>,
 }
@@ -66,7 +64,7 @@ pub async fn run(config: Config, client: Etcd, waiting: Etcd, out: Published) {
             tracing::warn!(node = %config.node, "stepping down: the serving role's lease expired");
         }
         out.role.send_replace(Role::Standby);
-        out.lease.send_replace(LeaseStatus::Expired);
+        out.lease.send_replace(LeaseView::NONE);
         out.lease_id.send_replace(0);
         if let Err(e) = result {
             tracing::warn!(node = %config.node, error = %crate::error::chain(&e), "membership term ended; starting a new one");
@@ -83,9 +81,8 @@ async fn term(
     out: &Published,
 ) -> Result<(), lease::Error> {
     let ttl = Duration::from_secs(config.lease_ttl_seconds.unsigned_abs());
-    let (lease, granted) = lease::grant(client, config.lease_ttl_seconds).await?;
+    let (lease, granted) = lease::grant(client, config.lease_ttl_seconds, ttl).await?;
     tracing::info!(node = %config.node, lease = format!("{lease:x}"), ttl_s = config.lease_ttl_seconds, "membership term begins");
-    out.lease.send_replace(LeaseStatus::Alive);
     out.lease_id.send_replace(lease);
     let mut keeper = AbortOnDrop(tokio::spawn(lease::keep(
         client.clone(),
@@ -114,7 +111,7 @@ async fn term(
                 campaigning = false;
                 let (key, revision) = elected;
                 tracing::info!(node = %config.node, term = revision, "elected: serving the pair's API");
-                out.role.send_replace(Role::Serving { key, revision, lease });
+                out.role.send_replace(Role::Serving { key, revision });
             }
             ended = &mut keeper.0 => {
                 return Err(ended.unwrap_or(lease::Error::Expired { lease }));

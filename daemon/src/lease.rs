@@ -57,11 +57,12 @@ pub enum LeaseStatus {
     Alive,
     /// No renewal was confirmed within the TTL: the lease may have expired.
     Doubt,
-    /// etcd said the lease is gone.
+    /// etcd said the lease is gone (or there is none).
     Expired,
 }
 
-/// The pure part: when the lease surely holds, from confirmed renewals.
+/// The pure part: when the lease surely holds, from confirmed renewals. The bound keeps a
+/// margin of a tenth of the TTL short of `sent + ttl`, for a command in flight and clock drift.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Validity {
     ttl: Duration,
@@ -73,13 +74,13 @@ impl Validity {
     pub fn granted(sent: Instant, ttl: Duration) -> Validity {
         Validity {
             ttl,
-            valid_until: sent + ttl,
+            valid_until: sent + ttl - ttl / 10,
         }
     }
 
     /// etcd confirmed a renewal sent at `sent` (a late answer never moves the bound back).
     pub fn confirmed(&mut self, sent: Instant) {
-        self.valid_until = self.valid_until.max(sent + self.ttl);
+        self.valid_until = self.valid_until.max(sent + self.ttl - self.ttl / 10);
     }
 
     /// Whether the lease surely holds at `now`.
@@ -92,15 +93,49 @@ impl Validity {
     }
 }
 
-/// Grants a lease of `ttl_seconds`; returns its ID and when the request was sent.
-pub async fn grant(etcd: &Etcd, ttl_seconds: i64) -> Result<(i64, Instant), Error> {
+/// What a holder's tasks see of its lease: until when it surely holds, or that it is gone.
+/// The status is worked out at the moment of use, never cached: a process that was paused or
+/// starved past the bound sees doubt at once, before any renewal has had a chance to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseView {
+    validity: Option<Validity>,
+}
+
+impl LeaseView {
+    /// No lease (or etcd said it is gone).
+    pub const NONE: LeaseView = LeaseView { validity: None };
+
+    /// The lease's status now.
+    pub fn status(&self) -> LeaseStatus {
+        self.status_at(Instant::now())
+    }
+
+    /// The lease's status at `now`.
+    pub fn status_at(&self, now: Instant) -> LeaseStatus {
+        self.validity
+            .map_or(LeaseStatus::Expired, |v| v.status(now))
+    }
+
+    /// When doubt begins, if the lease is alive now.
+    pub fn doubt_at(&self) -> Option<Instant> {
+        self.validity
+            .map(|v| v.valid_until)
+            .filter(|t| *t > Instant::now())
+    }
+}
+
+/// Grants a lease of `ttl_seconds`, trying members for up to `budget`; returns its ID and when
+/// the request was sent.
+pub async fn grant(
+    etcd: &Etcd,
+    ttl_seconds: i64,
+    budget: Duration,
+) -> Result<(i64, Instant), Error> {
     let sent = Instant::now();
     let lease = etcd
-        .request(
-            "granting lease",
-            Duration::from_secs(ttl_seconds.unsigned_abs()),
-            |mut c| async move { c.lease_grant(ttl_seconds, None).await },
-        )
+        .request("granting lease", budget, |mut c| async move {
+            c.lease_grant(ttl_seconds, None).await
+        })
         .await
         .map_err(|source| Error::Grant {
             ttl_seconds,
@@ -109,25 +144,34 @@ pub async fn grant(etcd: &Etcd, ttl_seconds: i64) -> Result<(i64, Instant), Erro
     Ok((lease.id(), sent))
 }
 
-/// Renews `lease` every `ttl / 6`, publishing its status on `status`, until etcd says it has
-/// expired; returns that error. Doubt is published but never ends the lease by itself.
+/// Renews `lease` every `ttl / 6`, publishing what it knows on `view`, until etcd says it has
+/// expired; returns that error. Doubt never ends the lease by itself.
 pub async fn keep(
     etcd: Etcd,
     lease: i64,
     ttl: Duration,
     granted: Instant,
-    status: watch::Sender<LeaseStatus>,
+    view: watch::Sender<LeaseView>,
 ) -> Error {
     let mut validity = Validity::granted(granted, ttl);
+    view.send_replace(LeaseView {
+        validity: Some(validity),
+    });
     let mut tick = tokio::time::interval(ttl / 6);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut was = LeaseStatus::Alive;
     loop {
         tick.tick().await;
         let sent = Instant::now();
         match renew_once(&etcd, lease, ttl / 6).await {
-            Ok(true) => validity.confirmed(sent),
+            Ok(true) => {
+                validity.confirmed(sent);
+                view.send_replace(LeaseView {
+                    validity: Some(validity),
+                });
+            }
             Ok(false) => {
-                status.send_replace(LeaseStatus::Expired);
+                view.send_replace(LeaseView::NONE);
                 return Error::Expired { lease };
             }
             Err(e) => {
@@ -135,8 +179,8 @@ pub async fn keep(
             }
         }
         let now = validity.status(Instant::now());
-        let before = status.send_replace(now);
-        if before != now {
+        if now != was {
+            was = now;
             match now {
                 LeaseStatus::Doubt => {
                     tracing::warn!(
@@ -176,13 +220,21 @@ async fn renew_once(etcd: &Etcd, lease: i64, budget: Duration) -> Result<bool, c
     .await
 }
 
-/// Revokes `lease` (best effort, within `budget`): what a holder does when it stops cleanly.
+/// Revokes `lease` (within `budget`): what a holder does when it gives up what it holds. A
+/// lease etcd no longer knows counts as revoked.
 pub async fn revoke(etcd: &Etcd, lease: i64, budget: Duration) -> Result<(), crate::etcd::Error> {
     etcd.request("revoking lease", budget, |mut c| async move {
-        c.lease_revoke(lease).await
+        match c.lease_revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status.code() == tonic::Code::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     })
     .await
-    .map(|_| ())
 }
 
 #[cfg(test)]
@@ -192,21 +244,21 @@ mod tests {
     const TTL: Duration = Duration::from_secs(3);
 
     #[test]
-    fn status_within_ttl_of_grant_is_alive() {
+    fn status_within_ttl_less_margin_of_grant_is_alive() {
         let start = Instant::now();
         let validity = Validity::granted(start, TTL);
 
-        let status = validity.status(start + Duration::from_millis(2900));
+        let status = validity.status(start + Duration::from_millis(2650));
 
         assert_eq!(status, LeaseStatus::Alive);
     }
 
     #[test]
-    fn status_past_ttl_without_renewal_is_doubt() {
+    fn status_within_margin_of_ttl_is_doubt() {
         let start = Instant::now();
         let validity = Validity::granted(start, TTL);
 
-        let status = validity.status(start + TTL);
+        let status = validity.status(start + Duration::from_millis(2750));
 
         assert_eq!(status, LeaseStatus::Doubt);
     }
@@ -219,7 +271,7 @@ mod tests {
         validity.confirmed(start + Duration::from_secs(2));
 
         assert_eq!(
-            validity.status(start + Duration::from_millis(4900)),
+            validity.status(start + Duration::from_millis(4650)),
             LeaseStatus::Alive
         );
     }
@@ -232,8 +284,15 @@ mod tests {
         validity.confirmed(start);
 
         assert_eq!(
-            validity.status(start + Duration::from_millis(4900)),
+            validity.status(start + Duration::from_millis(4650)),
             LeaseStatus::Alive
         );
+    }
+
+    #[test]
+    fn view_without_lease_is_expired() {
+        let status = LeaseView::NONE.status();
+
+        assert_eq!(status, LeaseStatus::Expired);
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::effects::{Batch, Done, Waiter};
@@ -27,6 +28,11 @@ const HEALTH_TICK: Duration = Duration::from_millis(200);
 const REQUEST_LEASE_TTL: i64 = 600;
 /// A fresh request lease is granted this often, so records live 5 to 10 minutes.
 const REQUEST_LEASE_RENEW: Duration = Duration::from_secs(300);
+/// Time for one attempt at a fresh request lease (the actor waits on it; the old lease still
+/// serves for minutes).
+const REQUEST_LEASE_BUDGET: Duration = Duration::from_secs(2);
+/// How long a removal is remembered: longer than any domain poll takes.
+const REMOVAL_MEMORY: Duration = Duration::from_secs(60);
 /// How often etcd's alarms are checked (a full space quota makes the pair read-only).
 const ALARM_CHECK: Duration = Duration::from_secs(10);
 
@@ -39,7 +45,8 @@ pub(super) enum Internal {
     Domains(DomainsPoll),
     /// The agents' heartbeat reports.
     Health(HealthPoll),
-    /// etcd hit its space quota on `members`; `reclaimed` says how reclaiming it went.
+    /// An alarm check ended: the members that hit etcd's space quota (none: all is well) and
+    /// how reclaiming the space went.
     SpaceAlarm {
         /// The members that raised the alarm.
         members: Vec<u64>,
@@ -89,13 +96,20 @@ pub(super) struct Engine {
     pub last_health: Option<HealthPoll>,
     pub health_config: health::Config,
     pub alerts: BTreeMap<String, Alert>,
-    pub requests: HashMap<String, RequestRecord>,
+    /// Applied requests by ID, with when they were learned (forgotten after their lease).
+    pub requests: HashMap<String, (RequestRecord, Instant)>,
+    /// VMs removed lately: a domain report taken before a removal is not an unknown domain.
+    pub removed: HashMap<String, Instant>,
     pub request_lease: (i64, Instant),
     pub waiters: HashMap<String, Vec<Waiter>>,
     pub internal: mpsc::Sender<Internal>,
     pub polling_domains: bool,
     pub polling_health: bool,
     last_alarm_check: Instant,
+    checking_alarms: bool,
+    /// Every task the engine starts (agent calls, polls, maintenance): aborted with the engine,
+    /// so nothing it started acts after a step-down.
+    pub tasks: JoinSet<()>,
     /// Set when an agent refused our term: another controller serves; step down.
     pub fenced: bool,
     pub started: Instant,
@@ -118,7 +132,7 @@ impl Engine {
         let health_config = store::load_health_config(client)
             .await
             .map_err(store_error)?;
-        let (lease, _) = daemon::lease::grant(client, REQUEST_LEASE_TTL)
+        let (lease, _) = daemon::lease::grant(client, REQUEST_LEASE_TTL, store::REQUEST_BUDGET)
             .await
             .map_err(|e| ApiError::Unavailable(chain(&e)))?;
         let (internal, internal_rx) = mpsc::channel(64);
@@ -136,13 +150,19 @@ impl Engine {
             last_health: None,
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
-            requests: requests.into_iter().collect(),
+            requests: requests
+                .into_iter()
+                .map(|(id, record)| (id, (record, Instant::now())))
+                .collect(),
+            removed: HashMap::new(),
             request_lease: (lease, Instant::now()),
             waiters: HashMap::new(),
             internal,
             polling_domains: false,
             polling_health: false,
             last_alarm_check: Instant::now(),
+            checking_alarms: false,
+            tasks: JoinSet::new(),
             fenced: false,
             started: Instant::now(),
             snapshot,
@@ -185,7 +205,7 @@ impl Engine {
                 _ = health_tick.tick() => self.poll_health(),
             }
             if self.fenced {
-                self.step_down_fenced().await;
+                self.step_down_fenced();
                 return;
             }
             self.publish();
@@ -257,31 +277,43 @@ impl Engine {
                 self.apply_health(poll).await;
             }
             Internal::SpaceAlarm { members, reclaimed } => {
-                self.space_alarm(&members, reclaimed).await;
+                self.checking_alarms = false;
+                if !members.is_empty() {
+                    self.space_alarm(&members, reclaimed).await;
+                }
             }
         }
     }
 
     /// Checks etcd's alarms in the background, reclaiming space after a NOSPACE alarm.
     fn check_alarms(&mut self) {
-        if self.last_alarm_check.elapsed() < ALARM_CHECK {
+        if self.checking_alarms || self.last_alarm_check.elapsed() < ALARM_CHECK {
             return;
         }
         self.last_alarm_check = Instant::now();
+        self.checking_alarms = true;
         let (etcd, out, node) = (
             self.ctx.client.clone(),
             self.internal.clone(),
             self.ctx.node.clone(),
         );
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let members = match etcd.space_alarms().await {
-                Ok(members) if !members.is_empty() => members,
-                Ok(_) => return,
+                Ok(members) => members,
                 Err(e) => {
                     tracing::debug!(error = %chain(&e), "reading etcd's alarms failed");
-                    return;
+                    Vec::new()
                 }
             };
+            if members.is_empty() {
+                let _ = out
+                    .send(Internal::SpaceAlarm {
+                        members,
+                        reclaimed: Ok(()),
+                    })
+                    .await;
+                return;
+            }
             tracing::error!(
                 node,
                 ?members,
@@ -330,9 +362,20 @@ impl Engine {
                 tracing::warn!(vm = %uuid, error = %e, "deadline check failed");
             }
         }
+        while self.tasks.try_join_next().is_some() {}
+        self.forget_old();
         self.renew_request_lease().await;
         self.check_alarms();
         self.poll_domains();
+    }
+
+    /// Forgets request IDs whose records have expired and removals no report can predate.
+    fn forget_old(&mut self) {
+        let request_life = Duration::from_secs(REQUEST_LEASE_TTL.unsigned_abs());
+        self.requests
+            .retain(|_, (_, learned)| learned.elapsed() < request_life);
+        self.removed
+            .retain(|_, removed| removed.elapsed() < REMOVAL_MEMORY);
     }
 
     /// Grants a fresh lease for request records every few minutes (each record lives 5 to
@@ -341,7 +384,8 @@ impl Engine {
         if self.request_lease.1.elapsed() < REQUEST_LEASE_RENEW {
             return;
         }
-        match daemon::lease::grant(&self.ctx.client, REQUEST_LEASE_TTL).await {
+        match daemon::lease::grant(&self.ctx.client, REQUEST_LEASE_TTL, REQUEST_LEASE_BUDGET).await
+        {
             Ok((lease, _)) => self.request_lease = (lease, Instant::now()),
             Err(e) => {
                 tracing::warn!(error = %chain(&e), "granting a request lease failed; keeping the old one")
@@ -370,17 +414,9 @@ impl Engine {
     }
 
     /// An agent refused our term, or a fenced write found our election key gone: another
-    /// controller may serve. Give the role up at once.
-    async fn step_down_fenced(&mut self) {
+    /// controller may serve. The engine stops; `serving` then gives the role up.
+    fn step_down_fenced(&self) {
         tracing::error!(node = %self.ctx.node, term = self.ctx.writer.term(), "step-down begin: fenced (an agent refused this controller's term, or its election key is gone)");
-        let revoked =
-            daemon::lease::revoke(&self.ctx.client, self.ctx.lease, store::REQUEST_BUDGET).await;
-        match revoked {
-            Ok(()) => tracing::error!(node = %self.ctx.node, "step-down end: ok, lease revoked"),
-            Err(e) => {
-                tracing::error!(node = %self.ctx.node, error = %chain(&e), "step-down end: lease not revoked; it expires on its own")
-            }
-        }
     }
 
     /// Every node of the pair with its last known facts: what validation and capacity count,

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use daemon::lease::LeaseStatus;
+use daemon::lease::{LeaseStatus, LeaseView};
 use proto::agent as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -99,7 +99,7 @@ impl Engine {
         if changed || !transition.actions.is_empty() {
             self.persist(uuid, &transition, tag.as_ref()).await?;
             if let Some(tag) = tag {
-                self.requests.insert(tag.id, tag.record);
+                self.requests.insert(tag.id, (tag.record, Instant::now()));
             }
         }
         if changed {
@@ -138,7 +138,14 @@ impl Engine {
             .await
         {
             Ok(revision) => revision,
-            Err(e) => return Err(self.after_store_error(uuid, e).await),
+            Err(e) => {
+                let err = self.after_store_error(uuid, e).await;
+                // The write may have applied after all (the re-read shows it): carry on.
+                if self.vms.get(uuid).is_some_and(|e| e.record == record) {
+                    return Ok(());
+                }
+                return Err(err);
+            }
         };
         if let Some(entry) = self.vms.get_mut(uuid) {
             entry.record = record;
@@ -180,7 +187,7 @@ impl Engine {
         let agent = self.agent_of(&batch.record.node);
         let lease = self.ctx.lease_status.clone();
         let out = self.internal.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let done = run_batch(agent, lease, batch).await;
             let _ = out.send(Internal::Effect(done)).await;
         });
@@ -235,6 +242,7 @@ impl Engine {
         match self.ctx.writer.remove_vm(&record, revision).await {
             Ok(()) => {
                 self.vms.remove(uuid);
+                self.removed.insert(uuid.to_string(), Instant::now());
                 tracing::info!(vm = %record.name, node = %record.node, "VM deleted");
             }
             Err(e) => {
@@ -369,7 +377,7 @@ fn answer(waiter: Waiter, uuid: &str, record: Option<&VmRecord>) -> Option<Waite
 /// Runs a batch's agent calls in order; stops at the first failure.
 async fn run_batch(
     agent: Result<Agent, ApiError>,
-    mut lease: watch::Receiver<LeaseStatus>,
+    mut lease: watch::Receiver<LeaseView>,
     batch: Batch,
 ) -> Done {
     let record = &batch.record;
@@ -412,7 +420,11 @@ async fn run_batch(
                 });
                 return done;
             }
-            Err(e) if matches!(action, Action::DefineDomain | Action::StartDomain) => {
+            // Only a refusal is a failed start; a timeout or an unreachable agent leaves the
+            // outcome unknown, and the next report of the domain decides.
+            Err(e @ ApiError::FailedPrecondition(_))
+                if matches!(action, Action::DefineDomain | Action::StartDomain) =>
+            {
                 tracing::warn!(vm, node, op, error = %e, "end: failed; the start fails");
                 done.events.push(VmEvent::StartFailed {
                     reason: e.to_string(),
@@ -437,13 +449,16 @@ async fn run_batch(
 }
 
 /// Waits while the serving role's lease is in doubt (an etcd election): a controller that may
-/// have lost its role must not act. Fails if the doubt outlasts [`DOUBT_WAIT`] or the lease
-/// expired.
-async fn wait_out_doubt(lease: &mut watch::Receiver<LeaseStatus>) -> Result<(), ApiError> {
-    let waited =
-        tokio::time::timeout(DOUBT_WAIT, lease.wait_for(|s| *s != LeaseStatus::Doubt)).await;
+/// have lost its role must not act. The status is worked out now, not taken from the last
+/// renewal. Fails if the doubt outlasts [`DOUBT_WAIT`] or the lease expired.
+async fn wait_out_doubt(lease: &mut watch::Receiver<LeaseView>) -> Result<(), ApiError> {
+    let waited = tokio::time::timeout(
+        DOUBT_WAIT,
+        lease.wait_for(|view| view.status() != LeaseStatus::Doubt),
+    )
+    .await;
     match waited {
-        Ok(Ok(status)) if *status == LeaseStatus::Alive => Ok(()),
+        Ok(Ok(view)) if view.status() == LeaseStatus::Alive => Ok(()),
         _ => Err(ApiError::Unavailable(
             "this controller's serving lease is in doubt or expired; not acting".into(),
         )),

@@ -31,7 +31,7 @@ impl Engine {
 
     /// The VM a request with ID `id` already acted on, if it did.
     fn replayed(&self, id: Option<&str>, op: &str) -> Option<String> {
-        let record = self.requests.get(id?)?;
+        let (record, _) = self.requests.get(id?)?;
         (record.op == op).then(|| record.vm.clone())
     }
 
@@ -65,30 +65,28 @@ impl Engine {
         let uuid = record.uuid.clone();
         let tag = self.tag(request, "create", &uuid);
         tracing::info!(vm = %record.name, uuid = %uuid, node = %record.node, mode = record.mode.as_str(), "create begin");
-        let revision = match self.ctx.writer.create_vm(&record, tag.as_ref()).await {
-            Ok(revision) => revision,
+        match self.ctx.writer.create_vm(&record, tag.as_ref()).await {
+            Ok(revision) => {
+                let stored = Stored {
+                    value: record,
+                    revision,
+                    key: String::new(),
+                };
+                self.vms.insert(uuid.clone(), Entry::new(stored));
+            }
             Err(e) => {
                 let err = self.after_store_error(&uuid, e).await;
-                if self.vms.contains_key(&uuid) {
-                    // An attempt applied after all: roll back the unacknowledged create.
-                    let _ = self.drive(&uuid, VmEvent::Delete, None).await;
+                // Unless an attempt applied after all (the re-read shows it), the create failed.
+                if !self.vms.get(&uuid).is_some_and(|e| e.record == record) {
+                    tracing::warn!(vm = %uuid, error = %err, "create end: failed");
+                    let _ = reply.send(Err(err));
+                    return;
                 }
-                tracing::warn!(vm = %uuid, error = %err, "create end: failed");
-                let _ = reply.send(Err(err));
-                return;
             }
-        };
-        if let Some(tag) = tag {
-            self.requests.insert(tag.id, tag.record);
         }
-        self.vms.insert(
-            uuid.clone(),
-            Entry::new(Stored {
-                value: record,
-                revision,
-                key: String::new(),
-            }),
-        );
+        if let Some(tag) = tag {
+            self.requests.insert(tag.id, (tag.record, Instant::now()));
+        }
         self.waiters
             .entry(uuid.clone())
             .or_default()
@@ -203,9 +201,13 @@ impl Engine {
             Err(e) => return refuse(waiter, e),
         };
         let tag = self.tag(request, op, &uuid);
-        self.waiters.entry(uuid.clone()).or_default().push(waiter);
-        if let Err(e) = self.drive(&uuid, event, tag).await {
-            self.fail_waiters(&uuid, &e);
+        // A refused request answers only its own caller; others wait on.
+        match self.drive(&uuid, event, tag).await {
+            Ok(()) => {
+                self.waiters.entry(uuid.clone()).or_default().push(waiter);
+                self.settle(&uuid);
+            }
+            Err(e) => refuse(waiter, e),
         }
     }
 
@@ -263,7 +265,7 @@ impl Engine {
             Err(e) => return Err(self.after_store_error(&uuid, e).await),
         };
         if let Some(tag) = tag {
-            self.requests.insert(tag.id, tag.record);
+            self.requests.insert(tag.id, (tag.record, Instant::now()));
         }
         tracing::info!(vm = %record.name, mode = record.mode.as_str(), vcpus = record.vcpus, memory_mib = record.memory_mib, "VM modified");
         let entry = self

@@ -25,7 +25,7 @@ mod view;
 use std::sync::Arc;
 use std::time::Duration;
 
-use daemon::lease::LeaseStatus;
+use daemon::lease::LeaseView;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agents::AgentPool;
@@ -164,10 +164,8 @@ pub struct Context {
     pub client: Etcd,
     /// Fenced writer; its term goes with every agent command.
     pub writer: Writer,
-    /// The serving role's lease: revoked when an agent refuses our term.
-    pub lease: i64,
     /// The lease's status: agent commands wait while it is in doubt; `Alive` is quorum.
-    pub lease_status: watch::Receiver<LeaseStatus>,
+    pub lease_status: watch::Receiver<LeaseView>,
     /// Agent clients.
     pub agents: AgentPool,
     /// Capacity policy.

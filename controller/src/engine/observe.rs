@@ -29,6 +29,8 @@ use crate::model::VmState;
 use crate::store::{self, Alert, CONTROLLERS, ControllerRecord, NODES};
 use crate::vm::VmEvent;
 
+/// A VM left `Deleting` by a removal that failed is tried again after this long.
+const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Pause before reloading the registrations after a failed read.
 const RELOAD: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -210,7 +212,7 @@ impl Engine {
             .map(|name| (name.clone(), self.agent_of(name).ok()))
             .collect();
         let out = self.internal.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = Instant::now();
             let polls = agents.into_iter().map(|(name, agent)| async move {
                 let domains = match agent {
@@ -237,10 +239,10 @@ impl Engine {
             .keys()
             .map(|name| (name.clone(), self.agent_of(name).ok()))
             .collect();
-        let quorum = *self.ctx.lease_status.borrow() == LeaseStatus::Alive;
+        let quorum = self.ctx.lease_status.borrow().status() == LeaseStatus::Alive;
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let out = self.internal.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let polls = agents.into_iter().map(|(name, agent)| async move {
                 let report = match agent {
                     Some(agent) => agent.peer_health().await.ok(),
@@ -274,66 +276,110 @@ impl Engine {
             let event = health::Event::Observed(observation);
             let (next, actions) = health::step(&host, &self.health_config, &event);
             self.hosts.insert(node.clone(), next);
-            for action in actions {
-                self.health_action(&node, action).await;
+            for action in &actions {
+                Self::log_health(&node, action);
             }
+            self.enforce_health(&node).await;
         }
         self.last_health = Some(poll);
     }
 
-    async fn health_action(&mut self, node: &str, action: health::Action) {
+    /// Logs a change of `node`'s health. What it means (alerts, lost VMs) is applied by
+    /// [`Engine::enforce_health`] on every poll, so a failed write is retried, not lost.
+    fn log_health(node: &str, action: &health::Action) {
+        match action {
+            health::Action::Degraded { state, reason } => {
+                tracing::warn!(node, state = state.name(), %reason, "host health changed");
+            }
+            health::Action::Recovered { was_lost } => {
+                tracing::info!(node, was_lost, "host health changed: up");
+            }
+            health::Action::PathSilent { .. }
+            | health::Action::PathHeard { .. }
+            | health::Action::Lost => {}
+        }
+    }
+
+    /// Makes the pair reflect `node`'s health: an alert per silent path and one for a degraded
+    /// host, and its VMs lost while it is. Idempotent.
+    async fn enforce_health(&mut self, node: &str) {
+        let host = self.hosts.get(node).cloned().unwrap_or_default();
         let listener = self
             .members
             .keys()
             .find(|name| *name != node)
             .cloned()
             .unwrap_or_default();
-        match action {
-            health::Action::PathSilent { path } => {
-                let message = format!(
-                    "heartbeat path {path}: {listener} hears nothing from {node}; check the link"
-                );
-                self.raise(&format!("path/{node}/{path}"), node, "", message)
-                    .await;
+        for path in &host.silent_paths {
+            let message = format!(
+                "heartbeat path {path}: {listener} hears nothing from {node}; check the link"
+            );
+            self.raise(&format!("path/{node}/{path}"), node, "", message)
+                .await;
+        }
+        let prefix = format!("path/{node}/");
+        let healed: Vec<String> = self
+            .alerts
+            .keys()
+            .filter(|id| {
+                id.strip_prefix(&prefix)
+                    .is_some_and(|path| !host.silent_paths.contains(path))
+            })
+            .cloned()
+            .collect();
+        for id in healed {
+            self.clear(&id).await;
+        }
+        let id = format!("host/{node}");
+        match host.state {
+            HostState::Up => self.clear(&id).await,
+            state => {
+                let message = format!("host {node} is {}: {}", state.name(), host.reason);
+                self.raise(&id, node, "", message).await;
             }
-            health::Action::PathHeard { path } => {
-                self.clear(&format!("path/{node}/{path}")).await;
-            }
-            health::Action::Degraded { state, reason } => {
-                tracing::warn!(node, state = state.name(), %reason, "host health changed");
-                let message = format!("host {node} is {}: {reason}", state.name());
-                self.raise(&format!("host/{node}"), node, "", message).await;
-            }
-            health::Action::Lost => self.host_lost(node).await,
-            health::Action::Recovered { was_lost } => {
-                tracing::info!(node, was_lost, "host health changed: up");
-                self.clear(&format!("host/{node}")).await;
-            }
+        }
+        if matches!(host.state, HostState::Lost | HostState::Fenced) {
+            self.host_lost(node).await;
         }
     }
 
-    /// Every VM recorded on `node` is lost until the host returns.
+    /// Every VM recorded on `node` that still counts as running there is lost until the host
+    /// returns.
     async fn host_lost(&mut self, node: &str) {
         let uuids: Vec<String> = self
             .vms
             .iter()
-            .filter(|(_, e)| e.record.node == node)
+            .filter(|(_, e)| {
+                e.record.node == node
+                    && matches!(
+                        e.record.state,
+                        VmState::Starting
+                            | VmState::Running
+                            | VmState::Paused
+                            | VmState::Stopping { .. }
+                    )
+            })
             .map(|(uuid, _)| uuid.clone())
             .collect();
+        if uuids.is_empty() {
+            return;
+        }
         tracing::warn!(
             node,
             vms = uuids.len(),
             "host lost begin: its VMs are lost until it returns"
         );
+        let mut failed = 0;
         for uuid in &uuids {
             let event = VmEvent::HostLost {
                 node: node.to_string(),
             };
             if let Err(e) = self.drive(uuid, event, None).await {
-                tracing::warn!(vm = %uuid, node, error = %e, "marking VM lost failed");
+                failed += 1;
+                tracing::warn!(vm = %uuid, node, error = %e, "marking VM lost failed; retried at the next poll");
             }
         }
-        tracing::warn!(node, vms = uuids.len(), "host lost end: ok");
+        tracing::warn!(node, vms = uuids.len(), failed, "host lost end");
     }
 
     /// Reconciles every VM with what its host's agent reports, and raises or clears the
@@ -351,7 +397,7 @@ impl Engine {
                 continue;
             }
             self.reconcile_node(node, domains, poll.started, &mut events);
-            self.unexplained(node, domains, &mut alerts);
+            self.unexplained(node, domains, poll.started, &mut alerts);
         }
         for (uuid, event) in events {
             if let Err(e) = self.drive(&uuid, event, None).await {
@@ -373,11 +419,29 @@ impl Engine {
             if entry.record.node != node || entry.busy || entry.last_command > started {
                 continue;
             }
+            // A removal that failed (the agent was away) is tried again once it answers.
+            if entry.record.state == VmState::Deleting
+                && entry.last_command.elapsed() >= REMOVAL_RETRY
+            {
+                events.push((uuid.clone(), VmEvent::Delete));
+                continue;
+            }
             let found = domains.iter().find(|d| &d.uuid == uuid);
             if let Some(event) = domain_event(found) {
                 events.push((uuid.clone(), event));
             }
         }
+    }
+
+    /// Whether `node`'s report of `domain`, taken at `started`, may predate the engine's last
+    /// word on it (a command to its VM, or the VM's removal): then it explains nothing.
+    fn stale_report(&self, domain: &str, started: Instant) -> bool {
+        let commanded = self
+            .vms
+            .get(domain)
+            .is_some_and(|e| e.busy || e.last_command > started);
+        let removed = self.removed.get(domain).is_some_and(|at| *at > started);
+        commanded || removed
     }
 
     /// Alerts for `node`'s domains that no record explains: unknown, misplaced, or running
@@ -386,9 +450,23 @@ impl Engine {
         &self,
         node: &str,
         domains: &[pb::DomainStatus],
+        started: Instant,
         alerts: &mut BTreeMap<String, (String, String, String)>,
     ) {
         for domain in domains {
+            if self.stale_report(&domain.uuid, started) {
+                // Undecided: keep what is open about it as it is.
+                for open in self.alerts.values().filter(|a| {
+                    a.id.starts_with("domain/")
+                        && a.id.ends_with(&format!("/{node}/{}", domain.uuid))
+                }) {
+                    alerts.insert(
+                        open.id.clone(),
+                        (open.node.clone(), open.vm.clone(), open.message.clone()),
+                    );
+                }
+                continue;
+            }
             let active = matches!(
                 domain.state(),
                 pb::DomainState::Running | pb::DomainState::Paused | pb::DomainState::ShuttingDown
