@@ -51,6 +51,15 @@ impl Lab {
             .map(|n| n.name)
     }
 
+    /// The open alerts, asked through whichever controller answers now (a fresh connection each
+    /// time: one pinned to an address a fault has cut would hang); `None` if none answers.
+    pub async fn alerts(&self) -> Option<Vec<pb::Alert>> {
+        let mut api = self.client_at(&self.endpoints()).await.ok()?;
+        let mut request = tonic::Request::new(pb::ListAlertsRequest {});
+        request.set_timeout(POLL_CALL_TIMEOUT);
+        Some(api.list_alerts(request).await.ok()?.into_inner().alerts)
+    }
+
     /// The serving term as `node`'s agent has seen it.
     pub async fn agent_term(&self, node: &str) -> i64 {
         self.agent(node)

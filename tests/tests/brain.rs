@@ -156,12 +156,11 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
     outsider_is_reported_not_adopted(&lab, &node).await;
 
     // One heartbeat path cut: an alert naming it, nothing else; healed: cleared.
-    let mut api = lab.client().await;
     lab.cut_path(&node, "alink1");
-    let silent = wait_alert(&mut api, &format!("path/{node}/alink1"), true).await;
+    let silent = wait_alert(&lab, &format!("path/{node}/alink1"), true).await;
     assert!(silent.contains("alink1"), "{silent}");
     lab.heal();
-    wait_alert(&mut api, &format!("path/{node}/alink1"), false).await;
+    wait_alert(&lab, &format!("path/{node}/alink1"), false).await;
 
     // Cut off from the peer on every path but still holding quorum through the witness: a
     // partition, nothing is taken over, the guest runs on.
@@ -174,17 +173,13 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
         node.as_str()
     };
     lab.isolate(&node, true);
-    let partitioned = wait_alert(&mut api, &format!("host/{judged}"), true).await;
+    let partitioned = wait_alert(&lab, &format!("host/{judged}"), true).await;
     let during = console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
     let state = lab
-        .client()
-        .await
-        .get_vm(pb::GetVmRequest { vm: "u".into() })
-        .await
-        .unwrap()
-        .into_inner();
+        .wait_vm_state("u", pb::VmState::Running, ALERT_TIMEOUT)
+        .await;
     lab.heal();
-    wait_alert(&mut api, &format!("host/{judged}"), false).await;
+    wait_alert(&lab, &format!("host/{judged}"), false).await;
     assert!(partitioned.contains("partitioned"), "{partitioned}");
     assert_eq!(state.state(), pb::VmState::Running);
     assert!(during.iter().all(|(_, boot)| *boot == counters[0].1));
@@ -264,8 +259,8 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
     };
     agent.start_domain(command.clone()).await.unwrap();
     let id = format!("domain/unknown/{node}/{OUTSIDER}");
+    let raised = wait_alert(lab, &id, true).await;
     let mut api = lab.client().await;
-    let raised = wait_alert(&mut api, &id, true).await;
     let vms = api
         .list_vms(pb::ListVmsRequest {})
         .await
@@ -274,7 +269,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
         .vms;
     agent.destroy_domain(command.clone()).await.unwrap();
     agent.undefine_domain(command).await.unwrap();
-    wait_alert(&mut api, &id, false).await;
+    wait_alert(lab, &id, false).await;
 
     assert!(raised.contains("not adopted"), "{raised}");
     assert!(
@@ -284,23 +279,16 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
 }
 
 /// Waits until alert `id` is open (`open`) or gone; returns its message when open.
-async fn wait_alert(
-    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
-    id: &str,
-    open: bool,
-) -> String {
+async fn wait_alert(lab: &Lab, id: &str, open: bool) -> String {
     let started = Instant::now();
     loop {
-        let alerts = api
-            .list_alerts(pb::ListAlertsRequest {})
+        let found = lab
+            .alerts()
             .await
-            .unwrap()
-            .into_inner()
-            .alerts;
-        let found = alerts.into_iter().find(|a| a.id == id);
+            .map(|alerts| alerts.into_iter().find(|a| a.id == id));
         match (found, open) {
-            (Some(alert), true) => return alert.message,
-            (None, false) => return String::new(),
+            (Some(Some(alert)), true) => return alert.message,
+            (Some(None), false) => return String::new(),
             _ => {}
         }
         assert!(
