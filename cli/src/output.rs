@@ -246,11 +246,15 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
     let mut text = table(&rows);
     for n in &resp.nodes {
         let paths: Vec<String> = n.paths.iter().map(path_text).collect();
+        let state = node_state_name(n.state());
+        let health = if n.state_reason.is_empty() || n.state_reason == state {
+            state.to_string()
+        } else {
+            format!("{state} ({})", n.state_reason)
+        };
         text.push_str(&format!(
-            "\n{}: {} ({}); host lease {}\n  heartbeats heard from {}: {}\n",
+            "\n{}: {health}; host lease {}\n  heartbeats heard from {}: {}\n",
             n.name,
-            node_state_name(n.state()),
-            n.state_reason,
             if n.lease_alive { "alive" } else { "expired" },
             n.name,
             if paths.is_empty() {
