@@ -13,6 +13,9 @@
 //! port = 7702
 //! interval_ms = 100
 //! paths = [{ name = "priv0", local = "10.101.0.1", peer = "10.101.0.2" }]
+//! [system_ip]                         # optional: dropped here whenever another host serves
+//! address = "10.100.0.10/24"
+//! device = "ibiz0"
 //! [storage_groups]
 //! sg0 = "/var/lib/pairvisor/storage/sg0"
 //! [networks]
@@ -94,6 +97,10 @@ pub struct Config {
     /// Heartbeats to the peer.
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
+    /// The pair's floating system IP, if it has one: released on this host whenever another
+    /// host serves.
+    #[serde(default)]
+    pub system_ip: Option<daemon::sysip::SystemIp>,
 }
 
 /// Heartbeats to the peer on every path.

@@ -90,6 +90,7 @@ async fn serve(
             etcd,
             facts: facts.clone(),
             fence: fence.clone(),
+            system_ip: config.system_ip.clone(),
         };
         tokio::spawn(membership.run(lease_tx));
     }

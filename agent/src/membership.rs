@@ -22,6 +22,7 @@ use std::time::Duration;
 use daemon::etcd::{Etcd, WatchSpec, Watched};
 use daemon::lease::{self, LeaseView};
 use daemon::pair::{self, HostFacts, LeaderInfo, NodeRecord};
+use daemon::sysip::SystemIp;
 use etcd_client::{PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 
@@ -50,12 +51,14 @@ pub struct Membership {
     pub facts: Collector,
     /// The agent's fence, raised by announced terms.
     pub fence: Arc<Fence>,
+    /// The pair's system IP, released here when another host serves.
+    pub system_ip: Option<SystemIp>,
 }
 
 impl Membership {
     /// Holds the host lease and registration forever, publishing the lease's status.
     pub async fn run(self, status: watch::Sender<LeaseView>) {
-        tokio::spawn(follow_leader(self.etcd.clone(), self.fence.clone()));
+        tokio::spawn(follow_leader(self.clone()));
         let ttl_seconds = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         loop {
             match lease::grant(&self.etcd, ttl_seconds, self.ttl).await {
@@ -156,11 +159,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Raises the fence to every term the pair announces (the leader key), from the current one on.
-async fn follow_leader(etcd: Etcd, fence: Arc<Fence>) {
+/// Follows the pair's announced leader (the leader key), from the current one on: raises the
+/// fence to each new term, and gives up the system IP when another host serves (a controller
+/// killed outright leaves it behind; two hosts answering for it would split the clients).
+async fn follow_leader(membership: Membership) {
     loop {
-        let start_revision = read_term(&etcd, &fence).await;
-        let mut watch = etcd.watch(WatchSpec {
+        let start_revision = read_leader(&membership).await;
+        let mut watch = membership.etcd.watch(WatchSpec {
             key: pair::LEADER.to_string(),
             prefix: false,
             start_revision,
@@ -169,11 +174,11 @@ async fn follow_leader(etcd: Etcd, fence: Arc<Fence>) {
             match watched {
                 Watched::Events(events) => {
                     for kv in events.iter().filter_map(|e| e.kv()) {
-                        observe(&fence, kv.value());
+                        membership.observe(kv.value()).await;
                     }
                 }
                 Watched::Cancelled { reason } => {
-                    tracing::warn!(%reason, "the serving-term watch was cancelled; reading the term again");
+                    tracing::warn!(%reason, "the leader watch was cancelled; reading the leader again");
                 }
             }
         }
@@ -181,9 +186,11 @@ async fn follow_leader(etcd: Etcd, fence: Arc<Fence>) {
     }
 }
 
-/// Reads the announced term now; returns the revision to watch from (0 if etcd did not answer).
-async fn read_term(etcd: &Etcd, fence: &Fence) -> i64 {
-    let current = etcd
+/// Reads the announced leader now; returns the revision to watch from (0 if etcd did not
+/// answer).
+async fn read_leader(membership: &Membership) -> i64 {
+    let current = membership
+        .etcd
         .request(
             "reading the serving term",
             WRITE_BUDGET,
@@ -193,7 +200,7 @@ async fn read_term(etcd: &Etcd, fence: &Fence) -> i64 {
     match current {
         Ok(resp) => {
             if let Some(kv) = resp.kvs().first() {
-                observe(fence, kv.value());
+                membership.observe(kv.value()).await;
             }
             resp.header().map_or(0, |h| h.revision() + 1)
         }
@@ -204,11 +211,27 @@ async fn read_term(etcd: &Etcd, fence: &Fence) -> i64 {
     }
 }
 
-fn observe(fence: &Fence, value: &[u8]) {
-    let Ok(leader) = serde_json::from_slice::<LeaderInfo>(value) else {
-        return;
-    };
-    if let Err(e) = fence.observe_term(leader.term) {
-        tracing::error!(error = %daemon::error_chain(&e), "raising the fence to a new term failed");
+impl Membership {
+    /// Acts on an announced leader: its term raises the fence; another host serving means
+    /// this host must not hold the system IP.
+    async fn observe(&self, value: &[u8]) {
+        let Ok(leader) = serde_json::from_slice::<LeaderInfo>(value) else {
+            return;
+        };
+        if let Err(e) = self.fence.observe_term(leader.term) {
+            tracing::error!(error = %daemon::error_chain(&e), "raising the fence to a new term failed");
+        }
+        let Some(ip) = self.system_ip.as_ref().filter(|_| leader.node != self.node) else {
+            return;
+        };
+        match daemon::sysip::release(ip).await {
+            Ok(true) => {
+                tracing::warn!(node = %self.node, serving = %leader.node, address = %ip.address, "system IP left behind here released: another host serves")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(node = %self.node, error = %daemon::error_chain(&e), "releasing the system IP left behind failed")
+            }
+        }
     }
 }

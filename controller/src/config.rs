@@ -40,15 +40,7 @@ pub enum Error {
     },
 }
 
-/// The floating system IP, held by the serving controller.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SystemIp {
-    /// Address with prefix length, e.g. "10.100.0.10/24".
-    pub address: String,
-    /// Interface that carries it.
-    pub device: String,
-}
+pub use daemon::sysip::SystemIp;
 
 /// Controller configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

@@ -18,7 +18,6 @@ pub mod serving;
 #[cfg(test)]
 mod sim;
 pub mod store;
-pub mod sysip;
 pub mod validate;
 pub mod vm;
 

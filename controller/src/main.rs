@@ -71,7 +71,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("serving the API on {}", config.listen))?;
     if let Some(ip) = &config.system_ip {
-        let _ = controller::sysip::release(ip).await;
+        let _ = daemon::sysip::release(ip).await;
     }
     // Hand the role over at once rather than after the lease's TTL.
     let lease = *lease_id.borrow();

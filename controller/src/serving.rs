@@ -16,7 +16,7 @@ use crate::engine::{self, Context};
 use crate::error::chain;
 use crate::membership::Role;
 use crate::store::{self, Writer};
-use crate::sysip;
+use daemon::sysip;
 
 /// Attempts to start serving before giving the role up.
 const SERVE_ATTEMPTS: u32 = 3;
@@ -219,7 +219,10 @@ async fn release_ip(config: &Config) {
         return;
     };
     match sysip::release(ip).await {
-        Ok(()) => tracing::info!(node = %config.node, address = %ip.address, "system IP released"),
+        Ok(true) => {
+            tracing::info!(node = %config.node, address = %ip.address, "system IP released")
+        }
+        Ok(false) => {}
         Err(e) => {
             tracing::warn!(node = %config.node, error = %chain(&e), "system IP not released")
         }

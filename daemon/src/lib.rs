@@ -9,6 +9,7 @@ pub mod fence;
 pub mod fsutil;
 pub mod lease;
 pub mod pair;
+pub mod sysip;
 
 /// Sets up `tracing` to stderr, filtered by `PV_LOG` (default `info`), coloured only on a
 /// terminal so log files stay plain text.

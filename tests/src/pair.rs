@@ -60,6 +60,38 @@ impl Lab {
         Some(api.list_alerts(request).await.ok()?.into_inner().alerts)
     }
 
+    /// The hosts whose management interface carries the system IP now.
+    pub fn system_ip_holders(&self) -> Vec<String> {
+        let address = format!(" 10.{}.0.10/", self.subnet);
+        ["n0", "n1"]
+            .iter()
+            .filter(|host| {
+                let ns = format!("{}-{host}", self.prefix);
+                Command::new("ip")
+                    .args(["-n", &ns, "-o", "addr", "show", "dev", "ibiz0"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&address))
+            })
+            .map(|host| (*host).to_string())
+            .collect()
+    }
+
+    /// Waits until exactly `host` holds the system IP, or panics after `timeout`.
+    pub async fn wait_system_ip_only_on(&self, host: &str, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let holders = self.system_ip_holders();
+            if holders == [host] {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the system IP is on {holders:?}, not only on {host}, after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The serving term as `node`'s agent has seen it.
     pub async fn agent_term(&self, node: &str) -> i64 {
         self.agent(node)

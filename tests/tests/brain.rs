@@ -71,6 +71,9 @@ async fn controller_death_and_pause_never_touch_the_guest() {
         took.as_secs_f64()
     );
     assert_guest_ran_on(&console, &last);
+    // The dead controller could not drop the system IP; its host's agent does.
+    lab.wait_system_ip_only_on(other(&serving), TAKEOVER_TIMEOUT)
+        .await;
 
     // ... and the guest is fully manageable while that controller stays dead.
     let mut api = lab.client().await;

@@ -1,9 +1,18 @@
 //! The floating system IP: the serving controller adds it to its management interface and
-//! announces it with gratuitous ARP; a controller that stops serving removes it.
+//! announces it with gratuitous ARP; a controller that stops serving removes it, and so does
+//! the host's agent once another host serves (a controller killed outright cannot).
 
 use tokio::process::Command;
 
-use crate::config::SystemIp;
+/// The floating system IP, held by the serving controller.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemIp {
+    /// Address with prefix length, e.g. "10.100.0.10/24".
+    pub address: String,
+    /// Interface that carries it.
+    pub device: String,
+}
 
 /// Errors changing the address.
 #[derive(Debug, thiserror::Error)]
@@ -36,16 +45,17 @@ pub async fn acquire(ip: &SystemIp) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes the system IP from its interface; an address that is not there is fine.
-pub async fn release(ip: &SystemIp) -> Result<(), Error> {
+/// Removes the system IP from its interface; whether it was there (absent is fine).
+pub async fn release(ip: &SystemIp) -> Result<bool, Error> {
     match ip_addr("del", ip).await {
+        Ok(()) => Ok(true),
         Err(Error::Ip { stderr, .. })
             if stderr.contains("Cannot assign requested address")
                 || stderr.contains("Address not found") =>
         {
-            Ok(())
+            Ok(false)
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
