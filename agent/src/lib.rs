@@ -12,6 +12,7 @@ pub mod fence;
 pub mod heartbeat;
 pub mod libvirt;
 pub mod membership;
+pub mod nbd;
 pub mod serial;
 pub mod service;
 pub mod storage;

@@ -1,0 +1,459 @@
+//! The NBD server: exports files (a VM's replica volumes) over TCP, one task per connection,
+//! requests answered in order. Every write is durable (written, then `fdatasync`) before its
+//! reply, whatever the client's FUA flag says: QEMU's write-blocking mirror never forwards the
+//! guest's flushes to its target, so a reply is the only promise the guest's acknowledgement
+//! rests on (notes/sync-disk-mirror.md).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::proto::{self, Command, ProtoError, Request};
+
+/// Largest read or write one request may ask for (NBD's customary limit).
+pub const MAX_IO: u32 = 32 << 20;
+/// Largest option data accepted during the handshake.
+const MAX_OPTION: u32 = 4096;
+/// Zeroes written per step of a WRITE_ZEROES.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Errors of the NBD server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the connection failed.
+    #[error("NBD connection with {peer}")]
+    Connection {
+        /// The client.
+        peer: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An export's file cannot be opened or sized.
+    #[error("opening export {name} at {path}")]
+    Open {
+        /// Export name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client broke the protocol; the connection is closed.
+    #[error("NBD client {peer} broke the protocol")]
+    Protocol {
+        /// The client.
+        peer: SocketAddr,
+        /// What it did.
+        #[source]
+        source: ProtoError,
+    },
+    /// A write asked for more than [`MAX_IO`] bytes: its payload cannot be skipped safely.
+    #[error("NBD client {peer} sent a {length}-byte write (at most {MAX_IO})")]
+    WriteTooLong {
+        /// The client.
+        peer: SocketAddr,
+        /// The length asked for.
+        length: u32,
+    },
+}
+
+/// One exported file.
+#[derive(Debug)]
+pub struct Export {
+    file: Arc<File>,
+    size: u64,
+    writable: bool,
+}
+
+impl Export {
+    /// Opens `path` for export (read-write if `writable`).
+    pub fn open(name: &str, path: &Path, writable: bool) -> Result<Export, Error> {
+        let failed = |source| Error::Open {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(failed)?;
+        let size = file.metadata().map_err(failed)?.len();
+        Ok(Export {
+            file: Arc::new(file),
+            size,
+            writable,
+        })
+    }
+
+    fn flags(&self) -> u16 {
+        let base = proto::TX_HAS_FLAGS | proto::TX_SEND_FLUSH | proto::TX_SEND_FUA;
+        if self.writable {
+            base | proto::TX_SEND_WRITE_ZEROES
+        } else {
+            base | proto::TX_READ_ONLY
+        }
+    }
+}
+
+/// The exports by name; cheap to clone, changed while the server runs.
+#[derive(Clone, Debug, Default)]
+pub struct Exports {
+    inner: Arc<RwLock<BTreeMap<String, Arc<Export>>>>,
+}
+
+impl Exports {
+    /// Adds (or replaces) export `name`; new connections see it.
+    pub fn insert(&self, name: &str, export: Export) {
+        self.write().insert(name.to_string(), Arc::new(export));
+    }
+
+    /// Removes export `name`; open connections keep their file until they close.
+    pub fn remove(&self, name: &str) {
+        self.write().remove(name);
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Export>>> {
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Accepts connections on `listener` forever, serving `exports`.
+pub async fn serve(listener: TcpListener, exports: Exports) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an NBD connection failed");
+                continue;
+            }
+        };
+        let exports = exports.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, peer, &exports).await {
+                tracing::warn!(%peer, error = %daemon::error_chain(&e), "NBD connection ended");
+            }
+        });
+    }
+}
+
+type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;
+type Writer = BufWriter<tokio::net::tcp::OwnedWriteHalf>;
+
+/// One client: handshake, then requests until it disconnects.
+async fn connection(stream: TcpStream, peer: SocketAddr, exports: &Exports) -> Result<(), Error> {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let (mut r, mut w) = (BufReader::new(read), BufWriter::new(write));
+    let io = |source| Error::Connection { peer, source };
+    w.write_all(&proto::handshake()).await.map_err(io)?;
+    w.flush().await.map_err(io)?;
+    let no_zeroes = proto::client_flags(r.read_u32().await.map_err(io)?)
+        .map_err(|source| Error::Protocol { peer, source })?;
+    let Some((name, export)) = haggle(&mut r, &mut w, peer, exports, no_zeroes).await? else {
+        return Ok(());
+    };
+    tracing::info!(%peer, export = %name, size = export.size, "NBD transmission begins");
+    let outcome = transmit(&mut r, &mut w, peer, &export).await;
+    tracing::info!(%peer, export = %name, ok = outcome.is_ok(), "NBD transmission ends");
+    outcome
+}
+
+/// The option phase: returns the export chosen, or `None` if the client aborted.
+async fn haggle(
+    r: &mut Reader,
+    w: &mut Writer,
+    peer: SocketAddr,
+    exports: &Exports,
+    no_zeroes: bool,
+) -> Result<Option<(String, Arc<Export>)>, Error> {
+    let io = |source| Error::Connection { peer, source };
+    let protocol = |source| Error::Protocol { peer, source };
+    loop {
+        let mut header = [0u8; proto::OPTION_LEN];
+        r.read_exact(&mut header).await.map_err(io)?;
+        let (option, length) = proto::decode_option(&header, MAX_OPTION).map_err(protocol)?;
+        let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
+        r.read_exact(&mut data).await.map_err(io)?;
+        match option {
+            proto::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                // No way to refuse: the protocol says close the connection.
+                let Some(export) = exports.get(&name) else {
+                    return Ok(None);
+                };
+                let reply = proto::export_name_reply(export.size, export.flags(), no_zeroes);
+                w.write_all(&reply).await.map_err(io)?;
+                w.flush().await.map_err(io)?;
+                return Ok(Some((name, export)));
+            }
+            proto::OPT_GO | proto::OPT_INFO => {
+                let name = proto::go_export_name(&data).map_err(protocol)?;
+                let Some(export) = exports.get(&name) else {
+                    reply(w, option, proto::REP_ERR_UNKNOWN, b"no such export", peer).await?;
+                    continue;
+                };
+                let info = proto::info_export(export.size, export.flags());
+                reply(w, option, proto::REP_INFO, &info, peer).await?;
+                let sizes = proto::info_block_size(1, 4096, MAX_IO);
+                reply(w, option, proto::REP_INFO, &sizes, peer).await?;
+                reply(w, option, proto::REP_ACK, &[], peer).await?;
+                if option == proto::OPT_GO {
+                    return Ok(Some((name, export)));
+                }
+            }
+            proto::OPT_LIST => {
+                for name in exports.names() {
+                    let mut entry = (u32::try_from(name.len()).unwrap_or(0))
+                        .to_be_bytes()
+                        .to_vec();
+                    entry.extend_from_slice(name.as_bytes());
+                    reply(w, option, proto::REP_SERVER, &entry, peer).await?;
+                }
+                reply(w, option, proto::REP_ACK, &[], peer).await?;
+            }
+            proto::OPT_ABORT => {
+                reply(w, option, proto::REP_ACK, &[], peer).await?;
+                return Ok(None);
+            }
+            // Structured replies, metadata contexts, TLS and the rest: not offered.
+            _ => reply(w, option, proto::REP_ERR_UNSUP, &[], peer).await?,
+        }
+    }
+}
+
+async fn reply(
+    w: &mut Writer,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+    peer: SocketAddr,
+) -> Result<(), Error> {
+    let io = |source| Error::Connection { peer, source };
+    w.write_all(&proto::option_reply(option, kind, data))
+        .await
+        .map_err(io)?;
+    w.flush().await.map_err(io)
+}
+
+/// The transmission phase: one request at a time, answered in order.
+async fn transmit(
+    r: &mut Reader,
+    w: &mut Writer,
+    peer: SocketAddr,
+    export: &Arc<Export>,
+) -> Result<(), Error> {
+    let io = |source| Error::Connection { peer, source };
+    loop {
+        let mut header = [0u8; proto::REQUEST_LEN];
+        match r.read_exact(&mut header).await {
+            Ok(_) => {}
+            // A client that closes between requests has simply left.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(io(e)),
+        }
+        let request =
+            proto::decode_request(&header).map_err(|source| Error::Protocol { peer, source })?;
+        let payload = match request.command {
+            Command::Write if request.length > MAX_IO => {
+                return Err(Error::WriteTooLong {
+                    peer,
+                    length: request.length,
+                });
+            }
+            Command::Write => {
+                let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
+                r.read_exact(&mut data).await.map_err(io)?;
+                data
+            }
+            Command::Disconnect => return Ok(()),
+            _ => Vec::new(),
+        };
+        let (error, data) = execute(export, request, payload).await;
+        w.write_all(&proto::simple_reply(error, request.cookie))
+            .await
+            .map_err(io)?;
+        if error == 0 {
+            w.write_all(&data).await.map_err(io)?;
+        }
+        w.flush().await.map_err(io)?;
+    }
+}
+
+/// Carries out one request on the export: the NBD error (0 = done) and the data to send.
+async fn execute(export: &Arc<Export>, request: Request, payload: Vec<u8>) -> (u32, Vec<u8>) {
+    if let Some(error) = refusal(export, request) {
+        return (error, Vec::new());
+    }
+    let export = export.clone();
+    let done = tokio::task::spawn_blocking(move || run(&export, request, &payload)).await;
+    match done {
+        Ok(Ok(data)) => (0, data),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::StorageFull => (proto::ENOSPC, Vec::new()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, offset = request.offset, length = request.length, "NBD export I/O failed");
+            (proto::EIO, Vec::new())
+        }
+        Err(_) => (proto::EIO, Vec::new()),
+    }
+}
+
+/// Why `request` cannot be carried out on `export`, if it cannot.
+fn refusal(export: &Export, request: Request) -> Option<u32> {
+    let end = request.offset.checked_add(u64::from(request.length));
+    let in_range = end.is_some_and(|end| end <= export.size);
+    match request.command {
+        Command::Read | Command::Write | Command::WriteZeroes if !in_range => Some(proto::EINVAL),
+        Command::Read if request.length > MAX_IO => Some(proto::EINVAL),
+        Command::Write | Command::WriteZeroes if !export.writable => Some(proto::EPERM),
+        Command::Read | Command::Write | Command::WriteZeroes | Command::Flush => None,
+        Command::Trim | Command::Disconnect | Command::Other(_) => Some(proto::ENOTSUP),
+    }
+}
+
+/// The blocking part: positional I/O, and `fdatasync` after every change.
+fn run(export: &Export, request: Request, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let file = &export.file;
+    match request.command {
+        Command::Read => {
+            let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
+            file.read_exact_at(&mut data, request.offset)?;
+            Ok(data)
+        }
+        Command::Write => {
+            file.write_all_at(payload, request.offset)?;
+            file.sync_data()?;
+            Ok(Vec::new())
+        }
+        Command::WriteZeroes => {
+            let zeroes = vec![0u8; ZERO_CHUNK];
+            let mut done = 0u64;
+            let length = u64::from(request.length);
+            while done < length {
+                let step = usize::try_from((length - done).min(ZERO_CHUNK as u64)).unwrap_or(0);
+                file.write_all_at(&zeroes[..step], request.offset + done)?;
+                done += step as u64;
+            }
+            file.sync_data()?;
+            Ok(Vec::new())
+        }
+        Command::Flush => {
+            file.sync_data()?;
+            Ok(Vec::new())
+        }
+        Command::Trim | Command::Disconnect | Command::Other(_) => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(size: u64, writable: bool) -> (tempfile::TempDir, Export) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; usize::try_from(size).unwrap()]).unwrap();
+        let export = Export::open("disk0", &path, writable).unwrap();
+        (dir, export)
+    }
+
+    fn request(command: Command, offset: u64, length: u32) -> Request {
+        Request {
+            flags: 0,
+            command,
+            cookie: 1,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn refusal_of_a_read_past_the_end_is_einval() {
+        let (_dir, export) = export(4096, true);
+
+        let error = refusal(&export, request(Command::Read, 4000, 200));
+
+        assert_eq!(error, Some(proto::EINVAL));
+    }
+
+    #[test]
+    fn refusal_of_a_write_to_a_read_only_export_is_eperm() {
+        let (_dir, export) = export(4096, false);
+
+        let error = refusal(&export, request(Command::Write, 0, 512));
+
+        assert_eq!(error, Some(proto::EPERM));
+    }
+
+    #[test]
+    fn refusal_of_an_offset_that_overflows_is_einval() {
+        let (_dir, export) = export(4096, true);
+
+        let error = refusal(&export, request(Command::Write, u64::MAX, 512));
+
+        assert_eq!(error, Some(proto::EINVAL));
+    }
+
+    #[test]
+    fn run_write_then_read_returns_the_data() {
+        let (_dir, export) = export(8192, true);
+        run(&export, request(Command::Write, 4096, 3), b"abc").unwrap();
+
+        let data = run(&export, request(Command::Read, 4096, 3), &[]).unwrap();
+
+        assert_eq!(data, b"abc");
+    }
+
+    #[test]
+    fn run_write_zeroes_clears_the_range() {
+        let (_dir, export) = export(8192, true);
+        run(&export, request(Command::Write, 100, 3), b"abc").unwrap();
+        run(&export, request(Command::WriteZeroes, 0, 4096), &[]).unwrap();
+
+        let data = run(&export, request(Command::Read, 100, 3), &[]).unwrap();
+
+        assert_eq!(data, [0, 0, 0]);
+    }
+
+    #[test]
+    fn flags_of_a_writable_export_offer_flush_fua_and_zeroes() {
+        let (_dir, export) = export(4096, true);
+
+        let flags = export.flags();
+
+        assert_eq!(
+            flags,
+            proto::TX_HAS_FLAGS
+                | proto::TX_SEND_FLUSH
+                | proto::TX_SEND_FUA
+                | proto::TX_SEND_WRITE_ZEROES
+        );
+    }
+}
