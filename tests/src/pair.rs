@@ -92,6 +92,21 @@ impl Lab {
         }
     }
 
+    /// Node `name` as the serving controller describes it (health, daemons, paths).
+    pub async fn node(&self, name: &str) -> pb::Node {
+        let mut api = self.client().await;
+        let nodes = api
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("listing nodes: {e}"))
+            .into_inner();
+        nodes
+            .nodes
+            .into_iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
     /// The serving term as `node`'s agent has seen it.
     pub async fn agent_term(&self, node: &str) -> i64 {
         self.agent(node)

@@ -87,12 +87,7 @@ async fn controller_death_and_pause_never_touch_the_guest() {
         .into_inner();
     assert_eq!(stopped.state(), pb::VmState::Stopped);
     assert_eq!(stopped.state_reason, "shut down by the guest on request");
-    let nodes = api
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let dead = nodes.nodes.iter().find(|n| n.name == serving).unwrap();
+    let dead = lab.node(&serving).await;
     assert!(!dead.controller_up && dead.agent_up);
     assert_eq!(dead.state(), pb::NodeState::Up);
 
@@ -204,13 +199,7 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
         cut.elapsed().as_secs_f64()
     );
     assert_eq!(lost.state_reason, format!("host {node} down"));
-    let mut api = lab.client().await;
-    let nodes = api
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let host = nodes.nodes.iter().find(|n| n.name == node).unwrap();
+    let host = lab.node(&node).await;
     assert_eq!(host.state(), pb::NodeState::Lost);
 
     // Power back: the VM starts again where it was and resumes its counter from its disk.

@@ -35,21 +35,6 @@ async fn snapshot(
         .collect()
 }
 
-async fn serving_node(lab: &Lab) -> String {
-    let mut api = lab.client().await;
-    let nodes = api
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    nodes
-        .nodes
-        .into_iter()
-        .find(|n| n.role() == pb::NodeRole::Serving)
-        .map(|n| n.name)
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_controller_death_keeps_every_acknowledged_change() {
     if tests::skip() {
@@ -77,7 +62,7 @@ async fn serving_controller_death_keeps_every_acknowledged_change() {
         .into_inner();
     let acknowledged = snapshot(&mut api).await;
 
-    let serving = serving_node(&lab).await;
+    let serving = lab.serving().await.unwrap();
     let survivor = if serving == "n0" { 1 } else { 0 };
     let survivor_api = format!("{}:7400", lab.node_address(survivor));
     lab.kill9(&format!("{serving}-controller"));
@@ -153,7 +138,7 @@ async fn etcd_leader_death_fails_no_request_and_moves_no_controller() {
         return;
     }
     let lab = Lab::up("pvte", 150);
-    let serving = serving_node(&lab).await;
+    let serving = lab.serving().await.unwrap();
 
     // Twice: on an idle machine, then with one core kept busy by a spinning process.
     let idle = writes_across_leader_death(&lab, "idle");
@@ -161,7 +146,7 @@ async fn etcd_leader_death_fails_no_request_and_moves_no_controller() {
     let spinner = Spinner::start();
     let busy = writes_across_leader_death(&lab, "busy");
     drop(spinner);
-    let still_serving = serving_node(&lab).await;
+    let still_serving = lab.serving().await.unwrap();
     let stepped_down: Vec<String> = ["n0", "n1"]
         .iter()
         .filter(|host| {

@@ -243,6 +243,23 @@ fn pause_reason(libvirt_reason: &str) -> String {
     }
 }
 
+/// A graceful shutdown: press the ACPI button; the deadline forces a power-off.
+fn shut_down(deadline_unix_ms: i64) -> Result<Transition, Error> {
+    to_because(
+        VmState::Stopping {
+            deadline_unix_ms,
+            forced: false,
+        },
+        "shutting down",
+        &[Action::AcpiShutdown],
+    )
+}
+
+/// A forced stop: pull the plug now.
+fn power_off() -> Result<Transition, Error> {
+    to_because(FORCED, "powering off", &[Action::DestroyDomain])
+}
+
 fn lost_because(node: &str, intent: Intent) -> Result<Transition, Error> {
     let reason = match intent {
         Intent::Resume => format!("host {node} down"),
@@ -353,7 +370,7 @@ fn starting(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         // Starting --Takeover--> Starting: start again (define and start are idempotent).
         E::Takeover => to(state, &START),
         // Starting --PowerOff--> Stopping (forced)
-        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
+        E::PowerOff => power_off(),
         // Starting --DomainStopped--> Stopped: a report taken after the last start command
         // (older ones are dropped) shows the start did not take.
         E::DomainStopped { reason } => to_because(
@@ -378,16 +395,9 @@ fn running(node: &str, event: &VmEvent) -> Result<Transition, Error> {
     let state = VmState::Running;
     match event {
         // Running --Shutdown--> Stopping
-        E::Shutdown { deadline_unix_ms } => to_because(
-            VmState::Stopping {
-                deadline_unix_ms: *deadline_unix_ms,
-                forced: false,
-            },
-            "shutting down",
-            &[Action::AcpiShutdown],
-        ),
+        E::Shutdown { deadline_unix_ms } => shut_down(*deadline_unix_ms),
         // Running --PowerOff--> Stopping (forced)
-        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
+        E::PowerOff => power_off(),
         // Running --DomainStopped--> Stopped: the guest powered off, or QEMU died.
         E::DomainStopped { reason } => {
             to_because(VmState::Stopped, &stop_reason(reason, None), &[])
@@ -416,16 +426,9 @@ fn paused(node: &str, event: &VmEvent) -> Result<Transition, Error> {
             to_because(VmState::Stopped, &stop_reason(reason, None), &[])
         }
         // Paused --PowerOff--> Stopping (forced)
-        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
+        E::PowerOff => power_off(),
         // Paused --Shutdown--> Stopping: a frozen guest will not answer; the deadline forces it.
-        E::Shutdown { deadline_unix_ms } => to_because(
-            VmState::Stopping {
-                deadline_unix_ms: *deadline_unix_ms,
-                forced: false,
-            },
-            "shutting down",
-            &[Action::AcpiShutdown],
-        ),
+        E::Shutdown { deadline_unix_ms } => shut_down(*deadline_unix_ms),
         // Paused --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Paused --Tick|DomainPaused|Takeover--> Paused
@@ -471,7 +474,7 @@ fn stopping(
             to_because(VmState::Stopped, &stop_reason(reason, Some(forced)), &[])
         }
         // Stopping --PowerOff--> Stopping (forced)
-        E::PowerOff => to_because(FORCED, "powering off", &[Action::DestroyDomain]),
+        E::PowerOff => power_off(),
         // Stopping --Shutdown--> Stopping: already on its way down.
         E::Shutdown { .. } => to(state, &[]),
         // Stopping --Takeover--> Stopping: a forced stop is forced again; a graceful one keeps
