@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job (as root): install what is missing, build, bring up the two-node lab, create and
-# start a protected VM from the tiny guest image, and show its console until COUNTER lines
-# appear (on a terminal it keeps following; Ctrl-C stops watching, the lab keeps running).
+# start an HA VM from the tiny guest image, wait until its disk is mirrored to the other host,
+# and show its console until COUNTER lines appear (on a terminal it keeps following; Ctrl-C
+# stops watching, the lab keeps running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -19,6 +20,12 @@ if ! $pvctl vm-info "$VM" --json | grep -q '"state":"running"'; then
   echo "== starting $VM"
   $pvctl vm-start "$VM" >/dev/null
 fi
+echo "== waiting until $VM is protected (its disk mirrored to the other host over the A-Links)"
+for _ in $(seq 120); do
+  if $pvctl vm-info "$VM" | grep -q '^protect: protected'; then break; fi
+  sleep 1
+done
+$pvctl vm-info "$VM"
 $pvctl node-info
 echo "== console of $VM (each COUNTER line was written to its disk with O_DIRECT + fsync first)"
 if [ -t 1 ]; then

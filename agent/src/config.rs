@@ -20,6 +20,9 @@
 //! sg0 = "/var/lib/pairvisor/storage/sg0"
 //! [networks]
 //! business = "biz0"                   # network name = host bridge
+//! [alink]                             # optional: the HA replica service over the A-Links
+//! role = "listen"                     # "listen" on one host, "connect" on the other
+//! links = ["10.102.0.1:7710", "10.103.0.1:7710"]  # listen: this host's; connect: the peer's
 //! ```
 
 use std::collections::BTreeMap;
@@ -101,6 +104,30 @@ pub struct Config {
     /// host serves.
     #[serde(default)]
     pub system_ip: Option<daemon::sysip::SystemIp>,
+    /// The A-Links to the peer, carrying HA replica traffic; without them this host serves no
+    /// replicas and mirrors to none.
+    #[serde(default)]
+    pub alink: Option<AlinkConfig>,
+}
+
+/// The A-Link set to the peer (see `replicator`): one host listens, the other connects.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlinkConfig {
+    /// Whether this host listens on its A-Link addresses or dials the peer's.
+    pub role: AlinkRole,
+    /// One address per link: this host's (listen) or the peer's (connect).
+    pub links: Vec<SocketAddr>,
+}
+
+/// The side of the A-Link set a host takes; the two hosts take different sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlinkRole {
+    /// Accept the peer's connections on this host's addresses.
+    Listen,
+    /// Dial the peer's addresses.
+    Connect,
 }
 
 /// Heartbeats to the peer on every path.
@@ -206,6 +233,12 @@ impl daemon::config::Checked for Config {
                 "must be 10 to 200: host health needs a heartbeat at least every 200 ms",
             ));
         }
+        if self.alink.as_ref().is_some_and(|a| a.links.is_empty()) {
+            return Err(invalid(
+                "alink.links",
+                "must name at least one address (one per A-Link)",
+            ));
+        }
         let fixed = [
             ("state_dir".to_string(), &self.state_dir),
             ("image_dir".to_string(), &self.image_dir),
@@ -277,6 +310,57 @@ sg0 = "/var/lib/pv/sg0"
             err.to_string(),
             "storage_groups.sg0 = sg0 in agent.toml must be an absolute path"
         );
+    }
+
+    #[test]
+    fn parse_without_alink_has_no_replica_links() {
+        let config = Config::parse(MINIMAL, Path::new("agent.toml")).unwrap();
+
+        assert_eq!(config.alink, None);
+    }
+
+    #[test]
+    fn parse_alink_section_reads_role_and_links() {
+        let text = format!(
+            "{MINIMAL}[alink]\nrole = \"connect\"\nlinks = [\"10.102.0.1:7710\", \"10.103.0.1:7710\"]\n"
+        );
+
+        let config = Config::parse(&text, Path::new("agent.toml")).unwrap();
+
+        assert_eq!(
+            config.alink,
+            Some(AlinkConfig {
+                role: AlinkRole::Connect,
+                links: vec![
+                    "10.102.0.1:7710".parse().unwrap(),
+                    "10.103.0.1:7710".parse().unwrap()
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn parse_alink_without_links_is_refused_with_its_key() {
+        let text = format!("{MINIMAL}[alink]\nrole = \"listen\"\nlinks = []\n");
+
+        let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            "alink.links in agent.toml: must name at least one address (one per A-Link)"
+        );
+    }
+
+    #[test]
+    fn parse_alink_unknown_role_is_refused() {
+        let text = format!("{MINIMAL}[alink]\nrole = \"both\"\nlinks = [\"10.102.0.1:7710\"]\n");
+
+        let err = Config::parse(&text, Path::new("agent.toml")).unwrap_err();
+
+        assert!(matches!(
+            err,
+            Error::File(daemon::config::ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

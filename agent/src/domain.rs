@@ -5,9 +5,17 @@
 //! first serial port is appended to a log file the agent owns. `<acpi/>` is always present:
 //! without it libvirt 9.0 passes `-no-acpi`, which QEMU 10 rejects, and the guest could not
 //! receive the ACPI power button that a graceful shutdown sends.
+//!
+//! What the agent must know about a domain after a restart lives in the domain itself, as
+//! libvirt metadata in the [`METADATA_NS`] namespace: whether it self-fences. Each disk carries
+//! a user alias (`ua-vda`, see [`disk_alias`]) so its QEMU device, and through it the block
+//! node the mirror copies from, is found by name rather than guessed from libvirt's numbering.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+
+/// Namespace of the agent's libvirt metadata element (`<pairvisor:vm>`).
+pub const METADATA_NS: &str = "https://pairvisor.dev/ns/domain/1";
 
 /// The libvirt domain type: how QEMU runs the guest's CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -94,6 +102,8 @@ pub struct DomainSpec {
     pub boot: Boot,
     /// File the first serial port appends to.
     pub serial_log: PathBuf,
+    /// Destroy the domain when this host's lease cannot be renewed (HA and FT VMs).
+    pub self_fence: bool,
 }
 
 /// Host-wide settings that shape every domain.
@@ -112,6 +122,7 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     let _ = writeln!(xml, "<domain type='{}'>", host.domain_type.as_str());
     let _ = writeln!(xml, "  <name>{}</name>", escape(&spec.name));
     let _ = writeln!(xml, "  <uuid>{}</uuid>", escape(&spec.uuid));
+    push_metadata(&mut xml, spec.self_fence);
     let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
     push_os(&mut xml, &spec.boot);
@@ -145,6 +156,30 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     xml
 }
 
+/// The agent's metadata: read back with [`self_fence_in`] after an agent restart.
+fn push_metadata(xml: &mut String, self_fence: bool) {
+    let _ = write!(
+        xml,
+        "  <metadata><pairvisor:vm xmlns:pairvisor='{METADATA_NS}'>"
+    );
+    if self_fence {
+        xml.push_str("<pairvisor:self-fence/>");
+    }
+    xml.push_str("</pairvisor:vm></metadata>\n");
+}
+
+/// Whether the agent's metadata element, as libvirt returns it, marks the domain self-fencing.
+/// libvirt drops the namespace prefix (`<vm><self-fence/></vm>`); a prefixed form counts too.
+pub fn self_fence_in(metadata: &str) -> bool {
+    metadata.split('<').skip(1).any(|tag| {
+        let name = tag
+            .split(|c: char| c.is_whitespace() || c == '/' || c == '>')
+            .next()
+            .unwrap_or_default();
+        name.rsplit(':').next() == Some("self-fence")
+    })
+}
+
 fn push_os(xml: &mut String, boot: &Boot) {
     xml.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
     match boot {
@@ -169,13 +204,14 @@ fn push_os(xml: &mut String, boot: &Boot) {
 }
 
 fn push_disk(xml: &mut String, index: usize, disk: &Disk) {
+    let device = virtio_disk_name(index);
     // cache='none': the guest's flushes reach the disk and no host page cache hides a lost write.
     let _ = writeln!(
         xml,
-        "    <disk type='file' device='disk'><driver name='qemu' type='{}' cache='none'/><source file='{}'/><target dev='{}' bus='virtio'/></disk>",
+        "    <disk type='file' device='disk'><driver name='qemu' type='{}' cache='none'/><source file='{}'/><target dev='{device}' bus='virtio'/><alias name='{}'/></disk>",
         disk.format.as_str(),
         escape(&disk.path.to_string_lossy()),
-        virtio_disk_name(index)
+        disk_alias(&device)
     );
 }
 
@@ -208,6 +244,12 @@ pub fn virtio_disk_name(index: usize) -> String {
     }
     suffix.reverse();
     format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+/// The user alias of the disk with guest device name `device` (e.g. `ua-vda`): libvirt passes
+/// it to QEMU as the device's ID, so QMP shows the disk as `/machine/peripheral/ua-vda/...`.
+pub fn disk_alias(device: &str) -> String {
+    format!("ua-{device}")
 }
 
 /// Escapes text for an XML attribute or element.
@@ -263,6 +305,7 @@ mod tests {
                 cmdline: "console=ttyS0 quiet".into(),
             }),
             serial_log: "/state/serial/web1.log".into(),
+            self_fence: false,
         }
     }
 
@@ -277,6 +320,7 @@ mod tests {
             "<domain type='qemu'>
   <name>web1</name>
   <uuid>6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11</uuid>
+  <metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'></pairvisor:vm></metadata>
   <memory unit='MiB'>512</memory>
   <vcpu>2</vcpu>
   <os>
@@ -291,8 +335,8 @@ mod tests {
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/sg0/a.raw'/><target dev='vda' bus='virtio'/></disk>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/sg0/b.qcow2'/><target dev='vdb' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/sg0/a.raw'/><target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/sg0/b.qcow2'/><target dev='vdb' bus='virtio'/><alias name='ua-vdb'/></disk>
     <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/></interface>
     <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
     <memballoon model='none'/>
@@ -340,6 +384,50 @@ mod tests {
         let xml = domain_xml(&spec, &tcg());
 
         assert!(xml.contains("<source path='/state/a&apos;b&amp;c.log' append='on'/>"));
+    }
+
+    #[test]
+    fn domain_xml_self_fence_renders_metadata_element() {
+        let spec = DomainSpec {
+            self_fence: true,
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains(
+            "<metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:self-fence/></pairvisor:vm></metadata>"
+        ));
+    }
+
+    #[test]
+    fn self_fence_in_metadata_as_libvirt_returns_it_is_true() {
+        let marked = self_fence_in("<vm>\n  <self-fence/>\n</vm>");
+
+        assert!(marked);
+    }
+
+    #[test]
+    fn self_fence_in_prefixed_metadata_is_true() {
+        let marked = self_fence_in(
+            "<pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:self-fence/></pairvisor:vm>",
+        );
+
+        assert!(marked);
+    }
+
+    #[test]
+    fn self_fence_in_empty_element_is_false() {
+        let marked = self_fence_in("<vm/>");
+
+        assert!(!marked);
+    }
+
+    #[test]
+    fn self_fence_in_similar_name_is_false() {
+        let marked = self_fence_in("<vm><self-fence-later/></vm>");
+
+        assert!(!marked);
     }
 
     #[test]

@@ -19,6 +19,8 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
 
+use crate::domain;
+
 /// Errors from the libvirt connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,6 +36,12 @@ pub enum Error {
     /// The domain is running, so the operation would lose its state.
     #[error("domain {uuid} is running; power it off first")]
     DomainRunning {
+        /// Domain UUID.
+        uuid: String,
+    },
+    /// The domain is not running, so it has no QEMU monitor.
+    #[error("domain {uuid} is not running; start it first")]
+    DomainNotRunning {
         /// Domain UUID.
         uuid: String,
     },
@@ -93,6 +101,32 @@ pub struct DomainStatus {
     pub state: DomainState,
     /// libvirt's reason, e.g. "booted", "shutdown", "destroyed", "ioerror".
     pub reason: String,
+    /// Whether the domain's metadata marks it self-fencing (see [`domain::self_fence_in`]).
+    pub self_fence: bool,
+}
+
+/// A running domain's QEMU monitor, lent to a closure by [`Libvirt::with_monitor`].
+pub struct Monitor<'a> {
+    dom: &'a Domain,
+    name: &'a str,
+}
+
+impl std::fmt::Debug for Monitor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("domain", &self.name)
+            .finish()
+    }
+}
+
+impl Monitor<'_> {
+    /// Sends one QMP command (JSON text) through libvirt and returns QEMU's reply as text. An
+    /// error QEMU answers (`{"error": ...}`) is a reply, not an `Err`: the caller reads it.
+    pub fn qmp(&self, command: &str) -> Result<String, Error> {
+        self.dom
+            .qemu_monitor_command(command, 0)
+            .map_err(call(format!("QMP command to domain {}", self.name)))
+    }
 }
 
 /// libvirt and QEMU versions, as "major.minor.micro".
@@ -156,10 +190,11 @@ impl Libvirt {
     /// Runs `f` for the domain `uuid` once no other call on that domain is running. A caller
     /// that gives up while waiting (a timeout) never has its call run late; one that gives up
     /// while its call runs does not free the domain for the next call until the call ends.
-    async fn run_on<T, F>(&self, uuid: &str, f: F) -> Result<T, Error>
+    async fn run_on<T, E, F>(&self, uuid: &str, f: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce(&Connect) -> Result<T, Error> + Send + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce(&Connect) -> Result<T, E> + Send + 'static,
     {
         let lock = {
             let mut domains = self
@@ -176,7 +211,33 @@ impl Libvirt {
             result
         })
         .await
-        .map_err(|_| Error::WorkerGone)?
+        .map_err(|_| E::from(Error::WorkerGone))?
+    }
+
+    /// Runs `f` with the QEMU monitor of the running domain `uuid`, on a blocking thread and
+    /// under the domain's lock: a sequence of QMP commands is never interleaved with another
+    /// call on the domain, so `f` sees the block graph it leaves.
+    pub async fn with_monitor<T, E, F>(&self, uuid: &str, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<Error> + Send + 'static,
+        F: FnOnce(&Monitor<'_>) -> Result<T, E> + Send + 'static,
+    {
+        let owned = uuid.to_string();
+        self.run_on(uuid, move |conn| {
+            let dom = lookup(conn, &owned)?.ok_or(Error::DomainUnknown {
+                uuid: owned.clone(),
+            })?;
+            let name = dom.name().map_err(call("reading domain name"))?;
+            if !is_active(&dom, &name)? {
+                return Err(E::from(Error::DomainNotRunning { uuid: owned }));
+            }
+            f(&Monitor {
+                dom: &dom,
+                name: &name,
+            })
+        })
+        .await
     }
 
     /// libvirt and QEMU versions.
@@ -381,12 +442,25 @@ fn status_of(dom: &Domain) -> Result<DomainStatus, Error> {
         Enum::Known(r) => r.to_string().to_lowercase(),
         Enum::Unknown(code) => format!("reason {code}"),
     };
+    let self_fence = self_fence_of(dom, &name)?;
     Ok(DomainStatus {
         uuid,
         name,
         state,
         reason,
+        self_fence,
     })
+}
+
+/// Reads the agent's metadata element (no QEMU monitor, no domain job: libvirt answers from
+/// the definition it holds); a domain without one does not self-fence.
+fn self_fence_of(dom: &Domain, name: &str) -> Result<bool, Error> {
+    let kind = i32::try_from(sys::VIR_DOMAIN_METADATA_ELEMENT).unwrap_or_default();
+    match dom.metadata(kind, Some(domain::METADATA_NS), 0) {
+        Ok(xml) => Ok(domain::self_fence_in(&xml)),
+        Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(false),
+        Err(e) => Err(call(format!("reading metadata of domain {name}"))(e)),
+    }
 }
 
 fn undefined(uuid: &str) -> DomainStatus {
@@ -395,6 +469,7 @@ fn undefined(uuid: &str) -> DomainStatus {
         name: String::new(),
         state: DomainState::Undefined,
         reason: String::new(),
+        self_fence: false,
     }
 }
 

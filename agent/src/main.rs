@@ -16,6 +16,7 @@ use agent::fence::Fence;
 use agent::heartbeat::Heartbeats;
 use agent::libvirt::Libvirt;
 use agent::membership::Membership;
+use agent::replica::Replicas;
 use agent::service::{AgentService, Deps};
 use agent::storage::StorageGroups;
 
@@ -77,6 +78,7 @@ async fn serve(
     );
     // Once, before the host registers: the probe behind it takes seconds (see facts).
     facts.read_versions(&libvirt).await;
+    let replicas = start_replicas(config).await?;
     let (lease_tx, lease) = watch::channel(LeaseView::NONE);
     if config.etcd_endpoints.is_empty() {
         tracing::warn!(node = %config.node, "no etcd_endpoints: running alone, without host lease or registration");
@@ -91,6 +93,7 @@ async fn serve(
             facts: facts.clone(),
             fence: fence.clone(),
             system_ip: config.system_ip.clone(),
+            libvirt: libvirt.clone(),
         };
         tokio::spawn(membership.run(lease_tx));
     }
@@ -101,6 +104,8 @@ async fn serve(
         fence,
         heartbeats,
         lease,
+        peer_nbd_socket: replicas.as_ref().map(|r| r.peer_socket().to_path_buf()),
+        replicas,
     };
     let service = AgentService::new(config, deps);
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
@@ -111,4 +116,16 @@ async fn serve(
         .with_context(|| format!("serving the agent API on {}", config.listen))?;
     tracing::info!(node = %config.node, "agent stopped by signal; guests keep running");
     Ok(())
+}
+
+/// Starts the HA replica service when the config has A-Links to the peer.
+async fn start_replicas(config: &Config) -> anyhow::Result<Option<Arc<Replicas>>> {
+    let Some(alink) = &config.alink else {
+        tracing::warn!(node = %config.node, "no [alink] section: no HA replica service on this host");
+        return Ok(None);
+    };
+    let replicas = Replicas::start(&config.node, alink, &config.state_dir)
+        .await
+        .context("starting the HA replica service")?;
+    Ok(Some(Arc::new(replicas)))
 }

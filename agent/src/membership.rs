@@ -15,19 +15,34 @@
 //!    │ Watch(leader) ◄─────────────────────────── term T  → fence: refuse terms < T
 //!    │ facts changed → Txn again
 //! ```
+//!
+//! **Self-fence.** A domain marked self-fencing (HA and FT VMs) is restarted on the peer once
+//! this host's lease expires, so it must be gone from here before then: when the lease will not
+//! surely hold [`lease::SELF_FENCE_MARGIN_PERCENT`] of its TTL longer, the agent destroys every such
+//! domain, and keeps doing so while the lease stays unrenewed. A timer drives this, not the
+//! renewals, so a renewal hanging on etcd cannot delay it. The agent never restarts them: the
+//! pair's controller decides where they run next.
+//!
+//! ```text
+//!  last confirmed renewal sent                         lease view: doubt     etcd may expire it
+//!  │◄──────────── 60 % TTL ───────────►│◄─ 30 % TTL ─►│◄──── 10 % TTL ────►│
+//!                                      destroy self-fencing domains (and every second after)
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use daemon::etcd::{Etcd, WatchSpec, Watched};
-use daemon::lease::{self, LeaseView};
+use daemon::lease::{self, LeaseView, Validity};
 use daemon::pair::{self, HostFacts, LeaderInfo, NodeRecord};
 use daemon::sysip::SystemIp;
 use etcd_client::{PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::facts::Collector;
 use crate::fence::Fence;
+use crate::libvirt::{DomainState, Libvirt};
 
 /// How often the facts are read to see whether they changed.
 const FACTS_CHECK: Duration = Duration::from_secs(5);
@@ -35,6 +50,9 @@ const FACTS_CHECK: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);
 /// Budget of one registration write.
 const WRITE_BUDGET: Duration = Duration::from_secs(5);
+/// While the lease stays unrenewed, how often the self-fence looks again: a domain started
+/// meanwhile must not outlive the lease either.
+const SELF_FENCE_SWEEP: Duration = Duration::from_secs(1);
 
 /// What the agent registers and how.
 #[derive(Clone, Debug)]
@@ -53,12 +71,20 @@ pub struct Membership {
     pub fence: Arc<Fence>,
     /// The pair's system IP, released here when another host serves.
     pub system_ip: Option<SystemIp>,
+    /// The libvirt connection, for destroying self-fencing domains.
+    pub libvirt: Libvirt,
 }
 
 impl Membership {
     /// Holds the host lease and registration forever, publishing the lease's status.
     pub async fn run(self, status: watch::Sender<LeaseView>) {
         tokio::spawn(follow_leader(self.clone()));
+        tokio::spawn(self_fence(
+            self.libvirt.clone(),
+            status.subscribe(),
+            self.ttl,
+            self.node.clone(),
+        ));
         let ttl_seconds = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         loop {
             match lease::grant(&self.etcd, ttl_seconds, self.ttl).await {
@@ -148,6 +174,72 @@ impl Membership {
             }
         }
     }
+}
+
+/// Destroys the self-fencing domains whenever [`lease::self_fence_due`] says so, waking at the
+/// moment it will. Until this process holds its first lease it counts from its own start: the
+/// previous agent renewed its lease no later than that.
+async fn self_fence(
+    libvirt: Libvirt,
+    mut lease: watch::Receiver<LeaseView>,
+    ttl: Duration,
+    node: String,
+) {
+    let mut view = LeaseView::from(Validity::granted(Instant::now(), ttl));
+    let mut leased = false;
+    loop {
+        let seen = *lease.borrow_and_update();
+        if leased || seen != LeaseView::NONE {
+            (leased, view) = (true, seen);
+        }
+        let wake = if lease::self_fence_due(view, Instant::now(), ttl) {
+            fence_domains(&libvirt, &node).await;
+            Instant::now() + SELF_FENCE_SWEEP
+        } else {
+            // Alive for `margin` more at least, so `doubt_at` is set.
+            view.doubt_at()
+                .map_or_else(Instant::now, |doubt| doubt - lease::self_fence_margin(ttl))
+        };
+        tokio::select! {
+            changed = lease.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// Destroys every live domain marked self-fencing, all at once, logging each.
+async fn fence_domains(libvirt: &Libvirt, node: &str) {
+    let domains = match libvirt.list().await {
+        Ok(domains) => domains,
+        Err(e) => {
+            tracing::error!(node, error = %daemon::error_chain(&e), "self-fence: listing domains failed; trying again");
+            return;
+        }
+    };
+    let mut destroys = tokio::task::JoinSet::new();
+    let live = domains.into_iter().filter(|d| {
+        d.self_fence
+            && !matches!(
+                d.state,
+                DomainState::Shutoff | DomainState::Crashed | DomainState::Undefined
+            )
+    });
+    for domain in live {
+        let (libvirt, node) = (libvirt.clone(), node.to_string());
+        destroys.spawn(async move {
+            let vm = domain.uuid;
+            tracing::warn!(%vm, %node, op = "self-fence", "self-fence begin: the host lease cannot be renewed; destroying the domain before the pair restarts it elsewhere");
+            match libvirt.destroy(&vm).await {
+                Ok(s) => {
+                    tracing::warn!(%vm, %node, op = "self-fence", state = ?s.state, reason = %s.reason, "self-fence end: destroyed")
+                }
+                Err(e) => {
+                    tracing::error!(%vm, %node, op = "self-fence", error = %daemon::error_chain(&e), "self-fence end: destroy failed")
+                }
+            }
+        });
+    }
+    while destroys.join_next().await.is_some() {}
 }
 
 /// Aborts the task when dropped, so a term's keeper never outlives the term.

@@ -20,8 +20,12 @@ use crate::facts::Collector;
 use crate::fence::{self, Fence, Token};
 use crate::heartbeat::Heartbeats;
 use crate::libvirt::{self, DomainState, DomainStatus, Libvirt};
+use crate::mirror;
+use crate::replica::{self, Replicas};
 use crate::serial;
 use crate::storage::{self, StorageGroups};
+
+mod mirrors;
 
 /// Errors of agent requests; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,24 @@ pub enum Error {
     /// A libvirt operation failed.
     #[error(transparent)]
     Libvirt(#[from] libvirt::Error),
+    /// Starting, reading or stopping a disk mirror failed.
+    #[error(transparent)]
+    Mirror(#[from] mirror::Error),
+    /// A mirror request reached a host that has no path to its peer's replicas.
+    #[error("{op}: this host has no A-Link configured, so it cannot reach the peer's replicas")]
+    NoALink {
+        /// The request.
+        op: &'static str,
+    },
+    /// An HA replica request reached a host without a replica service.
+    #[error("{op}: this host has no HA replica service (its agent config has no [alink] section)")]
+    NoReplicaService {
+        /// The request.
+        op: &'static str,
+    },
+    /// A replica service operation failed.
+    #[error(transparent)]
+    Replica(#[from] replica::Error),
     /// A storage operation failed.
     #[error(transparent)]
     Storage(#[from] storage::Error),
@@ -67,7 +89,20 @@ impl From<Error> for Status {
             Error::InvalidRequest { .. } | Error::UnknownNetwork { .. } => {
                 Status::invalid_argument(message)
             }
-            Error::BootImage { .. } => Status::failed_precondition(message),
+            Error::BootImage { .. }
+            | Error::NoALink { .. }
+            | Error::Mirror(
+                mirror::Error::DiskUnknown { .. }
+                | mirror::Error::MirroredElsewhere { .. }
+                | mirror::Error::Libvirt(libvirt::Error::DomainNotRunning { .. }),
+            )
+            | Error::NoReplicaService { .. }
+            | Error::Replica(replica::Error::ClaimExport { .. }) => {
+                Status::failed_precondition(message)
+            }
+            Error::Replica(replica::Error::DuplicateExport { .. }) => {
+                Status::invalid_argument(message)
+            }
             Error::Fence(fence::Error::Load { .. } | fence::Error::Persist { .. }) => {
                 Status::internal(message)
             }
@@ -80,14 +115,20 @@ impl From<Error> for Status {
             Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
                 Status::failed_precondition(message)
             }
-            Error::Libvirt(libvirt::Error::DomainUnknown { .. }) => Status::not_found(message),
+            Error::Libvirt(libvirt::Error::DomainUnknown { .. })
+            | Error::Mirror(mirror::Error::Libvirt(libvirt::Error::DomainUnknown { .. })) => {
+                Status::not_found(message)
+            }
+            Error::Mirror(mirror::Error::PeerUnreachable { .. }) => Status::unavailable(message),
             Error::Storage(
                 storage::Error::InvalidName { .. }
                 | storage::Error::InvalidSize { .. }
                 | storage::Error::UnknownGroup { .. },
             ) => Status::invalid_argument(message),
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
-            Error::Libvirt(_) | Error::Storage(_) => Status::internal(message),
+            Error::Libvirt(_) | Error::Mirror(_) | Error::Replica(_) | Error::Storage(_) => {
+                Status::internal(message)
+            }
         }
     }
 }
@@ -123,6 +164,11 @@ pub struct Deps {
     pub heartbeats: Heartbeats,
     /// The host lease's status (always `Expired` for an agent without etcd).
     pub lease: watch::Receiver<LeaseView>,
+    /// The HA replica service, when the host has A-Links to its peer.
+    pub replicas: Option<Arc<Replicas>>,
+    /// The socket leading to the peer's NBD server (the A-Link ingress), when there are
+    /// A-Links: what this host's mirrors write to.
+    pub peer_nbd_socket: Option<PathBuf>,
 }
 
 impl AgentService {
@@ -200,6 +246,7 @@ impl Inner {
             disks,
             nics,
             boot,
+            self_fence: spec.self_fence,
         })
     }
 
@@ -266,6 +313,9 @@ impl Inner {
             Power::Destroy => "destroy",
         };
         self.admit(op, &uuid, command.fence)?;
+        if let Power::Start = power {
+            self.drop_replica(&uuid).await;
+        }
         let libvirt = &self.deps.libvirt;
         let status = match power {
             Power::Start => self.logged("start", &uuid, libvirt.start(&uuid)).await,
@@ -276,6 +326,63 @@ impl Inner {
             Power::Destroy => self.logged("destroy", &uuid, libvirt.destroy(&uuid)).await,
         }?;
         Ok(Response::new(status_to_pb(status)))
+    }
+}
+
+impl Inner {
+    /// The replica service, or the error telling the caller of `op` this host has none.
+    fn replicas(&self, op: &'static str) -> Result<&Replicas, Error> {
+        self.deps
+            .replicas
+            .as_deref()
+            .ok_or(Error::NoReplicaService { op })
+    }
+
+    /// Checks a replica request's volumes: some, raw, in known groups, with plain names.
+    fn check_replica_volumes(&self, volumes: &[pb::ReplicaVolume]) -> Result<(), Error> {
+        if volumes.is_empty() {
+            return Err(invalid("the request names no volumes"));
+        }
+        for v in volumes {
+            if disk_format(v.format())? != DiskFormat::Raw {
+                return Err(invalid(format!(
+                    "replica volume {} must be raw: the replica server serves files byte for byte",
+                    v.volume
+                )));
+            }
+            self.deps.storage.volume_path(&v.storage_group, &v.volume)?;
+        }
+        Ok(())
+    }
+
+    /// Creates the replica volumes that are missing; answers each one's export name and file.
+    async fn create_replica_volumes(
+        &self,
+        volumes: &[pb::ReplicaVolume],
+    ) -> Result<Vec<(String, PathBuf)>, Error> {
+        let mut created = Vec::with_capacity(volumes.len());
+        for v in volumes {
+            let format = disk_format(v.format())?;
+            let storage = &self.deps.storage;
+            let volume = storage
+                .create(&v.storage_group, &v.volume, v.size_bytes, format)
+                .await?;
+            created.push((volume.name, volume.path));
+        }
+        Ok(created)
+    }
+
+    /// Stops serving `vm`'s replica before the domain starts here: this host becomes its
+    /// writer, and the peer's mirror must not write into this copy any more.
+    async fn drop_replica(&self, vm: &str) {
+        let Some(replicas) = &self.deps.replicas else {
+            return;
+        };
+        if !replicas.exported(vm) {
+            return;
+        }
+        let dropped = replicas.unexport(vm).await;
+        tracing::info!(vm, node = %self.node, exports = ?dropped, "replica exports dropped: the domain starts on this host, which becomes its writer");
     }
 }
 
@@ -331,6 +438,8 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
         name: s.name,
         state: state.into(),
         reason: s.reason,
+        mirrors: Vec::new(),
+        self_fence: s.self_fence,
     }
 }
 
@@ -377,10 +486,8 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         _request: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let domains = self.inner.deps.libvirt.list().await.map_err(Error::from)?;
-        Ok(Response::new(pb::ListDomainsResponse {
-            domains: domains.into_iter().map(status_to_pb).collect(),
-        }))
+        let domains = self.inner.list_domains().await?;
+        Ok(Response::new(pb::ListDomainsResponse { domains }))
     }
 
     async fn define_domain(
@@ -512,6 +619,61 @@ impl pb::agent_server::Agent for AgentService {
         }))
     }
 
+    async fn export_replica(
+        &self,
+        request: Request<pb::ExportReplicaRequest>,
+    ) -> Result<Response<pb::ExportReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        let replicas = inner.replicas("export-replica")?;
+        if uuid_invalid(&req.vm_uuid) {
+            return Err(invalid(format!("vm_uuid {:?} is not a UUID", req.vm_uuid)).into());
+        }
+        inner.check_replica_volumes(&req.volumes)?;
+        inner.admit("export-replica", &req.vm_uuid, req.fence)?;
+        let volumes = inner.create_replica_volumes(&req.volumes).await?;
+        let exports = replicas
+            .export(&req.vm_uuid, &volumes)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ExportReplicaResponse { exports }))
+    }
+
+    async fn unexport_replica(
+        &self,
+        request: Request<pb::DomainCommand>,
+    ) -> Result<Response<pb::ExportReplicaResponse>, Status> {
+        let command = request.into_inner();
+        let inner = &self.inner;
+        let replicas = inner.replicas("unexport-replica")?;
+        if uuid_invalid(&command.uuid) {
+            return Err(invalid(format!("{:?} is not a UUID", command.uuid)).into());
+        }
+        inner.admit("unexport-replica", &command.uuid, command.fence)?;
+        replicas.unexport(&command.uuid).await;
+        Ok(Response::new(pb::ExportReplicaResponse {
+            exports: Vec::new(),
+        }))
+    }
+
+    async fn start_mirror(
+        &self,
+        request: Request<pb::StartMirrorRequest>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        Ok(Response::new(
+            self.inner.start_mirror(request.into_inner()).await?,
+        ))
+    }
+
+    async fn stop_mirror(
+        &self,
+        request: Request<pb::DomainCommand>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        Ok(Response::new(
+            self.inner.stop_mirror(request.into_inner()).await?,
+        ))
+    }
+
     type StreamSerialStream = SerialStream;
 
     async fn stream_serial(
@@ -583,6 +745,17 @@ mod tests {
         let status = Status::from(err);
 
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn status_without_replica_service_is_failed_precondition() {
+        let err = Error::NoReplicaService {
+            op: "export-replica",
+        };
+
+        let status = Status::from(err);
+
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     }
 
     #[test]

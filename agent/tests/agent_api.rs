@@ -114,6 +114,7 @@ fn spec(volume: &str) -> pb::VmSpec {
         }],
         nics: vec![],
         boot: Some(pb::vm_spec::Boot::KernelImage("fake".into())),
+        self_fence: false,
     }
 }
 
@@ -219,6 +220,7 @@ async fn agent_refuses_bad_input_with_clear_errors() {
         .define_domain(pb::DefineDomainRequest {
             spec: Some(pb::VmSpec {
                 boot: Some(pb::vm_spec::Boot::KernelImage("missing".into())),
+                self_fence: false,
                 ..spec("v.raw")
             }),
             fence: fence(5),

@@ -3,7 +3,7 @@
 use proto::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::units::human;
+use crate::units::{human, utc};
 
 /// Lower-case name of a protection mode.
 pub fn mode_name(mode: pb::ProtectionMode) -> &'static str {
@@ -74,7 +74,70 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
         "boot": boot_json(vm),
         "created_unix_ms": vm.created_unix_ms,
         "updated_unix_ms": vm.updated_unix_ms,
+        "protection": vm.protection.as_ref().map(protection_json),
     })
+}
+
+fn protection_json(p: &pb::Protection) -> Value {
+    json!({
+        "state": p.state,
+        "reason": p.reason,
+        "since_unix_ms": p.since_unix_ms,
+        "sync_done_bytes": p.sync_done_bytes,
+        "sync_total_bytes": p.sync_total_bytes,
+        "current_on": p.current_on,
+        "last_failover": p.last_failover.as_ref().map(|f| json!({
+            "from": f.from_node,
+            "to": f.to_node,
+            "reason": f.reason,
+            "decided_unix_ms": f.decided_unix_ms,
+            "running_unix_ms": f.running_unix_ms,
+            "downtime_ms": (f.running_unix_ms > 0).then(|| f.running_unix_ms - f.decided_unix_ms),
+        })),
+    })
+}
+
+/// A protected VM's protection in a few words: `protected (copies on n0, n1)`,
+/// `syncing 42% (4.0 MiB of 9.5 MiB)`, `simplex: host n1 is not up`.
+pub fn protection_text(p: &pb::Protection) -> String {
+    let copies = if p.current_on.is_empty() {
+        String::new()
+    } else {
+        format!(" (current copies on {})", p.current_on.join(", "))
+    };
+    match p.state.as_str() {
+        "syncing" => {
+            let percent = (p.sync_done_bytes * 100)
+                .checked_div(p.sync_total_bytes)
+                .unwrap_or(0);
+            format!(
+                "syncing {percent}% ({} of {}){copies}",
+                human(p.sync_done_bytes),
+                human(p.sync_total_bytes)
+            )
+        }
+        "simplex" => format!("simplex: {}{copies}", p.reason),
+        other => format!("{other}{copies}"),
+    }
+}
+
+/// A failover in a line: when, why, and the downtime once the VM ran again.
+pub fn failover_text(f: &pb::Failover) -> String {
+    let downtime = if f.running_unix_ms > 0 {
+        format!(
+            ", running again after {} ms",
+            f.running_unix_ms - f.decided_unix_ms
+        )
+    } else {
+        ", still starting".into()
+    };
+    format!(
+        "{} → {} at {} ({}){downtime}",
+        f.from_node,
+        f.to_node,
+        utc(f.decided_unix_ms),
+        f.reason
+    )
 }
 
 /// A VM as a block of `key: value` lines.
@@ -94,8 +157,15 @@ pub fn vm_text(vm: &pb::Vm) -> String {
         Some(pb::vm::Boot::IsoPath(path)) => format!("ISO {path}"),
         None => "-".into(),
     };
+    let mut protection = String::new();
+    if let Some(p) = &vm.protection {
+        protection = format!("protect: {}\n", protection_text(p));
+        if let Some(f) = &p.last_failover {
+            protection.push_str(&format!("failover: {}\n", failover_text(f)));
+        }
+    }
     format!(
-        "name:    {}\nuuid:    {}\nstate:   {} ({})\nnode:    {}\nmode:    {}\nvcpus:   {}\nmemory:  {} MiB\ndisks:   {}\nnics:    {}\nboot:    {}\n",
+        "name:    {}\nuuid:    {}\nstate:   {} ({})\nnode:    {}\nmode:    {}\n{protection}vcpus:   {}\nmemory:  {} MiB\ndisks:   {}\nnics:    {}\nboot:    {}\n",
         vm.name,
         vm.uuid,
         state_name(vm.state()),

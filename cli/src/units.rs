@@ -1,5 +1,5 @@
-//! Sizes as admins type them: a number with an optional binary suffix (K, M, G, T, with or
-//! without "iB"/"B"); a bare number means MiB.
+//! Sizes as admins type them (a number with an optional binary suffix: K, M, G, T, with or
+//! without "iB"/"B"; a bare number means MiB), and times as they read them (UTC).
 
 use anyhow::{Context, bail};
 
@@ -52,6 +52,28 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// A Unix time in milliseconds as UTC, e.g. `2026-12-01 15:04:05 UTC`.
+pub fn utc(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, day_secs) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        day_secs / 3600,
+        day_secs % 3600 / 60,
+        day_secs % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +111,16 @@ mod tests {
         let text = human(1536 << 20);
 
         assert_eq!(text, "1.5 GiB");
+    }
+
+    #[test]
+    fn utc_formats_a_known_instant() {
+        assert_eq!(utc(1_796_137_445_000), "2026-12-01 15:04:05 UTC");
+    }
+
+    #[test]
+    fn utc_formats_epoch_and_leap_day() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 }

@@ -10,7 +10,7 @@ use proto::agent as pb;
 use proto::agent::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::model::{Boot, DiskFormat, VmRecord};
+use crate::model::{Boot, DiskFormat, Mode, VmRecord};
 
 /// How long to wait for an agent to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -240,6 +240,56 @@ impl Agent {
         Ok(())
     }
 
+    /// Serves `vm`'s volumes to the peer's mirror, creating them here if missing (HA standby).
+    pub async fn export_replica(&self, vm: &VmRecord, token: Token) -> Result<(), Error> {
+        let message = pb::ExportReplicaRequest {
+            vm_uuid: vm.uuid.clone(),
+            volumes: replica_volumes(vm),
+            fence: fence(token),
+        };
+        self.call(
+            "exporting replica",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.export_replica(r).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Stops serving `uuid`'s volumes to the peer (idempotent).
+    pub async fn unexport_replica(&self, uuid: &str, token: Token) -> Result<(), Error> {
+        let message = command(uuid, token);
+        self.call(
+            "unexporting replica",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.unexport_replica(r).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Mirrors the running domain of `vm` to the peer's replica (idempotent).
+    pub async fn start_mirror(
+        &self,
+        vm: &VmRecord,
+        token: Token,
+    ) -> Result<pb::DomainStatus, Error> {
+        let message = pb::StartMirrorRequest {
+            uuid: vm.uuid.clone(),
+            volumes: replica_volumes(vm),
+            fence: fence(token),
+        };
+        self.call(
+            "starting mirror",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.start_mirror(r).await },
+        )
+        .await
+    }
+
     /// Defines the domain of `vm` (idempotent).
     pub async fn define(&self, vm: &VmRecord, token: Token) -> Result<pb::DomainStatus, Error> {
         let message = pb::DefineDomainRequest {
@@ -340,6 +390,19 @@ fn volume_format(format: DiskFormat) -> pb::VolumeFormat {
     }
 }
 
+/// The volumes of `vm` as the replica calls name them, in disk order.
+fn replica_volumes(vm: &VmRecord) -> Vec<pb::ReplicaVolume> {
+    vm.disks
+        .iter()
+        .map(|d| pb::ReplicaVolume {
+            storage_group: d.storage_group.clone(),
+            volume: d.volume.clone(),
+            format: volume_format(d.format).into(),
+            size_bytes: d.size_bytes,
+        })
+        .collect()
+}
+
 /// The agent's VM spec for a VM record.
 pub fn spec_of(vm: &VmRecord) -> pb::VmSpec {
     pb::VmSpec {
@@ -368,5 +431,8 @@ pub fn spec_of(vm: &VmRecord) -> pb::VmSpec {
             Boot::Kernel { image } => pb::vm_spec::Boot::KernelImage(image.clone()),
             Boot::Iso { path } => pb::vm_spec::Boot::IsoPath(path.clone()),
         }),
+        // The pair restarts a protected VM on the peer once this host's lease expires, so its
+        // agent must have stopped it by then.
+        self_fence: vm.mode != Mode::Unprotected,
     }
 }

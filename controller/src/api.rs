@@ -579,6 +579,40 @@ pub fn vm_to_pb(vm: &VmRecord) -> pb::Vm {
         created_unix_ms: vm.created_unix_ms,
         updated_unix_ms: vm.updated_unix_ms,
         shutdown_deadline_unix_ms: deadline,
+        protection: (vm.mode != crate::model::Mode::Unprotected)
+            .then(|| protection_to_pb(&vm.protection)),
+    }
+}
+
+fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
+    use crate::ha::Sync;
+    let (reason, since_unix_ms, done, total) = match &p.sync {
+        Sync::Off => (String::new(), 0, 0, 0),
+        Sync::Syncing {
+            done,
+            total,
+            since_unix_ms,
+        } => (String::new(), *since_unix_ms, *done, *total),
+        Sync::Protected { since_unix_ms } => (String::new(), *since_unix_ms, 0, 0),
+        Sync::Simplex {
+            reason,
+            since_unix_ms,
+        } => (reason.clone(), *since_unix_ms, 0, 0),
+    };
+    pb::Protection {
+        state: p.sync.name().to_string(),
+        reason,
+        since_unix_ms,
+        sync_done_bytes: done,
+        sync_total_bytes: total,
+        current_on: p.current.iter().cloned().collect(),
+        last_failover: p.last_failover.as_ref().map(|f| pb::Failover {
+            from_node: f.from.clone(),
+            to_node: f.to.clone(),
+            reason: f.reason.clone(),
+            decided_unix_ms: f.decided_unix_ms,
+            running_unix_ms: f.running_unix_ms.unwrap_or(0),
+        }),
     }
 }
 

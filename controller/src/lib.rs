@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod ha;
 pub mod health;
 pub mod membership;
 pub mod model;

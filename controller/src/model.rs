@@ -218,6 +218,9 @@ pub struct VmRecord {
     pub created_unix_ms: i64,
     /// Time of the last change.
     pub updated_unix_ms: i64,
+    /// HA: which hosts hold a current copy of the disks, the mirror, the last failover.
+    #[serde(default)]
+    pub protection: crate::ha::Protection,
 }
 
 #[cfg(test)]

@@ -305,6 +305,7 @@ pub(crate) mod tests {
             state_reason: String::new(),
             created_unix_ms: 0,
             updated_unix_ms: 0,
+            protection: crate::ha::Protection::default(),
         }
     }
 

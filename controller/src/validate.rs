@@ -2,7 +2,7 @@
 //! Pure: every error names the field and says what is allowed.
 
 use crate::error::ApiError;
-use crate::model::{Boot, VmSpec};
+use crate::model::{Boot, DiskFormat, Mode, VmSpec};
 use crate::placement::Inventory;
 
 /// Longest VM name.
@@ -63,6 +63,27 @@ pub fn size(vcpus: u32, memory_mib: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A protected VM's disks must be raw: the replica on the peer is served byte for byte, and a
+/// qcow2 file is smaller than the disk it holds.
+pub fn protected_formats(
+    mode: Mode,
+    formats: impl IntoIterator<Item = DiskFormat>,
+) -> Result<(), ApiError> {
+    if mode == Mode::Unprotected {
+        return Ok(());
+    }
+    match formats.into_iter().position(|f| f == DiskFormat::Qcow2) {
+        Some(i) => Err(ApiError::invalid(
+            format!("disks[{i}].format"),
+            format!(
+                "a {} VM's disks are mirrored to the peer and must be raw for now; use raw, or mode unprotected",
+                mode.as_str()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks a whole spec for a new VM against the limits and the nodes' inventory.
 pub fn spec(spec: &VmSpec, inventory: &Inventory) -> Result<(), ApiError> {
     name(&spec.name)?;
@@ -82,6 +103,7 @@ fn disks(spec: &VmSpec, inventory: &Inventory) -> Result<(), ApiError> {
             ),
         ));
     }
+    protected_formats(spec.mode, spec.disks.iter().map(|d| d.format))?;
     for (i, disk) in spec.disks.iter().enumerate() {
         let field = format!("disks[{i}]");
         if disk.size_bytes == 0
@@ -172,7 +194,7 @@ fn boot(boot: &Boot, inventory: &Inventory) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DiskFormat, DiskRequest, Mode};
+    use crate::model::DiskRequest;
     use crate::placement::tests::inventory;
 
     fn good() -> VmSpec {
@@ -322,6 +344,27 @@ mod tests {
         let result = spec(&s, &inventory());
 
         assert_eq!(field_of(result), "disks[0].size");
+    }
+
+    #[test]
+    fn spec_ha_qcow2_disk_is_refused() {
+        let mut s = good();
+        s.disks[0].format = DiskFormat::Qcow2;
+
+        let result = spec(&s, &inventory());
+
+        assert_eq!(field_of(result), "disks[0].format");
+    }
+
+    #[test]
+    fn spec_unprotected_qcow2_disk_is_accepted() {
+        let mut s = good();
+        s.mode = Mode::Unprotected;
+        s.disks[0].format = DiskFormat::Qcow2;
+
+        let result = spec(&s, &inventory());
+
+        assert!(result.is_ok(), "{result:?}");
     }
 
     #[test]

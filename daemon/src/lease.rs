@@ -124,6 +124,35 @@ impl LeaseView {
     }
 }
 
+impl From<Validity> for LeaseView {
+    /// The view of a lease that holds as `validity` says.
+    fn from(validity: Validity) -> LeaseView {
+        LeaseView {
+            validity: Some(validity),
+        }
+    }
+}
+
+/// How long before a host lease could lapse its agent stops its self-fencing guests (HA and
+/// FT VMs, which the pair restarts on the peer once the lease expires), in percent of the TTL,
+/// on top of the tenth [`Validity`] keeps short already: a quarter of the TTL before etcd can
+/// expire the lease (0.5 s at 2 s). libvirt's destroy signals QEMU at once; the margin covers
+/// it and clock drift. Renewals run every TTL/6, so four in a row must fail first, and an etcd
+/// election shorter than about 0.6 TTL kills nothing.
+pub const SELF_FENCE_MARGIN_PERCENT: u32 = 15;
+
+/// [`SELF_FENCE_MARGIN_PERCENT`] of `ttl`.
+pub fn self_fence_margin(ttl: Duration) -> Duration {
+    ttl * SELF_FENCE_MARGIN_PERCENT / 100
+}
+
+/// Whether a host's agent must self-fence at `now`: its lease (of `ttl`) will not surely hold
+/// for the self-fence margin longer (it is about to be in doubt, in doubt already, or gone).
+/// One rule for the agent and the pair simulator.
+pub fn self_fence_due(view: LeaseView, now: Instant, ttl: Duration) -> bool {
+    view.status_at(now + self_fence_margin(ttl)) != LeaseStatus::Alive
+}
+
 /// Grants a lease of `ttl_seconds`, trying members for up to `budget`; returns its ID and when
 /// the request was sent.
 pub async fn grant(
@@ -294,5 +323,47 @@ mod tests {
         let status = LeaseView::NONE.status();
 
         assert_eq!(status, LeaseStatus::Expired);
+    }
+
+    #[test]
+    fn self_fence_due_fresh_lease_is_false() {
+        let start = Instant::now();
+        let view = LeaseView::from(Validity::granted(start, TTL));
+
+        let due = self_fence_due(view, start + Duration::from_millis(2000), TTL);
+
+        assert!(!due);
+    }
+
+    #[test]
+    fn self_fence_due_lease_within_margin_of_doubt_is_true() {
+        let start = Instant::now();
+        let view = LeaseView::from(Validity::granted(start, TTL));
+
+        let due = self_fence_due(view, start + Duration::from_millis(2400), TTL);
+
+        assert!(due);
+    }
+
+    #[test]
+    fn self_fence_due_renewed_lease_is_false() {
+        let start = Instant::now();
+        let mut validity = Validity::granted(start, TTL);
+        validity.confirmed(start + Duration::from_millis(1000));
+
+        let due = self_fence_due(
+            LeaseView::from(validity),
+            start + Duration::from_millis(2400),
+            TTL,
+        );
+
+        assert!(!due);
+    }
+
+    #[test]
+    fn self_fence_due_without_lease_is_true() {
+        let due = self_fence_due(LeaseView::NONE, Instant::now(), TTL);
+
+        assert!(due);
     }
 }

@@ -170,6 +170,21 @@ impl Lab {
 
     /// Waits until VM `name` is in `state` (asked through any controller), returning it.
     pub async fn wait_vm_state(&self, name: &str, state: pb::VmState, timeout: Duration) -> pb::Vm {
+        self.wait_vm(name, &format!("{state:?}"), timeout, |vm| {
+            vm.state() == state
+        })
+        .await
+    }
+
+    /// Waits until VM `name` (asked through any controller) satisfies `done`, described by
+    /// `what` in the failure message; returns it.
+    pub async fn wait_vm(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&pb::Vm) -> bool,
+    ) -> pb::Vm {
         let started = Instant::now();
         let mut last = String::from("no answer");
         loop {
@@ -177,16 +192,23 @@ impl Lab {
                 let mut request = tonic::Request::new(pb::GetVmRequest { vm: name.into() });
                 request.set_timeout(POLL_CALL_TIMEOUT);
                 match api.get_vm(request).await {
-                    Ok(vm) if vm.get_ref().state() == state => return vm.into_inner(),
+                    Ok(vm) if done(vm.get_ref()) => return vm.into_inner(),
                     Ok(vm) => {
-                        last = format!("{:?} ({})", vm.get_ref().state(), vm.get_ref().state_reason)
+                        let vm = vm.get_ref();
+                        last = format!(
+                            "{:?} ({}) on {}, protection {:?}",
+                            vm.state(),
+                            vm.state_reason,
+                            vm.node,
+                            vm.protection
+                        );
                     }
                     Err(e) => last = e.to_string(),
                 }
             }
             assert!(
                 started.elapsed() < timeout,
-                "VM {name} not {state:?} within {timeout:?}; last: {last}"
+                "VM {name} not {what} within {timeout:?}; last: {last}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -237,6 +237,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
         disks: vec![],
         nics: vec![],
         boot: Some(agent_pb::vm_spec::Boot::KernelImage("tiny".into())),
+        self_fence: false,
     };
     agent
         .define_domain(agent_pb::DefineDomainRequest {

@@ -541,6 +541,7 @@ async fn agent_on_system_libvirtd_boots_guest_and_reads_versions_once() {
                 boot: Some(pb::vm_spec::Boot::KernelImage(
                     images::TINY_GUEST_NAME.into(),
                 )),
+                self_fence: false,
             }),
             fence: fence(),
         })

@@ -7,4 +7,4 @@
 pub mod proto;
 mod server;
 
-pub use server::{Error, Export, Exports, MAX_IO, serve};
+pub use server::{Error, Export, Exports, MAX_IO, serve, serve_unix};

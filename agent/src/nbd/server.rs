@@ -1,18 +1,21 @@
-//! The NBD server: exports files (a VM's replica volumes) over TCP, one task per connection,
-//! requests answered in order. Every write is durable (written, then `fdatasync`) before its
-//! reply, whatever the client's FUA flag says: QEMU's write-blocking mirror never forwards the
-//! guest's flushes to its target, so a reply is the only promise the guest's acknowledgement
-//! rests on (notes/sync-disk-mirror.md).
+//! The NBD server: exports files (a VM's replica volumes) over TCP or a Unix socket, one task
+//! per connection, requests answered in order. Every write is durable (written, then
+//! `fdatasync`) before its reply, whatever the client's FUA flag says: QEMU's write-blocking
+//! mirror never forwards the guest's flushes to its target, so a reply is the only promise the
+//! guest's acknowledgement rests on (notes/sync-disk-mirror.md).
+//!
+//! Removing an export ([`Exports::remove`]) revokes it: its open connections are closed, and
+//! once `remove` returns no request of theirs is running or will run.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
 
 use super::proto::{self, Command, ProtoError, Request};
 
@@ -30,7 +33,7 @@ pub enum Error {
     #[error("NBD connection with {peer}")]
     Connection {
         /// The client.
-        peer: SocketAddr,
+        peer: String,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -50,7 +53,7 @@ pub enum Error {
     #[error("NBD client {peer} broke the protocol")]
     Protocol {
         /// The client.
-        peer: SocketAddr,
+        peer: String,
         /// What it did.
         #[source]
         source: ProtoError,
@@ -59,7 +62,7 @@ pub enum Error {
     #[error("NBD client {peer} sent a {length}-byte write (at most {MAX_IO})")]
     WriteTooLong {
         /// The client.
-        peer: SocketAddr,
+        peer: String,
         /// The length asked for.
         length: u32,
     },
@@ -71,6 +74,10 @@ pub struct Export {
     file: Arc<File>,
     size: u64,
     writable: bool,
+    /// Requests run under its read lock; revoking takes the write lock, so waits for them.
+    gate: tokio::sync::RwLock<()>,
+    /// True once the export is removed: its connections close.
+    revoked: watch::Sender<bool>,
 }
 
 impl Export {
@@ -91,7 +98,21 @@ impl Export {
             file: Arc::new(file),
             size,
             writable,
+            gate: tokio::sync::RwLock::new(()),
+            revoked: watch::Sender::new(false),
         })
+    }
+
+    /// Lets one request run: a guard to hold while it runs, or `None` once revoked.
+    async fn admit(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let guard = self.gate.read().await;
+        (!*self.revoked.borrow()).then_some(guard)
+    }
+
+    /// Closes the export's connections and waits for the requests they are running.
+    async fn revoke(&self) {
+        self.revoked.send_replace(true);
+        drop(self.gate.write().await);
     }
 
     fn flags(&self) -> u16 {
@@ -116,9 +137,13 @@ impl Exports {
         self.write().insert(name.to_string(), Arc::new(export));
     }
 
-    /// Removes export `name`; open connections keep their file until they close.
-    pub fn remove(&self, name: &str) {
-        self.write().remove(name);
+    /// Removes export `name` and closes its open connections; once this returns, none of
+    /// their requests is running or will run. Removing an unknown name does nothing.
+    pub async fn remove(&self, name: &str) {
+        let removed = self.write().remove(name);
+        if let Some(export) = removed {
+            export.revoke().await;
+        }
     }
 
     fn get(&self, name: &str) -> Option<Arc<Export>> {
@@ -155,28 +180,60 @@ pub async fn serve(listener: TcpListener, exports: Exports) {
                 continue;
             }
         };
-        let exports = exports.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, peer, &exports).await {
-                tracing::warn!(%peer, error = %daemon::error_chain(&e), "NBD connection ended");
-            }
-        });
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        spawn_connection(read, write, peer.to_string(), exports.clone());
     }
 }
 
-type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;
-type Writer = BufWriter<tokio::net::tcp::OwnedWriteHalf>;
+/// Accepts connections on the Unix socket `listener` forever, serving `exports`.
+pub async fn serve_unix(listener: UnixListener, exports: Exports) {
+    let mut accepted = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an NBD connection failed");
+                continue;
+            }
+        };
+        accepted += 1;
+        let (read, write) = stream.into_split();
+        spawn_connection(read, write, format!("unix#{accepted}"), exports.clone());
+    }
+}
+
+/// Serves one client in its own task; `peer` names it in logs and errors.
+fn spawn_connection<R, W>(read: R, write: W, peer: String, exports: Exports)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection(read, write, &peer, &exports).await {
+            tracing::warn!(%peer, error = %daemon::error_chain(&e), "NBD connection ended");
+        }
+    });
+}
 
 /// One client: handshake, then requests until it disconnects.
-async fn connection(stream: TcpStream, peer: SocketAddr, exports: &Exports) -> Result<(), Error> {
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+async fn connection<R, W>(read: R, write: W, peer: &str, exports: &Exports) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (mut r, mut w) = (BufReader::new(read), BufWriter::new(write));
-    let io = |source| Error::Connection { peer, source };
+    let io = |source| Error::Connection {
+        peer: peer.to_string(),
+        source,
+    };
     w.write_all(&proto::handshake()).await.map_err(io)?;
     w.flush().await.map_err(io)?;
-    let no_zeroes = proto::client_flags(r.read_u32().await.map_err(io)?)
-        .map_err(|source| Error::Protocol { peer, source })?;
+    let no_zeroes =
+        proto::client_flags(r.read_u32().await.map_err(io)?).map_err(|source| Error::Protocol {
+            peer: peer.to_string(),
+            source,
+        })?;
     let Some((name, export)) = haggle(&mut r, &mut w, peer, exports, no_zeroes).await? else {
         return Ok(());
     };
@@ -187,15 +244,25 @@ async fn connection(stream: TcpStream, peer: SocketAddr, exports: &Exports) -> R
 }
 
 /// The option phase: returns the export chosen, or `None` if the client aborted.
-async fn haggle(
-    r: &mut Reader,
-    w: &mut Writer,
-    peer: SocketAddr,
+async fn haggle<R, W>(
+    r: &mut BufReader<R>,
+    w: &mut BufWriter<W>,
+    peer: &str,
     exports: &Exports,
     no_zeroes: bool,
-) -> Result<Option<(String, Arc<Export>)>, Error> {
-    let io = |source| Error::Connection { peer, source };
-    let protocol = |source| Error::Protocol { peer, source };
+) -> Result<Option<(String, Arc<Export>)>, Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let io = |source| Error::Connection {
+        peer: peer.to_string(),
+        source,
+    };
+    let protocol = |source| Error::Protocol {
+        peer: peer.to_string(),
+        source,
+    };
     loop {
         let mut header = [0u8; proto::OPTION_LEN];
         r.read_exact(&mut header).await.map_err(io)?;
@@ -249,42 +316,59 @@ async fn haggle(
     }
 }
 
-async fn reply(
-    w: &mut Writer,
+async fn reply<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
     option: u32,
     kind: u32,
     data: &[u8],
-    peer: SocketAddr,
+    peer: &str,
 ) -> Result<(), Error> {
-    let io = |source| Error::Connection { peer, source };
+    let io = |source| Error::Connection {
+        peer: peer.to_string(),
+        source,
+    };
     w.write_all(&proto::option_reply(option, kind, data))
         .await
         .map_err(io)?;
     w.flush().await.map_err(io)
 }
 
-/// The transmission phase: one request at a time, answered in order.
-async fn transmit(
-    r: &mut Reader,
-    w: &mut Writer,
-    peer: SocketAddr,
+/// The transmission phase: one request at a time, answered in order, until the client
+/// leaves or the export is revoked (then the connection closes without a reply).
+async fn transmit<R, W>(
+    r: &mut BufReader<R>,
+    w: &mut BufWriter<W>,
+    peer: &str,
     export: &Arc<Export>,
-) -> Result<(), Error> {
-    let io = |source| Error::Connection { peer, source };
+) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let io = |source| Error::Connection {
+        peer: peer.to_string(),
+        source,
+    };
+    let mut revoked = export.revoked.subscribe();
     loop {
         let mut header = [0u8; proto::REQUEST_LEN];
-        match r.read_exact(&mut header).await {
-            Ok(_) => {}
-            // A client that closes between requests has simply left.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(io(e)),
+        tokio::select! {
+            read = r.read_exact(&mut header) => match read {
+                Ok(_) => {}
+                // A client that closes between requests has simply left.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(io(e)),
+            },
+            _ = revoked.wait_for(|gone| *gone) => return closed_by_removal(peer),
         }
-        let request =
-            proto::decode_request(&header).map_err(|source| Error::Protocol { peer, source })?;
+        let request = proto::decode_request(&header).map_err(|source| Error::Protocol {
+            peer: peer.to_string(),
+            source,
+        })?;
         let payload = match request.command {
             Command::Write if request.length > MAX_IO => {
                 return Err(Error::WriteTooLong {
-                    peer,
+                    peer: peer.to_string(),
                     length: request.length,
                 });
             }
@@ -296,7 +380,11 @@ async fn transmit(
             Command::Disconnect => return Ok(()),
             _ => Vec::new(),
         };
+        let Some(running) = export.admit().await else {
+            return closed_by_removal(peer);
+        };
         let (error, data) = execute(export, request, payload).await;
+        drop(running);
         w.write_all(&proto::simple_reply(error, request.cookie))
             .await
             .map_err(io)?;
@@ -305,6 +393,12 @@ async fn transmit(
         }
         w.flush().await.map_err(io)?;
     }
+}
+
+/// The end of a connection whose export was removed.
+fn closed_by_removal(peer: &str) -> Result<(), Error> {
+    tracing::info!(%peer, "NBD export removed: closing the connection");
+    Ok(())
 }
 
 /// Carries out one request on the export: the NBD error (0 = done) and the data to send.

@@ -446,8 +446,10 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
             format!("  {{ name = \"{name}\", local = \"{local}\", peer = \"{peer}\" }},")
         })
         .collect();
+    let (alink_role, alinks) = plan.alink(host);
+    let alinks: Vec<String> = alinks.iter().map(ToString::to_string).collect();
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
         state = dir.join("agent").display(),
@@ -455,6 +457,7 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         storage = dir.join("storage").join(STORAGE_GROUP).display(),
         paths = paths.join("\n"),
         system = plan.system_ip(),
+        alinks = quoted(&alinks),
     );
     write(&dir.join("agent.toml"), &text)
 }

@@ -8,10 +8,11 @@
 //!  pv-n0 ⇄ pv-n1 veth pairs: priv0 10.101.0.{1,2}, alink1 10.102.0.{1,2}, alink2 10.103.0.{1,2},
 //!                            business (bridged into biz0 on each side; guests' NICs plug in there)
 //! ```
-//! Each host namespace runs an etcd member (:2379/:2380), an agent (:7701) and a controller
+//! Each host namespace runs an etcd member (:2379/:2380), an agent (:7701, and the A-Link set
+//! :7710 for HA replicas: n0 listens on alink1/alink2, n1 dials them) and a controller
 //! (API :7400); the witness runs only its etcd member.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
@@ -31,6 +32,8 @@ pub const ETCD_PEER_PORT: u16 = 2380;
 pub const AGENT_PORT: u16 = 7701;
 /// Controller API port.
 pub const API_PORT: u16 = 7400;
+/// A-Link port of the agents' replicator (HA replica traffic).
+pub const ALINK_PORT: u16 = 7710;
 /// Host-side name of the management interface.
 pub const MGMT_DEV: &str = "ibiz0";
 /// Host-side bridge for guests' business NICs.
@@ -177,6 +180,19 @@ impl Plan {
             .collect()
     }
 
+    /// The A-Link side of node `host`: its role (`"listen"` or `"connect"`) and the link
+    /// addresses, which are the first node's on alink1 and alink2: it listens, the second
+    /// node dials them.
+    pub fn alink(&self, host: &Host) -> (&'static str, Vec<SocketAddr>) {
+        let role = if host.index == 0 { "listen" } else { "connect" };
+        let links = ROLE_LINKS
+            .iter()
+            .filter(|(name, _)| name.starts_with("alink"))
+            .map(|(_, offset)| SocketAddr::from((self.link_ip(*offset, &HOSTS[0]), ALINK_PORT)))
+            .collect();
+        (role, links)
+    }
+
     /// pvctl endpoints: the system IP, then both controllers.
     pub fn endpoints(&self) -> String {
         let nodes = HOSTS.iter().filter(|h| !h.is_witness());
@@ -259,6 +275,34 @@ mod tests {
                 Ipv4Addr::new(10, 101, 0, 2),
                 Ipv4Addr::new(10, 101, 0, 1)
             )
+        );
+    }
+
+    #[test]
+    fn alink_of_first_node_listens_on_its_alink_addresses() {
+        let (role, links) = plan().alink(&HOSTS[0]);
+
+        assert_eq!(role, "listen");
+        assert_eq!(
+            links,
+            [
+                "10.102.0.1:7710".parse::<SocketAddr>().unwrap(),
+                "10.103.0.1:7710".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn alink_of_second_node_dials_the_first() {
+        let (role, links) = plan().alink(&HOSTS[1]);
+
+        assert_eq!(role, "connect");
+        assert_eq!(
+            links,
+            [
+                "10.102.0.1:7710".parse::<SocketAddr>().unwrap(),
+                "10.103.0.1:7710".parse().unwrap()
+            ]
         );
     }
 

@@ -20,7 +20,7 @@ use super::Reply;
 use super::actor::{Engine, Internal};
 use crate::agents::{self, Agent, Token};
 use crate::error::{ApiError, chain};
-use crate::model::{Intent, VmRecord, VmState};
+use crate::model::{Intent, Mode, VmRecord, VmState};
 use crate::store::{self, Tag};
 use crate::vm::{self, Action, VmEvent};
 
@@ -33,6 +33,12 @@ pub(crate) struct Batch {
     actions: Vec<Action>,
     record: VmRecord,
     token: Token,
+}
+
+/// The agents a batch talks to: the VM's host's, and its peer's (HA replica calls).
+struct Agents {
+    host: Result<Agent, ApiError>,
+    peer: Option<(String, Result<Agent, ApiError>)>,
 }
 
 /// What a batch did.
@@ -127,10 +133,25 @@ impl Engine {
         if let Some(reason) = &transition.reason {
             record.state_reason.clone_from(reason);
         }
+        let now = crate::now_unix_ms();
         if transition.reassign {
             record.generation += 1;
+            record.protection =
+                super::protect::placed(&record, transition.relocate.as_deref(), now)?;
+            if let Some(to) = &transition.relocate {
+                record.node.clone_from(to);
+            }
         }
-        record.updated_unix_ms = crate::now_unix_ms();
+        if transition.state == VmState::Running
+            && let Some(protection) = crate::ha::running(&record.protection, now)
+        {
+            record.protection = protection;
+        }
+        if transition.state == VmState::Stopped {
+            // No mirror runs without QEMU; which copies are current stays as it was.
+            record.protection.sync = crate::ha::Sync::Off;
+        }
+        record.updated_unix_ms = now;
         let revision = match self
             .ctx
             .writer
@@ -184,11 +205,16 @@ impl Engine {
         };
         entry.busy = true;
         entry.last_command = Instant::now();
-        let agent = self.agent_of(&batch.record.node);
+        let agents = Agents {
+            host: self.agent_of(&batch.record.node),
+            peer: self
+                .peer_of(&batch.record.node)
+                .map(|peer| (peer.clone(), self.agent_of(&peer))),
+        };
         let lease = self.ctx.lease_status.clone();
         let out = self.internal.clone();
         self.tasks.spawn(async move {
-            let done = run_batch(agent, lease, batch).await;
+            let done = run_batch(agents, lease, batch).await;
             let _ = out.send(Internal::Effect(done)).await;
         });
     }
@@ -375,11 +401,7 @@ fn answer(waiter: Waiter, uuid: &str, record: Option<&VmRecord>) -> Option<Waite
 }
 
 /// Runs a batch's agent calls in order; stops at the first failure.
-async fn run_batch(
-    agent: Result<Agent, ApiError>,
-    mut lease: watch::Receiver<LeaseView>,
-    batch: Batch,
-) -> Done {
+async fn run_batch(agents: Agents, mut lease: watch::Receiver<LeaseView>, batch: Batch) -> Done {
     let record = &batch.record;
     let mut done = Done {
         uuid: record.uuid.clone(),
@@ -395,9 +417,19 @@ async fn run_batch(
             done.remove = true;
             break;
         }
-        let (vm, node, op) = (record.name.as_str(), record.node.as_str(), action.name());
+        let (vm, op) = (record.name.as_str(), action.name());
+        let (node, agent) = match (action, &agents.peer) {
+            (Action::ExportReplica, Some((peer, agent))) => (peer.as_str(), agent),
+            (Action::ExportReplica, None) => (
+                "",
+                &Err(ApiError::FailedPrecondition(
+                    "the pair has no second host to hold the replica".into(),
+                )),
+            ),
+            _ => (record.node.as_str(), &agents.host),
+        };
         tracing::info!(vm, node, op, generation = batch.token.generation, "begin");
-        let outcome = match (&agent, wait_out_doubt(&mut lease).await) {
+        let outcome = match (agent, wait_out_doubt(&mut lease).await) {
             (Err(e), _) => Err(e.clone()),
             (_, Err(e)) => Err(e),
             (Ok(agent), Ok(())) => call(agent, action, record, batch.token).await.map_err(|e| {
@@ -409,6 +441,9 @@ async fn run_batch(
             Ok(event) => {
                 tracing::info!(vm, node, op, "end: ok");
                 done.events.extend(event);
+                if action == Action::DeleteVolumes && record.mode != Mode::Unprotected {
+                    delete_replica(agents.peer.as_ref(), record, batch.token).await;
+                }
             }
             // A start that cannot proceed (define failed, agent unreachable) is a failed start;
             // a failed provisioning rolls the create back. Either ends the batch: starting an
@@ -448,6 +483,34 @@ async fn run_batch(
     done
 }
 
+/// Removes a deleted HA VM's replica from the peer: best effort, since the peer may be gone
+/// for good; what is left is logged for the admin.
+async fn delete_replica(
+    peer: Option<&(String, Result<Agent, ApiError>)>,
+    record: &VmRecord,
+    token: Token,
+) {
+    let Some((node, agent)) = peer else { return };
+    let vm = record.name.as_str();
+    tracing::info!(vm, node, op = "delete-replica", "begin");
+    let outcome = match agent {
+        Ok(agent) => match agent.unexport_replica(&record.uuid, token).await {
+            Ok(()) => agent
+                .delete_volumes(record, token)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(ApiError::from(e)),
+        },
+        Err(e) => Err(e.clone()),
+    };
+    match outcome {
+        Ok(()) => tracing::info!(vm, node, op = "delete-replica", "end: ok"),
+        Err(e) => {
+            tracing::warn!(vm, node, op = "delete-replica", error = %e, "end: failed; the replica's volumes stay on {node}: delete them by hand")
+        }
+    }
+}
+
 /// Waits while the serving role's lease is in doubt (an etcd election): a controller that may
 /// have lost its role must not act. The status is worked out now, not taken from the last
 /// renewal. Fails if the doubt outlasts [`DOUBT_WAIT`] or the lease expired.
@@ -484,6 +547,8 @@ async fn call(
         Action::DestroyDomain => agent.destroy(uuid, token).await.map(|s| stopped_event(&s)),
         Action::UndefineDomain => agent.undefine(uuid, token).await.map(|()| None),
         Action::DeleteVolumes => agent.delete_volumes(record, token).await.map(|()| None),
+        Action::ExportReplica => agent.export_replica(record, token).await.map(|()| None),
+        Action::StartMirror => agent.start_mirror(record, token).await.map(|_| None),
         Action::RemoveRecord => Ok(None),
     }
 }

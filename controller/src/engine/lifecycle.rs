@@ -238,6 +238,7 @@ impl Engine {
         record.vcpus = change.vcpus.unwrap_or(record.vcpus);
         record.memory_mib = change.memory_mib.unwrap_or(record.memory_mib);
         validate::size(record.vcpus, record.memory_mib)?;
+        validate::protected_formats(record.mode, record.disks.iter().map(|d| d.format))?;
         let inventory = self.inventory()?;
         placement::check(
             &self.ctx.policy,
@@ -329,6 +330,7 @@ fn new_record(spec: VmSpec, node: String, now_unix_ms: i64) -> VmRecord {
         state_reason: "creating".into(),
         created_unix_ms: now_unix_ms,
         updated_unix_ms: now_unix_ms,
+        protection: crate::ha::Protection::default(),
     }
 }
 

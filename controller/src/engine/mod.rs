@@ -20,6 +20,7 @@ mod actor;
 mod effects;
 mod lifecycle;
 mod observe;
+mod protect;
 mod view;
 
 use std::sync::Arc;

@@ -25,7 +25,7 @@ use super::effects::stopped_event;
 use super::view::PathView;
 use crate::error::chain;
 use crate::health::{self, HostState, Observation, PathHeard};
-use crate::model::VmState;
+use crate::model::{Intent, VmState};
 use crate::store::{self, Alert, CONTROLLERS, ControllerRecord, NODES};
 use crate::vm::VmEvent;
 
@@ -46,9 +46,20 @@ pub(crate) struct Registrations {
 /// One poll of every member's domains.
 #[derive(Debug)]
 pub(crate) struct DomainsPoll {
-    started: Instant,
+    pub(super) started: Instant,
     /// Per node: its domains, or `None` if its agent did not answer.
     nodes: BTreeMap<String, Option<Vec<pb::DomainStatus>>>,
+}
+
+impl DomainsPoll {
+    /// What `node`'s agent reported of domain `uuid`, if it answered and has it.
+    pub(super) fn domain(&self, node: &str, uuid: &str) -> Option<&pb::DomainStatus> {
+        self.nodes
+            .get(node)?
+            .as_ref()?
+            .iter()
+            .find(|d| d.uuid == uuid)
+    }
 }
 
 /// One poll of every member's heartbeat report.
@@ -346,40 +357,57 @@ impl Engine {
     /// Every VM recorded on `node` that still counts as running there is lost until the host
     /// returns.
     async fn host_lost(&mut self, node: &str) {
-        let uuids: Vec<String> = self
+        // A VM already lost is failed over once its peer can take it.
+        let events: Vec<(String, VmEvent)> = self
             .vms
             .iter()
-            .filter(|(_, e)| {
-                e.record.node == node
-                    && matches!(
-                        e.record.state,
-                        VmState::Starting
-                            | VmState::Running
-                            | VmState::Paused
-                            | VmState::Stopping { .. }
-                    )
+            .filter(|(_, e)| e.record.node == node)
+            .filter_map(|(uuid, e)| {
+                let event = self.lost_event(&e.record, node);
+                let due = match e.record.state {
+                    VmState::Starting
+                    | VmState::Running
+                    | VmState::Paused
+                    | VmState::Stopping { .. } => true,
+                    VmState::Lost {
+                        intent: Intent::Resume,
+                    } => matches!(event, VmEvent::FailOver { .. }),
+                    _ => false,
+                };
+                due.then(|| (uuid.clone(), event))
             })
-            .map(|(uuid, _)| uuid.clone())
             .collect();
-        if uuids.is_empty() {
+        if events.is_empty() {
             return;
         }
         tracing::warn!(
             node,
-            vms = uuids.len(),
-            "host lost begin: its VMs are lost until it returns"
+            vms = events.len(),
+            "host lost begin: protected VMs fail over, the others wait for the host"
         );
         let mut failed = 0;
-        for uuid in &uuids {
-            let event = VmEvent::HostLost {
-                node: node.to_string(),
-            };
-            if let Err(e) = self.drive(uuid, event, None).await {
-                failed += 1;
-                tracing::warn!(vm = %uuid, node, error = %e, "marking VM lost failed; retried at the next poll");
+        for (uuid, event) in events {
+            let name = self
+                .vms
+                .get(&uuid)
+                .map(|e| e.record.name.clone())
+                .unwrap_or_default();
+            let failover = matches!(event, VmEvent::FailOver { .. });
+            if let VmEvent::FailOver { to, .. } = &event {
+                tracing::warn!(vm = %name, node, to = %to, "failover begin: its disks are current on {to}");
+            }
+            match self.drive(&uuid, event, None).await {
+                Ok(()) if failover => {
+                    tracing::warn!(vm = %name, node, "failover end: ok; committed, starting on the peer")
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(vm = %name, node, error = %e, "failover or marking lost failed; retried at the next poll");
+                }
             }
         }
-        tracing::warn!(node, vms = uuids.len(), failed, "host lost end");
+        tracing::warn!(node, failed, "host lost end");
     }
 
     /// Reconciles every VM with what its host's agent reports, and raises or clears the
@@ -405,6 +433,7 @@ impl Engine {
             }
         }
         self.sync_domain_alerts(alerts, &poll).await;
+        self.observe_protection(&poll).await;
     }
 
     /// The VM events `node`'s report means for the VMs recorded there.

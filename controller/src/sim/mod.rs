@@ -7,6 +7,10 @@
 //! a controller acts only while its lease is confirmed, persists every decision with a fenced
 //! write before commanding an agent, and sends its term and the VM's generation along.
 //!
+//! VM `a` is HA: the serving controller fails it over when its host is lost and its copy on
+//! the peer is current (`crate::ha`, the mirror taken as ready whenever the peer is up), and
+//! its agent stops it when the host lease is in doubt (self-fence).
+//!
 //! Every step checks two safety properties:
 //! - **one owner**: no VM runs on two powered hosts at once, and no ownership generation is
 //!   started on two hosts;
@@ -38,6 +42,13 @@ pub struct SimVm {
     pub host: usize,
     /// Its ownership generation.
     pub generation: u64,
+    /// HA: restarted on the peer when its host is lost, and stopped by its agent when the
+    /// host lease cannot be renewed.
+    #[serde(default)]
+    pub protected: bool,
+    /// HA: which hosts' copies are current (`crate::ha`).
+    #[serde(default)]
+    pub protection: crate::ha::Protection,
 }
 
 /// A command carried out by an agent, for the property checks.

@@ -102,17 +102,24 @@ fn host_death_loses_its_vm_and_restarts_it_on_return() {
 }
 
 #[test]
-fn serving_host_death_moves_the_api_and_loses_its_vm() {
+fn serving_host_death_moves_the_api_and_loses_its_unprotected_vm() {
     let mut world = running_pair(5);
     let serving = world.serving().unwrap();
-    let vm = ["a", "b"][serving];
+    // Make the dying host the one with the unprotected VM `b`.
+    if serving == 0 {
+        world.kill_controller(0);
+        world.run(3_000);
+        world.restart_processes(0);
+        world.run(1_000);
+    }
+    assert_eq!(world.serving(), Some(1));
 
-    world.power_off(serving);
+    world.power_off(1);
     world.run(6_000);
 
-    assert_eq!(world.serving(), Some(1 - serving));
+    assert_eq!(world.serving(), Some(0));
     assert_eq!(
-        world.vm(vm).state,
+        world.vm("b").state,
         VmState::Lost {
             intent: Intent::Resume
         }
@@ -202,7 +209,10 @@ fn etcd_leader_change_moves_no_controller() {
     let mut world = running_pair(10);
     let serving = world.serving();
 
-    world.etcd_election(1_500);
+    // Shorter than the self-fence margin allows (about 0.6 of the 2 s TTL, less the renewal
+    // period and message delays): the HA VM's agent keeps its lease and does not self-fence.
+    // A longer election stops HA VMs; the price of a 2 s lease.
+    world.etcd_election(600);
     world.run(5_000);
 
     assert_eq!(world.serving(), serving);
@@ -211,6 +221,74 @@ fn etcd_leader_change_moves_no_controller() {
         0
     );
     assert_eq!(world.vm("a").state, VmState::Running);
+    assert_safe(&world);
+}
+
+/// A running pair whose HA VM `a` on n0 is protected: its copy on n1 is current.
+fn protected_pair(seed: u64) -> World {
+    let world = running_pair(seed);
+    let current = world.vm("a").protection.current;
+    assert_eq!(
+        current.len(),
+        2,
+        "a is not protected:\n{}",
+        world.trace.join("\n")
+    );
+    world
+}
+
+fn started_on(world: &World, host: usize, vm: &str) -> bool {
+    world
+        .executed
+        .iter()
+        .any(|e| e.start && e.host == host && e.vm == vm)
+}
+
+#[test]
+fn ha_host_death_fails_over_to_the_peer() {
+    let mut world = protected_pair(11);
+    let generation = world.vm("a").generation;
+
+    world.power_off(0);
+    world.run(6_000);
+
+    let a = world.vm("a");
+    assert_eq!((a.state, a.host), (VmState::Running, 1));
+    assert_eq!(a.generation, generation + 1);
+    assert!(domain_runs(&world, 1, "a"));
+    assert_safe(&world);
+}
+
+#[test]
+fn ha_isolated_host_self_fences_and_the_peer_takes_over_for_good() {
+    let mut world = protected_pair(12);
+
+    world.isolate(0, false);
+    world.run(6_000);
+    let self_fenced = !domain_runs(&world, 0, "a");
+    let taken_over = domain_runs(&world, 1, "a");
+    world.heal();
+    world.run(6_000);
+
+    assert!(self_fenced, "{}", world.trace.join("\n"));
+    assert!(taken_over, "{}", world.trace.join("\n"));
+    assert_eq!(world.vm("a").host, 1);
+    assert!(!domain_runs(&world, 0, "a"), "n0 resumed its old copy");
+    assert_safe(&world);
+}
+
+#[test]
+fn ha_partition_with_witness_keeps_the_vm_where_it_runs() {
+    let mut world = protected_pair(13);
+
+    world.isolate(1, true);
+    world.run(8_000);
+    world.heal();
+    world.run(4_000);
+
+    assert_eq!(world.vm("a").host, 0);
+    assert!(domain_runs(&world, 0, "a"));
+    assert!(!started_on(&world, 1, "a"), "{}", world.trace.join("\n"));
     assert_safe(&world);
 }
 

@@ -13,6 +13,8 @@
 //!  Starting, Running, Paused, Stopping ──HostLost──► Lost { resume | power off | delete }
 //!  Lost ──first report once the host is back──► Running / Starting (resume), Stopped /
 //!        Stopping (power off), Deleting (delete)
+//!  Starting, Running, Paused, Lost (resume) ──FailOver──► Starting on the peer (HA: the
+//!        host is lost and the peer's copy is current; new generation, new node)
 //! ```
 //! A domain found stopped under a running VM stops it (`Running --DomainStopped--> Stopped`);
 //! a domain found running under a stopped VM is never adopted (`Stopped --DomainRunning-->
@@ -44,6 +46,14 @@ pub enum VmEvent {
     DomainStopped {
         /// libvirt's reason, e.g. "shutdown", "crashed", "destroyed".
         reason: String,
+    },
+    /// The VM's host was judged lost and its disks are current on the peer, which is up:
+    /// restart it there (HA).
+    FailOver {
+        /// The lost host.
+        from: String,
+        /// The peer it restarts on.
+        to: String,
     },
     /// The VM's host was judged lost (`crate::health`).
     HostLost {
@@ -90,6 +100,7 @@ impl VmEvent {
             VmEvent::DomainPaused { .. } => "domain-paused",
             VmEvent::DomainRunning => "domain-running",
             VmEvent::DomainStopped { .. } => "domain-stopped",
+            VmEvent::FailOver { .. } => "fail-over",
             VmEvent::HostLost { .. } => "host-lost",
             VmEvent::PowerOff => "power off",
             VmEvent::ProvisionFailed { .. } => "provision-failed",
@@ -117,10 +128,14 @@ pub enum Action {
     DefineDomain,
     /// Power the domain off.
     DestroyDomain,
+    /// HA: serve the VM's volumes on the peer, for its mirror.
+    ExportReplica,
     /// Remove the VM's record from the store.
     RemoveRecord,
     /// Start the domain.
     StartDomain,
+    /// HA: mirror the running domain's disks to the peer.
+    StartMirror,
     /// Remove the domain's definition.
     UndefineDomain,
 }
@@ -134,8 +149,10 @@ impl Action {
             Action::DeleteVolumes => "delete-volumes",
             Action::DefineDomain => "define",
             Action::DestroyDomain => "power-off",
+            Action::ExportReplica => "export-replica",
             Action::RemoveRecord => "remove-record",
             Action::StartDomain => "start",
+            Action::StartMirror => "start-mirror",
             Action::UndefineDomain => "undefine",
         }
     }
@@ -152,6 +169,8 @@ pub struct Transition {
     pub actions: Vec<Action>,
     /// Whether this transition assigns where the VM runs: raise its ownership generation.
     pub reassign: bool,
+    /// The host the VM moves to (a failover), committed with the new generation.
+    pub relocate: Option<String>,
 }
 
 /// Errors of the state machine.
@@ -180,6 +199,9 @@ pub const REMOVE: [Action; 4] = [
 /// Provisioning of a new VM: its volumes, then its domain definition.
 pub const PROVISION: [Action; 2] = [Action::CreateVolumes, Action::DefineDomain];
 
+/// HA protection of a running VM: the peer serves its replica, then the mirror starts.
+pub const PROTECT: [Action; 2] = [Action::ExportReplica, Action::StartMirror];
+
 /// A (re)start where the VM is recorded: define, then start.
 const START: [Action; 2] = [Action::DefineDomain, Action::StartDomain];
 
@@ -194,6 +216,7 @@ fn to(state: VmState, actions: &[Action]) -> Result<Transition, Error> {
         reason: None,
         actions: actions.to_vec(),
         reassign: false,
+        relocate: None,
     })
 }
 
@@ -203,6 +226,7 @@ fn to_because(state: VmState, reason: &str, actions: &[Action]) -> Result<Transi
         reason: Some(reason.to_string()),
         actions: actions.to_vec(),
         reassign: false,
+        relocate: None,
     })
 }
 
@@ -213,6 +237,20 @@ fn start_because(reason: &str) -> Result<Transition, Error> {
         reason: Some(reason.to_string()),
         actions: START.to_vec(),
         reassign: true,
+        relocate: None,
+    })
+}
+
+/// A failover: the VM restarts on `to`, under a new generation, from its copy there.
+fn fail_over(from: &str, to: &str) -> Result<Transition, Error> {
+    Ok(Transition {
+        state: VmState::Starting,
+        reason: Some(format!(
+            "host {from} lost; restarting on {to} from its replica"
+        )),
+        actions: START.to_vec(),
+        reassign: true,
+        relocate: Some(to.to_string()),
     })
 }
 
@@ -291,7 +329,8 @@ pub fn transition(state: VmState, node: &str, event: &VmEvent) -> Result<Transit
             | E::DomainRunning
             | E::DomainStopped { .. }
             | E::DomainPaused { .. }
-            | E::HostLost { .. } => to(state, &[]),
+            | E::HostLost { .. }
+            | E::FailOver { .. } => to(state, &[]),
             E::Start
             | E::Shutdown { .. }
             | E::PowerOff
@@ -327,7 +366,8 @@ fn creating(event: &VmEvent) -> Result<Transition, Error> {
         | E::DomainRunning
         | E::DomainStopped { .. }
         | E::DomainPaused { .. }
-        | E::HostLost { .. } => to(state, &[]),
+        | E::HostLost { .. }
+        | E::FailOver { .. } => to(state, &[]),
         E::Start | E::StartSucceeded | E::StartFailed { .. } | E::Shutdown { .. } | E::PowerOff => {
             refuse(state, event, "; wait until it is created")
         }
@@ -349,7 +389,8 @@ fn stopped(event: &VmEvent) -> Result<Transition, Error> {
         | E::Tick { .. }
         | E::DomainStopped { .. }
         | E::Takeover
-        | E::HostLost { .. } => to(state, &[]),
+        | E::HostLost { .. }
+        | E::FailOver { .. } => to(state, &[]),
         E::Shutdown { .. } | E::PowerOff => refuse(state, event, " already"),
         E::Provisioned | E::ProvisionFailed { .. } | E::StartSucceeded | E::StartFailed { .. } => {
             refuse(state, event, "")
@@ -382,6 +423,8 @@ fn starting(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         E::DomainPaused { reason } => to_because(VmState::Paused, &pause_reason(reason), &[]),
         // Starting --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
+        // Starting --FailOver--> Starting on the peer (new generation)
+        E::FailOver { from, to } => fail_over(from, to),
         // Starting --Tick--> Starting
         E::Tick { .. } => to(state, &[]),
         E::Start | E::Shutdown { .. } | E::Delete | E::Provisioned | E::ProvisionFailed { .. } => {
@@ -406,6 +449,8 @@ fn running(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         E::DomainPaused { reason } => to_because(VmState::Paused, &pause_reason(reason), &[]),
         // Running --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
+        // Running --FailOver--> Starting on the peer (new generation)
+        E::FailOver { from, to } => fail_over(from, to),
         // Running --Tick|DomainRunning|Takeover--> Running
         E::Tick { .. } | E::DomainRunning | E::Takeover => to(state, &[]),
         E::Start | E::StartSucceeded | E::Provisioned => refuse(state, event, " already"),
@@ -431,6 +476,8 @@ fn paused(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         E::Shutdown { deadline_unix_ms } => shut_down(*deadline_unix_ms),
         // Paused --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
+        // Paused --FailOver--> Starting on the peer (new generation)
+        E::FailOver { from, to } => fail_over(from, to),
         // Paused --Tick|DomainPaused|Takeover--> Paused
         E::Tick { .. } | E::DomainPaused { .. } | E::Takeover => to(state, &[]),
         E::Start | E::StartSucceeded | E::Provisioned => refuse(
@@ -487,8 +534,8 @@ fn stopping(
                 &[]
             },
         ),
-        // Stopping --HostLost--> Lost (power off)
-        E::HostLost { .. } => lost_because(node, Intent::PowerOff),
+        // Stopping --HostLost|FailOver--> Lost (power off): it was on its way down anyway.
+        E::HostLost { .. } | E::FailOver { .. } => lost_because(node, Intent::PowerOff),
         E::Start
         | E::Delete
         | E::Provisioned
@@ -528,6 +575,9 @@ fn lost(intent: Intent, node: &str, event: &VmEvent) -> Result<Transition, Error
         (Intent::Delete, E::DomainRunning | E::DomainPaused { .. } | E::DomainStopped { .. }) => {
             to_because(VmState::Deleting, "its host returned; deleting", &REMOVE)
         }
+        // Lost (resume) --FailOver--> Starting on the peer (new generation)
+        (Intent::Resume, E::FailOver { from, to }) => fail_over(from, to),
+        (Intent::PowerOff | Intent::Delete, E::FailOver { .. }) => to(state, &[]),
         // Lost --PowerOff--> Lost (power off), unless a delete is already due.
         (Intent::Resume | Intent::PowerOff, E::PowerOff) => lost_because(node, Intent::PowerOff),
         (Intent::Delete, E::PowerOff) => to(state, &[]),

@@ -355,3 +355,65 @@ fn forced_stopping_takeover_destroys_again() {
 
     assert_eq!(t.actions, vec![Action::DestroyDomain]);
 }
+
+fn fail_over_event() -> VmEvent {
+    VmEvent::FailOver {
+        from: "n0".into(),
+        to: "n1".into(),
+    }
+}
+
+#[test]
+fn running_fail_over_starts_on_peer_with_new_generation() {
+    let t = transition(VmState::Running, "n0", &fail_over_event()).unwrap();
+
+    assert_eq!(t.state, VmState::Starting);
+    assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
+    assert!(t.reassign);
+    assert_eq!(t.relocate.as_deref(), Some("n1"));
+}
+
+#[test]
+fn lost_resume_fail_over_starts_on_peer() {
+    let state = VmState::Lost {
+        intent: Intent::Resume,
+    };
+
+    let t = transition(state, "n0", &fail_over_event()).unwrap();
+
+    assert_eq!(t.relocate.as_deref(), Some("n1"));
+}
+
+#[test]
+fn lost_power_off_fail_over_stays_lost() {
+    let state = VmState::Lost {
+        intent: Intent::PowerOff,
+    };
+
+    let t = transition(state, "n0", &fail_over_event()).unwrap();
+
+    assert_eq!(t.state, state);
+    assert_eq!(t.relocate, None);
+    assert!(t.actions.is_empty());
+}
+
+#[test]
+fn stopping_fail_over_is_lost_with_power_off() {
+    let t = transition(STOPPING, "n0", &fail_over_event()).unwrap();
+
+    assert_eq!(
+        t.state,
+        VmState::Lost {
+            intent: Intent::PowerOff
+        }
+    );
+    assert_eq!(t.relocate, None);
+}
+
+#[test]
+fn stopped_fail_over_changes_nothing() {
+    let t = transition(VmState::Stopped, "n0", &fail_over_event()).unwrap();
+
+    assert_eq!(t.state, VmState::Stopped);
+    assert!(!t.reassign);
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use daemon::fence::{State as FenceState, Token};
-use daemon::lease::{LeaseStatus, Validity};
+use daemon::lease::{self, LeaseStatus, LeaseView, Validity};
 use tokio::time::Instant;
 
 mod roles;
@@ -48,11 +48,12 @@ struct Held {
     renewing: Option<u64>,
 }
 
-/// An agent: its fence, the domains it runs (VM → generation), its host lease.
+/// An agent: its fence, the domains it runs (VM → generation, and whether it self-fences
+/// them), its host lease.
 #[derive(Clone, Debug, Default)]
 pub struct Agent {
     pub fence: FenceState,
-    pub domains: BTreeMap<String, u64>,
+    pub domains: BTreeMap<String, (u64, bool)>,
     lease: Option<Held>,
 }
 
@@ -143,6 +144,7 @@ enum Message {
         host: usize,
         vm: String,
         start: bool,
+        self_fence: bool,
         token: Token,
     },
 }
@@ -182,15 +184,17 @@ pub struct World {
 }
 
 impl World {
-    /// A healthy pair with VMs `a` (on n0) and `b` (on n1), stopped, and message delays up to
+    /// A healthy pair with VMs `a` (HA, on n0) and `b` (on n1), stopped, and message delays up to
     /// `max_delay_ms`, drawn from `seed`.
     pub fn new(seed: u64, max_delay_ms: u64) -> World {
         let mut store = Store::default();
-        for (name, host) in [("a", 0), ("b", 1)] {
+        for (name, host, protected) in [("a", 0, true), ("b", 1, false)] {
             let vm = SimVm {
                 state: VmState::Stopped,
                 host,
                 generation: 1,
+                protected,
+                protection: crate::ha::Protection::default(),
             };
             store.put(&vm_key(name), &encode(&vm), None);
         }
@@ -246,6 +250,8 @@ impl World {
             state: VmState::Stopped,
             host: 0,
             generation: 0,
+            protected: false,
+            protection: crate::ha::Protection::default(),
         })
     }
 
@@ -428,6 +434,16 @@ impl World {
         })
     }
 
+    /// Whether the agent on `host` must self-fence now: the agent's own rule.
+    fn self_fence_due(&self, host: usize) -> bool {
+        let view = self.hosts[host]
+            .agent
+            .lease
+            .as_ref()
+            .map_or(LeaseView::NONE, |h| LeaseView::from(h.validity));
+        lease::self_fence_due(view, self.at(self.now_ms), Duration::from_millis(TTL_MS))
+    }
+
     fn note(&mut self, text: &str) {
         self.trace.push(format!("t={} {text}", self.now_ms));
     }
@@ -476,8 +492,9 @@ impl World {
                 host,
                 vm,
                 start,
+                self_fence,
                 token,
-            } => self.execute(host, &vm, start, token),
+            } => self.execute(host, &vm, (start, self_fence), token),
         }
     }
 

@@ -6,14 +6,17 @@ use daemon::fence::Token;
 use daemon::lease::LeaseStatus;
 
 use super::{Holder, Message, Proc, REPORT_QUIET_MS, Request, Role, World, encode, vm_key};
+use crate::ha;
 use crate::health::{self, HostState, Observation, PathHeard};
+use crate::model::VmState;
 use crate::sim::store::LEADER;
-use crate::sim::{Executed, HOSTS, ROLE_PATHS};
+use crate::sim::{Executed, HOSTS, ROLE_PATHS, SimVm};
 use crate::vm::{self, Action, VmEvent};
 
 impl World {
     pub(super) fn agent_step(&mut self, host: usize) {
         self.keep_lease(host, Holder::Agent);
+        self.self_fence(host);
         if self.etcd_from(host)
             && let Some(term) = self.store.get(LEADER).and_then(|kv| kv.value.parse().ok())
             && let Some(raised) = self.hosts[host].agent.fence.observe(term)
@@ -22,8 +25,36 @@ impl World {
         }
     }
 
+    /// The agent stops its self-fencing domains once its host lease will not surely hold for
+    /// the self-fence margin longer: the pair may restart them on the peer when it expires.
+    fn self_fence(&mut self, host: usize) {
+        if !self.self_fence_due(host) {
+            return;
+        }
+        let agent = &self.hosts[host].agent;
+        let fenced: Vec<String> = agent
+            .domains
+            .iter()
+            .filter(|(_, (_, self_fence))| *self_fence)
+            .map(|(vm, _)| vm.clone())
+            .collect();
+        for vm in fenced {
+            self.hosts[host].agent.domains.remove(&vm);
+            self.note(&format!(
+                "{} self-fences {vm}: its host lease is in doubt",
+                HOSTS[host]
+            ));
+        }
+    }
+
     /// A command reaches an agent: the fence decides, then it runs.
-    pub(super) fn execute(&mut self, host: usize, vm: &str, start: bool, token: Token) {
+    pub(super) fn execute(
+        &mut self,
+        host: usize,
+        vm: &str,
+        (start, self_fence): (bool, bool),
+        token: Token,
+    ) {
         if !self.hosts[host].power || self.hosts[host].agent_proc != Proc::Running {
             return;
         }
@@ -37,7 +68,9 @@ impl World {
             Ok(None) => {}
         }
         if start {
-            agent.domains.insert(vm.to_string(), token.generation);
+            agent
+                .domains
+                .insert(vm.to_string(), (token.generation, self_fence));
         } else {
             agent.domains.remove(vm);
         }
@@ -118,9 +151,7 @@ impl World {
                 self.note(&format!("{} judges {name} lost", HOSTS[host]));
                 for vm in ["a", "b"] {
                     if self.vm(vm).host == judged {
-                        let event = VmEvent::HostLost {
-                            node: (*name).into(),
-                        };
+                        let event = self.lost_event(host, vm, judged);
                         self.drive(host, key, term, vm, &event);
                     }
                 }
@@ -186,7 +217,8 @@ impl World {
             if !answers || quiet || matches!(health, HostState::Lost | HostState::Fenced) {
                 continue;
             }
-            let event = if self.hosts[judged].agent.domains.contains_key(vm) {
+            let running = self.hosts[judged].agent.domains.contains_key(vm);
+            let event = if running {
                 VmEvent::DomainRunning
             } else {
                 VmEvent::DomainStopped {
@@ -194,6 +226,57 @@ impl World {
                 }
             };
             self.drive(host, key, term, vm, &event);
+            if running && record.protected && record.state == VmState::Running {
+                self.observe_mirror(host, key, term, vm);
+            }
+        }
+    }
+
+    /// What the loss of host `judged` means for VM `vm`, as the engine decides it: a failover
+    /// when `vm` is HA and its copy on the peer is current and the peer up, else lost.
+    fn lost_event(&self, judge: usize, vm: &str, judged: usize) -> VmEvent {
+        let record = self.vm(vm);
+        let peer = 1 - judged;
+        let peer_up = self.hosts[judge].controller.health[peer].state == HostState::Up;
+        match ha::failover_target(
+            &record.protection,
+            HOSTS[judged],
+            Some(HOSTS[peer]),
+            peer_up,
+        ) {
+            Some(to) if record.protected => VmEvent::FailOver {
+                from: HOSTS[judged].into(),
+                to: to.into(),
+            },
+            _ => VmEvent::HostLost {
+                node: HOSTS[judged].into(),
+            },
+        }
+    }
+
+    /// The mirror of HA VM `vm`, taken as ready whenever the peer is up (the data path is not
+    /// simulated): commits which copies are current, fenced.
+    fn observe_mirror(&mut self, host: usize, key: &str, term: i64, vm: &str) {
+        let mut record = self.vm(vm);
+        let peer = 1 - record.host;
+        let peer_up = self.hosts[host].controller.health[peer].state == HostState::Up
+            && self.hosts[peer].power
+            && self.hosts[peer].agent_proc == Proc::Running;
+        let seen = ha::Observed {
+            primary: HOSTS[record.host],
+            peer: Some(HOSTS[peer]),
+            peer_up,
+            mirror: if peer_up {
+                ha::Mirror::Ready
+            } else {
+                ha::Mirror::Absent
+            },
+            protecting: false,
+            now_unix_ms: i64::try_from(self.now_ms).unwrap_or(i64::MAX),
+        };
+        if let Some(protection) = ha::observe(&record.protection, &seen).protection {
+            record.protection = protection;
+            self.commit(host, key, term, vm, &record);
         }
     }
 
@@ -210,20 +293,24 @@ impl World {
         record.state = transition.state;
         if transition.reassign {
             record.generation += 1;
-        }
-        if self
-            .store
-            .put_fenced(key, term, &vm_key(vm), &encode(&record))
-            .is_none()
-        {
-            // Our election key is gone: step down at once, as the engine does.
-            let c = &mut self.hosts[host].controller;
-            c.role = Role::Standby;
-            c.step_downs += 1;
-            if let Some(lease) = c.lease.take() {
-                self.store.revoke(lease.id);
+            let now = i64::try_from(self.now_ms).unwrap_or(i64::MAX);
+            let relocate = transition.relocate.as_deref();
+            let Some(protection) = ha::placed(
+                &record.protection,
+                record.protected,
+                HOSTS[record.host],
+                relocate,
+                now,
+            ) else {
+                self.note(&format!("{vm}: start refused, its copy is behind"));
+                return;
+            };
+            record.protection = protection;
+            if let Some(to) = relocate {
+                record.host = HOSTS.iter().position(|h| *h == to).unwrap_or(record.host);
             }
-            self.note(&format!("{} fenced write refused: steps down", HOSTS[host]));
+        }
+        if !self.commit(host, key, term, vm, &record) {
             return;
         }
         let token = Token {
@@ -244,8 +331,29 @@ impl World {
                 host: record.host,
                 vm: vm.to_string(),
                 start,
+                self_fence: record.protected,
                 token,
             });
         }
+    }
+
+    /// The fenced write of `vm`'s record; a refused one steps the controller down.
+    fn commit(&mut self, host: usize, key: &str, term: i64, vm: &str, record: &SimVm) -> bool {
+        if self
+            .store
+            .put_fenced(key, term, &vm_key(vm), &encode(record))
+            .is_none()
+        {
+            // Our election key is gone: step down at once, as the engine does.
+            let c = &mut self.hosts[host].controller;
+            c.role = Role::Standby;
+            c.step_downs += 1;
+            if let Some(lease) = c.lease.take() {
+                self.store.revoke(lease.id);
+            }
+            self.note(&format!("{} fenced write refused: steps down", HOSTS[host]));
+            return false;
+        }
+        true
     }
 }

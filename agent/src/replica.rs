@@ -1,0 +1,479 @@
+//! This host's replica service and its path to the peer's (HA).
+//!
+//! An HA VM's disks are mirrored synchronously to replica volumes on the peer. Each host
+//! serves its replicas with the agent's NBD server ([`crate::nbd`]) on `<state_dir>/nbd.sock`,
+//! reached from the peer only over the A-Links (the replicator's proxy mode, service `nbd`),
+//! and reaches the peer's replicas at `<state_dir>/peer-nbd.sock`. Both hosts run the same
+//! code; only their A-Link role (listen or connect) differs.
+//!
+//! ```text
+//!  writer host                                               standby host
+//!  QEMU mirror ─► peer-nbd.sock (Ingress) ══ A-Links, stream "nbd" ══► Egress
+//!                                                                      └─► nbd.sock ─► NBD server
+//!                                                                            ─► replica volume files
+//! ```
+//!
+//! Exports belong to a VM and are named after their volumes. Unexporting a VM revokes its
+//! exports: new connections cannot open them, open connections are closed, and once
+//! [`Replicas::unexport`] returns none of their writes is running or will run.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use replicator::proxy::{Egress, Ingress, LocalAddr, ProxyError, Target};
+use replicator::{Endpoint, LinkError, StreamError};
+use tokio::net::UnixListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{AlinkConfig, AlinkRole};
+use crate::nbd::{self, Export, Exports};
+
+/// The replicator service that carries NBD connections.
+const NBD_SERVICE: &str = "nbd";
+/// This host's NBD server socket, in the state directory.
+const NBD_SOCKET: &str = "nbd.sock";
+/// The socket leading to the peer's NBD server, in the state directory.
+const PEER_SOCKET: &str = "peer-nbd.sock";
+
+/// Errors of the replica service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The NBD server's Unix socket could not be bound.
+    #[error("binding the NBD server socket {path}")]
+    BindNbd {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket leading to the peer's NBD server could not be bound.
+    #[error("binding the peer's NBD socket {path}")]
+    BindPeer {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: ProxyError,
+    },
+    /// Another VM already exports a volume of that name.
+    #[error("exporting {name} for VM {vm}: VM {owner} already exports that name")]
+    ClaimExport {
+        /// The VM asking.
+        vm: String,
+        /// The export name.
+        name: String,
+        /// The VM that exports it.
+        owner: String,
+    },
+    /// The request names one export twice.
+    #[error("exporting replicas of VM {vm}: export name {name} is given twice")]
+    DuplicateExport {
+        /// The VM.
+        vm: String,
+        /// The export name.
+        name: String,
+    },
+    /// The peer's NBD streams could not be accepted.
+    #[error("listening for the peer's {NBD_SERVICE} streams")]
+    ListenNbd {
+        /// The cause.
+        #[source]
+        source: StreamError,
+    },
+    /// A volume could not be opened for export.
+    #[error("exporting replicas of VM {vm}")]
+    OpenExport {
+        /// The VM.
+        vm: String,
+        /// The cause (names the export and its file).
+        #[source]
+        source: nbd::Error,
+    },
+    /// A socket file left by an earlier run could not be removed.
+    #[error("removing stale socket {path}")]
+    RemoveSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The A-Link endpoint could not be started.
+    #[error("starting the A-Link endpoint")]
+    StartLinks {
+        /// The cause.
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// One export: the VM it belongs to and the file it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Served {
+    vm: String,
+    path: PathBuf,
+}
+
+/// What one export request changes: exports of the VM to drop, and volumes to open.
+#[derive(Debug, PartialEq, Eq)]
+struct Change {
+    stale: Vec<String>,
+    fresh: Vec<(String, PathBuf)>,
+}
+
+/// A task aborted when dropped.
+#[derive(Debug)]
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// This host's replica service (an NBD server reached by the peer over the A-Links) and its
+/// path to the peer's. Dropping it stops both and the A-Links.
+#[derive(Debug)]
+pub struct Replicas {
+    node: String,
+    exports: Exports,
+    /// Export name → owner and file.
+    served: Mutex<BTreeMap<String, Served>>,
+    /// Serialises export and unexport, which wait for revoked connections.
+    changing: tokio::sync::Mutex<()>,
+    nbd_socket: PathBuf,
+    peer_socket: PathBuf,
+    _ingress: Ingress,
+    _egress: Egress,
+    _server: Task,
+    endpoint: Endpoint,
+}
+
+impl Replicas {
+    /// Starts the A-Links, the NBD server on `<state_dir>/nbd.sock` (reached by the peer over
+    /// the links) and the socket `<state_dir>/peer-nbd.sock` leading to the peer's server.
+    /// Socket files left by an earlier run are removed first.
+    pub async fn start(
+        node: &str,
+        config: &AlinkConfig,
+        state_dir: &Path,
+    ) -> Result<Replicas, Error> {
+        let nbd_socket = state_dir.join(NBD_SOCKET);
+        let peer_socket = state_dir.join(PEER_SOCKET);
+        remove_stale(&nbd_socket)?;
+        remove_stale(&peer_socket)?;
+        let endpoint = Endpoint::start(link_config(config))
+            .await
+            .map_err(|source| Error::StartLinks { source })?;
+        let listener = UnixListener::bind(&nbd_socket).map_err(|source| Error::BindNbd {
+            path: nbd_socket.clone(),
+            source,
+        })?;
+        let exports = Exports::default();
+        let server = Task(tokio::spawn(nbd::serve_unix(listener, exports.clone())));
+        let streams = endpoint
+            .listen(NBD_SERVICE)
+            .map_err(|source| Error::ListenNbd { source })?;
+        let egress = Egress::start(streams, Target::Unix(nbd_socket.clone()));
+        let local = LocalAddr::Unix(peer_socket.clone());
+        let ingress = Ingress::bind(&endpoint, local, NBD_SERVICE)
+            .await
+            .map_err(|source| Error::BindPeer {
+                path: peer_socket.clone(),
+                source,
+            })?;
+        tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), peer = %peer_socket.display(), "replica service started");
+        Ok(Replicas {
+            node: node.to_string(),
+            exports,
+            served: Mutex::default(),
+            changing: tokio::sync::Mutex::default(),
+            nbd_socket,
+            peer_socket,
+            _ingress: ingress,
+            _egress: egress,
+            _server: server,
+            endpoint,
+        })
+    }
+
+    /// Serves `volumes` (export name, file) of `vm_uuid` to the peer; answers the VM's export
+    /// names. Idempotent: exports already serving the same file are kept (with their
+    /// connections), and exports of the VM not in `volumes` are revoked.
+    pub async fn export(
+        &self,
+        vm_uuid: &str,
+        volumes: &[(String, PathBuf)],
+    ) -> Result<Vec<String>, Error> {
+        tracing::info!(vm = %vm_uuid, node = %self.node, op = "export-replica", volumes = volumes.len(), "replica op begin");
+        let result = self.export_all(vm_uuid, volumes).await;
+        match &result {
+            Ok(names) => {
+                tracing::info!(vm = %vm_uuid, node = %self.node, op = "export-replica", exports = ?names, "replica op end: ok");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm_uuid, node = %self.node, op = "export-replica", error = %daemon::error_chain(e), "replica op end: failed");
+            }
+        }
+        result
+    }
+
+    async fn export_all(
+        &self,
+        vm_uuid: &str,
+        volumes: &[(String, PathBuf)],
+    ) -> Result<Vec<String>, Error> {
+        let _changing = self.changing.lock().await;
+        let change = plan(&self.served(), vm_uuid, volumes)?;
+        let opened = change
+            .fresh
+            .into_iter()
+            .map(|(name, path)| {
+                let export =
+                    Export::open(&name, &path, true).map_err(|source| Error::OpenExport {
+                        vm: vm_uuid.to_string(),
+                        source,
+                    })?;
+                Ok((name, path, export))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        for name in &change.stale {
+            self.revoke(name).await;
+        }
+        for (name, path, export) in opened {
+            self.exports.insert(&name, export);
+            let vm = vm_uuid.to_string();
+            self.served().insert(name, Served { vm, path });
+        }
+        Ok(volumes.iter().map(|(name, _)| name.clone()).collect())
+    }
+
+    /// Stops serving `vm_uuid`'s volumes: new connections cannot open them, open ones are
+    /// closed, and once this returns none of their writes is running or will run. Answers the
+    /// export names dropped (none for an unknown VM).
+    pub async fn unexport(&self, vm_uuid: &str) -> Vec<String> {
+        tracing::info!(vm = %vm_uuid, node = %self.node, op = "unexport-replica", "replica op begin");
+        let _changing = self.changing.lock().await;
+        let names: Vec<String> = self
+            .served()
+            .iter()
+            .filter(|(_, served)| served.vm == vm_uuid)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &names {
+            self.revoke(name).await;
+        }
+        tracing::info!(vm = %vm_uuid, node = %self.node, op = "unexport-replica", exports = ?names, "replica op end: ok");
+        names
+    }
+
+    /// Whether any volume of `vm_uuid` is exported.
+    pub fn exported(&self, vm_uuid: &str) -> bool {
+        self.served().values().any(|served| served.vm == vm_uuid)
+    }
+
+    /// The socket that leads to the peer's NBD server (QEMU's mirror target).
+    pub fn peer_socket(&self) -> &Path {
+        &self.peer_socket
+    }
+
+    /// The A-Link addresses: bound (listen side, with the actual ports) or dialed (connect).
+    pub fn link_addrs(&self) -> &[SocketAddr] {
+        self.endpoint.local_addrs()
+    }
+
+    /// Waits until `links` A-Links to the peer are up; whether that happened within `timeout`.
+    pub async fn wait_links_up(&self, links: usize, timeout: Duration) -> bool {
+        self.endpoint.wait_links_up(links, timeout).await
+    }
+
+    /// Removes export `name`, closing its connections, then forgets it.
+    async fn revoke(&self, name: &str) {
+        self.exports.remove(name).await;
+        self.served().remove(name);
+    }
+
+    fn served(&self) -> MutexGuard<'_, BTreeMap<String, Served>> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        // Best effort: the next start removes whatever is left.
+        for path in [&self.nbd_socket, &self.peer_socket] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The replicator's configuration for this host's side of the A-Links.
+fn link_config(config: &AlinkConfig) -> replicator::Config {
+    match config.role {
+        AlinkRole::Listen => replicator::Config::listen(config.links.clone()),
+        AlinkRole::Connect => replicator::Config::connect(config.links.clone()),
+    }
+}
+
+/// Removes the socket file at `path` if there is one.
+fn remove_stale(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::RemoveSocket {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// What exporting `volumes` for `vm` changes, given what is `served`: the VM's exports to
+/// drop (gone, or serving another file) and the volumes to open.
+fn plan(
+    served: &BTreeMap<String, Served>,
+    vm: &str,
+    volumes: &[(String, PathBuf)],
+) -> Result<Change, Error> {
+    let mut wanted = BTreeMap::new();
+    for (name, path) in volumes {
+        if wanted.insert(name.as_str(), path).is_some() {
+            return Err(Error::DuplicateExport {
+                vm: vm.to_string(),
+                name: name.clone(),
+            });
+        }
+        if let Some(other) = served.get(name).filter(|s| s.vm != vm) {
+            return Err(Error::ClaimExport {
+                vm: vm.to_string(),
+                name: name.clone(),
+                owner: other.vm.clone(),
+            });
+        }
+    }
+    let unchanged = |name: &str, path: &PathBuf| {
+        served
+            .get(name)
+            .is_some_and(|s| s.vm == vm && &s.path == path)
+    };
+    let stale = served
+        .iter()
+        .filter(|(name, s)| s.vm == vm && wanted.get(name.as_str()) != Some(&&s.path))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let fresh = volumes
+        .iter()
+        .filter(|(name, path)| !unchanged(name, path))
+        .cloned()
+        .collect();
+    Ok(Change { stale, fresh })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM: &str = "6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11";
+    const OTHER: &str = "0e5b1c1d-7d2a-4c55-8f0e-2b9f3f1d4a22";
+
+    fn served(entries: &[(&str, &str, &str)]) -> BTreeMap<String, Served> {
+        entries
+            .iter()
+            .map(|(name, vm, path)| {
+                let served = Served {
+                    vm: (*vm).to_string(),
+                    path: PathBuf::from(path),
+                };
+                ((*name).to_string(), served)
+            })
+            .collect()
+    }
+
+    fn volume(name: &str, path: &str) -> (String, PathBuf) {
+        (name.to_string(), PathBuf::from(path))
+    }
+
+    #[test]
+    fn plan_of_a_new_vm_opens_every_volume() {
+        let volumes = [volume("d0", "/sg0/d0"), volume("d1", "/sg0/d1")];
+
+        let change = plan(&BTreeMap::new(), VM, &volumes).unwrap();
+
+        assert_eq!(
+            change,
+            Change {
+                stale: vec![],
+                fresh: volumes.to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn plan_of_the_same_export_again_changes_nothing() {
+        let served = served(&[("d0", VM, "/sg0/d0")]);
+
+        let change = plan(&served, VM, &[volume("d0", "/sg0/d0")]).unwrap();
+
+        assert_eq!(
+            change,
+            Change {
+                stale: vec![],
+                fresh: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn plan_with_a_moved_and_a_dropped_volume_revokes_both() {
+        let served = served(&[("d0", VM, "/sg0/d0"), ("d1", VM, "/sg0/d1")]);
+
+        let change = plan(&served, VM, &[volume("d0", "/sg1/d0")]).unwrap();
+
+        assert_eq!(
+            change,
+            Change {
+                stale: vec!["d0".to_string(), "d1".to_string()],
+                fresh: vec![volume("d0", "/sg1/d0")]
+            }
+        );
+    }
+
+    #[test]
+    fn plan_of_a_name_another_vm_exports_is_refused() {
+        let served = served(&[("d0", OTHER, "/sg0/d0")]);
+
+        let err = plan(&served, VM, &[volume("d0", "/sg0/d0")]).unwrap_err();
+
+        assert_eq!(
+            err.to_string(),
+            format!("exporting d0 for VM {VM}: VM {OTHER} already exports that name")
+        );
+    }
+
+    #[test]
+    fn plan_of_a_name_given_twice_is_refused() {
+        let volumes = [volume("d0", "/sg0/d0"), volume("d0", "/sg1/d0")];
+
+        let err = plan(&BTreeMap::new(), VM, &volumes).unwrap_err();
+
+        assert!(matches!(err, Error::DuplicateExport { .. }), "{err}");
+    }
+
+    #[test]
+    fn link_config_of_the_connect_side_dials_the_peer() {
+        let config = AlinkConfig {
+            role: AlinkRole::Connect,
+            links: vec!["10.102.0.1:7710".parse().unwrap()],
+        };
+
+        let links = link_config(&config);
+
+        assert_eq!(
+            (links.role, links.links),
+            (replicator::Role::Connect, config.links)
+        );
+    }
+}

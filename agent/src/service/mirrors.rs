@@ -1,0 +1,225 @@
+//! The service's HA mirror requests (`StartMirror`, `StopMirror`) and the mirrors in
+//! `ListDomains`: proto in, [`crate::mirror`] calls, proto out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proto::agent as pb;
+
+use super::{Error, Inner, disk_format, invalid, plain_name, status_to_pb, uuid_invalid};
+use crate::domain;
+use crate::libvirt::{DomainState, DomainStatus};
+use crate::mirror::{self, DiskMirror, MirrorDisk, MirrorState};
+
+/// How long a listing waits for one domain's mirrors: a domain whose monitor is busy with a
+/// long operation (or hung) must not hold up the list of every domain.
+const MIRROR_STATUS_BUDGET: Duration = Duration::from_secs(2);
+
+impl Inner {
+    /// Every domain, the running ones with their mirrors.
+    pub(super) async fn list_domains(&self) -> Result<Vec<pb::DomainStatus>, Error> {
+        let domains = self.deps.libvirt.list().await?;
+        let mut mirrors = self.mirrors_of_running(&domains).await;
+        Ok(domains
+            .into_iter()
+            .map(|d| {
+                let found = mirrors.remove(&d.uuid).unwrap_or_default();
+                pb::DomainStatus {
+                    mirrors: found.into_iter().map(mirror_to_pb).collect(),
+                    ..status_to_pb(d)
+                }
+            })
+            .collect())
+    }
+
+    /// Mirrors each disk of the running domain to the peer's replica of its volume.
+    pub(super) async fn start_mirror(
+        &self,
+        req: pb::StartMirrorRequest,
+    ) -> Result<pb::DomainStatus, Error> {
+        if uuid_invalid(&req.uuid) {
+            return Err(invalid(format!("{:?} is not a UUID", req.uuid)));
+        }
+        let disks = mirror_disks(&req.volumes)?;
+        self.admit("start-mirror", &req.uuid, req.fence)?;
+        let socket = self
+            .deps
+            .peer_nbd_socket
+            .as_deref()
+            .ok_or(Error::NoALink { op: "start-mirror" })?;
+        let libvirt = &self.deps.libvirt;
+        let start = mirror::start(libvirt, &req.uuid, &disks, socket);
+        let mirrors = self.mirror_logged("start-mirror", &req.uuid, start).await?;
+        let status = libvirt.status(&req.uuid).await?;
+        Ok(pb::DomainStatus {
+            mirrors: mirrors.into_iter().map(mirror_to_pb).collect(),
+            ..status_to_pb(status)
+        })
+    }
+
+    /// Stops the domain's mirrors; the peer's copy falls behind.
+    pub(super) async fn stop_mirror(
+        &self,
+        command: pb::DomainCommand,
+    ) -> Result<pb::DomainStatus, Error> {
+        let uuid = command.uuid;
+        if uuid_invalid(&uuid) {
+            return Err(invalid(format!("{uuid:?} is not a UUID")));
+        }
+        self.admit("stop-mirror", &uuid, command.fence)?;
+        let libvirt = &self.deps.libvirt;
+        let stop = async { mirror::stop(libvirt, &uuid).await.map(|()| Vec::new()) };
+        self.mirror_logged("stop-mirror", &uuid, stop).await?;
+        Ok(status_to_pb(libvirt.status(&uuid).await?))
+    }
+
+    /// The mirrors of the running and paused domains among `domains`, read concurrently. A
+    /// domain whose monitor fails or does not answer within the budget is logged and left out.
+    async fn mirrors_of_running(
+        &self,
+        domains: &[DomainStatus],
+    ) -> BTreeMap<String, Vec<DiskMirror>> {
+        let mut reads = tokio::task::JoinSet::new();
+        let live = domains
+            .iter()
+            .filter(|d| matches!(d.state, DomainState::Running | DomainState::Paused));
+        for d in live {
+            let (libvirt, uuid) = (self.deps.libvirt.clone(), d.uuid.clone());
+            reads.spawn(async move {
+                let read =
+                    tokio::time::timeout(MIRROR_STATUS_BUDGET, mirror::status(&libvirt, &uuid))
+                        .await;
+                (uuid, read)
+            });
+        }
+        let mut found = BTreeMap::new();
+        while let Some(Ok((uuid, read))) = reads.join_next().await {
+            match read {
+                Ok(Ok(mirrors)) => {
+                    found.insert(uuid, mirrors);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %uuid, node = %self.node, error = %daemon::error_chain(&e), "reading the domain's mirrors failed; listed without them");
+                }
+                Err(_) => {
+                    tracing::warn!(vm = %uuid, node = %self.node, budget_ms = MIRROR_STATUS_BUDGET.as_millis(), "the domain's monitor did not answer in time; listed without mirrors");
+                }
+            }
+        }
+        found
+    }
+
+    /// Runs a mirror operation between a begin and an end log line sharing vm/node/op fields.
+    async fn mirror_logged<F>(
+        &self,
+        op: &'static str,
+        uuid: &str,
+        f: F,
+    ) -> Result<Vec<DiskMirror>, Error>
+    where
+        F: Future<Output = Result<Vec<DiskMirror>, mirror::Error>>,
+    {
+        tracing::info!(vm = %uuid, node = %self.node, op, "mirror op begin");
+        let result = f.await;
+        match &result {
+            Ok(mirrors) => {
+                let states: Vec<_> = mirrors.iter().map(|m| (&m.device, &m.state)).collect();
+                tracing::info!(vm = %uuid, node = %self.node, op, mirrors = ?states, "mirror op end: ok");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %uuid, node = %self.node, op, error = %daemon::error_chain(e), "mirror op end: failed");
+            }
+        }
+        Ok(result?)
+    }
+}
+
+/// The disks a mirror request names: volume i is disk i's replica, exported under its name.
+fn mirror_disks(volumes: &[pb::ReplicaVolume]) -> Result<Vec<MirrorDisk>, Error> {
+    if volumes.is_empty() {
+        return Err(invalid("the request names no volumes"));
+    }
+    volumes
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            if !plain_name(&v.volume) {
+                return Err(invalid(format!("{:?} is not a volume name", v.volume)));
+            }
+            Ok(MirrorDisk {
+                device: domain::virtio_disk_name(index),
+                export: v.volume.clone(),
+                format: disk_format(v.format())?,
+            })
+        })
+        .collect()
+}
+
+fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {
+    let (state, error) = match m.state {
+        MirrorState::Syncing => (pb::MirrorState::Syncing, String::new()),
+        MirrorState::Ready => (pb::MirrorState::Ready, String::new()),
+        MirrorState::Failed { error } => (pb::MirrorState::Failed, error),
+    };
+    pb::DiskMirror {
+        device: m.device,
+        export_name: m.export,
+        state: state.into(),
+        offset: m.offset,
+        length: m.length,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(name: &str) -> pb::ReplicaVolume {
+        pb::ReplicaVolume {
+            storage_group: "sg0".into(),
+            volume: name.into(),
+            format: pb::VolumeFormat::Raw.into(),
+            size_bytes: 16 << 20,
+        }
+    }
+
+    #[test]
+    fn mirror_disks_second_volume_is_vdb() {
+        let disks = mirror_disks(&[volume("a.raw"), volume("b.raw")]).unwrap();
+
+        assert_eq!(
+            disks[1],
+            MirrorDisk {
+                device: "vdb".into(),
+                export: "b.raw".into(),
+                format: domain::DiskFormat::Raw,
+            }
+        );
+    }
+
+    #[test]
+    fn mirror_disks_path_in_volume_name_is_invalid() {
+        let err = mirror_disks(&[volume("../x")]).unwrap_err();
+
+        assert!(matches!(err, Error::InvalidRequest { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn mirror_to_pb_failed_mirror_carries_error() {
+        let mirror = DiskMirror {
+            device: "vda".into(),
+            export: "a.raw".into(),
+            state: MirrorState::Failed {
+                error: "Input/output error".into(),
+            },
+            offset: 1,
+            length: 2,
+        };
+
+        let pb = mirror_to_pb(mirror);
+
+        assert_eq!(pb.state(), pb::MirrorState::Failed);
+        assert_eq!(pb.error, "Input/output error");
+    }
+}

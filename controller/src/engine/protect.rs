@@ -1,0 +1,296 @@
+//! The engine's HA glue: the peer of a host, failover instead of waiting for a lost host, and
+//! the mirror reports of the agents turned into each VM's protection. What to do is decided
+//! by [`crate::ha`]; this module feeds it and commits (fenced) before acting.
+
+use proto::agent as pb;
+
+use super::actor::Engine;
+use super::observe::DomainsPoll;
+use crate::error::ApiError;
+use crate::ha::{self, Mirror, Observed, Protection};
+use crate::health::HostState;
+use crate::model::{Mode, VmRecord, VmState};
+use crate::vm::{PROTECT, VmEvent};
+
+impl Engine {
+    /// The other host of the pair, if `node` has one.
+    pub(super) fn peer_of(&self, node: &str) -> Option<String> {
+        self.members.keys().find(|name| *name != node).cloned()
+    }
+
+    /// Whether `node` can take a VM now: registered, healthy, its agent answering.
+    pub(super) fn node_usable(&self, node: &str) -> bool {
+        let healthy = self
+            .hosts
+            .get(node)
+            .is_none_or(|h| h.state == HostState::Up);
+        let answering = self
+            .last_health
+            .as_ref()
+            .is_none_or(|poll| poll.answered(node));
+        healthy && answering && self.registered.contains_key(node)
+    }
+
+    /// What the loss of `node` means for `record`: a failover when the VM is protected and
+    /// its copy on the peer is current, else lost until the host returns.
+    pub(super) fn lost_event(&self, record: &VmRecord, node: &str) -> VmEvent {
+        let lost = VmEvent::HostLost {
+            node: node.to_string(),
+        };
+        if record.mode == Mode::Unprotected {
+            return lost;
+        }
+        let peer = self.peer_of(node);
+        let peer_up = peer.as_deref().is_some_and(|p| self.node_usable(p));
+        match ha::failover_target(&record.protection, node, peer.as_deref(), peer_up) {
+            Some(to) => VmEvent::FailOver {
+                from: node.to_string(),
+                to: to.to_string(),
+            },
+            None => lost,
+        }
+    }
+
+    /// Steps the protection of every running HA VM with the mirrors `poll` reports; commits
+    /// what changed, then rebuilds the mirrors that need it.
+    pub(super) async fn observe_protection(&mut self, poll: &DomainsPoll) {
+        let now_unix_ms = crate::now_unix_ms();
+        let mut decisions = Vec::new();
+        for (uuid, entry) in &self.vms {
+            let record = &entry.record;
+            if record.mode != Mode::Ha || record.state != VmState::Running {
+                continue;
+            }
+            if entry.last_command > poll.started {
+                continue;
+            }
+            let Some(domain) = poll.domain(&record.node, uuid) else {
+                continue;
+            };
+            if domain.state() != pb::DomainState::Running {
+                continue;
+            }
+            let peer = self.peer_of(&record.node);
+            let seen = Observed {
+                primary: &record.node,
+                peer: peer.as_deref(),
+                peer_up: peer.as_deref().is_some_and(|p| self.node_usable(p)),
+                mirror: mirror_of(domain),
+                protecting: entry.busy || !entry.queued.is_empty(),
+                now_unix_ms,
+            };
+            decisions.push((uuid.clone(), ha::observe(&record.protection, &seen)));
+        }
+        for (uuid, decision) in decisions {
+            if let Some(protection) = decision.protection
+                && !self.commit_protection(&uuid, protection).await
+            {
+                continue;
+            }
+            if decision.protect {
+                self.protect(&uuid);
+            }
+            self.protection_alert(&uuid).await;
+        }
+    }
+
+    /// Queues the rebuild of VM `uuid`'s mirror: the peer exports its replica, then the
+    /// VM's host mirrors to it (a full copy).
+    fn protect(&mut self, uuid: &str) {
+        let Some(record) = self.vms.get(uuid).map(|e| &e.record) else {
+            return;
+        };
+        let peer = self.peer_of(&record.node).unwrap_or_default();
+        tracing::info!(vm = %record.name, node = %record.node, peer = %peer, "resync begin: exporting the replica, then mirroring every disk");
+        self.queue(uuid, PROTECT.to_vec());
+    }
+
+    /// Commits VM `uuid`'s new protection (fenced); false if it did not commit.
+    async fn commit_protection(&mut self, uuid: &str, protection: Protection) -> bool {
+        let Some(entry) = self.vms.get(uuid) else {
+            return false;
+        };
+        let mut record = entry.record.clone();
+        let was = record.protection.sync.name();
+        record.protection = protection;
+        record.updated_unix_ms = crate::now_unix_ms();
+        match self
+            .ctx
+            .writer
+            .update_vm(&record, entry.revision, None)
+            .await
+        {
+            Ok(revision) => {
+                let now = record.protection.sync.name();
+                if was != now {
+                    log_sync_change(&record, was);
+                }
+                if let Some(entry) = self.vms.get_mut(uuid) {
+                    entry.record = record;
+                    entry.revision = revision;
+                }
+                true
+            }
+            Err(e) => {
+                let e = self.after_store_error(uuid, e).await;
+                tracing::warn!(vm = %record.name, error = %e, "committing the VM's protection failed; retried at the next poll");
+                false
+            }
+        }
+    }
+
+    /// Raises the VM's simplex alert while it runs on one copy; clears it otherwise.
+    pub(super) async fn protection_alert(&mut self, uuid: &str) {
+        let Some(record) = self.vms.get(uuid).map(|e| e.record.clone()) else {
+            return;
+        };
+        let id = format!("ha/{uuid}");
+        match &record.protection.sync {
+            ha::Sync::Simplex { reason, .. }
+                if record.mode == Mode::Ha && record.state == VmState::Running =>
+            {
+                let message = format!("VM {} is not protected: {reason}", record.name);
+                self.raise(&id, &record.node, uuid, message).await;
+            }
+            _ => self.clear(&id).await,
+        }
+    }
+}
+
+/// The protection committed with a (re)placement of `record` (see [`ha::placed`]); refused
+/// when the host's copy is behind.
+pub(super) fn placed(
+    record: &VmRecord,
+    relocate: Option<&str>,
+    now_unix_ms: i64,
+) -> Result<Protection, ApiError> {
+    let protected = record.mode != Mode::Unprotected;
+    ha::placed(&record.protection, protected, &record.node, relocate, now_unix_ms).ok_or_else(
+        || {
+            let current: Vec<&str> = record.protection.current.iter().map(String::as_str).collect();
+            ApiError::FailedPrecondition(format!(
+                "VM {}'s disks on {} are behind the copy on {}: it may start only there, or every write it acknowledged since would be lost",
+                record.name,
+                record.node,
+                current.join(", ")
+            ))
+        },
+    )
+}
+
+/// The mirror of a running domain, from its agent's report.
+pub(super) fn mirror_of(domain: &pb::DomainStatus) -> Mirror {
+    if domain.mirrors.is_empty() {
+        return Mirror::Absent;
+    }
+    if let Some(failed) = domain
+        .mirrors
+        .iter()
+        .find(|m| m.state() == pb::MirrorState::Failed)
+    {
+        return Mirror::Failed {
+            error: format!("{}: {}", failed.device, failed.error),
+        };
+    }
+    if domain
+        .mirrors
+        .iter()
+        .all(|m| m.state() == pb::MirrorState::Ready)
+    {
+        return Mirror::Ready;
+    }
+    Mirror::Syncing {
+        done: domain.mirrors.iter().map(|m| m.offset).sum(),
+        total: domain.mirrors.iter().map(|m| m.length).sum(),
+    }
+}
+
+/// Logs a change of a VM's protection; a resync's end is the step to protected.
+fn log_sync_change(record: &VmRecord, was: &str) {
+    let (vm, node) = (record.name.as_str(), record.node.as_str());
+    match &record.protection.sync {
+        ha::Sync::Protected { .. } => {
+            tracing::info!(
+                vm,
+                node,
+                was,
+                "resync end: ok; protected, every write is on both hosts"
+            );
+        }
+        ha::Sync::Syncing { done, total, .. } => {
+            tracing::info!(vm, node, was, done, total, "protection: syncing");
+        }
+        ha::Sync::Simplex { reason, .. } => {
+            tracing::warn!(vm, node, was, %reason, "protection: simplex");
+        }
+        ha::Sync::Off => tracing::info!(vm, node, was, "protection: off"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(state: pb::MirrorState, offset: u64, length: u64) -> pb::DiskMirror {
+        pb::DiskMirror {
+            device: "vda".into(),
+            export_name: "v".into(),
+            state: state.into(),
+            offset,
+            length,
+            error: if state == pb::MirrorState::Failed {
+                "Input/output error".into()
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    fn domain(mirrors: Vec<pb::DiskMirror>) -> pb::DomainStatus {
+        pb::DomainStatus {
+            state: pb::DomainState::Running.into(),
+            mirrors,
+            ..pb::DomainStatus::default()
+        }
+    }
+
+    #[test]
+    fn mirror_of_no_jobs_is_absent() {
+        assert_eq!(mirror_of(&domain(vec![])), Mirror::Absent);
+    }
+
+    #[test]
+    fn mirror_of_all_ready_is_ready() {
+        let d = domain(vec![
+            mirror(pb::MirrorState::Ready, 4, 4),
+            mirror(pb::MirrorState::Ready, 8, 8),
+        ]);
+
+        assert_eq!(mirror_of(&d), Mirror::Ready);
+    }
+
+    #[test]
+    fn mirror_of_one_syncing_sums_progress() {
+        let d = domain(vec![
+            mirror(pb::MirrorState::Ready, 4, 4),
+            mirror(pb::MirrorState::Syncing, 2, 8),
+        ]);
+
+        assert_eq!(mirror_of(&d), Mirror::Syncing { done: 6, total: 12 });
+    }
+
+    #[test]
+    fn mirror_of_one_failed_is_failed_with_device() {
+        let d = domain(vec![
+            mirror(pb::MirrorState::Ready, 4, 4),
+            mirror(pb::MirrorState::Failed, 2, 8),
+        ]);
+
+        assert_eq!(
+            mirror_of(&d),
+            Mirror::Failed {
+                error: "vda: Input/output error".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! HA protection of a VM's disks, pure: which hosts hold a current copy, how the mirror to
+//! the peer stands, and what to do about it.
+//!
+//! ```text
+//!                 mirror syncing              mirror ready
+//!   (start) ──► Syncing ─────────────► Syncing ─────────────► Protected
+//!     │ peer down    ▲ peer back: export + mirror  │ mirror failed / gone, peer down
+//!     ▼              │                             ▼
+//!   Simplex ◄────────┴───────────────────────── Simplex (alert)
+//!
+//!   host of a running VM lost, peer current and up ──► fail over: start on the peer
+//!   host lost, peer behind or down                  ──► lost until the host returns
+//! ```
+//!
+//! The rule that keeps every acknowledged write: a VM may start only on a host whose copy is
+//! *current*. A start makes only its own host current (the new QEMU writes before any mirror
+//! exists); the peer becomes current again only when its mirror reports ready (every write
+//! then completes on both hosts), and stops being current as soon as the mirror is seen broken.
+//! Both changes are committed to etcd (fenced) before anything acts on them.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a protected VM's disks are current and how its mirror stands, stored with the VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protection {
+    /// Hosts whose copy holds every write the guest saw acknowledged.
+    #[serde(default)]
+    pub current: BTreeSet<String>,
+    /// The mirror to the peer.
+    #[serde(default)]
+    pub sync: Sync,
+    /// The last time the VM was restarted on the peer because its host was lost.
+    #[serde(default)]
+    pub last_failover: Option<Failover>,
+}
+
+/// The mirror to the peer, as last seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+pub enum Sync {
+    /// Not running (the VM is stopped, or not protected).
+    #[default]
+    Off,
+    /// The initial copy runs: `done` of `total` bytes are on the peer.
+    Syncing {
+        /// Bytes copied.
+        done: u64,
+        /// Bytes to copy.
+        total: u64,
+        /// When this sync began.
+        since_unix_ms: i64,
+    },
+    /// In sync: every write is on both hosts before the guest sees it complete.
+    Protected {
+        /// Since when.
+        since_unix_ms: i64,
+    },
+    /// Running on one copy only.
+    Simplex {
+        /// Why, in words.
+        reason: String,
+        /// Since when.
+        since_unix_ms: i64,
+    },
+}
+
+impl Sync {
+    /// Short name: off, syncing, protected, simplex.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Sync::Off => "off",
+            Sync::Syncing { .. } => "syncing",
+            Sync::Protected { .. } => "protected",
+            Sync::Simplex { .. } => "simplex",
+        }
+    }
+}
+
+/// A failover: the VM restarted on the peer of its lost host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// The lost host.
+    pub from: String,
+    /// The host it restarted on.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// When the failover was decided (the host judged lost).
+    pub decided_unix_ms: i64,
+    /// When the VM ran again on `to`.
+    #[serde(default)]
+    pub running_unix_ms: Option<i64>,
+}
+
+/// The mirror of a running VM's disks as its host's agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mirror {
+    /// No mirror runs.
+    Absent,
+    /// The initial copy runs (summed over the VM's disks).
+    Syncing {
+        /// Bytes copied.
+        done: u64,
+        /// Bytes to copy.
+        total: u64,
+    },
+    /// Every disk's mirror is ready and actively synced.
+    Ready,
+    /// A disk's mirror failed.
+    Failed {
+        /// QEMU's or the agent's words.
+        error: String,
+    },
+}
+
+/// What a running HA VM needs now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The protection to commit, when it changes.
+    pub protection: Option<Protection>,
+    /// Whether to (re)build the mirror: export the replica on the peer, then mirror to it.
+    pub protect: bool,
+}
+
+/// What the engine knows of a running HA VM and its peer at one poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed<'a> {
+    /// The host the VM runs on.
+    pub primary: &'a str,
+    /// The other host of the pair, if there is one.
+    pub peer: Option<&'a str>,
+    /// Whether the peer is up with its agent answering.
+    pub peer_up: bool,
+    /// The mirror as the primary's agent reports it.
+    pub mirror: Mirror,
+    /// Whether a protect step is already under way (sent, not yet answered).
+    pub protecting: bool,
+    /// Now.
+    pub now_unix_ms: i64,
+}
+
+/// Steps the protection of a running HA VM with what the last poll saw.
+pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
+    let mut next = current.clone();
+    let only_primary: BTreeSet<String> = [seen.primary.to_string()].into();
+    let mut protect = false;
+    match (&seen.mirror, seen.peer) {
+        (_, None) => {
+            next.current = only_primary;
+            next.sync = simplex(
+                &current.sync,
+                "the pair has no second host",
+                seen.now_unix_ms,
+            );
+        }
+        (Mirror::Ready, Some(peer)) => {
+            next.current = [seen.primary.to_string(), peer.to_string()].into();
+            if !matches!(current.sync, Sync::Protected { .. }) {
+                next.sync = Sync::Protected {
+                    since_unix_ms: seen.now_unix_ms,
+                };
+            }
+        }
+        (Mirror::Syncing { done, total }, Some(_)) => {
+            next.current = only_primary;
+            let since_unix_ms = match current.sync {
+                Sync::Syncing { since_unix_ms, .. } => since_unix_ms,
+                _ => seen.now_unix_ms,
+            };
+            next.sync = Sync::Syncing {
+                done: *done,
+                total: *total,
+                since_unix_ms,
+            };
+        }
+        (Mirror::Absent | Mirror::Failed { .. }, Some(peer)) => {
+            next.current = only_primary;
+            let reason = match (&seen.mirror, seen.peer_up) {
+                (Mirror::Failed { error }, _) => format!("the mirror to {peer} failed: {error}"),
+                (_, false) => format!("host {peer} is not up; the VM runs on one copy"),
+                _ => format!("no mirror to {peer} yet"),
+            };
+            next.sync = simplex(&current.sync, &reason, seen.now_unix_ms);
+            protect = seen.peer_up && !seen.protecting;
+        }
+    }
+    Decision {
+        protection: (next != *current).then_some(next),
+        protect,
+    }
+}
+
+/// Simplex for `reason`, keeping the time it began if it already was simplex.
+fn simplex(was: &Sync, reason: &str, now_unix_ms: i64) -> Sync {
+    let since_unix_ms = match was {
+        Sync::Simplex { since_unix_ms, .. } => *since_unix_ms,
+        _ => now_unix_ms,
+    };
+    Sync::Simplex {
+        reason: reason.to_string(),
+        since_unix_ms,
+    }
+}
+
+/// The protection of a VM about to start on `node`: only that host's copy stays current,
+/// since the new QEMU writes before any mirror exists. `None` when `node`'s copy is not current:
+/// starting there would lose acknowledged writes.
+pub fn starting_on(current: &Protection, node: &str) -> Option<Protection> {
+    if !current.current.is_empty() && !current.current.contains(node) {
+        return None;
+    }
+    Some(Protection {
+        current: [node.to_string()].into(),
+        sync: Sync::Off,
+        last_failover: current.last_failover.clone(),
+    })
+}
+
+/// The protection committed when a VM is (re)placed on `node` (`protected`: HA or FT): a
+/// failover to `relocate` keeps only the survivor's copy current, a start only `node`'s.
+/// `None` when `node`'s copy is behind: starting there would lose acknowledged writes.
+pub fn placed(
+    current: &Protection,
+    protected: bool,
+    node: &str,
+    relocate: Option<&str>,
+    now_unix_ms: i64,
+) -> Option<Protection> {
+    match relocate {
+        Some(to) => Some(failed_over(node, to, now_unix_ms)),
+        None if protected => starting_on(current, node),
+        None => Some(current.clone()),
+    }
+}
+
+/// Where an HA VM whose host `lost` is lost restarts: the peer, if its copy is current and it
+/// is up. `None` means the VM waits for its host.
+pub fn failover_target<'a>(
+    current: &Protection,
+    lost: &str,
+    peer: Option<&'a str>,
+    peer_up: bool,
+) -> Option<&'a str> {
+    let peer = peer?;
+    (peer != lost && peer_up && current.current.contains(peer)).then_some(peer)
+}
+
+/// The protection committed with a failover from `from` to `to`, decided at `now_unix_ms`.
+pub fn failed_over(from: &str, to: &str, now_unix_ms: i64) -> Protection {
+    Protection {
+        current: [to.to_string()].into(),
+        sync: Sync::Simplex {
+            reason: format!("host {from} lost; running on {to} alone"),
+            since_unix_ms: now_unix_ms,
+        },
+        last_failover: Some(Failover {
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: format!("host {from} lost"),
+            decided_unix_ms: now_unix_ms,
+            running_unix_ms: None,
+        }),
+    }
+}
+
+/// The protection once a failed-over VM runs again: the failover's downtime ends.
+pub fn running(current: &Protection, now_unix_ms: i64) -> Option<Protection> {
+    let failover = current.last_failover.as_ref()?;
+    if failover.running_unix_ms.is_some() {
+        return None;
+    }
+    let mut next = current.clone();
+    if let Some(f) = next.last_failover.as_mut() {
+        f.running_unix_ms = Some(now_unix_ms);
+    }
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests;

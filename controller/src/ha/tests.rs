@@ -1,0 +1,191 @@
+use super::*;
+
+fn seen(mirror: Mirror, peer_up: bool) -> Observed<'static> {
+    Observed {
+        primary: "n0",
+        peer: Some("n1"),
+        peer_up,
+        mirror,
+        protecting: false,
+        now_unix_ms: 1_000,
+    }
+}
+
+fn both() -> Protection {
+    Protection {
+        current: ["n0".to_string(), "n1".to_string()].into(),
+        sync: Sync::Protected { since_unix_ms: 10 },
+        last_failover: None,
+    }
+}
+
+#[test]
+fn observe_fresh_start_with_peer_up_protects() {
+    let start = starting_on(&Protection::default(), "n0").unwrap();
+
+    let decision = observe(&start, &seen(Mirror::Absent, true));
+
+    assert!(decision.protect);
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert_eq!(next.sync.name(), "simplex");
+}
+
+#[test]
+fn observe_ready_mirror_makes_peer_current() {
+    let start = starting_on(&Protection::default(), "n0").unwrap();
+
+    let decision = observe(&start, &seen(Mirror::Ready, true));
+
+    assert!(!decision.protect);
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string(), "n1".to_string()].into());
+    assert_eq!(
+        next.sync,
+        Sync::Protected {
+            since_unix_ms: 1_000
+        }
+    );
+}
+
+#[test]
+fn observe_ready_again_changes_nothing() {
+    let decision = observe(&both(), &seen(Mirror::Ready, true));
+
+    assert_eq!(decision.protection, None);
+    assert!(!decision.protect);
+}
+
+#[test]
+fn observe_syncing_keeps_peer_behind_and_shows_progress() {
+    let decision = observe(&both(), &seen(Mirror::Syncing { done: 5, total: 10 }, true));
+
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert_eq!(
+        next.sync,
+        Sync::Syncing {
+            done: 5,
+            total: 10,
+            since_unix_ms: 1_000
+        }
+    );
+}
+
+#[test]
+fn observe_failed_mirror_drops_peer_and_rebuilds_when_peer_up() {
+    let decision = observe(
+        &both(),
+        &seen(
+            Mirror::Failed {
+                error: "Input/output error".into(),
+            },
+            true,
+        ),
+    );
+
+    assert!(decision.protect);
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert!(
+        matches!(next.sync, Sync::Simplex { ref reason, .. } if reason.contains("Input/output error"))
+    );
+}
+
+#[test]
+fn observe_peer_down_goes_simplex_without_protecting() {
+    let decision = observe(&both(), &seen(Mirror::Absent, false));
+
+    assert!(!decision.protect);
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert!(
+        matches!(next.sync, Sync::Simplex { ref reason, .. } if reason.contains("n1 is not up"))
+    );
+}
+
+#[test]
+fn observe_protect_in_flight_is_not_sent_twice() {
+    let mut observed = seen(Mirror::Absent, true);
+    observed.protecting = true;
+
+    let decision = observe(&both(), &observed);
+
+    assert!(!decision.protect);
+}
+
+#[test]
+fn observe_simplex_keeps_its_start_time() {
+    let first = observe(&both(), &seen(Mirror::Absent, false))
+        .protection
+        .unwrap();
+    let mut later = seen(Mirror::Absent, false);
+    later.now_unix_ms = 9_000;
+
+    let decision = observe(&first, &later);
+
+    assert_eq!(decision.protection, None);
+}
+
+#[test]
+fn starting_on_behind_host_is_refused() {
+    let only_n1 = Protection {
+        current: ["n1".to_string()].into(),
+        ..Protection::default()
+    };
+
+    let start = starting_on(&only_n1, "n0");
+
+    assert_eq!(start, None);
+}
+
+#[test]
+fn starting_on_current_host_makes_only_it_current() {
+    let start = starting_on(&both(), "n1").unwrap();
+
+    assert_eq!(start.current, ["n1".to_string()].into());
+    assert_eq!(start.sync, Sync::Off);
+}
+
+#[test]
+fn failover_target_is_current_peer_that_is_up() {
+    assert_eq!(failover_target(&both(), "n0", Some("n1"), true), Some("n1"));
+}
+
+#[test]
+fn failover_target_none_when_peer_behind() {
+    let only_n0 = Protection {
+        current: ["n0".to_string()].into(),
+        ..Protection::default()
+    };
+
+    assert_eq!(failover_target(&only_n0, "n0", Some("n1"), true), None);
+}
+
+#[test]
+fn failover_target_none_when_peer_down() {
+    assert_eq!(failover_target(&both(), "n0", Some("n1"), false), None);
+}
+
+#[test]
+fn failed_over_makes_survivor_sole_current_copy() {
+    let next = failed_over("n0", "n1", 77);
+
+    assert_eq!(next.current, ["n1".to_string()].into());
+    let failover = next.last_failover.unwrap();
+    assert_eq!((failover.from.as_str(), failover.to.as_str()), ("n0", "n1"));
+    assert_eq!(failover.decided_unix_ms, 77);
+}
+
+#[test]
+fn running_records_failover_end_once() {
+    let failed = failed_over("n0", "n1", 77);
+
+    let ran = running(&failed, 99).unwrap();
+
+    assert_eq!(
+        ran.last_failover.as_ref().unwrap().running_unix_ms,
+        Some(99)
+    );
+    assert_eq!(running(&ran, 120), None);
+}

@@ -1,0 +1,129 @@
+//! HA on real processes: an HA VM's disk is mirrored over the A-Links to its peer, the VM
+//! shows `protected`, and when its host loses power it restarts on the peer from the replica:
+//! the counter it reads from its disk at boot is past the last one it printed before the cut
+//! (every line printed is a write the guest saw acknowledged). The old host, powered back,
+//! never runs its stale copy; the VM is mirrored back to it and protected again.
+
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+
+/// The first full copy of the 16 MiB disk over the A-Links takes well under a second idle;
+/// generous for a loaded machine.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// Lost detection (host lease TTL 2 s, an etcd election when the dead host held etcd's
+/// leader, a takeover when it served), the start on the peer and a boot under TCG.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn other(node: &str) -> &'static str {
+    if node == "n0" { "n1" } else { "n0" }
+}
+
+fn protected(vm: &pb::Vm) -> bool {
+    vm.state() == pb::VmState::Running
+        && vm
+            .protection
+            .as_ref()
+            .is_some_and(|p| p.state == "protected")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvth", 210);
+    let mut api = lab.client().await;
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Ha.into(),
+        ..tiny_guest("h")
+    };
+    let vm = api.create_vm(request).await.unwrap().into_inner();
+    let console = Console::new(&lab, &vm);
+    api.start_vm(pb::StartVmRequest { vm: "h".into() })
+        .await
+        .unwrap();
+    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
+
+    // Protected: the mirror is in sync, both hosts hold a current copy.
+    let synced = Instant::now();
+    let vm = lab.wait_vm("h", "protected", SYNC_TIMEOUT, protected).await;
+    eprintln!(
+        "VM h protected {:.2} s after its first counter",
+        synced.elapsed().as_secs_f64()
+    );
+    let node = vm.node.clone();
+    let protection = vm.protection.clone().unwrap();
+    assert_eq!(protection.current_on, ["n0", "n1"]);
+    console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+
+    // Power cut of its host: the VM restarts on the peer from the replica.
+    let last_printed = console.counters().last().cloned().unwrap();
+    let cut = Instant::now();
+    lab.kill_host(&node);
+    let moved = lab
+        .wait_vm(
+            "h",
+            &format!("running on {}", other(&node)),
+            FAILOVER_TIMEOUT,
+            |vm| vm.state() == pb::VmState::Running && vm.node == other(&node),
+        )
+        .await;
+    let console = Console::new(&lab, &moved);
+    let again = console.wait_counters(2, GUEST_BOOT_TIMEOUT);
+    eprintln!(
+        "VM h printed COUNTER {} on {} {:.2} s after the power cut of {node}",
+        again[0].0,
+        other(&node),
+        cut.elapsed().as_secs_f64()
+    );
+
+    assert!(
+        again[0].0 > last_printed.0,
+        "acknowledged counter {} lost: resumed at {:?}",
+        last_printed.0,
+        again[0]
+    );
+    assert_ne!(
+        again[0].1, last_printed.1,
+        "a failover of an HA VM is a new boot"
+    );
+    let failover = moved
+        .protection
+        .as_ref()
+        .and_then(|p| p.last_failover.clone())
+        .unwrap();
+    assert_eq!(
+        (failover.from_node.as_str(), failover.to_node.as_str()),
+        (node.as_str(), other(&node))
+    );
+    let fail_log = lab.log(other(&node), "controller") + &lab.log(&node, "controller");
+    assert!(
+        fail_log.contains("failover begin"),
+        "no failover in the logs"
+    );
+
+    // The old host returns: its stale copy never runs; the VM is mirrored back to it.
+    lab.restore_host(&node);
+    let back = lab
+        .wait_vm("h", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+    let after = console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+
+    assert_eq!(back.node, other(&node));
+    assert_eq!(back.protection.unwrap().current_on, ["n0", "n1"]);
+    assert!(
+        after.iter().all(|(_, boot)| *boot == again[0].1),
+        "{after:?}"
+    );
+    let old = lab.disk_counter(&pb::Vm {
+        node: node.clone(),
+        ..moved.clone()
+    });
+    assert!(
+        old.as_ref()
+            .is_some_and(|(n, boot)| *boot == again[0].1 && *n >= again[0].0),
+        "the returned host's copy was not resynced from the survivor: {old:?}"
+    );
+}
