@@ -9,9 +9,11 @@ set -euo pipefail
 BUILD_PKGS=(libvirt-dev pkg-config protobuf-compiler libprotobuf-dev gcc g++)
 # libvirt-daemon-system: libvirtd and virtlogd for the production URI qemu:///system (the agent's
 # default, the embedded driver, needs neither); tests/tests/libvirtd.rs starts its own by hand.
-RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-system etcd-server etcd-client iproute2 iputils-arping util-linux)
+# ipmitool: the controllers fence a lost host through its BMC with it (IPMI 2.0 lanplus).
+RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-system etcd-server etcd-client iproute2 iputils-arping util-linux ipmitool)
 GUEST_PKGS=(busybox-static gzip)
-TEST_PKGS=(nftables socat)
+# openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too).
+TEST_PKGS=(nftables socat openipmi)
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()

@@ -17,4 +17,5 @@ pub mod nbd;
 pub mod replica;
 pub mod serial;
 pub mod service;
+pub mod stale;
 pub mod storage;

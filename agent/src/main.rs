@@ -18,6 +18,7 @@ use agent::libvirt::Libvirt;
 use agent::membership::Membership;
 use agent::replica::Replicas;
 use agent::service::{AgentService, Deps};
+use agent::stale::Marker;
 use agent::storage::StorageGroups;
 
 /// Pairvisor per-host agent: drives libvirt/QEMU, storage and guest consoles for the controllers.
@@ -80,6 +81,8 @@ async fn serve(
     facts.read_versions(&libvirt).await;
     let replicas = start_replicas(config).await?;
     let (lease_tx, lease) = watch::channel(LeaseView::NONE);
+    let (lease_id_tx, lease_id) = watch::channel(0);
+    let mut marker = None;
     if config.etcd_endpoints.is_empty() {
         tracing::warn!(node = %config.node, "no etcd_endpoints: running alone, without host lease or registration");
     } else {
@@ -89,13 +92,14 @@ async fn serve(
             node: config.node.clone(),
             agent_address: config.advertise(),
             ttl: Duration::from_secs(config.host_lease_ttl_seconds),
-            etcd,
+            etcd: etcd.clone(),
             facts: facts.clone(),
             fence: fence.clone(),
             system_ip: config.system_ip.clone(),
             libvirt: libvirt.clone(),
         };
-        tokio::spawn(membership.run(lease_tx));
+        marker = Some(Marker::new(etcd.clone(), config.node.clone(), lease_id));
+        tokio::spawn(membership.run(lease_tx, lease_id_tx));
     }
     let deps = Deps {
         libvirt,
@@ -104,8 +108,8 @@ async fn serve(
         fence,
         heartbeats,
         lease,
-        peer_nbd_socket: replicas.as_ref().map(|r| r.peer_socket().to_path_buf()),
         replicas,
+        marker,
     };
     let service = AgentService::new(config, deps);
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");

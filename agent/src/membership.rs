@@ -76,8 +76,9 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Holds the host lease and registration forever, publishing the lease's status.
-    pub async fn run(self, status: watch::Sender<LeaseView>) {
+    /// Holds the host lease and registration forever, publishing the lease's status and its
+    /// ID (0 while there is none).
+    pub async fn run(self, status: watch::Sender<LeaseView>, lease_id: watch::Sender<i64>) {
         tokio::spawn(follow_leader(self.clone()));
         tokio::spawn(self_fence(
             self.libvirt.clone(),
@@ -88,7 +89,11 @@ impl Membership {
         let ttl_seconds = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         loop {
             match lease::grant(&self.etcd, ttl_seconds, self.ttl).await {
-                Ok((lease, granted)) => self.term(lease, granted, &status).await,
+                Ok((lease, granted)) => {
+                    lease_id.send_replace(lease);
+                    self.term(lease, granted, &status).await;
+                    lease_id.send_replace(0);
+                }
                 Err(e) => {
                     tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "host lease not granted; retrying")
                 }

@@ -3,12 +3,14 @@
 //! An HA VM's disks are mirrored synchronously to replica volumes on the peer. Each host
 //! serves its replicas with the agent's NBD server ([`crate::nbd`]) on `<state_dir>/nbd.sock`,
 //! reached from the peer only over the A-Links (the replicator's proxy mode, service `nbd`),
-//! and reaches the peer's replicas at `<state_dir>/peer-nbd.sock`. Both hosts run the same
-//! code; only their A-Link role (listen or connect) differs.
+//! and reaches the peer's replicas through one socket per mirrored VM,
+//! `<state_dir>/peer-nbd/<uuid>.sock`, whose connections are held when the peer side ends
+//! first (see [`crate::stale`]). Both hosts run the same code; only their A-Link role (listen
+//! or connect) differs.
 //!
 //! ```text
 //!  writer host                                               standby host
-//!  QEMU mirror ─► peer-nbd.sock (Ingress) ══ A-Links, stream "nbd" ══► Egress
+//!  QEMU mirror ─► peer-nbd/<uuid>.sock (Ingress) ══ A-Links, "nbd" ══► Egress
 //!                                                                      └─► nbd.sock ─► NBD server
 //!                                                                            ─► replica volume files
 //! ```
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use replicator::proxy::{Egress, Ingress, LocalAddr, ProxyError, Target};
+use replicator::proxy::{Egress, Hold, Ingress, LocalAddr, ProxyError, Target};
 use replicator::{Endpoint, LinkError, StreamError};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
@@ -35,8 +37,9 @@ use crate::nbd::{self, Export, Exports};
 const NBD_SERVICE: &str = "nbd";
 /// This host's NBD server socket, in the state directory.
 const NBD_SOCKET: &str = "nbd.sock";
-/// The socket leading to the peer's NBD server, in the state directory.
-const PEER_SOCKET: &str = "peer-nbd.sock";
+/// The directory of the sockets leading to the peer's NBD server, one per mirrored VM, in the
+/// state directory.
+const PEER_SOCKETS: &str = "peer-nbd";
 
 /// Errors of the replica service.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,15 @@ pub enum Error {
     #[error("binding the NBD server socket {path}")]
     BindNbd {
         /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The directory of the sockets leading to the peer could not be made.
+    #[error("making the directory {path} for the sockets to the peer's NBD server")]
+    PeerDir {
+        /// The directory.
         path: PathBuf,
         /// The cause.
         #[source]
@@ -146,26 +158,30 @@ pub struct Replicas {
     /// Serialises export and unexport, which wait for revoked connections.
     changing: tokio::sync::Mutex<()>,
     nbd_socket: PathBuf,
-    peer_socket: PathBuf,
-    _ingress: Ingress,
+    peer_dir: PathBuf,
+    /// Per mirrored VM: the ingress its mirror writes through, and its serial.
+    ingresses: tokio::sync::Mutex<BTreeMap<String, (Ingress, i64)>>,
     _egress: Egress,
     _server: Task,
     endpoint: Endpoint,
 }
 
 impl Replicas {
-    /// Starts the A-Links, the NBD server on `<state_dir>/nbd.sock` (reached by the peer over
-    /// the links) and the socket `<state_dir>/peer-nbd.sock` leading to the peer's server.
-    /// Socket files left by an earlier run are removed first.
+    /// Starts the A-Links and the NBD server on `<state_dir>/nbd.sock` (reached by the peer
+    /// over the links). Socket files left by an earlier run are removed first.
     pub async fn start(
         node: &str,
         config: &AlinkConfig,
         state_dir: &Path,
     ) -> Result<Replicas, Error> {
         let nbd_socket = state_dir.join(NBD_SOCKET);
-        let peer_socket = state_dir.join(PEER_SOCKET);
+        let peer_dir = state_dir.join(PEER_SOCKETS);
         remove_stale(&nbd_socket)?;
-        remove_stale(&peer_socket)?;
+        let _ = std::fs::remove_dir_all(&peer_dir);
+        std::fs::create_dir_all(&peer_dir).map_err(|source| Error::PeerDir {
+            path: peer_dir.clone(),
+            source,
+        })?;
         let endpoint = Endpoint::start(link_config(config))
             .await
             .map_err(|source| Error::StartLinks { source })?;
@@ -179,22 +195,15 @@ impl Replicas {
             .listen(NBD_SERVICE)
             .map_err(|source| Error::ListenNbd { source })?;
         let egress = Egress::start(streams, Target::Unix(nbd_socket.clone()));
-        let local = LocalAddr::Unix(peer_socket.clone());
-        let ingress = Ingress::bind(&endpoint, local, NBD_SERVICE)
-            .await
-            .map_err(|source| Error::BindPeer {
-                path: peer_socket.clone(),
-                source,
-            })?;
-        tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), peer = %peer_socket.display(), "replica service started");
+        tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), "replica service started");
         Ok(Replicas {
             node: node.to_string(),
             exports,
             served: Mutex::default(),
             changing: tokio::sync::Mutex::default(),
             nbd_socket,
-            peer_socket,
-            _ingress: ingress,
+            peer_dir,
+            ingresses: tokio::sync::Mutex::default(),
             _egress: egress,
             _server: server,
             endpoint,
@@ -276,9 +285,51 @@ impl Replicas {
         self.served().values().any(|served| served.vm == vm_uuid)
     }
 
-    /// The socket that leads to the peer's NBD server (QEMU's mirror target).
-    pub fn peer_socket(&self) -> &Path {
-        &self.peer_socket
+    /// The socket through which `vm_uuid`'s mirror reaches the peer's NBD server, and its
+    /// path serial (creation time, Unix ms, increasing per VM). A connection whose peer side
+    /// ends first is held as `hold(serial)` says. `renew` replaces an existing socket (closing
+    /// its connections: only when no mirror of the VM runs); else an existing one is kept.
+    pub async fn peer_socket_for(
+        &self,
+        vm_uuid: &str,
+        hold: impl FnOnce(i64) -> Option<Hold>,
+        renew: bool,
+    ) -> Result<(PathBuf, i64), Error> {
+        let path = self.peer_dir.join(format!("{vm_uuid}.sock"));
+        let mut ingresses = self.ingresses.lock().await;
+        if !renew && let Some((_, serial)) = ingresses.get(vm_uuid) {
+            return Ok((path, *serial));
+        }
+        let serial = ingresses
+            .remove(vm_uuid)
+            .map_or(0, |(_, serial)| serial + 1)
+            .max(daemon::now_unix_ms());
+        remove_stale(&path)?;
+        let local = LocalAddr::Unix(path.clone());
+        let ingress = Ingress::bind_holding(&self.endpoint, local, NBD_SERVICE, hold(serial))
+            .await
+            .map_err(|source| Error::BindPeer {
+                path: path.clone(),
+                source,
+            })?;
+        ingresses.insert(vm_uuid.to_string(), (ingress, serial));
+        Ok((path, serial))
+    }
+
+    /// The serial of `vm_uuid`'s mirror path (0 when it has none).
+    pub async fn path_serial(&self, vm_uuid: &str) -> i64 {
+        self.ingresses
+            .lock()
+            .await
+            .get(vm_uuid)
+            .map_or(0, |(_, serial)| *serial)
+    }
+
+    /// Closes the socket of `vm_uuid`'s mirror and its connections (the VM is gone).
+    pub async fn close_peer_socket(&self, vm_uuid: &str) {
+        if self.ingresses.lock().await.remove(vm_uuid).is_some() {
+            let _ = std::fs::remove_file(self.peer_dir.join(format!("{vm_uuid}.sock")));
+        }
     }
 
     /// The A-Link addresses: bound (listen side, with the actual ports) or dialed (connect).
@@ -305,9 +356,8 @@ impl Replicas {
 impl Drop for Replicas {
     fn drop(&mut self) {
         // Best effort: the next start removes whatever is left.
-        for path in [&self.nbd_socket, &self.peer_socket] {
-            let _ = std::fs::remove_file(path);
-        }
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        let _ = std::fs::remove_dir_all(&self.peer_dir);
     }
 }
 

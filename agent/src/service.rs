@@ -23,6 +23,7 @@ use crate::libvirt::{self, DomainState, DomainStatus, Libvirt};
 use crate::mirror;
 use crate::replica::{self, Replicas};
 use crate::serial;
+use crate::stale::Marker;
 use crate::storage::{self, StorageGroups};
 
 mod mirrors;
@@ -166,9 +167,9 @@ pub struct Deps {
     pub lease: watch::Receiver<LeaseView>,
     /// The HA replica service, when the host has A-Links to its peer.
     pub replicas: Option<Arc<Replicas>>,
-    /// The socket leading to the peer's NBD server (the A-Link ingress), when there are
-    /// A-Links: what this host's mirrors write to.
-    pub peer_nbd_socket: Option<PathBuf>,
+    /// Writes the stale marks that release a broken mirror's held writes (none without etcd:
+    /// then a broken mirror is not held).
+    pub marker: Option<Marker>,
 }
 
 impl AgentService {
@@ -440,6 +441,7 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
         reason: s.reason,
         mirrors: Vec::new(),
         self_fence: s.self_fence,
+        mirror_path: 0,
     }
 }
 
@@ -550,6 +552,9 @@ impl pb::agent_server::Agent for AgentService {
             .undefine(&uuid)
             .await
             .map_err(Error::from)?;
+        if let Some(replicas) = &self.inner.deps.replicas {
+            replicas.close_peer_socket(&uuid).await;
+        }
         // The console history goes with the domain; a missing log is fine.
         let _ = std::fs::remove_file(serial::log_path(&self.inner.serial_dir, &uuid));
         tracing::info!(vm = %uuid, node = %self.inner.node, "domain undefined");

@@ -141,7 +141,7 @@ async fn qemu_writes_through_the_peer_socket_land_in_the_peers_file() {
         .unwrap();
 
     let output = qemu_io(
-        pair.a.peer_socket(),
+        &pair.a.peer_socket_for(VM, |_| None, false).await.unwrap().0,
         "disk0",
         &["write -P 0xab 4096 8192", "flush", "read -P 0xab 4096 8192"],
     )
@@ -164,7 +164,12 @@ async fn the_listening_side_serves_the_dialing_side_too() {
         .await
         .unwrap();
 
-    let output = qemu_io(pair.b.peer_socket(), "disk0", &["write -P 0x5a 0 4096"]).await;
+    let output = qemu_io(
+        &pair.b.peer_socket_for(VM, |_| None, false).await.unwrap().0,
+        "disk0",
+        &["write -P 0x5a 0 4096"],
+    )
+    .await;
 
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(bytes(&pair.disk_a(), 0, 4096), vec![0x5a; 4096]);
@@ -179,7 +184,12 @@ async fn after_unexport_a_new_connection_cannot_open_the_export() {
         .unwrap();
 
     let dropped = pair.b.unexport(VM).await;
-    let output = qemu_io(pair.a.peer_socket(), "disk0", &["write -P 0x77 0 4096"]).await;
+    let output = qemu_io(
+        &pair.a.peer_socket_for(VM, |_| None, false).await.unwrap().0,
+        "disk0",
+        &["write -P 0x77 0 4096"],
+    )
+    .await;
 
     assert_eq!(dropped, ["disk0"]);
     assert!(!pair.b.exported(VM));
@@ -194,7 +204,11 @@ async fn unexport_closes_an_open_connection_before_its_next_write() {
         .export(VM, &[("disk0".into(), pair.disk_b())])
         .await
         .unwrap();
-    let mut client = raw_client(pair.a.peer_socket(), "disk0").await;
+    let mut client = raw_client(
+        &pair.a.peer_socket_for(VM, |_| None, false).await.unwrap().0,
+        "disk0",
+    )
+    .await;
     client
         .write_all(&write_request(1, 0, &[0x11; 512]))
         .await
@@ -234,4 +248,56 @@ async fn export_again_is_idempotent_and_another_vm_cannot_take_the_name() {
         matches!(other, Err(agent::replica::Error::ClaimExport { .. })),
         "{other:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_stays_open_after_unexport_until_the_hold_returns() {
+    let pair = Pair::start().await;
+    pair.b
+        .export(VM, &[("disk0".into(), pair.disk_b())])
+        .await
+        .unwrap();
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let hold: replicator::proxy::Hold = std::sync::Arc::new(move || {
+        let (entered_tx, mut released) = (entered_tx.clone(), released.clone());
+        Box::pin(async move {
+            let _ = entered_tx.send(());
+            let _ = released.wait_for(|r| *r).await;
+        })
+    });
+    let (socket, _) = pair
+        .a
+        .peer_socket_for(VM, |_| Some(hold), true)
+        .await
+        .unwrap();
+    let mut client = raw_client(&socket, "disk0").await;
+    client
+        .write_all(&write_request(1, 0, &[0x11; 512]))
+        .await
+        .unwrap();
+    let mut reply = [0u8; 16];
+    client.read_exact(&mut reply).await.unwrap();
+
+    pair.b.unexport(VM).await;
+    let _ = client.write_all(&write_request(2, 512, &[0x22; 512])).await;
+    tokio::time::timeout(NO_HANG, entered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rest = Vec::new();
+    let while_held =
+        tokio::time::timeout(Duration::from_millis(500), client.read_to_end(&mut rest)).await;
+    release.send(true).unwrap();
+    let after = tokio::time::timeout(NO_HANG, client.read_to_end(&mut rest))
+        .await
+        .unwrap();
+
+    assert_eq!(reply, proto::simple_reply(0, 1));
+    assert!(
+        while_held.is_err(),
+        "the client learned of the peer's end while held: {while_held:?}"
+    );
+    assert!(matches!(after, Ok(0) | Err(_)), "{after:?}: {rest:?}");
+    assert_eq!(bytes(&pair.disk_b(), 512, 512), vec![0; 512]);
 }

@@ -228,8 +228,28 @@ enum LabCmd {
         #[command(flatten)]
         lab: LabArgs,
     },
-    /// Remove every isolate and cut-path fault from the lab's namespaces.
+    /// Make a node's BMC unreachable (its management switch port goes down) until heal.
+    CutBmc {
+        /// The node: n0 or n1.
+        host: String,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Remove every isolate and cut-path fault from the lab's namespaces; reconnect cut BMCs.
     Heal(LabArgs),
+    /// A BMC's chassis control: ipmi_sim runs it with `get power`, `set power 0|1`, ….
+    #[command(hide = true)]
+    BmcHook {
+        /// The node whose BMC asks.
+        host: String,
+        /// get or set.
+        op: String,
+        /// What to get, or parameter and value pairs to set.
+        #[arg(allow_hyphen_values = true)]
+        params: Vec<String>,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -525,7 +545,14 @@ async fn run_lab(command: LabCmd) -> anyhow::Result<()> {
             path,
             lab: args,
         } => lab::faults::cut_path(&args.plan()?, &host, &path),
+        LabCmd::CutBmc { host, lab: args } => lab::bmc::cut(&args.plan()?, &host),
         LabCmd::Heal(args) => lab::faults::heal(&args.plan()?),
+        LabCmd::BmcHook {
+            host,
+            op,
+            params,
+            lab: args,
+        } => lab::bmc::hook(&args.plan()?, &host, &op, &params),
     }
 }
 

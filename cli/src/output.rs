@@ -34,6 +34,7 @@ fn event_kind_name(kind: pb::EventKind) -> &'static str {
     match kind {
         pb::EventKind::VmCreated => "vm-created",
         pb::EventKind::VmChanged => "vm-changed",
+        pb::EventKind::VmProtection => "vm-protection",
         pb::EventKind::VmDeleted => "vm-deleted",
         pb::EventKind::NodeUp => "node-up",
         pb::EventKind::NodeDown => "node-down",

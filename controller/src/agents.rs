@@ -270,16 +270,18 @@ impl Agent {
         .map(|_| ())
     }
 
-    /// Mirrors the running domain of `vm` to the peer's replica (idempotent).
+    /// Mirrors the running domain of `vm` to the replica on `peer` (idempotent).
     pub async fn start_mirror(
         &self,
         vm: &VmRecord,
+        peer: &str,
         token: Token,
     ) -> Result<pb::DomainStatus, Error> {
         let message = pb::StartMirrorRequest {
             uuid: vm.uuid.clone(),
             volumes: replica_volumes(vm),
             fence: fence(token),
+            peer: peer.to_string(),
         };
         self.call(
             "starting mirror",

@@ -13,14 +13,39 @@
 //! reserve_vcpus = 2
 //! reserve_memory_mib = 4096
 //! vcpu_overcommit = 1
+//! [bmc.n0]                              # optional, per node: fence it through its BMC
+//! address = "10.100.0.100"              # IPMI 2.0 (lanplus) on the management network
+//! user = "fence"                        # may control the chassis power
+//! password = "fencepw"                  # 1-20 bytes; keep this file mode 0600
+//! [bmc.n1]
+//! address = "10.100.0.101"
+//! port = 623                            # the default
+//! user = "fence"
+//! password = "fencepw"
 //! ```
+//!
+//! Fencing (see `docs/fencing.md`): when a host is lost, the serving controller waits
+//! `fence_delay_ms`, then powers the host off through its `[bmc.<node>]` and fails its HA VMs
+//! over once the BMC says off. Give the delay to one host only (e.g. 1000 on n1, 0 on n0): if
+//! both controllers ever acted at once they would fence each other, and one must lose the race.
+//! A host without a BMC entry, or whose BMC does not answer, is trusted to have stopped its HA
+//! VMs itself (its agent self-fences before its lease can expire): its VMs fail over once it
+//! has been lost for the self-fence margin of `host_lease_ttl_seconds`, which must be the TTL
+//! the agents use. The password in this file is fine for a lab; in production keep the file
+//! readable by root only.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::bmc::Bmc;
 use crate::placement::Policy;
+
+/// The longest fence delay: beyond it a lost host's HA VMs wait too long.
+const MAX_FENCE_DELAY_MS: u64 = 60_000;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +88,37 @@ pub struct Config {
     /// System reserve and overcommit for capacity accounting.
     #[serde(default)]
     pub capacity: Policy,
+    /// The hosts' BMCs by node: a lost host is powered off through its BMC before its HA VMs
+    /// fail over.
+    #[serde(default)]
+    pub bmc: BTreeMap<String, Bmc>,
+    /// How long this controller waits before fencing a lost host (one host of the pair only).
+    #[serde(default)]
+    pub fence_delay_ms: u64,
+    /// TTL of the agents' host leases, as in their config: without a fence, a lost host's HA
+    /// VMs wait for its self-fence margin.
+    #[serde(default = "default_host_lease_ttl")]
+    pub host_lease_ttl_seconds: u64,
+}
+
+/// How the serving controller fences a lost host, from its [`Config`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fencing {
+    /// The hosts' BMCs by node.
+    pub bmcs: BTreeMap<String, Bmc>,
+    /// The wait before a fence.
+    pub delay: Duration,
+    /// How long a host must have been lost (its lease expired) before its HA VMs fail over
+    /// without a fence: its agent's self-fence margin.
+    pub self_fence_margin: Duration,
 }
 
 fn default_lease_ttl() -> i64 {
     3
+}
+
+fn default_host_lease_ttl() -> u64 {
+    2
 }
 
 impl Config {
@@ -78,6 +130,43 @@ impl Config {
     /// Parses and checks config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
         daemon::config::parse_checked(text, path)
+    }
+
+    /// What the engine needs to fence a lost host.
+    pub fn fencing(&self) -> Fencing {
+        Fencing {
+            bmcs: self.bmc.clone(),
+            delay: Duration::from_millis(self.fence_delay_ms),
+            self_fence_margin: daemon::lease::self_fence_margin(Duration::from_secs(
+                self.host_lease_ttl_seconds,
+            )),
+        }
+    }
+
+    /// Checks the fencing keys.
+    fn check_fencing(&self, path: &Path) -> Result<(), Error> {
+        let invalid = |key, reason: String| Error::Invalid {
+            file: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if self.fence_delay_ms > MAX_FENCE_DELAY_MS {
+            return Err(invalid(
+                "fence_delay_ms",
+                format!("must be 0 to {MAX_FENCE_DELAY_MS}"),
+            ));
+        }
+        if !(2..=60).contains(&self.host_lease_ttl_seconds) {
+            return Err(invalid(
+                "host_lease_ttl_seconds",
+                "must be 2 to 60, the agents' value".into(),
+            ));
+        }
+        for (node, bmc) in &self.bmc {
+            bmc.check()
+                .map_err(|reason| invalid("bmc", format!("[bmc.{node}] {reason}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -103,7 +192,7 @@ impl daemon::config::Checked for Config {
                 "list the client endpoints of all three etcd members",
             ));
         }
-        Ok(())
+        self.check_fencing(path)
     }
 }
 
@@ -125,6 +214,50 @@ etcd_endpoints = ["10.100.0.11:2379"]
         assert_eq!(config.lease_ttl_seconds, 3);
         assert_eq!(config.capacity, Policy::default());
         assert_eq!(config.system_ip, None);
+        assert_eq!(
+            config.fencing(),
+            Fencing {
+                bmcs: BTreeMap::new(),
+                delay: Duration::ZERO,
+                self_fence_margin: Duration::from_millis(300),
+            }
+        );
+    }
+
+    #[test]
+    fn parse_bmc_entries_give_fencing() {
+        let text = format!(
+            "{MINIMAL}fence_delay_ms = 1000\n[bmc.n0]\naddress = \"10.100.0.100\"\nuser = \"fence\"\npassword = \"fencepw\"\n"
+        );
+
+        let fencing = Config::parse(&text, Path::new("c.toml")).unwrap().fencing();
+
+        assert_eq!(fencing.delay, Duration::from_secs(1));
+        assert_eq!(fencing.bmcs["n0"].address, "10.100.0.100");
+        assert_eq!(fencing.bmcs["n0"].port, 623);
+    }
+
+    #[test]
+    fn parse_bmc_without_password_is_refused() {
+        let text = format!(
+            "{MINIMAL}[bmc.n0]\naddress = \"10.100.0.100\"\nuser = \"fence\"\npassword = \"\"\n"
+        );
+
+        let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+
+        assert!(
+            err.to_string()
+                .starts_with("bmc in c.toml: [bmc.n0] password")
+        );
+    }
+
+    #[test]
+    fn parse_fence_delay_above_a_minute_is_refused() {
+        let text = format!("fence_delay_ms = 60001\n{MINIMAL}");
+
+        let err = Config::parse(&text, Path::new("c.toml")).unwrap_err();
+
+        assert!(err.to_string().starts_with("fence_delay_ms in c.toml"));
     }
 
     #[test]

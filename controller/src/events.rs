@@ -6,6 +6,7 @@
 
 use proto::v1 as pb;
 
+use crate::ha::{Protection, Sync};
 use crate::model::{NodeRecord, VmRecord, VmState};
 use crate::store::{ALERTS, Alert, LEADER, NODES, VMS};
 use daemon::pair::LeaderInfo;
@@ -40,6 +41,26 @@ pub fn from_change(change: &Change<'_>) -> Option<pb::Event> {
     }
 }
 
+/// A protection change in words: `simplex → protected; current copies on n0, n1`, or the sync's
+/// progress.
+fn protection_message(old: &Protection, new: &Protection) -> String {
+    let copies: Vec<&str> = new.current.iter().map(String::as_str).collect();
+    let detail = match &new.sync {
+        Sync::Syncing { done, total, .. } => {
+            let percent = (done * 100).checked_div(*total).unwrap_or(0);
+            format!(" {percent}% ({done} of {total} bytes)")
+        }
+        Sync::Simplex { reason, .. } => format!(" ({reason})"),
+        Sync::Off | Sync::Protected { .. } => String::new(),
+    };
+    format!(
+        "{} → {}{detail}; current copies on {}",
+        old.sync.name(),
+        new.sync.name(),
+        copies.join(", ")
+    )
+}
+
 fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
     let new: Option<VmRecord> = change.value.and_then(|v| serde_json::from_slice(v).ok());
     let old: Option<VmRecord> = change.prev.and_then(|v| serde_json::from_slice(v).ok());
@@ -58,6 +79,11 @@ fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
                 new.state.name(),
                 new.state_reason
             ),
+        ),
+        (Some(new), Some(old)) if new.protection != old.protection => (
+            pb::EventKind::VmProtection,
+            new,
+            protection_message(&old.protection, &new.protection),
         ),
         (Some(new), Some(_)) => (
             pb::EventKind::VmChanged,
@@ -208,6 +234,27 @@ mod tests {
         assert_eq!(event.kind(), pb::EventKind::VmChanged);
         assert_eq!(event.message, "stopped → running: started");
         assert_eq!(event.state(), pb::VmState::Running);
+    }
+
+    #[test]
+    fn from_change_protection_change_is_protection_event_with_progress() {
+        let old = vm("web", Mode::Ha, 1, 256, "n0");
+        let mut new = old.clone();
+        new.protection.current = ["n0".to_string()].into();
+        new.protection.sync = Sync::Syncing {
+            done: 4 << 20,
+            total: 16 << 20,
+            since_unix_ms: 1,
+        };
+        let (old, new) = (json(&old), json(&new));
+
+        let event = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old))).unwrap();
+
+        assert_eq!(event.kind(), pb::EventKind::VmProtection);
+        assert_eq!(
+            event.message,
+            "off → syncing 25% (4194304 of 16777216 bytes); current copies on n0"
+        );
     }
 
     #[test]

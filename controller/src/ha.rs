@@ -16,7 +16,11 @@
 //! *current*. A start makes only its own host current (the new QEMU writes before any mirror
 //! exists); the peer becomes current again only when its mirror reports ready (every write
 //! then completes on both hosts), and stops being current as soon as the mirror is seen broken.
-//! Both changes are committed to etcd (fenced) before anything acts on them.
+//! Both changes are committed to etcd (fenced) before anything acts on them. Between a break
+//! and the controller seeing it, the primary's agent holds the guest's writes until it has
+//! left a stale mark in etcd ([`daemon::pair::StaleMark`]): a mark on the mirror path that
+//! made the peer current takes the peer's copy out of the current ones at once, and a
+//! failover commits only if the marks are as the engine read them.
 
 use std::collections::BTreeSet;
 
@@ -34,6 +38,10 @@ pub struct Protection {
     /// The last time the VM was restarted on the peer because its host was lost.
     #[serde(default)]
     pub last_failover: Option<Failover>,
+    /// The mirror path (its serial) whose sync made the peer current; a stale mark on it or
+    /// a later path means the peer is behind.
+    #[serde(default)]
+    pub mirror_path: i64,
 }
 
 /// The mirror to the peer, as last seen.
@@ -122,6 +130,9 @@ pub struct Decision {
     pub protection: Option<Protection>,
     /// Whether to (re)build the mirror: export the replica on the peer, then mirror to it.
     pub protect: bool,
+    /// Whether the VM's stale mark is obsolete (older than the mirror now in sync): remove
+    /// it with the protection.
+    pub clear_mark: bool,
 }
 
 /// What the engine knows of a running HA VM and its peer at one poll.
@@ -135,6 +146,10 @@ pub struct Observed<'a> {
     pub peer_up: bool,
     /// The mirror as the primary's agent reports it.
     pub mirror: Mirror,
+    /// The serial of the path the primary's mirrors write through (0: none).
+    pub mirror_path: i64,
+    /// The path serial named by a stale mark on this VM's mirror to the peer, if there is one.
+    pub mark: Option<i64>,
     /// Whether a protect step is already under way (sent, not yet answered).
     pub protecting: bool,
     /// Now.
@@ -146,7 +161,16 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
     let mut next = current.clone();
     let only_primary: BTreeSet<String> = [seen.primary.to_string()].into();
     let mut protect = false;
-    match (&seen.mirror, seen.peer) {
+    // A mark on the running path: it broke, whatever QEMU says yet.
+    let broken = seen.mark.is_some_and(|path| path >= seen.mirror_path);
+    let mirror = match &seen.mirror {
+        Mirror::Ready | Mirror::Syncing { .. } if broken => Mirror::Failed {
+            error: "the path to the peer broke (stale mark)".into(),
+        },
+        other => other.clone(),
+    };
+    let clear_mark = seen.mark.is_some() && !broken && mirror == Mirror::Ready;
+    match (&mirror, seen.peer) {
         (_, None) => {
             next.current = only_primary;
             next.sync = simplex(
@@ -157,6 +181,7 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
         }
         (Mirror::Ready, Some(peer)) => {
             next.current = [seen.primary.to_string(), peer.to_string()].into();
+            next.mirror_path = seen.mirror_path;
             if !matches!(current.sync, Sync::Protected { .. }) {
                 next.sync = Sync::Protected {
                     since_unix_ms: seen.now_unix_ms,
@@ -177,7 +202,7 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
         }
         (Mirror::Absent | Mirror::Failed { .. }, Some(peer)) => {
             next.current = only_primary;
-            let reason = match (&seen.mirror, seen.peer_up) {
+            let reason = match (&mirror, seen.peer_up) {
                 (Mirror::Failed { error }, _) => format!("the mirror to {peer} failed: {error}"),
                 (_, false) => format!("host {peer} is not up; the VM runs on one copy"),
                 _ => format!("no mirror to {peer} yet"),
@@ -187,8 +212,9 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
         }
     }
     Decision {
-        protection: (next != *current).then_some(next),
+        protection: (next != *current || clear_mark).then_some(next),
         protect,
+        clear_mark,
     }
 }
 
@@ -215,6 +241,7 @@ pub fn starting_on(current: &Protection, node: &str) -> Option<Protection> {
         current: [node.to_string()].into(),
         sync: Sync::Off,
         last_failover: current.last_failover.clone(),
+        mirror_path: 0,
     })
 }
 
@@ -235,16 +262,19 @@ pub fn placed(
     }
 }
 
-/// Where an HA VM whose host `lost` is lost restarts: the peer, if its copy is current and it
-/// is up. `None` means the VM waits for its host.
+/// Where an HA VM whose host `lost` is lost restarts: the peer, if its copy is current (and
+/// no stale mark, `mark`, names the path that made it so or a later one) and it is up. `None`
+/// means the VM waits for its host.
 pub fn failover_target<'a>(
     current: &Protection,
     lost: &str,
     peer: Option<&'a str>,
     peer_up: bool,
+    mark: Option<i64>,
 ) -> Option<&'a str> {
     let peer = peer?;
-    (peer != lost && peer_up && current.current.contains(peer)).then_some(peer)
+    let marked = mark.is_some_and(|path| path >= current.mirror_path);
+    (peer != lost && peer_up && !marked && current.current.contains(peer)).then_some(peer)
 }
 
 /// The protection committed with a failover from `from` to `to`, decided at `now_unix_ms`.
@@ -262,6 +292,7 @@ pub fn failed_over(from: &str, to: &str, now_unix_ms: i64) -> Protection {
             decided_unix_ms: now_unix_ms,
             running_unix_ms: None,
         }),
+        mirror_path: 0,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod bmc;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -22,10 +23,4 @@ pub mod store;
 pub mod validate;
 pub mod vm;
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use daemon::now_unix_ms;

@@ -188,6 +188,7 @@ async fn serve(
         lease_status: deps.lease.clone(),
         agents: deps.agents.clone(),
         policy: deps.config.capacity,
+        fencing: deps.config.fencing(),
     };
     match engine::start(ctx).await {
         Ok((handle, task)) => {

@@ -19,6 +19,7 @@
 //! still exist with its creation revision, so a controller that lost its lease can no longer
 //! change anything (fencing).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpR
 use serde::{Deserialize, Serialize};
 
 pub use daemon::etcd::Etcd;
-use daemon::pair::encode;
+use daemon::pair::{self, StaleMark, encode};
 pub use daemon::pair::{LEADER, MEMBERS, NODES, PREFIX, member_key, node_key};
 
 use crate::health;
@@ -342,6 +343,27 @@ enum Outcome {
     },
 }
 
+/// A VM's stale mark as the engine last read it, for a write that depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkGuard {
+    /// The mark's mod revision when read (0: there was none).
+    pub mod_revision: i64,
+    /// Whether the write removes the mark (it is obsolete).
+    pub remove: bool,
+}
+
+/// Every VM's stale mark, with its mod revision.
+pub async fn load_marks(etcd: &Etcd) -> Result<BTreeMap<String, (StaleMark, i64)>, Error> {
+    let (marks, _) = load_prefix_at::<StaleMark>(etcd, pair::STALE).await?;
+    Ok(marks
+        .into_iter()
+        .map(|stored| {
+            let vm = stored.key.trim_start_matches(pair::STALE).to_string();
+            (vm, (stored.value, stored.revision))
+        })
+        .collect())
+}
+
 /// The serving controller's fenced writes: each commits only while its election key lives.
 #[derive(Clone, Debug)]
 pub struct Writer {
@@ -438,19 +460,40 @@ impl Writer {
         revision: i64,
         tag: Option<&Tag>,
     ) -> Result<i64, Error> {
+        self.update_vm_marked(vm, revision, tag, None).await
+    }
+
+    /// [`Writer::update_vm`] that commits only if the VM's stale mark is as `mark` saw it,
+    /// and removes it if `mark` says so.
+    pub async fn update_vm_marked(
+        &self,
+        vm: &VmRecord,
+        revision: i64,
+        tag: Option<&Tag>,
+        mark: Option<&MarkGuard>,
+    ) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);
         let value = encode(vm);
+        let mut compares = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            revision,
+        )];
+        let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+        if let Some(mark) = mark {
+            let mark_key = pair::stale_key(&vm.uuid);
+            compares.push(Compare::mod_revision(
+                mark_key.clone(),
+                CompareOp::Equal,
+                mark.mod_revision,
+            ));
+            if mark.remove {
+                ops.push(TxnOp::delete(mark_key, None));
+            }
+        }
         let outcome = self
             .commit("updating VM", || {
-                self.txn(
-                    vec![Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        revision,
-                    )],
-                    vec![TxnOp::put(key.clone(), value.clone(), None)],
-                    tag,
-                )
+                self.txn(compares.clone(), ops.clone(), tag)
             })
             .await?;
         self.resolve(outcome, &key, Some(&value))
@@ -472,6 +515,7 @@ impl Writer {
                     vec![
                         TxnOp::delete(key.clone(), None),
                         TxnOp::delete(name_key(&vm.name), None),
+                        TxnOp::delete(pair::stale_key(&vm.uuid), None),
                     ],
                     None,
                 )

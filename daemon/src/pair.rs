@@ -1,5 +1,6 @@
 //! The part of the pair's etcd state that both daemons read or write: host registrations (an
-//! agent's, bound to its host lease), the pair's members, and who serves with which term.
+//! agent's, bound to its host lease), the pair's members, who serves with which term, and the
+//! marks an agent leaves when a mirror to the peer broke.
 //! Values are JSON. The controller's own keys (VMs, requests, alerts) live in its `store`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,16 @@ pub const NODES: &str = "/pairvisor/nodes/";
 pub const MEMBERS: &str = "/pairvisor/members/";
 /// Who serves now, with its term: written by the elected controller once it has taken over.
 pub const LEADER: &str = "/pairvisor/leader";
+
+/// Prefix of stale marks: `stale/<vm uuid>` → [`StaleMark`], written by the agent of an HA
+/// VM's host when its mirror to the peer broke, before the guest may see a write complete
+/// that the peer lacks. A failover to the marked peer is refused while the mark stands.
+pub const STALE: &str = "/pairvisor/stale/";
+
+/// Key of a VM's stale mark.
+pub fn stale_key(vm_uuid: &str) -> String {
+    format!("{STALE}{vm_uuid}")
+}
 
 /// Key of a host registration.
 pub fn node_key(name: &str) -> String {
@@ -75,6 +86,20 @@ pub struct LeaderInfo {
     /// Its term: the creation revision of its election key. Agents refuse older terms.
     #[serde(default)]
     pub term: i64,
+}
+
+/// A VM's copy on `peer` fell behind the one on `writer`: the mirror between them broke.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleMark {
+    /// The host whose copy is current (the VM runs there).
+    pub writer: String,
+    /// The host whose copy is behind.
+    pub peer: String,
+    /// The mirror path that broke (its creation time, Unix ms): a mark older than the path of
+    /// a mirror in sync since is obsolete.
+    pub path: i64,
+    /// When the mark was written.
+    pub at_unix_ms: i64,
 }
 
 /// JSON of a record. Our records are plain structs of strings, numbers and maps with string

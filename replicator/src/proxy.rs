@@ -12,9 +12,12 @@
 //!  qemu ──► Ingress(127.0.0.1:10809) ══ stream "nbd" ══► Egress ──► qemu-nbd (unix socket)
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -92,6 +95,12 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// What an ingress does with a local connection whose peer side ended or failed while the
+/// local side was still open: the local side stays open, and nothing more reaches it, until
+/// the future completes; then it is closed. The caller decides what must happen before its
+/// local client may learn that the peer is gone (HA: the peer's copy recorded as behind).
+pub type Hold = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// The local side of a proxy: listens, and opens one stream per accepted connection.
 /// Dropping it stops listening and closes its connections.
 #[derive(Debug)]
@@ -110,6 +119,20 @@ impl Ingress {
         local: LocalAddr,
         service: &str,
     ) -> Result<Self, ProxyError> {
+        Self::bind_holding(endpoint, local, service, None).await
+    }
+
+    /// Like [`Ingress::bind`], but a connection whose peer side ends first is held open as
+    /// [`Hold`] says before it is closed.
+    ///
+    /// # Errors
+    /// [`ProxyError::Bind`] when `local` cannot be bound.
+    pub async fn bind_holding(
+        endpoint: &Endpoint,
+        local: LocalAddr,
+        service: &str,
+        hold: Option<Hold>,
+    ) -> Result<Self, ProxyError> {
         let inner = endpoint.inner();
         let service = service.to_owned();
         let (local, task) = match local {
@@ -124,7 +147,7 @@ impl Ingress {
                 let bound = listener.local_addr().unwrap_or(addr);
                 (
                     LocalAddr::Tcp(bound),
-                    tokio::spawn(ingress_tcp(listener, inner, service)),
+                    tokio::spawn(ingress_tcp(listener, inner, service, hold)),
                 )
             }
             LocalAddr::Unix(path) => {
@@ -134,7 +157,7 @@ impl Ingress {
                 })?;
                 (
                     LocalAddr::Unix(path),
-                    tokio::spawn(ingress_unix(listener, inner, service)),
+                    tokio::spawn(ingress_unix(listener, inner, service, hold)),
                 )
             }
         };
@@ -155,14 +178,19 @@ impl Drop for Ingress {
     }
 }
 
-async fn ingress_tcp(listener: TcpListener, inner: Arc<Inner>, service: String) {
+async fn ingress_tcp(
+    listener: TcpListener,
+    inner: Arc<Inner>,
+    service: String,
+    hold: Option<Hold>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
-                    conns.spawn(carry_local(Arc::clone(&inner), service.clone(), socket, peer.to_string()));
+                    conns.spawn(carry_local(Arc::clone(&inner), service.clone(), socket, peer.to_string(), hold.clone()));
                 }
                 Err(error) => warn!(reason = %error, "proxy ingress accept failed"),
             },
@@ -171,13 +199,18 @@ async fn ingress_tcp(listener: TcpListener, inner: Arc<Inner>, service: String) 
     }
 }
 
-async fn ingress_unix(listener: UnixListener, inner: Arc<Inner>, service: String) {
+async fn ingress_unix(
+    listener: UnixListener,
+    inner: Arc<Inner>,
+    service: String,
+    hold: Option<Hold>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, _)) => {
-                    conns.spawn(carry_local(Arc::clone(&inner), service.clone(), socket, "unix".to_owned()));
+                    conns.spawn(carry_local(Arc::clone(&inner), service.clone(), socket, "unix".to_owned(), hold.clone()));
                 }
                 Err(error) => warn!(reason = %error, "proxy ingress accept failed"),
             },
@@ -186,21 +219,36 @@ async fn ingress_unix(listener: UnixListener, inner: Arc<Inner>, service: String
     }
 }
 
-async fn carry_local<S>(inner: Arc<Inner>, service: String, socket: S, peer: String)
-where
+async fn carry_local<S>(
+    inner: Arc<Inner>,
+    service: String,
+    socket: S,
+    peer: String,
+    hold: Option<Hold>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let result = async {
-        let stream = Endpoint::open_with(&inner, &service)
-            .await
-            .map_err(|source| ProxyError::Stream { source })?;
+        let stream = match Endpoint::open_with(&inner, &service).await {
+            Ok(stream) => stream,
+            Err(source) => {
+                // The peer is out of reach before a byte moved: held like any other end.
+                if let Some(hold) = &hold {
+                    hold().await;
+                }
+                return Err(ProxyError::Stream { source });
+            }
+        };
         debug!(
             service,
             peer,
             stream = stream.id(),
             "proxy connection carried"
         );
-        pump(socket, stream).await
+        match hold {
+            Some(hold) => pump_holding(socket, stream, hold).await,
+            None => pump(socket, stream).await,
+        }
     }
     .await;
     match result {
@@ -278,6 +326,67 @@ async fn carry_remote(stream: Stream, target: Target) {
             warn!(stream = id, %target, reason = %chain(&error), "proxy connection failed")
         }
     }
+}
+
+/// Like [`pump`], but when the peer side ends (finish or failure) while the local side is
+/// open, awaits `hold` before the local side learns of it.
+async fn pump_holding<S>(socket: S, stream: Stream, hold: Hold) -> Result<(), ProxyError>
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let (mut socket_rd, mut socket_wr) = tokio::io::split(socket);
+    let (mut tx, mut rx) = stream.split();
+    let local_closed = AtomicBool::new(false);
+    let upstream = async {
+        loop {
+            let mut buf = BytesMut::with_capacity(READ_SIZE);
+            let read = socket_rd
+                .read_buf(&mut buf)
+                .await
+                .map_err(|source| ProxyError::Socket { source })?;
+            if read == 0 {
+                local_closed.store(true, Ordering::SeqCst);
+                return tx.finish().map_err(|source| ProxyError::Stream { source });
+            }
+            tx.send(buf.freeze())
+                .await
+                .map_err(|source| ProxyError::Stream { source })?;
+        }
+    };
+    let downstream = async {
+        while let Some(data) = rx
+            .recv()
+            .await
+            .map_err(|source| ProxyError::Stream { source })?
+        {
+            socket_wr
+                .write_all(&data)
+                .await
+                .map_err(|source| ProxyError::Socket { source })?;
+        }
+        Ok(())
+    };
+    // Runs until the peer side ends; a local failure ends everything at once.
+    let peer_end = {
+        tokio::pin!(upstream, downstream);
+        let mut upstream_done = false;
+        loop {
+            tokio::select! {
+                sent = &mut upstream, if !upstream_done => match sent {
+                    Ok(()) => upstream_done = true,
+                    Err(error @ ProxyError::Socket { .. }) => return Err(error),
+                    Err(error) => break Err(error),
+                },
+                received = &mut downstream => break received,
+            }
+        }
+    };
+    if matches!(peer_end, Err(ProxyError::Socket { .. })) || local_closed.load(Ordering::SeqCst) {
+        return peer_end;
+    }
+    hold().await;
+    let _ = socket_wr.shutdown().await;
+    peer_end
 }
 
 /// Copies between a socket and a stream in both directions until both ends finished or

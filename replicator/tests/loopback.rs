@@ -377,3 +377,107 @@ async fn stats_report_rtt_and_traffic_per_link() {
     assert!(stats.links.iter().map(|link| link.bytes_sent).sum::<u64>() > MIB as u64);
     assert_eq!(stats.streams.len(), 1);
 }
+
+/// A hold that reports when it is entered and returns once `release` is sent.
+fn gate() -> (
+    replicator::proxy::Hold,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (entered_tx, entered) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let hold: replicator::proxy::Hold = std::sync::Arc::new(move || {
+        let entered_tx = entered_tx.clone();
+        let mut released = released.clone();
+        Box::pin(async move {
+            let _ = entered_tx.send(());
+            let _ = released.wait_for(|r| *r).await;
+        })
+    });
+    (hold, entered, release)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_holding_keeps_the_local_side_open_until_released_when_both_links_die() {
+    let (server, client, relays) = relayed_pair().await;
+    let _egress = Egress::start(
+        server.listen("held").unwrap(),
+        Target::Tcp(echo_tcp().await),
+    );
+    let (hold, mut entered, release) = gate();
+    let ingress = Ingress::bind_holding(
+        &client,
+        LocalAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        "held",
+        Some(hold),
+    )
+    .await
+    .unwrap();
+    let LocalAddr::Tcp(local) = ingress.local_addr().clone() else {
+        panic!("tcp ingress")
+    };
+    let mut socket = tokio::net::TcpStream::connect(local).await.unwrap();
+    socket.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(NO_HANG, socket.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+
+    for relay in &relays {
+        relay.cut();
+    }
+    let _ = socket.write_all(b"lost").await;
+    tokio::time::timeout(NO_HANG, entered.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let while_held = tokio::time::timeout(LINK_TIMEOUT * 2, socket.read(&mut byte)).await;
+    release.send(true).unwrap();
+    let after = tokio::time::timeout(NO_HANG, socket.read(&mut byte))
+        .await
+        .unwrap();
+
+    assert_eq!(&echoed, b"ping");
+    assert!(
+        while_held.is_err(),
+        "the local side learned of the peer's end while held: {while_held:?}"
+    );
+    assert!(
+        matches!(after, Ok(0) | Err(_)),
+        "not closed after release: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn proxy_holding_closed_locally_first_is_not_held() {
+    let (server, client) = pair(1).await;
+    let _egress = Egress::start(
+        server.listen("quiet").unwrap(),
+        Target::Tcp(echo_tcp().await),
+    );
+    let (hold, mut entered, _release) = gate();
+    let ingress = Ingress::bind_holding(
+        &client,
+        LocalAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        "quiet",
+        Some(hold),
+    )
+    .await
+    .unwrap();
+    let LocalAddr::Tcp(local) = ingress.local_addr().clone() else {
+        panic!("tcp ingress")
+    };
+
+    let socket = tokio::net::TcpStream::connect(local).await.unwrap();
+    let back = tokio::time::timeout(NO_HANG, round_trip(socket, b"bye"))
+        .await
+        .unwrap();
+
+    assert_eq!(back, b"bye");
+    assert!(
+        entered.try_recv().is_err(),
+        "a connection its client closed was held"
+    );
+}

@@ -135,7 +135,12 @@ impl Lab {
         self.lab_ok(&args);
     }
 
-    /// Removes every `isolate` and `cut_path` fault.
+    /// Makes node `host`'s BMC unreachable (its management switch port goes down) until `heal`.
+    pub fn cut_bmc(&self, host: &str) {
+        self.lab_ok(&["cut-bmc", host]);
+    }
+
+    /// Removes every `isolate` and `cut_path` fault and reconnects cut BMCs.
     pub fn heal(&self) {
         self.lab_ok(&["heal"]);
     }
@@ -242,7 +247,7 @@ impl Lab {
 
     fn dump_logs(&self) {
         for host in ["n0", "n1", "w"] {
-            for kind in ["controller", "agent", "etcd"] {
+            for kind in ["controller", "agent", "etcd", "bmc", "bmc-hook"] {
                 let path = self.dir.join(host).join("logs").join(format!("{kind}.log"));
                 if let Ok(text) = std::fs::read_to_string(&path) {
                     eprintln!("===== {} (last 60 lines)", path.display());

@@ -2,7 +2,9 @@
 //! shows `protected`, and when its host loses power it restarts on the peer from the replica:
 //! the counter it reads from its disk at boot is past the last one it printed before the cut
 //! (every line printed is a write the guest saw acknowledged). The old host, powered back,
-//! never runs its stale copy; the VM is mirrored back to it and protected again.
+//! never runs its stale copy; the VM is mirrored back to it and protected again. With one
+//! A-Link pulled nothing but an alert happens; with both pulled the guest runs on alone, and
+//! the peer's copy, now behind, is never started when the VM's host dies.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,24 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn other(node: &str) -> &'static str {
     if node == "n0" { "n1" } else { "n0" }
+}
+
+/// Waits for `count` new counters of `vm` after `before` under the same boot, one by one: the
+/// guest ran on without a reboot or a gap.
+fn assert_counts_on(
+    lab: &Lab,
+    vm: &pb::Vm,
+    before: &(u64, String),
+    count: usize,
+) -> Vec<(u64, String)> {
+    let after = Console::new(lab, vm).wait_counters(count, COUNTER_PERIOD_TIMEOUT);
+    assert!(
+        after.iter().all(|(_, boot)| *boot == before.1),
+        "rebooted: {after:?} after {before:?}"
+    );
+    assert!(after[0].0 > before.0, "{after:?} after {before:?}");
+    assert!(after.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{after:?}");
+    after
 }
 
 fn protected(vm: &pb::Vm) -> bool {
@@ -109,21 +129,102 @@ async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write
     let back = lab
         .wait_vm("h", "protected again", SYNC_TIMEOUT, protected)
         .await;
-    let after = console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+    let after = assert_counts_on(&lab, &back, again.last().unwrap(), 2);
 
     assert_eq!(back.node, other(&node));
     assert_eq!(back.protection.unwrap().current_on, ["n0", "n1"]);
-    assert!(
-        after.iter().all(|(_, boot)| *boot == again[0].1),
-        "{after:?}"
-    );
     let old = lab.disk_counter(&pb::Vm {
         node: node.clone(),
         ..moved.clone()
     });
     assert!(
         old.as_ref()
-            .is_some_and(|(n, boot)| *boot == again[0].1 && *n >= again[0].0),
+            .is_some_and(|(n, boot)| *boot == after[0].1 && *n >= after[0].0),
         "the returned host's copy was not resynced from the survivor: {old:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_links_pulled_then_host_death_never_starts_the_copy_that_is_behind() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvtg", 212);
+    let mut api = lab.client().await;
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Ha.into(),
+        ..tiny_guest("g")
+    };
+    let vm = api.create_vm(request).await.unwrap().into_inner();
+    let console = Console::new(&lab, &vm);
+    api.start_vm(pb::StartVmRequest { vm: "g".into() })
+        .await
+        .unwrap();
+    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
+    let vm = lab.wait_vm("g", "protected", SYNC_TIMEOUT, protected).await;
+    let node = vm.node.clone();
+    let first = Console::new(&lab, &vm).wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();
+
+    // One A-Link pulled: the mirror carries on over the other; the guest never notices.
+    lab.cut_path(&node, "alink1");
+    let one_cut = assert_counts_on(&lab, &vm, &first, 3);
+    let still = lab.wait_vm("g", "protected", SYNC_TIMEOUT, protected).await;
+    assert_eq!(still.protection.unwrap().current_on, ["n0", "n1"]);
+
+    // Both pulled: the peer's copy falls behind, the guest runs on alone, simplex.
+    lab.cut_path(&node, "alink2");
+    let both_cut = assert_counts_on(&lab, &vm, one_cut.last().unwrap(), 3);
+    let alone = lab
+        .wait_vm("g", "simplex on its host alone", SYNC_TIMEOUT, |vm| {
+            vm.protection
+                .as_ref()
+                .is_some_and(|p| p.state == "simplex" && p.current_on == [vm.node.clone()])
+        })
+        .await;
+    assert_eq!(alone.node, node);
+    let log = lab.log(&node, "agent");
+    assert!(
+        log.contains("stale mark end: recorded"),
+        "no stale mark in the agent's log"
+    );
+
+    // The VM's host dies: its copy is the only current one, so the VM waits for it.
+    let recent = Console::new(&lab, &vm);
+    let last_printed = recent.wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();
+    assert!(last_printed.0 > both_cut[0].0);
+    let console = Console::new(&lab, &vm);
+    lab.kill_host(&node);
+    let lost = lab
+        .wait_vm_state("g", pb::VmState::Lost, FAILOVER_TIMEOUT)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waited = lab
+        .wait_vm("g", "still lost", FAILOVER_TIMEOUT, |_| true)
+        .await;
+    assert_eq!(
+        (lost.node.as_str(), waited.node.as_str()),
+        (node.as_str(), node.as_str())
+    );
+    assert_eq!(
+        waited.state(),
+        pb::VmState::Lost,
+        "{:?}",
+        waited.state_reason
+    );
+
+    // Its host returns: the VM runs there again with every acknowledged write, and the
+    // mirror to the peer is rebuilt.
+    lab.heal();
+    lab.restore_host(&node);
+    let back = lab
+        .wait_vm("g", "protected again", FAILOVER_TIMEOUT, protected)
+        .await;
+    let again = console.wait_counters(1, GUEST_BOOT_TIMEOUT);
+
+    assert_eq!(back.node, node);
+    assert!(
+        again[0].0 > last_printed.0,
+        "acknowledged counter {} lost: {again:?}",
+        last_printed.0
     );
 }

@@ -209,7 +209,8 @@ async fn vm_story(
     let mut story = Vec::new();
     let replay = async {
         while let Some(event) = stream.message().await.unwrap() {
-            if event.vm_name != name {
+            // The lifecycle's story; the HA protection's is told in ha.rs.
+            if event.vm_name != name || event.kind() == pb::EventKind::VmProtection {
                 continue;
             }
             let kind = match event.kind() {

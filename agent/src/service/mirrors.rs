@@ -20,16 +20,20 @@ impl Inner {
     pub(super) async fn list_domains(&self) -> Result<Vec<pb::DomainStatus>, Error> {
         let domains = self.deps.libvirt.list().await?;
         let mut mirrors = self.mirrors_of_running(&domains).await;
-        Ok(domains
-            .into_iter()
-            .map(|d| {
-                let found = mirrors.remove(&d.uuid).unwrap_or_default();
-                pb::DomainStatus {
-                    mirrors: found.into_iter().map(mirror_to_pb).collect(),
-                    ..status_to_pb(d)
-                }
-            })
-            .collect())
+        let mut listed = Vec::with_capacity(domains.len());
+        for d in domains {
+            let found = mirrors.remove(&d.uuid).unwrap_or_default();
+            let mirror_path = match (&self.deps.replicas, found.is_empty()) {
+                (Some(replicas), false) => replicas.path_serial(&d.uuid).await,
+                _ => 0,
+            };
+            listed.push(pb::DomainStatus {
+                mirrors: found.into_iter().map(mirror_to_pb).collect(),
+                mirror_path,
+                ..status_to_pb(d)
+            });
+        }
+        Ok(listed)
     }
 
     /// Mirrors each disk of the running domain to the peer's replica of its volume.
@@ -40,19 +44,31 @@ impl Inner {
         if uuid_invalid(&req.uuid) {
             return Err(invalid(format!("{:?} is not a UUID", req.uuid)));
         }
+        if !plain_name(&req.peer) {
+            return Err(invalid(format!("peer {:?} is not a node name", req.peer)));
+        }
         let disks = mirror_disks(&req.volumes)?;
         self.admit("start-mirror", &req.uuid, req.fence)?;
-        let socket = self
+        let replicas = self
             .deps
-            .peer_nbd_socket
+            .replicas
             .as_deref()
             .ok_or(Error::NoALink { op: "start-mirror" })?;
         let libvirt = &self.deps.libvirt;
-        let start = mirror::start(libvirt, &req.uuid, &disks, socket);
+        // A new socket (with the lease held now) unless a mirror runs through the old one.
+        let running = mirror::status(libvirt, &req.uuid).await.is_ok_and(|m| {
+            m.iter()
+                .any(|d| !matches!(d.state, MirrorState::Failed { .. }))
+        });
+        let marker = self.deps.marker.as_ref();
+        let hold = |path| marker.map(|m| m.hold(&req.uuid, &req.peer, m.lease(), path));
+        let (socket, path) = replicas.peer_socket_for(&req.uuid, hold, !running).await?;
+        let start = mirror::start(libvirt, &req.uuid, &disks, &socket);
         let mirrors = self.mirror_logged("start-mirror", &req.uuid, start).await?;
         let status = libvirt.status(&req.uuid).await?;
         Ok(pb::DomainStatus {
             mirrors: mirrors.into_iter().map(mirror_to_pb).collect(),
+            mirror_path: path,
             ..status_to_pb(status)
         })
     }

@@ -6,7 +6,8 @@
 //! - `restore-host`: the links come up again, then the node's daemons start as `lab up` starts
 //!   them. Guests are the controllers' business.
 //! - `isolate`, `cut-path`: packets vanish while the carrier stays (a broken switch, not a
-//!   pulled cable), by nftables drop rules in the node's namespace. `heal` removes them all.
+//!   pulled cable), by nftables drop rules in the node's namespace. `heal` removes them all,
+//!   and reconnects BMCs that `cut-bmc` cut (see `bmc`).
 //!
 //! The rules live in tables named `pvfault`. The `inet` table holds the routed paths, with one
 //! pair of base chains (input and output hooks) per fault, e.g. `alink1_in` and `alink1_out`.
@@ -391,25 +392,38 @@ fn lab_node(plan: &Plan, name: &str) -> anyhow::Result<(&'static Host, String)> 
 
 /// `pvctl lab kill-host HOST`: a power cut of node `name` (see the module doc).
 pub fn kill_host(plan: &Plan, name: &str) -> anyhow::Result<()> {
+    for line in power_off(plan, name)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Cuts node `name`'s power as `kill-host` does (its BMC's hook too); returns what it did, a
+/// line each.
+pub fn power_off(plan: &Plan, name: &str) -> anyhow::Result<Vec<String>> {
     let (host, ns) = lab_node(plan, name)?;
+    let mut lines = Vec::new();
     let killed = kill_all(&ns)?;
     if killed.is_empty() {
-        println!("{}: no process was running in {ns}", host.name);
+        lines.push(format!("{}: no process was running in {ns}", host.name));
     }
     for (pid, cmdline) in &killed {
-        println!("{}: killed PID {pid}: {cmdline}", host.name);
+        lines.push(format!("{}: killed PID {pid}: {cmdline}", host.name));
     }
     if let Some(address) = remove_system_ip(plan, &ns)? {
-        println!("{}: removed system IP {address} from {MGMT_DEV}", host.name);
+        lines.push(format!(
+            "{}: removed system IP {address} from {MGMT_DEV}",
+            host.name
+        ));
     }
     let links = set_links(&ns, "down")?;
-    println!(
+    lines.push(format!(
         "{}: powered off, links down: {}; `pvctl lab restore-host {}` powers it on",
         host.name,
         links.join(", "),
         host.name
-    );
-    Ok(())
+    ));
+    Ok(lines)
 }
 
 /// SIGKILLs every process in namespace `ns` until none is left; returns what it killed.
@@ -503,6 +517,7 @@ pub fn restore_host(plan: &Plan, name: &str) -> anyhow::Result<()> {
         ],
         None,
     )?;
+    super::bmc::powered_on(plan, host)?;
     println!("{}: powered on, links up: {}", host.name, links.join(", "));
     super::start_node(plan, host)?;
     println!(
@@ -537,11 +552,12 @@ fn apply_fault(plan: &Plan, name: &str, fault: Fault) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pvctl lab heal`: removes the fault tables from every namespace of the lab.
+/// `pvctl lab heal`: removes the fault tables from every namespace of the lab and reconnects
+/// cut BMCs.
 pub fn heal(plan: &Plan) -> anyhow::Result<()> {
     super::require_root()?;
     require_nft()?;
-    let mut healed = 0;
+    let mut healed = super::bmc::heal(plan)?;
     for host in HOSTS.iter().filter(|h| net::host_exists(plan, h)) {
         let ns = plan.ns(host);
         let had = has_fault_table(&nft(&ns, &["list", "tables"], None)?);

@@ -1,7 +1,9 @@
 //! `pvctl lab`: a whole two-node pair on one machine. Each host is a network namespace with its
 //! own etcd member, agent (own libvirt embed root and storage) and controller; a third namespace
-//! is the witness. See [`plan`] for names and addresses.
+//! is the witness. Each host has a simulated BMC the controllers fence it with ([`bmc`]). See
+//! [`plan`] for names and addresses.
 
+pub mod bmc;
 pub mod faults;
 mod net;
 pub mod plan;
@@ -18,8 +20,8 @@ use proto::v1 as pb;
 
 pub use plan::Plan;
 use plan::{
-    AGENT_PORT, API_PORT, BUSINESS_BRIDGE, BUSINESS_NETWORK, ETCD_CLIENT_PORT, ETCD_PEER_PORT,
-    HOSTS, Host, MGMT_DEV, STORAGE_GROUP,
+    AGENT_PORT, API_PORT, BMC_PASSWORD, BMC_PORT, BMC_USER, BUSINESS_BRIDGE, BUSINESS_NETWORK,
+    ETCD_CLIENT_PORT, ETCD_PEER_PORT, HOSTS, Host, MGMT_DEV, STORAGE_GROUP,
 };
 use procs::Daemon;
 
@@ -37,6 +39,9 @@ const LAB_VCPU_OVERCOMMIT: u32 = 8;
 const LAB_HOST_LEASE_TTL: u32 = 2;
 /// TTL of each controller's lease: how soon the peer takes over from a dead controller.
 const LAB_CONTROLLER_LEASE_TTL: u32 = 2;
+/// How long n1's controller waits before fencing n0 (n0's fences at once): if both ever
+/// fenced at the same moment, both hosts would go down.
+const LAB_N1_FENCE_DELAY_MS: u64 = 1000;
 /// UDP port of the agents' heartbeats.
 const HEARTBEAT_PORT: u16 = 7702;
 /// etcd compacts history older than this, so the pair never fills its space quota.
@@ -50,7 +55,7 @@ const ETCD_QUOTA_BYTES: &str = "1073741824";
 
 /// Prints a numbered step and returns when it started.
 fn step(n: u32, text: &str) -> Instant {
-    println!("[{n}/6] {text}");
+    println!("[{n}/7] {text}");
     Instant::now()
 }
 
@@ -95,14 +100,21 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
         ),
     );
 
-    let t = step(4, "etcd members on n0, n1 and the witness");
+    let t = step(
+        4,
+        "BMCs (ipmi_sim in a namespace of its own per node, on the management net)",
+    );
+    bmc::up(plan)?;
+    done(t, "");
+
+    let t = step(5, "etcd members on n0, n1 and the witness");
     for host in &HOSTS {
         start(plan, &etcd_daemon(plan, host))?;
     }
     wait_etcd(plan)?;
     done(t, "");
 
-    let t = step(5, "agents (libvirt embed roots, storage, serial capture)");
+    let t = step(6, "agents (libvirt embed roots, storage, serial capture)");
     for host in HOSTS.iter().filter(|h| !h.is_witness()) {
         write_agent_config(plan, host)?;
         start(plan, &agent_daemon(plan, host, &bins.agent))?;
@@ -112,7 +124,7 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
     }
     done(t, "");
 
-    let t = step(6, "controllers (election through etcd, system IP)");
+    let t = step(7, "controllers (election through etcd, system IP)");
     for host in HOSTS.iter().filter(|h| !h.is_witness()) {
         write_controller_config(plan, host)?;
         start(plan, &controller_daemon(plan, host, &bins.controller))?;
@@ -168,6 +180,8 @@ fn start_node(plan: &Plan, host: &Host) -> anyhow::Result<()> {
 pub fn down(plan: &Plan, keep_data: bool) -> anyhow::Result<()> {
     let marker = marker(plan);
     let pid_dir = plan.pid_dir();
+    // First, so no power-on request restarts a host while it is taken down.
+    bmc::down(plan)?;
     let order = ["controller", "agent"];
     for kind in order {
         for host in HOSTS.iter().filter(|h| !h.is_witness()) {
@@ -241,7 +255,7 @@ fn daemon_kinds(host: &Host) -> &'static [&'static str] {
     if host.is_witness() {
         &["etcd"]
     } else {
-        &["etcd", "agent", "controller"]
+        &["bmc", "etcd", "agent", "controller"]
     }
 }
 
@@ -325,7 +339,17 @@ fn prerequisites() -> anyhow::Result<Binaries> {
             );
         }
     }
-    for tool in ["etcd", "etcdctl", "qemu-system-x86_64", "qemu-img", "ip"] {
+    let tools = [
+        "etcd",
+        "etcdctl",
+        "qemu-system-x86_64",
+        "qemu-img",
+        "ip",
+        "ipmi_sim",
+        "ipmitool",
+        "setsid",
+    ];
+    for tool in tools {
         if which(tool).is_none() {
             bail!("{tool} is not installed: run scripts/install-deps.sh");
         }
@@ -474,13 +498,34 @@ fn quoted(items: &[String]) -> String {
 fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
     let endpoints = quoted(&plan.etcd_endpoints());
+    let fence_delay_ms = if host.index == 1 {
+        LAB_N1_FENCE_DELAY_MS
+    } else {
+        0
+    };
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n{bmcs}",
         node = host.name,
         ip = plan.mgmt_ip(host),
         system = plan.system_ip(),
+        bmcs = bmc_sections(plan),
     );
     write(&dir.join("controller.toml"), &text)
+}
+
+/// The controllers' `[bmc.<node>]` sections: the lab's simulated BMCs (a lab password).
+fn bmc_sections(plan: &Plan) -> String {
+    HOSTS
+        .iter()
+        .filter(|h| !h.is_witness())
+        .map(|h| {
+            format!(
+                "\n[bmc.{}]\naddress = \"{}\"\nport = {BMC_PORT}\nuser = \"{BMC_USER}\"\npassword = \"{BMC_PASSWORD}\"\n",
+                h.name,
+                plan.bmc_ip(h)
+            )
+        })
+        .collect()
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The lab's networks: namespaces, veth pairs and bridges, created with `ip` (idempotently)
 //! and removed with their namespaces.
 
+use std::net::Ipv4Addr;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -8,7 +9,7 @@ use anyhow::{Context, bail};
 use super::plan::{BUSINESS_BRIDGE, HOSTS, Host, MGMT_DEV, Plan, ROLE_LINKS};
 
 /// Runs `ip ARGS`, failing with its error output.
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let output = Command::new("ip")
         .args(args)
         .output()
@@ -24,7 +25,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Whether `ip ARGS` succeeds (used to test for existing objects).
-fn ip_ok(args: &[&str]) -> bool {
+pub fn ip_ok(args: &[&str]) -> bool {
     Command::new("ip")
         .args(args)
         .output()
@@ -70,26 +71,63 @@ pub fn up(plan: &Plan) -> anyhow::Result<()> {
 
 /// The host's namespace, loopback and management link.
 fn host_up(plan: &Plan, host: &Host) -> anyhow::Result<()> {
-    let ns = plan.ns(host);
-    if !namespace_exists(&ns) {
-        ip(&["netns", "add", &ns])?;
+    let port = MgmtPort {
+        ns: plan.ns(host),
+        root_end: plan.root_veth(host),
+        dev: MGMT_DEV,
+        address: plan.mgmt_ip(host),
+    };
+    attach(plan, &port)
+}
+
+/// A namespace plugged into the management switch: its veth's root end is a port of the bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MgmtPort {
+    /// The namespace.
+    pub ns: String,
+    /// The veth's end in the root namespace (the switch port).
+    pub root_end: String,
+    /// The veth's end in the namespace.
+    pub dev: &'static str,
+    /// Its address there (/24).
+    pub address: Ipv4Addr,
+}
+
+/// Creates whatever part of `port` is missing: the namespace with loopback up, the veth, its
+/// address; both ends up.
+pub fn attach(plan: &Plan, port: &MgmtPort) -> anyhow::Result<()> {
+    let (ns, root_end, dev) = (&port.ns, &port.root_end, port.dev);
+    if !namespace_exists(ns) {
+        ip(&["netns", "add", ns])?;
     }
-    ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-    let root_end = plan.root_veth(host);
-    let host_end = ip_ok(&["-n", &ns, "link", "show", MGMT_DEV]);
-    if !host_end && ip_ok(&["link", "show", &root_end]) {
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    let inner_end = ip_ok(&["-n", ns, "link", "show", dev]);
+    if !inner_end && ip_ok(&["link", "show", root_end]) {
         // A stale end whose namespace is still dying (see `down`): replace the pair.
-        ip(&["link", "del", &root_end])?;
+        ip(&["link", "del", root_end])?;
     }
-    if !host_end {
+    if !inner_end {
         ip(&[
-            "link", "add", &root_end, "type", "veth", "peer", "name", MGMT_DEV, "netns", &ns,
+            "link", "add", root_end, "type", "veth", "peer", "name", dev, "netns", ns,
         ])?;
-        let address = format!("{}/24", plan.mgmt_ip(host));
-        ip(&["-n", &ns, "addr", "add", &address, "dev", MGMT_DEV])?;
+        let address = format!("{}/24", port.address);
+        ip(&["-n", ns, "addr", "add", &address, "dev", dev])?;
     }
-    ip(&["link", "set", &root_end, "master", &plan.bridge(), "up"])?;
-    ip(&["-n", &ns, "link", "set", MGMT_DEV, "up"])
+    ip(&["link", "set", root_end, "master", &plan.bridge(), "up"])?;
+    ip(&["-n", ns, "link", "set", dev, "up"])
+}
+
+/// Removes namespace `ns` and its management veth (root end `root_end`), if they exist.
+pub fn detach(ns: &str, root_end: &str) -> anyhow::Result<()> {
+    // Delete the root end first: a namespace outlives `netns del` while a killed process's
+    // orphaned TCP sockets still retransmit into it, and with it its veth pairs would.
+    if ip_ok(&["link", "show", root_end]) {
+        ip(&["link", "del", root_end])?;
+    }
+    if namespace_exists(ns) {
+        ip(&["netns", "del", ns])?;
+    }
+    Ok(())
 }
 
 /// A veth pair named `dev` on both ends, one end in each namespace.
@@ -127,16 +165,7 @@ fn business_up(n0: &str, n1: &str) -> anyhow::Result<()> {
 /// Removes the namespaces (with every veth in them) and the bridge.
 pub fn down(plan: &Plan) -> anyhow::Result<()> {
     for host in &HOSTS {
-        // Delete the root end first: a namespace outlives `netns del` while a killed process's
-        // orphaned TCP sockets still retransmit into it, and with it its veth pairs would.
-        let root_end = plan.root_veth(host);
-        if ip_ok(&["link", "show", &root_end]) {
-            ip(&["link", "del", &root_end])?;
-        }
-        let ns = plan.ns(host);
-        if namespace_exists(&ns) {
-            ip(&["netns", "del", &ns])?;
-        }
+        detach(&plan.ns(host), &plan.root_veth(host))?;
     }
     let bridge = plan.bridge();
     if ip_ok(&["link", "show", &bridge]) {

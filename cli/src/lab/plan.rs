@@ -5,12 +5,16 @@
 //!  root ns: bridge pv-mgmt 10.100.0.1/24 ── veth pv-n0m ── pv-n0:ibiz0 10.100.0.11 (+ system IP .10)
 //!                                        ── veth pv-n1m ── pv-n1:ibiz0 10.100.0.12
 //!                                        ── veth pv-wm  ── pv-w:ibiz0  10.100.0.13 (witness)
+//!                                        ── veth pv-n0b ── pv-n0-bmc:bmc0 10.100.0.100 (n0's BMC)
+//!                                        ── veth pv-n1b ── pv-n1-bmc:bmc0 10.100.0.101 (n1's BMC)
 //!  pv-n0 ⇄ pv-n1 veth pairs: priv0 10.101.0.{1,2}, alink1 10.102.0.{1,2}, alink2 10.103.0.{1,2},
 //!                            business (bridged into biz0 on each side; guests' NICs plug in there)
 //! ```
 //! Each host namespace runs an etcd member (:2379/:2380), an agent (:7701, and the A-Link set
 //! :7710 for HA replicas: n0 listens on alink1/alink2, n1 dials them) and a controller
-//! (API :7400); the witness runs only its etcd member.
+//! (API :7400); the witness runs only its etcd member. Each node has a simulated BMC
+//! (`ipmi_sim`, IPMI over UDP :623) in a namespace of its own on the management network, so it
+//! answers while its host is dead and cutting the host's links leaves it reachable.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -42,6 +46,14 @@ pub const BUSINESS_BRIDGE: &str = "biz0";
 pub const BUSINESS_NETWORK: &str = "business";
 /// Storage group the agents offer.
 pub const STORAGE_GROUP: &str = "sg0";
+/// A BMC's interface in its namespace.
+pub const BMC_DEV: &str = "bmc0";
+/// The BMCs' IPMI port.
+pub const BMC_PORT: u16 = 623;
+/// IPMI user of the lab's BMCs that the controllers fence with.
+pub const BMC_USER: &str = "fence";
+/// Its password (a lab's, written into the controllers' config files).
+pub const BMC_PASSWORD: &str = "fencepw";
 
 /// A point-to-point role link between the two hosts: (interface name, subnet offset).
 pub const ROLE_LINKS: [(&str, u8); 3] = [("priv0", 1), ("alink1", 2), ("alink2", 3)];
@@ -124,6 +136,16 @@ impl Plan {
         &self.dir
     }
 
+    /// The prefix of its namespaces and bridge.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The second octet of its subnets.
+    pub fn subnet(&self) -> u8 {
+        self.subnet
+    }
+
     /// Network namespace of `host`.
     pub fn ns(&self, host: &Host) -> String {
         format!("{}-{}", self.prefix, host.name)
@@ -147,6 +169,21 @@ impl Plan {
     /// Management address of `host`.
     pub fn mgmt_ip(&self, host: &Host) -> Ipv4Addr {
         Ipv4Addr::new(10, self.subnet, 0, 11 + host.index)
+    }
+
+    /// Network namespace of node `host`'s BMC.
+    pub fn bmc_ns(&self, host: &Host) -> String {
+        format!("{}-{}-bmc", self.prefix, host.name)
+    }
+
+    /// Root-namespace end of the veth of node `host`'s BMC: its port on the management switch.
+    pub fn bmc_veth(&self, host: &Host) -> String {
+        format!("{}-{}b", self.prefix, host.name)
+    }
+
+    /// Management address of node `host`'s BMC.
+    pub fn bmc_ip(&self, host: &Host) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, 100 + host.index)
     }
 
     /// The floating system IP.
@@ -317,6 +354,13 @@ mod tests {
     }
 
     #[test]
+    fn bmc_ip_of_second_node_is_101() {
+        let ip = plan().bmc_ip(&HOSTS[1]);
+
+        assert_eq!(ip, Ipv4Addr::new(10, 100, 0, 101));
+    }
+
+    #[test]
     fn new_with_long_prefix_is_refused() {
         let err = Plan::new("toolongprefix", 100, Path::new("/x")).unwrap_err();
 
@@ -329,5 +373,6 @@ mod tests {
 
         assert!(plan.bridge().len() <= 15);
         assert!(plan.root_veth(&HOSTS[0]).len() <= 15);
+        assert!(plan.bmc_veth(&HOSTS[1]).len() <= 15);
     }
 }

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::effects::{Batch, Done, Waiter};
+use super::fencing::{FenceDone, Fences};
 use super::observe::{self, DomainsPoll, HealthPoll};
 use super::view::{self, NodeView, NodesView, Snapshot};
 use super::{Command, Context};
@@ -45,6 +46,8 @@ pub(super) enum Internal {
     Domains(DomainsPoll),
     /// The agents' heartbeat reports.
     Health(HealthPoll),
+    /// A lost host's fence ended.
+    Fence(FenceDone),
     /// An alarm check ended: the members that hit etcd's space quota (none: all is well) and
     /// how reclaiming the space went.
     SpaceAlarm {
@@ -94,6 +97,10 @@ pub(super) struct Engine {
     pub hosts: BTreeMap<String, health::Host>,
     /// The last health poll, for the view.
     pub last_health: Option<HealthPoll>,
+    /// The VMs' stale marks (mark, mod revision), as the last domain poll read them.
+    pub marks: BTreeMap<String, (daemon::pair::StaleMark, i64)>,
+    /// Lost hosts and their fences.
+    pub fences: Fences,
     pub health_config: health::Config,
     pub alerts: BTreeMap<String, Alert>,
     /// Applied requests by ID, with when they were learned (forgotten after their lease).
@@ -148,6 +155,8 @@ impl Engine {
             controllers: BTreeMap::new(),
             hosts: BTreeMap::new(),
             last_health: None,
+            marks: BTreeMap::new(),
+            fences: Fences::default(),
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
             requests: requests
@@ -276,6 +285,7 @@ impl Engine {
                 self.polling_health = false;
                 self.apply_health(poll).await;
             }
+            Internal::Fence(done) => self.fence_done(done).await,
             Internal::SpaceAlarm { members, reclaimed } => {
                 self.checking_alarms = false;
                 if !members.is_empty() {

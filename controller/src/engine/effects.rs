@@ -152,10 +152,15 @@ impl Engine {
             record.protection.sync = crate::ha::Sync::Off;
         }
         record.updated_unix_ms = now;
+        // A failover commits only if no stale mark appeared since the engine read them.
+        let guard = transition
+            .relocate
+            .is_some()
+            .then(|| self.mark_guard(uuid, false));
         let revision = match self
             .ctx
             .writer
-            .update_vm(&record, entry.revision, tag)
+            .update_vm_marked(&record, entry.revision, tag, guard.as_ref())
             .await
         {
             Ok(revision) => revision,
@@ -418,6 +423,7 @@ async fn run_batch(agents: Agents, mut lease: watch::Receiver<LeaseView>, batch:
             break;
         }
         let (vm, op) = (record.name.as_str(), action.name());
+        let peer = agents.peer.as_ref().map_or("", |(name, _)| name.as_str());
         let (node, agent) = match (action, &agents.peer) {
             (Action::ExportReplica, Some((peer, agent))) => (peer.as_str(), agent),
             (Action::ExportReplica, None) => (
@@ -432,10 +438,12 @@ async fn run_batch(agents: Agents, mut lease: watch::Receiver<LeaseView>, batch:
         let outcome = match (agent, wait_out_doubt(&mut lease).await) {
             (Err(e), _) => Err(e.clone()),
             (_, Err(e)) => Err(e),
-            (Ok(agent), Ok(())) => call(agent, action, record, batch.token).await.map_err(|e| {
-                done.fenced |= matches!(e, agents::Error::Fenced { .. });
-                ApiError::from(e)
-            }),
+            (Ok(agent), Ok(())) => call(agent, action, record, peer, batch.token)
+                .await
+                .map_err(|e| {
+                    done.fenced |= matches!(e, agents::Error::Fenced { .. });
+                    ApiError::from(e)
+                }),
         };
         match outcome {
             Ok(event) => {
@@ -533,6 +541,7 @@ async fn call(
     agent: &Agent,
     action: Action,
     record: &VmRecord,
+    peer: &str,
     token: Token,
 ) -> Result<Option<VmEvent>, agents::Error> {
     let uuid = record.uuid.as_str();
@@ -548,7 +557,7 @@ async fn call(
         Action::UndefineDomain => agent.undefine(uuid, token).await.map(|()| None),
         Action::DeleteVolumes => agent.delete_volumes(record, token).await.map(|()| None),
         Action::ExportReplica => agent.export_replica(record, token).await.map(|()| None),
-        Action::StartMirror => agent.start_mirror(record, token).await.map(|_| None),
+        Action::StartMirror => agent.start_mirror(record, peer, token).await.map(|_| None),
         Action::RemoveRecord => Ok(None),
     }
 }

@@ -14,10 +14,12 @@
 //! - `effects`: persist fenced, then act: each VM's agent calls, their outcomes, waiters;
 //! - `observe`: what agents and etcd report (domains, heartbeats, registrations) → host
 //!   health, VM events, alerts (reconciliation);
+//! - `fencing`: a lost host powered off through its BMC, and the gate HA failovers wait at;
 //! - `view`: the snapshot that reads are answered from.
 
 mod actor;
 mod effects;
+mod fencing;
 mod lifecycle;
 mod observe;
 mod protect;
@@ -30,6 +32,7 @@ use daemon::lease::LeaseView;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agents::AgentPool;
+use crate::config::Fencing;
 use crate::error::ApiError;
 use crate::health;
 use crate::model::{Mode, VmRecord, VmSpec};
@@ -171,6 +174,8 @@ pub struct Context {
     pub agents: AgentPool,
     /// Capacity policy.
     pub policy: Policy,
+    /// How lost hosts are fenced.
+    pub fencing: Fencing,
 }
 
 /// Loads the pair's state and starts the engine task, which first finishes what a previous

@@ -15,13 +15,14 @@ use std::collections::BTreeMap;
 
 use daemon::etcd::{Etcd, WatchSpec, Watched};
 use daemon::lease::LeaseStatus;
-use daemon::pair::NodeRecord;
+use daemon::pair::{NodeRecord, StaleMark};
 use proto::agent as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::actor::{Engine, Internal};
 use super::effects::stopped_event;
+use super::fencing::held;
 use super::view::PathView;
 use crate::error::chain;
 use crate::health::{self, HostState, Observation, PathHeard};
@@ -49,6 +50,9 @@ pub(crate) struct DomainsPoll {
     pub(super) started: Instant,
     /// Per node: its domains, or `None` if its agent did not answer.
     nodes: BTreeMap<String, Option<Vec<pb::DomainStatus>>>,
+    /// The stale marks, read before the domains (`None` if etcd did not answer): a mark
+    /// written after a mirror was listed ready is never missed.
+    pub(super) marks: Option<BTreeMap<String, (StaleMark, i64)>>,
 }
 
 impl DomainsPoll {
@@ -223,8 +227,16 @@ impl Engine {
             .map(|name| (name.clone(), self.agent_of(name).ok()))
             .collect();
         let out = self.internal.clone();
+        let etcd = self.ctx.client.clone();
         self.tasks.spawn(async move {
             let started = Instant::now();
+            let marks = match store::load_marks(&etcd).await {
+                Ok(marks) => Some(marks),
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "reading stale marks failed; keeping the last ones");
+                    None
+                }
+            };
             let polls = agents.into_iter().map(|(name, agent)| async move {
                 let domains = match agent {
                     Some(agent) => agent.list_domains().await.ok(),
@@ -233,9 +245,12 @@ impl Engine {
                 (name, domains)
             });
             let nodes = join_all(polls).await.into_iter().collect();
-            let _ = out
-                .send(Internal::Domains(DomainsPoll { started, nodes }))
-                .await;
+            let poll = DomainsPoll {
+                started,
+                nodes,
+                marks,
+            };
+            let _ = out.send(Internal::Domains(poll)).await;
         });
     }
 
@@ -297,7 +312,7 @@ impl Engine {
 
     /// Logs a change of `node`'s health. What it means (alerts, lost VMs) is applied by
     /// [`Engine::enforce_health`] on every poll, so a failed write is retried, not lost.
-    fn log_health(node: &str, action: &health::Action) {
+    pub(super) fn log_health(node: &str, action: &health::Action) {
         match action {
             health::Action::Degraded { state, reason } => {
                 tracing::warn!(node, state = state.name(), %reason, "host health changed");
@@ -313,7 +328,7 @@ impl Engine {
 
     /// Makes the pair reflect `node`'s health: an alert per silent path and one for a degraded
     /// host, and its VMs lost while it is. Idempotent.
-    async fn enforce_health(&mut self, node: &str) {
+    pub(super) async fn enforce_health(&mut self, node: &str) {
         let host = self.hosts.get(node).cloned().unwrap_or_default();
         let listener = self
             .members
@@ -349,21 +364,20 @@ impl Engine {
                 self.raise(&id, node, "", message).await;
             }
         }
-        if matches!(host.state, HostState::Lost | HostState::Fenced) {
-            self.host_lost(node).await;
-        }
+        self.follow_health(node, host.state).await;
     }
 
     /// Every VM recorded on `node` that still counts as running there is lost until the host
-    /// returns.
-    async fn host_lost(&mut self, node: &str) {
+    /// returns; an HA VM fails over instead once the fence gate opens ([`super::fencing`]).
+    pub(super) async fn host_lost(&mut self, node: &str) {
+        let gate_open = self.failover_gate(node);
         // A VM already lost is failed over once its peer can take it.
         let events: Vec<(String, VmEvent)> = self
             .vms
             .iter()
             .filter(|(_, e)| e.record.node == node)
             .filter_map(|(uuid, e)| {
-                let event = self.lost_event(&e.record, node);
+                let event = held(self.lost_event(&e.record, node), gate_open);
                 let due = match e.record.state {
                     VmState::Starting
                     | VmState::Running
@@ -412,7 +426,10 @@ impl Engine {
 
     /// Reconciles every VM with what its host's agent reports, and raises or clears the
     /// alerts for domains that no record explains.
-    pub(super) async fn apply_domains(&mut self, poll: DomainsPoll) {
+    pub(super) async fn apply_domains(&mut self, mut poll: DomainsPoll) {
+        if let Some(marks) = poll.marks.take() {
+            self.marks = marks;
+        }
         let mut events = Vec::new();
         let mut alerts = BTreeMap::new();
         for (node, domains) in &poll.nodes {

@@ -10,6 +10,7 @@ use crate::error::ApiError;
 use crate::ha::{self, Mirror, Observed, Protection};
 use crate::health::HostState;
 use crate::model::{Mode, VmRecord, VmState};
+use crate::store::MarkGuard;
 use crate::vm::{PROTECT, VmEvent};
 
 impl Engine {
@@ -42,7 +43,8 @@ impl Engine {
         }
         let peer = self.peer_of(node);
         let peer_up = peer.as_deref().is_some_and(|p| self.node_usable(p));
-        match ha::failover_target(&record.protection, node, peer.as_deref(), peer_up) {
+        let mark = peer.as_deref().and_then(|p| self.mark_on(&record.uuid, p));
+        match ha::failover_target(&record.protection, node, peer.as_deref(), peer_up, mark) {
             Some(to) => VmEvent::FailOver {
                 from: node.to_string(),
                 to: to.to_string(),
@@ -76,6 +78,8 @@ impl Engine {
                 peer: peer.as_deref(),
                 peer_up: peer.as_deref().is_some_and(|p| self.node_usable(p)),
                 mirror: mirror_of(domain),
+                mirror_path: domain.mirror_path,
+                mark: peer.as_deref().and_then(|p| self.mark_on(uuid, p)),
                 protecting: entry.busy || !entry.queued.is_empty(),
                 now_unix_ms,
             };
@@ -83,7 +87,9 @@ impl Engine {
         }
         for (uuid, decision) in decisions {
             if let Some(protection) = decision.protection
-                && !self.commit_protection(&uuid, protection).await
+                && !self
+                    .commit_protection(&uuid, protection, decision.clear_mark)
+                    .await
             {
                 continue;
             }
@@ -105,8 +111,31 @@ impl Engine {
         self.queue(uuid, PROTECT.to_vec());
     }
 
-    /// Commits VM `uuid`'s new protection (fenced); false if it did not commit.
-    async fn commit_protection(&mut self, uuid: &str, protection: Protection) -> bool {
+    /// The path serial named by VM `uuid`'s stale mark, if one names `peer`'s copy.
+    fn mark_on(&self, uuid: &str, peer: &str) -> Option<i64> {
+        self.marks
+            .get(uuid)
+            .filter(|(mark, _)| mark.peer == peer)
+            .map(|(mark, _)| mark.path)
+    }
+
+    /// The guard of a write that depends on VM `uuid`'s stale mark as last read (and removes
+    /// it when `remove`).
+    pub(super) fn mark_guard(&self, uuid: &str, remove: bool) -> MarkGuard {
+        MarkGuard {
+            mod_revision: self.marks.get(uuid).map_or(0, |(_, revision)| *revision),
+            remove,
+        }
+    }
+
+    /// Commits VM `uuid`'s new protection (fenced), removing its obsolete stale mark when
+    /// `clear_mark`; false if it did not commit.
+    async fn commit_protection(
+        &mut self,
+        uuid: &str,
+        protection: Protection,
+        clear_mark: bool,
+    ) -> bool {
         let Some(entry) = self.vms.get(uuid) else {
             return false;
         };
@@ -114,13 +143,17 @@ impl Engine {
         let was = record.protection.sync.name();
         record.protection = protection;
         record.updated_unix_ms = crate::now_unix_ms();
+        let guard = self.mark_guard(uuid, clear_mark);
         match self
             .ctx
             .writer
-            .update_vm(&record, entry.revision, None)
+            .update_vm_marked(&record, entry.revision, None, Some(&guard))
             .await
         {
             Ok(revision) => {
+                if clear_mark {
+                    self.marks.remove(uuid);
+                }
                 let now = record.protection.sync.name();
                 if was != now {
                     log_sync_change(&record, was);

@@ -6,16 +6,22 @@ fn seen(mirror: Mirror, peer_up: bool) -> Observed<'static> {
         peer: Some("n1"),
         peer_up,
         mirror,
+        mirror_path: PATH,
+        mark: None,
         protecting: false,
         now_unix_ms: 1_000,
     }
 }
+
+/// The serial of the mirror path in sync in these tests.
+const PATH: i64 = 500;
 
 fn both() -> Protection {
     Protection {
         current: ["n0".to_string(), "n1".to_string()].into(),
         sync: Sync::Protected { since_unix_ms: 10 },
         last_failover: None,
+        mirror_path: PATH,
     }
 }
 
@@ -149,7 +155,10 @@ fn starting_on_current_host_makes_only_it_current() {
 
 #[test]
 fn failover_target_is_current_peer_that_is_up() {
-    assert_eq!(failover_target(&both(), "n0", Some("n1"), true), Some("n1"));
+    assert_eq!(
+        failover_target(&both(), "n0", Some("n1"), true, None),
+        Some("n1")
+    );
 }
 
 #[test]
@@ -159,12 +168,18 @@ fn failover_target_none_when_peer_behind() {
         ..Protection::default()
     };
 
-    assert_eq!(failover_target(&only_n0, "n0", Some("n1"), true), None);
+    assert_eq!(
+        failover_target(&only_n0, "n0", Some("n1"), true, None),
+        None
+    );
 }
 
 #[test]
 fn failover_target_none_when_peer_down() {
-    assert_eq!(failover_target(&both(), "n0", Some("n1"), false), None);
+    assert_eq!(
+        failover_target(&both(), "n0", Some("n1"), false, None),
+        None
+    );
 }
 
 #[test]
@@ -188,4 +203,53 @@ fn running_records_failover_end_once() {
         Some(99)
     );
     assert_eq!(running(&ran, 120), None);
+}
+
+#[test]
+fn observe_mark_on_the_running_path_drops_the_peer_though_qemu_says_ready() {
+    let mut observed = seen(Mirror::Ready, true);
+    observed.mark = Some(PATH);
+
+    let decision = observe(&both(), &observed);
+
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert!(matches!(next.sync, Sync::Simplex { ref reason, .. } if reason.contains("stale mark")));
+    assert!(!decision.clear_mark);
+}
+
+#[test]
+fn observe_ready_newer_path_clears_an_obsolete_mark() {
+    let mut observed = seen(Mirror::Ready, true);
+    observed.mark = Some(PATH - 1);
+
+    let decision = observe(&both(), &observed);
+
+    assert!(decision.clear_mark);
+    assert_eq!(decision.protection.unwrap().current.len(), 2);
+}
+
+#[test]
+fn observe_ready_records_the_path_that_made_the_peer_current() {
+    let start = starting_on(&Protection::default(), "n0").unwrap();
+
+    let decision = observe(&start, &seen(Mirror::Ready, true));
+
+    assert_eq!(decision.protection.unwrap().mirror_path, PATH);
+}
+
+#[test]
+fn failover_target_none_when_marked_on_the_current_path() {
+    assert_eq!(
+        failover_target(&both(), "n0", Some("n1"), true, Some(PATH)),
+        None
+    );
+}
+
+#[test]
+fn failover_target_ignores_a_mark_older_than_the_current_path() {
+    assert_eq!(
+        failover_target(&both(), "n0", Some("n1"), true, Some(PATH - 1)),
+        Some("n1")
+    );
 }

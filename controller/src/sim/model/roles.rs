@@ -243,6 +243,7 @@ impl World {
             HOSTS[judged],
             Some(HOSTS[peer]),
             peer_up,
+            None,
         ) {
             Some(to) if record.protected => VmEvent::FailOver {
                 from: HOSTS[judged].into(),
@@ -271,6 +272,8 @@ impl World {
             } else {
                 ha::Mirror::Absent
             },
+            mirror_path: 1,
+            mark: None,
             protecting: false,
             now_unix_ms: i64::try_from(self.now_ms).unwrap_or(i64::MAX),
         };
