@@ -442,6 +442,7 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
         mirrors: Vec::new(),
         self_fence: s.self_fence,
         mirror_path: 0,
+        mirrors_unknown: false,
     }
 }
 

@@ -99,6 +99,10 @@ pub struct Config {
     /// VMs wait for its self-fence margin.
     #[serde(default = "default_host_lease_ttl")]
     pub host_lease_ttl_seconds: u64,
+    /// How often an HA VM whose QEMU died on its own is restarted on its host before it is
+    /// moved to the peer (recover locally first).
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
 }
 
 /// How the serving controller fences a lost host, from its [`Config`].
@@ -119,6 +123,10 @@ fn default_lease_ttl() -> i64 {
 
 fn default_host_lease_ttl() -> u64 {
     2
+}
+
+fn default_max_restarts() -> u32 {
+    1
 }
 
 impl Config {

@@ -42,6 +42,10 @@ pub struct Protection {
     /// a later path means the peer is behind.
     #[serde(default)]
     pub mirror_path: i64,
+    /// Restarts on the same host after its QEMU died on its own, since the last start that
+    /// was not one.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// The mirror to the peer, as last seen.
@@ -242,6 +246,7 @@ pub fn starting_on(current: &Protection, node: &str) -> Option<Protection> {
         sync: Sync::Off,
         last_failover: current.last_failover.clone(),
         mirror_path: 0,
+        restarts: current.restarts,
     })
 }
 
@@ -252,14 +257,50 @@ pub fn placed(
     current: &Protection,
     protected: bool,
     node: &str,
-    relocate: Option<&str>,
+    placement: &Placement<'_>,
     now_unix_ms: i64,
 ) -> Option<Protection> {
-    match relocate {
-        Some(to) => Some(failed_over(node, to, now_unix_ms)),
-        None if protected => starting_on(current, node),
+    match placement.relocate {
+        Some(to) => Some(failed_over(node, to, placement.why, now_unix_ms)),
+        None if protected => {
+            let mut next = starting_on(current, node)?;
+            next.restarts = if placement.crash {
+                current.restarts + 1
+            } else {
+                0
+            };
+            Some(next)
+        }
         None => Some(current.clone()),
     }
+}
+
+/// How a VM is (re)placed: where it moves, why, and whether it restarts after a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement<'a> {
+    /// The host it moves to, if it moves.
+    pub relocate: Option<&'a str>,
+    /// Why, for the failover record.
+    pub why: &'a str,
+    /// Whether this is a restart after its QEMU died on its own.
+    pub crash: bool,
+}
+
+/// What to do when the QEMU of a running HA VM on `node` died on its own (the host is fine):
+/// restart it there (`Some(None)`) while it has restarts left, else move it to the peer
+/// (`Some(Some(peer))`) when the peer may take it, else leave it stopped (`None`).
+pub fn after_crash<'a>(
+    current: &Protection,
+    node: &str,
+    peer: Option<&'a str>,
+    peer_up: bool,
+    mark: Option<i64>,
+    max_restarts: u32,
+) -> Option<Option<&'a str>> {
+    if current.restarts < max_restarts {
+        return Some(None);
+    }
+    failover_target(current, node, peer, peer_up, mark).map(Some)
 }
 
 /// Where an HA VM whose host `lost` is lost restarts: the peer, if its copy is current (and
@@ -277,22 +318,24 @@ pub fn failover_target<'a>(
     (peer != lost && peer_up && !marked && current.current.contains(peer)).then_some(peer)
 }
 
-/// The protection committed with a failover from `from` to `to`, decided at `now_unix_ms`.
-pub fn failed_over(from: &str, to: &str, now_unix_ms: i64) -> Protection {
+/// The protection committed with a failover from `from` to `to` (`why`, in words), decided at
+/// `now_unix_ms`.
+pub fn failed_over(from: &str, to: &str, why: &str, now_unix_ms: i64) -> Protection {
     Protection {
         current: [to.to_string()].into(),
         sync: Sync::Simplex {
-            reason: format!("host {from} lost; running on {to} alone"),
+            reason: format!("moved from {from}; running on {to} alone"),
             since_unix_ms: now_unix_ms,
         },
         last_failover: Some(Failover {
             from: from.to_string(),
             to: to.to_string(),
-            reason: format!("host {from} lost"),
+            reason: why.to_string(),
             decided_unix_ms: now_unix_ms,
             running_unix_ms: None,
         }),
         mirror_path: 0,
+        restarts: 0,
     }
 }
 

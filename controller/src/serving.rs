@@ -189,6 +189,7 @@ async fn serve(
         agents: deps.agents.clone(),
         policy: deps.config.capacity,
         fencing: deps.config.fencing(),
+        max_restarts: deps.config.max_restarts,
     };
     match engine::start(ctx).await {
         Ok((handle, task)) => {

@@ -1,5 +1,6 @@
 //! The tiny test guest: a Debian kernel and a busybox initramfs whose `/init` keeps a counter
-//! on its first disk (see `images/tiny-guest/init`).
+//! on its first disk and, when it has a second disk, runs a write bench there (`BENCH` lines
+//! for `ha-bench`; see `images/tiny-guest/init`).
 //!
 //! The build runs once into a cache directory and again only when one of its inputs changes:
 //! the scripts embedded here, [`TINY_GUEST_VERSION`], or the Debian candidate versions of the
@@ -16,7 +17,7 @@ pub const TINY_GUEST_NAME: &str = "tiny";
 
 /// Version of the tiny guest; bump it to force a rebuild when the build changes in a way
 /// the embedded scripts do not show.
-pub const TINY_GUEST_VERSION: u32 = 1;
+pub const TINY_GUEST_VERSION: u32 = 2;
 
 const BUILD_SH: &str = include_str!("../tiny-guest/build.sh");
 const INIT: &str = include_str!("../tiny-guest/init");
@@ -136,5 +137,12 @@ mod tests {
         let text = inputs();
 
         assert!(text.contains("COUNTER $n boot=$BOOTID"));
+    }
+
+    #[test]
+    fn inputs_embed_the_write_bench() {
+        let text = inputs();
+
+        assert!(text.contains("BENCH round=$k writes=$BENCH_WRITES"));
     }
 }

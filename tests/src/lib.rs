@@ -208,20 +208,13 @@ impl Lab {
 
     /// Sends SIGKILL to a lab daemon and waits until it is gone.
     pub fn kill9(&self, daemon: &str) {
-        let pid = self.pid(daemon);
-        // SAFETY: kill(2) touches no memory of ours; `pid` comes from the lab's own PID file.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
-            assert!(
-                Instant::now() < deadline,
-                "{daemon} (PID {pid}) survived SIGKILL"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_and_wait(self.pid(daemon), daemon);
+    }
+
+    /// Sends SIGKILL to a running guest's QEMU (only it: its host lives on) and waits until it
+    /// is gone.
+    pub fn kill_qemu(&self, vm: &pb::Vm) {
+        kill_and_wait(self.qemu_pid(vm), &format!("QEMU of {}", vm.name));
     }
 
     /// Path of a VM's volume on `node` ("n0" or "n1").
@@ -235,6 +228,20 @@ impl Lab {
         let bytes = std::fs::read(path).ok()?;
         let block = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
         parse_counter(block.trim_matches('\0'))
+    }
+
+    /// PID of a running guest's QEMU on its node (from the embed root's PID file).
+    fn qemu_pid(&self, vm: &pb::Vm) -> i32 {
+        let file = self
+            .dir
+            .join(&vm.node)
+            .join("agent/libvirt/run/qemu")
+            .join(format!("{}.pid", vm.name));
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", file.display()))
     }
 
     /// Path of a guest's serial log on its node.
@@ -284,6 +291,23 @@ fn glob(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default()
+}
+
+/// Sends SIGKILL to `pid` (`what`, for messages) and waits until it is gone.
+fn kill_and_wait(pid: i32, what: &str) {
+    // SAFETY: kill(2) touches no memory of ours; `pid` comes from a lab PID file.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{what} (PID {pid}) survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -4,7 +4,8 @@
 //! (every line printed is a write the guest saw acknowledged). The old host, powered back,
 //! never runs its stale copy; the VM is mirrored back to it and protected again. With one
 //! A-Link pulled nothing but an alert happens; with both pulled the guest runs on alone, and
-//! the peer's copy, now behind, is never started when the VM's host dies.
+//! the peer's copy, now behind, is never started when the VM's host dies. When only its QEMU
+//! dies, it is restarted on its host once, and moved to the peer the second time.
 
 use std::time::{Duration, Instant};
 
@@ -227,4 +228,69 @@ async fn a_links_pulled_then_host_death_never_starts_the_copy_that_is_behind() {
         "acknowledged counter {} lost: {again:?}",
         last_printed.0
     );
+}
+
+/// Kills the QEMU of `vm`; returns the last counter it printed and its console from then on.
+fn kill_qemu(lab: &Lab, vm: &pb::Vm) -> ((u64, String), Console) {
+    let before = Console::new(lab, vm);
+    before.wait_counters(1, COUNTER_PERIOD_TIMEOUT);
+    lab.kill_qemu(vm);
+    let last = before.counters().last().cloned().unwrap();
+    (last, Console::new(lab, vm))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_qemu_is_restarted_on_its_host_once_then_moved_to_the_peer() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvtr", 214);
+    let mut api = lab.client().await;
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Ha.into(),
+        ..tiny_guest("r")
+    };
+    let vm = api.create_vm(request).await.unwrap().into_inner();
+    let console = Console::new(&lab, &vm);
+    api.start_vm(pb::StartVmRequest { vm: "r".into() })
+        .await
+        .unwrap();
+    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
+    let vm = lab.wait_vm("r", "protected", SYNC_TIMEOUT, protected).await;
+    let node = vm.node.clone();
+
+    // First death: restarted where it was, from its own disk.
+    let (last, console) = kill_qemu(&lab, &vm);
+    let here = console.wait_counters(1, GUEST_BOOT_TIMEOUT)[0].clone();
+    let vm = lab
+        .wait_vm("r", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+
+    assert_eq!(vm.node, node);
+    assert!(
+        here.0 > last.0,
+        "acknowledged counter {} lost: {here:?}",
+        last.0
+    );
+    assert_ne!(here.1, last.1, "a restart is a new boot");
+
+    // Second death: moved to the peer, from its replica.
+    let (last, _) = kill_qemu(&lab, &vm);
+    let moved = lab
+        .wait_vm(
+            "r",
+            &format!("running on {}", other(&node)),
+            FAILOVER_TIMEOUT,
+            |vm| vm.state() == pb::VmState::Running && vm.node == other(&node),
+        )
+        .await;
+    let there = Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT)[0].clone();
+
+    assert!(
+        there.0 > last.0,
+        "acknowledged counter {} lost: {there:?}",
+        last.0
+    );
+    let failover = moved.protection.and_then(|p| p.last_failover).unwrap();
+    assert!(failover.reason.contains("QEMU died"), "{}", failover.reason);
 }

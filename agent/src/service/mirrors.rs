@@ -22,7 +22,10 @@ impl Inner {
         let mut mirrors = self.mirrors_of_running(&domains).await;
         let mut listed = Vec::with_capacity(domains.len());
         for d in domains {
-            let found = mirrors.remove(&d.uuid).unwrap_or_default();
+            let live = matches!(d.state, DomainState::Running | DomainState::Paused);
+            let read = mirrors.remove(&d.uuid);
+            let mirrors_unknown = live && read.is_none();
+            let found = read.unwrap_or_default();
             let mirror_path = match (&self.deps.replicas, found.is_empty()) {
                 (Some(replicas), false) => replicas.path_serial(&d.uuid).await,
                 _ => 0,
@@ -30,6 +33,7 @@ impl Inner {
             listed.push(pb::DomainStatus {
                 mirrors: found.into_iter().map(mirror_to_pb).collect(),
                 mirror_path,
+                mirrors_unknown,
                 ..status_to_pb(d)
             });
         }

@@ -136,8 +136,7 @@ impl Engine {
         let now = crate::now_unix_ms();
         if transition.reassign {
             record.generation += 1;
-            record.protection =
-                super::protect::placed(&record, transition.relocate.as_deref(), now)?;
+            record.protection = super::protect::placed(&record, transition, now)?;
             if let Some(to) = &transition.relocate {
                 record.node.clone_from(to);
             }

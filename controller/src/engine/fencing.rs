@@ -350,6 +350,7 @@ mod tests {
         let event = VmEvent::FailOver {
             from: "n0".into(),
             to: "n1".into(),
+            why: "host n0 lost".into(),
         };
 
         let held = held(event, false);
@@ -362,6 +363,7 @@ mod tests {
         let event = VmEvent::FailOver {
             from: "n0".into(),
             to: "n1".into(),
+            why: "host n0 lost".into(),
         };
 
         let held = held(event.clone(), true);

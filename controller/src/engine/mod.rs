@@ -176,6 +176,8 @@ pub struct Context {
     pub policy: Policy,
     /// How lost hosts are fenced.
     pub fencing: Fencing,
+    /// Local restarts of a crashed HA VM before it moves to the peer.
+    pub max_restarts: u32,
 }
 
 /// Loads the pair's state and starts the engine task, which first finishes what a previous

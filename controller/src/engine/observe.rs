@@ -474,7 +474,7 @@ impl Engine {
             }
             let found = domains.iter().find(|d| &d.uuid == uuid);
             if let Some(event) = domain_event(found) {
-                events.push((uuid.clone(), event));
+                events.push((uuid.clone(), self.recovery(&entry.record, event)));
             }
         }
     }

@@ -7,11 +7,11 @@ use proto::agent as pb;
 use super::actor::Engine;
 use super::observe::DomainsPoll;
 use crate::error::ApiError;
-use crate::ha::{self, Mirror, Observed, Protection};
+use crate::ha::{self, Mirror, Observed, Placement, Protection};
 use crate::health::HostState;
 use crate::model::{Mode, VmRecord, VmState};
 use crate::store::MarkGuard;
-use crate::vm::{PROTECT, VmEvent};
+use crate::vm::{PROTECT, Transition, VmEvent};
 
 impl Engine {
     /// The other host of the pair, if `node` has one.
@@ -48,8 +48,78 @@ impl Engine {
             Some(to) => VmEvent::FailOver {
                 from: node.to_string(),
                 to: to.to_string(),
+                why: format!("host {node} lost"),
             },
             None => lost,
+        }
+    }
+
+    /// What a report of `record`'s domain means once HA recovery is considered: the QEMU of a
+    /// running HA VM that died on its own (libvirt: crashed, failed) is restarted where it is
+    /// while it has restarts left, then moved to the peer; anything else is `event` itself.
+    pub(super) fn recovery(&self, record: &VmRecord, event: VmEvent) -> VmEvent {
+        let VmEvent::DomainStopped { reason } = &event else {
+            return event;
+        };
+        let died = matches!(reason.as_str(), "crashed" | "failed");
+        let running = matches!(record.state, VmState::Running | VmState::Paused);
+        if record.mode == Mode::Unprotected || !died || !running {
+            return event;
+        }
+        let node = record.node.as_str();
+        let peer = self.peer_of(node);
+        let peer_up = peer.as_deref().is_some_and(|p| self.node_usable(p));
+        let mark = peer.as_deref().and_then(|p| self.mark_on(&record.uuid, p));
+        let restarts = record.protection.restarts;
+        let max = self.ctx.max_restarts;
+        let decided = ha::after_crash(
+            &record.protection,
+            node,
+            peer.as_deref(),
+            peer_up,
+            mark,
+            max,
+        );
+        let vm = record.name.as_str();
+        match decided {
+            Some(None) => {
+                tracing::warn!(
+                    vm,
+                    node,
+                    restarts,
+                    max_restarts = max,
+                    "recovery: its QEMU died ({reason}); restarting it on {node}"
+                );
+                VmEvent::Restart {
+                    why: format!(
+                        "its QEMU died ({reason}), restart {} of {max}",
+                        restarts + 1
+                    ),
+                }
+            }
+            Some(Some(to)) => {
+                tracing::warn!(
+                    vm,
+                    node,
+                    to,
+                    restarts,
+                    "recovery: its QEMU died again ({reason}); moving it to {to}"
+                );
+                VmEvent::FailOver {
+                    from: node.to_string(),
+                    to: to.to_string(),
+                    why: format!("its QEMU died on {node} after {restarts} restart(s)"),
+                }
+            }
+            None => {
+                tracing::error!(
+                    vm,
+                    node,
+                    restarts,
+                    "recovery: its QEMU died ({reason}), no restarts left and the peer cannot take it; it stays stopped"
+                );
+                event
+            }
         }
     }
 
@@ -69,7 +139,9 @@ impl Engine {
             let Some(domain) = poll.domain(&record.node, uuid) else {
                 continue;
             };
-            if domain.state() != pb::DomainState::Running {
+            // A domain whose mirrors could not be read (its QEMU dying, its monitor busy)
+            // tells nothing about them.
+            if domain.state() != pb::DomainState::Running || domain.mirrors_unknown {
                 continue;
             }
             let peer = self.peer_of(&record.node);
@@ -190,15 +262,20 @@ impl Engine {
     }
 }
 
-/// The protection committed with a (re)placement of `record` (see [`ha::placed`]); refused
-/// when the host's copy is behind.
+/// The protection committed with `transition`'s (re)placement of `record` (see
+/// [`ha::placed`]); refused when the host's copy is behind.
 pub(super) fn placed(
     record: &VmRecord,
-    relocate: Option<&str>,
+    transition: &Transition,
     now_unix_ms: i64,
 ) -> Result<Protection, ApiError> {
     let protected = record.mode != Mode::Unprotected;
-    ha::placed(&record.protection, protected, &record.node, relocate, now_unix_ms).ok_or_else(
+    let placement = Placement {
+        relocate: transition.relocate.as_deref(),
+        why: transition.reason.as_deref().unwrap_or("moved"),
+        crash: transition.crash,
+    };
+    ha::placed(&record.protection, protected, &record.node, &placement, now_unix_ms).ok_or_else(
         || {
             let current: Vec<&str> = record.protection.current.iter().map(String::as_str).collect();
             ApiError::FailedPrecondition(format!(

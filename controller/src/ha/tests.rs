@@ -22,6 +22,7 @@ fn both() -> Protection {
         sync: Sync::Protected { since_unix_ms: 10 },
         last_failover: None,
         mirror_path: PATH,
+        restarts: 0,
     }
 }
 
@@ -184,7 +185,7 @@ fn failover_target_none_when_peer_down() {
 
 #[test]
 fn failed_over_makes_survivor_sole_current_copy() {
-    let next = failed_over("n0", "n1", 77);
+    let next = failed_over("n0", "n1", "host n0 lost", 77);
 
     assert_eq!(next.current, ["n1".to_string()].into());
     let failover = next.last_failover.unwrap();
@@ -194,7 +195,7 @@ fn failed_over_makes_survivor_sole_current_copy() {
 
 #[test]
 fn running_records_failover_end_once() {
-    let failed = failed_over("n0", "n1", 77);
+    let failed = failed_over("n0", "n1", "host n0 lost", 77);
 
     let ran = running(&failed, 99).unwrap();
 
@@ -252,4 +253,52 @@ fn failover_target_ignores_a_mark_older_than_the_current_path() {
         failover_target(&both(), "n0", Some("n1"), true, Some(PATH - 1)),
         Some("n1")
     );
+}
+
+#[test]
+fn after_crash_with_restarts_left_restarts_here() {
+    let decided = after_crash(&both(), "n0", Some("n1"), true, None, 1);
+
+    assert_eq!(decided, Some(None));
+}
+
+#[test]
+fn after_crash_without_restarts_left_moves_to_the_current_peer() {
+    let mut once = both();
+    once.restarts = 1;
+
+    let decided = after_crash(&once, "n0", Some("n1"), true, None, 1);
+
+    assert_eq!(decided, Some(Some("n1")));
+}
+
+#[test]
+fn after_crash_without_restarts_and_peer_behind_stays_stopped() {
+    let only_n0 = Protection {
+        current: ["n0".to_string()].into(),
+        restarts: 1,
+        ..Protection::default()
+    };
+
+    let decided = after_crash(&only_n0, "n0", Some("n1"), true, None, 1);
+
+    assert_eq!(decided, None);
+}
+
+#[test]
+fn placed_crash_restart_counts_and_plain_start_resets() {
+    let crash = Placement {
+        relocate: None,
+        why: "its QEMU died",
+        crash: true,
+    };
+    let plain = Placement {
+        crash: false,
+        ..crash
+    };
+
+    let restarted = placed(&both(), true, "n0", &crash, 5).unwrap();
+    let started = placed(&restarted, true, "n0", &plain, 6).unwrap();
+
+    assert_eq!((restarted.restarts, started.restarts), (1, 0));
 }

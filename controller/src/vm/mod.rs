@@ -47,13 +47,21 @@ pub enum VmEvent {
         /// libvirt's reason, e.g. "shutdown", "crashed", "destroyed".
         reason: String,
     },
-    /// The VM's host was judged lost and its disks are current on the peer, which is up:
-    /// restart it there (HA).
+    /// The VM cannot run on its host any more (the host was lost, or its QEMU kept dying) and
+    /// its disks are current on the peer, which is up: restart it there (HA).
     FailOver {
-        /// The lost host.
+        /// The host it leaves.
         from: String,
         /// The peer it restarts on.
         to: String,
+        /// Why, in words: "host n0 lost".
+        why: String,
+    },
+    /// Its QEMU died on its own and it has local restarts left: start it again where it is
+    /// (HA: recover locally first).
+    Restart {
+        /// Why, in words.
+        why: String,
     },
     /// The VM's host was judged lost (`crate::health`).
     HostLost {
@@ -101,6 +109,7 @@ impl VmEvent {
             VmEvent::DomainRunning => "domain-running",
             VmEvent::DomainStopped { .. } => "domain-stopped",
             VmEvent::FailOver { .. } => "fail-over",
+            VmEvent::Restart { .. } => "restart",
             VmEvent::HostLost { .. } => "host-lost",
             VmEvent::PowerOff => "power off",
             VmEvent::ProvisionFailed { .. } => "provision-failed",
@@ -171,6 +180,9 @@ pub struct Transition {
     pub reassign: bool,
     /// The host the VM moves to (a failover), committed with the new generation.
     pub relocate: Option<String>,
+    /// Whether this is a restart after its QEMU died on its own (counted against the VM's
+    /// local restarts).
+    pub crash: bool,
 }
 
 /// Errors of the state machine.
@@ -217,6 +229,7 @@ fn to(state: VmState, actions: &[Action]) -> Result<Transition, Error> {
         actions: actions.to_vec(),
         reassign: false,
         relocate: None,
+        crash: false,
     })
 }
 
@@ -227,6 +240,7 @@ fn to_because(state: VmState, reason: &str, actions: &[Action]) -> Result<Transi
         actions: actions.to_vec(),
         reassign: false,
         relocate: None,
+        crash: false,
     })
 }
 
@@ -238,19 +252,32 @@ fn start_because(reason: &str) -> Result<Transition, Error> {
         actions: START.to_vec(),
         reassign: true,
         relocate: None,
+        crash: false,
     })
 }
 
-/// A failover: the VM restarts on `to`, under a new generation, from its copy there.
-fn fail_over(from: &str, to: &str) -> Result<Transition, Error> {
+/// A restart where the VM is, after its QEMU died on its own (new generation).
+fn restart(why: &str) -> Result<Transition, Error> {
     Ok(Transition {
         state: VmState::Starting,
-        reason: Some(format!(
-            "host {from} lost; restarting on {to} from its replica"
-        )),
+        reason: Some(format!("{why}; restarting it here")),
+        actions: START.to_vec(),
+        reassign: true,
+        relocate: None,
+        crash: true,
+    })
+}
+
+/// A failover: the VM leaves its host (`why`) and restarts on `to`, under a new generation,
+/// from its copy there.
+fn fail_over(to: &str, why: &str) -> Result<Transition, Error> {
+    Ok(Transition {
+        state: VmState::Starting,
+        reason: Some(format!("{why}; restarting on {to} from its replica")),
         actions: START.to_vec(),
         reassign: true,
         relocate: Some(to.to_string()),
+        crash: false,
     })
 }
 
@@ -330,7 +357,8 @@ pub fn transition(state: VmState, node: &str, event: &VmEvent) -> Result<Transit
             | E::DomainStopped { .. }
             | E::DomainPaused { .. }
             | E::HostLost { .. }
-            | E::FailOver { .. } => to(state, &[]),
+            | E::FailOver { .. }
+            | E::Restart { .. } => to(state, &[]),
             E::Start
             | E::Shutdown { .. }
             | E::PowerOff
@@ -367,7 +395,8 @@ fn creating(event: &VmEvent) -> Result<Transition, Error> {
         | E::DomainStopped { .. }
         | E::DomainPaused { .. }
         | E::HostLost { .. }
-        | E::FailOver { .. } => to(state, &[]),
+        | E::FailOver { .. }
+        | E::Restart { .. } => to(state, &[]),
         E::Start | E::StartSucceeded | E::StartFailed { .. } | E::Shutdown { .. } | E::PowerOff => {
             refuse(state, event, "; wait until it is created")
         }
@@ -390,7 +419,8 @@ fn stopped(event: &VmEvent) -> Result<Transition, Error> {
         | E::DomainStopped { .. }
         | E::Takeover
         | E::HostLost { .. }
-        | E::FailOver { .. } => to(state, &[]),
+        | E::FailOver { .. }
+        | E::Restart { .. } => to(state, &[]),
         E::Shutdown { .. } | E::PowerOff => refuse(state, event, " already"),
         E::Provisioned | E::ProvisionFailed { .. } | E::StartSucceeded | E::StartFailed { .. } => {
             refuse(state, event, "")
@@ -424,7 +454,9 @@ fn starting(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         // Starting --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Starting --FailOver--> Starting on the peer (new generation)
-        E::FailOver { from, to } => fail_over(from, to),
+        E::FailOver { to, why, .. } => fail_over(to, why),
+        // Starting --Restart--> Starting here (new generation; its QEMU died on its own)
+        E::Restart { why } => restart(why),
         // Starting --Tick--> Starting
         E::Tick { .. } => to(state, &[]),
         E::Start | E::Shutdown { .. } | E::Delete | E::Provisioned | E::ProvisionFailed { .. } => {
@@ -450,7 +482,9 @@ fn running(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         // Running --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Running --FailOver--> Starting on the peer (new generation)
-        E::FailOver { from, to } => fail_over(from, to),
+        E::FailOver { to, why, .. } => fail_over(to, why),
+        // Running --Restart--> Starting here (new generation; its QEMU died on its own)
+        E::Restart { why } => restart(why),
         // Running --Tick|DomainRunning|Takeover--> Running
         E::Tick { .. } | E::DomainRunning | E::Takeover => to(state, &[]),
         E::Start | E::StartSucceeded | E::Provisioned => refuse(state, event, " already"),
@@ -477,7 +511,9 @@ fn paused(node: &str, event: &VmEvent) -> Result<Transition, Error> {
         // Paused --HostLost--> Lost (resume)
         E::HostLost { .. } => lost_because(node, Intent::Resume),
         // Paused --FailOver--> Starting on the peer (new generation)
-        E::FailOver { from, to } => fail_over(from, to),
+        E::FailOver { to, why, .. } => fail_over(to, why),
+        // Paused --Restart--> Starting here (new generation; its QEMU died on its own)
+        E::Restart { why } => restart(why),
         // Paused --Tick|DomainPaused|Takeover--> Paused
         E::Tick { .. } | E::DomainPaused { .. } | E::Takeover => to(state, &[]),
         E::Start | E::StartSucceeded | E::Provisioned => refuse(
@@ -536,6 +572,8 @@ fn stopping(
         ),
         // Stopping --HostLost|FailOver--> Lost (power off): it was on its way down anyway.
         E::HostLost { .. } | E::FailOver { .. } => lost_because(node, Intent::PowerOff),
+        // Stopping --Restart--> Stopping: it was on its way down anyway.
+        E::Restart { .. } => to(state, &[]),
         E::Start
         | E::Delete
         | E::Provisioned
@@ -576,8 +614,10 @@ fn lost(intent: Intent, node: &str, event: &VmEvent) -> Result<Transition, Error
             to_because(VmState::Deleting, "its host returned; deleting", &REMOVE)
         }
         // Lost (resume) --FailOver--> Starting on the peer (new generation)
-        (Intent::Resume, E::FailOver { from, to }) => fail_over(from, to),
-        (Intent::PowerOff | Intent::Delete, E::FailOver { .. }) => to(state, &[]),
+        (Intent::Resume, E::FailOver { to, why, .. }) => fail_over(to, why),
+        (Intent::PowerOff | Intent::Delete, E::FailOver { .. }) | (_, E::Restart { .. }) => {
+            to(state, &[])
+        }
         // Lost --PowerOff--> Lost (power off), unless a delete is already due.
         (Intent::Resume | Intent::PowerOff, E::PowerOff) => lost_because(node, Intent::PowerOff),
         (Intent::Delete, E::PowerOff) => to(state, &[]),

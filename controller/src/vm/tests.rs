@@ -360,6 +360,7 @@ fn fail_over_event() -> VmEvent {
     VmEvent::FailOver {
         from: "n0".into(),
         to: "n1".into(),
+        why: "host n0 lost".into(),
     }
 }
 
@@ -416,4 +417,21 @@ fn stopped_fail_over_changes_nothing() {
 
     assert_eq!(t.state, VmState::Stopped);
     assert!(!t.reassign);
+}
+
+#[test]
+fn running_restart_starts_here_counted_as_a_crash() {
+    let event = VmEvent::Restart {
+        why: "its QEMU died (crashed), restart 1 of 1".into(),
+    };
+
+    let t = transition(VmState::Running, "n0", &event).unwrap();
+
+    assert_eq!(t.state, VmState::Starting);
+    assert!(t.reassign && t.crash);
+    assert_eq!(t.relocate, None);
+    assert_eq!(
+        t.reason.as_deref(),
+        Some("its QEMU died (crashed), restart 1 of 1; restarting it here")
+    );
 }

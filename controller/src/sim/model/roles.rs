@@ -248,6 +248,7 @@ impl World {
             Some(to) if record.protected => VmEvent::FailOver {
                 from: HOSTS[judged].into(),
                 to: to.into(),
+                why: format!("host {} lost", HOSTS[judged]),
             },
             _ => VmEvent::HostLost {
                 node: HOSTS[judged].into(),
@@ -298,11 +299,16 @@ impl World {
             record.generation += 1;
             let now = i64::try_from(self.now_ms).unwrap_or(i64::MAX);
             let relocate = transition.relocate.as_deref();
+            let placement = ha::Placement {
+                relocate,
+                why: transition.reason.as_deref().unwrap_or("moved"),
+                crash: transition.crash,
+            };
             let Some(protection) = ha::placed(
                 &record.protection,
                 record.protected,
                 HOSTS[record.host],
-                relocate,
+                &placement,
                 now,
             ) else {
                 self.note(&format!("{vm}: start refused, its copy is behind"));
