@@ -60,6 +60,29 @@ impl Lab {
         Some(api.list_alerts(request).await.ok()?.into_inner().alerts)
     }
 
+    /// Waits until alert `id` is open (`open`) or cleared; returns its message (empty once
+    /// cleared).
+    pub async fn wait_alert(&self, id: &str, open: bool, timeout: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let found = self
+                .alerts()
+                .await
+                .map(|alerts| alerts.into_iter().find(|a| a.id == id));
+            match (found, open) {
+                (Some(Some(alert)), true) => return alert.message,
+                (Some(None), false) => return String::new(),
+                _ => {}
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "alert {id} not {} within {timeout:?}",
+                if open { "raised" } else { "cleared" }
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The hosts whose management interface carries the system IP now.
     pub fn system_ip_holders(&self) -> Vec<String> {
         let address = format!(" 10.{}.0.10/", self.subnet);

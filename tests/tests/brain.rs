@@ -155,10 +155,13 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
 
     // One heartbeat path cut: an alert naming it, nothing else; healed: cleared.
     lab.cut_path(&node, "alink1");
-    let silent = wait_alert(&lab, &format!("path/{node}/alink1"), true).await;
+    let silent = lab
+        .wait_alert(&format!("path/{node}/alink1"), true, ALERT_TIMEOUT)
+        .await;
     assert!(silent.contains("alink1"), "{silent}");
     lab.heal();
-    wait_alert(&lab, &format!("path/{node}/alink1"), false).await;
+    lab.wait_alert(&format!("path/{node}/alink1"), false, ALERT_TIMEOUT)
+        .await;
 
     // Cut off from the peer on every path but still holding quorum through the witness: a
     // partition, nothing is taken over, the guest runs on.
@@ -171,13 +174,16 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
         node.as_str()
     };
     lab.isolate(&node, true);
-    let partitioned = wait_alert(&lab, &format!("host/{judged}"), true).await;
+    let partitioned = lab
+        .wait_alert(&format!("host/{judged}"), true, ALERT_TIMEOUT)
+        .await;
     let during = console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
     let state = lab
         .wait_vm_state("u", pb::VmState::Running, ALERT_TIMEOUT)
         .await;
     lab.heal();
-    wait_alert(&lab, &format!("host/{judged}"), false).await;
+    lab.wait_alert(&format!("host/{judged}"), false, ALERT_TIMEOUT)
+        .await;
     assert!(partitioned.contains("partitioned"), "{partitioned}");
     assert_eq!(state.state(), pb::VmState::Running);
     assert!(during.iter().all(|(_, boot)| *boot == counters[0].1));
@@ -252,7 +258,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
     };
     agent.start_domain(command.clone()).await.unwrap();
     let id = format!("domain/unknown/{node}/{OUTSIDER}");
-    let raised = wait_alert(lab, &id, true).await;
+    let raised = lab.wait_alert(&id, true, ALERT_TIMEOUT).await;
     let mut api = lab.client().await;
     let vms = api
         .list_vms(pb::ListVmsRequest {})
@@ -262,33 +268,11 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
         .vms;
     agent.destroy_domain(command.clone()).await.unwrap();
     agent.undefine_domain(command).await.unwrap();
-    wait_alert(lab, &id, false).await;
+    lab.wait_alert(&id, false, ALERT_TIMEOUT).await;
 
     assert!(raised.contains("not adopted"), "{raised}");
     assert!(
         vms.iter()
             .all(|v| v.uuid != OUTSIDER && v.name != "outsider")
     );
-}
-
-/// Waits until alert `id` is open (`open`) or gone; returns its message when open.
-async fn wait_alert(lab: &Lab, id: &str, open: bool) -> String {
-    let started = Instant::now();
-    loop {
-        let found = lab
-            .alerts()
-            .await
-            .map(|alerts| alerts.into_iter().find(|a| a.id == id));
-        match (found, open) {
-            (Some(Some(alert)), true) => return alert.message,
-            (Some(None), false) => return String::new(),
-            _ => {}
-        }
-        assert!(
-            started.elapsed() < ALERT_TIMEOUT,
-            "alert {id} not {} within {ALERT_TIMEOUT:?}",
-            if open { "raised" } else { "cleared" }
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

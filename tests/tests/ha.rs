@@ -168,6 +168,10 @@ async fn a_links_pulled_then_host_death_never_starts_the_copy_that_is_behind() {
 
     // One A-Link pulled: the mirror carries on over the other; the guest never notices.
     lab.cut_path(&node, "alink1");
+    let alert = lab
+        .wait_alert(&format!("path/{node}/alink1"), true, SYNC_TIMEOUT)
+        .await;
+    assert!(alert.contains("alink1"), "{alert}");
     let one_cut = assert_counts_on(&lab, &vm, &first, 3);
     let still = lab.wait_vm("g", "protected", SYNC_TIMEOUT, protected).await;
     assert_eq!(still.protection.unwrap().current_on, ["n0", "n1"]);
