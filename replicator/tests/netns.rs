@@ -17,6 +17,8 @@ use serde_json::Value;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Link timeout the peers use (the library default).
+/// How long a peer may take to exit after reporting its error, on a loaded machine.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const LINK_TIMEOUT_MS: u64 = 400;
 /// The failover stall target.
 const STALL_TARGET: Duration = Duration::from_millis(1000);
@@ -191,11 +193,9 @@ fn both_links_down_reports_peer_unreachable_within_timeout() {
         detected < Duration::from_millis(2 * LINK_TIMEOUT_MS + 400),
         "reported after {detected:?}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        !source.running() && !sink.running(),
-        "both peers should have ended, not hung"
-    );
+    // Ending takes a moment (the endpoint shuts down); on a loaded machine more than one.
+    let ended = source.exits_within(EXIT_TIMEOUT) && sink.exits_within(EXIT_TIMEOUT);
+    assert!(ended, "both peers should have ended, not hung");
 }
 
 #[test]
