@@ -329,7 +329,9 @@ async fn carry_remote(stream: Stream, target: Target) {
 }
 
 /// Like [`pump`], but when the peer side ends (finish or failure) while the local side is
-/// open, awaits `hold` before the local side learns of it.
+/// open, awaits `hold` before the local side learns of it. Unlike [`pump`] a peer's finish
+/// ends the connection (no half-close): a held connection serves a request/reply protocol
+/// (NBD) whose server never half-closes.
 async fn pump_holding<S>(socket: S, stream: Stream, hold: Hold) -> Result<(), ProxyError>
 where
     S: AsyncRead + AsyncWrite,

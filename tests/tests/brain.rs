@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use proto::agent as agent_pb;
 use proto::v1 as pb;
+use tests::ha::other;
 use tests::{
     COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, TAKEOVER_TIMEOUT, tiny_guest,
 };
@@ -22,10 +23,6 @@ const RETURN_TIMEOUT: Duration = Duration::from_secs(120);
 const ALERT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A UUID no VM of the pair has: the domain "made outside the API".
 const OUTSIDER: &str = "0badd0e5-5eed-4000-8000-000000000001";
-
-fn other(node: &str) -> &'static str {
-    if node == "n0" { "n1" } else { "n0" }
-}
 
 /// Starts VM `name` and waits for its first counters; returns the VM and them.
 async fn run_guest(lab: &Lab, name: &str) -> (pb::Vm, Vec<(u64, String)>) {

@@ -11,7 +11,8 @@
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::ha::{other, protected};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
 
 /// The first full copy of the 16 MiB disk over the A-Links (and the copy back to a host that
 /// returned), generous for a loaded machine.
@@ -22,18 +23,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(180);
 /// The HA VM.
 const VM: &str = "f";
-
-fn other(node: &str) -> &'static str {
-    if node == "n0" { "n1" } else { "n0" }
-}
-
-fn protected(vm: &pb::Vm) -> bool {
-    vm.state() == pb::VmState::Running
-        && vm
-            .protection
-            .as_ref()
-            .is_some_and(|p| p.state == "protected" && p.current_on.len() == 2)
-}
 
 /// Where each of `lines` first appears in `log`, panicking with the log if one is missing.
 fn positions(log: &str, lines: &[&str]) -> Vec<usize> {
@@ -98,18 +87,8 @@ async fn a_lost_host_is_fenced_before_failover_or_waited_out_when_its_bmc_is_cut
         return;
     }
     let lab = Lab::up("pvtq", 220);
-    let mut api = lab.client().await;
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        ..tiny_guest(VM)
-    };
-    let vm = api.create_vm(request).await.unwrap().into_inner();
+    let vm = lab.start_protected(VM, SYNC_TIMEOUT).await;
     let console = Console::new(&lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: VM.into() })
-        .await
-        .unwrap();
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    let vm = lab.wait_vm(VM, "protected", SYNC_TIMEOUT, protected).await;
     console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
 
     // 1. The BMC answers: fenced, then failed over.

@@ -10,7 +10,8 @@
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::ha::{other, protected};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
 
 /// The first full copy of the 16 MiB disk over the A-Links takes well under a second idle;
 /// generous for a loaded machine.
@@ -18,10 +19,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lost detection (host lease TTL 2 s, an etcd election when the dead host held etcd's
 /// leader, a takeover when it served), the start on the peer and a boot under TCG.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn other(node: &str) -> &'static str {
-    if node == "n0" { "n1" } else { "n0" }
-}
 
 /// Waits for `count` new counters of `vm` after `before` under the same boot, one by one: the
 /// guest ran on without a reboot or a gap.
@@ -41,42 +38,18 @@ fn assert_counts_on(
     after
 }
 
-fn protected(vm: &pb::Vm) -> bool {
-    vm.state() == pb::VmState::Running
-        && vm
-            .protection
-            .as_ref()
-            .is_some_and(|p| p.state == "protected")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write() {
     if tests::skip() {
         return;
     }
     let lab = Lab::up("pvth", 210);
-    let mut api = lab.client().await;
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        ..tiny_guest("h")
-    };
-    let vm = api.create_vm(request).await.unwrap().into_inner();
-    let console = Console::new(&lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: "h".into() })
-        .await
-        .unwrap();
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-
     // Protected: the mirror is in sync, both hosts hold a current copy.
-    let synced = Instant::now();
-    let vm = lab.wait_vm("h", "protected", SYNC_TIMEOUT, protected).await;
-    eprintln!(
-        "VM h protected {:.2} s after its first counter",
-        synced.elapsed().as_secs_f64()
-    );
+    let vm = lab.start_protected("h", SYNC_TIMEOUT).await;
     let node = vm.node.clone();
     let protection = vm.protection.clone().unwrap();
     assert_eq!(protection.current_on, ["n0", "n1"]);
+    let console = Console::new(&lab, &vm);
     console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
 
     // Power cut of its host: the VM restarts on the peer from the replica.
@@ -151,18 +124,7 @@ async fn a_links_pulled_then_host_death_never_starts_the_copy_that_is_behind() {
         return;
     }
     let lab = Lab::up("pvtg", 212);
-    let mut api = lab.client().await;
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        ..tiny_guest("g")
-    };
-    let vm = api.create_vm(request).await.unwrap().into_inner();
-    let console = Console::new(&lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: "g".into() })
-        .await
-        .unwrap();
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    let vm = lab.wait_vm("g", "protected", SYNC_TIMEOUT, protected).await;
+    let vm = lab.start_protected("g", SYNC_TIMEOUT).await;
     let node = vm.node.clone();
     let first = Console::new(&lab, &vm).wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();
 
@@ -249,18 +211,7 @@ async fn a_dead_qemu_is_restarted_on_its_host_once_then_moved_to_the_peer() {
         return;
     }
     let lab = Lab::up("pvtr", 214);
-    let mut api = lab.client().await;
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        ..tiny_guest("r")
-    };
-    let vm = api.create_vm(request).await.unwrap().into_inner();
-    let console = Console::new(&lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: "r".into() })
-        .await
-        .unwrap();
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    let vm = lab.wait_vm("r", "protected", SYNC_TIMEOUT, protected).await;
+    let vm = lab.start_protected("r", SYNC_TIMEOUT).await;
     let node = vm.node.clone();
 
     // First death: restarted where it was, from its own disk.

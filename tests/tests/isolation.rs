@@ -6,41 +6,13 @@
 use std::time::Duration;
 
 use proto::v1 as pb;
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::ha::{other, protected};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
 
 /// The first full copy of the 16 MiB disk; generous for a loaded machine.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lost detection, a fence that fails (its BMC is cut) and its fallback, a start and a boot.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn other(node: &str) -> &'static str {
-    if node == "n0" { "n1" } else { "n0" }
-}
-
-fn protected(vm: &pb::Vm) -> bool {
-    vm.state() == pb::VmState::Running
-        && vm
-            .protection
-            .as_ref()
-            .is_some_and(|p| p.state == "protected")
-}
-
-/// Creates and starts HA VM `name`; returns it once protected.
-async fn protected_vm(lab: &Lab, name: &str) -> pb::Vm {
-    let mut api = lab.client().await;
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        ..tiny_guest(name)
-    };
-    let vm = api.create_vm(request).await.unwrap().into_inner();
-    let console = Console::new(lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: name.into() })
-        .await
-        .unwrap();
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    lab.wait_vm(name, "protected", SYNC_TIMEOUT, protected)
-        .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_host_self_fences_and_never_resumes_its_old_copy() {
@@ -48,7 +20,7 @@ async fn an_isolated_host_self_fences_and_never_resumes_its_old_copy() {
         return;
     }
     let lab = Lab::up("pvti", 216);
-    let vm = protected_vm(&lab, "i").await;
+    let vm = lab.start_protected("i", SYNC_TIMEOUT).await;
     let node = vm.node.clone();
     let before = Console::new(&lab, &vm);
     let last = before.wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();
@@ -102,7 +74,7 @@ async fn a_host_cut_off_from_its_peer_but_not_the_witness_keeps_its_vm() {
         return;
     }
     let lab = Lab::up("pvtw", 218);
-    let vm = protected_vm(&lab, "w").await;
+    let vm = lab.start_protected("w", SYNC_TIMEOUT).await;
     let node = vm.node.clone();
     let console = Console::new(&lab, &vm);
     let first = console.wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();

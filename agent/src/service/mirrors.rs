@@ -60,14 +60,16 @@ impl Inner {
             .ok_or(Error::NoALink { op: "start-mirror" })?;
         let libvirt = &self.deps.libvirt;
         // A new socket (with the lease held now) unless a mirror runs through the old one.
-        let running = mirror::status(libvirt, &req.uuid).await.is_ok_and(|m| {
-            m.iter()
-                .any(|d| !matches!(d.state, MirrorState::Failed { .. }))
-        });
+        let running = mirror::status(libvirt, &self.node, &req.uuid)
+            .await
+            .is_ok_and(|m| {
+                m.iter()
+                    .any(|d| !matches!(d.state, MirrorState::Failed { .. }))
+            });
         let marker = self.deps.marker.as_ref();
         let hold = |path| marker.map(|m| m.hold(&req.uuid, &req.peer, m.lease(), path));
         let (socket, path) = replicas.peer_socket_for(&req.uuid, hold, !running).await?;
-        let start = mirror::start(libvirt, &req.uuid, &disks, &socket);
+        let start = mirror::start(libvirt, &self.node, &req.uuid, &disks, &socket);
         let mirrors = self.mirror_logged("start-mirror", &req.uuid, start).await?;
         let status = libvirt.status(&req.uuid).await?;
         Ok(pb::DomainStatus {
@@ -88,7 +90,11 @@ impl Inner {
         }
         self.admit("stop-mirror", &uuid, command.fence)?;
         let libvirt = &self.deps.libvirt;
-        let stop = async { mirror::stop(libvirt, &uuid).await.map(|()| Vec::new()) };
+        let stop = async {
+            mirror::stop(libvirt, &self.node, &uuid)
+                .await
+                .map(|()| Vec::new())
+        };
         self.mirror_logged("stop-mirror", &uuid, stop).await?;
         Ok(status_to_pb(libvirt.status(&uuid).await?))
     }
@@ -105,10 +111,10 @@ impl Inner {
             .filter(|d| matches!(d.state, DomainState::Running | DomainState::Paused));
         for d in live {
             let (libvirt, uuid) = (self.deps.libvirt.clone(), d.uuid.clone());
+            let node = self.node.clone();
             reads.spawn(async move {
-                let read =
-                    tokio::time::timeout(MIRROR_STATUS_BUDGET, mirror::status(&libvirt, &uuid))
-                        .await;
+                let status = mirror::status(&libvirt, &node, &uuid);
+                let read = tokio::time::timeout(MIRROR_STATUS_BUDGET, status).await;
                 (uuid, read)
             });
         }
@@ -235,6 +241,7 @@ mod tests {
             },
             offset: 1,
             length: 2,
+            resync: None,
         };
 
         let pb = mirror_to_pb(mirror);
