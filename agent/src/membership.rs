@@ -17,16 +17,16 @@
 //! ```
 //!
 //! **Self-fence.** A domain marked self-fencing (HA and FT VMs) is restarted on the peer once
-//! this host's lease expires, so it must be gone from here before then: when the lease will not
-//! surely hold [`lease::SELF_FENCE_MARGIN_PERCENT`] of its TTL longer, the agent destroys every such
-//! domain, and keeps doing so while the lease stays unrenewed. A timer drives this, not the
-//! renewals, so a renewal hanging on etcd cannot delay it. The agent never restarts them: the
-//! pair's controller decides where they run next.
+//! this host's lease expires, so it must be gone from here before then: as soon as the lease
+//! is in doubt ([`lease::self_fence_due`]), the agent destroys every such domain, and keeps
+//! doing so while the lease stays unrenewed. A timer drives this, not the renewals, so a
+//! renewal hanging on etcd cannot delay it. The agent never restarts them: the pair's
+//! controller decides where they run next.
 //!
 //! ```text
-//!  last confirmed renewal sent                         lease view: doubt     etcd may expire it
-//!  │◄──────────── 60 % TTL ───────────►│◄─ 30 % TTL ─►│◄──── 10 % TTL ────►│
-//!                                      destroy self-fencing domains (and every second after)
+//!  last confirmed renewal sent       lease view: doubt   etcd may expire it   pair may fail over
+//!  │◄─────────────── 90 % TTL ───────────────►│◄─ 10 % ─►│◄─ self-fence margin (15 %) ─►│
+//!                                             destroy self-fencing domains (and every second after)
 //! ```
 
 use std::sync::Arc;
@@ -197,13 +197,12 @@ async fn self_fence(
         if leased || seen != LeaseView::NONE {
             (leased, view) = (true, seen);
         }
-        let wake = if lease::self_fence_due(view, Instant::now(), ttl) {
+        let wake = if lease::self_fence_due(view, Instant::now()) {
             fence_domains(&libvirt, &node).await;
             Instant::now() + SELF_FENCE_SWEEP
         } else {
-            // Alive for `margin` more at least, so `doubt_at` is set.
-            view.doubt_at()
-                .map_or_else(Instant::now, |doubt| doubt - lease::self_fence_margin(ttl))
+            // Alive now, so `doubt_at` is set.
+            view.doubt_at().unwrap_or_else(Instant::now)
         };
         tokio::select! {
             changed = lease.changed() => if changed.is_err() { return },

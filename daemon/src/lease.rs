@@ -133,24 +133,25 @@ impl From<Validity> for LeaseView {
     }
 }
 
-/// How long before a host lease could lapse its agent stops its self-fencing guests (HA and
-/// FT VMs, which the pair restarts on the peer once the lease expires), in percent of the TTL,
-/// on top of the tenth [`Validity`] keeps short already: a quarter of the TTL before etcd can
-/// expire the lease (0.5 s at 2 s). libvirt's destroy signals QEMU at once; the margin covers
-/// it and clock drift. Renewals run every TTL/6, so four in a row must fail first, and an etcd
-/// election shorter than about 0.6 TTL kills nothing.
+/// Time allowed for a self-fence, in percent of the host lease's TTL. The agent destroys its
+/// self-fencing guests (HA and FT VMs) as soon as its lease is in doubt, a tenth of the TTL
+/// before etcd can expire it; a controller that fails those VMs over without a fence waits
+/// this long past the expiry too, so the destroy has a quarter of the TTL (0.5 s at 2 s) to
+/// finish. libvirt's destroy signals QEMU at once.
 pub const SELF_FENCE_MARGIN_PERCENT: u32 = 15;
 
-/// [`SELF_FENCE_MARGIN_PERCENT`] of `ttl`.
+/// [`SELF_FENCE_MARGIN_PERCENT`] of `ttl`: how long past a host lease's expiry the pair waits
+/// before it restarts that host's guests without a fence.
 pub fn self_fence_margin(ttl: Duration) -> Duration {
     ttl * SELF_FENCE_MARGIN_PERCENT / 100
 }
 
-/// Whether a host's agent must self-fence at `now`: its lease (of `ttl`) will not surely hold
-/// for the self-fence margin longer (it is about to be in doubt, in doubt already, or gone).
-/// One rule for the agent and the pair simulator.
-pub fn self_fence_due(view: LeaseView, now: Instant, ttl: Duration) -> bool {
-    view.status_at(now + self_fence_margin(ttl)) != LeaseStatus::Alive
+/// Whether a host's agent must self-fence at `now`: its lease is no longer surely held (in
+/// doubt, or gone). Any later and the guests might outlive the lease; any earlier and an
+/// etcd election on the majority side (which extends every lease) would stop guests for
+/// nothing. One rule for the agent and the pair simulator.
+pub fn self_fence_due(view: LeaseView, now: Instant) -> bool {
+    view.status_at(now) != LeaseStatus::Alive
 }
 
 /// Grants a lease of `ttl_seconds`, trying members for up to `budget`; returns its ID and when
@@ -330,17 +331,17 @@ mod tests {
         let start = Instant::now();
         let view = LeaseView::from(Validity::granted(start, TTL));
 
-        let due = self_fence_due(view, start + Duration::from_millis(2000), TTL);
+        let due = self_fence_due(view, start + Duration::from_millis(2600));
 
         assert!(!due);
     }
 
     #[test]
-    fn self_fence_due_lease_within_margin_of_doubt_is_true() {
+    fn self_fence_due_lease_in_doubt_is_true() {
         let start = Instant::now();
         let view = LeaseView::from(Validity::granted(start, TTL));
 
-        let due = self_fence_due(view, start + Duration::from_millis(2400), TTL);
+        let due = self_fence_due(view, start + Duration::from_millis(2800));
 
         assert!(due);
     }
@@ -353,8 +354,7 @@ mod tests {
 
         let due = self_fence_due(
             LeaseView::from(validity),
-            start + Duration::from_millis(2400),
-            TTL,
+            start + Duration::from_millis(2800),
         );
 
         assert!(!due);
@@ -362,7 +362,7 @@ mod tests {
 
     #[test]
     fn self_fence_due_without_lease_is_true() {
-        let due = self_fence_due(LeaseView::NONE, Instant::now(), TTL);
+        let due = self_fence_due(LeaseView::NONE, Instant::now());
 
         assert!(due);
     }

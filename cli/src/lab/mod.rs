@@ -462,7 +462,7 @@ fn controller_daemon(plan: &Plan, host: &Host, bin: &Path) -> Daemon {
 
 fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
-    let endpoints = quoted(&plan.etcd_endpoints());
+    let endpoints = quoted(&plan.etcd_endpoints_from(host));
     let paths: Vec<String> = plan
         .heartbeat_paths(host)
         .iter()
@@ -497,7 +497,7 @@ fn quoted(items: &[String]) -> String {
 
 fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
-    let endpoints = quoted(&plan.etcd_endpoints());
+    let endpoints = quoted(&plan.etcd_endpoints_from(host));
     let fence_delay_ms = if host.index == 1 {
         LAB_N1_FENCE_DELAY_MS
     } else {

@@ -240,6 +240,19 @@ impl Plan {
             .join(",")
     }
 
+    /// etcd client endpoints of all members for a daemon on `host`: its own host's member
+    /// first, then the witness, then the peer's. A daemon's etcd client stays with the member
+    /// that answers; the peer's member is the one most likely to vanish with the peer (and a
+    /// lease renewal stuck on it can make an agent self-fence while its own side has quorum).
+    pub fn etcd_endpoints_from(&self, host: &Host) -> Vec<String> {
+        let mut hosts: Vec<&Host> = HOSTS.iter().collect();
+        hosts.sort_by_key(|h| (h.name != host.name, !h.is_witness()));
+        hosts
+            .into_iter()
+            .map(|h| format!("{}:{ETCD_CLIENT_PORT}", self.mgmt_ip(h)))
+            .collect()
+    }
+
     /// etcd client endpoints of all members.
     pub fn etcd_endpoints(&self) -> Vec<String> {
         HOSTS
@@ -283,6 +296,16 @@ mod tests {
         assert_eq!(
             endpoints,
             "10.100.0.10:7400,10.100.0.11:7400,10.100.0.12:7400"
+        );
+    }
+
+    #[test]
+    fn etcd_endpoints_from_second_node_start_with_its_own_member_then_the_witness() {
+        let endpoints = plan().etcd_endpoints_from(&HOSTS[1]);
+
+        assert_eq!(
+            endpoints,
+            ["10.100.0.12:2379", "10.100.0.13:2379", "10.100.0.11:2379"]
         );
     }
 

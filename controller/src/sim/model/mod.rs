@@ -441,7 +441,7 @@ impl World {
             .lease
             .as_ref()
             .map_or(LeaseView::NONE, |h| LeaseView::from(h.validity));
-        lease::self_fence_due(view, self.at(self.now_ms), Duration::from_millis(TTL_MS))
+        lease::self_fence_due(view, self.at(self.now_ms))
     }
 
     fn note(&mut self, text: &str) {
