@@ -41,12 +41,13 @@
 //!    lengths summed. Limit: QEMU counts the whole disk, but skips unallocated and zero areas
 //!    fast, so this is a rate of logical disk bytes, not of bytes on the A-Links (vdb is mostly
 //!    written data by the end, vda mostly zeros). Rebuilds: the first sync after the start,
-//!    one after each outage, and the one after `lab restore-host`.
+//!    one after each outage, and the one after `lab restore-host`. An incremental rebuild
+//!    ends with a verify of every extent, so its rate is low: it copies little and reads all.
 //! 4. `resync_bytes_after_10s_outage` (median over the cycles) next to the bytes the guest
 //!    wrote in those 10 s (BENCH rounds × writes × 4 KiB and COUNTER lines × 512 B seen in
-//!    the outage) and their ratio. Today a rebuild is a full copy of both disks, so this is
-//!    the disks' size whatever the outage: that is what it measures until a dirty-bitmap
-//!    resync lands.
+//!    the outage) and their ratio. The rebuild after an outage is incremental (the dirty
+//!    bitmap's 64 KiB granules, as the mirror jobs report them); the first sync and the one
+//!    after `restore-host` (a new QEMU on the other side of a failover) are full copies.
 //!
 //! Also in the JSON: the samples, `targets`, `targets_met`, `lab_up_s` and `run_s`. One run
 //! takes about two minutes on a 2-core machine (lab up included). The lab goes down on every

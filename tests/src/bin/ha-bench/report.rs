@@ -208,7 +208,7 @@ impl Report {
             (
                 "resync_bytes_after_10s_outage",
                 format!(
-                    "{} (guest wrote {}; {}x; full copy)",
+                    "{} (guest wrote {}; {}x)",
                     copied.map_or("-".into(), |b| b.to_string()),
                     written.map_or("-".into(), |b| b.to_string()),
                     text(self.outage_ratio(), 1)
