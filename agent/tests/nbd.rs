@@ -2,10 +2,13 @@
 //! qemu-utils) on loopback: what QEMU writes lands in the exported file, reads come back,
 //! zeroes and flushes work, bad requests are refused and leave the file as it was.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use agent::nbd::{Export, Exports, serve};
+use common::bytes;
 use tokio::net::TcpListener;
 
 const SIZE: usize = 16 << 20;
@@ -68,10 +71,6 @@ async fn qemu_io(url: &str, commands: &[&str]) -> String {
     );
     assert!(output.status.success(), "qemu-io {commands:?}: {text}");
     text
-}
-
-fn bytes(path: &Path, offset: usize, len: usize) -> Vec<u8> {
-    std::fs::read(path).unwrap()[offset..offset + len].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,34 +231,10 @@ async fn writes_beyond_the_end_or_to_a_read_only_export_change_nothing() {
 /// A raw client: does the handshake and `GO` for `export`, returns the stream ready for
 /// requests.
 async fn raw_client(port: u16, export: &str) -> tokio::net::TcpStream {
-    use agent::nbd::proto;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let mut hello = [0u8; 18];
-    stream.read_exact(&mut hello).await.unwrap();
-    assert_eq!(hello, proto::handshake());
-    stream
-        .write_all(&(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES).to_be_bytes())
-        .await
-        .unwrap();
-    let mut data = u32::try_from(export.len()).unwrap().to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    let mut option = proto::OPTION_MAGIC.to_be_bytes().to_vec();
-    option.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-    option.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
-    option.extend_from_slice(&data);
-    stream.write_all(&option).await.unwrap();
-    // INFO (export), INFO (block size), ACK.
-    for _ in 0..3 {
-        let mut header = [0u8; 20];
-        stream.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
-        let mut body = vec![0u8; usize::try_from(len).unwrap()];
-        stream.read_exact(&mut body).await.unwrap();
-    }
+    common::handshake(&mut stream, export).await;
     stream
 }
 

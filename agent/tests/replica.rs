@@ -3,6 +3,8 @@
 //! qemu-utils) and a raw NBD client on one side's peer socket reach the other side's exports
 //! across the links; unexporting refuses new connections and closes open ones.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use agent::config::{AlinkConfig, AlinkRole};
 use agent::nbd::proto;
 use agent::replica::Replicas;
+use common::bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -88,34 +91,10 @@ fn text(output: &Output) -> String {
     )
 }
 
-fn bytes(path: &Path, offset: usize, len: usize) -> Vec<u8> {
-    std::fs::read(path).unwrap()[offset..offset + len].to_vec()
-}
-
 /// A raw NBD client on `socket`: handshake and `GO` for `export`, ready for requests.
 async fn raw_client(socket: &Path, export: &str) -> UnixStream {
     let mut stream = UnixStream::connect(socket).await.unwrap();
-    let mut hello = [0u8; 18];
-    stream.read_exact(&mut hello).await.unwrap();
-    assert_eq!(hello, proto::handshake());
-    let flags = proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES;
-    stream.write_all(&flags.to_be_bytes()).await.unwrap();
-    let mut data = u32::try_from(export.len()).unwrap().to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    let mut option = proto::OPTION_MAGIC.to_be_bytes().to_vec();
-    option.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-    option.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
-    option.extend_from_slice(&data);
-    stream.write_all(&option).await.unwrap();
-    // INFO (export), INFO (block size), ACK.
-    for _ in 0..3 {
-        let mut header = [0u8; 20];
-        stream.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes(header[16..20].try_into().unwrap());
-        let mut body = vec![0u8; usize::try_from(len).unwrap()];
-        stream.read_exact(&mut body).await.unwrap();
-    }
+    common::handshake(&mut stream, export).await;
     stream
 }
 

@@ -246,38 +246,33 @@ fn to_because(state: VmState, reason: &str, actions: &[Action]) -> Result<Transi
 
 /// A start: the VM gets a new ownership generation before any agent hears of it.
 fn start_because(reason: &str) -> Result<Transition, Error> {
-    Ok(Transition {
-        state: VmState::Starting,
-        reason: Some(reason.to_string()),
-        actions: START.to_vec(),
-        reassign: true,
-        relocate: None,
-        crash: false,
-    })
+    to_starting(reason.to_string(), None, false)
 }
 
 /// A restart where the VM is, after its QEMU died on its own (new generation).
 fn restart(why: &str) -> Result<Transition, Error> {
-    Ok(Transition {
-        state: VmState::Starting,
-        reason: Some(format!("{why}; restarting it here")),
-        actions: START.to_vec(),
-        reassign: true,
-        relocate: None,
-        crash: true,
-    })
+    to_starting(format!("{why}; restarting it here"), None, true)
 }
 
 /// A failover: the VM leaves its host (`why`) and restarts on `to`, under a new generation,
 /// from its copy there.
 fn fail_over(to: &str, why: &str) -> Result<Transition, Error> {
+    to_starting(
+        format!("{why}; restarting on {to} from its replica"),
+        Some(to.to_string()),
+        false,
+    )
+}
+
+/// Every (re)start: define and start under a new generation, on `relocate` if it moves.
+fn to_starting(reason: String, relocate: Option<String>, crash: bool) -> Result<Transition, Error> {
     Ok(Transition {
         state: VmState::Starting,
-        reason: Some(format!("{why}; restarting on {to} from its replica")),
+        reason: Some(reason),
         actions: START.to_vec(),
         reassign: true,
-        relocate: Some(to.to_string()),
-        crash: false,
+        relocate,
+        crash,
     })
 }
 
