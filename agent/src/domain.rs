@@ -137,7 +137,7 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
         escape(&host.emulator.to_string_lossy())
     );
     for (index, disk) in spec.disks.iter().enumerate() {
-        push_disk(&mut xml, index, disk);
+        push_disk(&mut xml, index, disk, spec.self_fence);
     }
     if let Boot::Cdrom(iso) = &spec.boot {
         push_cdrom(&mut xml, iso);
@@ -203,12 +203,20 @@ fn push_os(xml: &mut String, boot: &Boot) {
     xml.push_str("  </os>\n");
 }
 
-fn push_disk(xml: &mut String, index: usize, disk: &Disk) {
+/// One virtio disk. A protected domain's (`stop_on_error`) disks pause the guest on an I/O
+/// error instead of failing the request, so that the agent can move the disk onto the peer's
+/// copy and let QEMU retry it there (`mirror/pivot.rs`): the guest never sees the error.
+fn push_disk(xml: &mut String, index: usize, disk: &Disk, stop_on_error: bool) {
     let device = virtio_disk_name(index);
+    let policy = if stop_on_error {
+        " error_policy='stop' rerror_policy='stop'"
+    } else {
+        ""
+    };
     // cache='none': the guest's flushes reach the disk and no host page cache hides a lost write.
     let _ = writeln!(
         xml,
-        "    <disk type='file' device='disk'><driver name='qemu' type='{}' cache='none'/><source file='{}'/><target dev='{device}' bus='virtio'/><alias name='{}'/></disk>",
+        "    <disk type='file' device='disk'><driver name='qemu' type='{}' cache='none'{policy}/><source file='{}'/><target dev='{device}' bus='virtio'/><alias name='{}'/></disk>",
         disk.format.as_str(),
         escape(&disk.path.to_string_lossy()),
         disk_alias(&device)
@@ -384,6 +392,27 @@ mod tests {
         let xml = domain_xml(&spec, &tcg());
 
         assert!(xml.contains("<source path='/state/a&apos;b&amp;c.log' append='on'/>"));
+    }
+
+    #[test]
+    fn domain_xml_protected_disks_stop_on_io_error() {
+        let spec = DomainSpec {
+            self_fence: true,
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains(
+            "<driver name='qemu' type='raw' cache='none' error_policy='stop' rerror_policy='stop'/><source file='/sg0/a.raw'/>"
+        ));
+    }
+
+    #[test]
+    fn domain_xml_unprotected_disks_keep_qemu_error_policy() {
+        let xml = domain_xml(&kernel_spec(), &tcg());
+
+        assert!(!xml.contains("error_policy"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod disk_fault;
 pub mod domain;
 pub mod embed;
 pub mod facts;

@@ -127,6 +127,14 @@ impl Monitor<'_> {
             .qemu_monitor_command(command, 0)
             .map_err(call(format!("QMP command to domain {}", self.name)))
     }
+
+    /// Resumes the paused guest (libvirt's resume: QEMU `cont`, libvirt's state follows).
+    pub fn resume(&self) -> Result<(), Error> {
+        self.dom
+            .resume()
+            .map(drop)
+            .map_err(call(format!("resuming domain {}", self.name)))
+    }
 }
 
 /// libvirt and QEMU versions, as "major.minor.micro".

@@ -11,6 +11,7 @@ use daemon::lease::LeaseView;
 use tokio::sync::watch;
 
 use agent::config::Config;
+use agent::disk_fault;
 use agent::facts::Collector;
 use agent::fence::Fence;
 use agent::heartbeat::Heartbeats;
@@ -98,8 +99,15 @@ async fn serve(
             system_ip: config.system_ip.clone(),
             libvirt: libvirt.clone(),
         };
-        marker = Some(Marker::new(etcd.clone(), config.node.clone(), lease_id));
+        let stale = Marker::new(etcd.clone(), config.node.clone(), lease_id);
+        let watch = disk_fault::Watch {
+            node: config.node.clone(),
+            libvirt: libvirt.clone(),
+            marker: stale.clone(),
+        };
+        marker = Some(stale);
         tokio::spawn(membership.run(lease_tx, lease_id_tx));
+        tokio::spawn(watch.run());
     }
     let deps = Deps {
         libvirt,

@@ -8,8 +8,15 @@
 //! lease the agent held when the mirror started; the controller refuses a failover to a
 //! marked peer. A host that lost that lease (the pair may have failed the VM over) never
 //! releases: its guest stays blocked until the self-fence stops it.
+//!
+//! The other way round, when this host's disk fails under an in-sync mirror, the guest moves
+//! onto the peer's copy (`mirror/pivot.rs`) only once [`Marker::mark_local_behind`] has
+//! recorded this host's copy as the one behind. The two marks of one path exclude each other:
+//! both are written under one lock, and whichever came first wins (a held connection of a
+//! guest already on the peer's copy is released unmarked: its I/O fails and QEMU pauses it).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use daemon::etcd::Etcd;
@@ -29,12 +36,51 @@ pub struct Marker {
     etcd: Etcd,
     node: String,
     lease: watch::Receiver<i64>,
+    /// Each VM's latest mirror path, by VM UUID.
+    paths: Arc<Mutex<HashMap<String, Path>>>,
+    /// Held while a mark is decided and written: the two marks of a path exclude each other.
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A VM's mirror path as the marker knows it.
+#[derive(Clone, Debug)]
+struct Path {
+    peer: String,
+    lease: i64,
+    serial: i64,
+    behind: Option<Behind>,
+}
+
+/// Whose copy a written mark says is behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behind {
+    Peer,
+    Local,
+}
+
+/// What [`Marker::mark_local_behind`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalMark {
+    /// Written: the guest may move onto the peer's copy.
+    Written,
+    /// Refused: this host no longer holds the lease the path was made under.
+    LeaseGone,
+    /// The peer's copy is already marked behind (the path broke first).
+    PeerBehind,
+    /// This agent made no mirror path for the VM (it restarted since).
+    NoPath,
 }
 
 impl Marker {
     /// A marker for host `node`, whose current host lease `lease` follows (0: none).
     pub fn new(etcd: Etcd, node: String, lease: watch::Receiver<i64>) -> Marker {
-        Marker { etcd, node, lease }
+        Marker {
+            etcd,
+            node,
+            lease,
+            paths: Arc::default(),
+            writing: Arc::default(),
+        }
     }
 
     /// The host lease this agent holds now (0: none).
@@ -45,6 +91,13 @@ impl Marker {
     /// The hold for mirror path `path` of `vm` to `peer`, made under host lease `lease`: it
     /// returns once the mark is written, and never if the lease is gone.
     pub fn hold(&self, vm: &str, peer: &str, lease: i64, path: i64) -> Hold {
+        let record = Path {
+            peer: peer.to_string(),
+            lease,
+            serial: path,
+            behind: None,
+        };
+        self.paths().insert(vm.to_string(), record);
         let (marker, vm, peer) = (self.clone(), vm.to_string(), peer.to_string());
         Arc::new(move || {
             let (marker, vm, peer) = (marker.clone(), vm.clone(), peer.clone());
@@ -63,7 +116,17 @@ impl Marker {
         }
         tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark begin: the mirror to {peer} broke; guest writes wait until the pair records {peer}'s copy as behind");
         loop {
-            match self.mark(vm, peer, lease, path).await {
+            let writing = self.writing.lock().await;
+            if self.behind(vm, path) == Some(Behind::Local) {
+                tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark end: not needed, the guest runs on {peer}'s copy; its I/O fails and QEMU pauses it");
+                return;
+            }
+            let written = self.mark(vm, node, peer, lease, path).await;
+            if matches!(written, Ok(true)) {
+                self.set_behind(vm, path, Behind::Peer);
+            }
+            drop(writing);
+            match written {
                 Ok(true) => {
                     tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark end: recorded; the guest runs on this host's copy alone");
                     return;
@@ -80,17 +143,65 @@ impl Marker {
         }
     }
 
-    /// One attempt: true if written, false if this host's registration is not bound to `lease`.
+    /// Records that this host's copy of `vm` is behind the peer's (its disk failed and the
+    /// guest is about to run on the peer's copy), on the same lease condition as a hold's mark.
+    pub async fn mark_local_behind(&self, vm: &str) -> Result<LocalMark, daemon::etcd::Error> {
+        let _writing = self.writing.lock().await;
+        let Some(path) = self.paths().get(vm).cloned() else {
+            return Ok(LocalMark::NoPath);
+        };
+        if path.behind == Some(Behind::Peer) {
+            return Ok(LocalMark::PeerBehind);
+        }
+        if path.behind == Some(Behind::Local) {
+            return Ok(LocalMark::Written);
+        }
+        if path.lease == 0 {
+            // No lease when the mirror started: nothing can prove this host still may write.
+            return Ok(LocalMark::LeaseGone);
+        }
+        let node = self.node.clone();
+        if !self
+            .mark(vm, &path.peer, &node, path.lease, path.serial)
+            .await?
+        {
+            return Ok(LocalMark::LeaseGone);
+        }
+        self.set_behind(vm, path.serial, Behind::Local);
+        Ok(LocalMark::Written)
+    }
+
+    fn paths(&self) -> std::sync::MutexGuard<'_, HashMap<String, Path>> {
+        self.paths.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whose copy a mark written on path `serial` of `vm` says is behind.
+    fn behind(&self, vm: &str, serial: i64) -> Option<Behind> {
+        self.paths()
+            .get(vm)
+            .filter(|p| p.serial == serial)
+            .and_then(|p| p.behind)
+    }
+
+    fn set_behind(&self, vm: &str, serial: i64, behind: Behind) {
+        if let Some(p) = self.paths().get_mut(vm).filter(|p| p.serial == serial) {
+            p.behind = Some(behind);
+        }
+    }
+
+    /// One attempt to mark `behind`'s copy of `vm` behind `writer`'s: true if written, false
+    /// if this host's registration is not bound to `lease`.
     async fn mark(
         &self,
         vm: &str,
-        peer: &str,
+        writer: &str,
+        behind: &str,
         lease: i64,
         path: i64,
     ) -> Result<bool, daemon::etcd::Error> {
         let record = StaleMark {
-            writer: self.node.clone(),
-            peer: peer.to_string(),
+            writer: writer.to_string(),
+            peer: behind.to_string(),
             path,
             at_unix_ms: daemon::now_unix_ms(),
         };

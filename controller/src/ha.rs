@@ -10,6 +10,8 @@
 //!
 //!   host of a running VM lost, peer current and up ──► fail over: start on the peer
 //!   host lost, peer behind or down                  ──► lost until the host returns
+//!   disk failed under the VM, mirror ready           ──► Simplex: the guest runs on the
+//!                                                        peer's copy, only the peer current
 //! ```
 //!
 //! The rule that keeps every acknowledged write: a VM may start only on a host whose copy is
@@ -20,7 +22,9 @@
 //! and the controller seeing it, the primary's agent holds the guest's writes until it has
 //! left a stale mark in etcd ([`daemon::pair::StaleMark`]): a mark on the mirror path that
 //! made the peer current takes the peer's copy out of the current ones at once, and a
-//! failover commits only if the marks are as the engine read them.
+//! failover commits only if the marks are as the engine read them. When the primary's own
+//! disk fails, its agent marks the primary's copy behind instead and moves the guest onto the
+//! peer's copy; a mark naming a host keeps every start off that host's copy.
 
 use std::collections::BTreeSet;
 
@@ -125,6 +129,8 @@ pub enum Mirror {
         /// QEMU's or the agent's words.
         error: String,
     },
+    /// The primary's disk failed and the guest runs on the peer's copy through the A-Links.
+    OnPeer,
 }
 
 /// What a running HA VM needs now.
@@ -175,6 +181,14 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
     };
     let clear_mark = seen.mark.is_some() && !broken && mirror == Mirror::Ready;
     match (&mirror, seen.peer) {
+        (Mirror::OnPeer, Some(peer)) => {
+            next.current = [peer.to_string()].into();
+            let reason = format!(
+                "the disk on {} failed; the guest runs on {peer}'s copy through the A-Links",
+                seen.primary
+            );
+            next.sync = simplex(&current.sync, &reason, seen.now_unix_ms);
+        }
         (_, None) => {
             next.current = only_primary;
             next.sync = simplex(
@@ -235,10 +249,10 @@ fn simplex(was: &Sync, reason: &str, now_unix_ms: i64) -> Sync {
 }
 
 /// The protection of a VM about to start on `node`: only that host's copy stays current,
-/// since the new QEMU writes before any mirror exists. `None` when `node`'s copy is not current:
-/// starting there would lose acknowledged writes.
-pub fn starting_on(current: &Protection, node: &str) -> Option<Protection> {
-    if !current.current.is_empty() && !current.current.contains(node) {
+/// since the new QEMU writes before any mirror exists. `None` when `node`'s copy is not current
+/// (or a stale mark says it is behind, `behind`): starting there would lose acknowledged writes.
+pub fn starting_on(current: &Protection, node: &str, behind: bool) -> Option<Protection> {
+    if behind || (!current.current.is_empty() && !current.current.contains(node)) {
         return None;
     }
     Some(Protection {
@@ -263,7 +277,7 @@ pub fn placed(
     match placement.relocate {
         Some(to) => Some(failed_over(node, to, placement.why, now_unix_ms)),
         None if protected => {
-            let mut next = starting_on(current, node)?;
+            let mut next = starting_on(current, node, placement.behind)?;
             next.restarts = if placement.crash {
                 current.restarts + 1
             } else {
@@ -284,20 +298,31 @@ pub struct Placement<'a> {
     pub why: &'a str,
     /// Whether this is a restart after its QEMU died on its own.
     pub crash: bool,
+    /// Whether a stale mark says the copy on the host it starts on is behind.
+    pub behind: bool,
+}
+
+/// Whether a stale mark on path `mark` (if any) says a copy is behind: it names the path that
+/// made the copies current, or a later one.
+pub fn marked_behind(current: &Protection, mark: Option<i64>) -> bool {
+    mark.is_some_and(|path| path >= current.mirror_path)
 }
 
 /// What to do when the QEMU of a running HA VM on `node` died on its own (the host is fine):
-/// restart it there (`Some(None)`) while it has restarts left, else move it to the peer
-/// (`Some(Some(peer))`) when the peer may take it, else leave it stopped (`None`).
+/// restart it there (`Some(None)`) while it has restarts left and its copy there is current
+/// (`here_behind`: a stale mark says it is not), else move it to the peer (`Some(Some(peer))`)
+/// when the peer may take it, else leave it stopped (`None`).
 pub fn after_crash<'a>(
     current: &Protection,
     node: &str,
+    here_behind: bool,
     peer: Option<&'a str>,
     peer_up: bool,
     mark: Option<i64>,
     max_restarts: u32,
 ) -> Option<Option<&'a str>> {
-    if current.restarts < max_restarts {
+    let here_current = current.current.is_empty() || current.current.contains(node);
+    if current.restarts < max_restarts && here_current && !here_behind {
         return Some(None);
     }
     failover_target(current, node, peer, peer_up, mark).map(Some)
@@ -314,7 +339,7 @@ pub fn failover_target<'a>(
     mark: Option<i64>,
 ) -> Option<&'a str> {
     let peer = peer?;
-    let marked = mark.is_some_and(|path| path >= current.mirror_path);
+    let marked = marked_behind(current, mark);
     (peer != lost && peer_up && !marked && current.current.contains(peer)).then_some(peer)
 }
 

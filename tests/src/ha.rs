@@ -1,11 +1,18 @@
-//! What the HA end-to-end tests share: the other host, "protected", and an HA tiny guest
-//! started and protected.
+//! What the HA end-to-end tests share: the other host, "protected", their timeouts, a
+//! counter that runs on without a gap, and an HA tiny guest started and protected.
 
 use std::time::Duration;
 
 use proto::v1 as pb;
 
-use crate::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use crate::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+
+/// The first full copy of the 16 MiB disk over the A-Links takes well under a second idle;
+/// generous for a loaded machine.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// Lost detection (host lease TTL 2 s, an etcd election when the dead host held etcd's
+/// leader, a takeover when it served), the start on the peer and a boot under TCG.
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The other host of the lab's pair.
 pub fn other(node: &str) -> &'static str {
@@ -19,6 +26,24 @@ pub fn protected(vm: &pb::Vm) -> bool {
             .protection
             .as_ref()
             .is_some_and(|p| p.state == "protected")
+}
+
+/// Waits for `count` new counters of `vm` after `before` under the same boot, one by one: the
+/// guest ran on without a reboot or a gap.
+pub fn assert_counts_on(
+    lab: &Lab,
+    vm: &pb::Vm,
+    before: &(u64, String),
+    count: usize,
+) -> Vec<(u64, String)> {
+    let after = Console::new(lab, vm).wait_counters(count, COUNTER_PERIOD_TIMEOUT);
+    assert!(
+        after.iter().all(|(_, boot)| *boot == before.1),
+        "rebooted: {after:?} after {before:?}"
+    );
+    assert!(after[0].0 > before.0, "{after:?} after {before:?}");
+    assert!(after.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{after:?}");
+    after
 }
 
 impl Lab {

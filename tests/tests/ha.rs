@@ -10,33 +10,8 @@
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::ha::{other, protected};
+use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
 use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
-
-/// The first full copy of the 16 MiB disk over the A-Links takes well under a second idle;
-/// generous for a loaded machine.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-/// Lost detection (host lease TTL 2 s, an etcd election when the dead host held etcd's
-/// leader, a takeover when it served), the start on the peer and a boot under TCG.
-const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Waits for `count` new counters of `vm` after `before` under the same boot, one by one: the
-/// guest ran on without a reboot or a gap.
-fn assert_counts_on(
-    lab: &Lab,
-    vm: &pb::Vm,
-    before: &(u64, String),
-    count: usize,
-) -> Vec<(u64, String)> {
-    let after = Console::new(lab, vm).wait_counters(count, COUNTER_PERIOD_TIMEOUT);
-    assert!(
-        after.iter().all(|(_, boot)| *boot == before.1),
-        "rebooted: {after:?} after {before:?}"
-    );
-    assert!(after[0].0 > before.0, "{after:?} after {before:?}");
-    assert!(after.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{after:?}");
-    after
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write() {

@@ -42,6 +42,7 @@
 
 mod bitmap;
 mod nbd_client;
+mod pivot;
 mod qmp;
 mod registry;
 mod resync;
@@ -53,6 +54,7 @@ use std::time::{Duration, Instant};
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
+pub use self::pivot::Plan as PivotPlan;
 use self::qmp::{
     BlockInfo, BlockJob, JobStatus, NamedNode, execute, find_bitmap, query_jobs, query_nodes,
 };
@@ -158,6 +160,14 @@ pub enum Error {
         /// QEMU's error text.
         desc: String,
     },
+    /// Moving a disk onto the peer's copy failed; the guest stays paused.
+    #[error("moving disk {device} onto the peer's copy failed: {error}; the guest stays paused")]
+    PivotFailed {
+        /// Guest device.
+        device: String,
+        /// QEMU's or the agent's words.
+        error: String,
+    },
     /// The resync's last pass, with the guest stopped, failed (the guest runs again).
     #[error(
         "resync residual pass {job} failed: {error}; the guest runs again and the next start retries"
@@ -200,6 +210,9 @@ pub enum MirrorState {
         /// Why, in QEMU's words where it gave any.
         error: String,
     },
+    /// This host's disk failed and the guest runs on the peer's copy (see `pivot.rs`): the
+    /// peer's copy is current, this host's is behind.
+    OnPeer,
 }
 
 /// One disk's mirror to the peer.
@@ -313,6 +326,46 @@ pub async fn stop(libvirt: &Libvirt, node: &str, uuid: &str) -> Result<(), Error
     }
 }
 
+/// Whether the disks of the domain `uuid`, stopped on an I/O error, can move onto the peer's
+/// copy (see `pivot.rs`).
+pub async fn pivot_plan(libvirt: &Libvirt, uuid: &str) -> Result<PivotPlan, Error> {
+    libvirt.with_monitor(uuid, pivot::plan).await
+}
+
+/// Moves `devices` of the domain `uuid` onto the peer's copy and resumes the guest; `node` is
+/// this host (for logs). Call only once this host's copy is recorded as behind.
+pub async fn pivot(
+    libvirt: &Libvirt,
+    node: &str,
+    uuid: &str,
+    devices: &[String],
+) -> Result<(), Error> {
+    let owned = devices.to_vec();
+    let started = Instant::now();
+    let result = libvirt
+        .with_monitor(uuid, move |m| pivot::move_and_resume(m, &owned))
+        .await;
+    let ms = started.elapsed().as_millis();
+    match &result {
+        Ok(t) => {
+            tracing::warn!(
+                vm = uuid,
+                node,
+                op = "disk-pivot",
+                ?devices,
+                ms,
+                switch_ms = t.switch_ms,
+                resume_ms = t.resume_ms,
+                "disk pivot end: ok; the guest runs on the peer's copy"
+            )
+        }
+        Err(e) => {
+            tracing::error!(vm = uuid, node, op = "disk-pivot", ?devices, ms, error = %e, "disk pivot end: failed; the guest stays paused")
+        }
+    }
+    result.map(drop)
+}
+
 /// Starts the mirror of one disk unless it (or its resync) runs; returns how it was rebuilt.
 fn start_disk(
     m: &Monitor<'_>,
@@ -321,6 +374,18 @@ fn start_disk(
     socket: &Path,
 ) -> Result<Option<ResyncMode>, Error> {
     let device = disk.device.as_str();
+    if pivot::on_peer(&qmp::query_blocks(m)?)
+        .iter()
+        .any(|d| d == device)
+    {
+        tracing::info!(
+            vm = who.vm,
+            node = who.node,
+            device,
+            "the disk runs on the peer's copy (its local volume failed); left alone"
+        );
+        return Ok(None);
+    }
     let jobs: Vec<BlockJob> = query_jobs(m)?
         .into_iter()
         .filter(|j| device_of_any_job(&j.device) == Some(device))
@@ -442,14 +507,16 @@ fn add_target(m: &Monitor<'_>, disk: &MirrorDisk, socket: &Path) -> Result<Strin
 }
 
 /// Removes the target nodes of `device` (of every device if `None`), qcow2 nodes first.
+/// A disk running on the peer's copy keeps its nodes.
 fn remove_targets(m: &Monitor<'_>, vm: &str, device: Option<&str>) -> Result<(), Error> {
+    let on_peer = pivot::on_peer(&qmp::query_blocks(m)?);
     let mut names: Vec<String> = query_nodes(m)?
         .into_iter()
         .map(|n| n.node_name)
         .filter(|name| {
             name.strip_prefix(PEER_PREFIX).is_some_and(|rest| {
                 let dev = rest.strip_suffix(QCOW2_SUFFIX).unwrap_or(rest);
-                device.is_none_or(|d| d == dev)
+                device.is_none_or(|d| d == dev) && !on_peer.iter().any(|d| d == dev)
             })
         })
         .collect();
@@ -508,9 +575,10 @@ struct Status {
 fn read_status(m: &Monitor<'_>, who: Who<'_>) -> Result<Status, Error> {
     let jobs = query_jobs(m)?;
     let nodes = query_nodes(m)?;
+    let on_peer = pivot::on_peer(&qmp::query_blocks(m)?);
     bitmap::upkeep_all(m, who, &jobs, &nodes);
     Ok(Status {
-        mirrors: mirrors_of(&jobs, &nodes),
+        mirrors: mirrors_of(&jobs, &nodes, &on_peer),
         pending: resync_pending(&jobs, &nodes),
     })
 }
@@ -546,6 +614,17 @@ fn block_of<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a BlockInfo> 
     let alias = domain::disk_alias(device);
     let path = format!("/machine/peripheral/{alias}/virtio-backend");
     blocks.iter().find(|b| b.qdev == path || b.qdev == alias)
+}
+
+/// The guest device of a `query-block` entry of ours (its alias `ua-<device>`).
+fn device_of_block(block: &BlockInfo) -> Option<String> {
+    let id = block
+        .qdev
+        .strip_prefix("/machine/peripheral/")
+        .and_then(|rest| rest.strip_suffix("/virtio-backend"))
+        .unwrap_or(&block.qdev);
+    let device = id.strip_prefix(&domain::disk_alias(""))?;
+    (!device.is_empty() && domain::disk_alias(device) == id).then(|| device.to_string())
 }
 
 /// The guest device a mirror job's ID stands for (`None` for other jobs).
@@ -600,9 +679,9 @@ fn json_filename(file: &str) -> Option<Value> {
 }
 
 /// The mirrors `jobs` and `nodes` show, in disk order (vda … vdz, vdaa …). A resync's backup
-/// job stands for its disk's mirror, and a mirror in sync whose disk is marked unverified is
-/// still syncing.
-fn mirrors_of(jobs: &[BlockJob], nodes: &[NamedNode]) -> Vec<DiskMirror> {
+/// job stands for its disk's mirror, a mirror in sync whose disk is marked unverified is
+/// still syncing, and a disk `on_peer` runs on the peer's copy.
+fn mirrors_of(jobs: &[BlockJob], nodes: &[NamedNode], on_peer: &[String]) -> Vec<DiskMirror> {
     let unverified = bitmap::marked(nodes);
     let mut mirrors: Vec<DiskMirror> = jobs
         .iter()
@@ -634,8 +713,12 @@ fn mirrors_of(jobs: &[BlockJob], nodes: &[NamedNode]) -> Vec<DiskMirror> {
         .map(|device| DiskMirror {
             device: device.to_string(),
             export: export_of(nodes, device).unwrap_or_default(),
-            state: MirrorState::Failed {
-                error: "the mirror job is gone while its target remains".to_string(),
+            state: if on_peer.iter().any(|d| d == device) {
+                MirrorState::OnPeer
+            } else {
+                MirrorState::Failed {
+                    error: "the mirror job is gone while its target remains".to_string(),
+                }
             },
             offset: 0,
             length: 0,

@@ -55,7 +55,7 @@ fn disk_file_of_second_disk_is_its_image() {
 fn mirrors_of_jobs_reports_ready_and_failed_in_disk_order() {
     let (jobs, nodes) = (jobs(QUERY_JOBS), nodes(QUERY_NODES));
 
-    let mirrors = mirrors_of(&jobs, &nodes);
+    let mirrors = mirrors_of(&jobs, &nodes, &[]);
 
     assert_eq!(
         mirrors,
@@ -86,14 +86,14 @@ fn mirrors_of_jobs_reports_ready_and_failed_in_disk_order() {
 fn mirrors_of_ready_job_not_actively_synced_is_syncing() {
     let text = r#"{"return":[{"device":"pv-mirror-vda","len":100,"offset":100,"status":"ready","ready":true,"actively-synced":false,"type":"mirror"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &[]);
+    let mirrors = mirrors_of(&jobs(text), &[], &[]);
 
     assert_eq!(mirrors[0].state, MirrorState::Syncing);
 }
 
 #[test]
 fn mirrors_of_in_sync_job_of_an_unverified_disk_is_syncing() {
-    let mirrors = mirrors_of(&jobs(IN_SYNC), &nodes(MARKED_NODES));
+    let mirrors = mirrors_of(&jobs(IN_SYNC), &nodes(MARKED_NODES), &[]);
 
     assert_eq!(mirrors[0].state, MirrorState::Syncing);
 }
@@ -102,16 +102,44 @@ fn mirrors_of_in_sync_job_of_an_unverified_disk_is_syncing() {
 fn mirrors_of_cancelled_job_without_error_is_failed() {
     let text = r#"{"return":[{"device":"pv-mirror-vda","len":100,"offset":100,"status":"concluded","ready":false,"actively-synced":true,"type":"mirror"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &[]);
+    let mirrors = mirrors_of(&jobs(text), &[], &[]);
 
     assert!(matches!(mirrors[0].state, MirrorState::Failed { .. }));
+}
+
+#[test]
+fn mirrors_of_disk_on_its_target_is_on_peer() {
+    let text = r#"{"return":[{"node-name":"pv-peer-vdc","drv":"nbd","file":"nbd+unix:///c.raw?socket=/s"}]}"#;
+
+    let mirrors = mirrors_of(&[], &nodes(text), &["vdc".to_string()]);
+
+    assert_eq!(mirrors[0].state, MirrorState::OnPeer);
+    assert_eq!(mirrors[0].export, "c.raw");
+}
+
+#[test]
+fn device_of_block_reads_our_alias() {
+    let block = |qdev: &str| super::qmp::BlockInfo {
+        qdev: qdev.into(),
+        inserted: None,
+    };
+
+    assert_eq!(
+        device_of_block(&block("/machine/peripheral/ua-vdb/virtio-backend")),
+        Some("vdb".to_string())
+    );
+    assert_eq!(device_of_block(&block("ua-vdc")), Some("vdc".to_string()));
+    assert_eq!(
+        device_of_block(&block("/machine/peripheral/ide0-cd0")),
+        None
+    );
 }
 
 #[test]
 fn mirrors_of_target_without_job_is_failed() {
     let text = r#"{"return":[{"node-name":"pv-peer-vdc","drv":"nbd","file":"nbd+unix:///c.raw?socket=/s"}]}"#;
 
-    let mirrors = mirrors_of(&[], &nodes(text));
+    let mirrors = mirrors_of(&[], &nodes(text), &[]);
 
     assert_eq!(
         mirrors,
@@ -132,7 +160,7 @@ fn mirrors_of_target_without_job_is_failed() {
 fn mirrors_of_running_resync_backup_is_syncing_with_its_progress() {
     let text = r#"{"return":[{"device":"pv-backup-vda","len":720896,"offset":65536,"status":"running","type":"backup"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &nodes(MARKED_NODES));
+    let mirrors = mirrors_of(&jobs(text), &nodes(MARKED_NODES), &[]);
 
     assert_eq!(
         mirrors,
@@ -151,7 +179,7 @@ fn mirrors_of_running_resync_backup_is_syncing_with_its_progress() {
 fn mirrors_of_failed_resync_backup_is_failed() {
     let text = r#"{"return":[{"device":"pv-backup-vda","len":720896,"offset":0,"status":"concluded","error":"Input/output error","type":"backup"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &[]);
+    let mirrors = mirrors_of(&jobs(text), &[], &[]);
 
     assert_eq!(
         mirrors[0].state,
@@ -165,7 +193,7 @@ fn mirrors_of_failed_resync_backup_is_failed() {
 fn mirrors_of_other_jobs_is_empty() {
     let text = r#"{"return":[{"device":"backup0","len":1,"offset":0,"status":"running","ready":false,"type":"backup"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &[]);
+    let mirrors = mirrors_of(&jobs(text), &[], &[]);
 
     assert!(mirrors.is_empty());
 }
@@ -174,7 +202,7 @@ fn mirrors_of_other_jobs_is_empty() {
 fn mirrors_of_sorts_vdaa_after_vdz() {
     let text = r#"{"return":[{"device":"pv-mirror-vdaa","len":1,"offset":0,"status":"running","type":"mirror"},{"device":"pv-mirror-vdz","len":1,"offset":0,"status":"running","type":"mirror"}]}"#;
 
-    let mirrors = mirrors_of(&jobs(text), &[]);
+    let mirrors = mirrors_of(&jobs(text), &[], &[]);
 
     assert_eq!(
         mirrors

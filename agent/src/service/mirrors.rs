@@ -186,6 +186,7 @@ fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {
         MirrorState::Syncing => (pb::MirrorState::Syncing, String::new()),
         MirrorState::Ready => (pb::MirrorState::Ready, String::new()),
         MirrorState::Failed { error } => (pb::MirrorState::Failed, error),
+        MirrorState::OnPeer => (pb::MirrorState::OnPeer, String::new()),
     };
     pb::DiskMirror {
         device: m.device,

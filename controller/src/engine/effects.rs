@@ -136,7 +136,8 @@ impl Engine {
         let now = crate::now_unix_ms();
         if transition.reassign {
             record.generation += 1;
-            record.protection = super::protect::placed(&record, transition, now)?;
+            let behind = self.marked_behind(&record, &record.node);
+            record.protection = super::protect::placed(&record, transition, behind, now)?;
             if let Some(to) = &transition.relocate {
                 record.node.clone_from(to);
             }

@@ -70,11 +70,13 @@ impl Engine {
         let peer = self.peer_of(node);
         let peer_up = peer.as_deref().is_some_and(|p| self.node_usable(p));
         let mark = peer.as_deref().and_then(|p| self.mark_on(&record.uuid, p));
+        let here_behind = self.marked_behind(record, node);
         let restarts = record.protection.restarts;
         let max = self.ctx.max_restarts;
         let decided = ha::after_crash(
             &record.protection,
             node,
+            here_behind,
             peer.as_deref(),
             peer_up,
             mark,
@@ -183,6 +185,11 @@ impl Engine {
         self.queue(uuid, PROTECT.to_vec());
     }
 
+    /// Whether a stale mark says `record`'s copy on `node` is behind.
+    pub(super) fn marked_behind(&self, record: &VmRecord, node: &str) -> bool {
+        ha::marked_behind(&record.protection, self.mark_on(&record.uuid, node))
+    }
+
     /// The path serial named by VM `uuid`'s stale mark, if one names `peer`'s copy.
     fn mark_on(&self, uuid: &str, peer: &str) -> Option<i64> {
         self.marks
@@ -263,10 +270,11 @@ impl Engine {
 }
 
 /// The protection committed with `transition`'s (re)placement of `record` (see
-/// [`ha::placed`]); refused when the host's copy is behind.
+/// [`ha::placed`]); refused when the host's copy is behind (`behind`: a stale mark says so).
 pub(super) fn placed(
     record: &VmRecord,
     transition: &Transition,
+    behind: bool,
     now_unix_ms: i64,
 ) -> Result<Protection, ApiError> {
     let protected = record.mode != Mode::Unprotected;
@@ -274,6 +282,7 @@ pub(super) fn placed(
         relocate: transition.relocate.as_deref(),
         why: transition.reason.as_deref().unwrap_or("moved"),
         crash: transition.crash,
+        behind,
     };
     ha::placed(&record.protection, protected, &record.node, &placement, now_unix_ms).ok_or_else(
         || {
@@ -288,10 +297,18 @@ pub(super) fn placed(
     )
 }
 
-/// The mirror of a running domain, from its agent's report.
+/// The mirror of a running domain, from its agent's report. A disk on the peer's copy comes
+/// first: the primary's copy is then behind, whatever the other disks show.
 pub(super) fn mirror_of(domain: &pb::DomainStatus) -> Mirror {
     if domain.mirrors.is_empty() {
         return Mirror::Absent;
+    }
+    if domain
+        .mirrors
+        .iter()
+        .any(|m| m.state() == pb::MirrorState::OnPeer)
+    {
+        return Mirror::OnPeer;
     }
     if let Some(failed) = domain
         .mirrors

@@ -28,7 +28,7 @@ fn both() -> Protection {
 
 #[test]
 fn observe_fresh_start_with_peer_up_protects() {
-    let start = starting_on(&Protection::default(), "n0").unwrap();
+    let start = starting_on(&Protection::default(), "n0", false).unwrap();
 
     let decision = observe(&start, &seen(Mirror::Absent, true));
 
@@ -40,7 +40,7 @@ fn observe_fresh_start_with_peer_up_protects() {
 
 #[test]
 fn observe_ready_mirror_makes_peer_current() {
-    let start = starting_on(&Protection::default(), "n0").unwrap();
+    let start = starting_on(&Protection::default(), "n0", false).unwrap();
 
     let decision = observe(&start, &seen(Mirror::Ready, true));
 
@@ -141,14 +141,14 @@ fn starting_on_behind_host_is_refused() {
         ..Protection::default()
     };
 
-    let start = starting_on(&only_n1, "n0");
+    let start = starting_on(&only_n1, "n0", false);
 
     assert_eq!(start, None);
 }
 
 #[test]
 fn starting_on_current_host_makes_only_it_current() {
-    let start = starting_on(&both(), "n1").unwrap();
+    let start = starting_on(&both(), "n1", false).unwrap();
 
     assert_eq!(start.current, ["n1".to_string()].into());
     assert_eq!(start.sync, Sync::Off);
@@ -232,7 +232,7 @@ fn observe_ready_newer_path_clears_an_obsolete_mark() {
 
 #[test]
 fn observe_ready_records_the_path_that_made_the_peer_current() {
-    let start = starting_on(&Protection::default(), "n0").unwrap();
+    let start = starting_on(&Protection::default(), "n0", false).unwrap();
 
     let decision = observe(&start, &seen(Mirror::Ready, true));
 
@@ -257,7 +257,7 @@ fn failover_target_ignores_a_mark_older_than_the_current_path() {
 
 #[test]
 fn after_crash_with_restarts_left_restarts_here() {
-    let decided = after_crash(&both(), "n0", Some("n1"), true, None, 1);
+    let decided = after_crash(&both(), "n0", false, Some("n1"), true, None, 1);
 
     assert_eq!(decided, Some(None));
 }
@@ -267,7 +267,7 @@ fn after_crash_without_restarts_left_moves_to_the_current_peer() {
     let mut once = both();
     once.restarts = 1;
 
-    let decided = after_crash(&once, "n0", Some("n1"), true, None, 1);
+    let decided = after_crash(&once, "n0", false, Some("n1"), true, None, 1);
 
     assert_eq!(decided, Some(Some("n1")));
 }
@@ -280,7 +280,7 @@ fn after_crash_without_restarts_and_peer_behind_stays_stopped() {
         ..Protection::default()
     };
 
-    let decided = after_crash(&only_n0, "n0", Some("n1"), true, None, 1);
+    let decided = after_crash(&only_n0, "n0", false, Some("n1"), true, None, 1);
 
     assert_eq!(decided, None);
 }
@@ -291,6 +291,7 @@ fn placed_crash_restart_counts_and_plain_start_resets() {
         relocate: None,
         why: "its QEMU died",
         crash: true,
+        behind: false,
     };
     let plain = Placement {
         crash: false,
@@ -301,4 +302,37 @@ fn placed_crash_restart_counts_and_plain_start_resets() {
     let started = placed(&restarted, true, "n0", &plain, 6).unwrap();
 
     assert_eq!((restarted.restarts, started.restarts), (1, 0));
+}
+
+#[test]
+fn observe_disk_on_peer_makes_only_the_peer_current_and_alerts() {
+    let decision = observe(&both(), &seen(Mirror::OnPeer, true));
+
+    let next = decision.protection.unwrap();
+    assert_eq!(next.current, ["n1".to_string()].into());
+    assert!(
+        matches!(&next.sync, Sync::Simplex { reason, .. } if reason.contains("disk on n0 failed")),
+        "{:?}",
+        next.sync
+    );
+    assert!(!decision.protect, "rebuilding would cut the guest's disk");
+}
+
+#[test]
+fn starting_on_host_marked_behind_is_refused() {
+    assert_eq!(starting_on(&both(), "n0", true), None);
+}
+
+#[test]
+fn after_crash_on_host_marked_behind_moves_to_the_peer() {
+    let decided = after_crash(&both(), "n0", true, Some("n1"), true, None, 1);
+
+    assert_eq!(decided, Some(Some("n1")));
+}
+
+#[test]
+fn marked_behind_ignores_marks_older_than_the_current_path() {
+    assert!(marked_behind(&both(), Some(PATH)));
+    assert!(!marked_behind(&both(), Some(PATH - 1)));
+    assert!(!marked_behind(&both(), None));
 }

@@ -303,6 +303,7 @@ impl World {
                 relocate,
                 why: transition.reason.as_deref().unwrap_or("moved"),
                 crash: transition.crash,
+                behind: false,
             };
             let Some(protection) = ha::placed(
                 &record.protection,

@@ -1,0 +1,160 @@
+//! The local disk fault watch: a protected guest that QEMU paused on an I/O error moves onto
+//! the peer's copy of its disks and runs on, without seeing the error (issue 8).
+//!
+//! Every [`TICK`] the watch lists this host's domains (libvirt answers from its own state:
+//! no QEMU monitor is touched unless a domain is paused on an I/O error). For such a
+//! self-fencing (HA) domain it asks QEMU whether every disk's mirror is in sync
+//! ([`mirror::pivot_plan`]); if so, it first records in etcd that this host's copy is behind
+//! ([`Marker::mark_local_behind`]), then moves the disks and resumes the guest
+//! ([`mirror::pivot`]). Whatever stops it short (a mirror not in sync, a lost lease, etcd
+//! unreachable) leaves the guest paused: a paused guest loses nothing, a guest resumed on a
+//! copy no one knows is current could. The controller sees the disks on the peer's copy in
+//! the next listing and raises the simplex alert.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::libvirt::{DomainState, DomainStatus, Libvirt};
+use crate::mirror::{self, PivotPlan};
+use crate::stale::{LocalMark, Marker};
+
+/// How often the watch looks at the domains: the longest a faulted guest stays paused
+/// before the pivot begins.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long one QEMU monitor read may take before the watch tries again at a later tick.
+const MONITOR_BUDGET: Duration = Duration::from_secs(2);
+
+/// Watches this host's domains for a protected guest paused on a disk error.
+#[derive(Clone, Debug)]
+pub struct Watch {
+    /// This host.
+    pub node: String,
+    /// The host's libvirt.
+    pub libvirt: Libvirt,
+    /// Writes the mark that this host's copy is behind.
+    pub marker: Marker,
+}
+
+/// What one look at a faulted domain came to (logged when it changes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Moved,
+    Waiting(String),
+}
+
+impl Watch {
+    /// Runs until the process ends.
+    pub async fn run(self) {
+        let mut seen: HashMap<String, Outcome> = HashMap::new();
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let domains = match self.libvirt.list().await {
+                Ok(domains) => domains,
+                Err(e) => {
+                    tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "disk fault watch: listing domains failed");
+                    continue;
+                }
+            };
+            let faulted: Vec<&DomainStatus> = domains.iter().filter(|d| faulted(d)).collect();
+            seen.retain(|uuid, _| faulted.iter().any(|d| d.uuid == *uuid));
+            for domain in faulted {
+                let outcome = self.handle(&domain.uuid).await;
+                let was = seen.insert(domain.uuid.clone(), outcome.clone());
+                if was.as_ref() != Some(&outcome)
+                    && let Outcome::Waiting(why) = &outcome
+                {
+                    tracing::error!(vm = %domain.uuid, node = %self.node, op = "disk-pivot", "disk fault: the guest stays paused: {why}");
+                }
+            }
+        }
+    }
+
+    /// Moves the faulted domain `uuid` onto the peer's copy if it can.
+    async fn handle(&self, uuid: &str) -> Outcome {
+        let node = self.node.as_str();
+        let plan = tokio::time::timeout(MONITOR_BUDGET, mirror::pivot_plan(&self.libvirt, uuid));
+        let devices = match plan.await {
+            Ok(Ok(PivotPlan::Move(devices))) => devices,
+            Ok(Ok(PivotPlan::OnPeer)) => {
+                return Outcome::Waiting(
+                    "its disks already run on the peer's copy and the path to it failed; it runs again only from the peer's copy".into(),
+                );
+            }
+            Ok(Ok(PivotPlan::Stuck { device, why })) => {
+                return Outcome::Waiting(format!(
+                    "its disk {device} cannot move onto the peer's copy: {why}"
+                ));
+            }
+            Ok(Err(e)) => return Outcome::Waiting(format!("reading its mirrors failed: {e}")),
+            Err(_) => return Outcome::Waiting("its QEMU monitor did not answer".into()),
+        };
+        tracing::warn!(
+            vm = uuid,
+            node,
+            op = "disk-pivot",
+            ?devices,
+            "disk pivot begin: a local disk failed under the guest; recording this host's copy as behind, then moving onto the peer's copy"
+        );
+        match self.marker.mark_local_behind(uuid).await {
+            Ok(LocalMark::Written) => {}
+            Ok(refused) => {
+                let why = match refused {
+                    LocalMark::LeaseGone => {
+                        "this host lost its lease (the pair may run the VM elsewhere)"
+                    }
+                    LocalMark::PeerBehind => "the peer's copy was already marked behind",
+                    _ => "this agent knows no mirror path of the VM (it restarted since)",
+                };
+                tracing::error!(
+                    vm = uuid,
+                    node,
+                    op = "disk-pivot",
+                    "disk pivot end: refused: {why}"
+                );
+                return Outcome::Waiting(why.into());
+            }
+            Err(e) => {
+                tracing::warn!(vm = uuid, node, op = "disk-pivot", error = %daemon::error_chain(&e), "disk pivot end: not yet, etcd did not take the mark; retrying");
+                return Outcome::Waiting(format!("recording the mark failed: {e}"));
+            }
+        }
+        match mirror::pivot(&self.libvirt, node, uuid, &devices).await {
+            Ok(()) => Outcome::Moved,
+            Err(e) => Outcome::Waiting(format!("moving its disks failed: {e}")),
+        }
+    }
+}
+
+/// Whether `domain` is a protected guest QEMU paused on an I/O error.
+fn faulted(domain: &DomainStatus) -> bool {
+    domain.self_fence && domain.state == DomainState::Paused && domain.reason == "ioerror"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain(state: DomainState, reason: &str, self_fence: bool) -> DomainStatus {
+        DomainStatus {
+            uuid: "u".into(),
+            name: "a".into(),
+            state,
+            reason: reason.into(),
+            self_fence,
+        }
+    }
+
+    #[test]
+    fn faulted_protected_guest_paused_on_io_error() {
+        assert!(faulted(&domain(DomainState::Paused, "ioerror", true)));
+    }
+
+    #[test]
+    fn faulted_ignores_unprotected_and_other_pauses() {
+        assert!(!faulted(&domain(DomainState::Paused, "ioerror", false)));
+        assert!(!faulted(&domain(DomainState::Paused, "user", true)));
+        assert!(!faulted(&domain(DomainState::Running, "booted", true)));
+    }
+}
