@@ -1,0 +1,150 @@
+//! A host lost during a resync: an HA VM failed over to n1 and its old host is resyncing from
+//! it when n1 loses power. The half-copied host holds a copy that is behind, so it never
+//! starts the VM; the VM waits for n1 and comes back there with every write it acknowledged.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use tests::ha::{FAILOVER_TIMEOUT, other, protected};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+
+/// The disk: big enough that copying its data takes seconds, so a test can act mid-copy.
+const DISK_BYTES: u64 = 1 << 30;
+/// Data written into the disk before the first start, past the guest's counter block.
+const DATA_BYTES: u64 = 512 << 20;
+/// Copying the data over the A-Links (and verifying it) on a loaded machine.
+const BIG_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Fills `len` bytes of the volume at `path` from offset 1 MiB with bytes no two blocks share,
+/// so that no copy can skip them as zeroes.
+fn fill(path: &Path, len: u64) {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    file.seek(SeekFrom::Start(1 << 20)).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    for n in 0..len >> 20 {
+        for (i, chunk) in block.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&(n << 20 | i as u64).to_le_bytes());
+        }
+        file.write_all(&block).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+/// How many times `host`'s agent was asked to start the domain `uuid` (its log survives the
+/// host's power cuts).
+fn starts(lab: &Lab, host: &str, uuid: &str) -> usize {
+    lab.log(host, "agent")
+        .lines()
+        .filter(|l| l.contains("domain op begin") && l.contains(uuid) && l.contains("op=\"start\""))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvts", 224);
+    let mut api = lab.client().await;
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Ha.into(),
+        disks: vec![pb::DiskRequest {
+            size_bytes: DISK_BYTES,
+            ..tiny_guest("s").disks[0].clone()
+        }],
+        ..tiny_guest("s")
+    };
+    let vm = api.create_vm(request).await.unwrap().into_inner();
+    fill(&lab.volume_path(&vm.node, &vm.disks[0].volume), DATA_BYTES);
+    api.start_vm(pb::StartVmRequest { vm: "s".into() })
+        .await
+        .unwrap();
+    let vm = lab
+        .wait_vm("s", "protected", BIG_SYNC_TIMEOUT, protected)
+        .await;
+    let first = vm.node.clone();
+    let second = other(&first);
+
+    // Its host dies: the VM restarts on the peer, simplex.
+    lab.kill_host(&first);
+    let moved = lab
+        .wait_vm(
+            "s",
+            &format!("running on {second}"),
+            FAILOVER_TIMEOUT,
+            |vm| vm.state() == pb::VmState::Running && vm.node == second,
+        )
+        .await;
+    Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT);
+
+    // The old host returns and is resynced from the peer; the peer dies mid-copy.
+    lab.restore_host(&first);
+    let syncing = lab
+        .wait_vm(
+            "s",
+            &format!("resyncing to {first}"),
+            BIG_SYNC_TIMEOUT,
+            |vm| vm.protection.as_ref().is_some_and(|p| p.state == "syncing"),
+        )
+        .await;
+    let progress = syncing.protection.clone().unwrap();
+    assert_eq!(progress.current_on, [second]);
+    let console = Console::new(&lab, &moved);
+    console.wait_counters(1, COUNTER_PERIOD_TIMEOUT);
+    let last_printed = console.counters().last().cloned().unwrap();
+    let starts_before = starts(&lab, &first, &vm.uuid);
+    assert!(
+        starts_before >= 1,
+        "{first}'s agent log shows no start of the VM"
+    );
+    let cut = Instant::now();
+    lab.kill_host(second);
+    eprintln!(
+        "killed {second} at {} of {} bytes copied to {first}",
+        progress.sync_done_bytes, progress.sync_total_bytes
+    );
+
+    // The half-copied host never starts it: the VM waits for its host.
+    let lost = lab
+        .wait_vm_state("s", pb::VmState::Lost, FAILOVER_TIMEOUT)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waited = lab
+        .wait_vm("s", "still lost", FAILOVER_TIMEOUT, |_| true)
+        .await;
+    assert_eq!((lost.node.as_str(), waited.node.as_str()), (second, second));
+    assert_eq!(
+        waited.state(),
+        pb::VmState::Lost,
+        "{:?}",
+        waited.state_reason
+    );
+    assert_eq!(
+        starts(&lab, &first, &vm.uuid),
+        starts_before,
+        "{first} started the VM after the resync was cut ({:.1} s ago)",
+        cut.elapsed().as_secs_f64()
+    );
+
+    // The peer returns: the VM runs there again with every acknowledged write.
+    lab.restore_host(second);
+    let back = lab
+        .wait_vm(
+            "s",
+            &format!("running on {second} again"),
+            FAILOVER_TIMEOUT,
+            |vm| vm.state() == pb::VmState::Running && vm.node == second,
+        )
+        .await;
+    let again = Console::new(&lab, &back).wait_counters(1, GUEST_BOOT_TIMEOUT);
+    assert!(
+        again[0].0 > last_printed.0,
+        "acknowledged counter {} lost: {again:?}",
+        last_printed.0
+    );
+}
