@@ -264,6 +264,26 @@ pub fn starting_on(current: &Protection, node: &str, behind: bool) -> Option<Pro
     })
 }
 
+/// Where a stopped protected VM whose home is `node` starts: there if its copy there is
+/// current (`node_behind`: a stale mark says it is not), else on `peer` if the copy there is
+/// current and the peer is usable (after a failover back or a local disk fault, the home copy
+/// may be behind while the peer's holds every write). `None`: nowhere yet.
+pub fn start_host<'a>(
+    current: &Protection,
+    node: &'a str,
+    node_behind: bool,
+    peer: Option<(&'a str, bool, bool)>,
+) -> Option<&'a str> {
+    let usable = |host: &str, behind: bool| {
+        !behind && (current.current.is_empty() || current.current.contains(host))
+    };
+    if usable(node, node_behind) {
+        return Some(node);
+    }
+    let (peer, peer_usable, peer_behind) = peer?;
+    (peer_usable && usable(peer, peer_behind)).then_some(peer)
+}
+
 /// The protection committed when a VM is (re)placed on `node` (`protected`: HA or FT): a
 /// failover to `relocate` keeps only the survivor's copy current, a start only `node`'s.
 /// `None` when `node`'s copy is behind: starting there would lose acknowledged writes.

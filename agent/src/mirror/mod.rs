@@ -5,8 +5,8 @@
 //! For each disk the peer's replica is added as block nodes behind the socket that leads to
 //! the peer's NBD server, and a mirror job copies the disk's top node into them. Once the job
 //! is ready *and* actively synced, every guest write completes only after it reached both
-//! hosts. The job is never completed (that would pivot the guest onto the peer's copy); a
-//! stop cancels it, which in the ready state is a clean stop.
+//! hosts. The job is completed only when the local disk fails: that pivots the guest onto the
+//! peer's copy (`pivot.rs`); a stop cancels it, which in the ready state is a clean stop.
 //!
 //! ```text
 //!  guest ─► virtio ua-vda ─► mirror filter ─► libvirt-N-format ─► local volume

@@ -9,8 +9,9 @@ use super::Reply;
 use super::actor::{Engine, Entry};
 use super::effects::Waiter;
 use crate::error::ApiError;
+use crate::ha;
 use crate::health::HostState;
-use crate::model::{Disk, Nic, VmRecord, VmSpec, VmState};
+use crate::model::{Disk, Mode, Nic, VmRecord, VmSpec, VmState};
 use crate::placement::{self, Candidate, Inventory};
 use crate::store::{RequestRecord, Stored, Tag};
 use crate::validate;
@@ -151,8 +152,56 @@ impl Engine {
         request: Option<String>,
         reply: Reply<VmRecord>,
     ) {
+        if let Err(e) = self.home_on_current_copy(vm).await {
+            return refuse(Waiter::Running(reply), e);
+        }
         self.request(vm, request, "start", VmEvent::Start, Waiter::Running(reply))
             .await;
+    }
+
+    /// Moves a stopped protected VM's home to the peer when only the peer's copy is current
+    /// (see [`ha::start_host`]), so that its start goes where every acknowledged write is.
+    async fn home_on_current_copy(&mut self, vm: &str) -> Result<(), ApiError> {
+        let Ok(uuid) = self.find(vm) else {
+            // The request itself reports the unknown VM.
+            return Ok(());
+        };
+        let entry = &self.vms[&uuid];
+        let record = &entry.record;
+        if record.state != VmState::Stopped || record.mode == Mode::Unprotected {
+            return Ok(());
+        }
+        let node = record.node.clone();
+        let peer = self.peer_of(&node);
+        let target = ha::start_host(
+            &record.protection,
+            &node,
+            self.marked_behind(record, &node),
+            peer.as_deref()
+                .map(|p| (p, self.node_usable(p), self.marked_behind(record, p))),
+        );
+        let Some(to) = target.filter(|t| *t != node) else {
+            return Ok(());
+        };
+        let mut moved = record.clone();
+        moved.node = to.to_string();
+        moved.updated_unix_ms = crate::now_unix_ms();
+        match self
+            .ctx
+            .writer
+            .update_vm(&moved, entry.revision, None)
+            .await
+        {
+            Ok(revision) => {
+                tracing::info!(vm = %moved.name, node = %node, to = %moved.node, "VM's home moved: its disks are current only on {}, so it starts there", moved.node);
+                if let Some(entry) = self.vms.get_mut(&uuid) {
+                    entry.record = moved;
+                    entry.revision = revision;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.after_store_error(&uuid, e).await),
+        }
     }
 
     /// Shuts down or powers off a VM; `reply` is answered once it is stopped.

@@ -336,3 +336,50 @@ fn marked_behind_ignores_marks_older_than_the_current_path() {
     assert!(!marked_behind(&both(), Some(PATH - 1)));
     assert!(!marked_behind(&both(), None));
 }
+
+#[test]
+fn start_host_is_home_while_its_copy_is_current() {
+    assert_eq!(
+        start_host(&both(), "n0", false, Some(("n1", true, false))),
+        Some("n0")
+    );
+    assert_eq!(
+        start_host(&Protection::default(), "n0", false, None),
+        Some("n0")
+    );
+}
+
+#[test]
+fn start_host_moves_to_the_peer_holding_the_only_current_copy() {
+    let only_n1 = Protection {
+        current: ["n1".to_string()].into(),
+        ..Protection::default()
+    };
+
+    assert_eq!(
+        start_host(&only_n1, "n0", false, Some(("n1", true, false))),
+        Some("n1")
+    );
+    assert_eq!(
+        start_host(&both(), "n0", true, Some(("n1", true, false))),
+        Some("n1"),
+        "a mark says the home copy is behind"
+    );
+}
+
+#[test]
+fn start_host_never_picks_a_behind_or_unusable_copy() {
+    let only_n1 = Protection {
+        current: ["n1".to_string()].into(),
+        ..Protection::default()
+    };
+
+    assert_eq!(
+        start_host(&only_n1, "n0", false, Some(("n1", false, false))),
+        None
+    );
+    assert_eq!(
+        start_host(&only_n1, "n0", false, Some(("n1", true, true))),
+        None
+    );
+}
