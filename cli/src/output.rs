@@ -86,6 +86,9 @@ fn protection_json(p: &pb::Protection) -> Value {
         "since_unix_ms": p.since_unix_ms,
         "sync_done_bytes": p.sync_done_bytes,
         "sync_total_bytes": p.sync_total_bytes,
+        "sync_percent": p.sync_percent,
+        "sync_bytes_per_second": p.sync_bytes_per_second,
+        "sync_eta_seconds": p.sync_eta_seconds,
         "current_on": p.current_on,
         "last_failover": p.last_failover.as_ref().map(|f| json!({
             "from": f.from_node,
@@ -99,7 +102,7 @@ fn protection_json(p: &pb::Protection) -> Value {
 }
 
 /// A protected VM's protection in a few words: `protected (copies on n0, n1)`,
-/// `syncing 42% (4.0 MiB of 9.5 MiB)`, `simplex: host n1 is not up`.
+/// `syncing 42% (4.0 MiB of 9.5 MiB, 1.2 MiB/s, ETA 5 s)`, `simplex: host n1 is not up`.
 pub fn protection_text(p: &pb::Protection) -> String {
     let copies = if p.current_on.is_empty() {
         String::new()
@@ -108,13 +111,15 @@ pub fn protection_text(p: &pb::Protection) -> String {
     };
     match p.state.as_str() {
         "syncing" => {
-            let percent = (p.sync_done_bytes * 100)
-                .checked_div(p.sync_total_bytes)
-                .unwrap_or(0);
+            let percent = p.sync_percent;
+            let eta = p
+                .sync_eta_seconds
+                .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s} s"));
             format!(
-                "syncing {percent}% ({} of {}){copies}",
+                "syncing {percent}% ({} of {}, {}/s, {eta}){copies}",
                 human(p.sync_done_bytes),
-                human(p.sync_total_bytes)
+                human(p.sync_total_bytes),
+                human(p.sync_bytes_per_second)
             )
         }
         "simplex" => format!("simplex: {}{copies}", p.reason),
@@ -425,6 +430,30 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protection_text_syncing_shows_share_bytes_rate_and_eta() {
+        let p = pb::Protection {
+            state: "syncing".into(),
+            sync_done_bytes: 4 << 20,
+            sync_total_bytes: 16 << 20,
+            sync_percent: 25,
+            sync_bytes_per_second: 2 << 20,
+            sync_eta_seconds: Some(6),
+            current_on: vec!["n1".into()],
+            ..Default::default()
+        };
+
+        assert_eq!(
+            protection_text(&p),
+            format!(
+                "syncing 25% ({} of {}, {}/s, ETA 6 s) (current copies on n1)",
+                human(4 << 20),
+                human(16 << 20),
+                human(2 << 20)
+            )
+        );
+    }
 
     #[test]
     fn table_aligns_columns() {

@@ -599,12 +599,16 @@ fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
             since_unix_ms,
         } => (reason.clone(), *since_unix_ms, 0, 0),
     };
+    let progress = p.sync.progress(crate::now_unix_ms());
     pb::Protection {
         state: p.sync.name().to_string(),
         reason,
         since_unix_ms,
         sync_done_bytes: done,
         sync_total_bytes: total,
+        sync_bytes_per_second: progress.map_or(0, |g| g.bytes_per_second),
+        sync_eta_seconds: progress.and_then(|g| g.eta_seconds),
+        sync_percent: progress.map_or(0, |g| u32::try_from(g.percent).unwrap_or(100)),
         current_on: p.current.iter().cloned().collect(),
         last_failover: p.last_failover.as_ref().map(|f| pb::Failover {
             from_node: f.from.clone(),

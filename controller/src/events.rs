@@ -41,17 +41,22 @@ pub fn from_change(change: &Change<'_>) -> Option<pb::Event> {
     }
 }
 
-/// A protection change in words: `simplex → protected; current copies on n0, n1`, or the sync's
-/// progress.
-fn protection_message(old: &Protection, new: &Protection) -> String {
+/// A protection change at `now_unix_ms` in words: `simplex → protected; current copies on n0,
+/// n1`, or the sync's progress with its rate and time left.
+fn protection_message(old: &Protection, new: &Protection, now_unix_ms: i64) -> String {
     let copies: Vec<&str> = new.current.iter().map(String::as_str).collect();
-    let detail = match &new.sync {
-        Sync::Syncing { done, total, .. } => {
-            let percent = (done * 100).checked_div(*total).unwrap_or(0);
-            format!(" {percent}% ({done} of {total} bytes)")
+    let detail = match (&new.sync, new.sync.progress(now_unix_ms)) {
+        (Sync::Syncing { done, total, .. }, Some(p)) => {
+            let eta = p
+                .eta_seconds
+                .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s} s"));
+            format!(
+                " {}% ({done} of {total} bytes, {} bytes/s, {eta})",
+                p.percent, p.bytes_per_second
+            )
         }
-        Sync::Simplex { reason, .. } => format!(" ({reason})"),
-        Sync::Off | Sync::Protected { .. } => String::new(),
+        (Sync::Simplex { reason, .. }, _) => format!(" ({reason})"),
+        _ => String::new(),
     };
     format!(
         "{} → {}{detail}; current copies on {}",
@@ -83,7 +88,7 @@ fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
         (Some(new), Some(old)) if new.protection != old.protection => (
             pb::EventKind::VmProtection,
             new,
-            protection_message(&old.protection, &new.protection),
+            protection_message(&old.protection, &new.protection, new.updated_unix_ms),
         ),
         (Some(new), Some(_)) => (
             pb::EventKind::VmChanged,
@@ -246,6 +251,7 @@ mod tests {
             total: 16 << 20,
             since_unix_ms: 1,
         };
+        new.updated_unix_ms = 2_001;
         let (old, new) = (json(&old), json(&new));
 
         let event = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old))).unwrap();
@@ -253,7 +259,7 @@ mod tests {
         assert_eq!(event.kind(), pb::EventKind::VmProtection);
         assert_eq!(
             event.message,
-            "off → syncing 25% (4194304 of 16777216 bytes); current copies on n0"
+            "off → syncing 25% (4194304 of 16777216 bytes, 2097152 bytes/s, ETA 6 s); current copies on n0"
         );
     }
 

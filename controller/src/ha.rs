@@ -92,6 +92,43 @@ impl Sync {
             Sync::Simplex { .. } => "simplex",
         }
     }
+
+    /// How far a sync has come at `now_unix_ms`: its share, average rate and time left;
+    /// `None` when no sync runs.
+    pub fn progress(&self, now_unix_ms: i64) -> Option<Progress> {
+        let Sync::Syncing {
+            done,
+            total,
+            since_unix_ms,
+        } = self
+        else {
+            return None;
+        };
+        // A mirror's count grows past the total with the writes it copies meanwhile.
+        let counted = (*done).min(*total);
+        let percent = (counted * 100).checked_div(*total).unwrap_or(0);
+        let elapsed_ms = u64::try_from(now_unix_ms.saturating_sub(*since_unix_ms)).unwrap_or(0);
+        let bytes_per_second = (done.saturating_mul(1000))
+            .checked_div(elapsed_ms)
+            .unwrap_or(0);
+        let eta_seconds = (total - counted).checked_div(bytes_per_second);
+        Some(Progress {
+            percent,
+            bytes_per_second,
+            eta_seconds,
+        })
+    }
+}
+
+/// A sync's progress, for the API, events and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Share copied, 0–100.
+    pub percent: u64,
+    /// Average rate since the sync began.
+    pub bytes_per_second: u64,
+    /// Time left at that rate; `None` until a rate is known.
+    pub eta_seconds: Option<u64>,
 }
 
 /// A failover: the VM restarted on the peer of its lost host.

@@ -13,7 +13,7 @@ use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest
 /// The disk: big enough that copying its data takes seconds, so a test can act mid-copy.
 const DISK_BYTES: u64 = 1 << 30;
 /// Data written into the disk before the first start, past the guest's counter block.
-const DATA_BYTES: u64 = 512 << 20;
+const DATA_BYTES: u64 = 768 << 20;
 /// Copying the data over the A-Links (and verifying it) on a loaded machine.
 const BIG_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -89,11 +89,19 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
             "s",
             &format!("resyncing to {first}"),
             BIG_SYNC_TIMEOUT,
-            |vm| vm.protection.as_ref().is_some_and(|p| p.state == "syncing"),
+            |vm| {
+                vm.protection
+                    .as_ref()
+                    .is_some_and(|p| p.state == "syncing" && p.sync_done_bytes > 0)
+            },
         )
         .await;
     let progress = syncing.protection.clone().unwrap();
     assert_eq!(progress.current_on, [second]);
+    assert!(
+        progress.sync_bytes_per_second > 0 && progress.sync_eta_seconds.is_some(),
+        "no rate or ETA in {progress:?}"
+    );
     let console = Console::new(&lab, &moved);
     console.wait_counters(1, COUNTER_PERIOD_TIMEOUT);
     let last_printed = console.counters().last().cloned().unwrap();
@@ -105,8 +113,11 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     let cut = Instant::now();
     lab.kill_host(second);
     eprintln!(
-        "killed {second} at {} of {} bytes copied to {first}",
-        progress.sync_done_bytes, progress.sync_total_bytes
+        "killed {second} at {} of {} bytes copied to {first} ({} bytes/s, ETA {:?} s)",
+        progress.sync_done_bytes,
+        progress.sync_total_bytes,
+        progress.sync_bytes_per_second,
+        progress.sync_eta_seconds
     );
 
     // The half-copied host never starts it: the VM waits for its host.

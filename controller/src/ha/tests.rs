@@ -383,3 +383,47 @@ fn start_host_never_picks_a_behind_or_unusable_copy() {
         None
     );
 }
+
+#[test]
+fn progress_reports_share_rate_and_time_left() {
+    let sync = Sync::Syncing {
+        done: 40 << 20,
+        total: 100 << 20,
+        since_unix_ms: 10_000,
+    };
+
+    let progress = sync.progress(14_000).unwrap();
+
+    assert_eq!(
+        progress,
+        Progress {
+            percent: 40,
+            bytes_per_second: 10 << 20,
+            eta_seconds: Some(6),
+        }
+    );
+}
+
+#[test]
+fn progress_without_elapsed_time_has_no_eta_and_mirror_overrun_caps_at_done() {
+    let just_begun = Sync::Syncing {
+        done: 0,
+        total: 100,
+        since_unix_ms: 5,
+    };
+    let overrun = Sync::Syncing {
+        done: 150,
+        total: 100,
+        since_unix_ms: 0,
+    };
+
+    assert_eq!(just_begun.progress(5).unwrap().eta_seconds, None);
+    assert_eq!(
+        (
+            overrun.progress(1000).unwrap().percent,
+            overrun.progress(1000).unwrap().eta_seconds
+        ),
+        (100, Some(0))
+    );
+    assert_eq!(Sync::Off.progress(1000), None);
+}
