@@ -21,6 +21,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest option reply data accepted (the server's are a few bytes).
 const MAX_OPTION_REPLY: u32 = 4096;
 /// NBD command: read.
+#[cfg(test)]
 const CMD_READ: u16 = 0;
 
 /// Errors of the NBD client; each ends the connection.
@@ -52,7 +53,7 @@ pub(super) enum Error {
         /// What was wrong.
         reason: &'static str,
     },
-    /// The server answered a read with an error.
+    /// The server answered a read (or digest) with an error.
     #[error("NBD read of {length} bytes at offset {offset} failed with error {errno}")]
     ReadFailed {
         /// Byte offset.
@@ -131,10 +132,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.size
     }
 
+    /// The [`proto::digest`] of `length` bytes at `offset`, computed by the server: only 8
+    /// bytes cross the link (our own command, [`proto::CMD_DIGEST`]).
+    pub(super) async fn digest(&mut self, offset: u64, length: u32) -> Result<u64, Error> {
+        let reply = self.call(proto::CMD_DIGEST, offset, length, 8).await?;
+        let mut digest = [0u8; 8];
+        digest.copy_from_slice(&reply);
+        Ok(u64::from_be_bytes(digest))
+    }
+
     /// Reads `length` bytes at `offset`.
+    #[cfg(test)]
     pub(super) async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, Error> {
+        self.call(CMD_READ, offset, length, length).await
+    }
+
+    /// Sends command `kind` for `length` bytes at `offset` and reads its reply's `reply_len`
+    /// bytes of data.
+    async fn call(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        length: u32,
+        reply_len: u32,
+    ) -> Result<Vec<u8>, Error> {
         self.cookie += 1;
-        let request = read_request(self.cookie, offset, length);
+        let request = request(kind, self.cookie, offset, length);
         write_all(&mut self.stream, &request, "read request").await?;
         let mut reply = [0u8; 16];
         read_exact(&mut self.stream, &mut reply, "read reply").await?;
@@ -152,7 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 errno,
             });
         }
-        let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
+        let mut data = vec![0u8; usize::try_from(reply_len).unwrap_or(0)];
         read_exact(&mut self.stream, &mut data, "read data").await?;
         Ok(data)
     }
@@ -224,10 +247,10 @@ fn go_option(export: &str) -> Vec<u8> {
 }
 
 /// A `READ` request.
-fn read_request(cookie: u64, offset: u64, length: u32) -> [u8; proto::REQUEST_LEN] {
+fn request(kind: u16, cookie: u64, offset: u64, length: u32) -> [u8; proto::REQUEST_LEN] {
     let mut out = [0u8; proto::REQUEST_LEN];
     out[..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    out[6..8].copy_from_slice(&CMD_READ.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
     out[16..24].copy_from_slice(&offset.to_be_bytes());
     out[24..].copy_from_slice(&length.to_be_bytes());
@@ -306,7 +329,7 @@ mod tests {
 
     #[test]
     fn read_request_decodes_as_a_read() {
-        let bytes = read_request(7, 8192, 4096);
+        let bytes = request(CMD_READ, 7, 8192, 4096);
 
         let request = proto::decode_request(&bytes).unwrap();
 
@@ -381,6 +404,19 @@ mod tests {
         let data = client.read(0, 4).await.unwrap();
 
         assert_eq!(data, b"abcd");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn digest_reads_eight_bytes_after_a_simple_reply() {
+        let mut says = server_greeting_and_go();
+        says.extend(proto::simple_reply(0, 1));
+        says.extend(0x0102_0304_0506_0708u64.to_be_bytes());
+        let (ours, _theirs) = scripted(&says).await;
+        let mut client = Client::open(ours, "a.raw").await.unwrap();
+
+        let digest = client.digest(0, 1 << 20).await.unwrap();
+
+        assert_eq!(digest, 0x0102_0304_0506_0708);
     }
 
     #[tokio::test(flavor = "current_thread")]

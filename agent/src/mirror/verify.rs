@@ -1,11 +1,11 @@
 //! The verify pass after an incremental resync: proves the peer's replica identical to the
 //! disk, live, extent by extent, before the mirror is reported ready.
 //!
-//! Each 1 MiB extent is read from the disk's local file and from the replica, through the same
-//! socket the mirror uses and a plain NBD client ([`super::nbd_client`]); the peer's NBD
-//! server has no checksum command, so its bytes cross the link and the comparison is exact. A
-//! guest write may land between the two reads; the mirror is synchronous, so a mismatching
-//! extent is read again a few times, and only one that stays different is a divergence. Then
+//! Each 1 MiB extent is digested on both hosts: here from the disk's local file, there by the
+//! peer's NBD server (our digest command, through the same socket the mirror uses and a plain
+//! NBD client, [`super::nbd_client`]), so only 8 bytes per extent cross the A-Links. A guest
+//! write may land between the two digests; the mirror is synchronous, so a mismatching extent
+//! is digested again a few times, and only one that stays different is a divergence. Then
 //! the disk's bitmap and verify mark are removed and its mirror job cancelled: the disk is
 //! reported failed ("verify: replica differs at offset …"), the controller drops the peer's
 //! copy, and the rebuild is a full one. A pass that cannot finish (I/O) is retried later.
@@ -23,6 +23,7 @@ use super::qmp::{self, BlockInfo, NamedNode};
 use super::registry::{self, Verify};
 use super::{JOB_PREFIX, PEER_PREFIX, Who, disk_file, export_in_filename, socket_in_filename};
 use crate::libvirt::Libvirt;
+use crate::nbd::proto;
 
 /// How the disk is cut for reading and how stubborn a mismatch must be to count.
 #[derive(Clone, Copy, Debug)]
@@ -101,9 +102,9 @@ enum Found {
         /// Extents compared.
         extents: u64,
     },
-    /// The copies differ from this byte on.
+    /// The copies differ in the extent at this offset.
     Differs {
-        /// Offset of the first differing byte.
+        /// Offset of the first differing extent (or where the shorter copy ends).
         offset: u64,
     },
 }
@@ -272,16 +273,16 @@ fn plan_of(blocks: &[BlockInfo], nodes: &[NamedNode], device: &str) -> Result<Pl
     })
 }
 
-/// One copy of a disk, read by extents.
+/// One copy of a disk, digested by extents where it lies.
 trait Extents {
     /// Its size in bytes.
     fn size(&mut self) -> impl Future<Output = Result<u64, Error>> + Send;
-    /// `length` bytes at `offset`.
-    fn read(
+    /// The [`proto::digest`] of `length` bytes at `offset`.
+    fn digest(
         &mut self,
         offset: u64,
         length: u32,
-    ) -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
 }
 
 /// The disk's file on this host.
@@ -311,7 +312,7 @@ impl Extents for LocalFile {
             })
     }
 
-    async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, Error> {
+    async fn digest(&mut self, offset: u64, length: u32) -> Result<u64, Error> {
         let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
         let read = async {
             self.file.seek(std::io::SeekFrom::Start(offset)).await?;
@@ -322,7 +323,7 @@ impl Extents for LocalFile {
             offset,
             source,
         })?;
-        Ok(data)
+        Ok(proto::digest(&data))
     }
 }
 
@@ -331,8 +332,8 @@ impl Extents for Client<tokio::net::UnixStream> {
         Ok(Client::size(self))
     }
 
-    async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, Error> {
-        Ok(Client::read(self, offset, length).await?)
+    async fn digest(&mut self, offset: u64, length: u32) -> Result<u64, Error> {
+        Ok(Client::digest(self, offset, length).await?)
     }
 }
 
@@ -364,8 +365,8 @@ async fn compare<L: Extents, P: Extents>(
     Ok(Found::Equal { extents })
 }
 
-/// Compares one extent, re-reading it while it differs; the first differing byte's offset if
-/// it still differs after `pace.tries` reads.
+/// Compares one extent, digesting it again while it differs; its offset if it still differs
+/// after `pace.tries` digests.
 async fn compare_extent<L: Extents, P: Extents>(
     local: &mut L,
     peer: &mut P,
@@ -376,13 +377,13 @@ async fn compare_extent<L: Extents, P: Extents>(
     let mut pause = pace.first_retry;
     let mut tries = 1;
     loop {
-        let mine = local.read(offset, length).await?;
-        let theirs = peer.read(offset, length).await?;
-        let Some(at) = mine.iter().zip(&theirs).position(|(a, b)| a != b) else {
+        let mine = local.digest(offset, length).await?;
+        let theirs = peer.digest(offset, length).await?;
+        if mine == theirs {
             return Ok(None);
-        };
+        }
         if tries >= pace.tries {
-            return Ok(Some(offset + at as u64));
+            return Ok(Some(offset));
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
@@ -410,13 +411,15 @@ mod tests {
             Ok(self.0.front().map_or(0, |v| v.len() as u64))
         }
 
-        async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, Error> {
+        async fn digest(&mut self, offset: u64, length: u32) -> Result<u64, Error> {
             let disk = match self.0.len() {
                 1 => self.0[0].clone(),
                 _ => self.0.pop_front().unwrap_or_default(),
             };
             let start = usize::try_from(offset).unwrap();
-            Ok(disk[start..start + usize::try_from(length).unwrap()].to_vec())
+            Ok(proto::digest(
+                &disk[start..start + usize::try_from(length).unwrap()],
+            ))
         }
     }
 
@@ -441,7 +444,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn compare_lasting_difference_reports_its_first_byte() {
+    async fn compare_lasting_difference_reports_its_extent() {
         let (mut local, mut peer) = (
             Versions::of(&[b"0123456789"]),
             Versions::of(&[b"01234X6789"]),
@@ -451,7 +454,7 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!(found, Found::Differs { offset: 5 });
+        assert_eq!(found, Found::Differs { offset: 4 });
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -425,9 +425,14 @@ fn refusal(export: &Export, request: Request) -> Option<u32> {
     let in_range = end.is_some_and(|end| end <= export.size);
     match request.command {
         Command::Read | Command::Write | Command::WriteZeroes if !in_range => Some(proto::EINVAL),
-        Command::Read if request.length > MAX_IO => Some(proto::EINVAL),
+        Command::Read | Command::Digest if request.length > MAX_IO => Some(proto::EINVAL),
+        Command::Digest if !in_range => Some(proto::EINVAL),
         Command::Write | Command::WriteZeroes if !export.writable => Some(proto::EPERM),
-        Command::Read | Command::Write | Command::WriteZeroes | Command::Flush => None,
+        Command::Read
+        | Command::Write
+        | Command::WriteZeroes
+        | Command::Flush
+        | Command::Digest => None,
         Command::Trim | Command::Disconnect | Command::Other(_) => Some(proto::ENOTSUP),
     }
 }
@@ -440,6 +445,11 @@ fn run(export: &Export, request: Request, payload: &[u8]) -> std::io::Result<Vec
             let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
             file.read_exact_at(&mut data, request.offset)?;
             Ok(data)
+        }
+        Command::Digest => {
+            let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
+            file.read_exact_at(&mut data, request.offset)?;
+            Ok(proto::digest(&data).to_be_bytes().to_vec())
         }
         Command::Write => {
             file.write_all_at(payload, request.offset)?;
@@ -523,6 +533,25 @@ mod tests {
         let data = run(&export, request(Command::Read, 4096, 3), &[]).unwrap();
 
         assert_eq!(data, b"abc");
+    }
+
+    #[test]
+    fn run_digest_replies_with_the_digest_of_the_range() {
+        let (_dir, export) = export(8192, true);
+        run(&export, request(Command::Write, 4096, 3), b"abc").unwrap();
+
+        let data = run(&export, request(Command::Digest, 4096, 3), &[]).unwrap();
+
+        assert_eq!(data, proto::digest(b"abc").to_be_bytes());
+    }
+
+    #[test]
+    fn refusal_of_a_digest_past_the_end_is_einval() {
+        let (_dir, export) = export(4096, true);
+
+        let error = refusal(&export, request(Command::Digest, 4000, 200));
+
+        assert_eq!(error, Some(proto::EINVAL));
     }
 
     #[test]
