@@ -305,6 +305,33 @@ impl Libvirt {
         .await
     }
 
+    /// Starts the domain paused (its guest runs no instruction until [`Libvirt::resume`]); a
+    /// running domain is left as it is.
+    pub async fn start_paused(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, |dom, name| {
+            if !is_active(dom, name)? {
+                dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+                    .map_err(call(format!("starting domain {name} paused")))?;
+            }
+            status_of(dom)
+        })
+        .await
+    }
+
+    /// Resumes a paused domain; a running or stopped one is left as it is.
+    pub async fn resume(&self, uuid: &str) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, |dom, name| {
+            let status = status_of(dom)?;
+            if status.state == DomainState::Paused {
+                dom.resume()
+                    .map_err(call(format!("resuming domain {name}")))?;
+                return status_of(dom);
+            }
+            Ok(status)
+        })
+        .await
+    }
+
     /// Presses the domain's ACPI power button; a stopped domain is left as it is.
     pub async fn shutdown(&self, uuid: &str) -> Result<DomainStatus, Error> {
         self.with_domain(uuid, |dom, name| {

@@ -319,6 +319,10 @@ impl Inner {
         }
         let libvirt = &self.deps.libvirt;
         let status = match power {
+            Power::Start if command.track_writes => {
+                self.logged("start", &uuid, self.start_tracking(&uuid))
+                    .await
+            }
             Power::Start => self.logged("start", &uuid, libvirt.start(&uuid)).await,
             Power::AcpiShutdown => {
                 self.logged("acpi-shutdown", &uuid, libvirt.shutdown(&uuid))
@@ -331,6 +335,22 @@ impl Inner {
 }
 
 impl Inner {
+    /// Starts the domain paused, tracks its disks' writes from its first instruction, and
+    /// resumes it (see [`mirror::track_from_start`]). The guest runs even when the tracking
+    /// failed; the first mirror is then a full copy.
+    async fn start_tracking(&self, uuid: &str) -> Result<DomainStatus, libvirt::Error> {
+        let libvirt = &self.deps.libvirt;
+        let started = libvirt.start_paused(uuid).await?;
+        if started.state != DomainState::Paused {
+            return Ok(started);
+        }
+        if let Err(e) = mirror::track_from_start(libvirt, &self.node, uuid).await {
+            tracing::warn!(vm = uuid, node = %self.node, error = %daemon::error_chain(&e), "tracking writes from the start failed; the first mirror copies everything");
+            libvirt.resume(uuid).await?;
+        }
+        libvirt.status(uuid).await
+    }
+
     /// The replica service, or the error telling the caller of `op` this host has none.
     fn replicas(&self, op: &'static str) -> Result<&Replicas, Error> {
         self.deps

@@ -98,6 +98,7 @@ fn command(term: i64) -> pb::DomainCommand {
     pb::DomainCommand {
         uuid: UUID.into(),
         fence: fence(term),
+        track_writes: false,
     }
 }
 
@@ -271,6 +272,7 @@ async fn agent_refuses_commands_of_an_older_term_or_without_one() {
         .destroy_domain(pb::DomainCommand {
             uuid: UUID.into(),
             fence: None,
+            track_writes: false,
         })
         .await
         .unwrap_err();

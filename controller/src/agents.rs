@@ -307,9 +307,18 @@ impl Agent {
         .await
     }
 
-    /// Starts the domain of `uuid`.
-    pub async fn start(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
-        let message = command(uuid, token);
+    /// Starts the domain of `uuid`; `track_writes`: the peer's copy equals its disks now, so
+    /// the agent tracks the guest's writes from the start for an incremental first mirror.
+    pub async fn start(
+        &self,
+        uuid: &str,
+        token: Token,
+        track_writes: bool,
+    ) -> Result<pb::DomainStatus, Error> {
+        let message = pb::DomainCommand {
+            track_writes,
+            ..command(uuid, token)
+        };
         self.call(
             "starting domain",
             CALL_TIMEOUT,
@@ -382,6 +391,7 @@ fn command(uuid: &str, token: Token) -> pb::DomainCommand {
     pb::DomainCommand {
         uuid: uuid.to_string(),
         fence: fence(token),
+        track_writes: false,
     }
 }
 

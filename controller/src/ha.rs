@@ -50,6 +50,11 @@ pub struct Protection {
     /// was not one.
     #[serde(default)]
     pub restarts: u32,
+    /// Whether the last (re)start came while another host's copy was current too: that copy
+    /// then equals (at least) the disks the new QEMU starts from, so the agent tracks the
+    /// guest's writes from the start and the first mirror copies only those (then verifies).
+    #[serde(default)]
+    pub track_from_start: bool,
 }
 
 /// The mirror to the peer, as last seen.
@@ -298,6 +303,7 @@ pub fn starting_on(current: &Protection, node: &str, behind: bool) -> Option<Pro
         last_failover: current.last_failover.clone(),
         mirror_path: 0,
         restarts: current.restarts,
+        track_from_start: current.current.iter().any(|host| host != node),
     })
 }
 
@@ -332,7 +338,11 @@ pub fn placed(
     now_unix_ms: i64,
 ) -> Option<Protection> {
     match placement.relocate {
-        Some(to) => Some(failed_over(node, to, placement.why, now_unix_ms)),
+        Some(to) => Some(Protection {
+            // The copy left behind on `node` holds every write `to`'s does if it was current.
+            track_from_start: current.current.contains(node),
+            ..failed_over(node, to, placement.why, now_unix_ms)
+        }),
         None if protected => {
             let mut next = starting_on(current, node, placement.behind)?;
             next.restarts = if placement.crash {
@@ -418,6 +428,7 @@ pub fn failed_over(from: &str, to: &str, why: &str, now_unix_ms: i64) -> Protect
         }),
         mirror_path: 0,
         restarts: 0,
+        track_from_start: false,
     }
 }
 

@@ -112,6 +112,7 @@ async fn controller_death_and_pause_never_touch_the_guest() {
                 term: old_term,
                 generation: u64::MAX,
             }),
+            track_writes: false,
         })
         .await
         .unwrap_err();
@@ -252,6 +253,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
     let command = agent_pb::DomainCommand {
         uuid: OUTSIDER.into(),
         fence,
+        track_writes: false,
     };
     agent.start_domain(command.clone()).await.unwrap();
     let id = format!("domain/unknown/{node}/{OUTSIDER}");

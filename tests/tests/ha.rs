@@ -2,10 +2,11 @@
 //! shows `protected`, and when its host loses power it restarts on the peer from the replica:
 //! the counter it reads from its disk at boot is past the last one it printed before the cut
 //! (every line printed is a write the guest saw acknowledged). The old host, powered back,
-//! never runs its stale copy; the VM is mirrored back to it and protected again. With one
-//! A-Link pulled nothing but an alert happens; with both pulled the guest runs on alone, and
-//! the peer's copy, now behind, is never started when the VM's host dies. When only its QEMU
-//! dies, it is restarted on its host once, and moved to the peer the second time.
+//! never runs its stale copy; the VM is mirrored back to it (only the writes made since the
+//! failover, then a verify) and protected again. With one A-Link pulled nothing but an alert
+//! happens; with both pulled the guest runs on alone, and the peer's copy, now behind, is
+//! never started when the VM's host dies. When only its QEMU dies, it is restarted on its
+//! host once, and moved to the peer the second time.
 
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,12 @@ async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write
 
     assert_eq!(back.node, other(&node));
     assert_eq!(back.protection.unwrap().current_on, ["n0", "n1"]);
+    // The survivor tracked its writes from its start: only those crossed, then a verify.
+    let survivor = lab.log(other(&node), "agent");
+    assert!(
+        survivor.contains("resync begin: incremental") && survivor.contains("verify end: equal"),
+        "the returned host was not resynced incrementally and verified"
+    );
     let old = lab.disk_counter(&pb::Vm {
         node: node.clone(),
         ..moved.clone()

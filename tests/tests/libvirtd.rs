@@ -441,6 +441,7 @@ fn command(uuid: &str) -> pb::DomainCommand {
     pb::DomainCommand {
         uuid: uuid.into(),
         fence: fence(),
+        track_writes: false,
     }
 }
 

@@ -98,6 +98,19 @@ pub(super) fn upkeep_all(m: &Monitor<'_>, who: Who<'_>, jobs: &[BlockJob], nodes
     }
 }
 
+/// Adds the resync bitmap of each `(device, block node)` in one transaction: writes from now
+/// on are tracked for the first mirror.
+pub(super) fn add_tracking(m: &Monitor<'_>, disks: &[(String, String)]) -> Result<(), Error> {
+    let actions: Vec<_> = disks
+        .iter()
+        .map(|(device, node)| {
+            json!({"type": "block-dirty-bitmap-add", "data": {"node": node,
+                "name": resync_name(device), "granularity": GRANULARITY, "persistent": false}})
+        })
+        .collect();
+    qmp::transaction(m, &actions)
+}
+
 /// Adds `device`'s resync bitmap on block node `node`, then checks the mirror again.
 fn add(m: &Monitor<'_>, who: Who<'_>, device: &str, node: &str) -> Result<(), Error> {
     let name = resync_name(device);

@@ -36,9 +36,13 @@
 //! behind only by the bitmap's extents): backup rounds of the dirty extents, a final pass with
 //! the guest stopped for a few ms, a write-blocking mirror from then on (`resync.rs`), then a
 //! live verify of both copies (`verify.rs`); the mirror is reported ready only once the verify
-//! found them equal. Without a bitmap (a new QEMU, a first sync, a qcow2 replica, a replica
-//! found to differ), the start copies everything as before. A background task per VM
-//! (`registry.rs`) drives the steps after the start returns; [`stop`] ends it.
+//! found them equal. A QEMU started while the peer's copy was current (after a failover, a
+//! crash restart or a clean stop) gets the bitmap before its first instruction
+//! ([`track_from_start`]), so its first mirror is incremental too; a replica that had more
+//! (a write the dead host made but never acknowledged) fails the verify and is rebuilt in
+//! full. Without a bitmap (a first sync, a qcow2 replica, a replica found to differ), the
+//! start copies everything. A background task per VM (`registry.rs`) drives the steps after
+//! the start returns; [`stop`] ends it.
 
 mod bitmap;
 mod nbd_client;
@@ -324,6 +328,32 @@ pub async fn stop(libvirt: &Libvirt, node: &str, uuid: &str) -> Result<(), Error
         Err(Error::Libvirt(libvirt::Error::DomainNotRunning { .. })) => Ok(()),
         other => other,
     }
+}
+
+/// Tracks the writes of every disk of the domain `uuid`, started paused, from here on (its
+/// resync bitmaps), then resumes it: the first mirror then rebuilds the peer's copy, which
+/// equals the disks now, incrementally (and verifies it). The guest is resumed even if the
+/// bitmaps could not be added (the first mirror is then a full copy). Returns the devices.
+pub async fn track_from_start(
+    libvirt: &Libvirt,
+    node: &str,
+    uuid: &str,
+) -> Result<Vec<String>, Error> {
+    let (vm, host) = (uuid.to_string(), node.to_string());
+    libvirt
+        .with_monitor(uuid, move |m| {
+            let disks: Vec<(String, String)> = qmp::query_blocks(m)?
+                .iter()
+                .filter_map(|b| Some((device_of_block(b)?, b.inserted.as_ref()?.node_name.clone())))
+                .collect();
+            let added = bitmap::add_tracking(m, &disks);
+            m.resume()?;
+            added?;
+            let devices: Vec<String> = disks.into_iter().map(|(d, _)| d).collect();
+            tracing::info!(vm, node = %host, ?devices, "resync bitmaps added at start: the guest's writes are tracked from its first instruction");
+            Ok(devices)
+        })
+        .await
 }
 
 /// Whether the disks of the domain `uuid`, stopped on an I/O error, can move onto the peer's

@@ -71,7 +71,7 @@ pub(super) fn choose(format: DiskFormat, bitmap: Option<&Bitmap>) -> Choice {
             why: "qcow2 replica: its layout differs per host, so no verify pass can prove it",
         },
         (DiskFormat::Raw, None) => Choice::Full {
-            why: "no resync bitmap (new QEMU, first sync, broke before ready, or found to differ)",
+            why: "no resync bitmap (first sync, a start without a current peer copy, broke before ready, or found to differ)",
         },
         (DiskFormat::Raw, Some(b)) if b.inconsistent || !b.recording || b.busy => Choice::Full {
             why: "the resync bitmap cannot be trusted (inconsistent, not recording or busy)",

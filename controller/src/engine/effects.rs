@@ -549,7 +549,11 @@ async fn call(
         Action::CreateVolumes => agent.create_volumes(record, token).await.map(|()| None),
         Action::DefineDomain => agent.define(record, token).await.map(|_| None),
         Action::StartDomain => agent
-            .start(uuid, token)
+            .start(
+                uuid,
+                token,
+                record.mode == Mode::Ha && record.protection.track_from_start,
+            )
             .await
             .map(|_| Some(VmEvent::StartSucceeded)),
         Action::AcpiShutdown => agent.shutdown(uuid, token).await.map(|_| None),

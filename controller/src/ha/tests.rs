@@ -23,6 +23,7 @@ fn both() -> Protection {
         last_failover: None,
         mirror_path: PATH,
         restarts: 0,
+        track_from_start: false,
     }
 }
 
@@ -426,4 +427,49 @@ fn progress_without_elapsed_time_has_no_eta_and_mirror_overrun_caps_at_done() {
         (100, Some(0))
     );
     assert_eq!(Sync::Off.progress(1000), None);
+}
+
+#[test]
+fn placed_tracks_writes_from_start_only_when_another_copy_is_current() {
+    let plain = Placement {
+        relocate: None,
+        why: "starting",
+        crash: false,
+        behind: false,
+    };
+    let only_n0 = Protection {
+        current: ["n0".to_string()].into(),
+        ..Protection::default()
+    };
+
+    let in_sync = placed(&both(), true, "n0", &plain, 5).unwrap();
+    let alone = placed(&only_n0, true, "n0", &plain, 5).unwrap();
+    let first = placed(&Protection::default(), true, "n0", &plain, 5).unwrap();
+
+    assert!(in_sync.track_from_start);
+    assert!(!alone.track_from_start);
+    assert!(
+        !first.track_from_start,
+        "a new VM's replica holds nothing yet"
+    );
+}
+
+#[test]
+fn placed_failover_tracks_writes_when_the_left_copy_was_current() {
+    let failover = Placement {
+        relocate: Some("n1"),
+        why: "host n0 lost",
+        crash: false,
+        behind: false,
+    };
+    let only_n1 = Protection {
+        current: ["n1".to_string()].into(),
+        ..Protection::default()
+    };
+
+    let from_both = placed(&both(), true, "n0", &failover, 5).unwrap();
+    let after_pivot = placed(&only_n1, true, "n0", &failover, 5).unwrap();
+
+    assert!(from_both.track_from_start);
+    assert!(!after_pivot.track_from_start, "n0's copy was behind");
 }
