@@ -14,6 +14,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::libvirt::{DomainState, DomainStatus, Libvirt};
 use crate::mirror::{self, PivotPlan};
 use crate::stale::{LocalMark, Marker};
@@ -23,6 +25,9 @@ use crate::stale::{LocalMark, Marker};
 pub const TICK: Duration = Duration::from_millis(100);
 /// How long one QEMU monitor read may take before the watch tries again at a later tick.
 const MONITOR_BUDGET: Duration = Duration::from_secs(2);
+/// How long a guest left paused waits before the watch looks at it again (a mirror, the
+/// lease or etcd may have come back).
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Watches this host's domains for a protected guest paused on a disk error.
 #[derive(Clone, Debug)]
@@ -45,7 +50,7 @@ enum Outcome {
 impl Watch {
     /// Runs until the process ends.
     pub async fn run(self) {
-        let mut seen: HashMap<String, Outcome> = HashMap::new();
+        let mut seen: HashMap<String, (Outcome, Instant)> = HashMap::new();
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -60,13 +65,17 @@ impl Watch {
             let faulted: Vec<&DomainStatus> = domains.iter().filter(|d| faulted(d)).collect();
             seen.retain(|uuid, _| faulted.iter().any(|d| d.uuid == *uuid));
             for domain in faulted {
+                let was = seen.get(&domain.uuid);
+                if was.is_some_and(|(_, next)| Instant::now() < *next) {
+                    continue;
+                }
                 let outcome = self.handle(&domain.uuid).await;
-                let was = seen.insert(domain.uuid.clone(), outcome.clone());
-                if was.as_ref() != Some(&outcome)
+                if was.map(|(o, _)| o) != Some(&outcome)
                     && let Outcome::Waiting(why) = &outcome
                 {
                     tracing::error!(vm = %domain.uuid, node = %self.node, op = "disk-pivot", "disk fault: the guest stays paused: {why}");
                 }
+                seen.insert(domain.uuid.clone(), (outcome, Instant::now() + RETRY));
             }
         }
     }
