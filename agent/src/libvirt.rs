@@ -10,8 +10,10 @@
 //! embed mode libvirt's QEMU driver (monitor I/O, reconnects) lives on it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
+use std::time::Duration;
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirtState};
@@ -369,6 +371,47 @@ impl Libvirt {
         .await
     }
 
+    /// Powers the domain off without waiting on its QEMU. libvirt's destroy asks QEMU to exit
+    /// (SIGTERM) and waits up to 10 s before SIGKILL, and a QEMU whose disk I/O hangs (a held
+    /// mirror connection) exits only on that SIGKILL; a self-fence must not take that long. So
+    /// a QEMU still alive `grace` after the destroy began gets SIGKILL at once.
+    pub async fn destroy_now(&self, uuid: &str, grace: Duration) -> Result<DomainStatus, Error> {
+        let pid = self.qemu_pid(uuid).await;
+        let destroy = self.destroy(uuid);
+        tokio::pin!(destroy);
+        tokio::select! {
+            done = &mut destroy => return done,
+            () = tokio::time::sleep(grace) => {}
+        }
+        if let Some((pid, name)) = pid
+            && qemu_of(pid, &name)
+        {
+            // SAFETY: kill(2) has no memory effects; the PID was checked to be this
+            // domain's QEMU just above (its command line names the guest).
+            #[allow(unsafe_code)]
+            let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+            tracing::warn!(
+                vm = uuid,
+                pid,
+                killed = killed == 0,
+                "QEMU did not exit on libvirt's SIGTERM: sent SIGKILL"
+            );
+        }
+        destroy.await
+    }
+
+    /// The PID of the running domain's QEMU and the domain's name, from libvirt's PID file
+    /// (the embedded driver's under its root, or the system daemon's).
+    async fn qemu_pid(&self, uuid: &str) -> Option<(i32, String)> {
+        let name = self.status(uuid).await.ok()?.name;
+        let dir = match self.uri.strip_prefix("qemu:///embed?root=") {
+            Some(root) => PathBuf::from(root).join("run/qemu"),
+            None => PathBuf::from("/run/libvirt/qemu"),
+        };
+        let text = std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?;
+        Some((text.trim().parse().ok()?, name))
+    }
+
     /// Removes a stopped domain's definition; an unknown domain is left as it is.
     pub async fn undefine(&self, uuid: &str) -> Result<(), Error> {
         let owned = uuid.to_string();
@@ -442,6 +485,17 @@ fn start_event_loop() -> Result<(), Error> {
             reason: reason.clone(),
         }),
     }
+}
+
+/// Whether process `pid` is the QEMU of domain `name` (libvirt passes `-name guest=NAME,...`).
+fn qemu_of(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let wanted = format!("guest={name}");
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.split(|b| *b == b',').next() == Some(wanted.as_bytes()))
 }
 
 fn lookup(conn: &Connect, uuid: &str) -> Result<Option<Domain>, Error> {

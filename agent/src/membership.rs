@@ -50,6 +50,9 @@ const FACTS_CHECK: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);
 /// Budget of one registration write.
 const WRITE_BUDGET: Duration = Duration::from_secs(5);
+/// How long a self-fenced QEMU may take to exit on libvirt's SIGTERM before it gets SIGKILL:
+/// the pair's takeover waits only the self-fence margin past the lease's expiry.
+const KILL_GRACE: Duration = Duration::from_millis(100);
 /// While the lease stays unrenewed, how often the self-fence looks again: a domain started
 /// meanwhile must not outlive the lease either.
 const SELF_FENCE_SWEEP: Duration = Duration::from_secs(1);
@@ -233,7 +236,7 @@ async fn fence_domains(libvirt: &Libvirt, node: &str) {
         destroys.spawn(async move {
             let vm = domain.uuid;
             tracing::warn!(%vm, %node, op = "self-fence", "self-fence begin: the host lease cannot be renewed; destroying the domain before the pair restarts it elsewhere");
-            match libvirt.destroy(&vm).await {
+            match libvirt.destroy_now(&vm, KILL_GRACE).await {
                 Ok(s) => {
                     tracing::warn!(%vm, %node, op = "self-fence", state = ?s.state, reason = %s.reason, "self-fence end: destroyed")
                 }

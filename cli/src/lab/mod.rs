@@ -415,6 +415,11 @@ fn etcd_daemon(plan: &Plan, host: &Host) -> Daemon {
         ETCD_HEARTBEAT_MS,
         "--election-timeout",
         ETCD_ELECTION_MS,
+        // A member cut off from the others (an isolated host) must not come back with a
+        // higher term and depose the leader: that election stalls every lease renewal, and
+        // the survivor's agent, unable to confirm its lease, self-fences its HA VMs (seen in
+        // CI on heal). Pre-vote (off by default in etcd 3.4) keeps such a rejoin quiet.
+        "--pre-vote=true",
         "--logger",
         "zap",
         "--log-level",
