@@ -582,6 +582,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn qemu_of_matches_the_guest_name_argument_only() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", "guest=web,debug-threads=on"])
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+
+        let (web, we) = (qemu_of(pid, "web"), qemu_of(pid, "we"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        assert!(web);
+        assert!(!we, "a prefix of the name is another guest");
+        assert!(!qemu_of(pid, "web"), "a dead process is no QEMU");
+    }
+
+    #[test]
     fn version_string_unpacks_qemu_version() {
         let text = version_string(10_000_002);
 
