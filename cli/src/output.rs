@@ -86,6 +86,7 @@ fn protection_json(p: &pb::Protection) -> Value {
         "since_unix_ms": p.since_unix_ms,
         "sync_done_bytes": p.sync_done_bytes,
         "sync_total_bytes": p.sync_total_bytes,
+        "sync_phase": p.sync_phase,
         "sync_percent": p.sync_percent,
         "sync_bytes_per_second": p.sync_bytes_per_second,
         "sync_eta_seconds": p.sync_eta_seconds,
@@ -115,8 +116,13 @@ pub fn protection_text(p: &pb::Protection) -> String {
             let eta = p
                 .sync_eta_seconds
                 .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s} s"));
+            let phase = if p.sync_phase.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.sync_phase)
+            };
             format!(
-                "syncing {percent}% ({} of {}, {}/s, {eta}){copies}",
+                "syncing{phase} {percent}% ({} of {}, {}/s, {eta}){copies}",
                 human(p.sync_done_bytes),
                 human(p.sync_total_bytes),
                 human(p.sync_bytes_per_second)
@@ -438,6 +444,7 @@ mod tests {
             sync_done_bytes: 4 << 20,
             sync_total_bytes: 16 << 20,
             sync_percent: 25,
+            sync_phase: "copy".into(),
             sync_bytes_per_second: 2 << 20,
             sync_eta_seconds: Some(6),
             current_on: vec!["n1".into()],
@@ -447,7 +454,7 @@ mod tests {
         assert_eq!(
             protection_text(&p),
             format!(
-                "syncing 25% ({} of {}, {}/s, ETA 6 s) (current copies on n1)",
+                "syncing (copy) 25% ({} of {}, {}/s, ETA 6 s) (current copies on n1)",
                 human(4 << 20),
                 human(16 << 20),
                 human(2 << 20)

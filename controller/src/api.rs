@@ -592,6 +592,7 @@ fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
             done,
             total,
             since_unix_ms,
+            ..
         } => (String::new(), *since_unix_ms, *done, *total),
         Sync::Protected { since_unix_ms } => (String::new(), *since_unix_ms, 0, 0),
         Sync::Simplex {
@@ -609,6 +610,7 @@ fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
         sync_bytes_per_second: progress.map_or(0, |g| g.bytes_per_second),
         sync_eta_seconds: progress.and_then(|g| g.eta_seconds),
         sync_percent: progress.map_or(0, |g| u32::try_from(g.percent).unwrap_or(100)),
+        sync_phase: p.sync.phase().unwrap_or_default().to_string(),
         current_on: p.current.iter().cloned().collect(),
         last_failover: p.last_failover.as_ref().map(|f| pb::Failover {
             from_node: f.from.clone(),

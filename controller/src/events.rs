@@ -51,8 +51,10 @@ fn protection_message(old: &Protection, new: &Protection, now_unix_ms: i64) -> S
                 .eta_seconds
                 .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s} s"));
             format!(
-                " {}% ({done} of {total} bytes, {} bytes/s, {eta})",
-                p.percent, p.bytes_per_second
+                " ({}) {}% ({done} of {total} bytes, {} bytes/s, {eta})",
+                new.sync.phase().unwrap_or_default(),
+                p.percent,
+                p.bytes_per_second
             )
         }
         (Sync::Simplex { reason, .. }, _) => format!(" ({reason})"),
@@ -250,6 +252,7 @@ mod tests {
             done: 4 << 20,
             total: 16 << 20,
             since_unix_ms: 1,
+            verifying: false,
         };
         new.updated_unix_ms = 2_001;
         let (old, new) = (json(&old), json(&new));
@@ -259,7 +262,7 @@ mod tests {
         assert_eq!(event.kind(), pb::EventKind::VmProtection);
         assert_eq!(
             event.message,
-            "off → syncing 25% (4194304 of 16777216 bytes, 2097152 bytes/s, ETA 6 s); current copies on n0"
+            "off → syncing (copy) 25% (4194304 of 16777216 bytes, 2097152 bytes/s, ETA 6 s); current copies on n0"
         );
     }
 

@@ -64,14 +64,18 @@ pub enum Sync {
     /// Not running (the VM is stopped, or not protected).
     #[default]
     Off,
-    /// The initial copy runs: `done` of `total` bytes are on the peer.
+    /// The copy (or, once it is done, the verify) runs: `done` of `total` bytes are on the
+    /// peer (or found equal).
     Syncing {
-        /// Bytes copied.
+        /// Bytes copied (or verified).
         done: u64,
-        /// Bytes to copy.
+        /// Bytes to copy (or verify).
         total: u64,
-        /// When this sync began.
+        /// When this phase began.
         since_unix_ms: i64,
+        /// Whether the verify runs (the copy is done).
+        #[serde(default)]
+        verifying: bool,
     },
     /// In sync: every write is on both hosts before the guest sees it complete.
     Protected {
@@ -98,6 +102,17 @@ impl Sync {
         }
     }
 
+    /// A sync's phase: "copy" or "verify"; `None` when no sync runs.
+    pub fn phase(&self) -> Option<&'static str> {
+        match self {
+            Sync::Syncing {
+                verifying: true, ..
+            } => Some("verify"),
+            Sync::Syncing { .. } => Some("copy"),
+            _ => None,
+        }
+    }
+
     /// How far a sync has come at `now_unix_ms`: its share, average rate and time left;
     /// `None` when no sync runs.
     pub fn progress(&self, now_unix_ms: i64) -> Option<Progress> {
@@ -105,6 +120,7 @@ impl Sync {
             done,
             total,
             since_unix_ms,
+            ..
         } = self
         else {
             return None;
@@ -157,12 +173,14 @@ pub struct Failover {
 pub enum Mirror {
     /// No mirror runs.
     Absent,
-    /// The initial copy runs (summed over the VM's disks).
+    /// The copy or the verify runs (summed over the VM's disks).
     Syncing {
-        /// Bytes copied.
+        /// Bytes copied (or verified).
         done: u64,
-        /// Bytes to copy.
+        /// Bytes to copy (or verify).
         total: u64,
+        /// Whether every syncing disk is verifying (its copy is done).
+        verifying: bool,
     },
     /// Every disk's mirror is ready and actively synced.
     Ready,
@@ -248,16 +266,29 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
                 };
             }
         }
-        (Mirror::Syncing { done, total }, Some(_)) => {
+        (
+            Mirror::Syncing {
+                done,
+                total,
+                verifying,
+            },
+            Some(_),
+        ) => {
             next.current = only_primary;
+            // The rate and time left are per phase: the verify counts from 0 again.
             let since_unix_ms = match current.sync {
-                Sync::Syncing { since_unix_ms, .. } => since_unix_ms,
+                Sync::Syncing {
+                    since_unix_ms,
+                    verifying: was,
+                    ..
+                } if was == *verifying => since_unix_ms,
                 _ => seen.now_unix_ms,
             };
             next.sync = Sync::Syncing {
                 done: *done,
                 total: *total,
                 since_unix_ms,
+                verifying: *verifying,
             };
         }
         (Mirror::Absent | Mirror::Failed { .. }, Some(peer)) => {

@@ -113,9 +113,10 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     let cut = Instant::now();
     lab.kill_host(second);
     eprintln!(
-        "killed {second} at {} of {} bytes copied to {first} ({} bytes/s, ETA {:?} s)",
+        "killed {second} at {} of {} bytes ({}) to {first} ({} bytes/s, ETA {:?} s)",
         progress.sync_done_bytes,
         progress.sync_total_bytes,
+        progress.sync_phase,
         progress.sync_bytes_per_second,
         progress.sync_eta_seconds
     );

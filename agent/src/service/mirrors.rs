@@ -182,6 +182,10 @@ fn mirror_disks(volumes: &[pb::ReplicaVolume]) -> Result<Vec<MirrorDisk>, Error>
 }
 
 fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {
+    let verifying = m.state == MirrorState::Syncing
+        && m.resync
+            .as_ref()
+            .is_some_and(|r| matches!(r.verify, mirror::Verify::Running { .. }));
     let (state, error) = match m.state {
         MirrorState::Syncing => (pb::MirrorState::Syncing, String::new()),
         MirrorState::Ready => (pb::MirrorState::Ready, String::new()),
@@ -195,6 +199,7 @@ fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {
         offset: m.offset,
         length: m.length,
         error,
+        verifying,
     }
 }
 
@@ -230,6 +235,24 @@ mod tests {
         let err = mirror_disks(&[volume("../x")]).unwrap_err();
 
         assert!(matches!(err, Error::InvalidRequest { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn mirror_to_pb_syncing_mirror_whose_verify_runs_is_verifying() {
+        let mirror = DiskMirror {
+            device: "vda".into(),
+            export: "a.raw".into(),
+            state: MirrorState::Syncing,
+            offset: 1,
+            length: 2,
+            resync: Some(mirror::Resync {
+                mode: mirror::ResyncMode::Incremental,
+                copied: 65536,
+                verify: mirror::Verify::Running { done: 1, total: 2 },
+            }),
+        };
+
+        assert!(mirror_to_pb(mirror).verifying);
     }
 
     #[test]

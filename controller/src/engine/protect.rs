@@ -326,9 +326,16 @@ pub(super) fn mirror_of(domain: &pb::DomainStatus) -> Mirror {
     {
         return Mirror::Ready;
     }
+    let syncing = || {
+        domain
+            .mirrors
+            .iter()
+            .filter(|m| m.state() == pb::MirrorState::Syncing)
+    };
     Mirror::Syncing {
         done: domain.mirrors.iter().map(|m| m.offset).sum(),
         total: domain.mirrors.iter().map(|m| m.length).sum(),
+        verifying: syncing().all(|m| m.verifying) && syncing().next().is_some(),
     }
 }
 
@@ -370,6 +377,7 @@ mod tests {
             } else {
                 String::new()
             },
+            verifying: false,
         }
     }
 
@@ -379,6 +387,34 @@ mod tests {
             mirrors,
             ..pb::DomainStatus::default()
         }
+    }
+
+    #[test]
+    fn mirror_of_is_verifying_only_when_every_syncing_disk_verifies() {
+        let verifying = pb::DiskMirror {
+            verifying: true,
+            ..mirror(pb::MirrorState::Syncing, 1, 4)
+        };
+        let both = domain(vec![
+            verifying.clone(),
+            mirror(pb::MirrorState::Ready, 4, 4),
+        ]);
+        let mixed = domain(vec![verifying, mirror(pb::MirrorState::Syncing, 1, 4)]);
+
+        assert!(matches!(
+            mirror_of(&both),
+            Mirror::Syncing {
+                verifying: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            mirror_of(&mixed),
+            Mirror::Syncing {
+                verifying: false,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -403,7 +439,14 @@ mod tests {
             mirror(pb::MirrorState::Syncing, 2, 8),
         ]);
 
-        assert_eq!(mirror_of(&d), Mirror::Syncing { done: 6, total: 12 });
+        assert_eq!(
+            mirror_of(&d),
+            Mirror::Syncing {
+                done: 6,
+                total: 12,
+                verifying: false
+            }
+        );
     }
 
     #[test]

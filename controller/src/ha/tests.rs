@@ -66,7 +66,17 @@ fn observe_ready_again_changes_nothing() {
 
 #[test]
 fn observe_syncing_keeps_peer_behind_and_shows_progress() {
-    let decision = observe(&both(), &seen(Mirror::Syncing { done: 5, total: 10 }, true));
+    let decision = observe(
+        &both(),
+        &seen(
+            Mirror::Syncing {
+                done: 5,
+                total: 10,
+                verifying: false,
+            },
+            true,
+        ),
+    );
 
     let next = decision.protection.unwrap();
     assert_eq!(next.current, ["n0".to_string()].into());
@@ -75,7 +85,8 @@ fn observe_syncing_keeps_peer_behind_and_shows_progress() {
         Sync::Syncing {
             done: 5,
             total: 10,
-            since_unix_ms: 1_000
+            since_unix_ms: 1_000,
+            verifying: false,
         }
     );
 }
@@ -391,6 +402,7 @@ fn progress_reports_share_rate_and_time_left() {
         done: 40 << 20,
         total: 100 << 20,
         since_unix_ms: 10_000,
+        verifying: false,
     };
 
     let progress = sync.progress(14_000).unwrap();
@@ -411,11 +423,13 @@ fn progress_without_elapsed_time_has_no_eta_and_mirror_overrun_caps_at_done() {
         done: 0,
         total: 100,
         since_unix_ms: 5,
+        verifying: false,
     };
     let overrun = Sync::Syncing {
         done: 150,
         total: 100,
         since_unix_ms: 0,
+        verifying: false,
     };
 
     assert_eq!(just_begun.progress(5).unwrap().eta_seconds, None);
@@ -472,4 +486,37 @@ fn placed_failover_tracks_writes_when_the_left_copy_was_current() {
 
     assert!(from_both.track_from_start);
     assert!(!after_pivot.track_from_start, "n0's copy was behind");
+}
+
+#[test]
+fn observe_verify_after_copy_restarts_the_phase_clock() {
+    let copying = Protection {
+        sync: Sync::Syncing {
+            done: 10,
+            total: 10,
+            since_unix_ms: 100,
+            verifying: false,
+        },
+        ..Protection::default()
+    };
+    let verifying = Mirror::Syncing {
+        done: 2,
+        total: 10,
+        verifying: true,
+    };
+
+    let next = observe(&copying, &seen(verifying, true))
+        .protection
+        .unwrap();
+
+    assert_eq!(
+        next.sync,
+        Sync::Syncing {
+            done: 2,
+            total: 10,
+            since_unix_ms: 1_000,
+            verifying: true,
+        }
+    );
+    assert_eq!(next.sync.phase(), Some("verify"));
 }
