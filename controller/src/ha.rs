@@ -309,6 +309,23 @@ pub fn observe(current: &Protection, seen: &Observed<'_>) -> Decision {
     }
 }
 
+/// The protection of a running HA VM whose host `primary` runs on without its agent: the
+/// mirror's path to the peer lives in the agent, so the guest may be writing to its own copy
+/// alone; only `primary`'s copy stays current. `None` if that is already so.
+pub fn agent_down(current: &Protection, primary: &str, now_unix_ms: i64) -> Option<Protection> {
+    if current.current.iter().all(|host| host == primary) {
+        return None;
+    }
+    let reason = format!(
+        "the agent on {primary} is down; the mirror ran through it, so the peer's copy may be behind"
+    );
+    Some(Protection {
+        current: [primary.to_string()].into(),
+        sync: simplex(&current.sync, &reason, now_unix_ms),
+        ..current.clone()
+    })
+}
+
 /// Simplex for `reason`, keeping the time it began if it already was simplex.
 fn simplex(was: &Sync, reason: &str, now_unix_ms: i64) -> Sync {
     let since_unix_ms = match was {

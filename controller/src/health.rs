@@ -26,6 +26,12 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+/// How long a host must show its agent down (lease expired, silent, its controller alive)
+/// before [`Host::agent_down`] says so. A host that lost power loses its controller's lease
+/// within a sixth of a TTL of its agent's (both renew every TTL/6 and stop together): for that
+/// moment it looks like a host without its agent, and must not count as one.
+pub const AGENT_DOWN_CONFIRM_MS: u64 = 3_000;
+
 /// Timeouts of host health, changeable at runtime through the API (stored in etcd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +189,12 @@ pub struct Host {
     pub silent_paths: BTreeSet<String>,
     /// Since when every signal says dead (for `lost_confirm_ms`).
     dead_since_ms: Option<u64>,
+    /// Its agent is down while the host runs (lease expired, silent on every path, its
+    /// controller alive, for [`AGENT_DOWN_CONFIRM_MS`]): its guests may run on with no agent,
+    /// so nothing the agent carried (an HA mirror's path to the peer) can be trusted.
+    pub agent_down: bool,
+    /// Since when it looks like a host without its agent.
+    agent_down_since_ms: Option<u64>,
 }
 
 impl Default for Host {
@@ -194,6 +206,8 @@ impl Default for Host {
             reason: "up".into(),
             silent_paths: BTreeSet::new(),
             dead_since_ms: None,
+            agent_down: false,
+            agent_down_since_ms: None,
         }
     }
 }
@@ -247,11 +261,16 @@ fn observe(host: &Host, config: &Config, o: &Observation) -> (Host, Vec<Action>)
     let confirmed =
         dead_since_ms.is_some_and(|since| o.now_ms.saturating_sub(since) >= config.lost_confirm_ms);
     let (state, reason) = judge(host.state, o, alive_somehow, confirmed);
+    let agent_down_since_ms = (!o.lease_alive && !alive_somehow && o.controller_alive)
+        .then(|| host.agent_down_since_ms.unwrap_or(o.now_ms));
     let next = Host {
         state,
         reason,
         silent_paths: alerting.unwrap_or_else(|| host.silent_paths.clone()),
         dead_since_ms,
+        agent_down: agent_down_since_ms
+            .is_some_and(|since| o.now_ms.saturating_sub(since) >= AGENT_DOWN_CONFIRM_MS),
+        agent_down_since_ms,
     };
     actions.extend(changes(host, &next));
     (next, actions)
@@ -524,6 +543,32 @@ mod tests {
 
         assert_eq!(next.state, HostState::Suspect);
         assert!(!actions.contains(&Action::Lost));
+        assert!(!next.agent_down, "not confirmed yet");
+        assert!(
+            !lost_host().agent_down,
+            "a dead host is not a host without its agent"
+        );
+    }
+
+    #[test]
+    fn step_agent_down_for_the_confirm_time_is_agent_down() {
+        let at = |now_ms| {
+            Event::Observed(Observation {
+                now_ms,
+                lease_alive: false,
+                paths: heard(&PATHS),
+                agent_answers: false,
+                controller_alive: true,
+                quorum: true,
+            })
+        };
+        let config = Config::default();
+
+        let (first, _) = step(&up_host(), &config, &at(1));
+        let (later, _) = step(&first, &config, &at(1 + AGENT_DOWN_CONFIRM_MS));
+
+        assert!(!first.agent_down);
+        assert!(later.agent_down);
     }
 
     #[test]

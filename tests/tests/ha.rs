@@ -231,3 +231,40 @@ async fn a_dead_qemu_is_restarted_on_its_host_once_then_moved_to_the_peer() {
     let failover = moved.protection.and_then(|p| p.last_failover).unwrap();
     assert!(failover.reason.contains("QEMU died"), "{}", failover.reason);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agent_takes_the_peer_copy_out_of_the_current_ones_until_it_returns() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvta", 226);
+    let vm = lab.start_protected("a", SYNC_TIMEOUT).await;
+    let node = vm.node.clone();
+    let before = Console::new(&lab, &vm).wait_counters(1, COUNTER_PERIOD_TIMEOUT)[0].clone();
+
+    // The agent dies; the guest runs on, and the mirror's path (in the agent) is gone: only
+    // the VM's host holds a current copy, so a later loss of that host never fails it over.
+    lab.kill9(&format!("{node}-agent"));
+    let alone = lab
+        .wait_vm("a", "simplex without its agent", FAILOVER_TIMEOUT, |vm| {
+            vm.protection
+                .as_ref()
+                .is_some_and(|p| p.state == "simplex" && p.current_on == [vm.node.clone()])
+        })
+        .await;
+    let reason = alone.protection.unwrap().reason;
+    assert!(
+        reason.contains(&format!("agent on {node} is down")),
+        "{reason}"
+    );
+    let during = assert_counts_on(&lab, &vm, &before, 2);
+
+    // The agent returns: the same QEMU is mirrored again and the VM is protected.
+    lab.repair();
+    let back = lab
+        .wait_vm("a", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+    assert_eq!(back.node, node);
+    assert_eq!(back.protection.unwrap().current_on, ["n0", "n1"]);
+    assert_counts_on(&lab, &vm, during.last().unwrap(), 2);
+}

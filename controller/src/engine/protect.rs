@@ -138,6 +138,16 @@ impl Engine {
             if entry.last_command > poll.started {
                 continue;
             }
+            if self.hosts.get(&record.node).is_some_and(|h| h.agent_down) {
+                let protection = ha::agent_down(&record.protection, &record.node, now_unix_ms);
+                let decision = ha::Decision {
+                    protection,
+                    protect: false,
+                    clear_mark: false,
+                };
+                decisions.push((uuid.clone(), decision));
+                continue;
+            }
             let Some(domain) = poll.domain(&record.node, uuid) else {
                 continue;
             };

@@ -520,3 +520,16 @@ fn observe_verify_after_copy_restarts_the_phase_clock() {
     );
     assert_eq!(next.sync.phase(), Some("verify"));
 }
+
+#[test]
+fn agent_down_keeps_only_the_primary_current() {
+    let next = agent_down(&both(), "n0", 7).unwrap();
+
+    assert_eq!(next.current, ["n0".to_string()].into());
+    assert!(
+        matches!(&next.sync, Sync::Simplex { reason, .. } if reason.contains("agent on n0 is down")),
+        "{:?}",
+        next.sync
+    );
+    assert_eq!(agent_down(&next, "n0", 8), None, "already so");
+}
