@@ -115,6 +115,24 @@ impl Lab {
         }
     }
 
+    /// Waits until node `name` is fenced (the survivor powered it off through its BMC): a
+    /// host powered on again before that would be powered off by the pending fence.
+    pub async fn wait_fenced(&self, name: &str, timeout: Duration) -> pb::Node {
+        let started = Instant::now();
+        loop {
+            let node = self.node(name).await;
+            if node.state() == pb::NodeState::Fenced {
+                return node;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "node {name} not fenced within {timeout:?}; it is {:?}",
+                node.state()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Node `name` as the serving controller describes it (health, daemons, paths).
     pub async fn node(&self, name: &str) -> pb::Node {
         let mut api = self.client().await;

@@ -204,7 +204,12 @@ async fn host_death_loses_the_vm_and_its_return_restarts_it() {
     );
     assert_eq!(lost.state_reason, format!("host {node} down"));
     let host = lab.node(&node).await;
-    assert_eq!(host.state(), pb::NodeState::Lost);
+    assert!(
+        matches!(host.state(), pb::NodeState::Lost | pb::NodeState::Fenced),
+        "{:?}",
+        host.state()
+    );
+    lab.wait_fenced(&node, LOST_TIMEOUT).await;
 
     // Power back: the VM starts again where it was and resumes its counter from its disk.
     let console = Console::new(&lab, &vm);

@@ -144,6 +144,7 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     );
 
     // The peer returns: the VM runs there again with every acknowledged write.
+    lab.wait_fenced(second, FAILOVER_TIMEOUT).await;
     lab.restore_host(second);
     let back = lab
         .wait_vm(
