@@ -163,6 +163,7 @@ async fn a_links_pulled_then_host_death_never_starts_the_copy_that_is_behind() {
 
     // Its host returns: the VM runs there again with every acknowledged write, and the
     // mirror to the peer is rebuilt.
+    lab.wait_fenced(&node, FAILOVER_TIMEOUT).await;
     lab.heal();
     lab.restore_host(&node);
     let back = lab
