@@ -297,23 +297,21 @@ impl Libvirt {
 
     /// Starts the domain; a running domain is left as it is.
     pub async fn start(&self, uuid: &str) -> Result<DomainStatus, Error> {
-        self.with_domain(uuid, |dom, name| {
-            if !is_active(dom, name)? {
-                dom.create()
-                    .map_err(call(format!("starting domain {name}")))?;
-            }
-            status_of(dom)
-        })
-        .await
+        self.start_with(uuid, 0).await
     }
 
     /// Starts the domain paused (its guest runs no instruction until [`Libvirt::resume`]); a
     /// running domain is left as it is.
     pub async fn start_paused(&self, uuid: &str) -> Result<DomainStatus, Error> {
-        self.with_domain(uuid, |dom, name| {
+        self.start_with(uuid, sys::VIR_DOMAIN_START_PAUSED).await
+    }
+
+    /// Starts the domain with libvirt's create `flags` unless it runs.
+    async fn start_with(&self, uuid: &str, flags: u32) -> Result<DomainStatus, Error> {
+        self.with_domain(uuid, move |dom, name| {
             if !is_active(dom, name)? {
-                dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
-                    .map_err(call(format!("starting domain {name} paused")))?;
+                dom.create_with_flags(flags)
+                    .map_err(call(format!("starting domain {name}")))?;
             }
             status_of(dom)
         })
@@ -588,6 +586,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
+        // Until the child has exec'd, its command line is still the test's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sh\0"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
 
         let (web, we) = (qemu_of(pid, "web"), qemu_of(pid, "we"));
         child.kill().unwrap();

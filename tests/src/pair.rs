@@ -217,6 +217,15 @@ impl Lab {
         .await
     }
 
+    /// Waits until VM `name` runs on `node`; returns it.
+    pub async fn wait_running_on(&self, name: &str, node: &str, timeout: Duration) -> pb::Vm {
+        let what = format!("running on {node}");
+        self.wait_vm(name, &what, timeout, |vm| {
+            vm.state() == pb::VmState::Running && vm.node == node
+        })
+        .await
+    }
+
     /// Waits until VM `name` (asked through any controller) satisfies `done`, described by
     /// `what` in the failure message; returns it.
     pub async fn wait_vm(

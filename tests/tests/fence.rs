@@ -54,14 +54,7 @@ async fn lose_host_and_fail_over(lab: &Lab, console: &Console, node: &str) -> (S
     let last_printed = console.counters().last().cloned().unwrap();
     let cut = Instant::now();
     lab.kill_host(node);
-    let moved = lab
-        .wait_vm(
-            VM,
-            &format!("running on {survivor}"),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == survivor,
-        )
-        .await;
+    let moved = lab.wait_running_on(VM, survivor, FAILOVER_TIMEOUT).await;
     let running = cut.elapsed();
     let again = Console::new(lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT);
     let log = lab.log(survivor, "controller")[mark..].to_string();

@@ -33,12 +33,7 @@ async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write
     let cut = Instant::now();
     lab.kill_host(&node);
     let moved = lab
-        .wait_vm(
-            "h",
-            &format!("running on {}", other(&node)),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == other(&node),
-        )
+        .wait_running_on("h", other(&node), FAILOVER_TIMEOUT)
         .await;
     let console = Console::new(&lab, &moved);
     let again = console.wait_counters(2, GUEST_BOOT_TIMEOUT);
@@ -215,12 +210,7 @@ async fn a_dead_qemu_is_restarted_on_its_host_once_then_moved_to_the_peer() {
     // Second death: moved to the peer, from its replica.
     let (last, _) = kill_qemu(&lab, &vm);
     let moved = lab
-        .wait_vm(
-            "r",
-            &format!("running on {}", other(&node)),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == other(&node),
-        )
+        .wait_running_on("r", other(&node), FAILOVER_TIMEOUT)
         .await;
     let there = Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT)[0].clone();
 

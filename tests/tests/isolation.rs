@@ -30,12 +30,7 @@ async fn an_isolated_host_self_fences_and_never_resumes_its_old_copy() {
     lab.cut_bmc(&node);
     lab.isolate(&node, false);
     let moved = lab
-        .wait_vm(
-            "i",
-            &format!("running on {}", other(&node)),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == other(&node),
-        )
+        .wait_running_on("i", other(&node), FAILOVER_TIMEOUT)
         .await;
     let there = Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT)[0].clone();
     let printed_on_old = before.counters().last().cloned().unwrap_or(last.clone());

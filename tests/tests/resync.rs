@@ -72,14 +72,7 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
 
     // Its host dies: the VM restarts on the peer, simplex.
     lab.kill_host(&first);
-    let moved = lab
-        .wait_vm(
-            "s",
-            &format!("running on {second}"),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == second,
-        )
-        .await;
+    let moved = lab.wait_running_on("s", second, FAILOVER_TIMEOUT).await;
     Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT);
 
     // The old host returns and is resynced from the peer; the peer dies mid-copy.
@@ -146,14 +139,7 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     // The peer returns: the VM runs there again with every acknowledged write.
     lab.wait_fenced(second, FAILOVER_TIMEOUT).await;
     lab.restore_host(second);
-    let back = lab
-        .wait_vm(
-            "s",
-            &format!("running on {second} again"),
-            FAILOVER_TIMEOUT,
-            |vm| vm.state() == pb::VmState::Running && vm.node == second,
-        )
-        .await;
+    let back = lab.wait_running_on("s", second, FAILOVER_TIMEOUT).await;
     let again = Console::new(&lab, &back).wait_counters(1, GUEST_BOOT_TIMEOUT);
     assert!(
         again[0].0 > last_printed.0,

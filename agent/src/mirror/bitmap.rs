@@ -103,20 +103,21 @@ pub(super) fn upkeep_all(m: &Monitor<'_>, who: Who<'_>, jobs: &[BlockJob], nodes
 pub(super) fn add_tracking(m: &Monitor<'_>, disks: &[(String, String)]) -> Result<(), Error> {
     let actions: Vec<_> = disks
         .iter()
-        .map(|(device, node)| {
-            json!({"type": "block-dirty-bitmap-add", "data": {"node": node,
-                "name": resync_name(device), "granularity": GRANULARITY, "persistent": false}})
-        })
+        .map(|(device, node)| add_action(device, node))
         .collect();
     qmp::transaction(m, &actions)
+}
+
+/// The transaction action adding `device`'s resync bitmap on block node `node`.
+fn add_action(device: &str, node: &str) -> Value {
+    json!({"type": "block-dirty-bitmap-add", "data": {"node": node, "name": resync_name(device),
+        "granularity": GRANULARITY, "persistent": false}})
 }
 
 /// Adds `device`'s resync bitmap on block node `node`, then checks the mirror again.
 fn add(m: &Monitor<'_>, who: Who<'_>, device: &str, node: &str) -> Result<(), Error> {
     let name = resync_name(device);
-    let action = json!({"type": "block-dirty-bitmap-add", "data": {"node": node, "name": name,
-        "granularity": GRANULARITY, "persistent": false}});
-    qmp::transaction(m, &[action])?;
+    qmp::transaction(m, &[add_action(device, node)])?;
     if still_in_sync(m, who, device, node)? {
         tracing::info!(vm = who.vm, node = who.node, device, bitmap = %name, block_node = node, "resync bitmap added: writes from now on are tracked for an incremental resync");
     }
