@@ -13,7 +13,7 @@ BUILD_PKGS=(libvirt-dev pkg-config protobuf-compiler libprotobuf-dev gcc g++)
 RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-system etcd-server etcd-client iproute2 iputils-arping util-linux ipmitool)
 GUEST_PKGS=(busybox-static gzip)
 # openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too).
-TEST_PKGS=(nftables socat openipmi)
+TEST_PKGS=(nftables socat openipmi e2fsprogs)
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()
