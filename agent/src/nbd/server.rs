@@ -4,6 +4,10 @@
 //! mirror never forwards the guest's flushes to its target, so a reply is the only promise the
 //! guest's acknowledgement rests on (notes/sync-disk-mirror.md).
 //!
+//! The exception is FT's epoch mode ([`Exports::begin_epochs`], [`super::epoch`]): writes are
+//! held in memory, seen by reads, and reach the file only when their epoch commits
+//! ([`Exports::commit_epoch`]); a flush then syncs nothing, by design.
+//!
 //! Removing an export ([`Exports::remove`]) revokes it: its open connections are closed, and
 //! once `remove` returns no request of theirs is running or will run.
 
@@ -11,12 +15,13 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use super::epoch::{EpochApplied, Full, Log, MAX_HELD};
 use super::proto::{self, Command, ProtoError, Request};
 
 /// Largest read or write one request may ask for (NBD's customary limit).
@@ -29,6 +34,16 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// Errors of the NBD server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Applying an epoch's held writes to the file, or syncing it, failed; the writes stay
+    /// held, so a later commit applies them again.
+    #[error("committing the held writes of export {name}")]
+    CommitEpoch {
+        /// Export name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading or writing the connection failed.
     #[error("NBD connection with {peer}")]
     Connection {
@@ -37,6 +52,12 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// An epoch was committed on an export that is not holding writes.
+    #[error("export {name} is not in epoch mode (begin_epochs first)")]
+    NotInEpochs {
+        /// Export name.
+        name: String,
     },
     /// An export's file cannot be opened or sized.
     #[error("opening export {name} at {path}")]
@@ -58,6 +79,12 @@ pub enum Error {
         #[source]
         source: ProtoError,
     },
+    /// No export has this name (never added, or removed).
+    #[error("no NBD export named {name}")]
+    UnknownExport {
+        /// Export name.
+        name: String,
+    },
     /// A write asked for more than [`MAX_IO`] bytes: its payload cannot be skipped safely.
     #[error("NBD client {peer} sent a {length}-byte write (at most {MAX_IO})")]
     WriteTooLong {
@@ -71,13 +98,19 @@ pub enum Error {
 /// One exported file.
 #[derive(Debug)]
 pub struct Export {
+    name: String,
     file: Arc<File>,
     size: u64,
     writable: bool,
-    /// Requests run under its read lock; revoking takes the write lock, so waits for them.
-    gate: tokio::sync::RwLock<()>,
+    /// Requests run under its read lock; revoking, committing and ending epochs take the
+    /// write lock, so wait for them (and they wait in turn).
+    gate: Arc<tokio::sync::RwLock<()>>,
     /// True once the export is removed: its connections close.
     revoked: watch::Sender<bool>,
+    /// In epoch mode, the writes held since the last commit.
+    epoch: Mutex<Option<Log>>,
+    /// The cap on held bytes ([`MAX_HELD`]; smaller in tests).
+    max_held: u64,
 }
 
 impl Export {
@@ -95,11 +128,14 @@ impl Export {
             .map_err(failed)?;
         let size = file.metadata().map_err(failed)?.len();
         Ok(Export {
+            name: name.to_string(),
             file: Arc::new(file),
             size,
             writable,
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             revoked: watch::Sender::new(false),
+            epoch: Mutex::new(None),
+            max_held: MAX_HELD,
         })
     }
 
@@ -109,10 +145,48 @@ impl Export {
         (!*self.revoked.borrow()).then_some(guard)
     }
 
-    /// Closes the export's connections and waits for the requests they are running.
+    /// Closes the export's connections, waits for the requests they are running and drops
+    /// any held writes.
     async fn revoke(&self) {
         self.revoked.send_replace(true);
-        drop(self.gate.write().await);
+        let _gate = self.gate.write().await;
+        if let Some(log) = self.held().take() {
+            tracing::info!(export = %self.name, dropped = log.len(), "NBD export removed in epoch mode: held writes dropped");
+        }
+    }
+
+    /// The epoch state: `Some` log in epoch mode.
+    fn held(&self) -> MutexGuard<'_, Option<Log>> {
+        self.epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Enters epoch mode; a no-op if already in it (the held writes stay).
+    fn begin_epochs(&self) {
+        self.held().get_or_insert_with(|| Log::new(self.max_held));
+    }
+
+    /// The blocking part of a commit, run with the gate held for writing: applies the held
+    /// writes, syncs and empties the log.
+    fn commit(&self) -> Result<EpochApplied, Error> {
+        let mut held = self.held();
+        let Some(log) = held.as_mut() else {
+            return Err(Error::NotInEpochs {
+                name: self.name.clone(),
+            });
+        };
+        let applied = log.apply(&self.file).map_err(|source| Error::CommitEpoch {
+            name: self.name.clone(),
+            source,
+        })?;
+        log.clear();
+        Ok(applied)
+    }
+
+    /// Leaves epoch mode, dropping the held writes; returns how many there were.
+    fn end_epochs(&self) -> usize {
+        self.held().take().map_or(0, |log| log.len())
     }
 
     fn flags(&self) -> u16 {
@@ -144,6 +218,67 @@ impl Exports {
         if let Some(export) = removed {
             export.revoke().await;
         }
+    }
+
+    /// From now on writes to export `name` are held in memory until [`Exports::commit_epoch`]
+    /// (FT); a no-op if it is already in epoch mode. Errors if there is no such export.
+    pub fn begin_epochs(&self, name: &str) -> Result<(), Error> {
+        self.known(name)?.begin_epochs();
+        tracing::info!(export = %name, "NBD export enters epoch mode");
+        Ok(())
+    }
+
+    /// Applies the writes held since the last commit, in arrival order, then `fdatasync`s;
+    /// keeps holding later writes. Call it before the checkpoint's ack lets the primary
+    /// resume, or the next epoch's first writes are committed too. Returns what was applied.
+    pub async fn commit_epoch(&self, name: &str) -> Result<EpochApplied, Error> {
+        let export = self.known(name)?;
+        // Owned, so a cancelled commit still keeps requests out until its apply is done.
+        let gate = export.gate.clone().write_owned().await;
+        if *export.revoked.borrow() {
+            return Err(Error::UnknownExport {
+                name: name.to_string(),
+            });
+        }
+        match export.held().as_ref().map(Log::len) {
+            None => {
+                return Err(Error::NotInEpochs {
+                    name: name.to_string(),
+                });
+            }
+            Some(0) => return Ok(EpochApplied::default()),
+            Some(_) => {}
+        }
+        let committing = export.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let _gate = gate;
+            committing.commit()
+        })
+        .await;
+        done.unwrap_or_else(|e| {
+            Err(Error::CommitEpoch {
+                name: name.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+    }
+
+    /// Drops the held writes (failover: they belong to an epoch that never committed) and
+    /// returns to write-through mode. Returns how many writes were dropped (0 if the export
+    /// was not in epoch mode).
+    pub async fn end_epochs(&self, name: &str) -> Result<usize, Error> {
+        let export = self.known(name)?;
+        let _gate = export.gate.write().await;
+        let dropped = export.end_epochs();
+        tracing::info!(export = %name, dropped, "NBD export leaves epoch mode");
+        Ok(dropped)
+    }
+
+    /// Export `name`, or [`Error::UnknownExport`].
+    fn known(&self, name: &str) -> Result<Arc<Export>, Error> {
+        self.get(name).ok_or_else(|| Error::UnknownExport {
+            name: name.to_string(),
+        })
     }
 
     fn get(&self, name: &str) -> Option<Arc<Export>> {
@@ -402,8 +537,11 @@ fn closed_by_removal(peer: &str) -> Result<(), Error> {
 }
 
 /// Carries out one request on the export: the NBD error (0 = done) and the data to send.
-async fn execute(export: &Arc<Export>, request: Request, payload: Vec<u8>) -> (u32, Vec<u8>) {
+async fn execute(export: &Arc<Export>, request: Request, mut payload: Vec<u8>) -> (u32, Vec<u8>) {
     if let Some(error) = refusal(export, request) {
+        return (error, Vec::new());
+    }
+    if let Some(error) = hold(export, request, &mut payload) {
         return (error, Vec::new());
     }
     let export = export.clone();
@@ -437,18 +575,56 @@ fn refusal(export: &Export, request: Request) -> Option<u32> {
     }
 }
 
+/// In epoch mode, takes a write or write-zeroes into the held log, or answers a flush, without
+/// touching the file: the reply's error, or `None` to run the request on the file.
+fn hold(export: &Export, request: Request, payload: &mut Vec<u8>) -> Option<u32> {
+    let mut held = export.held();
+    let log = held.as_mut()?;
+    let outcome = match request.command {
+        Command::Write => log.hold_write(request.offset, std::mem::take(payload)),
+        Command::WriteZeroes => log.hold_zeroes(request.offset, u64::from(request.length)),
+        // Nothing of the epoch is to be durable before its commit.
+        Command::Flush => Ok(()),
+        _ => return None,
+    };
+    match outcome {
+        Ok(()) => Some(0),
+        Err(Full { held, asked }) => {
+            tracing::warn!(export = %export.name, held, asked, max = export.max_held, "NBD epoch log full: write refused (ENOSPC)");
+            Some(proto::ENOSPC)
+        }
+    }
+}
+
+/// The file's bytes from `offset`, with any held writes laid over them.
+fn read(export: &Export, offset: u64, length: u32) -> std::io::Result<Vec<u8>> {
+    let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    export.file.read_exact_at(&mut data, offset)?;
+    if let Some(log) = export.held().as_ref() {
+        log.overlay(offset, &mut data);
+    }
+    Ok(data)
+}
+
+/// Writes `length` zeroes to `file` from `offset`, a chunk at a time.
+pub(super) fn write_zeroes(file: &File, offset: u64, length: u64) -> std::io::Result<()> {
+    let zeroes = vec![0u8; ZERO_CHUNK];
+    let mut done = 0u64;
+    while done < length {
+        let step = usize::try_from((length - done).min(ZERO_CHUNK as u64)).unwrap_or(0);
+        file.write_all_at(&zeroes[..step], offset + done)?;
+        done += step as u64;
+    }
+    Ok(())
+}
+
 /// The blocking part: positional I/O, and `fdatasync` after every change.
 fn run(export: &Export, request: Request, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let file = &export.file;
     match request.command {
-        Command::Read => {
-            let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
-            file.read_exact_at(&mut data, request.offset)?;
-            Ok(data)
-        }
+        Command::Read => read(export, request.offset, request.length),
         Command::Digest => {
-            let mut data = vec![0u8; usize::try_from(request.length).unwrap_or(0)];
-            file.read_exact_at(&mut data, request.offset)?;
+            let data = read(export, request.offset, request.length)?;
             Ok(proto::digest(&data).to_be_bytes().to_vec())
         }
         Command::Write => {
@@ -457,14 +633,7 @@ fn run(export: &Export, request: Request, payload: &[u8]) -> std::io::Result<Vec
             Ok(Vec::new())
         }
         Command::WriteZeroes => {
-            let zeroes = vec![0u8; ZERO_CHUNK];
-            let mut done = 0u64;
-            let length = u64::from(request.length);
-            while done < length {
-                let step = usize::try_from((length - done).min(ZERO_CHUNK as u64)).unwrap_or(0);
-                file.write_all_at(&zeroes[..step], request.offset + done)?;
-                done += step as u64;
-            }
+            write_zeroes(file, request.offset, u64::from(request.length))?;
             file.sync_data()?;
             Ok(Vec::new())
         }
@@ -563,6 +732,249 @@ mod tests {
         let data = run(&export, request(Command::Read, 100, 3), &[]).unwrap();
 
         assert_eq!(data, [0, 0, 0]);
+    }
+
+    fn file(dir: &tempfile::TempDir, offset: usize, len: usize) -> Vec<u8> {
+        std::fs::read(dir.path().join("disk.raw")).unwrap()[offset..offset + len].to_vec()
+    }
+
+    #[test]
+    fn hold_of_a_write_in_epoch_mode_leaves_the_file_unchanged() {
+        let (dir, export) = export(8192, true);
+        export.begin_epochs();
+
+        let error = hold(
+            &export,
+            request(Command::Write, 4096, 3),
+            &mut b"abc".to_vec(),
+        );
+
+        assert_eq!(error, Some(0));
+        assert_eq!(file(&dir, 4096, 3), [0, 0, 0]);
+    }
+
+    #[test]
+    fn run_read_in_epoch_mode_sees_the_held_write() {
+        let (_dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(
+            &export,
+            request(Command::Write, 4097, 3),
+            &mut b"abc".to_vec(),
+        );
+
+        let data = run(&export, request(Command::Read, 4096, 5), &[]).unwrap();
+
+        assert_eq!(data, b"\0abc\0");
+    }
+
+    #[test]
+    fn commit_applies_overlapping_held_writes_in_order() {
+        let (dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(
+            &export,
+            request(Command::Write, 100, 4),
+            &mut b"aaaa".to_vec(),
+        );
+        hold(
+            &export,
+            request(Command::Write, 101, 2),
+            &mut b"bb".to_vec(),
+        );
+
+        let applied = export.commit().unwrap();
+
+        assert_eq!(
+            applied,
+            EpochApplied {
+                writes: 2,
+                bytes: 6
+            }
+        );
+        assert_eq!(file(&dir, 100, 4), b"abba");
+    }
+
+    #[test]
+    fn commit_empties_the_log_but_stays_in_epoch_mode() {
+        let (dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(&export, request(Command::Write, 0, 1), &mut b"a".to_vec());
+        export.commit().unwrap();
+
+        let error = hold(&export, request(Command::Write, 1, 1), &mut b"b".to_vec());
+
+        assert_eq!(error, Some(0));
+        assert_eq!(export.held().as_ref().map(Log::len), Some(1));
+        assert_eq!(file(&dir, 0, 2), b"a\0");
+    }
+
+    #[test]
+    fn commit_out_of_epoch_mode_is_not_in_epochs() {
+        let (_dir, export) = export(8192, true);
+
+        let committed = export.commit();
+
+        assert!(matches!(committed, Err(Error::NotInEpochs { name }) if name == "disk0"));
+    }
+
+    #[test]
+    fn end_epochs_drops_the_held_writes_and_writes_through_again() {
+        let (dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(&export, request(Command::Write, 0, 3), &mut b"abc".to_vec());
+
+        let dropped = export.end_epochs();
+
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            run(&export, request(Command::Read, 0, 3), &[]).unwrap(),
+            [0, 0, 0]
+        );
+        assert_eq!(
+            hold(&export, request(Command::Write, 0, 3), &mut b"abc".to_vec()),
+            None
+        );
+        assert_eq!(file(&dir, 0, 3), [0, 0, 0]);
+    }
+
+    #[test]
+    fn hold_of_write_zeroes_in_epoch_mode_is_seen_then_committed() {
+        let (dir, export) = export(8192, true);
+        run(&export, request(Command::Write, 0, 4), b"abcd").unwrap();
+        export.begin_epochs();
+        hold(
+            &export,
+            request(Command::WriteZeroes, 1, 2),
+            &mut Vec::new(),
+        );
+
+        let before = run(&export, request(Command::Read, 0, 4), &[]).unwrap();
+        let in_file = file(&dir, 0, 4);
+        export.commit().unwrap();
+
+        assert_eq!(before, b"a\0\0d");
+        assert_eq!(in_file, b"abcd");
+        assert_eq!(file(&dir, 0, 4), b"a\0\0d");
+    }
+
+    #[test]
+    fn run_digest_in_epoch_mode_sees_the_held_write() {
+        let (_dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(
+            &export,
+            request(Command::Write, 4096, 3),
+            &mut b"abc".to_vec(),
+        );
+
+        let data = run(&export, request(Command::Digest, 4096, 3), &[]).unwrap();
+
+        assert_eq!(data, proto::digest(b"abc").to_be_bytes());
+    }
+
+    #[test]
+    fn hold_of_a_flush_in_epoch_mode_replies_done() {
+        let (_dir, export) = export(8192, true);
+        export.begin_epochs();
+
+        let error = hold(&export, request(Command::Flush, 0, 0), &mut Vec::new());
+
+        assert_eq!(error, Some(0));
+    }
+
+    #[test]
+    fn hold_of_a_write_past_the_cap_is_enospc_and_not_held() {
+        let (_dir, mut export) = export(16384, true);
+        export.max_held = 6000;
+        export.begin_epochs();
+        hold(
+            &export,
+            request(Command::Write, 0, 4096),
+            &mut vec![1; 4096],
+        );
+
+        let error = hold(
+            &export,
+            request(Command::Write, 4096, 4096),
+            &mut vec![2; 4096],
+        );
+
+        assert_eq!(error, Some(proto::ENOSPC));
+        assert_eq!(export.held().as_ref().map(Log::len), Some(1));
+    }
+
+    #[test]
+    fn hold_out_of_epoch_mode_leaves_the_write_to_run() {
+        let (_dir, export) = export(8192, true);
+        let mut payload = b"abc".to_vec();
+
+        let error = hold(&export, request(Command::Write, 0, 3), &mut payload);
+
+        assert_eq!(error, None);
+        assert_eq!(payload, b"abc");
+    }
+
+    #[test]
+    fn run_write_out_of_epoch_mode_reaches_the_file() {
+        let (dir, export) = export(8192, true);
+
+        run(&export, request(Command::Write, 0, 3), b"abc").unwrap();
+
+        assert_eq!(file(&dir, 0, 3), b"abc");
+    }
+
+    #[test]
+    fn begin_epochs_again_keeps_the_held_writes() {
+        let (_dir, export) = export(8192, true);
+        export.begin_epochs();
+        hold(&export, request(Command::Write, 0, 3), &mut b"abc".to_vec());
+
+        export.begin_epochs();
+
+        assert_eq!(export.held().as_ref().map(Log::len), Some(1));
+    }
+
+    #[test]
+    fn begin_epochs_of_an_unknown_export_is_unknown_export() {
+        let exports = Exports::default();
+
+        let begun = exports.begin_epochs("nosuch");
+
+        assert!(matches!(begun, Err(Error::UnknownExport { name }) if name == "nosuch"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn commit_epoch_of_an_unknown_export_is_unknown_export() {
+        let exports = Exports::default();
+
+        let committed = exports.commit_epoch("nosuch").await;
+
+        assert!(matches!(committed, Err(Error::UnknownExport { name }) if name == "nosuch"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn end_epochs_of_an_unknown_export_is_unknown_export() {
+        let exports = Exports::default();
+
+        let ended = exports.end_epochs("nosuch").await;
+
+        assert!(matches!(ended, Err(Error::UnknownExport { name }) if name == "nosuch"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn remove_in_epoch_mode_drops_the_held_writes() {
+        let (dir, export) = export(8192, true);
+        let exports = Exports::default();
+        exports.insert("disk0", export);
+        exports.begin_epochs("disk0").unwrap();
+        let kept = exports.get("disk0").unwrap();
+        hold(&kept, request(Command::Write, 0, 3), &mut b"abc".to_vec());
+
+        exports.remove("disk0").await;
+
+        assert!(kept.held().is_none());
+        assert_eq!(file(&dir, 0, 3), [0, 0, 0]);
     }
 
     #[test]
