@@ -104,7 +104,26 @@ pub struct DomainSpec {
     pub serial_log: PathBuf,
     /// Destroy the domain when this host's lease cannot be renewed (HA and FT VMs).
     pub self_fence: bool,
+    /// An FT domain's QEMU setup; `None` for every other domain.
+    pub ft: Option<FtDomain>,
 }
+
+/// What an FT domain needs beyond the usual (notes/ft-checkpointing.md): guest RAM in a shared
+/// file the agent reads (primary) or writes (standby), and a QMP socket of the agent's own,
+/// so that the epoch loop never waits behind libvirt's per-connection thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FtDomain {
+    /// The agent's QMP socket for this domain (QEMU listens on it).
+    pub qmp_socket: PathBuf,
+    /// The agent's serial gate socket (QEMU connects to it): output is held until its epoch
+    /// commits (`ft/output.rs`), so QEMU does not write the serial log itself.
+    pub serial_socket: PathBuf,
+    /// A standby: QEMU waits for a device state (`-incoming defer`) and must be started paused.
+    pub standby: bool,
+}
+
+/// The XML namespace of libvirt's QEMU command-line passthrough.
+const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// Host-wide settings that shape every domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,12 +138,26 @@ pub struct HostProfile {
 pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     let mut xml = String::with_capacity(2048);
     // Writing into a String cannot fail; the results are discarded on purpose below.
-    let _ = writeln!(xml, "<domain type='{}'>", host.domain_type.as_str());
+    let namespace = if spec.ft.is_some() {
+        format!(" xmlns:qemu='{QEMU_NS}'")
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        xml,
+        "<domain type='{}'{namespace}>",
+        host.domain_type.as_str()
+    );
     let _ = writeln!(xml, "  <name>{}</name>", escape(&spec.name));
     let _ = writeln!(xml, "  <uuid>{}</uuid>", escape(&spec.uuid));
     push_metadata(&mut xml, spec.self_fence);
     let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
+    if spec.ft.is_some() {
+        xml.push_str(
+            "  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>\n",
+        );
+    }
     push_os(&mut xml, &spec.boot);
     xml.push_str("  <features><acpi/></features>\n");
     xml.push_str("  <on_poweroff>destroy</on_poweroff>\n");
@@ -145,15 +178,45 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     for nic in &spec.nics {
         push_nic(&mut xml, nic);
     }
-    let _ = writeln!(
-        xml,
-        "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
-        escape(&spec.serial_log.to_string_lossy())
-    );
+    match &spec.ft {
+        // Reconnecting: the gate may come back (agent restart) while the guest runs.
+        Some(ft) => {
+            let _ = writeln!(
+                xml,
+                "    <serial type='unix'><source mode='connect' path='{}'><reconnect enabled='yes' timeout='1'/></source><target port='0'/></serial>",
+                escape(&ft.serial_socket.to_string_lossy())
+            );
+        }
+        None => {
+            let _ = writeln!(
+                xml,
+                "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
+                escape(&spec.serial_log.to_string_lossy())
+            );
+        }
+    }
     xml.push_str("    <memballoon model='none'/>\n");
     xml.push_str("  </devices>\n");
+    if let Some(ft) = &spec.ft {
+        push_ft_commandline(&mut xml, ft);
+    }
     xml.push_str("</domain>\n");
     xml
+}
+
+/// The FT domain's own QMP socket and, on a standby, `-incoming defer` (libvirt has no element
+/// for either). QEMU's option syntax doubles commas inside a value.
+fn push_ft_commandline(xml: &mut String, ft: &FtDomain) {
+    let socket = ft.qmp_socket.to_string_lossy().replace(',', ",,");
+    let _ = write!(
+        xml,
+        "  <qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:{},server=on,wait=off'/>",
+        escape(&socket)
+    );
+    if ft.standby {
+        xml.push_str("<qemu:arg value='-incoming'/><qemu:arg value='defer'/>");
+    }
+    xml.push_str("</qemu:commandline>\n");
 }
 
 /// The agent's metadata: read back with [`self_fence_in`] after an agent restart.
@@ -314,6 +377,7 @@ mod tests {
             }),
             serial_log: "/state/serial/web1.log".into(),
             self_fence: false,
+            ft: None,
         }
     }
 
@@ -413,6 +477,57 @@ mod tests {
         let xml = domain_xml(&kernel_spec(), &tcg());
 
         assert!(!xml.contains("error_policy"));
+    }
+
+    #[test]
+    fn domain_xml_ft_standby_shares_ram_and_waits_for_a_device_state() {
+        let spec = DomainSpec {
+            ft: Some(FtDomain {
+                qmp_socket: "/run/pv/ft,a.qmp".into(),
+                serial_socket: "/run/pv/a.serial".into(),
+                standby: true,
+            }),
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.starts_with(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        ));
+        assert!(xml.contains(
+            "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+        ));
+        assert!(xml.contains(
+            "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline>\n</domain>"
+        ));
+    }
+
+    #[test]
+    fn domain_xml_ft_primary_runs_without_incoming() {
+        let spec = DomainSpec {
+            ft: Some(FtDomain {
+                qmp_socket: "/run/pv/a.qmp".into(),
+                serial_socket: "/run/pv/a.serial".into(),
+                standby: false,
+            }),
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains(
+            "<serial type='unix'><source mode='connect' path='/run/pv/a.serial'><reconnect enabled='yes' timeout='1'/></source><target port='0'/></serial>"
+        ));
+        assert!(xml.contains("<qemu:arg value='-qmp'/>"));
+        assert!(!xml.contains("-incoming"));
+    }
+
+    #[test]
+    fn domain_xml_without_ft_has_no_passthrough() {
+        let xml = domain_xml(&kernel_spec(), &tcg());
+
+        assert!(!xml.contains("qemu:") && !xml.contains("memoryBacking"));
     }
 
     #[test]

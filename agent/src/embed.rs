@@ -19,7 +19,12 @@ group = \"root\"
 dynamic_ownership = 0
 security_driver = \"none\"
 stdio_handler = \"file\"
+memory_backing_dir = \"/dev/shm/pairvisor\"
 ";
+
+/// Where libvirt puts the RAM files of domains whose memory is a shared file (FT): on tmpfs, so
+/// that guest RAM never goes through a disk. Must match `memory_backing_dir` in [`QEMU_CONF`].
+pub const MEMORY_BACKING_DIR: &str = "/dev/shm/pairvisor";
 
 /// Errors preparing the embed root.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,10 @@ pub fn prepare(root: &Path) -> Result<(), Error> {
     let etc = root.join("etc");
     fs::create_dir_all(&etc).map_err(|source| Error::Write {
         path: etc.clone(),
+        source,
+    })?;
+    fs::create_dir_all(MEMORY_BACKING_DIR).map_err(|source| Error::Write {
+        path: MEMORY_BACKING_DIR.into(),
         source,
     })?;
     let conf = etc.join("qemu.conf");

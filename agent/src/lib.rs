@@ -10,6 +10,7 @@ pub mod domain;
 pub mod embed;
 pub mod facts;
 pub mod fence;
+pub mod ft;
 pub mod heartbeat;
 pub mod libvirt;
 pub mod membership;

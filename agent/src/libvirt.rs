@@ -400,7 +400,7 @@ impl Libvirt {
 
     /// The PID of the running domain's QEMU and the domain's name, from libvirt's PID file
     /// (the embedded driver's under its root, or the system daemon's).
-    async fn qemu_pid(&self, uuid: &str) -> Option<(i32, String)> {
+    pub async fn qemu_pid(&self, uuid: &str) -> Option<(i32, String)> {
         let name = self.status(uuid).await.ok()?.name;
         let dir = match self.uri.strip_prefix("qemu:///embed?root=") {
             Some(root) => PathBuf::from(root).join("run/qemu"),

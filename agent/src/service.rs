@@ -248,6 +248,7 @@ impl Inner {
             nics,
             boot,
             self_fence: spec.self_fence,
+            ft: None,
         })
     }
 

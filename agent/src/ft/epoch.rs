@@ -1,0 +1,479 @@
+//! The epoch loop, the heart of FT: checkpoints a running primary to its standby.
+//!
+//! Each epoch the guest runs for the interval, then pauses for the checkpoint:
+//! `stop` → device state saved (`migrate file:`, RAM excluded by `x-ignore-shared`) → RAM
+//! pages changed since the last pass found ([`super::dirty`]) → pages and device state sent
+//! → the standby applies the epoch (RAM, held disk writes, device state) and acknowledges →
+//! `cont`. When an epoch dirtied many pages, the next interval pre-copies: pages changed so far
+//! are found and sent while the guest runs, so the pause has only the rest to send. Whatever
+//! fails, the guest is resumed: a failed epoch ends the loop, and the VM runs on unprotected
+//! (simplex) until it is protected anew.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+
+use std::sync::Arc;
+
+use super::dirty::{self, Dirty, DirtyTracker};
+use super::output::{self, Mark, OutputGate};
+use super::qmp::{self, Qmp};
+use super::standby::ignore_shared;
+use super::wire::{self, Message, PAGES_PER_MESSAGE};
+
+/// Longest QEMU may take to save the device state before the epoch is given up.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the epoch loop; each one ends the loop with the guest running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// QEMU refused or failed a command.
+    #[error("QMP")]
+    Qmp(#[from] qmp::Error),
+    /// Finding the dirty pages failed.
+    #[error("finding the changed RAM pages")]
+    Dirty(#[from] dirty::Error),
+    /// The stream to the standby failed.
+    #[error("the FT stream to the standby")]
+    Wire(#[from] wire::Error),
+    /// The standby's socket could not be reached.
+    #[error("connecting to the standby's FT socket {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The standby's RAM is not the primary's size: they are not the same VM shape.
+    #[error("the standby's RAM is {standby} bytes, the primary's {primary}")]
+    RamSize {
+        /// The primary's RAM bytes.
+        primary: u64,
+        /// The standby's RAM bytes.
+        standby: u64,
+    },
+    /// The device state file could not be read back.
+    #[error("reading the saved device state {path}")]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU's migration to the state file failed or did not end in time.
+    #[error("saving the device state: migration {status}")]
+    Save {
+        /// The last migration status seen.
+        status: String,
+    },
+    /// The standby refused the epoch.
+    #[error("the standby refused epoch {epoch}: {reason}")]
+    Refused {
+        /// The epoch.
+        epoch: u64,
+        /// Its reason.
+        reason: String,
+    },
+    /// The standby answered out of turn.
+    #[error("the standby answered {answer} to epoch {epoch}")]
+    Unexpected {
+        /// The epoch.
+        epoch: u64,
+        /// What came back.
+        answer: String,
+    },
+    /// The checkpoint did not complete within the commit timeout.
+    #[error("epoch {epoch} did not commit within {timeout:?}")]
+    Timeout {
+        /// The epoch.
+        epoch: u64,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The serial output gate failed.
+    #[error("the serial output gate")]
+    Output(#[from] output::Error),
+    /// The hashing task died.
+    #[error("the dirty-page scan task failed: {0}")]
+    ScanTask(String),
+}
+
+/// How a VM's epochs run.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Guest run time between checkpoints.
+    pub interval: Duration,
+    /// Pre-copy during the next interval when an epoch sent more pages than this.
+    pub precopy_over_pages: usize,
+    /// Longest a checkpoint may keep the guest paused before it is abandoned.
+    pub commit_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            interval: Duration::from_millis(50),
+            precopy_over_pages: 256,
+            commit_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Where one pause went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// `stop`.
+    pub stop: Duration,
+    /// Reading the guest's output up to the checkpoint (output commit).
+    pub output: Duration,
+    /// Device state saved and read back.
+    pub save: Duration,
+    /// Finding the changed pages.
+    pub scan: Duration,
+    /// Sending pages and device state.
+    pub send: Duration,
+    /// Waiting for the standby to apply and acknowledge.
+    pub ack: Duration,
+    /// `cont`.
+    pub cont: Duration,
+}
+
+/// One committed epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochReport {
+    /// Its number (1 is the first, after the full copy).
+    pub epoch: u64,
+    /// How long the guest was paused.
+    pub pause: Duration,
+    /// Where the pause went.
+    pub phases: Phases,
+    /// Pages sent during the pause.
+    pub dirty_pages: usize,
+    /// Pages sent by the pre-copy before it, while the guest ran.
+    pub precopied_pages: usize,
+    /// Bytes of device state.
+    pub state_bytes: usize,
+}
+
+/// A primary checkpointing to its standby.
+#[derive(Debug)]
+pub struct Primary {
+    vm: String,
+    qmp: Qmp,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    stream: UnixStream,
+    state_file: PathBuf,
+    epoch: u64,
+    precopied: usize,
+    output: Option<Arc<OutputGate>>,
+    pid: u32,
+}
+
+impl Primary {
+    /// Connects to `vm`'s QEMU (QMP socket `qmp_socket`, process `pid`, RAM file `ram`) and
+    /// to its standby through `standby_socket`; device states are saved under `state_dir`.
+    pub async fn connect(
+        vm: &str,
+        qmp_socket: &Path,
+        pid: u32,
+        ram: &Path,
+        standby_socket: &Path,
+        state_dir: &Path,
+    ) -> Result<Primary, Error> {
+        let mut qmp = Qmp::connect(qmp_socket).await?;
+        qmp.execute("migrate-set-capabilities", ignore_shared())
+            .await?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let tracker = dirty::tracker_for(pid, ram, threads)?;
+        let primary_bytes = std::fs::metadata(ram)
+            .map_err(|source| Error::ReadState {
+                path: ram.to_path_buf(),
+                source,
+            })?
+            .len();
+        let mut stream = UnixStream::connect(standby_socket)
+            .await
+            .map_err(|source| Error::Connect {
+                path: standby_socket.to_path_buf(),
+                source,
+            })?;
+        wire::write(&mut stream, &Message::Hello { vm: vm.to_string() }).await?;
+        let committed = match wire::read(&mut stream).await? {
+            Message::Welcome {
+                ram_bytes,
+                committed,
+            } if ram_bytes == primary_bytes => committed,
+            Message::Welcome { ram_bytes, .. } => {
+                return Err(Error::RamSize {
+                    primary: primary_bytes,
+                    standby: ram_bytes,
+                });
+            }
+            other => {
+                return Err(Error::Unexpected {
+                    epoch: 0,
+                    answer: format!("{other:?}"),
+                });
+            }
+        };
+        tracing::info!(
+            vm,
+            tracker = tracker.name(),
+            ram_bytes = primary_bytes,
+            standby_committed = committed,
+            "FT primary connected to its standby"
+        );
+        Ok(Primary {
+            vm: vm.to_string(),
+            qmp,
+            tracker: Some(tracker),
+            stream,
+            state_file: state_dir.join(format!("{vm}.ft-save")),
+            epoch: committed,
+            precopied: 0,
+            output: None,
+            pid,
+        })
+    }
+
+    /// Holds the guest's serial output in `gate` until the epoch that produced it commits.
+    pub async fn hold_output(mut self, gate: Arc<OutputGate>) -> Primary {
+        gate.close().await;
+        self.output = Some(gate);
+        self
+    }
+
+    /// After the last epoch: if the guest still runs (unprotected now), lets its held output
+    /// out and passes the rest through; if its QEMU died, drops the output of the uncommitted
+    /// epoch, which the standby writes again if it takes over.
+    async fn settle_output(&self) {
+        let Some(gate) = &self.output else {
+            return;
+        };
+        if !alive(self.pid) {
+            let dropped = gate.discard().await;
+            tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
+            return;
+        }
+        if let Err(e) = gate.open().await {
+            tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: releasing the held serial output failed");
+        }
+    }
+
+    /// The last committed epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Finds and sends the pages changed so far while the guest runs; answers how many (0
+    /// when the tracker cannot run beside the guest: the pause then sends everything).
+    pub async fn precopy(&mut self) -> Result<usize, Error> {
+        if !self.tracker.as_ref().is_some_and(|t| t.runs_with_guest()) {
+            return Ok(0);
+        }
+        let dirty = self.scan().await?;
+        self.send_pages(&dirty).await?;
+        self.precopied += dirty.len();
+        Ok(dirty.len())
+    }
+
+    /// Takes one checkpoint; the guest runs again when this returns, whatever the outcome.
+    pub async fn checkpoint(&mut self, timeout: Duration) -> Result<EpochReport, Error> {
+        let epoch = self.epoch + 1;
+        let started = Instant::now();
+        self.qmp.execute("stop", Value::Null).await?;
+        let stopped = started.elapsed();
+        let captured = tokio::time::timeout(timeout, self.capture(epoch)).await;
+        let resuming = Instant::now();
+        let resumed = self.qmp.execute("cont", Value::Null).await;
+        let cont = resuming.elapsed();
+        let pause = started.elapsed();
+        let (mut phases, dirty_pages, state_bytes, mark) = match captured {
+            Ok(Ok(captured)) => captured,
+            Ok(Err(e)) => return Err(resumed.err().map_or(e, Error::Qmp)),
+            Err(_) => return Err(Error::Timeout { epoch, timeout }),
+        };
+        resumed?;
+        phases.stop = stopped;
+        phases.cont = cont;
+        if let (Some(gate), Some(mark)) = (&self.output, mark) {
+            gate.release(mark).await?;
+        }
+        self.epoch = epoch;
+        let precopied_pages = std::mem::take(&mut self.precopied);
+        Ok(EpochReport {
+            epoch,
+            pause,
+            phases,
+            dirty_pages,
+            precopied_pages,
+            state_bytes,
+        })
+    }
+
+    /// The paused part of a checkpoint: cut the output, save, scan, send, wait for the
+    /// acknowledgement.
+    async fn capture(&mut self, epoch: u64) -> Result<(Phases, usize, usize, Option<Mark>), Error> {
+        let mut phases = Phases::default();
+        let at = Instant::now();
+        let mark = match &self.output {
+            Some(gate) => Some(gate.cut().await?),
+            None => None,
+        };
+        phases.output = at.elapsed();
+        let at = Instant::now();
+        let device_state = self.save().await?;
+        phases.save = at.elapsed();
+        let at = Instant::now();
+        let dirty = self.scan().await?;
+        phases.scan = at.elapsed();
+        let at = Instant::now();
+        self.send_pages(&dirty).await?;
+        let state_bytes = device_state.len();
+        wire::write(
+            &mut self.stream,
+            &Message::Commit {
+                epoch,
+                device_state,
+            },
+        )
+        .await?;
+        phases.send = at.elapsed();
+        let at = Instant::now();
+        match wire::read(&mut self.stream).await? {
+            Message::Ack { epoch: acked } if acked == epoch => {}
+            Message::Nack { reason, .. } => return Err(Error::Refused { epoch, reason }),
+            other => {
+                return Err(Error::Unexpected {
+                    epoch,
+                    answer: format!("{other:?}"),
+                });
+            }
+        }
+        phases.ack = at.elapsed();
+        Ok((phases, dirty.len(), state_bytes, mark))
+    }
+
+    /// Saves the device state into the state file and reads it back.
+    async fn save(&mut self) -> Result<Vec<u8>, Error> {
+        let uri = format!("file:{}", self.state_file.display());
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        loop {
+            let info = self.qmp.execute("query-migrate", Value::Null).await?;
+            let status = info
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            match status {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(Error::Save {
+                        status: status.to_string(),
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(Error::Save {
+                        status: format!("{status} after {SAVE_TIMEOUT:?}"),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_micros(500)).await,
+            }
+        }
+        tokio::fs::read(&self.state_file)
+            .await
+            .map_err(|source| Error::ReadState {
+                path: self.state_file.clone(),
+                source,
+            })
+    }
+
+    /// Runs the tracker off the async runtime (it hashes the whole RAM).
+    async fn scan(&mut self) -> Result<Dirty, Error> {
+        let Some(mut tracker) = self.tracker.take() else {
+            return Err(Error::ScanTask("an earlier scan did not return".into()));
+        };
+        let (tracker, dirty) = tokio::task::spawn_blocking(move || {
+            let dirty = tracker.scan();
+            (tracker, dirty)
+        })
+        .await
+        .map_err(|e| Error::ScanTask(e.to_string()))?;
+        self.tracker = Some(tracker);
+        Ok(dirty?)
+    }
+
+    async fn send_pages(&mut self, dirty: &Dirty) -> Result<(), Error> {
+        for (pages, data) in dirty
+            .pages
+            .chunks(PAGES_PER_MESSAGE)
+            .zip(dirty.data.chunks(PAGES_PER_MESSAGE * dirty::PAGE))
+        {
+            let message = Message::Pages {
+                pages: pages.to_vec(),
+                data: data.to_vec(),
+            };
+            wire::write(&mut self.stream, &message).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `primary`'s epochs until `stop` turns true (answers the last committed epoch) or an
+/// epoch fails (the guest runs on unprotected). The first pass copies all of RAM while the
+/// guest runs. Each committed epoch is sent on `reports`.
+pub async fn run(
+    mut primary: Primary,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+    reports: mpsc::UnboundedSender<EpochReport>,
+) -> Result<u64, Error> {
+    let vm = primary.vm.clone();
+    let outcome = epochs(&mut primary, settings, &mut stop, &reports).await;
+    if let Err(e) = &outcome {
+        tracing::error!(vm, epoch = primary.epoch() + 1, error = %daemon::error_chain(e), "FT epoch failed: the guest runs on unprotected");
+    }
+    primary.settle_output().await;
+    outcome
+}
+
+async fn epochs(
+    primary: &mut Primary,
+    settings: Settings,
+    stop: &mut watch::Receiver<bool>,
+    reports: &mpsc::UnboundedSender<EpochReport>,
+) -> Result<u64, Error> {
+    let started = Instant::now();
+    let copied = primary.precopy().await?;
+    tracing::info!(vm = %primary.vm, pages = copied, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "FT initial RAM copy sent");
+    loop {
+        if *stop.borrow() {
+            return Ok(primary.epoch());
+        }
+        let report = primary.checkpoint(settings.commit_timeout).await?;
+        let next = tokio::time::Instant::now() + settings.interval;
+        let precopy = report.dirty_pages > settings.precopy_over_pages;
+        let _ = reports.send(report);
+        if precopy {
+            primary.precopy().await?;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Whether process `pid` still runs (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}

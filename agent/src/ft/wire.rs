@@ -1,0 +1,283 @@
+//! The FT stream between a primary's epoch loop and the peer's standby receiver, one stream
+//! per VM (over the A-Links, replicator service `ft`). Each message is a frame: kind (1 byte),
+//! payload length (4 bytes, big-endian), payload.
+//!
+//! ```text
+//!  primary                                   standby
+//!  Hello{vm}                 ───────────►
+//!                            ◄───────────    Welcome{ram_bytes, committed}
+//!  Pages{pages, data} ...    ───────────►    held (applied at once before the first commit)
+//!  Commit{epoch, device}     ───────────►    pages → RAM file, disk writes → disk, device kept
+//!                            ◄───────────    Ack{epoch} | Nack{epoch, reason}
+//! ```
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::dirty::PAGE;
+
+/// Largest payload accepted: a batch of pages or a device state (~0.4 MB) stays far below.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Pages per `Pages` message: 4 MiB of RAM per frame.
+pub const PAGES_PER_MESSAGE: usize = 1024;
+
+const HELLO: u8 = 1;
+const WELCOME: u8 = 2;
+const PAGES: u8 = 3;
+const COMMIT: u8 = 4;
+const ACK: u8 = 5;
+const NACK: u8 = 6;
+
+/// Errors reading or writing the FT stream.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The stream failed or closed.
+    #[error("FT stream I/O")]
+    Io(#[from] std::io::Error),
+    /// The other side sent a frame we cannot read: the stream is unusable.
+    #[error("malformed FT message: {0}")]
+    Malformed(String),
+}
+
+/// One message of the FT stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// The primary names the VM whose standby it feeds.
+    Hello {
+        /// The VM's UUID.
+        vm: String,
+    },
+    /// The standby is ready: its RAM size, and the last epoch it committed (0: none yet).
+    Welcome {
+        /// Bytes of the standby's RAM file.
+        ram_bytes: u64,
+        /// Last committed epoch.
+        committed: u64,
+    },
+    /// RAM pages of the epoch under way: indexes (4 KiB pages) and their contents.
+    Pages {
+        /// Page indexes.
+        pages: Vec<u64>,
+        /// `PAGE` bytes per index, in the same order.
+        data: Vec<u8>,
+    },
+    /// The end of an epoch: its device state; the standby applies the epoch and answers.
+    Commit {
+        /// The epoch's number (1, 2, ...).
+        epoch: u64,
+        /// QEMU's device state at the checkpoint (`migrate file:` output).
+        device_state: Vec<u8>,
+    },
+    /// The epoch is applied on the standby.
+    Ack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The epoch could not be applied; the standby is no longer usable.
+    Nack {
+        /// The epoch.
+        epoch: u64,
+        /// Why, for the primary's log and alert.
+        reason: String,
+    },
+}
+
+/// Writes one message.
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, message: &Message) -> Result<(), Error> {
+    let (kind, payload) = encode(message);
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| (*len as usize) <= MAX_PAYLOAD)
+        .ok_or_else(|| Error::Malformed(format!("{}-byte payload to send", payload.len())))?;
+    let mut header = [0u8; 5];
+    header[0] = kind;
+    header[1..].copy_from_slice(&length.to_be_bytes());
+    w.write_all(&header).await?;
+    w.write_all(&payload).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one message.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Error> {
+    let mut header = [0u8; 5];
+    r.read_exact(&mut header).await?;
+    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if length > MAX_PAYLOAD {
+        return Err(Error::Malformed(format!(
+            "{length}-byte payload (at most {MAX_PAYLOAD})"
+        )));
+    }
+    let mut payload = vec![0u8; length];
+    r.read_exact(&mut payload).await?;
+    decode(header[0], payload)
+}
+
+fn encode(message: &Message) -> (u8, Vec<u8>) {
+    match message {
+        Message::Hello { vm } => (HELLO, vm.as_bytes().to_vec()),
+        Message::Welcome {
+            ram_bytes,
+            committed,
+        } => (
+            WELCOME,
+            [ram_bytes.to_be_bytes(), committed.to_be_bytes()].concat(),
+        ),
+        Message::Pages { pages, data } => {
+            let mut payload = Vec::with_capacity(4 + pages.len() * 8 + data.len());
+            // A batch beyond u32 pages would also exceed MAX_PAYLOAD: `write` refuses it.
+            let count = u32::try_from(pages.len()).unwrap_or(u32::MAX);
+            payload.extend_from_slice(&count.to_be_bytes());
+            for page in pages {
+                payload.extend_from_slice(&page.to_be_bytes());
+            }
+            payload.extend_from_slice(data);
+            (PAGES, payload)
+        }
+        Message::Commit {
+            epoch,
+            device_state,
+        } => (COMMIT, [&epoch.to_be_bytes()[..], device_state].concat()),
+        Message::Ack { epoch } => (ACK, epoch.to_be_bytes().to_vec()),
+        Message::Nack { epoch, reason } => {
+            (NACK, [&epoch.to_be_bytes()[..], reason.as_bytes()].concat())
+        }
+    }
+}
+
+fn decode(kind: u8, payload: Vec<u8>) -> Result<Message, Error> {
+    match kind {
+        HELLO => Ok(Message::Hello {
+            vm: text(payload, "Hello")?,
+        }),
+        WELCOME => {
+            let ram_bytes = u64_at(&payload, 0, "Welcome")?;
+            let committed = u64_at(&payload, 8, "Welcome")?;
+            Ok(Message::Welcome {
+                ram_bytes,
+                committed,
+            })
+        }
+        PAGES => decode_pages(&payload),
+        COMMIT => Ok(Message::Commit {
+            epoch: u64_at(&payload, 0, "Commit")?,
+            device_state: payload[8..].to_vec(),
+        }),
+        ACK => Ok(Message::Ack {
+            epoch: u64_at(&payload, 0, "Ack")?,
+        }),
+        NACK => {
+            let epoch = u64_at(&payload, 0, "Nack")?;
+            Ok(Message::Nack {
+                epoch,
+                reason: text(payload[8..].to_vec(), "Nack")?,
+            })
+        }
+        other => Err(Error::Malformed(format!("unknown message kind {other}"))),
+    }
+}
+
+fn decode_pages(payload: &[u8]) -> Result<Message, Error> {
+    let count = payload
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| Error::Malformed("Pages without a count".into()))?;
+    let data_at = 4 + count * 8;
+    if payload.len() != data_at + count * PAGE {
+        return Err(Error::Malformed(format!(
+            "Pages of {count} pages is {} bytes long",
+            payload.len()
+        )));
+    }
+    let pages = (0..count)
+        .map(|i| u64_at(payload, 4 + i * 8, "Pages"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Message::Pages {
+        pages,
+        data: payload[data_at..].to_vec(),
+    })
+}
+
+fn u64_at(payload: &[u8], at: usize, what: &str) -> Result<u64, Error> {
+    payload
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Malformed(format!("{what} too short ({} bytes)", payload.len())))
+}
+
+fn text(payload: Vec<u8>, what: &str) -> Result<String, Error> {
+    String::from_utf8(payload).map_err(|_| Error::Malformed(format!("{what} text is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip(message: Message) -> Message {
+        let mut buf = Vec::new();
+        write(&mut buf, &message).await.unwrap();
+        read(&mut buf.as_slice()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_message_round_trips() {
+        let messages = [
+            Message::Hello { vm: "vm-1".into() },
+            Message::Welcome {
+                ram_bytes: 256 << 20,
+                committed: 7,
+            },
+            Message::Pages {
+                pages: vec![3, 40],
+                data: (0..=250u8).cycle().take(2 * PAGE).collect(),
+            },
+            Message::Commit {
+                epoch: 9,
+                device_state: vec![1, 2, 3],
+            },
+            Message::Ack { epoch: 9 },
+            Message::Nack {
+                epoch: 10,
+                reason: "disk full".into(),
+            },
+        ];
+        for message in messages {
+            assert_eq!(round_trip(message.clone()).await, message);
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_whose_length_disagrees_with_the_count_are_refused() {
+        let mut frame = vec![PAGES, 0, 0, 0, 4 + 8 + 10];
+        frame.extend_from_slice(&1u32.to_be_bytes());
+        frame.extend_from_slice(&5u64.to_be_bytes());
+        frame.extend_from_slice(&[0u8; 10]);
+
+        let error = read(&mut frame.as_slice()).await.unwrap_err();
+
+        assert!(matches!(error, Error::Malformed(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_unknown_frame_is_refused() {
+        let huge = [COMMIT, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read(&mut huge.as_slice()).await,
+            Err(Error::Malformed(_))
+        ));
+        let unknown = [99, 0, 0, 0, 0];
+        assert!(matches!(
+            read(&mut unknown.as_slice()).await,
+            Err(Error::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_truncated_frame_is_an_io_error() {
+        let frame = [ACK, 0, 0, 0, 8, 0, 0];
+        assert!(matches!(
+            read(&mut frame.as_slice()).await,
+            Err(Error::Io(_))
+        ));
+    }
+}
