@@ -7,6 +7,7 @@
 //! `PV_SKIP_E2E=1` to skip them in a quick local loop.
 
 pub mod disk;
+pub mod ft_rig;
 pub mod ha;
 mod pair;
 

@@ -1,0 +1,285 @@
+//! An FT pair in one libvirt embed root, without the lab: the agent's FT data path end to end.
+//! A primary tiny guest (RAM in a shared file, its disk mirrored write-blocking to the agent's
+//! NBD server), a standby QEMU in `-incoming defer` whose RAM file and disk are the replicas,
+//! the standby receiver ([`agent::ft::standby`]) and the epoch loop ([`agent::ft::epoch`])
+//! between them over a Unix socket. Used by the FT data-path test and `ft-bench`.
+//!
+//! Every QEMU started is killed by its PID when the rig is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::domain::{self, Boot, DiskFormat, DomainSpec, DomainType, FtDomain, HostProfile};
+use agent::ft::epoch::Primary;
+use agent::ft::output::OutputGate;
+use agent::ft::standby::Standbys;
+use agent::libvirt::Libvirt;
+use agent::mirror::{self, MirrorDisk, MirrorState};
+use agent::nbd::{Export, Exports, serve_unix};
+
+use crate::{GUEST_BOOT_TIMEOUT, parse_counter};
+
+/// The VM (the primary's UUID names it on both sides, as in a real pair).
+pub const VM: &str = "6f9a3c1e-0000-4000-8000-00000000f701";
+const STANDBY_UUID: &str = "6f9a3c1e-0000-4000-8000-00000000f702";
+const EXPORT: &str = "replica.raw";
+const DISK: u64 = 16 << 20;
+/// Mirror of an all-zero 16 MiB disk: milliseconds idle; allow for a loaded machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The FT pair.
+#[derive(Debug)]
+pub struct FtRig {
+    dir: PathBuf,
+    /// The libvirt connection of both domains.
+    pub libvirt: Libvirt,
+    /// The standby receiver.
+    pub standbys: Standbys,
+    /// The NBD server's exports (the replica disk).
+    pub exports: Exports,
+    primary_pid: u32,
+    standby_pid: u32,
+    primary_ram: PathBuf,
+    primary_output: Arc<OutputGate>,
+    _standby_output: OutputGate,
+}
+
+impl FtRig {
+    /// Boots the primary (waits for its second counter), starts the standby and the mirror.
+    pub async fn boot(dir: &Path, memory_mib: u64) -> FtRig {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let (local, replica) = (dir.join("local.raw"), dir.join(EXPORT));
+        zero_file(&local);
+        zero_file(&replica);
+        let exports = Exports::default();
+        exports.insert(
+            EXPORT,
+            Export::open(EXPORT, &replica, true).expect("replica"),
+        );
+        let nbd_socket = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&nbd_socket);
+        let listener = tokio::net::UnixListener::bind(&nbd_socket).expect("NBD socket");
+        tokio::spawn(serve_unix(listener, exports.clone()));
+        let standbys = Standbys::new("n1", exports.clone());
+        let ft_socket = dir.join("ft.sock");
+        let _ = std::fs::remove_file(&ft_socket);
+        let listener = tokio::net::UnixListener::bind(&ft_socket).expect("FT socket");
+        tokio::spawn(standbys.clone().serve(listener));
+
+        let root = dir.join("libvirt");
+        agent::embed::prepare(&root).expect("embed root");
+        let libvirt = Libvirt::open(&format!("qemu:///embed?root={}", root.display()))
+            .expect("libvirt embed root");
+        let host = HostProfile {
+            domain_type: DomainType::Qemu,
+            emulator: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        // The primary's output flows until it is protected; the standby's once it runs.
+        let primary_output = Arc::new(
+            OutputGate::listen(&dir.join("ftp.serial"), &dir.join("ftp.log"), true)
+                .expect("primary serial gate"),
+        );
+        let standby_output =
+            OutputGate::listen(&dir.join("fts.serial"), &dir.join("fts.log"), true)
+                .expect("standby serial gate");
+        let primary = spec(dir, VM, "ftp", &local, memory_mib, false);
+        libvirt
+            .define(VM, domain::domain_xml(&primary, &host))
+            .await
+            .expect("define primary");
+        libvirt.start(VM).await.expect("start primary");
+        let primary_pid = pid(&libvirt, VM).await;
+        wait_counters(&dir.join("ftp.log"), 2).await;
+
+        let standby = spec(dir, STANDBY_UUID, "fts", &replica, memory_mib, true);
+        libvirt
+            .define(STANDBY_UUID, domain::domain_xml(&standby, &host))
+            .await
+            .expect("define standby");
+        libvirt
+            .start_paused(STANDBY_UUID)
+            .await
+            .expect("start standby");
+        let standby_pid = pid(&libvirt, STANDBY_UUID).await;
+        let mut qmp = agent::ft::qmp::Qmp::connect_within(&dir.join("fts.qmp"), READY_TIMEOUT)
+            .await
+            .expect("standby QMP");
+        assert_eq!(qmp.status().await.expect("standby status"), "inmigrate");
+        drop(qmp);
+        let standby_ram = agent::ft::ram_file(standby_pid).expect("standby RAM file");
+        standbys
+            .add(VM, &standby_ram, &dir.join("fts.qmp"), vec![EXPORT.into()])
+            .expect("standby");
+        let primary_ram = agent::ft::ram_file(primary_pid).expect("primary RAM file");
+
+        let disks = [MirrorDisk {
+            device: "vda".into(),
+            export: EXPORT.into(),
+            format: DiskFormat::Raw,
+        }];
+        mirror::start(&libvirt, "n0", VM, &disks, &nbd_socket)
+            .await
+            .expect("mirror");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !mirror::status(&libvirt, "n0", VM)
+            .await
+            .expect("mirror status")
+            .iter()
+            .all(|m| m.state == MirrorState::Ready)
+        {
+            assert!(Instant::now() < deadline, "the mirror never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        FtRig {
+            dir: dir.to_path_buf(),
+            libvirt,
+            standbys,
+            exports,
+            primary_pid,
+            standby_pid,
+            primary_ram,
+            primary_output,
+            _standby_output: standby_output,
+        }
+    }
+
+    /// Connects the epoch loop of the primary to the standby.
+    pub async fn primary(&self) -> Primary {
+        Primary::connect(
+            VM,
+            &self.dir.join("ftp.qmp"),
+            self.primary_pid,
+            &self.primary_ram,
+            &self.dir.join("ft.sock"),
+            &self.dir,
+        )
+        .await
+        .expect("FT primary")
+        .hold_output(self.primary_output.clone())
+        .await
+    }
+
+    /// The primary's serial log: its released output.
+    pub fn primary_log(&self) -> PathBuf {
+        self.dir.join("ftp.log")
+    }
+
+    /// The standby's serial log: its output once it runs.
+    pub fn standby_log(&self) -> PathBuf {
+        self.dir.join("fts.log")
+    }
+
+    /// The counter in block 0 of the standby's disk (the replica).
+    pub fn replica_counter(&self) -> Option<(u64, String)> {
+        let bytes = std::fs::read(self.dir.join(EXPORT)).ok()?;
+        let block = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+        parse_counter(block.trim_matches('\0'))
+    }
+
+    /// Kills the primary's QEMU (the host running it dies) and waits until it is gone.
+    pub fn kill_primary(&self) {
+        kill9(self.primary_pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{}", self.primary_pid)).exists()
+            && !zombie(self.primary_pid)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the primary's QEMU survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for FtRig {
+    fn drop(&mut self) {
+        kill9(self.primary_pid);
+        kill9(self.standby_pid);
+    }
+}
+
+/// The counter lines of a serial log.
+pub fn counters(path: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| parse_counter(l.trim_matches('\0')))
+        .collect()
+}
+
+/// Waits until the serial log holds `n` counter lines; answers them.
+pub async fn wait_counters(path: &Path, n: usize) -> Vec<(u64, String)> {
+    let deadline = Instant::now() + GUEST_BOOT_TIMEOUT;
+    loop {
+        let printed = counters(path);
+        if printed.len() >= n {
+            return printed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {} counters, not {n}",
+            path.display(),
+            printed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spec(
+    dir: &Path,
+    uuid: &str,
+    name: &str,
+    disk: &Path,
+    memory_mib: u64,
+    standby: bool,
+) -> DomainSpec {
+    let cache = std::env::var_os("PAIRVISOR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"));
+    let image = images::ensure_tiny_guest(&cache).expect("tiny guest image");
+    DomainSpec {
+        uuid: uuid.into(),
+        name: name.into(),
+        vcpus: 1,
+        memory_mib,
+        disks: vec![domain::Disk {
+            path: disk.to_path_buf(),
+            format: DiskFormat::Raw,
+        }],
+        nics: vec![],
+        boot: Boot::Kernel(images::BootImage::open(&image).expect("boot image")),
+        serial_log: dir.join(format!("{name}.log")),
+        self_fence: true,
+        ft: Some(FtDomain {
+            qmp_socket: dir.join(format!("{name}.qmp")),
+            serial_socket: dir.join(format!("{name}.serial")),
+            standby,
+        }),
+    }
+}
+
+async fn pid(libvirt: &Libvirt, uuid: &str) -> u32 {
+    let (pid, _) = libvirt.qemu_pid(uuid).await.expect("QEMU PID");
+    u32::try_from(pid).expect("PID")
+}
+
+fn zero_file(path: &Path) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(DISK))
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+}
+
+fn kill9(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
