@@ -15,6 +15,10 @@
 //!                                                                            ─► replica volume files
 //! ```
 //!
+//! FT streams take the same way: service `ft` carries each FT primary's epochs from
+//! `<state_dir>/peer-ft/<uuid>.sock` to the peer's standby receiver on `<state_dir>/ft.sock`
+//! ([`crate::ft::standby`]), whose disks are this server's exports.
+//!
 //! Exports belong to a VM and are named after their volumes. Unexporting a VM revokes its
 //! exports: new connections cannot open them, open connections are closed, and once
 //! [`Replicas::unexport`] returns none of their writes is running or will run.
@@ -31,6 +35,7 @@ use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{AlinkConfig, AlinkRole};
+use crate::ft::standby::Standbys;
 use crate::nbd::{self, Export, Exports};
 
 /// The replicator service that carries NBD connections.
@@ -40,6 +45,12 @@ const NBD_SOCKET: &str = "nbd.sock";
 /// The directory of the sockets leading to the peer's NBD server, one per mirrored VM, in the
 /// state directory.
 const PEER_SOCKETS: &str = "peer-nbd";
+/// The replicator service that carries FT epoch streams.
+const FT_SERVICE: &str = "ft";
+/// This host's FT standby receiver socket, in the state directory.
+const FT_SOCKET: &str = "ft.sock";
+/// The directory of the sockets leading to the peer's standby receiver, one per FT primary.
+const PEER_FT_SOCKETS: &str = "peer-ft";
 
 /// Errors of the replica service.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +99,22 @@ pub enum Error {
         vm: String,
         /// The export name.
         name: String,
+    },
+    /// The FT standby receiver's Unix socket could not be bound.
+    #[error("binding the FT standby socket {path}")]
+    BindFt {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer's FT streams could not be accepted.
+    #[error("listening for the peer's {FT_SERVICE} streams")]
+    ListenFt {
+        /// The cause.
+        #[source]
+        source: StreamError,
     },
     /// The peer's NBD streams could not be accepted.
     #[error("listening for the peer's {NBD_SERVICE} streams")]
@@ -163,6 +190,14 @@ pub struct Replicas {
     ingresses: tokio::sync::Mutex<BTreeMap<String, (Ingress, i64)>>,
     _egress: Egress,
     _server: Task,
+    /// FT standbys fed by the peer's primaries.
+    standbys: Standbys,
+    ft_socket: PathBuf,
+    ft_peer_dir: PathBuf,
+    /// Per FT primary here: the ingress its epochs take to the peer's standby.
+    ft_ingresses: tokio::sync::Mutex<BTreeMap<String, Ingress>>,
+    _ft_egress: Egress,
+    _ft_server: Task,
     endpoint: Endpoint,
 }
 
@@ -195,7 +230,24 @@ impl Replicas {
             .listen(NBD_SERVICE)
             .map_err(|source| Error::ListenNbd { source })?;
         let egress = Egress::start(streams, Target::Unix(nbd_socket.clone()));
-        tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), "replica service started");
+        let (ft_socket, ft_peer_dir) = (state_dir.join(FT_SOCKET), state_dir.join(PEER_FT_SOCKETS));
+        remove_stale(&ft_socket)?;
+        let _ = std::fs::remove_dir_all(&ft_peer_dir);
+        std::fs::create_dir_all(&ft_peer_dir).map_err(|source| Error::PeerDir {
+            path: ft_peer_dir.clone(),
+            source,
+        })?;
+        let standbys = Standbys::new(node, exports.clone());
+        let listener = UnixListener::bind(&ft_socket).map_err(|source| Error::BindFt {
+            path: ft_socket.clone(),
+            source,
+        })?;
+        let ft_server = Task(tokio::spawn(standbys.clone().serve(listener)));
+        let ft_streams = endpoint
+            .listen(FT_SERVICE)
+            .map_err(|source| Error::ListenFt { source })?;
+        let ft_egress = Egress::start(ft_streams, Target::Unix(ft_socket.clone()));
+        tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), ft = %ft_socket.display(), "replica service started");
         Ok(Replicas {
             node: node.to_string(),
             exports,
@@ -206,6 +258,12 @@ impl Replicas {
             ingresses: tokio::sync::Mutex::default(),
             _egress: egress,
             _server: server,
+            standbys,
+            ft_socket,
+            ft_peer_dir,
+            ft_ingresses: tokio::sync::Mutex::default(),
+            _ft_egress: ft_egress,
+            _ft_server: ft_server,
             endpoint,
         })
     }
@@ -332,6 +390,47 @@ impl Replicas {
         }
     }
 
+    /// The export names of `vm_uuid`'s volumes.
+    pub fn exports_of(&self, vm_uuid: &str) -> Vec<String> {
+        self.served()
+            .iter()
+            .filter(|(_, served)| served.vm == vm_uuid)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The FT standbys on this host, fed by the peer's primaries over the A-Links.
+    pub fn standbys(&self) -> &Standbys {
+        &self.standbys
+    }
+
+    /// The socket through which `vm_uuid`'s epoch loop reaches the peer's standby receiver
+    /// (made on first use, kept until [`Replicas::close_peer_ft_socket`]).
+    pub async fn peer_ft_socket(&self, vm_uuid: &str) -> Result<PathBuf, Error> {
+        let path = self.ft_peer_dir.join(format!("{vm_uuid}.sock"));
+        let mut ingresses = self.ft_ingresses.lock().await;
+        if ingresses.contains_key(vm_uuid) {
+            return Ok(path);
+        }
+        remove_stale(&path)?;
+        let local = LocalAddr::Unix(path.clone());
+        let ingress = Ingress::bind(&self.endpoint, local, FT_SERVICE)
+            .await
+            .map_err(|source| Error::BindPeer {
+                path: path.clone(),
+                source,
+            })?;
+        ingresses.insert(vm_uuid.to_string(), ingress);
+        Ok(path)
+    }
+
+    /// Closes the socket of `vm_uuid`'s epoch loop and its connections (the VM is gone).
+    pub async fn close_peer_ft_socket(&self, vm_uuid: &str) {
+        if self.ft_ingresses.lock().await.remove(vm_uuid).is_some() {
+            let _ = std::fs::remove_file(self.ft_peer_dir.join(format!("{vm_uuid}.sock")));
+        }
+    }
+
     /// The A-Link addresses: bound (listen side, with the actual ports) or dialed (connect).
     pub fn link_addrs(&self) -> &[SocketAddr] {
         self.endpoint.local_addrs()
@@ -358,6 +457,8 @@ impl Drop for Replicas {
         // Best effort: the next start removes whatever is left.
         let _ = std::fs::remove_file(&self.nbd_socket);
         let _ = std::fs::remove_dir_all(&self.peer_dir);
+        let _ = std::fs::remove_file(&self.ft_socket);
+        let _ = std::fs::remove_dir_all(&self.ft_peer_dir);
     }
 }
 

@@ -1,8 +1,10 @@
 //! An FT pair in one libvirt embed root, without the lab: the agent's FT data path end to end.
-//! A primary tiny guest (RAM in a shared file, its disk mirrored write-blocking to the agent's
-//! NBD server), a standby QEMU in `-incoming defer` whose RAM file and disk are the replicas,
-//! the standby receiver ([`agent::ft::standby`]) and the epoch loop ([`agent::ft::epoch`])
-//! between them over a Unix socket. Used by the FT data-path test and `ft-bench`.
+//! Two replica services ([`agent::replica::Replicas`], "n0" and "n1") joined by two A-Links on
+//! loopback, each link through a relay that can be cut (a pulled cable). On n0 a primary tiny
+//! guest (RAM in a shared file, its disk mirrored write-blocking over the A-Links to n1's NBD
+//! server); on n1 a standby QEMU in `-incoming defer` whose RAM file and disk are the
+//! replicas, fed by n1's standby receiver ([`agent::ft::standby`]) from n0's epoch loop
+//! ([`agent::ft::epoch`]). Used by the FT data-path tests and `ft-bench`.
 //!
 //! Every QEMU started is killed by its PID when the rig is dropped.
 
@@ -11,13 +13,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent::config::{AlinkConfig, AlinkRole};
 use agent::domain::{self, Boot, DiskFormat, DomainSpec, DomainType, FtDomain, HostProfile};
-use agent::ft::epoch::Primary;
+use agent::ft::epoch::{EpochReport, Primary};
 use agent::ft::output::OutputGate;
 use agent::ft::standby::Standbys;
 use agent::libvirt::Libvirt;
 use agent::mirror::{self, MirrorDisk, MirrorState};
-use agent::nbd::{Export, Exports, serve_unix};
+use agent::replica::Replicas;
+use replicator::fault::Relay;
 
 use crate::{GUEST_BOOT_TIMEOUT, parse_counter};
 
@@ -28,6 +32,8 @@ const EXPORT: &str = "replica.raw";
 const DISK: u64 = 16 << 20;
 /// Mirror of an all-zero 16 MiB disk: milliseconds idle; allow for a loaded machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Both sides bring both links up: a debug build on a loaded 2-core machine.
+const LINKS_UP: Duration = Duration::from_secs(30);
 
 /// The FT pair.
 #[derive(Debug)]
@@ -35,10 +41,12 @@ pub struct FtRig {
     dir: PathBuf,
     /// The libvirt connection of both domains.
     pub libvirt: Libvirt,
-    /// The standby receiver.
-    pub standbys: Standbys,
-    /// The NBD server's exports (the replica disk).
-    pub exports: Exports,
+    /// n0's replica service: the primary's way to the peer.
+    pub n0: Replicas,
+    /// n1's replica service: the standby's receiver and the replica disk's NBD server.
+    pub n1: Replicas,
+    /// The relays of the two A-Links (n0 dials n1 through them).
+    pub links: Vec<Relay>,
     primary_pid: u32,
     standby_pid: u32,
     primary_ram: PathBuf,
@@ -53,20 +61,10 @@ impl FtRig {
         let (local, replica) = (dir.join("local.raw"), dir.join(EXPORT));
         zero_file(&local);
         zero_file(&replica);
-        let exports = Exports::default();
-        exports.insert(
-            EXPORT,
-            Export::open(EXPORT, &replica, true).expect("replica"),
-        );
-        let nbd_socket = dir.join("nbd.sock");
-        let _ = std::fs::remove_file(&nbd_socket);
-        let listener = tokio::net::UnixListener::bind(&nbd_socket).expect("NBD socket");
-        tokio::spawn(serve_unix(listener, exports.clone()));
-        let standbys = Standbys::new("n1", exports.clone());
-        let ft_socket = dir.join("ft.sock");
-        let _ = std::fs::remove_file(&ft_socket);
-        let listener = tokio::net::UnixListener::bind(&ft_socket).expect("FT socket");
-        tokio::spawn(standbys.clone().serve(listener));
+        let (n0, n1, links) = joined(dir).await;
+        n1.export(VM, &[(EXPORT.to_string(), replica.clone())])
+            .await
+            .expect("exporting the replica");
 
         let root = dir.join("libvirt");
         agent::embed::prepare(&root).expect("embed root");
@@ -109,8 +107,8 @@ impl FtRig {
         assert_eq!(qmp.status().await.expect("standby status"), "inmigrate");
         drop(qmp);
         let standby_ram = agent::ft::ram_file(standby_pid).expect("standby RAM file");
-        standbys
-            .add(VM, &standby_ram, &dir.join("fts.qmp"), vec![EXPORT.into()])
+        n1.standbys()
+            .add(VM, &standby_ram, &dir.join("fts.qmp"), n1.exports_of(VM))
             .expect("standby");
         let primary_ram = agent::ft::ram_file(primary_pid).expect("primary RAM file");
 
@@ -119,6 +117,10 @@ impl FtRig {
             export: EXPORT.into(),
             format: DiskFormat::Raw,
         }];
+        let (nbd_socket, _) = n0
+            .peer_socket_for(VM, |_| None, false)
+            .await
+            .expect("the peer's NBD socket");
         mirror::start(&libvirt, "n0", VM, &disks, &nbd_socket)
             .await
             .expect("mirror");
@@ -135,8 +137,9 @@ impl FtRig {
         FtRig {
             dir: dir.to_path_buf(),
             libvirt,
-            standbys,
-            exports,
+            n0,
+            n1,
+            links,
             primary_pid,
             standby_pid,
             primary_ram,
@@ -145,14 +148,24 @@ impl FtRig {
         }
     }
 
-    /// Connects the epoch loop of the primary to the standby.
+    /// The standby receiver (on n1).
+    pub fn standbys(&self) -> &Standbys {
+        self.n1.standbys()
+    }
+
+    /// Connects the epoch loop of the primary to the standby, over the A-Links.
     pub async fn primary(&self) -> Primary {
+        let socket = self
+            .n0
+            .peer_ft_socket(VM)
+            .await
+            .expect("the peer's FT socket");
         Primary::connect(
             VM,
             &self.dir.join("ftp.qmp"),
             self.primary_pid,
             &self.primary_ram,
-            &self.dir.join("ft.sock"),
+            &socket,
             &self.dir,
         )
         .await
@@ -199,6 +212,52 @@ impl Drop for FtRig {
         kill9(self.primary_pid);
         kill9(self.standby_pid);
     }
+}
+
+/// Replica services n0 (dials) and n1 (listens) joined by two A-Links through relays.
+async fn joined(dir: &Path) -> (Replicas, Replicas, Vec<Relay>) {
+    let (dir0, dir1) = (dir.join("n0"), dir.join("n1"));
+    for d in [&dir0, &dir1] {
+        std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    }
+    let loopback = "127.0.0.1:0".parse().expect("loopback address");
+    let listen = AlinkConfig {
+        role: AlinkRole::Listen,
+        links: vec![loopback, loopback],
+    };
+    let n1 = Replicas::start("n1", &listen, &dir1)
+        .await
+        .expect("n1's replica service");
+    let mut links = Vec::new();
+    for addr in n1.link_addrs() {
+        links.push(Relay::start(*addr).await.expect("A-Link relay"));
+    }
+    let connect = AlinkConfig {
+        role: AlinkRole::Connect,
+        links: links.iter().map(Relay::addr).collect(),
+    };
+    let n0 = Replicas::start("n0", &connect, &dir0)
+        .await
+        .expect("n0's replica service");
+    let up = n0.wait_links_up(2, LINKS_UP).await && n1.wait_links_up(2, LINKS_UP).await;
+    assert!(up, "the A-Links did not come up within {LINKS_UP:?}");
+    (n0, n1, links)
+}
+
+/// Waits for `n` more committed epochs, failing if the loop ends first.
+pub async fn more_epochs(
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<EpochReport>,
+    n: usize,
+) -> Vec<EpochReport> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let report = tokio::time::timeout(Duration::from_secs(120), reports.recv())
+            .await
+            .expect("an epoch within 2 minutes")
+            .unwrap_or_else(|| panic!("the epoch loop ended after {} more epochs", got.len()));
+        got.push(report);
+    }
+    got
 }
 
 /// The counter lines of a serial log.

@@ -66,7 +66,11 @@ async fn standby_resumes_from_the_last_committed_epoch_with_the_same_boot() {
     // Before activation the replica holds only committed writes.
     let (on_disk, disk_boot) = rig.replica_counter().expect("a counter on the replica");
     assert_eq!(disk_boot, boot);
-    let activated = rig.standbys.activate(ft_rig::VM, dir.path()).await.unwrap();
+    let activated = rig
+        .standbys()
+        .activate(ft_rig::VM, dir.path())
+        .await
+        .unwrap();
     eprintln!("activated: {activated:?}");
 
     let resumed = ft_rig::wait_counters(&rig.standby_log(), 3).await;

@@ -93,7 +93,7 @@ async fn measure(args: &Args) -> anyhow::Result<Value> {
     rig.kill_primary();
     let _ = looping.await;
     let activated = rig
-        .standbys
+        .standbys()
         .activate(ft_rig::VM, dir.path())
         .await
         .context("activating the standby")?;
