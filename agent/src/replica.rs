@@ -399,6 +399,26 @@ impl Replicas {
             .collect()
     }
 
+    /// Ends FT epoch mode on `vm_uuid`'s exports, applying the writes they hold: the primary
+    /// lives on (it is being protected anew), so those writes are real. Answers how many.
+    pub async fn settle_epochs(&self, vm_uuid: &str) -> Result<usize, Error> {
+        let mut applied = 0;
+        for name in self.exports_of(vm_uuid) {
+            match self.exports.commit_epoch(&name).await {
+                Ok(done) => applied += done.writes,
+                Err(nbd::Error::NotInEpochs { .. }) => continue,
+                Err(source) => {
+                    return Err(Error::OpenExport {
+                        vm: vm_uuid.to_string(),
+                        source,
+                    });
+                }
+            }
+            let _ = self.exports.end_epochs(&name).await;
+        }
+        Ok(applied)
+    }
+
     /// The FT standbys on this host, fed by the peer's primaries over the A-Links.
     pub fn standbys(&self) -> &Standbys {
         &self.standbys

@@ -26,11 +26,45 @@ use crate::serial;
 use crate::stale::Marker;
 use crate::storage::{self, StorageGroups};
 
+mod ft;
 mod mirrors;
 
 /// Errors of agent requests; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The FT data path failed: the epoch loop, its QMP connection, the serial gate or the
+    /// standby receiver.
+    #[error(transparent)]
+    Epoch(#[from] crate::ft::epoch::Error),
+    /// The FT state directory could not be made.
+    #[error("making the FT directory {path}")]
+    FtDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The FT QMP connection failed.
+    #[error(transparent)]
+    FtQmp(#[from] crate::ft::qmp::Error),
+    /// The FT serial gate failed.
+    #[error(transparent)]
+    Output(#[from] crate::ft::output::Error),
+    /// An FT domain's RAM file was not found.
+    #[error(transparent)]
+    RamFile(#[from] crate::ft::Error),
+    /// The FT standby could not be set up or used.
+    #[error("FT standby of VM {vm}: {reason}")]
+    Standby {
+        /// The VM.
+        vm: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The standby receiver refused.
+    #[error(transparent)]
+    StandbyReceiver(#[from] crate::ft::standby::Error),
     /// A boot image is missing or incomplete.
     #[error("boot image {name} is not usable on this host")]
     BootImage {
@@ -127,9 +161,17 @@ impl From<Error> for Status {
                 | storage::Error::UnknownGroup { .. },
             ) => Status::invalid_argument(message),
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
-            Error::Libvirt(_) | Error::Mirror(_) | Error::Replica(_) | Error::Storage(_) => {
-                Status::internal(message)
-            }
+            Error::Standby { .. } => Status::failed_precondition(message),
+            Error::Libvirt(_)
+            | Error::Mirror(_)
+            | Error::Replica(_)
+            | Error::Storage(_)
+            | Error::Epoch(_)
+            | Error::FtDir { .. }
+            | Error::FtQmp(_)
+            | Error::Output(_)
+            | Error::RamFile(_)
+            | Error::StandbyReceiver(_) => Status::internal(message),
         }
     }
 }
@@ -147,7 +189,9 @@ struct Inner {
     host: HostProfile,
     image_dir: PathBuf,
     serial_dir: PathBuf,
+    state_dir: PathBuf,
     networks: BTreeMap<String, String>,
+    ft: ft::FtRuns,
 }
 
 /// The parts of the agent the service uses.
@@ -185,7 +229,9 @@ impl AgentService {
                 },
                 image_dir: config.image_dir.clone(),
                 serial_dir: config.serial_dir(),
+                state_dir: config.state_dir.clone(),
                 networks: config.networks.clone(),
+                ft: ft::FtRuns::default(),
             }),
         }
     }
@@ -238,6 +284,7 @@ impl Inner {
         if uuid_invalid(&spec.uuid) {
             return Err(invalid(format!("{:?} is not a UUID", spec.uuid)));
         }
+        let ft = spec.ft.then(|| self.ft_domain(&spec.uuid, false));
         Ok(DomainSpec {
             serial_log: serial::log_path(&self.serial_dir, &spec.uuid),
             uuid: spec.uuid,
@@ -248,7 +295,7 @@ impl Inner {
             nics,
             boot,
             self_fence: spec.self_fence,
-            ft: None,
+            ft,
         })
     }
 
@@ -317,6 +364,17 @@ impl Inner {
         self.admit(op, &uuid, command.fence)?;
         if let Power::Start = power {
             self.drop_replica(&uuid).await;
+            if let Some(status) = self.start_from_standby(&uuid).await? {
+                return Ok(Response::new(status_to_pb(status)));
+            }
+            // A new QEMU of an FT domain: its output flows until epochs hold it again.
+            self.ft.stop(&uuid);
+            if let Some(gate) = self.gate_of(&uuid) {
+                gate.open().await.map_err(Error::from)?;
+            }
+        }
+        if let Power::Destroy = power {
+            self.ft.stop(&uuid);
         }
         let libvirt = &self.deps.libvirt;
         let status = match power {
@@ -464,6 +522,7 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
         self_fence: s.self_fence,
         mirror_path: 0,
         mirrors_unknown: false,
+        ft: None,
     }
 }
 
@@ -525,6 +584,9 @@ impl pb::agent_server::Agent for AgentService {
         let inner = &self.inner;
         let spec = inner.resolve(spec)?;
         inner.admit("define", &spec.uuid, request.fence)?;
+        if spec.ft.is_some() {
+            inner.ensure_gate(&spec.uuid)?;
+        }
         let xml = domain::domain_xml(&spec, &inner.host);
         tracing::debug!(vm = %spec.uuid, %xml, "domain XML");
         let status = inner
@@ -576,7 +638,9 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(Error::from)?;
         if let Some(replicas) = &self.inner.deps.replicas {
             replicas.close_peer_socket(&uuid).await;
+            replicas.close_peer_ft_socket(&uuid).await;
         }
+        self.inner.forget_ft(&uuid);
         // The console history goes with the domain; a missing log is fine.
         let _ = std::fs::remove_file(serial::log_path(&self.inner.serial_dir, &uuid));
         tracing::info!(vm = %uuid, node = %self.inner.node, "domain undefined");
@@ -678,6 +742,17 @@ impl pb::agent_server::Agent for AgentService {
         }
         inner.admit("unexport-replica", &command.uuid, command.fence)?;
         replicas.unexport(&command.uuid).await;
+        // An FT standby over those replicas can no longer follow the primary.
+        if replicas.standbys().committed(&command.uuid).await.is_some() {
+            replicas.standbys().remove(&command.uuid);
+            inner
+                .deps
+                .libvirt
+                .destroy(&command.uuid)
+                .await
+                .map_err(Error::from)?;
+            tracing::info!(vm = %command.uuid, node = %inner.node, "FT standby stopped: its replicas are no longer served");
+        }
         Ok(Response::new(pb::ExportReplicaResponse {
             exports: Vec::new(),
         }))
@@ -698,6 +773,24 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::DomainStatus>, Status> {
         Ok(Response::new(
             self.inner.stop_mirror(request.into_inner()).await?,
+        ))
+    }
+
+    async fn prepare_standby(
+        &self,
+        request: Request<pb::DefineDomainRequest>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        Ok(Response::new(
+            self.inner.prepare_standby(request.into_inner()).await?,
+        ))
+    }
+
+    async fn start_epochs(
+        &self,
+        request: Request<pb::DomainCommand>,
+    ) -> Result<Response<pb::DomainStatus>, Status> {
+        Ok(Response::new(
+            self.inner.start_epochs(request.into_inner()).await?,
         ))
     }
 

@@ -105,6 +105,15 @@ impl Marker {
         })
     }
 
+    /// The hold that marks the peer's copy of `vm` behind on the VM's current mirror path, for
+    /// an FT primary whose epochs ended while its guest lives on: its standby's checkpoint is
+    /// then stale, and must never be resumed once the guest's output is released. `None` when
+    /// no mirror path of `vm` is recorded.
+    pub fn peer_behind(&self, vm: &str) -> Option<Hold> {
+        let path = self.paths().get(vm).cloned()?;
+        Some(self.hold(vm, &path.peer, path.lease, path.serial))
+    }
+
     /// Writes the mark, retrying while etcd does not answer; blocks forever once etcd says
     /// this host no longer holds `lease`.
     async fn mark_or_block(&self, vm: &str, peer: &str, lease: i64, path: i64) {

@@ -116,6 +116,7 @@ fn spec(volume: &str) -> pb::VmSpec {
         nics: vec![],
         boot: Some(pb::vm_spec::Boot::KernelImage("fake".into())),
         self_fence: false,
+        ft: false,
     }
 }
 
@@ -222,6 +223,7 @@ async fn agent_refuses_bad_input_with_clear_errors() {
             spec: Some(pb::VmSpec {
                 boot: Some(pb::vm_spec::Boot::KernelImage("missing".into())),
                 self_fence: false,
+                ft: false,
                 ..spec("v.raw")
             }),
             fence: fence(5),

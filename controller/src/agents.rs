@@ -292,6 +292,36 @@ impl Agent {
         .await
     }
 
+    /// Starts a standby QEMU of FT VM `vm` on this (the peer's) host.
+    pub async fn prepare_standby(
+        &self,
+        vm: &VmRecord,
+        token: Token,
+    ) -> Result<pb::DomainStatus, Error> {
+        let message = pb::DefineDomainRequest {
+            spec: Some(spec_of(vm)),
+            fence: fence(token),
+        };
+        self.call(
+            "preparing the FT standby",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.prepare_standby(r).await },
+        )
+        .await
+    }
+
+    /// Begins the epochs of FT VM `uuid`'s running domain (idempotent).
+    pub async fn start_epochs(&self, uuid: &str, token: Token) -> Result<pb::DomainStatus, Error> {
+        self.call(
+            "starting the FT epochs",
+            CALL_TIMEOUT,
+            command(uuid, token),
+            |mut c, r| async move { c.start_epochs(r).await },
+        )
+        .await
+    }
+
     /// Defines the domain of `vm` (idempotent).
     pub async fn define(&self, vm: &VmRecord, token: Token) -> Result<pb::DomainStatus, Error> {
         let message = pb::DefineDomainRequest {
@@ -446,5 +476,6 @@ pub fn spec_of(vm: &VmRecord) -> pb::VmSpec {
         // The pair restarts a protected VM on the peer once this host's lease expires, so its
         // agent must have stopped it by then.
         self_fence: vm.mode != Mode::Unprotected,
+        ft: vm.mode == Mode::Ft,
     }
 }

@@ -26,6 +26,12 @@ impl Mode {
             Mode::Unprotected => "unprotected",
         }
     }
+
+    /// Whether the VM's disks are mirrored synchronously to the peer: HA, and FT beneath its
+    /// checkpoints (the standby's disk is the replica).
+    pub fn mirrored(self) -> bool {
+        matches!(self, Mode::Ha | Mode::Ft)
+    }
 }
 
 /// Volume file format.

@@ -393,6 +393,14 @@ impl Console {
         Console { path, mark }
     }
 
+    /// The console of `vm` in `lab`, reading its log from the beginning.
+    pub fn from_start(lab: &Lab, vm: &pb::Vm) -> Console {
+        Console {
+            path: lab.serial_log(vm),
+            mark: 0,
+        }
+    }
+
     /// Lines written since the mark.
     pub fn lines(&self) -> Vec<String> {
         let bytes = std::fs::read(&self.path).unwrap_or_default();

@@ -247,6 +247,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
         nics: vec![],
         boot: Some(agent_pb::vm_spec::Boot::KernelImage("tiny".into())),
         self_fence: false,
+        ft: false,
     };
     agent
         .define_domain(agent_pb::DefineDomainRequest {

@@ -543,6 +543,7 @@ async fn agent_on_system_libvirtd_boots_guest_and_reads_versions_once() {
                     images::TINY_GUEST_NAME.into(),
                 )),
                 self_fence: false,
+                ft: false,
             }),
             fence: fence(),
         })

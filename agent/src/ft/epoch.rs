@@ -172,6 +172,18 @@ pub struct Primary {
     precopied: usize,
     output: Option<Arc<OutputGate>>,
     pid: u32,
+    /// Records the standby as stale (fenced, in etcd) before a guest whose epochs ended lets
+    /// its output out: after that, resuming the standby would undo what observers saw.
+    invalidate: Option<Invalidate>,
+}
+
+/// The hook that records a standby stale ([`Primary::invalidate_with`]).
+struct Invalidate(replicator::proxy::Hold);
+
+impl std::fmt::Debug for Invalidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Invalidate")
+    }
 }
 
 impl Primary {
@@ -238,7 +250,15 @@ impl Primary {
             precopied: 0,
             output: None,
             pid,
+            invalidate: None,
         })
+    }
+
+    /// Runs `invalidate` (it returns once the standby is recorded stale) before the output of
+    /// a guest whose epochs ended is released.
+    pub fn invalidate_with(mut self, invalidate: replicator::proxy::Hold) -> Primary {
+        self.invalidate = Some(Invalidate(invalidate));
+        self
     }
 
     /// Holds the guest's serial output in `gate` until the epoch that produced it commits.
@@ -248,9 +268,10 @@ impl Primary {
         self
     }
 
-    /// After the last epoch: if the guest still runs (unprotected now), lets its held output
-    /// out and passes the rest through; if its QEMU died, drops the output of the uncommitted
-    /// epoch, which the standby writes again if it takes over.
+    /// After the last epoch: if the guest still runs (unprotected now), records the standby
+    /// stale, then lets its held output out and passes the rest through; if its QEMU died,
+    /// drops the output of the uncommitted epoch, which the standby writes again if it takes
+    /// over.
     async fn settle_output(&self) {
         let Some(gate) = &self.output else {
             return;
@@ -259,6 +280,10 @@ impl Primary {
             let dropped = gate.discard().await;
             tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
             return;
+        }
+        if let Some(invalidate) = &self.invalidate {
+            tracing::warn!(vm = %self.vm, "FT: the standby's checkpoint is stale now; recording it before the guest's output is released");
+            (invalidate.0)().await;
         }
         if let Err(e) = gate.open().await {
             tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: releasing the held serial output failed");

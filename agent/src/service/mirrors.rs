@@ -30,10 +30,12 @@ impl Inner {
                 (Some(replicas), false) => replicas.path_serial(&d.uuid).await,
                 _ => 0,
             };
+            let ft = self.ft_status(&d.uuid).await;
             listed.push(pb::DomainStatus {
                 mirrors: found.into_iter().map(mirror_to_pb).collect(),
                 mirror_path,
                 mirrors_unknown,
+                ft,
                 ..status_to_pb(d)
             });
         }

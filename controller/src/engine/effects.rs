@@ -425,8 +425,10 @@ async fn run_batch(agents: Agents, mut lease: watch::Receiver<LeaseView>, batch:
         let (vm, op) = (record.name.as_str(), action.name());
         let peer = agents.peer.as_ref().map_or("", |(name, _)| name.as_str());
         let (node, agent) = match (action, &agents.peer) {
-            (Action::ExportReplica, Some((peer, agent))) => (peer.as_str(), agent),
-            (Action::ExportReplica, None) => (
+            (Action::ExportReplica | Action::PrepareStandby, Some((peer, agent))) => {
+                (peer.as_str(), agent)
+            }
+            (Action::ExportReplica | Action::PrepareStandby, None) => (
                 "",
                 &Err(ApiError::FailedPrecondition(
                     "the pair has no second host to hold the replica".into(),
@@ -552,7 +554,7 @@ async fn call(
             .start(
                 uuid,
                 token,
-                record.mode == Mode::Ha && record.protection.track_from_start,
+                record.mode.mirrored() && record.protection.track_from_start,
             )
             .await
             .map(|_| Some(VmEvent::StartSucceeded)),
@@ -562,6 +564,8 @@ async fn call(
         Action::DeleteVolumes => agent.delete_volumes(record, token).await.map(|()| None),
         Action::ExportReplica => agent.export_replica(record, token).await.map(|()| None),
         Action::StartMirror => agent.start_mirror(record, peer, token).await.map(|_| None),
+        Action::PrepareStandby => agent.prepare_standby(record, token).await.map(|_| None),
+        Action::StartEpochs => agent.start_epochs(uuid, token).await.map(|_| None),
         Action::RemoveRecord => Ok(None),
     }
 }

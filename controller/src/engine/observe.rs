@@ -529,7 +529,12 @@ impl Engine {
                         (node.to_string(), String::new(), message),
                     );
                 }
-                Some(record) if record.node != node && active => {
+                // An FT VM's standby waits on the other host by design.
+                Some(record)
+                    if record.node != node
+                        && active
+                        && domain.ft.as_ref().is_none_or(|ft| ft.role() != pb::FtRole::Standby) =>
+                {
                     let message = format!(
                         "VM {} runs on {node}, but the pair records it on {}: a second copy; power off the one on {node}",
                         record.name, record.node

@@ -11,7 +11,7 @@ use crate::ha::{self, Mirror, Observed, Placement, Protection};
 use crate::health::HostState;
 use crate::model::{Mode, VmRecord, VmState};
 use crate::store::MarkGuard;
-use crate::vm::{PROTECT, Transition, VmEvent};
+use crate::vm::{PROTECT, PROTECT_FT, Transition, VmEvent};
 
 impl Engine {
     /// The other host of the pair, if `node` has one.
@@ -132,7 +132,7 @@ impl Engine {
         let mut decisions = Vec::new();
         for (uuid, entry) in &self.vms {
             let record = &entry.record;
-            if record.mode != Mode::Ha || record.state != VmState::Running {
+            if !record.mode.mirrored() || record.state != VmState::Running {
                 continue;
             }
             if entry.last_command > poll.started {
@@ -161,7 +161,7 @@ impl Engine {
                 primary: &record.node,
                 peer: peer.as_deref(),
                 peer_up: peer.as_deref().is_some_and(|p| self.node_usable(p)),
-                mirror: mirror_of(domain),
+                mirror: protection_of(record.mode, domain),
                 mirror_path: domain.mirror_path,
                 mark: peer.as_deref().and_then(|p| self.mark_on(uuid, p)),
                 protecting: entry.busy || !entry.queued.is_empty(),
@@ -192,7 +192,11 @@ impl Engine {
         };
         let peer = self.peer_of(&record.node).unwrap_or_default();
         tracing::info!(vm = %record.name, node = %record.node, peer = %peer, "resync begin: exporting the replica, then mirroring every disk");
-        self.queue(uuid, PROTECT.to_vec());
+        let actions = match record.mode {
+            Mode::Ft => PROTECT_FT.to_vec(),
+            _ => PROTECT.to_vec(),
+        };
+        self.queue(uuid, actions);
     }
 
     /// Whether a stale mark says `record`'s copy on `node` is behind.
@@ -269,7 +273,7 @@ impl Engine {
         let id = format!("ha/{uuid}");
         match &record.protection.sync {
             ha::Sync::Simplex { reason, .. }
-                if record.mode == Mode::Ha && record.state == VmState::Running =>
+                if record.mode.mirrored() && record.state == VmState::Running =>
             {
                 let message = format!("VM {} is not protected: {reason}", record.name);
                 self.raise(&id, &record.node, uuid, message).await;
@@ -309,6 +313,26 @@ pub(super) fn placed(
 
 /// The mirror of a running domain, from its agent's report. A disk on the peer's copy comes
 /// first: the primary's copy is then behind, whatever the other disks show.
+/// What protects a running VM, as its host reports it: the mirror; for an FT VM, an in-sync
+/// mirror counts as still syncing until the first checkpoint has committed on the standby.
+pub(super) fn protection_of(mode: Mode, domain: &pb::DomainStatus) -> Mirror {
+    let mirror = mirror_of(domain);
+    let checkpointed = domain.ft.as_ref().is_some_and(|ft| {
+        ft.role() == pb::FtRole::Primary && ft.committed_epoch > 0 && ft.error.is_empty()
+    });
+    match mirror {
+        Mirror::Ready if mode == Mode::Ft && !checkpointed => {
+            let total = domain.mirrors.iter().map(|m| m.length).sum();
+            Mirror::Syncing {
+                done: total,
+                total,
+                verifying: false,
+            }
+        }
+        other => other,
+    }
+}
+
 pub(super) fn mirror_of(domain: &pb::DomainStatus) -> Mirror {
     if domain.mirrors.is_empty() {
         return Mirror::Absent;

@@ -137,13 +137,17 @@ pub enum Action {
     DefineDomain,
     /// Power the domain off.
     DestroyDomain,
-    /// HA: serve the VM's volumes on the peer, for its mirror.
+    /// HA and FT: serve the VM's volumes on the peer, for its mirror.
     ExportReplica,
+    /// FT: a standby QEMU of the VM on the peer, waiting for checkpoints.
+    PrepareStandby,
     /// Remove the VM's record from the store.
     RemoveRecord,
     /// Start the domain.
     StartDomain,
-    /// HA: mirror the running domain's disks to the peer.
+    /// FT: checkpoint the running domain to its standby every epoch.
+    StartEpochs,
+    /// HA and FT: mirror the running domain's disks to the peer.
     StartMirror,
     /// Remove the domain's definition.
     UndefineDomain,
@@ -159,8 +163,10 @@ impl Action {
             Action::DefineDomain => "define",
             Action::DestroyDomain => "power-off",
             Action::ExportReplica => "export-replica",
+            Action::PrepareStandby => "prepare-standby",
             Action::RemoveRecord => "remove-record",
             Action::StartDomain => "start",
+            Action::StartEpochs => "start-epochs",
             Action::StartMirror => "start-mirror",
             Action::UndefineDomain => "undefine",
         }
@@ -213,6 +219,15 @@ pub const PROVISION: [Action; 2] = [Action::CreateVolumes, Action::DefineDomain]
 
 /// HA protection of a running VM: the peer serves its replica, then the mirror starts.
 pub const PROTECT: [Action; 2] = [Action::ExportReplica, Action::StartMirror];
+
+/// FT protection of a running VM: HA's mirror, then a standby on the peer, then the epochs
+/// (which begin once the mirror is in sync).
+pub const PROTECT_FT: [Action; 4] = [
+    Action::ExportReplica,
+    Action::StartMirror,
+    Action::PrepareStandby,
+    Action::StartEpochs,
+];
 
 /// A (re)start where the VM is recorded: define, then start.
 const START: [Action; 2] = [Action::DefineDomain, Action::StartDomain];

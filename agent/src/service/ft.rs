@@ -1,0 +1,394 @@
+//! The service's FT side: `PrepareStandby` (a standby QEMU over the replica volumes, fed by
+//! the peer's epochs), `StartEpochs` (the epoch loop of a running primary, begun once its
+//! disks' mirrors are in sync), the start of a VM whose committed standby is here (resumed,
+//! not booted), and the FT status in listings. The data path itself is [`crate::ft`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use proto::agent as pb;
+use tokio::sync::{mpsc, watch};
+
+use super::{Error, Inner, invalid, status_to_pb, uuid_invalid};
+use crate::domain::{self, FtDomain};
+use crate::ft::epoch::{self, Primary, Settings};
+use crate::ft::output::OutputGate;
+use crate::ft::qmp::Qmp;
+use crate::libvirt::{DomainState, DomainStatus};
+use crate::mirror::{self, MirrorState};
+use crate::serial;
+
+/// Longest a standby QEMU may take from start to its QMP socket answering.
+const STANDBY_QMP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a primary waiting for its mirrors looks at them.
+const MIRROR_POLL: Duration = Duration::from_millis(500);
+
+/// One primary's epoch loop and what it reports.
+#[derive(Debug, Default)]
+struct Run {
+    committed: AtomicU64,
+    last_pause_us: AtomicU64,
+    waiting: AtomicBool,
+    ended: AtomicBool,
+    error: Mutex<String>,
+    stop: Mutex<Option<watch::Sender<bool>>>,
+}
+
+impl Run {
+    fn fail(&self, reason: String) {
+        *self.error.lock().unwrap_or_else(PoisonError::into_inner) = reason;
+        self.ended.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The agent's FT state: serial gates and epoch loops by VM.
+#[derive(Debug, Default)]
+pub(crate) struct FtRuns {
+    gates: Mutex<BTreeMap<String, Arc<OutputGate>>>,
+    runs: Mutex<BTreeMap<String, Arc<Run>>>,
+}
+
+impl FtRuns {
+    fn gate(&self, uuid: &str) -> Option<Arc<OutputGate>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uuid)
+            .cloned()
+    }
+
+    fn run(&self, uuid: &str) -> Option<Arc<Run>> {
+        self.runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uuid)
+            .cloned()
+    }
+
+    /// Ends `uuid`'s epoch loop, if one runs (its domain stops or goes).
+    pub(crate) fn stop(&self, uuid: &str) {
+        let run = self
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uuid);
+        if let Some(run) = run
+            && let Some(stop) = run.stop.lock().unwrap_or_else(PoisonError::into_inner).take()
+        {
+            let _ = stop.send(true);
+        }
+    }
+}
+
+impl Inner {
+    /// The FT sockets of domain `uuid`: QMP and the serial gate, in the state directory.
+    pub(super) fn ft_domain(&self, uuid: &str, standby: bool) -> FtDomain {
+        let dir = self.ft_dir();
+        FtDomain {
+            qmp_socket: dir.join(format!("{uuid}.qmp")),
+            serial_socket: dir.join(format!("{uuid}.serial")),
+            standby,
+        }
+    }
+
+    fn ft_dir(&self) -> PathBuf {
+        self.state_dir.join("ft")
+    }
+
+    /// Makes sure `uuid`'s serial gate listens (before its QEMU starts); output flows through
+    /// until epochs hold it.
+    pub(super) fn ensure_gate(&self, uuid: &str) -> Result<Arc<OutputGate>, Error> {
+        let mut gates = self.ft.gates.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(gate) = gates.get(uuid) {
+            return Ok(gate.clone());
+        }
+        let dir = self.ft_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| Error::FtDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let socket = dir.join(format!("{uuid}.serial"));
+        let log = serial::log_path(&self.serial_dir, uuid);
+        let gate = Arc::new(OutputGate::listen(&socket, &log, true)?);
+        gates.insert(uuid.to_string(), gate.clone());
+        Ok(gate)
+    }
+
+    /// Starts `uuid` where a standby of it waits: resumes the standby from its last committed
+    /// checkpoint (`Some`), or, when it never got one, stops it so that a plain boot follows
+    /// (`None`). `None` too when there is no standby here.
+    pub(super) async fn start_from_standby(
+        &self,
+        uuid: &str,
+    ) -> Result<Option<DomainStatus>, Error> {
+        let Some(replicas) = &self.deps.replicas else {
+            return Ok(None);
+        };
+        let standbys = replicas.standbys();
+        let Some(committed) = standbys.committed(uuid).await else {
+            return Ok(None);
+        };
+        if committed == 0 {
+            tracing::warn!(vm = uuid, node = %self.node, "FT standby never got a checkpoint: booting the VM from its disks instead");
+            standbys.remove(uuid);
+            self.deps.libvirt.destroy(uuid).await?;
+            return Ok(None);
+        }
+        tracing::info!(vm = uuid, node = %self.node, epoch = committed, "failover begin: resuming the FT standby from its last checkpoint");
+        let activated = standbys.activate(uuid, &self.ft_dir()).await;
+        standbys.remove(uuid);
+        match activated {
+            Ok(done) => {
+                tracing::info!(vm = uuid, node = %self.node, epoch = done.epoch, dropped_writes = done.dropped_writes, load_ms = done.load.as_secs_f64() * 1e3, "failover end: ok, the guest runs on from its checkpoint");
+                Ok(Some(self.deps.libvirt.status(uuid).await?))
+            }
+            Err(e) => {
+                tracing::error!(vm = uuid, node = %self.node, error = %daemon::error_chain(&e), "failover end: failed; booting the VM from its disks instead");
+                self.deps.libvirt.destroy(uuid).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// `PrepareStandby`: a standby QEMU of the VM waiting for the peer's checkpoints.
+    pub(super) async fn prepare_standby(
+        &self,
+        request: pb::DefineDomainRequest,
+    ) -> Result<pb::DomainStatus, Error> {
+        let spec = request
+            .spec
+            .ok_or_else(|| invalid("the request has no spec"))?;
+        if !spec.ft {
+            return Err(invalid("a standby is for FT VMs only (spec.ft is false)"));
+        }
+        let mut spec = self.resolve(spec)?;
+        let uuid = spec.uuid.clone();
+        self.admit("prepare-standby", &uuid, request.fence)?;
+        let replicas = self.replicas("prepare-standby")?;
+        tracing::info!(vm = %uuid, node = %self.node, "FT standby begin");
+        let standbys = replicas.standbys();
+        let libvirt = &self.deps.libvirt;
+        let current = libvirt.status(&uuid).await;
+        let running = current
+            .as_ref()
+            .is_ok_and(|s| matches!(s.state, DomainState::Running | DomainState::Paused));
+        if running {
+            if standbys.committed(&uuid).await.is_none() {
+                return Err(Error::Libvirt(crate::libvirt::Error::DomainRunning {
+                    uuid: uuid.clone(),
+                }));
+            }
+            // An older standby: a fresh one replaces it.
+            standbys.remove(&uuid);
+            libvirt.destroy(&uuid).await?;
+        }
+        let applied = replicas.settle_epochs(&uuid).await?;
+        if applied > 0 {
+            tracing::info!(vm = %uuid, node = %self.node, writes = applied, "FT: writes held for an epoch that never committed applied to the replica (its primary lives on)");
+        }
+        self.ensure_gate(&uuid)?;
+        let ft = self.ft_domain(&uuid, true);
+        spec.ft = Some(ft.clone());
+        libvirt
+            .define(&uuid, domain::domain_xml(&spec, &self.host))
+            .await?;
+        let started = libvirt.start_paused(&uuid).await?;
+        // The definition a later cold start uses boots normally.
+        spec.ft = Some(FtDomain { standby: false, ..ft.clone() });
+        libvirt
+            .define(&uuid, domain::domain_xml(&spec, &self.host))
+            .await?;
+        let mut qmp = Qmp::connect_within(&ft.qmp_socket, STANDBY_QMP_TIMEOUT).await?;
+        let status = qmp.status().await?;
+        if status != "inmigrate" {
+            return Err(Error::Standby {
+                vm: uuid,
+                reason: format!("its QEMU is {status}, not waiting for a checkpoint"),
+            });
+        }
+        let pid = libvirt
+            .qemu_pid(&uuid)
+            .await
+            .and_then(|(pid, _)| u32::try_from(pid).ok())
+            .ok_or_else(|| Error::Standby {
+                vm: uuid.clone(),
+                reason: "its QEMU's PID is unknown".into(),
+            })?;
+        let ram = crate::ft::ram_file(pid)?;
+        standbys.add(&uuid, &ram, &ft.qmp_socket, replicas.exports_of(&uuid))?;
+        tracing::info!(vm = %uuid, node = %self.node, ram = %ram.display(), "FT standby end: ok, waiting for checkpoints");
+        Ok(status_to_pb(started))
+    }
+
+    /// `StartEpochs`: the epoch loop of the running primary, begun in the background once its
+    /// mirrors are in sync.
+    pub(super) async fn start_epochs(
+        self: &Arc<Self>,
+        command: pb::DomainCommand,
+    ) -> Result<pb::DomainStatus, Error> {
+        let uuid = command.uuid;
+        if uuid_invalid(&uuid) {
+            return Err(invalid(format!("{uuid:?} is not a UUID")));
+        }
+        self.admit("start-epochs", &uuid, command.fence)?;
+        self.replicas("start-epochs")?;
+        let status = self.deps.libvirt.status(&uuid).await?;
+        if status.state != DomainState::Running {
+            return Err(Error::Libvirt(crate::libvirt::Error::DomainNotRunning {
+                uuid: uuid.clone(),
+            }));
+        }
+        if self.ft.run(&uuid).is_some_and(|r| !r.ended.load(Ordering::SeqCst)) {
+            return Ok(status_to_pb(status));
+        }
+        let gate = self.ensure_gate(&uuid)?;
+        let run = Arc::new(Run::default());
+        let (stop_tx, stop) = watch::channel(false);
+        *run.stop.lock().unwrap_or_else(PoisonError::into_inner) = Some(stop_tx);
+        run.waiting.store(true, Ordering::SeqCst);
+        self.ft
+            .runs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uuid.clone(), run.clone());
+        let inner = self.clone();
+        tokio::spawn(async move {
+            tracing::info!(vm = %uuid, node = %inner.node, "FT epochs begin: waiting for the mirrors");
+            match inner.epochs(&uuid, gate, &run, stop).await {
+                Ok(epoch) => {
+                    tracing::info!(vm = %uuid, node = %inner.node, epoch, "FT epochs end: stopped");
+                    run.fail("stopped".into());
+                }
+                Err(e) => {
+                    let reason = daemon::error_chain(&e).to_string();
+                    tracing::warn!(vm = %uuid, node = %inner.node, error = %reason, "FT epochs end: failed, the guest runs unprotected");
+                    run.fail(reason);
+                    // The peer's copy is stale now (marked so): a new mirror path, resynced
+                    // and verified, is what protects the VM again.
+                    if let Err(e) = mirror::stop(&inner.deps.libvirt, &inner.node, &uuid).await {
+                        tracing::warn!(vm = %uuid, node = %inner.node, error = %daemon::error_chain(&e), "stopping the mirror after the FT epochs ended failed");
+                    }
+                }
+            }
+        });
+        Ok(status_to_pb(status))
+    }
+
+    async fn epochs(
+        &self,
+        uuid: &str,
+        gate: Arc<OutputGate>,
+        run: &Run,
+        stop: watch::Receiver<bool>,
+    ) -> Result<u64, Error> {
+        self.wait_mirrors(uuid).await?;
+        run.waiting.store(false, Ordering::SeqCst);
+        let replicas = self.replicas("start-epochs")?;
+        let pid = self
+            .deps
+            .libvirt
+            .qemu_pid(uuid)
+            .await
+            .and_then(|(pid, _)| u32::try_from(pid).ok())
+            .ok_or_else(|| Error::Standby {
+                vm: uuid.to_string(),
+                reason: "the primary's QEMU PID is unknown".into(),
+            })?;
+        let ram = crate::ft::ram_file(pid)?;
+        let socket = replicas.peer_ft_socket(uuid).await?;
+        let ft = self.ft_domain(uuid, false);
+        let mut primary =
+            Primary::connect(uuid, &ft.qmp_socket, pid, &ram, &socket, &self.ft_dir()).await?;
+        if let Some(invalidate) = self.deps.marker.as_ref().and_then(|m| m.peer_behind(uuid)) {
+            primary = primary.invalidate_with(invalidate);
+        }
+        let primary = primary.hold_output(gate).await;
+        let (reports_tx, mut reports) = mpsc::unbounded_channel();
+        let looping = epoch::run(primary, Settings::default(), stop, reports_tx);
+        tokio::pin!(looping);
+        loop {
+            tokio::select! {
+                ended = &mut looping => return Ok(ended?),
+                Some(report) = reports.recv() => {
+                    if report.epoch == 1 {
+                        tracing::info!(vm = uuid, node = %self.node, pause_ms = report.pause.as_secs_f64() * 1e3, "FT: first checkpoint committed, the VM is protected");
+                    }
+                    run.committed.store(report.epoch, Ordering::SeqCst);
+                    let us = u64::try_from(report.pause.as_micros()).unwrap_or(u64::MAX);
+                    run.last_pause_us.store(us, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Waits until every disk of `uuid` is mirrored in sync (the standby's disk equals the
+    /// primary's at the first checkpoint); fails when a mirror fails or none runs.
+    async fn wait_mirrors(&self, uuid: &str) -> Result<(), Error> {
+        loop {
+            let mirrors = mirror::status(&self.deps.libvirt, &self.node, uuid).await?;
+            if mirrors.is_empty() {
+                return Err(Error::Standby {
+                    vm: uuid.to_string(),
+                    reason: "no disk mirror runs: the epochs need the peer's copy in sync".into(),
+                });
+            }
+            if let Some(failed) = mirrors
+                .iter()
+                .find(|m| matches!(m.state, MirrorState::Failed { .. }))
+            {
+                return Err(Error::Standby {
+                    vm: uuid.to_string(),
+                    reason: format!("the mirror of {} failed", failed.device),
+                });
+            }
+            if mirrors.iter().all(|m| m.state == MirrorState::Ready) {
+                return Ok(());
+            }
+            tokio::time::sleep(MIRROR_POLL).await;
+        }
+    }
+
+    /// This host's FT side of domain `uuid`, for listings.
+    pub(super) async fn ft_status(&self, uuid: &str) -> Option<pb::FtStatus> {
+        if let Some(run) = self.ft.run(uuid) {
+            return Some(pb::FtStatus {
+                role: pb::FtRole::Primary.into(),
+                committed_epoch: run.committed.load(Ordering::SeqCst),
+                last_pause_us: run.last_pause_us.load(Ordering::SeqCst),
+                error: run
+                    .error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+                waiting_for_mirror: run.waiting.load(Ordering::SeqCst),
+            });
+        }
+        let committed = self.deps.replicas.as_ref()?.standbys().committed(uuid).await?;
+        Some(pb::FtStatus {
+            role: pb::FtRole::Standby.into(),
+            committed_epoch: committed,
+            ..pb::FtStatus::default()
+        })
+    }
+
+    /// Forgets `uuid`'s FT state: its epochs end and its gate closes (the domain is gone).
+    pub(super) fn forget_ft(&self, uuid: &str) {
+        self.ft.stop(uuid);
+        self.ft
+            .gates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uuid);
+        if let Some(replicas) = &self.deps.replicas {
+            replicas.standbys().remove(uuid);
+        }
+    }
+
+    /// The serial gate of `uuid`, when it is an FT domain of this host.
+    pub(super) fn gate_of(&self, uuid: &str) -> Option<Arc<OutputGate>> {
+        self.ft.gate(uuid)
+    }
+}
