@@ -364,7 +364,10 @@ impl Inner {
         self.admit(op, &uuid, command.fence)?;
         if let Power::Start = power {
             self.drop_replica(&uuid).await;
-            if let Some(status) = self.start_from_standby(&uuid).await? {
+            if let Some(status) = self
+                .start_from_standby(&uuid, command.resume_standby)
+                .await?
+            {
                 return Ok(Response::new(status_to_pb(status)));
             }
             // A new QEMU of an FT domain: its output flows until epochs hold it again.

@@ -99,6 +99,7 @@ fn command(term: i64) -> pb::DomainCommand {
         uuid: UUID.into(),
         fence: fence(term),
         track_writes: false,
+        resume_standby: false,
     }
 }
 
@@ -275,6 +276,7 @@ async fn agent_refuses_commands_of_an_older_term_or_without_one() {
             uuid: UUID.into(),
             fence: None,
             track_writes: false,
+            resume_standby: false,
         })
         .await
         .unwrap_err();

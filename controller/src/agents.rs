@@ -338,15 +338,18 @@ impl Agent {
     }
 
     /// Starts the domain of `uuid`; `track_writes`: the peer's copy equals its disks now, so
-    /// the agent tracks the guest's writes from the start for an incremental first mirror.
+    /// the agent tracks the guest's writes from the start for an incremental first mirror;
+    /// `resume_standby`: an FT failover resumes the standby there instead of booting.
     pub async fn start(
         &self,
         uuid: &str,
         token: Token,
         track_writes: bool,
+        resume_standby: bool,
     ) -> Result<pb::DomainStatus, Error> {
         let message = pb::DomainCommand {
             track_writes,
+            resume_standby,
             ..command(uuid, token)
         };
         self.call(
@@ -422,6 +425,7 @@ fn command(uuid: &str, token: Token) -> pb::DomainCommand {
         uuid: uuid.to_string(),
         fence: fence(token),
         track_writes: false,
+        resume_standby: false,
     }
 }
 

@@ -55,6 +55,11 @@ pub struct Protection {
     /// guest's writes from the start and the first mirror copies only those (then verifies).
     #[serde(default)]
     pub track_from_start: bool,
+    /// FT: the last failover came while the VM was protected, i.e. its standby on the new
+    /// host had committed a checkpoint of the run that died: the start there resumes that
+    /// standby (same boot) instead of booting from the disks.
+    #[serde(default)]
+    pub resume_standby: bool,
 }
 
 /// The mirror to the peer, as last seen.
@@ -352,6 +357,8 @@ pub fn starting_on(current: &Protection, node: &str, behind: bool) -> Option<Pro
         mirror_path: 0,
         restarts: current.restarts,
         track_from_start: current.current.iter().any(|host| host != node),
+        // A (re)start here is a new run: no standby holds a checkpoint of it yet.
+        resume_standby: false,
     })
 }
 
@@ -389,6 +396,9 @@ pub fn placed(
         Some(to) => Some(Protection {
             // The copy left behind on `node` holds every write `to`'s does if it was current.
             track_from_start: current.current.contains(node),
+            // Protected (for FT: checkpointed in this run) up to the failover, on `to` too.
+            resume_standby: matches!(current.sync, Sync::Protected { .. })
+                && current.current.contains(to),
             ..failed_over(node, to, placement.why, now_unix_ms)
         }),
         None if protected => {
@@ -477,6 +487,7 @@ pub fn failed_over(from: &str, to: &str, why: &str, now_unix_ms: i64) -> Protect
         mirror_path: 0,
         restarts: 0,
         track_from_start: false,
+        resume_standby: false,
     }
 }
 

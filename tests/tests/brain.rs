@@ -113,6 +113,7 @@ async fn controller_death_and_pause_never_touch_the_guest() {
                 generation: u64::MAX,
             }),
             track_writes: false,
+            resume_standby: false,
         })
         .await
         .unwrap_err();
@@ -260,6 +261,7 @@ async fn outsider_is_reported_not_adopted(lab: &Lab, node: &str) {
         uuid: OUTSIDER.into(),
         fence,
         track_writes: false,
+        resume_standby: false,
     };
     agent.start_domain(command.clone()).await.unwrap();
     let id = format!("domain/unknown/{node}/{OUTSIDER}");

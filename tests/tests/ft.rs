@@ -1,60 +1,148 @@
-//! FT end to end in the lab: an FT tiny guest is checkpointed to a standby on the peer; its
-//! host loses power; the standby resumes the guest from the last committed checkpoint. What
-//! an observer saw (the released serial output, the old host's then the new one's) counts on
-//! with no gap and no repeat, under one boot id.
+//! FT end to end in the lab: an FT tiny guest is checkpointed to a standby on the peer.
+//! When its host loses power the standby resumes the guest from the last committed
+//! checkpoint; when the standby's host loses power the guest runs on. What an observer saw
+//! (the released serial output, host after host) counts on with no gap and no repeat, under
+//! one boot id, across failovers in both directions and the re-protection between them.
+
+use std::path::Path;
 
 use proto::v1 as pb;
-use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, other, protected};
+use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
 use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_death_resumes_the_ft_vm_on_the_peer_with_the_same_boot() {
-    if tests::skip() {
-        return;
-    }
-    let lab = Lab::up("pvft", 232);
+/// Creates FT tiny guest `name`, starts it and returns it once protected (its first
+/// checkpoint committed on the standby).
+async fn start_ft(lab: &Lab, name: &str) -> pb::Vm {
     let mut api = lab.client().await;
     let vm = api
         .create_vm(pb::CreateVmRequest {
             mode: pb::ProtectionMode::Ft.into(),
-            ..tiny_guest("f")
+            ..tiny_guest(name)
         })
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("creating FT VM {name}: {e}"))
         .into_inner();
-    let console = Console::new(&lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: "f".into() })
+    let console = Console::new(lab, &vm);
+    api.start_vm(pb::StartVmRequest { vm: name.into() })
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("starting FT VM {name}: {e}"));
     console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    let vm = lab.wait_vm("f", "protected", SYNC_TIMEOUT, protected).await;
-    let node = vm.node.clone();
-    console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+    lab.wait_vm(name, "protected", SYNC_TIMEOUT, protected)
+        .await
+}
 
-    lab.kill_host(&node);
-    let moved = lab
-        .wait_running_on("f", other(&node), FAILOVER_TIMEOUT)
-        .await;
-    // What the old host released, and all the new host's log holds (empty before the
-    // failover: the standby prints nothing until it is resumed).
-    let before = Console::from_start(&lab, &vm).counters();
-    let again = Console::from_start(&lab, &moved).wait_counters(2, GUEST_BOOT_TIMEOUT);
-    let boot = before[0].1.clone();
-    let seen: Vec<(u64, String)> = before.iter().chain(&again).cloned().collect();
+/// `vm` as placed on `node`, for reading that host's serial log.
+fn on(vm: &pb::Vm, node: &str) -> pb::Vm {
+    pb::Vm {
+        node: node.to_string(),
+        ..vm.clone()
+    }
+}
+
+/// The counters of a serial log in bytes `range` (clamped to the log).
+fn counters_in(path: &Path, range: std::ops::Range<usize>) -> Vec<(u64, String)> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = range.end.min(bytes.len());
+    String::from_utf8_lossy(&bytes[range.start.min(end)..end])
+        .lines()
+        .filter_map(tests::parse_counter)
+        .collect()
+}
+
+fn assert_one_run(seen: &[(u64, String)]) {
+    let boot = &seen[0].1;
     assert!(
-        seen.iter().all(|(_, b)| *b == boot),
+        seen.iter().all(|(_, b)| b == boot),
         "the FT guest rebooted: an observer saw {seen:?}"
     );
     for pair in seen.windows(2) {
         assert_eq!(
             pair[1].0,
             pair[0].0 + 1,
-            "an observer saw a gap or a repeat across the failover: {seen:?}"
+            "an observer saw a gap or a repeat: {seen:?}"
         );
     }
-    let survivor = lab.log(other(&node), "agent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvft", 232);
+    let vm = start_ft(&lab, "f").await;
+    let (a, b) = (vm.node.clone(), other(&vm.node).to_string());
+    Console::new(&lab, &vm).wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+
+    // A loses power: B's standby resumes the guest.
+    lab.kill_host(&a);
+    let moved = lab.wait_running_on("f", &b, FAILOVER_TIMEOUT).await;
+    // The new host's log was empty: the standby prints nothing until it is resumed.
+    Console::from_start(&lab, &moved).wait_counters(2, GUEST_BOOT_TIMEOUT);
+    let survivor = lab.log(&b, "agent");
     assert!(
         survivor.contains("failover end: ok, the guest runs on from its checkpoint"),
-        "the standby was not resumed"
+        "the standby on {b} was not resumed"
     );
+
+    // A returns: it gets a new standby, and the VM is protected again.
+    lab.wait_fenced(&a, FAILOVER_TIMEOUT).await;
+    lab.restore_host(&a);
+    let back = lab
+        .wait_vm("f", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+    assert_eq!(back.node, b);
+    let a_log = lab.serial_log(&on(&vm, &a));
+    let a_released = std::fs::read(&a_log).map_or(0, |bytes| bytes.len());
+    let on_b = Console::from_start(&lab, &back).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+
+    // B loses power: A's new standby resumes the guest, same boot still.
+    lab.kill_host(&b);
+    lab.wait_running_on("f", &a, FAILOVER_TIMEOUT).await;
+    let deadline = std::time::Instant::now() + GUEST_BOOT_TIMEOUT;
+    while counters_in(&a_log, a_released..usize::MAX).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no counter on {a} after the second failover"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A's first run, all of B's, then A's second run: one guest counting on.
+    let all: Vec<(u64, String)> = counters_in(&a_log, 0..a_released)
+        .into_iter()
+        .chain(Console::from_start(&lab, &back).counters())
+        .chain(counters_in(&a_log, a_released..usize::MAX))
+        .collect();
+    assert!(on_b.len() >= 2);
+    assert_one_run(&all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvfs", 234);
+    let vm = start_ft(&lab, "s").await;
+    let (a, b) = (vm.node.clone(), other(&vm.node).to_string());
+    let console = Console::new(&lab, &vm);
+    let before = console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+
+    // B (the standby's host) loses power: the guest runs on at once, unprotected.
+    lab.kill_host(&b);
+    assert_counts_on(&lab, &vm, before.last().unwrap(), 4);
+    let simplex = lab
+        .wait_vm("s", "simplex", FAILOVER_TIMEOUT, |v| !protected(v))
+        .await;
+    assert_eq!(simplex.node, a);
+
+    // B returns: a new standby, protected again; the guest never stopped counting.
+    lab.wait_fenced(&b, FAILOVER_TIMEOUT).await;
+    lab.restore_host(&b);
+    let again = lab
+        .wait_vm("s", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+    assert_eq!(again.node, a);
+    Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+    assert_one_run(&Console::from_start(&lab, &vm).counters());
 }

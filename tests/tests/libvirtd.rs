@@ -442,6 +442,7 @@ fn command(uuid: &str) -> pb::DomainCommand {
         uuid: uuid.into(),
         fence: fence(),
         track_writes: false,
+        resume_standby: false,
     }
 }
 

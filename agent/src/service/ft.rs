@@ -76,7 +76,11 @@ impl FtRuns {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(uuid);
         if let Some(run) = run
-            && let Some(stop) = run.stop.lock().unwrap_or_else(PoisonError::into_inner).take()
+            && let Some(stop) = run
+                .stop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
         {
             let _ = stop.send(true);
         }
@@ -118,11 +122,13 @@ impl Inner {
     }
 
     /// Starts `uuid` where a standby of it waits: resumes the standby from its last committed
-    /// checkpoint (`Some`), or, when it never got one, stops it so that a plain boot follows
+    /// checkpoint (`Some`) when the pair says it may (`resume`: it saw that standby
+    /// checkpointed for the run that died); otherwise stops it so that a plain boot follows
     /// (`None`). `None` too when there is no standby here.
     pub(super) async fn start_from_standby(
         &self,
         uuid: &str,
+        resume: bool,
     ) -> Result<Option<DomainStatus>, Error> {
         let Some(replicas) = &self.deps.replicas else {
             return Ok(None);
@@ -131,8 +137,8 @@ impl Inner {
         let Some(committed) = standbys.committed(uuid).await else {
             return Ok(None);
         };
-        if committed == 0 {
-            tracing::warn!(vm = uuid, node = %self.node, "FT standby never got a checkpoint: booting the VM from its disks instead");
+        if committed == 0 || !resume {
+            tracing::warn!(vm = uuid, node = %self.node, committed, resume, "FT standby not resumed (no checkpoint, or none the pair saw for this run): booting the VM from its disks instead");
             standbys.remove(uuid);
             self.deps.libvirt.destroy(uuid).await?;
             return Ok(None);
@@ -197,7 +203,10 @@ impl Inner {
             .await?;
         let started = libvirt.start_paused(&uuid).await?;
         // The definition a later cold start uses boots normally.
-        spec.ft = Some(FtDomain { standby: false, ..ft.clone() });
+        spec.ft = Some(FtDomain {
+            standby: false,
+            ..ft.clone()
+        });
         libvirt
             .define(&uuid, domain::domain_xml(&spec, &self.host))
             .await?;
@@ -241,7 +250,11 @@ impl Inner {
                 uuid: uuid.clone(),
             }));
         }
-        if self.ft.run(&uuid).is_some_and(|r| !r.ended.load(Ordering::SeqCst)) {
+        if self
+            .ft
+            .run(&uuid)
+            .is_some_and(|r| !r.ended.load(Ordering::SeqCst))
+        {
             return Ok(status_to_pb(status));
         }
         let gate = self.ensure_gate(&uuid)?;
@@ -366,7 +379,13 @@ impl Inner {
                 waiting_for_mirror: run.waiting.load(Ordering::SeqCst),
             });
         }
-        let committed = self.deps.replicas.as_ref()?.standbys().committed(uuid).await?;
+        let committed = self
+            .deps
+            .replicas
+            .as_ref()?
+            .standbys()
+            .committed(uuid)
+            .await?;
         Some(pb::FtStatus {
             role: pb::FtRole::Standby.into(),
             committed_epoch: committed,

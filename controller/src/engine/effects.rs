@@ -555,6 +555,7 @@ async fn call(
                 uuid,
                 token,
                 record.mode.mirrored() && record.protection.track_from_start,
+                record.mode == Mode::Ft && record.protection.resume_standby,
             )
             .await
             .map(|_| Some(VmEvent::StartSucceeded)),

@@ -533,7 +533,10 @@ impl Engine {
                 Some(record)
                     if record.node != node
                         && active
-                        && domain.ft.as_ref().is_none_or(|ft| ft.role() != pb::FtRole::Standby) =>
+                        && domain
+                            .ft
+                            .as_ref()
+                            .is_none_or(|ft| ft.role() != pb::FtRole::Standby) =>
                 {
                     let message = format!(
                         "VM {} runs on {node}, but the pair records it on {}: a second copy; power off the one on {node}",

@@ -24,6 +24,7 @@ fn both() -> Protection {
         mirror_path: PATH,
         restarts: 0,
         track_from_start: false,
+        resume_standby: false,
     }
 }
 
@@ -486,6 +487,45 @@ fn placed_failover_tracks_writes_when_the_left_copy_was_current() {
 
     assert!(from_both.track_from_start);
     assert!(!after_pivot.track_from_start, "n0's copy was behind");
+}
+
+#[test]
+fn placed_failover_resumes_the_standby_only_when_protected_with_the_target_current() {
+    let failover = Placement {
+        relocate: Some("n1"),
+        why: "host n0 lost",
+        crash: false,
+        behind: false,
+    };
+    let syncing = Protection {
+        sync: Sync::Syncing {
+            done: 1,
+            total: 2,
+            since_unix_ms: 1,
+            verifying: false,
+        },
+        ..both()
+    };
+    let n1_behind = Protection {
+        current: ["n0".to_string()].into(),
+        ..both()
+    };
+
+    assert!(
+        placed(&both(), true, "n0", &failover, 5)
+            .unwrap()
+            .resume_standby
+    );
+    assert!(
+        !placed(&syncing, true, "n0", &failover, 5)
+            .unwrap()
+            .resume_standby
+    );
+    assert!(
+        !placed(&n1_behind, true, "n0", &failover, 5)
+            .unwrap()
+            .resume_standby
+    );
 }
 
 #[test]
