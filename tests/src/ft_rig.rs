@@ -50,6 +50,7 @@ pub struct FtRig {
     primary_pid: u32,
     standby_pid: u32,
     primary_ram: PathBuf,
+    standby_ram: PathBuf,
     primary_output: Arc<OutputGate>,
     _standby_output: OutputGate,
 }
@@ -143,6 +144,7 @@ impl FtRig {
             primary_pid,
             standby_pid,
             primary_ram,
+            standby_ram,
             primary_output,
             _standby_output: standby_output,
         }
@@ -211,6 +213,13 @@ impl Drop for FtRig {
     fn drop(&mut self) {
         kill9(self.primary_pid);
         kill9(self.standby_pid);
+        // libvirt removes a domain's RAM directory when it sees the domain stop, which a
+        // dropped connection never does: remove them here, or tmpfs fills up run after run.
+        for ram in [&self.primary_ram, &self.standby_ram] {
+            if let Some(dir) = ram.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 
