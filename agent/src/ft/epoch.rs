@@ -26,6 +26,9 @@ use super::wire::{self, Message, PAGES_PER_MESSAGE};
 
 /// Longest QEMU may take to save the device state before the epoch is given up.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the guest may wait to be resumed after a checkpoint (a migration to cancel or
+/// to finalize first) before the loop reports it stuck.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of the epoch loop; each one ends the loop with the guest running.
 #[derive(Debug, thiserror::Error)]
@@ -315,15 +318,23 @@ impl Primary {
         let stopped = started.elapsed();
         let captured = tokio::time::timeout(timeout, self.capture(epoch)).await;
         let resuming = Instant::now();
-        let resumed = self.qmp.execute("cont", Value::Null).await;
+        let resumed = self.resume().await;
         let cont = resuming.elapsed();
         let pause = started.elapsed();
-        let (mut phases, dirty_pages, state_bytes, mark) = match captured {
-            Ok(Ok(captured)) => captured,
-            Ok(Err(e)) => return Err(resumed.err().map_or(e, Error::Qmp)),
-            Err(_) => return Err(Error::Timeout { epoch, timeout }),
+        let captured = match captured {
+            Ok(captured) => captured,
+            Err(_) => Err(Error::Timeout { epoch, timeout }),
         };
-        resumed?;
+        let (mut phases, dirty_pages, state_bytes, mark) = match (captured, resumed) {
+            (Ok(captured), Ok(())) => captured,
+            (Err(e), Ok(())) => return Err(e),
+            (captured, Err(stuck)) => {
+                if let Err(e) = captured {
+                    tracing::error!(vm = %self.vm, epoch, error = %daemon::error_chain(&e), "FT checkpoint failed, and then the guest could not be resumed");
+                }
+                return Err(stuck);
+            }
+        };
         phases.stop = stopped;
         phases.cont = cont;
         if let (Some(gate), Some(mark)) = (&self.output, mark) {
@@ -384,6 +395,27 @@ impl Primary {
         Ok((phases, dirty.len(), state_bytes, mark))
     }
 
+    /// Resumes the guest whatever state the checkpoint left it in: QEMU refuses `cont` while
+    /// a migration runs (a save that failed or was abandoned: it is cancelled) or is being
+    /// finalized (waited for), so it is retried until [`RESUME_TIMEOUT`].
+    async fn resume(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + RESUME_TIMEOUT;
+        loop {
+            match self.qmp.execute("cont", Value::Null).await {
+                Ok(_) => return Ok(()),
+                Err(qmp::Error::Refused { .. }) if Instant::now() < deadline => {
+                    if self.qmp.status().await? == "running" {
+                        return Ok(());
+                    }
+                    // Refused when no migration runs: harmless.
+                    let _ = self.qmp.execute("migrate_cancel", Value::Null).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Saves the device state into the state file and reads it back.
     async fn save(&mut self) -> Result<Vec<u8>, Error> {
         let uri = format!("file:{}", self.state_file.display());
@@ -409,6 +441,16 @@ impl Primary {
                 }
                 _ => tokio::time::sleep(Duration::from_micros(500)).await,
             }
+        }
+        // QEMU reports the migration completed a moment before its run state leaves
+        // finish-migrate; until it has, the state file may be incomplete and `cont` refused.
+        while self.qmp.status().await? == "finish-migrate" {
+            if Instant::now() > deadline {
+                return Err(Error::Save {
+                    status: format!("completed, still finishing after {SAVE_TIMEOUT:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
         }
         tokio::fs::read(&self.state_file)
             .await
