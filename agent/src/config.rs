@@ -75,6 +75,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Directory of boot images, one subdirectory per image.
     pub image_dir: PathBuf,
+    /// Where FT guests' RAM files go (on tmpfs): the embed root's `memory_backing_dir`.
+    #[serde(default = "default_ram_dir")]
+    pub ram_dir: PathBuf,
     /// libvirt connection; default: the embedded QEMU driver rooted in `state_dir/libvirt`.
     #[serde(default)]
     pub libvirt_uri: Option<String>,
@@ -165,6 +168,10 @@ fn default_heartbeat_port() -> u16 {
 
 fn default_heartbeat_interval() -> u64 {
     100
+}
+
+fn default_ram_dir() -> PathBuf {
+    PathBuf::from(crate::embed::DEFAULT_RAM_DIR)
 }
 
 fn default_domain_type() -> DomainType {

@@ -11,20 +11,24 @@ use std::path::{Path, PathBuf};
 
 use daemon::fsutil::write_atomic;
 
-/// The qemu.conf the agent writes into every embed root.
-pub const QEMU_CONF: &str =
-    "# Written by pv-agent: QEMU runs as root, without virtlogd or a security driver.
+/// The qemu.conf the agent writes into every embed root, with FT guests' RAM files under
+/// `ram_dir` (on tmpfs, so that guest RAM never goes through a disk).
+pub fn qemu_conf(ram_dir: &Path) -> String {
+    format!(
+        "# Written by pv-agent: QEMU runs as root, without virtlogd or a security driver.
 user = \"root\"
 group = \"root\"
 dynamic_ownership = 0
 security_driver = \"none\"
 stdio_handler = \"file\"
-memory_backing_dir = \"/dev/shm/pairvisor\"
-";
+memory_backing_dir = \"{}\"
+",
+        ram_dir.display()
+    )
+}
 
-/// Where libvirt puts the RAM files of domains whose memory is a shared file (FT): on tmpfs, so
-/// that guest RAM never goes through a disk. Must match `memory_backing_dir` in [`QEMU_CONF`].
-pub const MEMORY_BACKING_DIR: &str = "/dev/shm/pairvisor";
+/// Where FT guests' RAM files go unless the agent's config says otherwise.
+pub const DEFAULT_RAM_DIR: &str = "/dev/shm/pairvisor";
 
 /// Errors preparing the embed root.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +49,9 @@ pub enum Error {
     UserMissing,
 }
 
-/// Prepares `root` for the embedded driver; safe to run on every start.
-pub fn prepare(root: &Path) -> Result<(), Error> {
+/// Prepares `root` for the embedded driver, FT guests' RAM files under `ram_dir`; safe to
+/// run on every start.
+pub fn prepare(root: &Path, ram_dir: &Path) -> Result<(), Error> {
     if !user_exists("libvirt-qemu") {
         return Err(Error::UserMissing);
     }
@@ -55,15 +60,16 @@ pub fn prepare(root: &Path) -> Result<(), Error> {
         path: etc.clone(),
         source,
     })?;
-    fs::create_dir_all(MEMORY_BACKING_DIR).map_err(|source| Error::Write {
-        path: MEMORY_BACKING_DIR.into(),
+    fs::create_dir_all(ram_dir).map_err(|source| Error::Write {
+        path: ram_dir.to_path_buf(),
         source,
     })?;
     let conf = etc.join("qemu.conf");
-    if fs::read_to_string(&conf).is_ok_and(|text| text == QEMU_CONF) {
+    let text = qemu_conf(ram_dir);
+    if fs::read_to_string(&conf).is_ok_and(|old| old == text) {
         return Ok(());
     }
-    write_atomic(&conf, QEMU_CONF.as_bytes()).map_err(|source| Error::Write { path: conf, source })
+    write_atomic(&conf, text.as_bytes()).map_err(|source| Error::Write { path: conf, source })
 }
 
 fn user_exists(name: &str) -> bool {

@@ -48,7 +48,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
     }
     let fence = Arc::new(Fence::open(&config.state_dir.join("fence.json"))?);
     if config.libvirt_uri.is_none() {
-        agent::embed::prepare(&config.embed_root())?;
+        agent::embed::prepare(&config.embed_root(), &config.ram_dir)?;
     }
     let uri = config.libvirt_uri();
     let opened = Instant::now();

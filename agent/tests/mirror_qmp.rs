@@ -74,7 +74,7 @@ impl Rig {
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         tokio::spawn(serve_unix(listener, exports.clone()));
         let root = dir.path().join("libvirt");
-        agent::embed::prepare(&root).unwrap();
+        agent::embed::prepare(&root, std::path::Path::new(agent::embed::DEFAULT_RAM_DIR)).unwrap();
         let libvirt = Libvirt::open(&format!("qemu:///embed?root={}", root.display())).unwrap();
         let host = HostProfile {
             domain_type: DomainType::Qemu,

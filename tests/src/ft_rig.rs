@@ -68,7 +68,7 @@ impl FtRig {
             .expect("exporting the replica");
 
         let root = dir.join("libvirt");
-        agent::embed::prepare(&root).expect("embed root");
+        agent::embed::prepare(&root, Path::new(agent::embed::DEFAULT_RAM_DIR)).expect("embed root");
         let libvirt = Libvirt::open(&format!("qemu:///embed?root={}", root.display()))
             .expect("libvirt embed root");
         let host = HostProfile {

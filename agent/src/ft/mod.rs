@@ -27,38 +27,40 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// No mapping of a RAM file under the memory backing directory.
-    #[error("QEMU process {pid} maps no RAM file under {dir}: is its memory a shared file?")]
+    /// No mapping of a libvirt RAM file.
+    #[error(
+        "QEMU process {pid} maps no libvirt RAM file (.../libvirt/qemu/<domain>/pc.ram): is its memory a shared file?"
+    )]
     NoRamFile {
         /// The process.
         pid: u32,
-        /// Where the file was looked for.
-        dir: String,
     },
 }
 
 /// The RAM file of the FT domain run by QEMU process `pid`: libvirt names it after the
-/// domain's run-time ID (`<dir>/libvirt/qemu/<id>-<name>/pc.ram`), so it is read from the
-/// process's mappings rather than predicted.
+/// domain's run-time ID (`<ram_dir>/libvirt/qemu/<id>-<name>/pc.ram`), so it is read from
+/// the process's mappings rather than predicted.
 pub fn ram_file(pid: u32) -> Result<PathBuf, Error> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|source| Error::Maps { pid, source })?;
-    ram_file_in(&maps, Path::new(crate::embed::MEMORY_BACKING_DIR)).ok_or_else(|| {
-        Error::NoRamFile {
-            pid,
-            dir: crate::embed::MEMORY_BACKING_DIR.to_string(),
-        }
-    })
+    ram_file_in(&maps).ok_or(Error::NoRamFile { pid })
 }
 
-/// The first mapped file under `dir` named `pc.ram` in a `/proc/PID/maps` text.
-fn ram_file_in(maps: &str, dir: &Path) -> Option<PathBuf> {
+/// The first mapped libvirt RAM file (`.../libvirt/qemu/<domain>/pc.ram`) in a
+/// `/proc/PID/maps` text.
+fn ram_file_in(maps: &str) -> Option<PathBuf> {
     maps.lines()
         .filter_map(|line| {
             line.find(" /")
                 .map(|at| Path::new(line[at + 1..].trim_end()))
         })
-        .find(|path| path.starts_with(dir) && path.file_name().is_some_and(|n| n == "pc.ram"))
+        .find(|path| {
+            path.file_name().is_some_and(|n| n == "pc.ram")
+                && path
+                    .parent()
+                    .and_then(Path::parent)
+                    .is_some_and(|dir| dir.ends_with("libvirt/qemu"))
+        })
         .map(Path::to_path_buf)
 }
 
@@ -67,18 +69,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ram_file_is_the_pc_ram_mapping_under_the_backing_dir() {
+    fn ram_file_is_the_libvirt_pc_ram_mapping() {
         let maps = "\
 55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/qemu-system-x86_64
 7f0000000000-7f0010000000 rw-s 00000000 00:1a 99 /dev/shm/pairvisor/libvirt/qemu/qemu-embed-1-3-web 1/pc.ram
 7f0010000000-7f0010001000 rw-p 00000000 00:00 0 
 ";
         assert_eq!(
-            ram_file_in(maps, Path::new("/dev/shm/pairvisor")),
+            ram_file_in(maps),
             Some(PathBuf::from(
                 "/dev/shm/pairvisor/libvirt/qemu/qemu-embed-1-3-web 1/pc.ram"
             ))
         );
-        assert_eq!(ram_file_in(maps, Path::new("/dev/shm/other")), None);
+        assert_eq!(
+            ram_file_in("7f00-7f10 rw-s 00000000 00:1a 99 /dev/shm/other/pc.ram\n"),
+            None
+        );
     }
 }

@@ -204,6 +204,12 @@ pub fn down(plan: &Plan, keep_data: bool) -> anyhow::Result<()> {
     }
     net::down(plan)?;
     println!("removed namespaces and bridge {}", plan.bridge());
+    // FT guests' RAM files on tmpfs: a killed host's agent never removed its guests' own.
+    let ram = plan.ram_dir();
+    if ram.exists() {
+        std::fs::remove_dir_all(&ram).with_context(|| format!("removing {}", ram.display()))?;
+        println!("removed {}", ram.display());
+    }
     if !keep_data && plan.dir().exists() {
         std::fs::remove_dir_all(plan.dir())
             .with_context(|| format!("removing {}", plan.dir().display()))?;
@@ -478,10 +484,11 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let (alink_role, alinks) = plan.alink(host);
     let alinks: Vec<String> = alinks.iter().map(ToString::to_string).collect();
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nram_dir = \"{ram}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
         state = dir.join("agent").display(),
+        ram = plan.ram_dir().join(host.name).display(),
         images = dir.join("images").display(),
         storage = dir.join("storage").join(STORAGE_GROUP).display(),
         paths = paths.join("\n"),

@@ -141,6 +141,11 @@ impl Plan {
         &self.prefix
     }
 
+    /// Where the lab's FT guests keep their RAM files (tmpfs): one directory per host below.
+    pub fn ram_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/pairvisor-lab-{}", self.prefix()))
+    }
+
     /// The second octet of its subnets.
     pub fn subnet(&self) -> u8 {
         self.subnet
