@@ -203,7 +203,10 @@ impl Primary {
         let mut qmp = Qmp::connect(qmp_socket).await?;
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        // Half the cores at most: the guests, etcd and the agent's own lease renewal must keep
+        // running while a pause hashes all of RAM.
+        let threads =
+            std::thread::available_parallelism().map_or(1, |n| (usize::from(n) / 2).max(1));
         let tracker = dirty::tracker_for(pid, ram, threads)?;
         let primary_bytes = std::fs::metadata(ram)
             .map_err(|source| Error::ReadState {
