@@ -150,6 +150,23 @@ impl FtRig {
         }
     }
 
+    /// Runs the epoch loop at the default settings in the background.
+    pub async fn run_epochs(&self) -> Epochs {
+        let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let looping = tokio::spawn(agent::ft::epoch::run(
+            self.primary().await,
+            agent::ft::epoch::Settings::default(),
+            stopped,
+            reports_tx,
+        ));
+        Epochs {
+            looping,
+            reports,
+            _stop: stop,
+        }
+    }
+
     /// The standby receiver (on n1).
     pub fn standbys(&self) -> &Standbys {
         self.n1.standbys()
@@ -267,6 +284,34 @@ pub async fn more_epochs(
         got.push(report);
     }
     got
+}
+
+/// An epoch loop running in the background, and its reports.
+#[derive(Debug)]
+pub struct Epochs {
+    /// The loop: its last committed epoch, or why it ended.
+    pub looping: tokio::task::JoinHandle<Result<u64, agent::ft::epoch::Error>>,
+    /// Each committed epoch.
+    pub reports: tokio::sync::mpsc::UnboundedReceiver<EpochReport>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Asserts that `seen` is one guest run counting on: one boot id, each counter the last + 1.
+pub fn assert_one_run(seen: &[(u64, String)]) {
+    let Some((_, boot)) = seen.first() else {
+        return;
+    };
+    assert!(
+        seen.iter().all(|(_, b)| b == boot),
+        "the guest rebooted: an observer saw {seen:?}"
+    );
+    for pair in seen.windows(2) {
+        assert_eq!(
+            pair[1].0,
+            pair[0].0 + 1,
+            "an observer saw a gap or a repeat: {seen:?}"
+        );
+    }
 }
 
 /// The counter lines of a serial log.

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use proto::v1 as pb;
+use tests::ft_rig::assert_one_run;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
 use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
@@ -47,21 +48,6 @@ fn counters_in(path: &Path, range: std::ops::Range<usize>) -> Vec<(u64, String)>
         .lines()
         .filter_map(tests::parse_counter)
         .collect()
-}
-
-fn assert_one_run(seen: &[(u64, String)]) {
-    let boot = &seen[0].1;
-    assert!(
-        seen.iter().all(|(_, b)| b == boot),
-        "the FT guest rebooted: an observer saw {seen:?}"
-    );
-    for pair in seen.windows(2) {
-        assert_eq!(
-            pair[1].0,
-            pair[0].0 + 1,
-            "an observer saw a gap or a repeat: {seen:?}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

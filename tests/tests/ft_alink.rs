@@ -3,9 +3,7 @@
 //! link, no epoch fails, and the guest counts on. Its own test binary: libvirt opens one embed
 //! root per process.
 
-use agent::ft::epoch::{self, Settings};
-use tests::ft_rig::{self, FtRig, more_epochs};
-use tokio::sync::{mpsc, watch};
+use tests::ft_rig::{self, Epochs, FtRig, more_epochs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_a_link_pulled_does_not_stop_the_epochs() {
@@ -14,14 +12,11 @@ async fn one_a_link_pulled_does_not_stop_the_epochs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rig = FtRig::boot(dir.path(), 256).await;
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (_stop_tx, stop) = watch::channel(false);
-    let looping = tokio::spawn(epoch::run(
-        rig.primary().await,
-        Settings::default(),
-        stop,
-        reports_tx,
-    ));
+    let Epochs {
+        looping,
+        mut reports,
+        ..
+    } = rig.run_epochs().await;
     more_epochs(&mut reports, 10).await;
 
     rig.links[0].cut();

@@ -80,17 +80,9 @@ async fn standby_resumes_from_the_last_committed_epoch_with_the_same_boot() {
         "the standby printed {first} first but its disk held {on_disk}: memory and disk disagree"
     );
     let seen: Vec<(u64, String)> = released.iter().chain(&resumed).cloned().collect();
-    assert!(
-        seen.iter().all(|(_, b)| b == &boot),
-        "the guest rebooted: the observer saw {seen:?}"
-    );
-    for pair in seen.windows(2) {
-        assert_eq!(
-            pair[1].0,
-            pair[0].0 + 1,
-            "the observer saw a gap or a repeat across the failover (primary released up to {last_released}): {seen:?}"
-        );
-    }
+    assert_eq!(seen[0].1, boot);
+    eprintln!("the primary released up to COUNTER {last_released}; the standby went on");
+    ft_rig::assert_one_run(&seen);
     let mut ms: Vec<f64> = pauses.iter().map(|r| r.pause.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     eprintln!(

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use agent::ft::epoch::{self, Settings};
-use tests::ft_rig::{self, FtRig, more_epochs};
-use tokio::sync::{mpsc, watch};
+use tests::ft_rig::{self, Epochs, FtRig, more_epochs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_epoch_leaves_the_guest_running_unprotected() {
@@ -15,14 +13,11 @@ async fn a_failed_epoch_leaves_the_guest_running_unprotected() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rig = FtRig::boot(dir.path(), 256).await;
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let (_stop_tx, stop) = watch::channel(false);
-    let looping = tokio::spawn(epoch::run(
-        rig.primary().await,
-        Settings::default(),
-        stop,
-        reports_tx,
-    ));
+    let Epochs {
+        looping,
+        mut reports,
+        ..
+    } = rig.run_epochs().await;
     more_epochs(&mut reports, 10).await;
     let boot = ft_rig::counters(&rig.primary_log())[0].1.clone();
 

@@ -224,13 +224,7 @@ fn open_ram(path: &Path) -> Result<(File, usize), Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    let len = file
-        .metadata()
-        .map_err(|source| Error::StatRam {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let len = ram_len(&file, path)?;
     let pages = usize::try_from(len / PAGE_BYTES)
         .ok()
         .filter(|&pages| pages > 0 && len % PAGE_BYTES == 0);
@@ -243,16 +237,19 @@ fn open_ram(path: &Path) -> Result<(File, usize), Error> {
     }
 }
 
+/// The RAM file's length now.
+fn ram_len(file: &File, path: &Path) -> Result<u64, Error> {
+    let meta = file.metadata().map_err(|source| Error::StatRam {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(meta.len())
+}
+
 /// Fails if the RAM file is now shorter than `pages` pages.
 fn check_size(file: &File, path: &Path, pages: usize) -> Result<(), Error> {
     let expected = page_offset(pages);
-    let actual = file
-        .metadata()
-        .map_err(|source| Error::StatRam {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let actual = ram_len(file, path)?;
     if actual < expected {
         return Err(Error::RamShrank {
             path: path.to_path_buf(),
