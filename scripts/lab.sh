@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job (as root): install what is missing, build, bring up the two-node lab, create and
-# start an HA VM from the tiny guest image, wait until its disk is mirrored to the other host,
-# and show its console until COUNTER lines appear (on a terminal it keeps following; Ctrl-C
-# stops watching, the lab keeps running).
+# start a protected VM from the tiny guest image (HA, or FT with PV_DEMO_MODE=ft), wait until
+# it is protected, and show its console until COUNTER lines appear (on a terminal it keeps
+# following; Ctrl-C stops watching, the lab keeps running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 VM=${PV_DEMO_VM:-demo}
+MODE=${PV_DEMO_MODE:-ha}
 
 bash scripts/install-deps.sh
 echo "== building (first build takes a few minutes)"
@@ -14,13 +15,13 @@ cargo build --workspace
 pvctl=target/debug/pvctl
 $pvctl lab up
 if ! $pvctl vm-info "$VM" >/dev/null 2>&1; then
-  $pvctl vm-create "$VM" --mode ha --cpu 1 --memory 256M --disk 16M:sg0 --network business --kernel-image tiny
+  $pvctl vm-create "$VM" --mode "$MODE" --cpu 1 --memory 256M --disk 16M:sg0 --network business --kernel-image tiny
 fi
 if ! $pvctl vm-info "$VM" --json | grep -q '"state":"running"'; then
   echo "== starting $VM"
   $pvctl vm-start "$VM" >/dev/null
 fi
-echo "== waiting until $VM is protected (its disk mirrored to the other host over the A-Links)"
+echo "== waiting until $VM is protected (HA: its disk mirrored to the other host over the A-Links; FT: also checkpointed to a standby there)"
 for _ in $(seq 120); do
   if $pvctl vm-info "$VM" | grep -q '^protect: protected'; then break; fi
   sleep 1
