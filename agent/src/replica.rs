@@ -404,17 +404,15 @@ impl Replicas {
     pub async fn settle_epochs(&self, vm_uuid: &str) -> Result<usize, Error> {
         let mut applied = 0;
         for name in self.exports_of(vm_uuid) {
-            match self.exports.commit_epoch(&name).await {
-                Ok(done) => applied += done.writes,
-                Err(nbd::Error::NotInEpochs { .. }) => continue,
-                Err(source) => {
-                    return Err(Error::OpenExport {
+            let done =
+                self.exports
+                    .settle_epochs(&name)
+                    .await
+                    .map_err(|source| Error::OpenExport {
                         vm: vm_uuid.to_string(),
                         source,
-                    });
-                }
-            }
-            let _ = self.exports.end_epochs(&name).await;
+                    })?;
+            applied += done.writes;
         }
         Ok(applied)
     }

@@ -643,7 +643,7 @@ impl pb::agent_server::Agent for AgentService {
             replicas.close_peer_socket(&uuid).await;
             replicas.close_peer_ft_socket(&uuid).await;
         }
-        self.inner.forget_ft(&uuid);
+        self.inner.forget_ft(&uuid).await;
         // The console history goes with the domain; a missing log is fine.
         let _ = std::fs::remove_file(serial::log_path(&self.inner.serial_dir, &uuid));
         tracing::info!(vm = %uuid, node = %self.inner.node, "domain undefined");
@@ -747,7 +747,7 @@ impl pb::agent_server::Agent for AgentService {
         replicas.unexport(&command.uuid).await;
         // An FT standby over those replicas can no longer follow the primary.
         if replicas.standbys().committed(&command.uuid).await.is_some() {
-            replicas.standbys().remove(&command.uuid);
+            replicas.standbys().remove(&command.uuid).await;
             inner
                 .deps
                 .libvirt

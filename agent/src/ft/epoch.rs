@@ -168,6 +168,7 @@ pub struct EpochReport {
 pub struct Primary {
     vm: String,
     qmp: Qmp,
+    qmp_socket: PathBuf,
     tracker: Option<Box<dyn DirtyTracker>>,
     stream: UnixStream,
     state_file: PathBuf,
@@ -249,6 +250,7 @@ impl Primary {
         Ok(Primary {
             vm: vm.to_string(),
             qmp,
+            qmp_socket: qmp_socket.to_path_buf(),
             tracker: Some(tracker),
             stream,
             state_file: state_dir.join(format!("{vm}.ft-save")),
@@ -278,11 +280,18 @@ impl Primary {
     /// stale, then lets its held output out and passes the rest through; if its QEMU died,
     /// drops the output of the uncommitted epoch, which the standby writes again if it takes
     /// over.
-    async fn settle_output(&self) {
+    async fn settle_output(&self, ended: Option<&Error>) {
         let Some(gate) = &self.output else {
             return;
         };
-        if !alive(self.pid) {
+        // QEMU's QMP socket closes before its process is gone: either says it died.
+        let socket_gone = matches!(
+            ended,
+            Some(Error::Qmp(
+                qmp::Error::Io { .. } | qmp::Error::Connect { .. }
+            ))
+        );
+        if socket_gone || !alive(self.pid) {
             let dropped = gate.discard().await;
             tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
             return;
@@ -320,30 +329,37 @@ impl Primary {
         self.qmp.execute("stop", Value::Null).await?;
         let stopped = started.elapsed();
         let captured = tokio::time::timeout(timeout, self.capture(epoch)).await;
+        let captured = match captured {
+            Ok(captured) => captured,
+            Err(_) => {
+                // Cut off mid-command: the reply still on its way would answer the next one.
+                if let Err(e) = self.reconnect().await {
+                    tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: reconnecting QMP after a timed-out checkpoint failed");
+                }
+                Err(Error::Timeout { epoch, timeout })
+            }
+        };
         let resuming = Instant::now();
         let resumed = self.resume().await;
         let cont = resuming.elapsed();
         let pause = started.elapsed();
-        let captured = match captured {
+        let (mut phases, dirty_pages, state_bytes, mark) = match captured {
             Ok(captured) => captured,
-            Err(_) => Err(Error::Timeout { epoch, timeout }),
-        };
-        let (mut phases, dirty_pages, state_bytes, mark) = match (captured, resumed) {
-            (Ok(captured), Ok(())) => captured,
-            (Err(e), Ok(())) => return Err(e),
-            (captured, Err(stuck)) => {
-                if let Err(e) = captured {
-                    tracing::error!(vm = %self.vm, epoch, error = %daemon::error_chain(&e), "FT checkpoint failed, and then the guest could not be resumed");
+            Err(e) => {
+                if let Err(stuck) = &resumed {
+                    tracing::error!(vm = %self.vm, epoch, error = %daemon::error_chain(stuck), "FT checkpoint failed, and then the guest could not be resumed");
                 }
-                return Err(stuck);
+                return Err(e);
             }
         };
-        phases.stop = stopped;
-        phases.cont = cont;
+        // The epoch committed: its output is the guest's for good, whatever happens next.
         if let (Some(gate), Some(mark)) = (&self.output, mark) {
             gate.release(mark).await?;
         }
         self.epoch = epoch;
+        resumed?;
+        phases.stop = stopped;
+        phases.cont = cont;
         let precopied_pages = std::mem::take(&mut self.precopied);
         Ok(EpochReport {
             epoch,
@@ -396,6 +412,15 @@ impl Primary {
         }
         phases.ack = at.elapsed();
         Ok((phases, dirty.len(), state_bytes, mark))
+    }
+
+    /// A fresh QMP connection, in place of one whose replies may be out of step.
+    async fn reconnect(&mut self) -> Result<(), Error> {
+        let mut qmp = Qmp::connect(&self.qmp_socket).await?;
+        qmp.execute("migrate-set-capabilities", ignore_shared())
+            .await?;
+        self.qmp = qmp;
+        Ok(())
     }
 
     /// Resumes the guest whatever state the checkpoint left it in: QEMU refuses `cont` while
@@ -508,7 +533,7 @@ pub async fn run(
     if let Err(e) = &outcome {
         tracing::error!(vm, epoch = primary.epoch() + 1, error = %daemon::error_chain(e), "FT epoch failed: the guest runs on unprotected");
     }
-    primary.settle_output().await;
+    primary.settle_output(outcome.as_ref().err()).await;
     outcome
 }
 

@@ -173,9 +173,15 @@ impl Standbys {
         Ok(())
     }
 
-    /// Forgets the standby of `vm` (its QEMU is gone or became the primary).
-    pub fn remove(&self, vm: &str) {
-        self.map().remove(vm);
+    /// Forgets the standby of `vm` (its QEMU is gone, replaced or became the primary). A
+    /// primary still feeding it gets a Nack at its next commit, so that it stops releasing
+    /// output on the strength of a standby that no longer exists.
+    pub async fn remove(&self, vm: &str) {
+        let removed = self.map().remove(vm);
+        if let Some(standby) = removed {
+            let mut standby = standby.lock().await;
+            standby.broken = Some("the standby was removed".into());
+        }
     }
 
     /// The last epoch `vm`'s standby committed (0: none), or `None` when it has no standby.
@@ -346,7 +352,7 @@ impl Standbys {
     /// must be fenced first: nothing of it may reach this host's disks any more.
     pub async fn activate(&self, vm: &str, state_dir: &Path) -> Result<Activated, Error> {
         let standby = self.get(vm)?;
-        let standby = standby.lock().await;
+        let mut standby = standby.lock().await;
         if let Some(reason) = &standby.broken {
             return Err(Error::Broken {
                 vm: vm.to_string(),
@@ -391,6 +397,8 @@ impl Standbys {
         qmp.execute("cont", serde_json::Value::Null)
             .await
             .map_err(qmp_failed)?;
+        // The guest runs here now: no primary may feed this standby again.
+        standby.broken = Some("the standby was activated".into());
         Ok(Activated {
             epoch: standby.committed,
             dropped_writes,

@@ -232,6 +232,22 @@ impl Exports {
     /// keeps holding later writes. Call it before the checkpoint's ack lets the primary
     /// resume, or the next epoch's first writes are committed too. Returns what was applied.
     pub async fn commit_epoch(&self, name: &str) -> Result<EpochApplied, Error> {
+        self.apply_held(name, false).await
+    }
+
+    /// Applies the held writes and leaves epoch mode in one step, no request in between: the
+    /// writer lives on (it is protected anew), so every write it got acknowledged counts.
+    /// Not in epoch mode: nothing to do.
+    pub async fn settle_epochs(&self, name: &str) -> Result<EpochApplied, Error> {
+        match self.apply_held(name, true).await {
+            Err(Error::NotInEpochs { .. }) => Ok(EpochApplied::default()),
+            other => other,
+        }
+    }
+
+    /// Applies the held writes under the export's gate; `leave`: then leaves epoch mode
+    /// before any other request runs.
+    async fn apply_held(&self, name: &str, leave: bool) -> Result<EpochApplied, Error> {
         let export = self.known(name)?;
         // Owned, so a cancelled commit still keeps requests out until its apply is done.
         let gate = export.gate.clone().write_owned().await;
@@ -246,13 +262,17 @@ impl Exports {
                     name: name.to_string(),
                 });
             }
-            Some(0) => return Ok(EpochApplied::default()),
+            Some(0) if !leave => return Ok(EpochApplied::default()),
             Some(_) => {}
         }
         let committing = export.clone();
         let done = tokio::task::spawn_blocking(move || {
             let _gate = gate;
-            committing.commit()
+            let applied = committing.commit()?;
+            if leave {
+                committing.end_epochs();
+            }
+            Ok(applied)
         })
         .await;
         done.unwrap_or_else(|e| {

@@ -139,13 +139,13 @@ impl Inner {
         };
         if committed == 0 || !resume {
             tracing::warn!(vm = uuid, node = %self.node, committed, resume, "FT standby not resumed (no checkpoint, or none the pair saw for this run): booting the VM from its disks instead");
-            standbys.remove(uuid);
+            standbys.remove(uuid).await;
             self.deps.libvirt.destroy(uuid).await?;
             return Ok(None);
         }
         tracing::info!(vm = uuid, node = %self.node, epoch = committed, "failover begin: resuming the FT standby from its last checkpoint");
         let activated = standbys.activate(uuid, &self.ft_dir()).await;
-        standbys.remove(uuid);
+        standbys.remove(uuid).await;
         match activated {
             Ok(done) => {
                 tracing::info!(vm = uuid, node = %self.node, epoch = done.epoch, dropped_writes = done.dropped_writes, load_ms = done.load.as_secs_f64() * 1e3, "failover end: ok, the guest runs on from its checkpoint");
@@ -188,7 +188,7 @@ impl Inner {
                 }));
             }
             // An older standby: a fresh one replaces it.
-            standbys.remove(&uuid);
+            standbys.remove(&uuid).await;
             libvirt.destroy(&uuid).await?;
         }
         let applied = replicas.settle_epochs(&uuid).await?;
@@ -244,6 +244,12 @@ impl Inner {
         }
         self.admit("start-epochs", &uuid, command.fence)?;
         self.replicas("start-epochs")?;
+        if self.deps.marker.is_none() {
+            return Err(Error::Standby {
+                vm: uuid,
+                reason: "this agent has no etcd: an ended epoch could not record the standby stale before the guest's output flows".into(),
+            });
+        }
         let status = self.deps.libvirt.status(&uuid).await?;
         if status.state != DomainState::Running {
             return Err(Error::Libvirt(crate::libvirt::Error::DomainNotRunning {
@@ -315,8 +321,18 @@ impl Inner {
         let ft = self.ft_domain(uuid, false);
         let mut primary =
             Primary::connect(uuid, &ft.qmp_socket, pid, &ram, &socket, &self.ft_dir()).await?;
-        if let Some(invalidate) = self.deps.marker.as_ref().and_then(|m| m.peer_behind(uuid)) {
-            primary = primary.invalidate_with(invalidate);
+        if let Some(marker) = self.deps.marker.clone() {
+            // The mark must name the mirror path current when the epochs end (a renewed path
+            // makes an older mark void), so the hold is taken then.
+            let vm = uuid.to_string();
+            primary = primary.invalidate_with(Arc::new(move || {
+                let (marker, vm) = (marker.clone(), vm.clone());
+                Box::pin(async move {
+                    if let Some(hold) = marker.peer_behind(&vm) {
+                        hold().await;
+                    }
+                })
+            }));
         }
         let primary = primary.hold_output(gate).await;
         let (reports_tx, mut reports) = mpsc::unbounded_channel();
@@ -394,7 +410,7 @@ impl Inner {
     }
 
     /// Forgets `uuid`'s FT state: its epochs end and its gate closes (the domain is gone).
-    pub(super) fn forget_ft(&self, uuid: &str) {
+    pub(super) async fn forget_ft(&self, uuid: &str) {
         self.ft.stop(uuid);
         self.ft
             .gates
@@ -402,7 +418,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(uuid);
         if let Some(replicas) = &self.deps.replicas {
-            replicas.standbys().remove(uuid);
+            replicas.standbys().remove(uuid).await;
         }
     }
 

@@ -220,12 +220,13 @@ pub const PROVISION: [Action; 2] = [Action::CreateVolumes, Action::DefineDomain]
 /// HA protection of a running VM: the peer serves its replica, then the mirror starts.
 pub const PROTECT: [Action; 2] = [Action::ExportReplica, Action::StartMirror];
 
-/// FT protection of a running VM: HA's mirror, then a standby on the peer, then the epochs
-/// (which begin once the mirror is in sync).
+/// FT protection of a running VM: the peer serves the replica, a standby starts there (its
+/// replica first applies what an ended epoch still held, before the new mirror writes),
+/// then the mirror, then the epochs (which begin once the mirror is in sync).
 pub const PROTECT_FT: [Action; 4] = [
     Action::ExportReplica,
-    Action::StartMirror,
     Action::PrepareStandby,
+    Action::StartMirror,
     Action::StartEpochs,
 ];
 
