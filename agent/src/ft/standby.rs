@@ -288,7 +288,7 @@ impl Standbys {
         }
     }
 
-    /// Applies epoch `epoch`: held pages into the RAM file, the disks' held writes, the
+    /// Applies epoch `epoch`: the disks' held writes, held pages into the RAM file, the
     /// device state kept. Any failure leaves the standby broken (its parts may disagree).
     async fn commit(
         &self,
@@ -325,9 +325,9 @@ impl Standbys {
                 standby.committed
             ));
         }
-        let pages = std::mem::take(&mut standby.held_pages);
-        let data = std::mem::take(&mut standby.held_data);
-        write_pages(standby.ram.clone(), standby.ram_bytes, pages, data).await?;
+        // The disk first, while the primary is surely stopped: every write it holds belongs to
+        // this epoch. Were the RAM written first and slowly, a primary giving up on the ack
+        // would resume, and its next writes would be committed with this epoch.
         for name in &standby.exports {
             if standby.committed == 0 {
                 // The first checkpoint: the disk was written through until now and equals the
@@ -342,6 +342,9 @@ impl Standbys {
                     .map_err(|e| format!("committing the writes of disk {name}: {e}"))?;
             }
         }
+        let pages = std::mem::take(&mut standby.held_pages);
+        let data = std::mem::take(&mut standby.held_data);
+        write_pages(standby.ram.clone(), standby.ram_bytes, pages, data).await?;
         standby.device_state = device_state;
         standby.committed = epoch;
         Ok(())
