@@ -23,6 +23,8 @@ use crate::serial;
 
 /// Longest a standby QEMU may take from start to its QMP socket answering.
 const STANDBY_QMP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a probe of a QEMU's run state may take.
+const ORPHAN_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a primary waiting for its mirrors looks at them.
 const MIRROR_POLL: Duration = Duration::from_millis(500);
 
@@ -135,6 +137,10 @@ impl Inner {
         };
         let standbys = replicas.standbys();
         let Some(committed) = standbys.committed(uuid).await else {
+            if self.orphan_standby(uuid).await {
+                tracing::warn!(vm = uuid, node = %self.node, "a standby QEMU this agent does not know (it outlived an agent restart) waits here: stopping it, the VM boots from its disks");
+                self.deps.libvirt.destroy(uuid).await?;
+            }
             return Ok(None);
         };
         if committed == 0 || !resume {
@@ -157,6 +163,18 @@ impl Inner {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether `uuid` runs here as a standby QEMU (waiting for a device state) that no
+    /// registration describes: its state lived in an agent that restarted since.
+    async fn orphan_standby(&self, uuid: &str) -> bool {
+        let socket = self.ft_domain(uuid, true).qmp_socket;
+        let probe = async {
+            let mut qmp = Qmp::connect(&socket).await.ok()?;
+            qmp.status().await.ok()
+        };
+        let status = tokio::time::timeout(ORPHAN_PROBE_TIMEOUT, probe).await;
+        matches!(status, Ok(Some(s)) if s == "inmigrate")
     }
 
     /// `PrepareStandby`: a standby QEMU of the VM waiting for the peer's checkpoints.
@@ -182,12 +200,13 @@ impl Inner {
             .as_ref()
             .is_ok_and(|s| matches!(s.state, DomainState::Running | DomainState::Paused));
         if running {
-            if standbys.committed(&uuid).await.is_none() {
+            if standbys.committed(&uuid).await.is_none() && !self.orphan_standby(&uuid).await {
                 return Err(Error::Libvirt(crate::libvirt::Error::DomainRunning {
                     uuid: uuid.clone(),
                 }));
             }
-            // An older standby: a fresh one replaces it.
+            // An older standby (known, or one that outlived an agent restart): a fresh one
+            // replaces it.
             standbys.remove(&uuid).await;
             libvirt.destroy(&uuid).await?;
         }
