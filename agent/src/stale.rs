@@ -110,8 +110,14 @@ impl Marker {
     /// then stale, and must never be resumed once the guest's output is released. `None` when
     /// no mirror path of `vm` is recorded.
     pub fn peer_behind(&self, vm: &str) -> Option<Hold> {
+        // The recorded path stays as it is (a mark already written on it still counts).
         let path = self.paths().get(vm).cloned()?;
-        Some(self.hold(vm, &path.peer, path.lease, path.serial))
+        let (marker, vm) = (self.clone(), vm.to_string());
+        Some(Arc::new(move || {
+            let (marker, vm, peer) = (marker.clone(), vm.clone(), path.peer.clone());
+            let (lease, serial) = (path.lease, path.serial);
+            Box::pin(async move { marker.mark_or_block(&vm, &peer, lease, serial).await })
+        }))
     }
 
     /// Writes the mark, retrying while etcd does not answer; blocks forever once etcd says
