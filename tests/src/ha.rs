@@ -50,20 +50,32 @@ impl Lab {
     /// Creates HA tiny guest `name`, starts it, waits for its first counter, and returns it
     /// once it is protected (within `timeout`).
     pub async fn start_protected(&self, name: &str, timeout: Duration) -> pb::Vm {
+        self.start_protected_as(name, pb::ProtectionMode::Ha, timeout)
+            .await
+    }
+
+    /// Like [`Lab::start_protected`], in `mode` (HA or FT: FT is protected once its first
+    /// checkpoint committed).
+    pub async fn start_protected_as(
+        &self,
+        name: &str,
+        mode: pb::ProtectionMode,
+        timeout: Duration,
+    ) -> pb::Vm {
         let mut api = self.client().await;
         let request = pb::CreateVmRequest {
-            mode: pb::ProtectionMode::Ha.into(),
+            mode: mode.into(),
             ..tiny_guest(name)
         };
         let vm = api
             .create_vm(request)
             .await
-            .unwrap_or_else(|e| panic!("creating HA VM {name}: {e}"))
+            .unwrap_or_else(|e| panic!("creating {mode:?} VM {name}: {e}"))
             .into_inner();
         let console = Console::new(self, &vm);
         api.start_vm(pb::StartVmRequest { vm: name.into() })
             .await
-            .unwrap_or_else(|e| panic!("starting HA VM {name}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {mode:?} VM {name}: {e}"));
         console.wait_counters(1, GUEST_BOOT_TIMEOUT);
         self.wait_vm(name, "protected", timeout, protected).await
     }

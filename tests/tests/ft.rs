@@ -9,26 +9,12 @@ use std::path::Path;
 use proto::v1 as pb;
 use tests::ft_rig::assert_one_run;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
 
 /// Creates FT tiny guest `name`, starts it and returns it once protected (its first
 /// checkpoint committed on the standby).
 async fn start_ft(lab: &Lab, name: &str) -> pb::Vm {
-    let mut api = lab.client().await;
-    let vm = api
-        .create_vm(pb::CreateVmRequest {
-            mode: pb::ProtectionMode::Ft.into(),
-            ..tiny_guest(name)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("creating FT VM {name}: {e}"))
-        .into_inner();
-    let console = Console::new(lab, &vm);
-    api.start_vm(pb::StartVmRequest { vm: name.into() })
-        .await
-        .unwrap_or_else(|e| panic!("starting FT VM {name}: {e}"));
-    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
-    lab.wait_vm(name, "protected", SYNC_TIMEOUT, protected)
+    lab.start_protected_as(name, pb::ProtectionMode::Ft, SYNC_TIMEOUT)
         .await
 }
 

@@ -165,6 +165,21 @@ impl Inner {
         }
     }
 
+    /// The PID of `uuid`'s QEMU and the RAM file it maps.
+    async fn qemu_ram(&self, uuid: &str) -> Result<(u32, PathBuf), Error> {
+        let pid = self
+            .deps
+            .libvirt
+            .qemu_pid(uuid)
+            .await
+            .and_then(|(pid, _)| u32::try_from(pid).ok())
+            .ok_or_else(|| Error::Standby {
+                vm: uuid.to_string(),
+                reason: "its QEMU's PID is unknown".into(),
+            })?;
+        Ok((pid, crate::ft::ram_file(pid)?))
+    }
+
     /// Whether `uuid` runs here as a standby QEMU (waiting for a device state) that no
     /// registration describes: its state lived in an agent that restarted since.
     async fn orphan_standby(&self, uuid: &str) -> bool {
@@ -237,15 +252,7 @@ impl Inner {
                 reason: format!("its QEMU is {status}, not waiting for a checkpoint"),
             });
         }
-        let pid = libvirt
-            .qemu_pid(&uuid)
-            .await
-            .and_then(|(pid, _)| u32::try_from(pid).ok())
-            .ok_or_else(|| Error::Standby {
-                vm: uuid.clone(),
-                reason: "its QEMU's PID is unknown".into(),
-            })?;
-        let ram = crate::ft::ram_file(pid)?;
+        let (_, ram) = self.qemu_ram(&uuid).await?;
         standbys.add(&uuid, &ram, &ft.qmp_socket, replicas.exports_of(&uuid))?;
         tracing::info!(vm = %uuid, node = %self.node, ram = %ram.display(), "FT standby end: ok, waiting for checkpoints");
         Ok(status_to_pb(started))
@@ -325,17 +332,7 @@ impl Inner {
         self.wait_mirrors(uuid).await?;
         run.waiting.store(false, Ordering::SeqCst);
         let replicas = self.replicas("start-epochs")?;
-        let pid = self
-            .deps
-            .libvirt
-            .qemu_pid(uuid)
-            .await
-            .and_then(|(pid, _)| u32::try_from(pid).ok())
-            .ok_or_else(|| Error::Standby {
-                vm: uuid.to_string(),
-                reason: "the primary's QEMU PID is unknown".into(),
-            })?;
-        let ram = crate::ft::ram_file(pid)?;
+        let (pid, ram) = self.qemu_ram(uuid).await?;
         let socket = replicas.peer_ft_socket(uuid).await?;
         let ft = self.ft_domain(uuid, false);
         let mut primary =
