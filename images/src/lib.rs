@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use tiny::{TINY_GUEST_NAME, TINY_GUEST_VERSION, ensure_tiny_guest};
+pub use tiny::{COUNTER_PORT, TINY_GUEST_NAME, TINY_GUEST_VERSION, ensure_tiny_guest, guest_ip};
 
 /// File name of the kernel inside a boot image directory.
 pub const KERNEL_FILE: &str = "vmlinuz";

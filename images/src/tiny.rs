@@ -7,6 +7,7 @@
 //! kernel and busybox packages. The inputs are stored next to the image and compared verbatim.
 
 use std::fs;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,6 +26,24 @@ const POWER_BUTTON: &str = include_str!("../tiny-guest/power-button");
 const CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 const INPUTS_FILE: &str = "inputs.txt";
 const PACKAGES: [&str; 2] = ["linux-image-amd64", "busybox-static"];
+
+/// TCP port of the guest's counter service (`nc -ll` in `init`): each line a client sends is
+/// answered with `COUNTER n boot=<id>`, the counter's last value acknowledged by the disk.
+pub const COUNTER_PORT: u16 = 7000;
+
+/// The IPv4 address the tiny guest gives a NIC with MAC `mac` ("52:54:00:0a:0b:0c" →
+/// 10.10.11.12, prefix /8), as `init` derives it; `None` if `mac` is not six hex bytes.
+pub fn guest_ip(mac: &str) -> Option<Ipv4Addr> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    match bytes[..] {
+        [_, _, _, a, b, c] => Some(Ipv4Addr::new(10, a, b, c)),
+        _ => None,
+    }
+}
 
 /// Returns the tiny guest's image directory under `cache_dir`, building it first if it is
 /// missing or any of its inputs changed.
@@ -130,6 +149,16 @@ mod tests {
             parsed,
             "linux-image-amd64 6.1.192-2\nbusybox-static 1:1.35.0-4"
         );
+    }
+
+    #[test]
+    fn guest_ip_takes_the_last_three_mac_bytes() {
+        assert_eq!(
+            guest_ip("52:54:00:0a:ff:01"),
+            Some(Ipv4Addr::new(10, 10, 255, 1))
+        );
+        assert_eq!(guest_ip("52:54:00:0a:ff"), None);
+        assert_eq!(guest_ip("52:54:00:0a:ff:zz"), None);
     }
 
     #[test]

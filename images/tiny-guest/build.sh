@@ -26,9 +26,10 @@ cp bb/bin/busybox "$R/bin/busybox"
 for a in $(bb/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"; done
 # Debian builds these as modules; init loads them in this order.
 for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev \
-         virtio/virtio_pci block/virtio_blk acpi/button input/evdev; do
+         virtio/virtio_pci block/virtio_blk acpi/button input/evdev net/net_failover net/virtio_net; do
   cp "$M/$m.ko" "$R/mod/"
 done
+cp "k/lib/modules/$KVER/kernel/net/core/failover.ko" "$R/mod/"
 install -m 0755 "$INIT" "$R/init"
 install -m 0755 "$POWER" "$R/etc/acpi/PWRF/00000080"
 # Fixed timestamps keep the archive identical for identical inputs.

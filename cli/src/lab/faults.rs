@@ -48,7 +48,7 @@ use super::{net, procs};
 
 /// Name of the nftables tables (`inet` and `netdev`) that hold every fault.
 pub const FAULT_TABLE: &str = "pvfault";
-/// The business link between the nodes: a port of `biz0` on each side.
+/// A host's business link to the switch in the client namespace: a port of `biz0`.
 const BUSINESS_LINK: &str = "business";
 /// SIGKILL acts at once, but a process in uninterruptible sleep (QEMU waiting for disk I/O)
 /// exits only when that I/O completes.

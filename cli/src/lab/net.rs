@@ -6,7 +6,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use super::plan::{BUSINESS_BRIDGE, HOSTS, Host, MGMT_DEV, Plan, ROLE_LINKS};
+use super::plan::{
+    BUSINESS_BRIDGE, CLIENT_BRIDGE, CLIENT_IP, HOSTS, Host, MGMT_DEV, Plan, ROLE_LINKS,
+};
 
 /// Runs `ip ARGS`, failing with its error output.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -66,7 +68,7 @@ pub fn up(plan: &Plan) -> anyhow::Result<()> {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
     }
-    business_up(&n0, &n1)
+    business_up(plan)
 }
 
 /// The host's namespace, loopback and management link.
@@ -137,13 +139,49 @@ fn veth_between(ns_a: &str, ns_b: &str, dev: &str) -> anyhow::Result<()> {
     ])
 }
 
-/// The business network: a bridge per host joined by a veth pair, for guests' NICs.
-fn business_up(n0: &str, n1: &str) -> anyhow::Result<()> {
+/// The business network: a bridge per host for guests' NICs, each a port (veth `business`) of
+/// the switch in the client namespace, which holds the client's address.
+fn business_up(plan: &Plan) -> anyhow::Result<()> {
     const LINK: &str = "business";
-    if !ip_ok(&["-n", n0, "link", "show", LINK]) {
-        veth_between(n0, n1, LINK)?;
+    let client = plan.client_ns();
+    if !namespace_exists(&client) {
+        ip(&["netns", "add", &client])?;
     }
-    for ns in [n0, n1] {
+    ip(&["-n", &client, "link", "set", "lo", "up"])?;
+    if !ip_ok(&["-n", &client, "link", "show", CLIENT_BRIDGE]) {
+        ip(&[
+            "-n",
+            &client,
+            "link",
+            "add",
+            CLIENT_BRIDGE,
+            "type",
+            "bridge",
+        ])?;
+        let address = format!("{CLIENT_IP}/8");
+        ip(&["-n", &client, "addr", "add", &address, "dev", CLIENT_BRIDGE])?;
+    }
+    ip(&["-n", &client, "link", "set", CLIENT_BRIDGE, "up"])?;
+    for host in &HOSTS[..2] {
+        let ns = plan.ns(host);
+        let port = format!("biz-{}", host.name);
+        if !ip_ok(&["-n", &ns, "link", "show", LINK]) {
+            ip(&[
+                "link", "add", LINK, "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+                &client,
+            ])?;
+        }
+        ip(&[
+            "-n",
+            &client,
+            "link",
+            "set",
+            &port,
+            "master",
+            CLIENT_BRIDGE,
+            "up",
+        ])?;
+        let ns = ns.as_str();
         if !ip_ok(&["-n", ns, "link", "show", BUSINESS_BRIDGE]) {
             ip(&["-n", ns, "link", "add", BUSINESS_BRIDGE, "type", "bridge"])?;
         }
@@ -166,6 +204,10 @@ fn business_up(n0: &str, n1: &str) -> anyhow::Result<()> {
 pub fn down(plan: &Plan) -> anyhow::Result<()> {
     for host in &HOSTS {
         detach(&plan.ns(host), &plan.root_veth(host))?;
+    }
+    let client = plan.client_ns();
+    if namespace_exists(&client) {
+        ip(&["netns", "del", &client])?;
     }
     let bridge = plan.bridge();
     if ip_ok(&["link", "show", &bridge]) {

@@ -7,9 +7,13 @@
 //!                                        ── veth pv-wm  ── pv-w:ibiz0  10.100.0.13 (witness)
 //!                                        ── veth pv-n0b ── pv-n0-bmc:bmc0 10.100.0.100 (n0's BMC)
 //!                                        ── veth pv-n1b ── pv-n1-bmc:bmc0 10.100.0.101 (n1's BMC)
-//!  pv-n0 ⇄ pv-n1 veth pairs: priv0 10.101.0.{1,2}, alink1 10.102.0.{1,2}, alink2 10.103.0.{1,2},
-//!                            business (bridged into biz0 on each side; guests' NICs plug in there)
+//!  pv-n0 ⇄ pv-n1 veth pairs: priv0 10.101.0.{1,2}, alink1 10.102.0.{1,2}, alink2 10.103.0.{1,2}
+//!  business network: pv-n0:biz0 ── veth business/biz-n0 ── pv-c: bridge bizsw 10.255.255.254/8
+//!                    pv-n1:biz0 ── veth business/biz-n1 ──┘ (a user's PC on the switch)
 //! ```
+//! Guests' NICs plug into `biz0` on their host; the client namespace `pv-c` is the business
+//! switch and a user's PC on it, so it reaches a guest on either host and outlives a host's
+//! power cut. The tiny guest takes 10.x.y.z/8 from its MAC (`images::guest_ip`).
 //! Each host namespace runs an etcd member (:2379/:2380), an agent (:7701, and the A-Link set
 //! :7710 for HA replicas: n0 listens on alink1/alink2, n1 dials them) and a controller
 //! (API :7400); the witness runs only its etcd member. Each node has a simulated BMC
@@ -54,6 +58,11 @@ pub const BMC_PORT: u16 = 623;
 pub const BMC_USER: &str = "fence";
 /// Its password (a lab's, written into the controllers' config files).
 pub const BMC_PASSWORD: &str = "fencepw";
+
+/// The business switch in the client namespace.
+pub const CLIENT_BRIDGE: &str = "bizsw";
+/// The client's address on the business network (prefix /8, the tiny guests' network).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 254);
 
 /// A point-to-point role link between the two hosts: (interface name, subnet offset).
 pub const ROLE_LINKS: [(&str, u8); 3] = [("priv0", 1), ("alink1", 2), ("alink2", 3)];
@@ -154,6 +163,11 @@ impl Plan {
     /// Network namespace of `host`.
     pub fn ns(&self, host: &Host) -> String {
         format!("{}-{}", self.prefix, host.name)
+    }
+
+    /// Network namespace of the business network's client (and switch).
+    pub fn client_ns(&self) -> String {
+        format!("{}-c", self.prefix)
     }
 
     /// Root-namespace bridge of the management network.
