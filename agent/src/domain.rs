@@ -175,8 +175,8 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     if let Boot::Cdrom(iso) = &spec.boot {
         push_cdrom(&mut xml, iso);
     }
-    for nic in &spec.nics {
-        push_nic(&mut xml, nic);
+    for (index, nic) in spec.nics.iter().enumerate() {
+        push_nic(&mut xml, index, nic, spec.ft.is_some());
     }
     match &spec.ft {
         // Reconnecting: the gate may come back (agent restart) while the guest runs.
@@ -198,21 +198,30 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     xml.push_str("    <memballoon model='none'/>\n");
     xml.push_str("  </devices>\n");
     if let Some(ft) = &spec.ft {
-        push_ft_commandline(&mut xml, ft);
+        push_ft_commandline(&mut xml, ft, spec.nics.len());
     }
     xml.push_str("</domain>\n");
     xml
 }
 
-/// The FT domain's own QMP socket and, on a standby, `-incoming defer` (libvirt has no element
-/// for either). QEMU's option syntax doubles commas inside a value.
-fn push_ft_commandline(xml: &mut String, ft: &FtDomain) {
+/// The FT domain's own QMP socket, a net filter per NIC holding its frames until their epoch
+/// commits (`ft/netbuf.rs`) and, on a standby, `-incoming defer` (libvirt has no element for
+/// any of them). QEMU's option syntax doubles commas inside a value.
+fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
     let socket = ft.qmp_socket.to_string_lossy().replace(',', ",,");
     let _ = write!(
         xml,
         "  <qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:{},server=on,wait=off'/>",
         escape(&socket)
     );
+    for index in 0..nics {
+        let filter = crate::ft::netbuf::filter_object(index, &netdev_id(index));
+        let _ = write!(
+            xml,
+            "<qemu:arg value='-object'/><qemu:arg value='{}'/>",
+            escape(&filter)
+        );
+    }
     if ft.standby {
         xml.push_str("<qemu:arg value='-incoming'/><qemu:arg value='defer'/>");
     }
@@ -294,13 +303,27 @@ fn push_cdrom(xml: &mut String, iso: &std::path::Path) {
     );
 }
 
-fn push_nic(xml: &mut String, nic: &Nic) {
+/// One virtio NIC on a host bridge. An FT domain's NICs use QEMU's own virtio-net backend, not
+/// vhost: QEMU's net filters, which hold an epoch's frames, cannot see vhost's.
+fn push_nic(xml: &mut String, index: usize, nic: &Nic, ft: bool) {
+    let driver = if ft { "<driver name='qemu'/>" } else { "" };
     let _ = writeln!(
         xml,
-        "    <interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/></interface>",
+        "    <interface type='bridge'><mac address='{}'/><source bridge='{}'/><model type='virtio'/>{driver}<alias name='{}'/></interface>",
         escape(&nic.mac),
-        escape(&nic.bridge)
+        escape(&nic.bridge),
+        nic_alias(index)
     );
+}
+
+/// The user alias of NIC `index` (`ua-net0`).
+fn nic_alias(index: usize) -> String {
+    format!("ua-net{index}")
+}
+
+/// QEMU's id of NIC `index`'s netdev: libvirt names it "host" and the NIC's alias.
+fn netdev_id(index: usize) -> String {
+    format!("host{}", nic_alias(index))
 }
 
 /// Guest device name of the `index`th virtio disk: vda … vdz, then vdaa ….
@@ -409,7 +432,7 @@ mod tests {
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/sg0/a.raw'/><target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/sg0/b.qcow2'/><target dev='vdb' bus='virtio'/><alias name='ua-vdb'/></disk>
-    <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/></interface>
+    <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/><alias name='ua-net0'/></interface>
     <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
@@ -499,8 +522,27 @@ mod tests {
             "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
         ));
         assert!(xml.contains(
-            "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline>\n</domain>"
+            "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-object'/><qemu:arg value='filter-buffer,id=ft-net0,netdev=hostua-net0,queue=rx,interval=4294967295,status=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline>\n</domain>"
         ));
+    }
+
+    #[test]
+    fn domain_xml_ft_nics_use_qemus_backend_under_a_filter() {
+        let spec = DomainSpec {
+            ft: Some(FtDomain {
+                qmp_socket: "/run/pv/a.qmp".into(),
+                serial_socket: "/run/pv/a.serial".into(),
+                standby: false,
+            }),
+            ..kernel_spec()
+        };
+
+        let xml = domain_xml(&spec, &tcg());
+
+        assert!(xml.contains(
+            "<model type='virtio'/><driver name='qemu'/><alias name='ua-net0'/></interface>"
+        ));
+        assert!(xml.contains("netdev=hostua-net0,"));
     }
 
     #[test]

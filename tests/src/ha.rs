@@ -62,11 +62,22 @@ impl Lab {
         mode: pb::ProtectionMode,
         timeout: Duration,
     ) -> pb::Vm {
-        let mut api = self.client().await;
         let request = pb::CreateVmRequest {
             mode: mode.into(),
             ..tiny_guest(name)
         };
+        self.start_protected_from(request, timeout).await
+    }
+
+    /// Like [`Lab::start_protected`], for the VM that `request` creates.
+    pub async fn start_protected_from(
+        &self,
+        request: pb::CreateVmRequest,
+        timeout: Duration,
+    ) -> pb::Vm {
+        let mut api = self.client().await;
+        let (name, mode) = (request.name.clone(), request.mode());
+        let name = name.as_str();
         let vm = api
             .create_vm(request)
             .await

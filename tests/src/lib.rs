@@ -6,6 +6,7 @@
 //! These tests need root (namespaces) and the packages of `scripts/install-deps.sh`. Set
 //! `PV_SKIP_E2E=1` to skip them in a quick local loop.
 
+pub mod client;
 pub mod disk;
 pub mod ft_rig;
 pub mod ha;
@@ -152,6 +153,11 @@ impl Lab {
     /// other node; cuts add up until `heal`.
     pub fn cut_path(&self, host: &str, path: &str) {
         self.lab_ok(&["cut-path", host, path]);
+    }
+
+    /// The namespace of the business network's client (a user's PC), as `pvctl lab` names it.
+    pub fn client_ns(&self) -> String {
+        format!("{}-c", self.prefix)
     }
 
     /// Management address of node `index` (0 or 1), or of the witness (2).

@@ -2,20 +2,54 @@
 //! When its host loses power the standby resumes the guest from the last committed
 //! checkpoint; when the standby's host loses power the guest runs on. What an observer saw
 //! (the released serial output, host after host) counts on with no gap and no repeat, under
-//! one boot id, across failovers in both directions and the re-protection between them.
+//! one boot id, across failovers in both directions and the re-protection between them. A
+//! TCP connection from the lab's client (a user's PC on the business network) to the guest's
+//! counter service stays open across both failovers, and no answer it got is ever undone.
 
 use std::path::Path;
+use std::time::Instant;
 
 use proto::v1 as pb;
+use tests::client::{Answer, CounterClient};
 use tests::ft_rig::assert_one_run;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
-/// Creates FT tiny guest `name`, starts it and returns it once protected (its first
-/// checkpoint committed on the standby).
+/// Creates FT tiny guest `name` with a NIC on the business network, starts it and returns it
+/// once protected (its first checkpoint committed on the standby).
 async fn start_ft(lab: &Lab, name: &str) -> pb::Vm {
-    lab.start_protected_as(name, pb::ProtectionMode::Ft, SYNC_TIMEOUT)
-        .await
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Ft.into(),
+        networks: vec!["business".into()],
+        ..tiny_guest(name)
+    };
+    lab.start_protected_from(request, SYNC_TIMEOUT).await
+}
+
+/// Connects the lab's client to `vm`'s counter service.
+fn connect_client(lab: &Lab, vm: &pb::Vm) -> CounterClient {
+    let mac = &vm.nics.first().expect("the FT VM has a NIC").mac;
+    let guest = images::guest_ip(mac).unwrap_or_else(|| panic!("MAC {mac:?}"));
+    CounterClient::connect(&lab.client_ns(), guest, GUEST_BOOT_TIMEOUT)
+}
+
+/// The client's answers came from one guest whose state never went back: one boot id (the
+/// serial console's), counters that never decrease. An answer from an epoch a failover
+/// undid would show a counter the resumed guest has not reached yet.
+fn assert_consistent(answers: &[Answer], boot: &str) {
+    assert!(
+        answers.iter().all(|a| a.boot == boot),
+        "answers from another boot than {boot}: {answers:?}"
+    );
+    assert!(
+        answers.windows(2).all(|w| w[1].counter >= w[0].counter),
+        "an answer went back: {answers:?}"
+    );
+}
+
+/// The highest counter among `answers`.
+fn highest(answers: &[Answer]) -> u64 {
+    answers.iter().map(|a| a.counter).max().unwrap_or(0)
 }
 
 /// `vm` as placed on `node`, for reading that host's serial log.
@@ -44,9 +78,15 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
     let lab = Lab::up("pvft", 232);
     let vm = start_ft(&lab, "f").await;
     let (a, b) = (vm.node.clone(), other(&vm.node).to_string());
-    Console::new(&lab, &vm).wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+    let boot = Console::new(&lab, &vm).wait_counters(3, COUNTER_PERIOD_TIMEOUT)[0]
+        .1
+        .clone();
+    let client = connect_client(&lab, &vm);
+    client.wait_above(0, Instant::now(), COUNTER_PERIOD_TIMEOUT);
 
     // A loses power: B's standby resumes the guest.
+    let seen = highest(&client.answers());
+    let killed = Instant::now();
     lab.kill_host(&a);
     let moved = lab.wait_running_on("f", &b, FAILOVER_TIMEOUT).await;
     // The new host's log was empty: the standby prints nothing until it is resumed.
@@ -56,6 +96,9 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
         survivor.contains("failover end: ok, the guest runs on from its checkpoint"),
         "the standby on {b} was not resumed"
     );
+    // The client's connection lived through it: answers go on from where they were.
+    let answers = client.wait_above(seen + 1, killed, GUEST_BOOT_TIMEOUT);
+    assert_consistent(&answers, &boot);
 
     // A returns: it gets a new standby, and the VM is protected again.
     lab.wait_fenced(&a, FAILOVER_TIMEOUT).await;
@@ -69,6 +112,8 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
     let on_b = Console::from_start(&lab, &back).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
 
     // B loses power: A's new standby resumes the guest, same boot still.
+    let seen = highest(&client.answers());
+    let killed = Instant::now();
     lab.kill_host(&b);
     lab.wait_running_on("f", &a, FAILOVER_TIMEOUT).await;
     let deadline = std::time::Instant::now() + GUEST_BOOT_TIMEOUT;
@@ -87,6 +132,8 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
         .collect();
     assert!(on_b.len() >= 2);
     assert_one_run(&all);
+    let answers = client.wait_above(seen + 1, killed, GUEST_BOOT_TIMEOUT);
+    assert_consistent(&answers, &boot);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use std::sync::Arc;
 
 use super::dirty::{self, Dirty, DirtyTracker};
+use super::netbuf::NetBuffers;
 use super::output::{self, Mark, OutputGate};
 use super::qmp::{self, Qmp};
 use super::standby::ignore_shared;
@@ -142,6 +143,8 @@ pub struct Phases {
     pub send: Duration,
     /// Waiting for the standby to apply and acknowledge.
     pub ack: Duration,
+    /// Sending the committed epoch's network frames (`netbuf.rs`).
+    pub net: Duration,
     /// `cont`.
     pub cont: Duration,
 }
@@ -175,6 +178,8 @@ pub struct Primary {
     epoch: u64,
     precopied: usize,
     output: Option<Arc<OutputGate>>,
+    /// The filters holding the guest's network frames until their epoch commits.
+    nets: NetBuffers,
     pid: u32,
     /// Records the standby as stale (fenced, in etcd) before a guest whose epochs ended lets
     /// its output out: after that, resuming the standby would undo what observers saw.
@@ -204,6 +209,7 @@ impl Primary {
         let mut qmp = Qmp::connect(qmp_socket).await?;
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;
+        let nets = NetBuffers::discover(&mut qmp).await?;
         // Half the cores at most: the guests, etcd and the agent's own lease renewal must keep
         // running while a pause hashes all of RAM.
         let threads =
@@ -243,6 +249,7 @@ impl Primary {
         tracing::info!(
             vm,
             tracker = tracker.name(),
+            nics = nets.len(),
             ram_bytes = primary_bytes,
             standby_committed = committed,
             "FT primary connected to its standby"
@@ -257,6 +264,7 @@ impl Primary {
             epoch: committed,
             precopied: 0,
             output: None,
+            nets,
             pid,
             invalidate: None,
         })
@@ -277,13 +285,13 @@ impl Primary {
     }
 
     /// After the last epoch: if the guest still runs (unprotected now), records the standby
-    /// stale, then lets its held output out and passes the rest through; if its QEMU died,
-    /// drops the output of the uncommitted epoch, which the standby writes again if it takes
-    /// over.
-    async fn settle_output(&self, ended: Option<&Error>) {
-        let Some(gate) = &self.output else {
+    /// stale, then lets its held output (serial and network) out and passes the rest through;
+    /// if its QEMU died, drops the output of the uncommitted epoch, which the standby writes
+    /// again if it takes over (QEMU's held frames die with it).
+    async fn settle_output(&mut self, ended: Option<&Error>) {
+        if self.output.is_none() && self.nets.is_empty() {
             return;
-        };
+        }
         // QEMU's QMP socket closes before its process is gone: either says it died.
         let socket_gone = matches!(
             ended,
@@ -292,16 +300,41 @@ impl Primary {
             ))
         );
         if socket_gone || !alive(self.pid) {
-            let dropped = gate.discard().await;
-            tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
+            if let Some(gate) = &self.output {
+                let dropped = gate.discard().await;
+                tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
+            }
             return;
         }
         if let Some(invalidate) = &self.invalidate {
             tracing::warn!(vm = %self.vm, "FT: the standby's checkpoint is stale now; recording it before the guest's output is released");
             (invalidate.0)().await;
         }
-        if let Err(e) = gate.open().await {
+        if let Some(gate) = &self.output
+            && let Err(e) = gate.open().await
+        {
             tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: releasing the held serial output failed");
+        }
+        self.open_nets().await;
+    }
+
+    /// Lets the guest's network frames flow again; a QMP connection a failure left out of step
+    /// is replaced once.
+    async fn open_nets(&mut self) {
+        if self.nets.is_empty() || self.nets.open(&mut self.qmp).await.is_ok() {
+            return;
+        }
+        let reopened = match self.reconnect().await {
+            Ok(()) => self.nets.open(&mut self.qmp).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        match reopened {
+            Ok(()) => {
+                tracing::info!(vm = %self.vm, "FT: the guest's network frames flow unheld again")
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: the guest's network frames stay held: switch its ft-net filters off by hand (QMP qom-set status off)")
+            }
         }
     }
 
@@ -339,6 +372,19 @@ impl Primary {
                 Err(Error::Timeout { epoch, timeout })
             }
         };
+        // The epoch committed: its frames leave while the guest is still stopped, so that none of
+        // the next epoch's go with them.
+        let releasing = Instant::now();
+        let captured = match captured {
+            Ok(captured) => self
+                .nets
+                .release(&mut self.qmp)
+                .await
+                .map(|()| captured)
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let net = releasing.elapsed();
         let resuming = Instant::now();
         let resumed = self.resume().await;
         let cont = resuming.elapsed();
@@ -359,6 +405,7 @@ impl Primary {
         self.epoch = epoch;
         resumed?;
         phases.stop = stopped;
+        phases.net = net;
         phases.cont = cont;
         let precopied_pages = std::mem::take(&mut self.precopied);
         Ok(EpochReport {
@@ -543,6 +590,7 @@ async fn epochs(
     stop: &mut watch::Receiver<bool>,
     reports: &mpsc::UnboundedSender<EpochReport>,
 ) -> Result<u64, Error> {
+    primary.nets.hold(&mut primary.qmp).await?;
     let started = Instant::now();
     let copied = primary.precopy().await?;
     tracing::info!(vm = %primary.vm, pages = copied, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "FT initial RAM copy sent");

@@ -8,6 +8,7 @@
 
 pub mod dirty;
 pub mod epoch;
+pub mod netbuf;
 pub mod output;
 pub mod qmp;
 pub mod standby;

@@ -10,7 +10,8 @@
 //!
 //! 1. The epoch loop runs `--seconds` at the default 50 ms interval: `pause_ms_p50`,
 //!    `pause_ms_p99` [targets ≤ 20, ≤ 60], `pause_breakdown_ms` (p50 of each phase: stop,
-//!    output (the serial gate's cut), save, scan, send, ack, cont), `epochs_per_s`, `dirty_pages_per_epoch_p50`,
+//!    output (the serial gate's cut), save, scan, send, ack, net (the epoch's frames sent; the
+//!    rig's guest has no NIC), cont), `epochs_per_s`, `dirty_pages_per_epoch_p50`,
 //!    `state_bytes_p50`, and `initial_copy_ms` (the full RAM copy before the first epoch).
 //! 2. The primary's QEMU is killed and the standby activated: `activate_ms` (device state
 //!    written, loaded, `cont`) and `kill_to_counter_ms` (kill → the standby's first COUNTER
@@ -124,6 +125,7 @@ async fn measure(args: &Args) -> anyhow::Result<Value> {
             "scan": round(phase(|p| p.scan)),
             "send": round(phase(|p| p.send)),
             "ack": round(phase(|p| p.ack)),
+            "net": round(phase(|p| p.net)),
             "cont": round(phase(|p| p.cont)),
         },
         "dirty_pages_per_epoch_p50": percentile(&epochs.iter().map(|e| e.dirty_pages as f64).collect::<Vec<_>>(), 50),
@@ -148,7 +150,9 @@ fn print_table(report: &Value) {
     println!("{:<28} {:>12} target", "metric", "value");
     row("pause_ms_p50", &report["pause_ms_p50"], "<= 20");
     row("pause_ms_p99", &report["pause_ms_p99"], "<= 60");
-    for phase in ["stop", "output", "save", "scan", "send", "ack", "cont"] {
+    for phase in [
+        "stop", "output", "save", "scan", "send", "ack", "net", "cont",
+    ] {
         row(
             &format!("  {phase} p50 (ms)"),
             &report["pause_breakdown_ms"][phase],
