@@ -35,6 +35,7 @@ fn event_kind_name(kind: pb::EventKind) -> &'static str {
         pb::EventKind::VmCreated => "vm-created",
         pb::EventKind::VmChanged => "vm-changed",
         pb::EventKind::VmProtection => "vm-protection",
+        pb::EventKind::VmFt => "vm-ft",
         pb::EventKind::VmDeleted => "vm-deleted",
         pb::EventKind::NodeUp => "node-up",
         pb::EventKind::NodeDown => "node-down",
@@ -76,7 +77,55 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
         "created_unix_ms": vm.created_unix_ms,
         "updated_unix_ms": vm.updated_unix_ms,
         "protection": vm.protection.as_ref().map(protection_json),
+        "ft": vm.ft.as_ref().map(ft_json),
     })
+}
+
+/// Lower-case name of an FT VM's phase.
+pub fn ft_phase_name(phase: pb::FtPhase) -> &'static str {
+    match phase {
+        pb::FtPhase::Off => "off",
+        pb::FtPhase::Starting => "starting",
+        pb::FtPhase::Syncing => "syncing",
+        pb::FtPhase::Protected => "protected",
+        pb::FtPhase::Simplex => "simplex",
+        pb::FtPhase::FailingOver => "failing-over",
+        pb::FtPhase::Failed => "failed",
+        pb::FtPhase::Invalid => "invalid",
+    }
+}
+
+fn ft_json(ft: &pb::FtInfo) -> Value {
+    json!({
+        "phase": ft_phase_name(ft.phase()),
+        "epochs_per_second": ft.epochs_per_second,
+        "last_pause_ms": ft.last_pause_ms,
+        "committed_epoch": ft.committed_epoch,
+        "last_error": ft.last_error,
+        "waiting_for_mirror": ft.waiting_for_mirror,
+    })
+}
+
+/// An FT VM's checkpointing in a line: `protected, epoch 1234, 9.8 epochs/s, last pause
+/// 3.2 ms`, with the wait for the mirrors and the last error when there are.
+pub fn ft_text(ft: &pb::FtInfo) -> String {
+    let mut parts = vec![ft_phase_name(ft.phase()).to_string()];
+    if ft.committed_epoch > 0 {
+        parts.push(format!("epoch {}", ft.committed_epoch));
+    }
+    if let Some(rate) = ft.epochs_per_second {
+        parts.push(format!("{rate:.1} epochs/s"));
+    }
+    if let Some(pause) = ft.last_pause_ms {
+        parts.push(format!("last pause {pause:.1} ms"));
+    }
+    if ft.waiting_for_mirror {
+        parts.push("waiting for the mirror".into());
+    }
+    if !ft.last_error.is_empty() {
+        parts.push(format!("last error: {}", ft.last_error));
+    }
+    parts.join(", ")
 }
 
 fn protection_json(p: &pb::Protection) -> Value {
@@ -170,8 +219,11 @@ pub fn vm_text(vm: &pb::Vm) -> String {
         None => "-".into(),
     };
     let mut protection = String::new();
+    if let Some(ft) = &vm.ft {
+        protection = format!("ft:      {}\n", ft_text(ft));
+    }
     if let Some(p) = &vm.protection {
-        protection = format!("protect: {}\n", protection_text(p));
+        protection.push_str(&format!("protect: {}\n", protection_text(p)));
         if let Some(f) = &p.last_failover {
             protection.push_str(&format!("failover: {}\n", failover_text(f)));
         }
@@ -200,12 +252,22 @@ pub fn vm_text(vm: &pb::Vm) -> String {
     )
 }
 
+/// A VM's protection in a table cell: an FT VM's phase, an HA VM's protection state, or `-`.
+fn protection_cell(vm: &pb::Vm) -> String {
+    match (&vm.ft, &vm.protection) {
+        (Some(ft), _) => ft_phase_name(ft.phase()).into(),
+        (None, Some(p)) => p.state.clone(),
+        (None, None) => "-".into(),
+    }
+}
+
 /// VMs as an aligned table.
 pub fn vms_table(vms: &[pb::Vm]) -> String {
     let mut rows = vec![[
         "NAME".to_string(),
         "STATE".into(),
         "MODE".into(),
+        "PROTECTION".into(),
         "NODE".into(),
         "VCPUS".into(),
         "MEMORY".into(),
@@ -216,6 +278,7 @@ pub fn vms_table(vms: &[pb::Vm]) -> String {
             vm.name.clone(),
             state_name(vm.state()).into(),
             mode_name(vm.mode()).into(),
+            protection_cell(vm),
             vm.node.clone(),
             vm.vcpus.to_string(),
             format!("{} MiB", vm.memory_mib),
@@ -500,5 +563,99 @@ mod tests {
 
         assert_eq!(value["state"], "running");
         assert_eq!(value["mode"], "ft");
+    }
+
+    fn ft_vm() -> pb::Vm {
+        pb::Vm {
+            name: "web".into(),
+            mode: pb::ProtectionMode::Ft.into(),
+            state: pb::VmState::Running.into(),
+            node: "n1".into(),
+            protection: Some(pb::Protection {
+                state: "protected".into(),
+                current_on: vec!["n0".into(), "n1".into()],
+                last_failover: Some(pb::Failover {
+                    from_node: "n0".into(),
+                    to_node: "n1".into(),
+                    reason: "host n0 lost".into(),
+                    decided_unix_ms: 1_000,
+                    running_unix_ms: 1_450,
+                }),
+                ..Default::default()
+            }),
+            ft: Some(pb::FtInfo {
+                phase: pb::FtPhase::Protected.into(),
+                epochs_per_second: Some(9.84),
+                last_pause_ms: Some(3.25),
+                committed_epoch: 1234,
+                last_error: "the standby refused epoch 17".into(),
+                waiting_for_mirror: false,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ft_text_shows_phase_epoch_rate_pause_and_last_error() {
+        let text = ft_text(&ft_vm().ft.unwrap());
+
+        assert_eq!(
+            text,
+            "protected, epoch 1234, 9.8 epochs/s, last pause 3.2 ms, last error: the standby refused epoch 17"
+        );
+    }
+
+    #[test]
+    fn ft_text_before_any_checkpoint_is_the_phase_and_the_wait() {
+        let ft = pb::FtInfo {
+            phase: pb::FtPhase::Syncing.into(),
+            waiting_for_mirror: true,
+            ..Default::default()
+        };
+
+        assert_eq!(ft_text(&ft), "syncing, waiting for the mirror");
+    }
+
+    #[test]
+    fn vm_text_ft_vm_shows_ft_protection_and_last_failover() {
+        let text = vm_text(&ft_vm());
+
+        assert!(
+            text.contains("\nft:      protected, epoch 1234")
+                && text.contains("\nprotect: protected (current copies on n0, n1)\n")
+                && text.contains("\nfailover: n0 → n1 at "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn vm_json_ft_vm_has_ft_block() {
+        let value = vm_json(&ft_vm());
+
+        assert_eq!(value["ft"]["phase"], "protected");
+        assert_eq!(value["ft"]["epochs_per_second"], 9.84);
+        assert_eq!(value["ft"]["last_pause_ms"], 3.25);
+        assert_eq!(value["ft"]["committed_epoch"], 1234);
+        assert_eq!(value["protection"]["last_failover"]["downtime_ms"], 450);
+    }
+
+    #[test]
+    fn vm_json_ha_vm_has_no_ft_block() {
+        let vm = pb::Vm {
+            mode: pb::ProtectionMode::Ha.into(),
+            ..Default::default()
+        };
+
+        assert_eq!(vm_json(&vm)["ft"], Value::Null);
+    }
+
+    #[test]
+    fn vms_table_ft_vm_shows_its_phase() {
+        let text = vms_table(&[ft_vm()]);
+
+        assert_eq!(
+            text,
+            "NAME  STATE    MODE  PROTECTION  NODE  VCPUS  MEMORY  REASON\nweb   running  ft    protected   n1    0      0 MiB\n"
+        );
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! Any controller can serve `WatchEvents` from its own etcd watch (with previous values), so the
 //! log needs no writes of its own, is ordered by store revision, survives a change of serving
-//! controller, and can be resumed from a revision.
+//! controller, and can be resumed from a revision. A change of an FT VM's record that moves
+//! its phase ([`crate::ft`]) tells that too, as a second event of the same revision.
 
 use proto::v1 as pb;
 
+use crate::ft;
 use crate::ha::{Protection, Sync};
 use crate::model::{NodeRecord, VmRecord, VmState};
 use crate::store::{ALERTS, Alert, LEADER, NODES, VMS};
@@ -26,19 +28,50 @@ pub struct Change<'a> {
     pub now_unix_ms: i64,
 }
 
-/// The API event a change means, if any.
-pub fn from_change(change: &Change<'_>) -> Option<pb::Event> {
+/// The API events a change means, in order: none, one, or (an FT VM's change of phase) two.
+pub fn from_change(change: &Change<'_>) -> Vec<pb::Event> {
     if change.key.starts_with(VMS) {
-        vm_event(change)
+        let new: Option<VmRecord> = change.value.and_then(|v| serde_json::from_slice(v).ok());
+        let old: Option<VmRecord> = change.prev.and_then(|v| serde_json::from_slice(v).ok());
+        let records = (new.as_ref(), old.as_ref());
+        vm_event(change, records)
+            .into_iter()
+            .chain(ft_event(change, records))
+            .collect()
     } else if change.key.starts_with(NODES) {
-        node_event(change)
+        node_event(change).into_iter().collect()
     } else if change.key == LEADER {
-        leader_event(change)
+        leader_event(change).into_iter().collect()
     } else if change.key.starts_with(ALERTS) {
-        alert_event(change)
+        alert_event(change).into_iter().collect()
     } else {
-        None
+        Vec::new()
     }
+}
+
+/// A VM record after and before a change (`None`: absent, or unreadable).
+type Records<'a> = (Option<&'a VmRecord>, Option<&'a VmRecord>);
+
+/// The phase change of an FT VM that `change` means, if any (derived from the records alone).
+fn ft_event(change: &Change<'_>, (new, old): Records<'_>) -> Option<pb::Event> {
+    let phase = |record: Option<&VmRecord>| record.and_then(|r| ft::phase_of(r, None));
+    let moved = ft::transition(phase(old), phase(new))?;
+    let vm = new.or(old)?;
+    Some(pb::Event {
+        revision: change.revision,
+        kind: pb::EventKind::VmFt.into(),
+        vm_uuid: vm.uuid.clone(),
+        vm_name: vm.name.clone(),
+        node: vm.node.clone(),
+        state: vm_state_to_pb(vm.state).into(),
+        message: ft::message(&moved, &vm.protection, &vm.state_reason),
+        unix_ms: if new.is_some() {
+            vm.updated_unix_ms
+        } else {
+            change.now_unix_ms
+        },
+        alert_id: String::new(),
+    })
 }
 
 /// A protection change at `now_unix_ms` in words: `simplex → protected; current copies on n0,
@@ -68,10 +101,8 @@ fn protection_message(old: &Protection, new: &Protection, now_unix_ms: i64) -> S
     )
 }
 
-fn vm_event(change: &Change<'_>) -> Option<pb::Event> {
-    let new: Option<VmRecord> = change.value.and_then(|v| serde_json::from_slice(v).ok());
-    let old: Option<VmRecord> = change.prev.and_then(|v| serde_json::from_slice(v).ok());
-    let (kind, vm, message) = match (&new, &old) {
+fn vm_event(change: &Change<'_>, (new, old): Records<'_>) -> Option<pb::Event> {
+    let (kind, vm, message) = match (new, old) {
         (Some(new), None) => (
             pb::EventKind::VmCreated,
             new,
@@ -206,6 +237,12 @@ mod tests {
         serde_json::to_vec(record).unwrap()
     }
 
+    /// The one event of a change.
+    fn only(events: Vec<pb::Event>) -> pb::Event {
+        assert_eq!(events.len(), 1, "{events:?}");
+        events.into_iter().next().unwrap()
+    }
+
     fn change<'a>(key: &'a str, value: Option<&'a [u8]>, prev: Option<&'a [u8]>) -> Change<'a> {
         Change {
             revision: 42,
@@ -221,7 +258,7 @@ mod tests {
         let record = vm("web", Mode::Ha, 1, 256, "n0");
         let value = json(&record);
 
-        let event = from_change(&change("/pairvisor/vms/u", Some(&value), None)).unwrap();
+        let event = only(from_change(&change("/pairvisor/vms/u", Some(&value), None)));
 
         assert_eq!(event.kind(), pb::EventKind::VmCreated);
         assert_eq!(event.vm_name, "web");
@@ -236,7 +273,11 @@ mod tests {
         new.state_reason = "started".into();
         let (old, new) = (json(&old), json(&new));
 
-        let event = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old))).unwrap();
+        let event = only(from_change(&change(
+            "/pairvisor/vms/u",
+            Some(&new),
+            Some(&old),
+        )));
 
         assert_eq!(event.kind(), pb::EventKind::VmChanged);
         assert_eq!(event.message, "stopped → running: started");
@@ -257,7 +298,11 @@ mod tests {
         new.updated_unix_ms = 2_001;
         let (old, new) = (json(&old), json(&new));
 
-        let event = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old))).unwrap();
+        let event = only(from_change(&change(
+            "/pairvisor/vms/u",
+            Some(&new),
+            Some(&old),
+        )));
 
         assert_eq!(event.kind(), pb::EventKind::VmProtection);
         assert_eq!(
@@ -270,7 +315,7 @@ mod tests {
     fn from_change_deleted_vm_is_named_from_previous_value() {
         let old = json(&vm("web", Mode::Ha, 1, 256, "n0"));
 
-        let event = from_change(&change("/pairvisor/vms/u", None, Some(&old))).unwrap();
+        let event = only(from_change(&change("/pairvisor/vms/u", None, Some(&old))));
 
         assert_eq!(event.kind(), pb::EventKind::VmDeleted);
         assert_eq!(event.vm_name, "web");
@@ -280,7 +325,7 @@ mod tests {
     fn from_change_leader_key_is_controller_elected() {
         let value = br#"{"node":"n1","api_address":"10.0.0.2:7400","term":9}"#;
 
-        let event = from_change(&change("/pairvisor/leader", Some(value), None)).unwrap();
+        let event = only(from_change(&change("/pairvisor/leader", Some(value), None)));
 
         assert_eq!(event.kind(), pb::EventKind::ControllerElected);
         assert_eq!(event.node, "n1");
@@ -290,12 +335,11 @@ mod tests {
     fn from_change_alert_delete_is_cleared_event() {
         let alert = br#"{"id":"path/n0/alink1","node":"n0","vm":"","message":"alink1 silent","raised_unix_ms":5}"#;
 
-        let event = from_change(&change(
+        let event = only(from_change(&change(
             "/pairvisor/alerts/path/n0/alink1",
             None,
             Some(alert),
-        ))
-        .unwrap();
+        )));
 
         assert_eq!(event.kind(), pb::EventKind::AlertCleared);
         assert_eq!(event.alert_id, "path/n0/alink1");
@@ -305,15 +349,78 @@ mod tests {
     fn from_change_campaign_key_is_no_event() {
         let value = br#"{"node":"n1","api_address":"10.0.0.2:7400"}"#;
 
-        let event = from_change(&change("/pairvisor/serving/694d", Some(value), None));
+        let events = from_change(&change("/pairvisor/serving/694d", Some(value), None));
 
-        assert_eq!(event, None);
+        assert_eq!(events, vec![]);
     }
 
     #[test]
     fn from_change_name_reservation_is_no_event() {
-        let event = from_change(&change("/pairvisor/names/web", Some(b"u"), None));
+        let events = from_change(&change("/pairvisor/names/web", Some(b"u"), None));
 
-        assert_eq!(event, None);
+        assert_eq!(events, vec![]);
+    }
+
+    /// FT VM `web` running on n0, checkpointed to n1.
+    fn protected_ft() -> VmRecord {
+        let mut record = vm("web", Mode::Ft, 1, 256, "n0");
+        record.state = VmState::Running;
+        record.protection.current = ["n0".to_string(), "n1".to_string()].into();
+        record.protection.sync = Sync::Protected { since_unix_ms: 1 };
+        record
+    }
+
+    #[test]
+    fn from_change_ft_failover_is_state_change_then_ft_phase() {
+        let old = protected_ft();
+        let mut new = old.clone();
+        new.state = VmState::Starting;
+        new.state_reason = "host n0 lost; restarting on n1 from its replica".into();
+        new.node = "n1".into();
+        new.protection = crate::ha::failed_over("n0", "n1", "host n0 lost", 5);
+        let (old, new) = (json(&old), json(&new));
+
+        let events = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old)));
+
+        let kinds: Vec<pb::EventKind> = events.iter().map(pb::Event::kind).collect();
+        assert_eq!(kinds, [pb::EventKind::VmChanged, pb::EventKind::VmFt]);
+        assert_eq!(
+            events[1].message,
+            "FT protected → failing-over: moving from n0 to n1 (host n0 lost)"
+        );
+    }
+
+    #[test]
+    fn from_change_ft_first_checkpoint_is_protection_then_ft_phase() {
+        let mut old = protected_ft();
+        old.protection.sync = Sync::Syncing {
+            done: 4,
+            total: 4,
+            since_unix_ms: 1,
+            verifying: false,
+        };
+        let new = protected_ft();
+        let (old, new) = (json(&old), json(&new));
+
+        let events = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old)));
+
+        assert_eq!(events[1].kind(), pb::EventKind::VmFt);
+        assert_eq!(events[1].message, "FT syncing → protected");
+    }
+
+    #[test]
+    fn from_change_ha_protection_change_has_no_ft_event() {
+        let mut old = protected_ft();
+        old.mode = Mode::Ha;
+        let mut new = old.clone();
+        new.protection.sync = Sync::Simplex {
+            reason: "gone".into(),
+            since_unix_ms: 2,
+        };
+        let (old, new) = (json(&old), json(&new));
+
+        let events = from_change(&change("/pairvisor/vms/u", Some(&new), Some(&old)));
+
+        assert_eq!(only(events).kind(), pb::EventKind::VmProtection);
     }
 }

@@ -12,9 +12,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::effects::{Batch, Done, Waiter};
 use super::fencing::{FenceDone, Fences};
 use super::observe::{self, DomainsPoll, HealthPoll};
-use super::view::{self, NodeView, NodesView, Snapshot};
+use super::view::{self, FtRuntime, NodeView, NodesView, Snapshot};
 use super::{Command, Context};
 use crate::error::{ApiError, chain};
+use crate::ft::FtPhase;
 use crate::health;
 use crate::model::{NodeRecord, VmRecord, VmState};
 use crate::placement;
@@ -101,6 +102,10 @@ pub(super) struct Engine {
     pub marks: BTreeMap<String, (daemon::pair::StaleMark, i64)>,
     /// Lost hosts and their fences.
     pub fences: Fences,
+    /// FT VMs' checkpointing as their primaries report it, by UUID (memory only).
+    pub ft: BTreeMap<String, FtRuntime>,
+    /// FT VMs' phases as last logged, by UUID.
+    pub ft_phases: BTreeMap<String, Option<FtPhase>>,
     pub health_config: health::Config,
     pub alerts: BTreeMap<String, Alert>,
     /// Applied requests by ID, with when they were learned (forgotten after their lease).
@@ -144,7 +149,7 @@ impl Engine {
             .map_err(|e| ApiError::Unavailable(chain(&e)))?;
         let (internal, internal_rx) = mpsc::channel(64);
         let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let engine = Engine {
+        let mut engine = Engine {
             vms: vms
                 .into_iter()
                 .map(|s| (s.value.uuid.clone(), Entry::new(s)))
@@ -157,6 +162,8 @@ impl Engine {
             last_health: None,
             marks: BTreeMap::new(),
             fences: Fences::default(),
+            ft: BTreeMap::new(),
+            ft_phases: BTreeMap::new(),
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
             requests: requests
@@ -178,6 +185,7 @@ impl Engine {
             internal_rx: Some(internal_rx),
             ctx,
         };
+        engine.track_ft(false);
         engine.publish();
         Ok((engine, rx))
     }
@@ -194,6 +202,7 @@ impl Engine {
         };
         self.registrations_changed(first).await;
         self.take_over().await;
+        self.track_ft(true);
         self.publish();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -217,6 +226,7 @@ impl Engine {
                 self.step_down_fenced();
                 return;
             }
+            self.track_ft(true);
             self.publish();
         }
     }
@@ -475,6 +485,7 @@ impl Engine {
                 .iter()
                 .map(|(uuid, e)| (uuid.clone(), e.record.clone()))
                 .collect(),
+            ft: self.ft.clone(),
             nodes: self.nodes_view(),
             alerts: self.alerts.clone(),
             health_config: self.health_config,

@@ -15,11 +15,13 @@
 //! - `observe`: what agents and etcd report (domains, heartbeats, registrations) → host
 //!   health, VM events, alerts (reconciliation);
 //! - `fencing`: a lost host powered off through its BMC, and the gate HA failovers wait at;
+//! - `ft`: FT VMs' figures from their primaries' reports, and their phase changes logged;
 //! - `view`: the snapshot that reads are answered from.
 
 mod actor;
 mod effects;
 mod fencing;
+mod ft;
 mod lifecycle;
 mod observe;
 mod protect;
@@ -39,7 +41,7 @@ use crate::model::{Mode, VmRecord, VmSpec};
 use crate::placement::Policy;
 use crate::store::{Etcd, Writer};
 
-pub use view::{NodeView, NodesView, PathView, Snapshot};
+pub use view::{FtRuntime, FtView, NodeView, NodesView, PathView, Snapshot};
 
 /// Commands queued before API callers wait.
 const QUEUE: usize = 64;

@@ -451,6 +451,7 @@ impl Engine {
         }
         self.sync_domain_alerts(alerts, &poll).await;
         self.observe_protection(&poll).await;
+        self.observe_ft(&poll);
     }
 
     /// The VM events `node`'s report means for the VMs recorded there.

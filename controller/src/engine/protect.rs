@@ -311,17 +311,29 @@ pub(super) fn placed(
     )
 }
 
-/// The mirror of a running domain, from its agent's report. A disk on the peer's copy comes
-/// first: the primary's copy is then behind, whatever the other disks show.
 /// What protects a running VM, as its host reports it: the mirror; for an FT VM, an in-sync
-/// mirror counts as still syncing until the first checkpoint has committed on the standby.
+/// mirror counts as still syncing until the first checkpoint has committed on the standby,
+/// and epochs that ended break it (the agent stops the mirror and marks the peer's copy
+/// behind right after: the guest runs on alone from the failed epoch on).
 pub(super) fn protection_of(mode: Mode, domain: &pb::DomainStatus) -> Mirror {
     let mirror = mirror_of(domain);
-    let checkpointed = domain.ft.as_ref().is_some_and(|ft| {
-        ft.role() == pb::FtRole::Primary && ft.committed_epoch > 0 && ft.error.is_empty()
-    });
-    match mirror {
-        Mirror::Ready if mode == Mode::Ft && !checkpointed => {
+    let primary = domain
+        .ft
+        .as_ref()
+        .filter(|ft| ft.role() == pb::FtRole::Primary);
+    let checkpointed = primary.is_some_and(|ft| ft.committed_epoch > 0 && ft.error.is_empty());
+    let ended = primary
+        .map(|ft| ft.error.as_str())
+        .filter(|e| !e.is_empty());
+    match (mirror, ended) {
+        (Mirror::Ready | Mirror::Syncing { .. } | Mirror::Absent, Some(error))
+            if mode == Mode::Ft =>
+        {
+            Mirror::Failed {
+                error: format!("the FT checkpoints ended: {error}"),
+            }
+        }
+        (Mirror::Ready, _) if mode == Mode::Ft && !checkpointed => {
             let total = domain.mirrors.iter().map(|m| m.length).sum();
             Mirror::Syncing {
                 done: total,
@@ -329,10 +341,12 @@ pub(super) fn protection_of(mode: Mode, domain: &pb::DomainStatus) -> Mirror {
                 verifying: false,
             }
         }
-        other => other,
+        (other, _) => other,
     }
 }
 
+/// The mirror of a running domain, from its agent's report. A disk on the peer's copy comes
+/// first: the primary's copy is then behind, whatever the other disks show.
 pub(super) fn mirror_of(domain: &pb::DomainStatus) -> Mirror {
     if domain.mirrors.is_empty() {
         return Mirror::Absent;
@@ -494,6 +508,59 @@ mod tests {
             mirror_of(&d),
             Mirror::Failed {
                 error: "vda: Input/output error".into()
+            }
+        );
+    }
+
+    fn ft_primary(
+        mirrors: Vec<pb::DiskMirror>,
+        committed_epoch: u64,
+        error: &str,
+    ) -> pb::DomainStatus {
+        pb::DomainStatus {
+            ft: Some(pb::FtStatus {
+                role: pb::FtRole::Primary.into(),
+                committed_epoch,
+                error: error.into(),
+                ..pb::FtStatus::default()
+            }),
+            ..domain(mirrors)
+        }
+    }
+
+    #[test]
+    fn protection_of_ft_ended_epochs_break_a_ready_mirror() {
+        let d = ft_primary(
+            vec![mirror(pb::MirrorState::Ready, 4, 4)],
+            40,
+            "the standby refused epoch 41",
+        );
+
+        assert_eq!(
+            protection_of(Mode::Ft, &d),
+            Mirror::Failed {
+                error: "the FT checkpoints ended: the standby refused epoch 41".into()
+            }
+        );
+    }
+
+    #[test]
+    fn protection_of_ft_checkpointed_ready_mirror_is_ready() {
+        let d = ft_primary(vec![mirror(pb::MirrorState::Ready, 4, 4)], 1, "");
+
+        assert_eq!(protection_of(Mode::Ft, &d), Mirror::Ready);
+    }
+
+    #[test]
+    fn protection_of_ft_ready_mirror_before_first_checkpoint_is_syncing() {
+        let d = ft_primary(vec![mirror(pb::MirrorState::Ready, 4, 4)], 0, "");
+
+        assert_eq!(
+            protection_of(Mode::Ft, &d),
+            Mirror::Syncing {
+                done: 4,
+                total: 4,
+                verifying: false
             }
         );
     }

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use crate::error::ApiError;
+use crate::ft::{self, FtPhase, FtSeen, Metrics};
 use crate::health::{self, HostState};
-use crate::model::{NodeRecord, VmRecord, VmState};
+use crate::model::{Mode, NodeRecord, VmRecord, VmState};
 use crate::placement::Free;
 use crate::store::Alert;
 
@@ -54,11 +55,41 @@ pub struct NodesView {
     pub free: Free,
 }
 
+/// What the engine saw of an FT VM's checkpointing beyond its record (kept in memory only: a
+/// new serving controller starts over from its own polls).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FtRuntime {
+    /// Its primary's FT report in the last poll that counted, if it had one.
+    pub seen: Option<FtSeen>,
+    /// The figures from successive reports (their host is the one `seen` came from).
+    pub metrics: Option<Metrics>,
+}
+
+impl FtRuntime {
+    /// The last report, if it came from `node` (where the VM is recorded now).
+    pub fn seen_on(&self, node: &str) -> Option<&FtSeen> {
+        self.seen
+            .as_ref()
+            .filter(|_| self.metrics.as_ref().is_some_and(|m| m.node == node))
+    }
+}
+
+/// An FT VM's phase and figures, for reads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FtView {
+    /// Its phase (`None`: it does not run).
+    pub phase: Option<FtPhase>,
+    /// Its figures, once a primary reported.
+    pub metrics: Option<Metrics>,
+}
+
 /// The engine's state as reads see it.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Every VM by UUID.
     pub vms: BTreeMap<String, VmRecord>,
+    /// FT VMs' checkpointing by UUID, as last seen.
+    pub ft: BTreeMap<String, FtRuntime>,
     /// The nodes.
     pub nodes: NodesView,
     /// Open alerts by ID.
@@ -75,6 +106,20 @@ impl Snapshot {
             .or_else(|| self.vms.values().find(|r| r.name == vm))
             .cloned()
             .ok_or_else(|| ApiError::NotFound { vm: vm.to_string() })
+    }
+
+    /// The phase and figures of `record` if it is an FT VM (`record` may be newer than the
+    /// snapshot: a mutating call's reply).
+    pub fn ft(&self, record: &VmRecord) -> Option<FtView> {
+        if record.mode != Mode::Ft {
+            return None;
+        }
+        let runtime = self.ft.get(&record.uuid);
+        let seen = runtime.and_then(|r| r.seen_on(&record.node));
+        Some(FtView {
+            phase: ft::phase_of(record, seen),
+            metrics: runtime.and_then(|r| r.metrics.clone()),
+        })
     }
 }
 

@@ -9,7 +9,9 @@
 //!
 //! VM `a` is HA: the serving controller fails it over when its host is lost and its copy on
 //! the peer is current (`crate::ha`, the mirror taken as ready whenever the peer is up), and
-//! its agent stops it when the host lease is in doubt (self-fence).
+//! its agent stops it when the host lease is in doubt (self-fence). `World::make_ft` makes it
+//! FT: a failover's start then resumes the standby when the record says so, and its phases
+//! (`crate::ft`) are traced.
 //!
 //! Every step checks two safety properties:
 //! - **one owner**: no VM runs on two powered hosts at once, and no ownership generation is
@@ -49,6 +51,10 @@ pub struct SimVm {
     /// HA: which hosts' copies are current (`crate::ha`).
     #[serde(default)]
     pub protection: crate::ha::Protection,
+    /// FT (with `protected`): a failover's start resumes the standby on the new host when the
+    /// record says it holds a checkpoint of the run (`Protection::resume_standby`).
+    #[serde(default)]
+    pub ft: bool,
 }
 
 /// A command carried out by an agent, for the property checks.
@@ -66,6 +72,8 @@ pub struct Executed {
     pub term: i64,
     /// Its generation.
     pub generation: u64,
+    /// A start that resumed an FT standby instead of booting.
+    pub resume: bool,
 }
 
 /// The safety properties, checked on a world.

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 
 use super::model::{Request, STEP_MS};
 use super::{World, violations};
+use crate::ft::FtPhase;
 use crate::health::HostState;
 use crate::model::{Intent, VmState};
 
@@ -288,6 +289,125 @@ fn ha_partition_with_witness_keeps_the_vm_where_it_runs() {
     assert_eq!(world.vm("a").host, 0);
     assert!(domain_runs(&world, 0, "a"));
     assert!(!started_on(&world, 1, "a"), "{}", world.trace.join("\n"));
+    assert_safe(&world);
+}
+
+/// A running pair whose VM `a` on n0 is FT and protected: its standby on n1 holds a
+/// checkpoint of the run.
+fn protected_ft_pair(seed: u64) -> World {
+    let mut world = World::new(seed, 150);
+    world.make_ft("a");
+    world.run(3_000);
+    world.requests.push_back(Request::Start("a".into()));
+    world.requests.push_back(Request::Start("b".into()));
+    world.run(3_000);
+    assert_eq!(
+        world.vm("a").protection.current.len(),
+        2,
+        "a is not protected:\n{}",
+        world.trace.join("\n")
+    );
+    world
+}
+
+/// The starts of `vm` on `host` as (generation, resumed).
+fn starts_on(world: &World, host: usize, vm: &str) -> Vec<(u64, bool)> {
+    world
+        .executed
+        .iter()
+        .filter(|e| e.start && e.host == host && e.vm == vm)
+        .map(|e| (e.generation, e.resume))
+        .collect()
+}
+
+#[test]
+fn ft_failover_of_protected_vm_resumes_the_standby_and_is_protected_again() {
+    let mut world = protected_ft_pair(21);
+    let generation = world.vm("a").generation;
+
+    world.power_off(0);
+    world.run(6_000);
+    let on_peer = starts_on(&world, 1, "a");
+    world.power_on(0);
+    world.run(6_000);
+
+    assert_eq!(
+        on_peer,
+        [(generation + 1, true)],
+        "{}",
+        world.trace.join("\n")
+    );
+    assert_eq!(
+        world.ft_phases["a"],
+        // The sim's mirror is in sync as soon as the peer is up: no syncing phase.
+        [
+            None,
+            Some(FtPhase::Starting),
+            Some(FtPhase::Protected),
+            Some(FtPhase::FailingOver),
+            Some(FtPhase::Simplex),
+            Some(FtPhase::Protected),
+        ]
+    );
+    assert!(!domain_runs(&world, 0, "a"));
+    assert_safe(&world);
+}
+
+#[test]
+fn ft_vm_simplex_when_its_host_dies_waits_and_boots_on_its_own_host() {
+    let mut world = protected_ft_pair(22);
+    // n1's agent dies: the mirror is gone, only n0's copy (and no standby) is current.
+    world.kill_agent(1);
+    world.run(3_000);
+    let simplex = world.vm("a").protection.current.len();
+
+    world.power_off(0);
+    world.run(6_000);
+    world.restart_processes(1);
+    world.run(3_000);
+    let lost = world.vm("a").state;
+    world.power_on(0);
+    world.run(6_000);
+
+    assert_eq!(simplex, 1, "{}", world.trace.join("\n"));
+    assert_eq!(
+        lost,
+        VmState::Lost {
+            intent: Intent::Resume
+        }
+    );
+    assert_eq!(starts_on(&world, 1, "a"), []);
+    assert!(
+        starts_on(&world, 0, "a")
+            .iter()
+            .all(|(_, resumed)| !resumed),
+        "{}",
+        world.trace.join("\n")
+    );
+    assert!(world.ft_phases["a"].contains(&Some(FtPhase::Failed)));
+    assert_eq!(world.vm("a").state, VmState::Running);
+    assert_safe(&world);
+}
+
+#[test]
+fn ft_isolated_primary_returning_never_runs_the_vm_twice() {
+    let mut world = protected_ft_pair(23);
+
+    world.isolate(0, false);
+    world.run(6_000);
+    let resumed_on_peer = starts_on(&world, 1, "a");
+    world.heal();
+    world.run(6_000);
+
+    assert_eq!(
+        resumed_on_peer.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        [true],
+        "{}",
+        world.trace.join("\n")
+    );
+    assert_eq!(world.vm("a").host, 1);
+    assert!(!domain_runs(&world, 0, "a"), "n0 resumed its old run");
+    assert!(domain_runs(&world, 1, "a"));
     assert_safe(&world);
 }
 

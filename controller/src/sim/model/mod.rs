@@ -12,6 +12,7 @@ mod roles;
 
 use super::store::Store;
 use super::{Executed, HOSTS, ROLE_PATHS, SimVm};
+use crate::ft::{self, FtPhase};
 use crate::health;
 use crate::model::VmState;
 
@@ -145,6 +146,8 @@ enum Message {
         vm: String,
         start: bool,
         self_fence: bool,
+        /// FT: the start resumes the standby there.
+        resume: bool,
         token: Token,
     },
 }
@@ -179,6 +182,8 @@ pub struct World {
     pub executed: Vec<Executed>,
     pub violations: Vec<String>,
     pub trace: Vec<String>,
+    /// The phases each FT VM went through, as its stored record says (`crate::ft`).
+    pub ft_phases: BTreeMap<String, Vec<Option<FtPhase>>>,
     health_config: health::Config,
     base: Instant,
 }
@@ -195,6 +200,7 @@ impl World {
                 generation: 1,
                 protected,
                 protection: crate::ha::Protection::default(),
+                ft: false,
             };
             store.put(&vm_key(name), &encode(&vm), None);
         }
@@ -213,6 +219,7 @@ impl World {
             executed: Vec::new(),
             violations: Vec::new(),
             trace: Vec::new(),
+            ft_phases: BTreeMap::new(),
             health_config: health::Config::default(),
             base: Instant::now(),
         }
@@ -252,7 +259,38 @@ impl World {
             generation: 0,
             protected: false,
             protection: crate::ha::Protection::default(),
+            ft: false,
         })
+    }
+
+    /// Makes the protected VM `name` FT (before it starts).
+    pub fn make_ft(&mut self, name: &str) {
+        let vm = SimVm {
+            ft: true,
+            ..self.vm(name)
+        };
+        self.store.put(&vm_key(name), &encode(&vm), None);
+    }
+
+    /// Appends each FT VM's phase to its trace when it changed.
+    fn trace_ft(&mut self) {
+        for name in ["a", "b"] {
+            let vm = self.vm(name);
+            if !vm.ft {
+                continue;
+            }
+            let node = HOSTS[vm.host];
+            let phase = ft::phase(&ft::Seen {
+                state: vm.state,
+                protection: &vm.protection,
+                ft: None,
+                failing_over: ft::failover_in_progress(vm.state, node, &vm.protection),
+            });
+            let phases = self.ft_phases.entry(name.to_string()).or_default();
+            if phases.last() != Some(&phase) {
+                phases.push(phase);
+            }
+        }
     }
 
     // ----- faults -----
@@ -381,6 +419,7 @@ impl World {
                 self.controller_step(host);
             }
         }
+        self.trace_ft();
     }
 
     /// Whether etcd has a quorum at all (outside an election).
@@ -493,8 +532,9 @@ impl World {
                 vm,
                 start,
                 self_fence,
+                resume,
                 token,
-            } => self.execute(host, &vm, (start, self_fence), token),
+            } => self.execute(host, &vm, (start, self_fence, resume), token),
         }
     }
 

@@ -52,7 +52,7 @@ impl World {
         &mut self,
         host: usize,
         vm: &str,
-        (start, self_fence): (bool, bool),
+        (start, self_fence, resume): (bool, bool, bool),
         token: Token,
     ) {
         if !self.hosts[host].power || self.hosts[host].agent_proc != Proc::Running {
@@ -95,6 +95,7 @@ impl World {
             start,
             term: token.term,
             generation: token.generation,
+            resume,
         });
     }
 
@@ -342,6 +343,7 @@ impl World {
                 vm: vm.to_string(),
                 start,
                 self_fence: record.protected,
+                resume: start && record.ft && record.protection.resume_standby,
                 token,
             });
         }
