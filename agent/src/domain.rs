@@ -502,16 +502,21 @@ mod tests {
         assert!(!xml.contains("error_policy"));
     }
 
-    #[test]
-    fn domain_xml_ft_standby_shares_ram_and_waits_for_a_device_state() {
-        let spec = DomainSpec {
+    /// The kernel spec as an FT domain with QMP socket `qmp`.
+    fn ft_spec(qmp: &str, standby: bool) -> DomainSpec {
+        DomainSpec {
             ft: Some(FtDomain {
-                qmp_socket: "/run/pv/ft,a.qmp".into(),
+                qmp_socket: qmp.into(),
                 serial_socket: "/run/pv/a.serial".into(),
-                standby: true,
+                standby,
             }),
             ..kernel_spec()
-        };
+        }
+    }
+
+    #[test]
+    fn domain_xml_ft_standby_shares_ram_and_waits_for_a_device_state() {
+        let spec = ft_spec("/run/pv/ft,a.qmp", true);
 
         let xml = domain_xml(&spec, &tcg());
 
@@ -528,14 +533,7 @@ mod tests {
 
     #[test]
     fn domain_xml_ft_nics_use_qemus_backend_under_a_filter() {
-        let spec = DomainSpec {
-            ft: Some(FtDomain {
-                qmp_socket: "/run/pv/a.qmp".into(),
-                serial_socket: "/run/pv/a.serial".into(),
-                standby: false,
-            }),
-            ..kernel_spec()
-        };
+        let spec = ft_spec("/run/pv/a.qmp", false);
 
         let xml = domain_xml(&spec, &tcg());
 
@@ -547,14 +545,7 @@ mod tests {
 
     #[test]
     fn domain_xml_ft_primary_runs_without_incoming() {
-        let spec = DomainSpec {
-            ft: Some(FtDomain {
-                qmp_socket: "/run/pv/a.qmp".into(),
-                serial_socket: "/run/pv/a.serial".into(),
-                standby: false,
-            }),
-            ..kernel_spec()
-        };
+        let spec = ft_spec("/run/pv/a.qmp", false);
 
         let xml = domain_xml(&spec, &tcg());
 

@@ -16,10 +16,12 @@ pub const ASK_PERIOD: Duration = Duration::from_millis(200);
 /// while TCP retransmits with backoff; the connection must outlive it, not time out.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// One answer: when it arrived and the counter and boot id it carried.
+/// One answer: when it was asked for and arrived, and the counter and boot id it carried.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// When the client read it.
+    /// When the client sent the question.
+    pub asked: Instant,
+    /// When the client read the answer.
     pub at: Instant,
     /// The counter.
     pub counter: u64,
@@ -163,6 +165,7 @@ fn ask(stream: TcpStream, answers: &Mutex<Vec<Answer>>, stop: &AtomicBool) -> Re
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);
     while !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
         writer
             .write_all(b"?\n")
             .map_err(|e| format!("asking: {e}"))?;
@@ -175,6 +178,7 @@ fn ask(stream: TcpStream, answers: &Mutex<Vec<Answer>>, stop: &AtomicBool) -> Re
         let (counter, boot) =
             crate::parse_counter(&line).ok_or_else(|| format!("not a counter: {line:?}"))?;
         answers.lock().unwrap().push(Answer {
+            asked,
             at: Instant::now(),
             counter,
             boot,
