@@ -375,14 +375,9 @@ impl Primary {
         // The epoch committed: its frames leave while the guest is still stopped, so that none of
         // the next epoch's go with them.
         let releasing = Instant::now();
-        let captured = match captured {
-            Ok(captured) => self
-                .nets
-                .release(&mut self.qmp)
-                .await
-                .map(|()| captured)
-                .map_err(Error::from),
-            Err(e) => Err(e),
+        let net_released = match &captured {
+            Ok(_) => self.nets.release(&mut self.qmp).await,
+            Err(_) => Ok(()),
         };
         let net = releasing.elapsed();
         let resuming = Instant::now();
@@ -403,6 +398,7 @@ impl Primary {
             gate.release(mark).await?;
         }
         self.epoch = epoch;
+        net_released?;
         resumed?;
         phases.stop = stopped;
         phases.net = net;
