@@ -164,4 +164,32 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     assert_eq!(again.node, a);
     Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     assert_one_run(&Console::from_start(&lab, &vm).counters());
+
+    // A's agent dies mid-checkpointing and returns: the VM is checkpointed to a new standby
+    // again, and nothing was undone. While the agent is away the guest's frames stay held
+    // (the client's connection waits) and its serial output, with no gate to reach, is lost.
+    let client = connect_client(&lab, &vm);
+    let answered = highest(&client.wait_above(0, Instant::now(), COUNTER_PERIOD_TIMEOUT));
+    let printed = Console::from_start(&lab, &vm).counters();
+    lab.kill9(&format!("{a}-agent"));
+    lab.wait_vm("s", "simplex without its agent", FAILOVER_TIMEOUT, |v| {
+        !protected(v)
+    })
+    .await;
+    lab.repair();
+    lab.wait_vm(
+        "s",
+        "protected after its agent returned",
+        SYNC_TIMEOUT,
+        protected,
+    )
+    .await;
+    let after = Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+    let last = printed.last().expect("counters before the agent died");
+    assert!(
+        after.iter().all(|c| c.1 == last.1 && c.0 > last.0),
+        "{after:?} after {last:?}"
+    );
+    let answers = client.wait_above(answered + 1, Instant::now(), GUEST_BOOT_TIMEOUT);
+    assert_consistent(&answers, &last.1);
 }
