@@ -5,7 +5,7 @@
 //! `--json`. A bench reports; it asserts no timing. Needs root and QEMU:
 //!
 //! ```text
-//! cargo build --release -p tests --bin ft-bench && target/release/ft-bench [--json] [--seconds 20]
+//! cargo build --release --workspace && target/release/ft-bench [--json] [--seconds 20] [--skip-failover]
 //! ```
 //!
 //! 1. The epoch loop runs `--seconds` at the default 50 ms interval: `pause_ms_p50`,
