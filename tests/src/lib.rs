@@ -241,16 +241,27 @@ impl Lab {
 
     /// PID of a running guest's QEMU on its node (from the embed root's PID file).
     fn qemu_pid(&self, vm: &pb::Vm) -> i32 {
-        let file = self
-            .dir
-            .join(&vm.node)
-            .join("agent/libvirt/run/qemu")
-            .join(format!("{}.pid", vm.name));
+        let file = self.qemu_pid_file(vm);
         let text = std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
         text.trim()
             .parse()
             .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", file.display()))
+    }
+
+    /// libvirt's PID file of `vm`'s QEMU on its node (there while the domain runs).
+    fn qemu_pid_file(&self, vm: &pb::Vm) -> PathBuf {
+        self.dir
+            .join(&vm.node)
+            .join("agent/libvirt/run/qemu")
+            .join(format!("{}.pid", vm.name))
+    }
+
+    /// Whether a QEMU of `vm` (or of its FT standby) runs on `vm.node`: libvirt's PID file
+    /// names a live process.
+    pub fn qemu_runs(&self, vm: &pb::Vm) -> bool {
+        std::fs::read_to_string(self.qemu_pid_file(vm))
+            .is_ok_and(|pid| Path::new("/proc").join(pid.trim()).exists())
     }
 
     /// Path of a guest's serial log on its node.

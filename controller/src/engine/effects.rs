@@ -111,8 +111,16 @@ impl Engine {
         if changed {
             tracing::info!(vm = %name, node = %node, event = event.name(), from = from.name(), to = transition.state.name(), "VM state changed");
         }
-        if !transition.actions.is_empty() {
-            self.queue(uuid, transition.actions);
+        let mut actions = transition.actions;
+        if let Some(entry) = self.vms.get(uuid) {
+            actions.extend(super::protect::after_stop(
+                entry.record.mode,
+                from,
+                transition.state,
+            ));
+        }
+        if !actions.is_empty() {
+            self.queue(uuid, actions);
         }
         self.settle(uuid);
         Ok(())
@@ -425,10 +433,11 @@ async fn run_batch(agents: Agents, mut lease: watch::Receiver<LeaseView>, batch:
         let (vm, op) = (record.name.as_str(), action.name());
         let peer = agents.peer.as_ref().map_or("", |(name, _)| name.as_str());
         let (node, agent) = match (action, &agents.peer) {
-            (Action::ExportReplica | Action::PrepareStandby, Some((peer, agent))) => {
-                (peer.as_str(), agent)
-            }
-            (Action::ExportReplica | Action::PrepareStandby, None) => (
+            (
+                Action::ExportReplica | Action::PrepareStandby | Action::DiscardStandby,
+                Some((peer, agent)),
+            ) => (peer.as_str(), agent),
+            (Action::ExportReplica | Action::PrepareStandby | Action::DiscardStandby, None) => (
                 "",
                 &Err(ApiError::FailedPrecondition(
                     "the pair has no second host to hold the replica".into(),
@@ -567,6 +576,7 @@ async fn call(
         Action::StartMirror => agent.start_mirror(record, peer, token).await.map(|_| None),
         Action::PrepareStandby => agent.prepare_standby(record, token).await.map(|_| None),
         Action::StartEpochs => agent.start_epochs(uuid, token).await.map(|_| None),
+        Action::DiscardStandby => agent.unexport_replica(uuid, token).await.map(|()| None),
         Action::RemoveRecord => Ok(None),
     }
 }

@@ -11,7 +11,7 @@ use crate::ha::{self, Mirror, Observed, Placement, Protection};
 use crate::health::HostState;
 use crate::model::{Mode, VmRecord, VmState};
 use crate::store::MarkGuard;
-use crate::vm::{PROTECT, PROTECT_FT, Transition, VmEvent};
+use crate::vm::{Action, PROTECT, PROTECT_FT, Transition, VmEvent};
 
 impl Engine {
     /// The other host of the pair, if `node` has one.
@@ -283,6 +283,15 @@ impl Engine {
     }
 }
 
+/// What a VM that stopped on purpose (`Stopping` → `Stopped`) leaves to clean up: an FT VM's
+/// standby on the peer, which would only hold the guest's memory there until the next start.
+/// A VM that stopped otherwise (its QEMU died, its host was lost) keeps it: the pair decides
+/// what runs next, and a standby may be what resumes the guest.
+pub(super) fn after_stop(mode: Mode, from: VmState, to: VmState) -> Option<Action> {
+    let on_purpose = matches!(from, VmState::Stopping { .. }) && to == VmState::Stopped;
+    (mode == Mode::Ft && on_purpose).then_some(Action::DiscardStandby)
+}
+
 /// The protection committed with `transition`'s (re)placement of `record` (see
 /// [`ha::placed`]); refused when the host's copy is behind (`behind`: a stale mark says so).
 pub(super) fn placed(
@@ -510,6 +519,23 @@ mod tests {
                 error: "vda: Input/output error".into()
             }
         );
+    }
+
+    #[test]
+    fn after_stop_discards_only_an_ft_standby_of_a_vm_stopped_on_purpose() {
+        let stopping = VmState::Stopping {
+            deadline_unix_ms: 0,
+            forced: false,
+        };
+        let running = VmState::Running;
+
+        assert_eq!(
+            after_stop(Mode::Ft, stopping, VmState::Stopped),
+            Some(Action::DiscardStandby)
+        );
+        assert_eq!(after_stop(Mode::Ha, stopping, VmState::Stopped), None);
+        assert_eq!(after_stop(Mode::Ft, running, VmState::Stopped), None);
+        assert_eq!(after_stop(Mode::Ft, stopping, stopping), None);
     }
 
     fn ft_primary(

@@ -137,6 +137,9 @@ pub enum Action {
     DefineDomain,
     /// Power the domain off.
     DestroyDomain,
+    /// FT: stop the VM's standby QEMU on the peer (and stop serving its replicas there): a VM
+    /// stopped on purpose needs neither until it starts again, which prepares both anew.
+    DiscardStandby,
     /// HA and FT: serve the VM's volumes on the peer, for its mirror.
     ExportReplica,
     /// FT: a standby QEMU of the VM on the peer, waiting for checkpoints.
@@ -162,6 +165,7 @@ impl Action {
             Action::DeleteVolumes => "delete-volumes",
             Action::DefineDomain => "define",
             Action::DestroyDomain => "power-off",
+            Action::DiscardStandby => "discard-standby",
             Action::ExportReplica => "export-replica",
             Action::PrepareStandby => "prepare-standby",
             Action::RemoveRecord => "remove-record",
