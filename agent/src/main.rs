@@ -120,6 +120,7 @@ async fn serve(
         marker,
     };
     let service = AgentService::new(config, deps);
+    tokio::spawn(service.recover());
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
     tonic::transport::Server::builder()
         .add_service(proto::agent::agent_server::AgentServer::new(service))

@@ -93,6 +93,15 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// The work an agent that starts owes guests an earlier one left: FT primaries it left
+    /// stopped mid-checkpoint are resumed (see `resume_orphan_primaries`).
+    pub fn recover(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let inner = self.inner.clone();
+        async move { inner.resume_orphan_primaries().await }
+    }
+}
+
 impl Inner {
     /// Resolves a spec's names (storage groups, volumes, networks, image) to this host's paths.
     fn resolve(&self, spec: pb::VmSpec) -> Result<DomainSpec, Error> {

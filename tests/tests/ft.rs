@@ -165,13 +165,26 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     assert_one_run(&Console::from_start(&lab, &vm).counters());
 
-    // A's agent dies mid-checkpointing and returns: the VM is checkpointed to a new standby
-    // again, and nothing was undone. While the agent is away the guest's frames stay held
+    // A's agent dies mid-checkpoint and returns: the guest runs again, the VM is checkpointed
+    // to a new standby, and nothing was undone. While the agent is away the guest's frames stay held
     // (the client's connection waits) and its serial output, with no gate to reach, is lost.
     let client = connect_client(&lab, &vm);
     let answered = highest(&client.wait_above(0, Instant::now(), COUNTER_PERIOD_TIMEOUT));
     let printed = Console::from_start(&lab, &vm).counters();
     lab.kill9(&format!("{a}-agent"));
+    // As if it died mid-checkpoint: the guest stays stopped until an agent resumes it.
+    let qmp_socket = lab
+        .dir()
+        .join(&a)
+        .join("agent/ft")
+        .join(format!("{}.qmp", vm.uuid));
+    let mut qmp = agent::ft::qmp::Qmp::connect(&qmp_socket)
+        .await
+        .unwrap_or_else(|e| panic!("QMP of s on {a}: {e}"));
+    qmp.execute("stop", serde_json::Value::Null)
+        .await
+        .unwrap_or_else(|e| panic!("stopping s: {e}"));
+    drop(qmp);
     lab.wait_vm("s", "simplex without its agent", FAILOVER_TIMEOUT, |v| {
         !protected(v)
     })
@@ -192,4 +205,26 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     );
     let answers = client.wait_above(answered + 1, Instant::now(), GUEST_BOOT_TIMEOUT);
     assert_consistent(&answers, &last.1);
+    drop(client);
+
+    // Powered off on purpose: its standby QEMU on B goes too, not to hold its memory there.
+    let standby = on(&vm, &b);
+    assert!(
+        lab.qemu_runs(&standby),
+        "no standby QEMU on {b} to begin with"
+    );
+    let mut api = lab.client().await;
+    api.power_off_vm(pb::PowerOffVmRequest { vm: "s".into() })
+        .await
+        .unwrap_or_else(|e| panic!("powering off s: {e}"));
+    let deadline = Instant::now() + COUNTER_PERIOD_TIMEOUT;
+    while lab.qemu_runs(&standby) || lab.qemu_runs(&vm) {
+        assert!(
+            Instant::now() < deadline,
+            "a QEMU of s still runs: on {b} (standby) {}, on {a} {}",
+            lab.qemu_runs(&standby),
+            lab.qemu_runs(&vm)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

@@ -466,25 +466,9 @@ impl Primary {
         Ok(())
     }
 
-    /// Resumes the guest whatever state the checkpoint left it in: QEMU refuses `cont` while
-    /// a migration runs (a save that failed or was abandoned: it is cancelled) or is being
-    /// finalized (waited for), so it is retried until [`RESUME_TIMEOUT`].
+    /// Resumes the guest whatever state the checkpoint left it in ([`Qmp::resume`]).
     async fn resume(&mut self) -> Result<(), Error> {
-        let deadline = Instant::now() + RESUME_TIMEOUT;
-        loop {
-            match self.qmp.execute("cont", Value::Null).await {
-                Ok(_) => return Ok(()),
-                Err(qmp::Error::Refused { .. }) if Instant::now() < deadline => {
-                    if self.qmp.status().await? == "running" {
-                        return Ok(());
-                    }
-                    // Refused when no migration runs: harmless.
-                    let _ = self.qmp.execute("migrate_cancel", Value::Null).await;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Ok(self.qmp.resume(RESUME_TIMEOUT).await?)
     }
 
     /// Saves the device state into the state file and reads it back.

@@ -149,6 +149,27 @@ impl Qmp {
         }
     }
 
+    /// Resumes the guest whatever state a checkpoint left it in: QEMU refuses `cont` while a
+    /// migration runs (a save that failed or was abandoned: it is cancelled) or is being
+    /// finalized (waited for), so it is retried for up to `timeout`.
+    pub async fn resume(&mut self, timeout: Duration) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.execute("cont", Value::Null).await {
+                Ok(_) => return Ok(()),
+                Err(Error::Refused { .. }) if tokio::time::Instant::now() < deadline => {
+                    if self.status().await? == "running" {
+                        return Ok(());
+                    }
+                    // Refused when no migration runs: harmless.
+                    let _ = self.execute("migrate_cancel", Value::Null).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// QEMU's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn status(&mut self) -> Result<String, Error> {
         let value = self.execute("query-status", Value::Null).await?;

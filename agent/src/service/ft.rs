@@ -25,6 +25,10 @@ use crate::serial;
 const STANDBY_QMP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a probe of a QEMU's run state may take.
 const ORPHAN_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// QEMU run states a checkpoint leaves its guest in: stopped, device state saving or saved.
+const CHECKPOINT_STATES: [&str; 3] = ["paused", "finish-migrate", "postmigrate"];
+/// Longest the resume of a guest left stopped mid-checkpoint may take.
+const ORPHAN_RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a primary waiting for its mirrors looks at them.
 const MIRROR_POLL: Duration = Duration::from_millis(500);
 
@@ -423,6 +427,52 @@ impl Inner {
             committed_epoch: committed,
             ..pb::FtStatus::default()
         })
+    }
+
+    /// Resumes every FT primary that an agent before this one left paused mid-checkpoint (its
+    /// epoch loop died with it). Safe before any new checkpoint: the guest's frames stay held
+    /// in its filters and its serial output, with no gate yet, is dropped, so nothing it does
+    /// now is seen before a new standby commits; a failover meanwhile resumes the old standby,
+    /// which no observer saw past. The pair then re-protects the running VM.
+    pub(crate) async fn resume_orphan_primaries(&self) {
+        let domains = match self.deps.libvirt.list().await {
+            Ok(domains) => domains,
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %daemon::error_chain(&e), "listing domains for FT primaries left paused failed");
+                return;
+            }
+        };
+        for domain in domains.iter().filter(|d| d.state == DomainState::Paused) {
+            let socket = self.ft_domain(&domain.uuid, false).qmp_socket;
+            if socket.exists() {
+                self.resume_orphan_primary(&domain.uuid, &socket).await;
+            }
+        }
+    }
+
+    /// Resumes FT primary `uuid` if its QEMU (QMP socket `socket`) is stopped in a checkpoint.
+    async fn resume_orphan_primary(&self, uuid: &str, socket: &std::path::Path) {
+        let mut qmp = match Qmp::connect_within(socket, ORPHAN_PROBE_TIMEOUT).await {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                tracing::warn!(vm = uuid, node = %self.node, error = %daemon::error_chain(&e), "probing a paused FT domain failed");
+                return;
+            }
+        };
+        let status = qmp.status().await.unwrap_or_default();
+        // A standby waits in `inmigrate`; an I/O error pause (`io-error`) is not ours to undo.
+        if !CHECKPOINT_STATES.contains(&status.as_str()) {
+            return;
+        }
+        tracing::warn!(vm = uuid, node = %self.node, status, "FT orphan resume begin: the guest was left stopped mid-checkpoint by an agent that died");
+        match qmp.resume(ORPHAN_RESUME_TIMEOUT).await {
+            Ok(()) => {
+                tracing::info!(vm = uuid, node = %self.node, "FT orphan resume end: ok, the guest runs unprotected until the pair protects it again")
+            }
+            Err(e) => {
+                tracing::error!(vm = uuid, node = %self.node, error = %daemon::error_chain(&e), "FT orphan resume end: failed, the guest stays paused")
+            }
+        }
     }
 
     /// Forgets `uuid`'s FT state: its epochs end and its gate closes (the domain is gone).
