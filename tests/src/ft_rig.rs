@@ -58,6 +58,12 @@ pub struct FtRig {
 impl FtRig {
     /// Boots the primary (waits for its second counter), starts the standby and the mirror.
     pub async fn boot(dir: &Path, memory_mib: u64) -> FtRig {
+        FtRig::boot_with(dir, memory_mib, "").await
+    }
+
+    /// Like [`FtRig::boot`], the guest's kernel command line extended by `cmdline` (e.g.
+    /// `pv.memloop` for the tiny guest's memory bench).
+    pub async fn boot_with(dir: &Path, memory_mib: u64, cmdline: &str) -> FtRig {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let (local, replica) = (dir.join("local.raw"), dir.join(EXPORT));
         zero_file(&local);
@@ -83,7 +89,7 @@ impl FtRig {
         let standby_output =
             OutputGate::listen(&dir.join("fts.serial"), &dir.join("fts.log"), true)
                 .expect("standby serial gate");
-        let primary = spec(dir, VM, "ftp", &local, memory_mib, false);
+        let primary = spec(dir, VM, "ftp", &local, memory_mib, false, cmdline);
         libvirt
             .define(VM, domain::domain_xml(&primary, &host))
             .await
@@ -92,7 +98,15 @@ impl FtRig {
         let primary_pid = pid(&libvirt, VM).await;
         wait_counters(&dir.join("ftp.log"), 2).await;
 
-        let standby = spec(dir, STANDBY_UUID, "fts", &replica, memory_mib, true);
+        let standby = spec(
+            dir,
+            STANDBY_UUID,
+            "fts",
+            &replica,
+            memory_mib,
+            true,
+            cmdline,
+        );
         libvirt
             .define(STANDBY_UUID, domain::domain_xml(&standby, &host))
             .await
@@ -348,11 +362,16 @@ fn spec(
     disk: &Path,
     memory_mib: u64,
     standby: bool,
+    cmdline: &str,
 ) -> DomainSpec {
     let cache = std::env::var_os("PAIRVISOR_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/pairvisor"));
     let image = images::ensure_tiny_guest(&cache).expect("tiny guest image");
+    let mut image = images::BootImage::open(&image).expect("boot image");
+    if !cmdline.is_empty() {
+        image.cmdline = format!("{} {cmdline}", image.cmdline);
+    }
     DomainSpec {
         uuid: uuid.into(),
         name: name.into(),
@@ -363,7 +382,7 @@ fn spec(
             format: DiskFormat::Raw,
         }],
         nics: vec![],
-        boot: Boot::Kernel(images::BootImage::open(&image).expect("boot image")),
+        boot: Boot::Kernel(image),
         serial_log: dir.join(format!("{name}.log")),
         self_fence: true,
         ft: Some(FtDomain {
