@@ -52,6 +52,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A NIC of the guest has no filter to hold its frames (a domain defined before FT held
+    /// network output): checkpointing it would let observers see frames a failover undoes.
+    #[error(
+        "the guest has {nics} NICs but only {filters} hold their frames until commit: power the VM off and start it again to define them"
+    )]
+    Unguarded {
+        /// NICs of the guest.
+        nics: usize,
+        /// Filters found.
+        filters: usize,
+    },
     /// The standby's RAM is not the primary's size: they are not the same VM shape.
     #[error("the standby's RAM is {standby} bytes, the primary's {primary}")]
     RamSize {
@@ -210,6 +221,13 @@ impl Primary {
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;
         let nets = NetBuffers::discover(&mut qmp).await?;
+        let nics = NetBuffers::guest_nics(&mut qmp).await?;
+        if nics > nets.len() {
+            return Err(Error::Unguarded {
+                nics,
+                filters: nets.len(),
+            });
+        }
         // Half the cores at most: the guests, etcd and the agent's own lease renewal must keep
         // running while a pause hashes all of RAM.
         let threads =

@@ -49,6 +49,13 @@ impl NetBuffers {
         })
     }
 
+    /// How many NICs the guest has (virtio ones: those QEMU answers `query-rx-filter` for,
+    /// the only model FT domains get).
+    pub async fn guest_nics(qmp: &mut Qmp) -> Result<usize, qmp::Error> {
+        let nics = qmp.execute("query-rx-filter", Value::Null).await?;
+        Ok(nics.as_array().map_or(0, Vec::len))
+    }
+
     /// How many NICs are guarded.
     pub fn len(&self) -> usize {
         self.filters.len()
