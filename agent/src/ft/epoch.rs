@@ -148,7 +148,7 @@ pub struct Phases {
     pub output: Duration,
     /// Device state saved and read back.
     pub save: Duration,
-    /// Finding the changed pages.
+    /// Finding the changed pages; runs beside `save`, so the two overlap.
     pub scan: Duration,
     /// Sending pages and device state.
     pub send: Duration,
@@ -161,7 +161,7 @@ pub struct Phases {
 }
 
 /// One committed epoch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EpochReport {
     /// Its number (1 is the first, after the full copy).
     pub epoch: u64,
@@ -175,7 +175,13 @@ pub struct EpochReport {
     pub precopied_pages: usize,
     /// Bytes of device state.
     pub state_bytes: usize,
+    /// How long each serial line the epoch released was held ([`OutputGate::release`]).
+    pub output_delays: Vec<Duration>,
 }
+
+/// A tracker pass running on a blocking thread: the tracker, its pages, how long it took.
+type Scanning =
+    tokio::task::JoinHandle<(Box<dyn DirtyTracker>, Result<Dirty, dirty::Error>, Duration)>;
 
 /// A primary checkpointing to its standby.
 #[derive(Debug)]
@@ -412,9 +418,10 @@ impl Primary {
             }
         };
         // The epoch committed: its output is the guest's for good, whatever happens next.
-        if let (Some(gate), Some(mark)) = (&self.output, mark) {
-            gate.release(mark).await?;
-        }
+        let output_delays = match (&self.output, mark) {
+            (Some(gate), Some(mark)) => gate.release(mark).await?,
+            _ => Vec::new(),
+        };
         self.epoch = epoch;
         net_released?;
         resumed?;
@@ -429,6 +436,7 @@ impl Primary {
             dirty_pages,
             precopied_pages,
             state_bytes,
+            output_delays,
         })
     }
 
@@ -442,12 +450,15 @@ impl Primary {
             None => None,
         };
         phases.output = at.elapsed();
+        // The scan reads only guest RAM, which neither the stopped guest nor the device-state
+        // save (RAM is excluded) writes: it runs beside QEMU's save, on another core.
+        let scanning = self.spawn_scan()?;
         let at = Instant::now();
-        let device_state = self.save().await?;
+        let saved = self.save().await;
         phases.save = at.elapsed();
-        let at = Instant::now();
-        let dirty = self.scan().await?;
-        phases.scan = at.elapsed();
+        let (scanned, scan_took) = self.join_scan(scanning).await?;
+        phases.scan = scan_took;
+        let (device_state, dirty) = (saved?, scanned?);
         let at = Instant::now();
         self.send_pages(&dirty).await?;
         let state_bytes = device_state.len();
@@ -535,17 +546,33 @@ impl Primary {
 
     /// Runs the tracker off the async runtime (it hashes the whole RAM).
     async fn scan(&mut self) -> Result<Dirty, Error> {
+        let scanning = self.spawn_scan()?;
+        let (dirty, _) = self.join_scan(scanning).await?;
+        Ok(dirty?)
+    }
+
+    /// Starts a pass of the tracker on a blocking thread; [`Primary::join_scan`] gives the
+    /// tracker back.
+    fn spawn_scan(&mut self) -> Result<Scanning, Error> {
         let Some(mut tracker) = self.tracker.take() else {
             return Err(Error::ScanTask("an earlier scan did not return".into()));
         };
-        let (tracker, dirty) = tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
+            let at = Instant::now();
             let dirty = tracker.scan();
-            (tracker, dirty)
-        })
-        .await
-        .map_err(|e| Error::ScanTask(e.to_string()))?;
+            (tracker, dirty, at.elapsed())
+        }))
+    }
+
+    /// Waits for a pass started by [`Primary::spawn_scan`], keeps its tracker and answers its
+    /// pages and how long it took.
+    async fn join_scan(
+        &mut self,
+        scanning: Scanning,
+    ) -> Result<(Result<Dirty, dirty::Error>, Duration), Error> {
+        let (tracker, dirty, took) = scanning.await.map_err(|e| Error::ScanTask(e.to_string()))?;
         self.tracker = Some(tracker);
-        Ok(dirty?)
+        Ok((dirty, took))
     }
 
     async fn send_pages(&mut self, dirty: &Dirty) -> Result<(), Error> {

@@ -10,8 +10,10 @@
 //! once the epoch committed. Unprotected (no standby, or after a failed epoch) the gate
 //! passes output straight through.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use std::io::Read as _;
 use std::os::fd::AsFd as _;
@@ -62,6 +64,8 @@ struct Held {
     bytes: Vec<u8>,
     /// Total bytes ever read (the end of `bytes`).
     read: u64,
+    /// Each held line end: its position in the output and when the gate read it.
+    line_ends: VecDeque<(u64, Instant)>,
     /// Pass output straight through (no standby to agree with).
     through: bool,
 }
@@ -118,16 +122,27 @@ impl OutputGate {
         Ok(Mark(self.held.lock().await.read))
     }
 
-    /// Releases the output up to `mark`: its epoch committed.
-    pub async fn release(&self, mark: Mark) -> Result<(), Error> {
+    /// Releases the output up to `mark`: its epoch committed. Answers how long each line
+    /// released was held, from when the gate read its end (the socket hop after the guest
+    /// wrote it) to now.
+    pub async fn release(&self, mark: Mark) -> Result<Vec<Duration>, Error> {
         let mut held = self.held.lock().await;
+        let now = Instant::now();
+        let mut delays = Vec::new();
+        while let Some(&(end, read_at)) = held.line_ends.front()
+            && end < mark.0
+        {
+            delays.push(now.saturating_duration_since(read_at));
+            held.line_ends.pop_front();
+        }
         let first = held.read - held.bytes.len() as u64;
         let upto = usize::try_from(mark.0.saturating_sub(first))
             .unwrap_or(usize::MAX)
             .min(held.bytes.len());
         let released: Vec<u8> = held.bytes.drain(..upto).collect();
         drop(held);
-        append(&self.log, &released).await
+        append(&self.log, &released).await?;
+        Ok(delays)
     }
 
     /// Releases everything held and passes later output straight through: the guest runs
@@ -135,6 +150,7 @@ impl OutputGate {
     pub async fn open(&self) -> Result<(), Error> {
         let mut held = self.held.lock().await;
         held.through = true;
+        held.line_ends.clear();
         let released = std::mem::take(&mut held.bytes);
         drop(held);
         append(&self.log, &released).await
@@ -146,6 +162,7 @@ impl OutputGate {
         let mut held = self.held.lock().await;
         let dropped = held.bytes.len();
         held.bytes.clear();
+        held.line_ends.clear();
         dropped
     }
 
@@ -295,7 +312,16 @@ async fn drain(socket: &Socket, buf: &mut [u8], held: &Mutex<Held>, log: &Path) 
 
 async fn keep(held: &Mutex<Held>, log: &Path, bytes: &[u8]) {
     let mut held = held.lock().await;
+    let start = held.read;
     held.read += bytes.len() as u64;
+    if !held.through {
+        let now = Instant::now();
+        let ends = bytes
+            .iter()
+            .zip(start..)
+            .filter(|(byte, _)| **byte == b'\n');
+        held.line_ends.extend(ends.map(|(_, at)| (at, now)));
+    }
     if held.through {
         drop(held);
         if let Err(e) = append(log, bytes).await {
@@ -355,12 +381,29 @@ mod tests {
         qemu.write_all(b"COUNTER 2\n").await.unwrap();
         assert_eq!(log(&dir), "");
 
-        gate.release(first).await.unwrap();
+        assert_eq!(gate.release(first).await.unwrap().len(), 1);
         assert_eq!(log(&dir), "COUNTER 1\n");
 
         let second = gate.cut().await.unwrap();
-        gate.release(second).await.unwrap();
+        assert_eq!(gate.release(second).await.unwrap().len(), 1);
         assert_eq!(log(&dir), "COUNTER 1\nCOUNTER 2\n");
+    }
+
+    #[tokio::test]
+    async fn release_answers_how_long_each_released_line_was_held() {
+        let (_dir, gate, mut qemu) = gate(false).await;
+        qemu.write_all(b"a\nb\npartial").await.unwrap();
+        // The cut has read both line ends: they are held at least as long as this sleep.
+        let mark = gate.cut().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let delays = gate.release(mark).await.unwrap();
+
+        assert_eq!(delays.len(), 2);
+        assert!(delays.iter().all(|d| *d >= Duration::from_millis(20)));
+        qemu.write_all(b" line\n").await.unwrap();
+        let mark = gate.cut().await.unwrap();
+        assert_eq!(gate.release(mark).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
