@@ -30,6 +30,8 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest the guest may wait to be resumed after a checkpoint (a migration to cancel or
 /// to finalize first) before the loop reports it stuck.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a QEMU whose QMP socket failed may take to exit before it counts as alive.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Errors of the epoch loop; each one ends the loop with the guest running.
 #[derive(Debug, thiserror::Error)]
@@ -316,14 +318,7 @@ impl Primary {
         if self.output.is_none() && self.nets.is_empty() {
             return;
         }
-        // QEMU's QMP socket closes before its process is gone: either says it died.
-        let socket_gone = matches!(
-            ended,
-            Some(Error::Qmp(
-                qmp::Error::Io { .. } | qmp::Error::Connect { .. }
-            ))
-        );
-        if socket_gone || !alive(self.pid) {
+        if self.qemu_gone(ended).await {
             if let Some(gate) = &self.output {
                 let dropped = gate.discard().await;
                 tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
@@ -383,7 +378,13 @@ impl Primary {
     pub async fn checkpoint(&mut self, timeout: Duration) -> Result<EpochReport, Error> {
         let epoch = self.epoch + 1;
         let started = Instant::now();
-        self.qmp.execute("stop", Value::Null).await?;
+        if let Err(e) = self.qmp.execute("stop", Value::Null).await {
+            // The stop may have taken effect without its reply reaching us.
+            if let Err(stuck) = self.resume().await {
+                tracing::error!(vm = %self.vm, epoch, error = %daemon::error_chain(&stuck), "FT: stopping the guest for a checkpoint failed, and then it could not be resumed");
+            }
+            return Err(e.into());
+        }
         let stopped = started.elapsed();
         let captured = tokio::time::timeout(timeout, self.capture(epoch)).await;
         let captured = match captured {
@@ -495,9 +496,50 @@ impl Primary {
         Ok(())
     }
 
-    /// Resumes the guest whatever state the checkpoint left it in ([`Qmp::resume`]).
+    /// Resumes the guest whatever state the checkpoint left it in ([`Qmp::resume`]). A QMP
+    /// connection that failed (a reply timed out and would answer the next command, or the
+    /// socket broke) is replaced once while QEMU still runs: a live guest never stays paused
+    /// because of our connection.
     async fn resume(&mut self) -> Result<(), Error> {
-        Ok(self.qmp.resume(RESUME_TIMEOUT).await?)
+        let first = match self.qmp.resume(RESUME_TIMEOUT).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !alive(self.pid) {
+            return Err(first.into());
+        }
+        tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&first), "FT: resuming the guest failed; retrying on a new QMP connection");
+        self.reconnect().await?;
+        self.qmp.resume(RESUME_TIMEOUT).await?;
+        tracing::info!(vm = %self.vm, "FT: the guest runs again after a retried resume");
+        Ok(())
+    }
+
+    /// Whether the guest's QEMU is gone. A failure on its QMP socket usually means it died,
+    /// but the socket closes a moment before the process exits: wait for the exit, and if
+    /// QEMU outlives the wait, only our connection failed — make sure the guest runs.
+    async fn qemu_gone(&mut self, ended: Option<&Error>) -> bool {
+        let socket_failed = matches!(
+            ended,
+            Some(Error::Qmp(
+                qmp::Error::Io { .. } | qmp::Error::Connect { .. }
+            ))
+        );
+        if !socket_failed {
+            return !alive(self.pid);
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        while alive(self.pid) {
+            if Instant::now() > deadline {
+                tracing::warn!(vm = %self.vm, pid = self.pid, "FT: QEMU's QMP socket failed but QEMU still runs; resuming the guest on a new connection");
+                if let Err(e) = self.resume().await {
+                    tracing::error!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: the guest may stay paused: resume it by hand (QMP cont)");
+                }
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Saves the device state into the state file and reads it back.
