@@ -405,6 +405,14 @@ impl Primary {
             Err(_) => Ok(()),
         };
         let net = releasing.elapsed();
+        if net_released.is_err()
+            && let Some(invalidate) = &self.invalidate
+        {
+            // A filter left off lets the next epoch's frames out as soon as the guest runs:
+            // the standby must be recorded stale before then.
+            tracing::warn!(vm = %self.vm, epoch, "FT: releasing the epoch's frames failed; recording the standby stale before the guest resumes");
+            (invalidate.0)().await;
+        }
         let resuming = Instant::now();
         let resumed = self.resume().await;
         let cont = resuming.elapsed();
