@@ -283,13 +283,21 @@ impl Engine {
     }
 }
 
-/// What a VM that stopped on purpose (`Stopping` → `Stopped`) leaves to clean up: an FT VM's
-/// standby on the peer, which would only hold the guest's memory there until the next start.
-/// A VM that stopped otherwise (its QEMU died, its host was lost) keeps it: the pair decides
-/// what runs next, and a standby may be what resumes the guest.
+/// What a VM that stopped leaves to clean up: an FT VM's standby on the peer, which would only
+/// hold the guest's memory there. Whatever stopped it (a power-off, the guest shutting itself
+/// down, a crash with no recovery left, a lost host's power-off carried out), a stopped VM
+/// starts again from its disks, never from a standby: only a failover resumes one, and a
+/// failover never passes through `Stopped`.
 pub(super) fn after_stop(mode: Mode, from: VmState, to: VmState) -> Option<Action> {
-    let on_purpose = matches!(from, VmState::Stopping { .. }) && to == VmState::Stopped;
-    (mode == Mode::Ft && on_purpose).then_some(Action::DiscardStandby)
+    let had_standby = matches!(
+        from,
+        VmState::Starting
+            | VmState::Running
+            | VmState::Paused
+            | VmState::Stopping { .. }
+            | VmState::Lost { .. }
+    );
+    (mode == Mode::Ft && had_standby && to == VmState::Stopped).then_some(Action::DiscardStandby)
 }
 
 /// The protection committed with `transition`'s (re)placement of `record` (see
@@ -421,6 +429,7 @@ fn log_sync_change(record: &VmRecord, was: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Intent;
 
     fn mirror(state: pb::MirrorState, offset: u64, length: u64) -> pb::DiskMirror {
         pb::DiskMirror {
@@ -522,19 +531,33 @@ mod tests {
     }
 
     #[test]
-    fn after_stop_discards_only_an_ft_standby_of_a_vm_stopped_on_purpose() {
+    fn after_stop_discards_the_standby_of_an_ft_vm_that_stopped() {
         let stopping = VmState::Stopping {
             deadline_unix_ms: 0,
             forced: false,
         };
-        let running = VmState::Running;
+        let lost = VmState::Lost {
+            intent: Intent::PowerOff,
+        };
+        let discard = Some(Action::DiscardStandby);
 
+        assert_eq!(after_stop(Mode::Ft, stopping, VmState::Stopped), discard);
+        // The guest shut itself down, or its QEMU died with no recovery left.
         assert_eq!(
-            after_stop(Mode::Ft, stopping, VmState::Stopped),
-            Some(Action::DiscardStandby)
+            after_stop(Mode::Ft, VmState::Running, VmState::Stopped),
+            discard
         );
+        // A lost host's power-off, carried out when it returned.
+        assert_eq!(after_stop(Mode::Ft, lost, VmState::Stopped), discard);
         assert_eq!(after_stop(Mode::Ha, stopping, VmState::Stopped), None);
-        assert_eq!(after_stop(Mode::Ft, running, VmState::Stopped), None);
+        assert_eq!(
+            after_stop(Mode::Ft, VmState::Creating, VmState::Stopped),
+            None
+        );
+        assert_eq!(
+            after_stop(Mode::Ft, VmState::Running, VmState::Starting),
+            None
+        );
         assert_eq!(after_stop(Mode::Ft, stopping, stopping), None);
     }
 
