@@ -453,6 +453,22 @@ pub fn after_crash<'a>(
     failover_target(current, node, peer, peer_up, mark).map(Some)
 }
 
+/// Where an FT VM whose QEMU died on `node` resumes at once: the peer, when its standby holds
+/// a checkpoint of the run that died (protected, the peer's copy current, no stale mark) and
+/// it is up. Resuming keeps the guest's boot, which a restart from the disks would not.
+pub fn standby_target<'a>(
+    current: &Protection,
+    node: &str,
+    peer: Option<&'a str>,
+    peer_up: bool,
+    mark: Option<i64>,
+) -> Option<&'a str> {
+    let protected = matches!(current.sync, Sync::Protected { .. });
+    protected
+        .then(|| failover_target(current, node, peer, peer_up, mark))
+        .flatten()
+}
+
 /// Where an HA VM whose host `lost` is lost restarts: the peer, if its copy is current (and
 /// no stale mark, `mark`, names the path that made it so or a later one) and it is up. `None`
 /// means the VM waits for its host.

@@ -118,6 +118,16 @@ pub enum Error {
     /// The hashing task died.
     #[error("the dirty-page scan task failed: {0}")]
     ScanTask(String),
+    /// The guest's QEMU died: the epochs ended with it, and its standby holds the last
+    /// committed epoch, which a failover resumes.
+    #[error("the guest's QEMU died after epoch {epoch} committed")]
+    QemuDied {
+        /// The last committed epoch.
+        epoch: u64,
+        /// What the loop saw.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// How a VM's epochs run.
@@ -312,13 +322,13 @@ impl Primary {
 
     /// After the last epoch: if the guest still runs (unprotected now), records the standby
     /// stale, then lets its held output (serial and network) out and passes the rest through;
-    /// if its QEMU died, drops the output of the uncommitted epoch, which the standby writes
-    /// again if it takes over (QEMU's held frames die with it).
-    async fn settle_output(&mut self, ended: Option<&Error>) {
+    /// if its QEMU died (`gone`), drops the output of the uncommitted epoch, which the standby
+    /// writes again if it takes over (QEMU's held frames die with it).
+    async fn settle_output(&mut self, gone: bool) {
         if self.output.is_none() && self.nets.is_empty() {
             return;
         }
-        if self.qemu_gone(ended).await {
+        if gone {
             if let Some(gate) = &self.output {
                 let dropped = gate.discard().await;
                 tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
@@ -405,11 +415,14 @@ impl Primary {
             Err(_) => Ok(()),
         };
         let net = releasing.elapsed();
-        if net_released.is_err()
+        if let Err(e) = &net_released
+            && self.invalidate.is_some()
+            && !self.wait_gone(socket_failed(e)).await
             && let Some(invalidate) = &self.invalidate
         {
             // A filter left off lets the next epoch's frames out as soon as the guest runs:
-            // the standby must be recorded stale before then.
+            // the standby must be recorded stale before then. (A QEMU that died took its
+            // frames with it, and its standby stays good.)
             tracing::warn!(vm = %self.vm, epoch, "FT: releasing the epoch's frames failed; recording the standby stale before the guest resumes");
             (invalidate.0)().await;
         }
@@ -513,7 +526,7 @@ impl Primary {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        if !alive(self.pid) {
+        if self.wait_gone(socket_failed(&first)).await {
             return Err(first.into());
         }
         tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&first), "FT: resuming the guest failed; retrying on a new QMP connection");
@@ -523,26 +536,23 @@ impl Primary {
         Ok(())
     }
 
-    /// Whether the guest's QEMU is gone. A failure on its QMP socket usually means it died,
-    /// but the socket closes a moment before the process exits: wait for the exit, and if
-    /// QEMU outlives the wait, only our connection failed — make sure the guest runs.
-    async fn qemu_gone(&mut self, ended: Option<&Error>) -> bool {
-        let socket_failed = matches!(
-            ended,
-            Some(Error::Qmp(
-                qmp::Error::Io { .. } | qmp::Error::Connect { .. }
-            ))
-        );
+    /// Whether the guest's QEMU is gone after the loop ended with `ended`.
+    async fn qemu_gone(&self, ended: Option<&Error>) -> bool {
+        let socket_failed = matches!(ended, Some(Error::Qmp(e)) if socket_failed(e));
+        self.wait_gone(socket_failed).await
+    }
+
+    /// Whether the guest's QEMU is gone. A failure on its QMP socket (`socket_failed`) usually
+    /// means it died, but the socket closes a moment before the process exits: wait for the
+    /// exit, and if QEMU outlives the wait, only our connection failed.
+    async fn wait_gone(&self, socket_failed: bool) -> bool {
         if !socket_failed {
             return !alive(self.pid);
         }
         let deadline = Instant::now() + EXIT_WAIT;
         while alive(self.pid) {
             if Instant::now() > deadline {
-                tracing::warn!(vm = %self.vm, pid = self.pid, "FT: QEMU's QMP socket failed but QEMU still runs; resuming the guest on a new connection");
-                if let Err(e) = self.resume().await {
-                    tracing::error!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: the guest may stay paused: resume it by hand (QMP cont)");
-                }
+                tracing::warn!(vm = %self.vm, pid = self.pid, "FT: QEMU's QMP socket failed but QEMU still runs");
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -652,11 +662,28 @@ pub async fn run(
 ) -> Result<u64, Error> {
     let vm = primary.vm.clone();
     let outcome = epochs(&mut primary, settings, &mut stop, &reports).await;
-    if let Err(e) = &outcome {
-        tracing::error!(vm, epoch = primary.epoch() + 1, error = %daemon::error_chain(e), "FT epoch failed: the guest runs on unprotected");
+    let gone = primary.qemu_gone(outcome.as_ref().err()).await;
+    let epoch = primary.epoch();
+    match &outcome {
+        Err(e) if gone => {
+            tracing::warn!(vm, epoch, error = %daemon::error_chain(e), "FT epochs ended: the guest's QEMU died; its standby holds the last committed epoch");
+        }
+        Err(e) => {
+            tracing::error!(vm, epoch = epoch + 1, error = %daemon::error_chain(e), "FT epoch failed: the guest runs on unprotected");
+        }
+        Ok(_) => {}
     }
-    primary.settle_output(outcome.as_ref().err()).await;
-    outcome
+    primary.settle_output(gone).await;
+    outcome.map_err(|e| {
+        if gone {
+            Error::QemuDied {
+                epoch,
+                source: Box::new(e),
+            }
+        } else {
+            e
+        }
+    })
 }
 
 async fn epochs(
@@ -685,6 +712,12 @@ async fn epochs(
             _ = stop.changed() => {}
         }
     }
+}
+
+/// Whether a QMP failure is of the socket itself (QEMU closed it, or it cannot be reached),
+/// as when QEMU dies.
+fn socket_failed(e: &qmp::Error) -> bool {
+    matches!(e, qmp::Error::Io { .. } | qmp::Error::Connect { .. })
 }
 
 /// Whether process `pid` still runs (not gone, not a zombie).

@@ -212,6 +212,9 @@ impl Inner {
         self.admit("prepare-standby", &uuid, request.fence)?;
         let replicas = self.replicas("prepare-standby")?;
         tracing::info!(vm = %uuid, node = %self.node, "FT standby begin");
+        // A primary run of this VM here is over (its QEMU died and the VM moved to the peer):
+        // this host's FT side of it is the standby from now on.
+        self.ft.stop(&uuid);
         let standbys = replicas.standbys();
         let libvirt = &self.deps.libvirt;
         let current = libvirt.status(&uuid).await;
@@ -311,6 +314,12 @@ impl Inner {
                     tracing::info!(vm = %uuid, node = %inner.node, epoch, "FT epochs end: stopped");
                     run.fail("stopped".into());
                 }
+                Err(Error::Epoch(epoch::Error::QemuDied { epoch, .. })) => {
+                    // No error to report: the standby's checkpoint is still good, and the pair
+                    // resumes it when libvirt reports the domain crashed.
+                    tracing::warn!(vm = %uuid, node = %inner.node, epoch, "FT epochs end: the guest's QEMU died; its standby holds epoch {epoch}");
+                    run.ended.store(true, Ordering::SeqCst);
+                }
                 Err(e) => {
                     let reason = daemon::error_chain(&e).to_string();
                     tracing::warn!(vm = %uuid, node = %inner.node, error = %reason, "FT epochs end: failed, the guest runs unprotected");
@@ -398,6 +407,17 @@ impl Inner {
             }
             tokio::time::sleep(MIRROR_POLL).await;
         }
+    }
+
+    /// Whether `domain` is paused only for a checkpoint: its epoch loop runs here, and
+    /// nothing else (a failed disk) paused it.
+    pub(super) fn checkpoint_pause(&self, domain: &DomainStatus) -> bool {
+        domain.state == DomainState::Paused
+            && domain.reason != "ioerror"
+            && self
+                .ft
+                .run(&domain.uuid)
+                .is_some_and(|run| !run.ended.load(Ordering::SeqCst))
     }
 
     /// This host's FT side of domain `uuid`, for listings.

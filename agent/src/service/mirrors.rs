@@ -21,7 +21,11 @@ impl Inner {
         let domains = self.deps.libvirt.list().await?;
         let mut mirrors = self.mirrors_of_running(&domains).await;
         let mut listed = Vec::with_capacity(domains.len());
-        for d in domains {
+        for mut d in domains {
+            if self.checkpoint_pause(&d) {
+                // The epoch loop's own pause, a few milliseconds long: the guest runs.
+                d.state = DomainState::Running;
+            }
             let live = matches!(d.state, DomainState::Running | DomainState::Paused);
             let read = mirrors.remove(&d.uuid);
             let mirrors_unknown = live && read.is_none();

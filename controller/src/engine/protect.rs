@@ -56,7 +56,8 @@ impl Engine {
 
     /// What a report of `record`'s domain means once HA recovery is considered: the QEMU of a
     /// running HA VM that died on its own (libvirt: crashed, failed) is restarted where it is
-    /// while it has restarts left, then moved to the peer; anything else is `event` itself.
+    /// while it has restarts left, then moved to the peer; an FT VM whose standby holds a
+    /// checkpoint of the run moves to it at once; anything else is `event` itself.
     pub(super) fn recovery(&self, record: &VmRecord, event: VmEvent) -> VmEvent {
         let VmEvent::DomainStopped { reason } = &event else {
             return event;
@@ -73,6 +74,23 @@ impl Engine {
         let here_behind = self.marked_behind(record, node);
         let restarts = record.protection.restarts;
         let max = self.ctx.max_restarts;
+        let vm = record.name.as_str();
+        let standby = (record.mode == Mode::Ft)
+            .then(|| ha::standby_target(&record.protection, node, peer.as_deref(), peer_up, mark))
+            .flatten();
+        if let Some(to) = standby {
+            tracing::warn!(
+                vm,
+                node,
+                to,
+                "recovery: its QEMU died ({reason}); resuming its FT standby on {to}"
+            );
+            return VmEvent::FailOver {
+                from: node.to_string(),
+                to: to.to_string(),
+                why: format!("its QEMU died on {node} ({reason}); its standby on {to} resumes"),
+            };
+        }
         let decided = ha::after_crash(
             &record.protection,
             node,
@@ -82,7 +100,6 @@ impl Engine {
             mark,
             max,
         );
-        let vm = record.name.as_str();
         match decided {
             Some(None) => {
                 tracing::warn!(

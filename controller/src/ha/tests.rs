@@ -573,3 +573,30 @@ fn agent_down_keeps_only_the_primary_current() {
     );
     assert_eq!(agent_down(&next, "n0", 8), None, "already so");
 }
+
+#[test]
+fn standby_target_is_the_current_peer_of_a_protected_vm() {
+    assert_eq!(
+        standby_target(&both(), "n0", Some("n1"), true, None),
+        Some("n1")
+    );
+}
+
+#[test]
+fn standby_target_none_unless_protected_up_and_unmarked() {
+    let simplex = Protection {
+        sync: Sync::Simplex {
+            reason: "the FT checkpoints ended".into(),
+            since_unix_ms: 20,
+        },
+        ..both()
+    };
+
+    assert_eq!(standby_target(&simplex, "n0", Some("n1"), true, None), None);
+    assert_eq!(standby_target(&both(), "n0", Some("n1"), false, None), None);
+    assert_eq!(
+        standby_target(&both(), "n0", Some("n1"), true, Some(PATH)),
+        None
+    );
+    assert_eq!(standby_target(&both(), "n0", None, true, None), None);
+}
