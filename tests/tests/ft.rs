@@ -61,11 +61,17 @@ fn on(vm: &pb::Vm, node: &str) -> pb::Vm {
     }
 }
 
-/// The counters of a serial log in bytes `range` (clamped to the log).
-fn counters_in(path: &Path, range: std::ops::Range<usize>) -> Vec<(u64, String)> {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let end = range.end.min(bytes.len());
-    String::from_utf8_lossy(&bytes[range.start.min(end)..end])
+/// The counters observers saw in serial logs, each a byte range of a log (clamped to it),
+/// joined as bytes first: a checkpoint may cut a line in two, and the host that resumes the
+/// guest releases the rest of it.
+fn counters_joined(parts: &[(&Path, std::ops::Range<usize>)]) -> Vec<(u64, String)> {
+    let mut bytes = Vec::new();
+    for (path, range) in parts {
+        let log = std::fs::read(path).unwrap_or_default();
+        let end = range.end.min(log.len());
+        bytes.extend_from_slice(&log[range.start.min(end)..end]);
+    }
+    String::from_utf8_lossy(&bytes)
         .lines()
         .filter_map(tests::parse_counter)
         .collect()
@@ -118,7 +124,7 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
     lab.kill_host(&b);
     lab.wait_running_on("f", &a, FAILOVER_TIMEOUT).await;
     let deadline = std::time::Instant::now() + GUEST_BOOT_TIMEOUT;
-    while counters_in(&a_log, a_released..usize::MAX).len() < 2 {
+    while counters_joined(&[(&a_log, a_released..usize::MAX)]).len() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "no counter on {a} after the second failover"
@@ -126,11 +132,11 @@ async fn host_death_resumes_the_ft_vm_on_the_peer_then_back_with_the_same_boot()
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // A's first run, all of B's, then A's second run: one guest counting on.
-    let all: Vec<(u64, String)> = counters_in(&a_log, 0..a_released)
-        .into_iter()
-        .chain(Console::from_start(&lab, &back).counters())
-        .chain(counters_in(&a_log, a_released..usize::MAX))
-        .collect();
+    let all = counters_joined(&[
+        (&a_log, 0..a_released),
+        (&lab.serial_log(&back), 0..usize::MAX),
+        (&a_log, a_released..usize::MAX),
+    ]);
     assert!(on_b.len() >= 2);
     assert_one_run(&all);
     let answers = client.wait_above(seen + 1, killed, GUEST_BOOT_TIMEOUT);
@@ -222,19 +228,11 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     );
     let answers = client.wait_above(seen + 1, killed, GUEST_BOOT_TIMEOUT);
     assert_consistent(&answers, &last.1);
-    // What observers saw from shortly before the kill, A's log then B's, joined as bytes: a
-    // checkpoint may have cut a line in two.
-    let mut seen_bytes = std::fs::read(lab.serial_log(&vm)).unwrap_or_default();
-    let from = seen_bytes[a_released.min(seen_bytes.len())..]
-        .iter()
-        .position(|&byte| byte == b'\n')
-        .map_or(seen_bytes.len(), |at| a_released + at + 1);
-    seen_bytes.drain(..from);
-    seen_bytes.extend(std::fs::read(lab.serial_log(&moved)).unwrap_or_default());
-    let all: Vec<(u64, String)> = String::from_utf8_lossy(&seen_bytes)
-        .lines()
-        .filter_map(tests::parse_counter)
-        .collect();
+    // What observers saw from shortly before the kill on: A's log, then B's.
+    let all = counters_joined(&[
+        (&lab.serial_log(&vm), a_released..usize::MAX),
+        (&lab.serial_log(&moved), 0..usize::MAX),
+    ]);
     assert!(
         all.len() >= 2,
         "too few counters around the QEMU's death: {all:?}"
