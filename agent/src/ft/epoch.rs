@@ -474,10 +474,15 @@ impl Primary {
         phases.output = at.elapsed();
         // The scan reads only guest RAM, which neither the stopped guest nor the device-state
         // save (RAM is excluded) writes: it runs beside QEMU's save, on another core.
+        let helpers = self.tracker.as_ref().and_then(|t| t.helpers());
         let scanning = self.spawn_scan()?;
         let at = Instant::now();
         let saved = self.save().await;
         phases.save = at.elapsed();
+        if let Some(helpers) = helpers {
+            // QEMU's save is done and its core free: it takes on what is left of the scan.
+            let _ = tokio::task::spawn_blocking(move || helpers.help()).await;
+        }
         let (scanned, scan_took) = self.join_scan(scanning).await?;
         phases.scan = scan_took;
         let (device_state, dirty) = (saved?, scanned?);

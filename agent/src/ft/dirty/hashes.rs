@@ -1,9 +1,15 @@
 //! [`PageHashes`]: dirty pages found by hashing every page of the RAM file (xxh3-64) and
 //! comparing with the previous pass, through a read-only shared mapping of the file.
+//!
+//! A later pass works through the file in chunks that threads claim one at a time: the
+//! tracker's own threads and any a caller lends through [`Helpers`] while the pass runs (the
+//! epoch loop lends one once QEMU has saved the device state and its core is free).
 
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -15,87 +21,108 @@ use super::{Dirty, DirtyTracker, Error, PAGE, check_size, open_ram, to_u64};
 /// enough to still be in cache when hashed.
 const COPY_CHUNK: usize = 1 << 20;
 
-/// Content hashes: xxh3-64 per page compared with the previous pass. Hashing runs on
-/// `threads` threads, each over a contiguous range of the file, straight from a read-only
-/// shared mapping of it; only the pages answered are copied.
+/// Pages a thread of a later pass claims at a time (4 MiB): small enough for a helper that
+/// joins late to find work, large enough that claiming costs nothing.
+const CLAIM_PAGES: usize = 1024;
+
+/// Content hashes: xxh3-64 per page compared with the previous pass, hashed straight from a
+/// read-only shared mapping of the file; only the pages answered are copied.
 #[derive(Debug)]
 pub struct PageHashes {
     /// The RAM file, for its size.
     file: File,
     /// Its path, for errors.
     path: PathBuf,
-    /// Its first `pages` pages, mapped read-only.
+    /// The mapping and the hash of each page as last answered.
+    ram: Arc<Ram>,
+    /// Threads of the tracker's own per pass.
+    threads: usize,
+    /// Whether the hashes hold a complete pass (false before the first, and after a failure).
+    hashed: bool,
+    /// Where the running pass is lent to helpers.
+    helpers: Helpers,
+}
+
+/// The mapped file and its pages' hashes, shared with the threads of a pass. A pass hands
+/// each page range to one thread at a time, so a hash is only ever written by one.
+#[derive(Debug)]
+struct Ram {
+    /// The file's first `pages` pages, mapped read-only.
     map: RamMap,
     /// Pages in the file, fixed at open.
     pages: usize,
-    /// One page range per thread, contiguous and ascending.
-    ranges: Vec<Range<usize>>,
-    /// The hash of each page as last answered; empty before the first pass.
-    hashes: Vec<u64>,
+    /// The hash of each page as last answered.
+    hashes: Vec<AtomicU64>,
 }
 
 impl PageHashes {
     /// Opens and maps the RAM file and fixes its page count; nothing is read until
-    /// [`DirtyTracker::scan`].
+    /// [`DirtyTracker::scan`]. Each pass runs on `threads` threads of its own.
     pub fn open(path: &Path, threads: usize) -> Result<PageHashes, Error> {
         let (file, pages) = open_ram(path)?;
         let map = RamMap::new(&file, pages * PAGE).map_err(|source| Error::MapRam {
             path: path.to_path_buf(),
             source,
         })?;
+        let hashes = (0..pages).map(|_| AtomicU64::new(0)).collect();
         Ok(PageHashes {
             file,
             path: path.to_path_buf(),
-            map,
-            pages,
-            ranges: split(pages, threads),
-            hashes: Vec::new(),
+            ram: Arc::new(Ram { map, pages, hashes }),
+            threads: threads.max(1),
+            hashed: false,
+            helpers: Helpers::default(),
         })
     }
 
     /// Pages in the RAM file.
     pub fn pages(&self) -> u64 {
-        to_u64(self.pages)
+        to_u64(self.ram.pages)
     }
 
     /// The first pass: copies the whole file into the result and records every page's hash.
     fn scan_all(&mut self) -> Dirty {
-        let mut data = vec![0; self.pages * PAGE];
-        let mut hashes = vec![0; self.pages];
-        let ram = self.map.bytes();
-        let data_parts = split_mut(&mut data, &self.ranges, PAGE);
-        let hash_parts = split_mut(&mut hashes, &self.ranges, 1);
-        let work = self
-            .ranges
-            .iter()
-            .zip(data_parts.into_iter().zip(hash_parts));
-        let work = work.map(|(range, (data, hashes))| {
-            let ram = &ram[byte_range(range)];
-            move || copy_all(ram, data, hashes)
+        let ram = &*self.ram;
+        let ranges = split(ram.pages, self.threads);
+        let mut data = vec![0; ram.pages * PAGE];
+        let mut parts = Vec::with_capacity(ranges.len());
+        let mut rest = data.as_mut_slice();
+        for range in &ranges {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(range.len() * PAGE);
+            parts.push((range.clone(), part));
+            rest = tail;
+        }
+        thread::scope(|scope| {
+            for (range, data) in parts {
+                scope.spawn(move || copy_all(ram, range, data));
+            }
         });
-        run_parallel(work.collect());
-        self.hashes = hashes;
+        self.hashed = true;
         Dirty {
-            pages: (0..to_u64(self.pages)).collect(),
+            pages: (0..self.pages()).collect(),
             data,
         }
     }
 
-    /// A later pass: hashes every page in place and answers those whose hash changed.
+    /// A later pass: hashes every page in place and answers those whose hash changed. Runs
+    /// on the tracker's threads and on those lent through [`Helpers`] meanwhile.
     fn scan_changed(&mut self) -> Dirty {
-        let ram = self.map.bytes();
-        let hash_parts = split_mut(&mut self.hashes, &self.ranges, 1);
-        let work = self.ranges.iter().zip(hash_parts).map(|(range, hashes)| {
-            let (ram, first) = (&ram[byte_range(range)], range.start);
-            move || hash_changed(ram, first, hashes)
+        let pass = Arc::new(Pass::new(self.ram.clone()));
+        self.helpers.lend(Some(pass.clone()));
+        thread::scope(|scope| {
+            for _ in 1..self.threads {
+                scope.spawn(|| pass.work());
+            }
+            pass.work();
         });
-        concat(run_parallel(work.collect()))
+        self.helpers.lend(None);
+        pass.wait()
     }
 
     /// Fails if the file is now shorter than at open (touching the mapping past its end would
     /// raise SIGBUS); a longer file is scanned up to its old size.
     fn check_size(&self) -> Result<(), Error> {
-        check_size(&self.file, &self.path, self.pages)
+        check_size(&self.file, &self.path, self.ram.pages)
     }
 }
 
@@ -108,52 +135,157 @@ impl DirtyTracker for PageHashes {
         true
     }
 
+    fn helpers(&self) -> Option<Helpers> {
+        Some(self.helpers.clone())
+    }
+
     fn scan(&mut self) -> Result<Dirty, Error> {
         if let Err(error) = self.check_size() {
             // Nothing was hashed, but the contract after a failed pass is a full one.
-            self.hashes.clear();
+            self.hashed = false;
             return Err(error);
         }
-        if self.hashes.is_empty() {
-            Ok(self.scan_all())
-        } else {
+        if self.hashed {
             Ok(self.scan_changed())
+        } else {
+            Ok(self.scan_all())
         }
     }
 }
 
-/// Copies `ram` into `data` a chunk at a time and records the hash of each copied page (the
-/// copy, not the mapping: the guest may be writing).
-fn copy_all(ram: &[u8], data: &mut [u8], hashes: &mut [u64]) {
-    let chunks = ram.chunks(COPY_CHUNK).zip(data.chunks_mut(COPY_CHUNK));
-    for ((from, to), hashes) in chunks.zip(hashes.chunks_mut(COPY_CHUNK / PAGE)) {
+/// Lends threads to the pass a [`PageHashes`] tracker runs now. Clone it before the pass
+/// starts (the pass owns the tracker); [`Helpers::help`] then works on that pass.
+#[derive(Clone, Debug, Default)]
+pub struct Helpers(Arc<Mutex<Option<Arc<Pass>>>>);
+
+impl Helpers {
+    /// Hashes chunks of the running pass until none is left unclaimed; returns at once when
+    /// no pass runs.
+    pub fn help(&self) {
+        let pass = lock(&self.0).clone();
+        if let Some(pass) = pass {
+            pass.work();
+        }
+    }
+
+    fn lend(&self, pass: Option<Arc<Pass>>) {
+        *lock(&self.0) = pass;
+    }
+}
+
+/// One later pass: page ranges claimed in order by whichever thread comes, their results
+/// gathered until every range is done.
+#[derive(Debug)]
+struct Pass {
+    ram: Arc<Ram>,
+    /// Ranges of [`CLAIM_PAGES`] pages (the last one shorter).
+    claims: usize,
+    /// The next range to claim.
+    next: AtomicUsize,
+    /// Ranges done and what they found.
+    done: Mutex<Done>,
+    /// Signalled when the last range is done.
+    all_done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Done {
+    count: usize,
+    parts: Vec<(usize, Dirty)>,
+}
+
+impl Pass {
+    fn new(ram: Arc<Ram>) -> Pass {
+        let claims = ram.pages.div_ceil(CLAIM_PAGES);
+        Pass {
+            ram,
+            claims,
+            next: AtomicUsize::new(0),
+            done: Mutex::new(Done::default()),
+            all_done: Condvar::new(),
+        }
+    }
+
+    /// Claims and hashes ranges until none is left.
+    fn work(&self) {
+        loop {
+            let claim = self.next.fetch_add(1, Ordering::Relaxed);
+            if claim >= self.claims {
+                return;
+            }
+            let first = claim * CLAIM_PAGES;
+            let pages = first..(first + CLAIM_PAGES).min(self.ram.pages);
+            let dirty = hash_changed(&self.ram, pages);
+            let mut done = lock(&self.done);
+            done.parts.push((claim, dirty));
+            done.count += 1;
+            if done.count == self.claims {
+                self.all_done.notify_all();
+            }
+        }
+    }
+
+    /// Waits until every range is done (helpers may still hash the last ones) and answers
+    /// what they found, in page order.
+    fn wait(&self) -> Dirty {
+        let mut done = lock(&self.done);
+        while done.count < self.claims {
+            done = self
+                .all_done
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let mut parts = std::mem::take(&mut done.parts);
+        drop(done);
+        parts.sort_unstable_by_key(|(claim, _)| *claim);
+        concat(parts.into_iter().map(|(_, dirty)| dirty).collect())
+    }
+}
+
+/// Locks `mutex`, whatever a panicking holder left in it (the data stays consistent: every
+/// update is one push or one store).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Copies pages `range` of `ram` into `data` a chunk at a time and records the hash of each
+/// copied page (the copy, not the mapping: the guest may be writing).
+fn copy_all(ram: &Ram, range: Range<usize>, data: &mut [u8]) {
+    let from = &ram.map.bytes()[byte_range(&range)];
+    let hashes = &ram.hashes[range];
+    let chunks = from.chunks(COPY_CHUNK).zip(data.chunks_mut(COPY_CHUNK));
+    for ((from, to), hashes) in chunks.zip(hashes.chunks(COPY_CHUNK / PAGE)) {
         to.copy_from_slice(from);
-        for (hash, page) in hashes.iter_mut().zip(to.chunks_exact(PAGE)) {
-            *hash = xxh3_64(page);
+        for (hash, page) in hashes.iter().zip(to.chunks_exact(PAGE)) {
+            hash.store(xxh3_64(page), Ordering::Relaxed);
         }
     }
 }
 
-/// Hashes the pages of `ram` (page `first` on), updates `hashes` (indexed from `first`) and
-/// answers the pages whose hash changed, with their contents.
+/// Hashes pages `range` of `ram`, updates their hashes and answers the pages whose hash
+/// changed, with their contents.
 ///
 /// A page the guest writes meanwhile (pre-copy) may hash torn; the hash kept is that of the
 /// copy answered, so the next pass compares the page with exactly what was sent.
-fn hash_changed(ram: &[u8], first: usize, hashes: &mut [u64]) -> Dirty {
+fn hash_changed(ram: &Ram, range: Range<usize>) -> Dirty {
+    let bytes = &ram.map.bytes()[byte_range(&range)];
     let mut dirty = Dirty::default();
-    let pages = hashes.iter_mut().zip(ram.chunks_exact(PAGE));
-    for ((old, page), index) in pages.zip(to_u64(first)..) {
-        if xxh3_64(page) == *old {
+    let pages = ram.hashes[range.clone()]
+        .iter()
+        .zip(bytes.chunks_exact(PAGE));
+    for ((hash, page), index) in pages.zip(to_u64(range.start)..) {
+        let old = hash.load(Ordering::Relaxed);
+        if xxh3_64(page) == old {
             continue;
         }
         let start = dirty.data.len();
         dirty.data.extend_from_slice(page);
         let copied = xxh3_64(&dirty.data[start..]);
-        if copied == *old {
+        if copied == old {
             // Changed back between the hash and the copy: nothing to send.
             dirty.data.truncate(start);
         } else {
-            *old = copied;
+            hash.store(copied, Ordering::Relaxed);
             dirty.pages.push(index);
         }
     }
@@ -165,25 +297,7 @@ fn byte_range(pages: &Range<usize>) -> Range<usize> {
     pages.start * PAGE..pages.end * PAGE
 }
 
-/// Runs `work` with the first item on this thread and the others on scoped threads, and
-/// returns their results in the order given. A panicking worker panics the caller.
-fn run_parallel<T: Send, F: FnOnce() -> T + Send>(work: Vec<F>) -> Vec<T> {
-    let mut work = work.into_iter();
-    thread::scope(|scope| {
-        let first = work.next();
-        let handles: Vec<_> = work.map(|job| scope.spawn(job)).collect();
-        let mut results: Vec<T> = first.into_iter().map(|job| job()).collect();
-        for handle in handles {
-            match handle.join() {
-                Ok(result) => results.push(result),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        results
-    })
-}
-
-/// Concatenates per-thread results, which are in ascending, non-overlapping page ranges.
+/// Concatenates results of ascending, non-overlapping page ranges.
 fn concat(mut parts: Vec<Dirty>) -> Dirty {
     if parts.len() == 1 {
         return parts.pop().unwrap_or_default();
@@ -210,22 +324,6 @@ fn split(pages: usize, parts: usize) -> Vec<Range<usize>> {
             let range = start..end;
             start = end;
             range
-        })
-        .collect()
-}
-
-/// Splits `items` into the disjoint slices of `ranges` (in units of `unit` items).
-fn split_mut<'a, T>(
-    mut items: &'a mut [T],
-    ranges: &[Range<usize>],
-    unit: usize,
-) -> Vec<&'a mut [T]> {
-    ranges
-        .iter()
-        .map(|range| {
-            let (part, rest) = std::mem::take(&mut items).split_at_mut(range.len() * unit);
-            items = rest;
-            part
         })
         .collect()
 }
@@ -417,14 +515,29 @@ mod tests {
     }
 
     #[test]
-    fn hash_changed_changed_page_keeps_hash_of_copy() {
-        let ram = [[1; PAGE], [2; PAGE]].concat();
-        let mut hashes = vec![xxh3_64(&[1; PAGE]), 0];
+    fn a_lent_helper_finds_the_same_pages() {
+        const LAST: u64 = 3 * 1024 + 4;
+        let ram = ram_file(3 * CLAIM_PAGES + 5);
+        let mut tracker = PageHashes::open(ram.path(), 1).expect("open");
+        tracker.scan().expect("first scan");
+        let helpers = tracker.helpers().expect("page hashes take helpers");
+        for page in [0, 1500, 2048, LAST] {
+            write_page(&ram, page, 0xcc);
+        }
 
-        let dirty = hash_changed(&ram, 10, &mut hashes);
+        let dirty = thread::scope(|scope| {
+            let scanning = scope.spawn(|| tracker.scan().expect("scan"));
+            // Helps with whatever is left of the pass, or finds none running: both are fine.
+            while !scanning.is_finished() {
+                helpers.help();
+            }
+            scanning.join().expect("scan thread")
+        });
 
-        assert_eq!(dirty.pages, vec![11]);
-        assert_eq!(hashes, vec![xxh3_64(&[1; PAGE]), xxh3_64(&dirty.data)]);
+        assert_eq!(dirty.pages, vec![0, 1500, 2048, LAST]);
+        assert!(dirty.data[..PAGE].iter().all(|&b| b == 0xcc));
+        helpers.help();
+        assert!(tracker.scan().expect("scan").is_empty());
     }
 
     #[test]

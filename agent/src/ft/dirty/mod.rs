@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use hashes::PageHashes;
+pub use hashes::{Helpers, PageHashes};
 pub use soft::SoftDirty;
 
 /// The page size dirty tracking works in: 4 KiB, the x86-64 and pagemap granularity.
@@ -207,6 +207,12 @@ pub trait DirtyTracker: Send + Sync + std::fmt::Debug {
     /// Pages changed since the last call (the first call answers every page), with their
     /// contents as read now.
     fn scan(&mut self) -> Result<Dirty, Error>;
+
+    /// A way for other threads to speed up the pass running at the time, when the tracker
+    /// takes help (page hashes do; soft-dirty reads too little to need it).
+    fn helpers(&self) -> Option<Helpers> {
+        None
+    }
 }
 
 /// The tracker to use for a QEMU process: soft-dirty where available, page hashes otherwise.
