@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Short, bounded fuzz run for CI: builds the two targets and fuzzes each for FUZZ_SECONDS
-# (default 25, so at most ~50 s of fuzzing; the first build takes ~1.5 min more on 2 cores).
+# (default 15, so at most ~30 s of fuzzing; the first build takes ~2.5 min more on 2 cores).
 # Works on stable Rust through RUSTC_BOOTSTRAP=1 (cargo-fuzz passes -Z sanitizer flags).
 # New corpus entries go to a temporary directory, so the committed seeds stay untouched;
 # a crash leaves its input in fuzz/artifacts/ and fails the script.
 set -euo pipefail
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
-seconds=${FUZZ_SECONDS:-25}
+seconds=${FUZZ_SECONDS:-15}
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz smoke: installing cargo-fuzz"
