@@ -197,9 +197,14 @@ fn apply_registrations(current: &mut Registrations, events: &[etcd_client::Event
 
 impl Engine {
     /// Takes the latest registrations: live hosts (also the pair's members) and controllers.
-    /// A registration that went away (a host lease expired) is judged at once, with the last
-    /// heartbeat poll, rather than at the next poll.
+    /// A registration that went away (a host's or a controller's lease expired; a host is
+    /// lost only once both have) is judged at once, with the last heartbeat poll, rather than
+    /// at the next poll.
     pub(super) async fn registrations_changed(&mut self, latest: Registrations) {
+        let controller_gone = self
+            .controllers
+            .keys()
+            .any(|name| !latest.controllers.contains_key(name));
         self.controllers = latest.controllers;
         let Some(nodes) = latest.nodes else {
             return;
@@ -207,7 +212,7 @@ impl Engine {
         for (name, record) in &nodes {
             self.members.insert(name.clone(), record.clone());
         }
-        let gone = self.registered.keys().any(|name| !nodes.contains_key(name));
+        let gone = controller_gone || self.registered.keys().any(|name| !nodes.contains_key(name));
         self.registered = nodes;
         if gone && let Some(mut poll) = self.last_health.take() {
             poll.now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
