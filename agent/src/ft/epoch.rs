@@ -329,15 +329,18 @@ impl Primary {
             return;
         }
         if gone {
-            if let Some(gate) = &self.output {
-                let dropped = gate.discard().await;
-                tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
-            }
+            self.drop_output().await;
             return;
         }
         if let Some(invalidate) = &self.invalidate {
             tracing::warn!(vm = %self.vm, "FT: the standby's checkpoint is stale now; recording it before the guest's output is released");
             (invalidate.0)().await;
+            if !alive(self.pid) {
+                // It died while the mark was written: the pair may already have resumed the
+                // standby, which writes this output again.
+                self.drop_output().await;
+                return;
+            }
         }
         if let Some(gate) = &self.output
             && let Err(e) = gate.open().await
@@ -345,6 +348,19 @@ impl Primary {
             tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: releasing the held serial output failed");
         }
         self.open_nets().await;
+    }
+
+    /// Drops the output a dead QEMU left held (its standby writes it again if it takes over)
+    /// and lets whatever QEMU uses the gate next write through until epochs hold it again.
+    async fn drop_output(&self) {
+        let Some(gate) = &self.output else {
+            return;
+        };
+        let dropped = gate.discard().await;
+        tracing::info!(vm = %self.vm, dropped_bytes = dropped, "FT: the guest's QEMU is gone; its uncommitted output is dropped");
+        if let Err(e) = gate.open().await {
+            tracing::warn!(vm = %self.vm, error = %daemon::error_chain(&e), "FT: reopening the serial gate failed");
+        }
     }
 
     /// Lets the guest's network frames flow again; a QMP connection a failure left out of step
@@ -513,8 +529,10 @@ impl Primary {
         Ok((phases, dirty.len(), state_bytes, mark))
     }
 
-    /// A fresh QMP connection, in place of one whose replies may be out of step.
+    /// A fresh QMP connection, in place of one whose replies may be out of step (closed
+    /// first: QEMU greets one client at a time).
     async fn reconnect(&mut self) -> Result<(), Error> {
+        self.qmp.close().await;
         let mut qmp = Qmp::connect(&self.qmp_socket).await?;
         qmp.execute("migrate-set-capabilities", ignore_shared())
             .await?;

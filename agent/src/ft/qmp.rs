@@ -170,6 +170,12 @@ impl Qmp {
         }
     }
 
+    /// Ends this connection (QEMU sees it closed): a `-qmp` socket serves one client at a
+    /// time, so a new connection is only greeted once the old one is gone.
+    pub async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
     /// QEMU's run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn status(&mut self) -> Result<String, Error> {
         let value = self.execute("query-status", Value::Null).await?;
