@@ -29,6 +29,14 @@ const ORPHAN_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const CHECKPOINT_STATES: [&str; 3] = ["paused", "finish-migrate", "postmigrate"];
 /// Longest the resume of a guest left stopped mid-checkpoint may take.
 const ORPHAN_RESUME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How recent the last commit of a running epoch loop must be for a pause of its guest to
+/// count as a checkpoint's: the commit timeout (3 s) and an interval, with room to spare.
+const CHECKPOINT_PAUSE_MS: u64 = 5_000;
+
+/// Now, in ms since the Unix epoch.
+fn unix_ms() -> u64 {
+    u64::try_from(daemon::now_unix_ms()).unwrap_or(0)
+}
 /// How often a primary waiting for its mirrors looks at them.
 const MIRROR_POLL: Duration = Duration::from_millis(500);
 
@@ -36,6 +44,8 @@ const MIRROR_POLL: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 struct Run {
     committed: AtomicU64,
+    /// When the last epoch committed (ms since the Unix epoch; 0 before the first).
+    committed_at_ms: AtomicU64,
     last_pause_us: AtomicU64,
     waiting: AtomicBool,
     ended: AtomicBool,
@@ -212,9 +222,15 @@ impl Inner {
         self.admit("prepare-standby", &uuid, request.fence)?;
         let replicas = self.replicas("prepare-standby")?;
         tracing::info!(vm = %uuid, node = %self.node, "FT standby begin");
-        // A primary run of this VM here is over (its QEMU died and the VM moved to the peer):
-        // this host's FT side of it is the standby from now on.
-        self.ft.stop(&uuid);
+        // A primary run of this VM here that ended (its QEMU died and the VM moved to the
+        // peer) is forgotten: this host's FT side of it is the standby from now on.
+        if self
+            .ft
+            .run(&uuid)
+            .is_some_and(|run| run.ended.load(Ordering::SeqCst))
+        {
+            self.ft.stop(&uuid);
+        }
         let standbys = replicas.standbys();
         let libvirt = &self.deps.libvirt;
         let current = libvirt.status(&uuid).await;
@@ -375,6 +391,7 @@ impl Inner {
                         tracing::info!(vm = uuid, node = %self.node, pause_ms = report.pause.as_secs_f64() * 1e3, "FT: first checkpoint committed, the VM is protected");
                     }
                     run.committed.store(report.epoch, Ordering::SeqCst);
+                    run.committed_at_ms.store(unix_ms(), Ordering::SeqCst);
                     let us = u64::try_from(report.pause.as_micros()).unwrap_or(u64::MAX);
                     run.last_pause_us.store(us, Ordering::SeqCst);
                 }
@@ -409,15 +426,19 @@ impl Inner {
         }
     }
 
-    /// Whether `domain` is paused only for a checkpoint: its epoch loop runs here, and
-    /// nothing else (a failed disk) paused it.
+    /// Whether `domain` is paused only for a checkpoint: its epoch loop runs here and
+    /// committed an epoch within the commit timeout (and a bit), and nothing else (a failed
+    /// disk) paused it. A loop stuck in a pause shows as paused.
     pub(super) fn checkpoint_pause(&self, domain: &DomainStatus) -> bool {
+        let checkpointing = |run: Arc<Run>| {
+            let committed_at = run.committed_at_ms.load(Ordering::SeqCst);
+            !run.ended.load(Ordering::SeqCst)
+                && committed_at > 0
+                && unix_ms().saturating_sub(committed_at) < CHECKPOINT_PAUSE_MS
+        };
         domain.state == DomainState::Paused
             && domain.reason != "ioerror"
-            && self
-                .ft
-                .run(&domain.uuid)
-                .is_some_and(|run| !run.ended.load(Ordering::SeqCst))
+            && self.ft.run(&domain.uuid).is_some_and(checkpointing)
     }
 
     /// This host's FT side of domain `uuid`, for listings.
