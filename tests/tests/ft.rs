@@ -215,6 +215,13 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
 
     // A's QEMU dies, A lives on: B's standby resumes the guest at once (no restart from the
     // disks), and the VM is protected again with a new standby on A.
+    lab.wait_vm(
+        "s",
+        "protected before its QEMU dies",
+        SYNC_TIMEOUT,
+        protected,
+    )
+    .await;
     let seen = highest(&client.answers());
     let a_released = std::fs::read(lab.serial_log(&vm)).map_or(0, |bytes| bytes.len());
     let killed = Instant::now();
