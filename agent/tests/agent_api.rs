@@ -2,7 +2,7 @@
 //! and bad input over gRPC. No guest is started here (that is the end-to-end tests' job).
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ const UUID: &str = "0b7e7a52-8a7e-4f0e-9c1e-2f4c7b3d9a01";
 struct Agent {
     child: Child,
     client: AgentClient<Channel>,
+    /// Its node name, unique to this agent: the tests check they talk to theirs.
+    node: String,
+    /// Its log, for failure messages.
+    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -45,21 +49,41 @@ fn write_fake_image(dir: &Path) {
     }
 }
 
+/// The agent's log, for a failure message.
+fn log_of(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// A `pv-agent` of this test's own. A free port can be taken again before the agent binds it
+/// (the tests start agents in parallel, and binding waits for the agent's start-up): an agent
+/// that found its port in use is started again on another.
 async fn start_agent() -> Agent {
+    for _ in 0..5 {
+        if let Some(agent) = try_start_agent().await {
+            return agent;
+        }
+    }
+    panic!("five agents in a row found their port taken");
+}
+
+/// Starts an agent on a free port; `None` if another process had the port.
+async fn try_start_agent() -> Option<Agent> {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let node = format!("t{port}");
     let root = dir.path();
     write_fake_image(&root.join("images/fake"));
     let config = format!(
-        "node = \"t0\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{s}\"\nimage_dir = \"{i}\"\n[storage_groups]\nsg0 = \"{g}\"\n[networks]\nbusiness = \"pvtestbr0\"\n",
+        "node = \"{node}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{s}\"\nimage_dir = \"{i}\"\n[storage_groups]\nsg0 = \"{g}\"\n[networks]\nbusiness = \"pvtestbr0\"\n",
         s = root.join("state").display(),
         i = root.join("images").display(),
         g = root.join("sg0").display(),
     );
     let config_path = root.join("agent.toml");
     std::fs::write(&config_path, config).unwrap();
-    let log = std::fs::File::create(root.join("agent.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pv-agent"))
+    let log_path = root.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pv-agent"))
         .arg("--config")
         .arg(&config_path)
         .stderr(log.try_clone().unwrap())
@@ -67,23 +91,47 @@ async fn start_agent() -> Agent {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + AGENT_READY_TIMEOUT;
-    let client = loop {
+    let mut client = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = log_of(&log_path);
+            if text.contains("in use") {
+                return None;
+            }
+            panic!("agent exited ({status}) before it listened; log: {text}");
+        }
         match AgentClient::connect(format!("http://127.0.0.1:{port}")).await {
             Ok(c) => break c,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
-            Err(e) => panic!(
-                "agent did not listen: {e}; log: {}",
-                std::fs::read_to_string(root.join("agent.log")).unwrap_or_default()
-            ),
+            Err(e) => panic!("agent did not listen: {e}; log: {}", log_of(&log_path)),
         }
     };
-    Agent {
+    let facts = client
+        .get_host_facts(pb::GetHostFactsRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("host facts: {e}; log: {}", log_of(&log_path)))
+        .into_inner();
+    if facts.node != node {
+        // Another test's agent holds the port; ours exits (or has) for it.
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    Some(Agent {
         child,
         client,
+        node,
+        log: log_path,
         _dir: dir,
-    }
+    })
+}
+
+/// The reply of a call that must succeed, or a failure that shows the agent's log.
+fn ok<T>(reply: Result<tonic::Response<T>, tonic::Status>, log: &Path) -> T {
+    reply
+        .unwrap_or_else(|e| panic!("{e}; agent log: {}", log_of(log)))
+        .into_inner()
 }
 
 /// The authority of a serving controller at `term` for the test VM.
@@ -124,15 +172,12 @@ fn spec(volume: &str) -> pb::VmSpec {
 #[tokio::test]
 async fn agent_defines_domain_on_created_volume_and_cleans_up() {
     let mut agent = start_agent().await;
+    let log = agent.log.clone();
     let c = &mut agent.client;
 
-    let facts = c
-        .get_host_facts(pb::GetHostFactsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let volume = c
-        .create_volume(pb::CreateVolumeRequest {
+    let facts = ok(c.get_host_facts(pb::GetHostFactsRequest {}).await, &log);
+    let volume = ok(
+        c.create_volume(pb::CreateVolumeRequest {
             storage_group: "sg0".into(),
             name: "itest1-d0.raw".into(),
             size_bytes: 16 << 20,
@@ -140,38 +185,32 @@ async fn agent_defines_domain_on_created_volume_and_cleans_up() {
             vm_uuid: UUID.into(),
             fence: fence(5),
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let defined = c
-        .define_domain(pb::DefineDomainRequest {
+        .await,
+        &log,
+    );
+    let defined = ok(
+        c.define_domain(pb::DefineDomainRequest {
             spec: Some(spec("itest1-d0.raw")),
             fence: fence(5),
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let listed = c
-        .list_domains(pb::ListDomainsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    c.undefine_domain(command(5)).await.unwrap();
-    c.delete_volume(pb::DeleteVolumeRequest {
-        storage_group: "sg0".into(),
-        name: "itest1-d0.raw".into(),
-        vm_uuid: UUID.into(),
-        fence: fence(5),
-    })
-    .await
-    .unwrap();
-    let after = c
-        .list_domains(pb::ListDomainsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+        .await,
+        &log,
+    );
+    let listed = ok(c.list_domains(pb::ListDomainsRequest {}).await, &log);
+    ok(c.undefine_domain(command(5)).await, &log);
+    ok(
+        c.delete_volume(pb::DeleteVolumeRequest {
+            storage_group: "sg0".into(),
+            name: "itest1-d0.raw".into(),
+            vm_uuid: UUID.into(),
+            fence: fence(5),
+        })
+        .await,
+        &log,
+    );
+    let after = ok(c.list_domains(pb::ListDomainsRequest {}).await, &log);
 
-    assert_eq!(facts.node, "t0");
+    assert_eq!(facts.node, agent.node);
     assert_eq!(facts.boot_images, vec!["fake".to_string()]);
     assert!(
         facts.qemu_version.starts_with("10."),
