@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
 
-use super::dirty::PAGE;
+use super::dirty::{PAGE, is_hole, is_zero};
 use super::qmp::{self, Qmp};
 use super::wire::{self, Message};
 use crate::nbd::Exports;
@@ -455,7 +455,13 @@ async fn write_pages(
                 ));
             }
             let bytes = &data[index * PAGE..(index + 1) * PAGE];
-            ram.write_all_at(bytes, page * PAGE as u64)
+            let offset = page * PAGE as u64;
+            // Zeros over a hole change nothing and would only allocate it: the copy stays as
+            // sparse as the primary's, and so does the RAM that a failover makes primary.
+            if is_zero(bytes) && is_hole(&ram, offset).unwrap_or(false) {
+                continue;
+            }
+            ram.write_all_at(bytes, offset)
                 .map_err(|e| format!("writing page {page} of the RAM file: {e}"))?;
         }
         Ok(())
@@ -493,5 +499,41 @@ fn kind(message: &Message) -> &'static str {
         Message::Commit { .. } => "Commit",
         Message::Ack { .. } => "Ack",
         Message::Nack { .. } => "Nack",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    const PAGE_BYTES: u64 = PAGE as u64;
+
+    #[tokio::test]
+    async fn zero_pages_leave_holes_alone_but_overwrite_data() {
+        let file = tempfile::NamedTempFile::new_in("/dev/shm").expect("RAM file in /dev/shm");
+        file.as_file().set_len(4 * PAGE_BYTES).expect("size");
+        file.as_file()
+            .write_all_at(&[7; PAGE], 2 * PAGE_BYTES)
+            .expect("page 2 holds data");
+        let ram = Arc::new(file.reopen().expect("reopen"));
+        let data = [[0; PAGE], [5; PAGE], [0; PAGE]].concat();
+
+        write_pages(ram, 4 * PAGE_BYTES, vec![0, 1, 2], data)
+            .await
+            .expect("write pages");
+
+        let file = file.as_file();
+        assert!(
+            is_hole(file, 0).expect("page 0"),
+            "a zero page filled a hole"
+        );
+        assert!(!is_hole(file, PAGE_BYTES).expect("page 1"));
+        let mut page = [1; PAGE];
+        file.read_exact_at(&mut page, 2 * PAGE_BYTES).expect("read");
+        assert!(is_zero(&page), "zeros must overwrite data");
+        file.read_exact_at(&mut page, PAGE_BYTES).expect("read");
+        assert_eq!(page, [5; PAGE]);
     }
 }

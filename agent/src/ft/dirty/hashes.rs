@@ -1,6 +1,9 @@
 //! [`PageHashes`]: dirty pages found by hashing every page of the RAM file (xxh3-64) and
 //! comparing with the previous pass, through a read-only shared mapping of the file.
 //!
+//! Holes of the file (pages the guest never wrote, see `holes`) are not read: they hash as a
+//! zero page.
+//!
 //! A later pass works through the file in chunks that threads claim one at a time: the
 //! tracker's own threads and any a caller lends through [`Helpers`] while the pass runs (the
 //! epoch loop lends one once QEMU has saved the device state and its core is free).
@@ -14,6 +17,7 @@ use std::thread;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::holes::{self, runs};
 use super::map::RamMap;
 use super::{Dirty, DirtyTracker, Error, PAGE, check_size, open_ram, to_u64};
 
@@ -53,6 +57,8 @@ struct Ram {
     pages: usize,
     /// The hash of each page as last answered.
     hashes: Vec<AtomicU64>,
+    /// The hash of a page of zeros, which every hole has.
+    zero: u64,
 }
 
 impl PageHashes {
@@ -68,7 +74,12 @@ impl PageHashes {
         Ok(PageHashes {
             file,
             path: path.to_path_buf(),
-            ram: Arc::new(Ram { map, pages, hashes }),
+            ram: Arc::new(Ram {
+                map,
+                pages,
+                hashes,
+                zero: xxh3_64(&[0; PAGE]),
+            }),
             threads: threads.max(1),
             hashed: false,
             helpers: Helpers::default(),
@@ -80,8 +91,9 @@ impl PageHashes {
         to_u64(self.ram.pages)
     }
 
-    /// The first pass: copies the whole file into the result and records every page's hash.
-    fn scan_all(&mut self) -> Dirty {
+    /// The first pass: copies the whole file into the result (holes as zeros, unread) and
+    /// records every page's hash.
+    fn scan_all(&mut self, data_ranges: &[Range<usize>]) -> Dirty {
         let ram = &*self.ram;
         let ranges = split(ram.pages, self.threads);
         let mut data = vec![0; ram.pages * PAGE];
@@ -94,7 +106,7 @@ impl PageHashes {
         }
         thread::scope(|scope| {
             for (range, data) in parts {
-                scope.spawn(move || copy_all(ram, range, data));
+                scope.spawn(move || copy_all(ram, range, data, data_ranges));
             }
         });
         self.hashed = true;
@@ -106,8 +118,8 @@ impl PageHashes {
 
     /// A later pass: hashes every page in place and answers those whose hash changed. Runs
     /// on the tracker's threads and on those lent through [`Helpers`] meanwhile.
-    fn scan_changed(&mut self) -> Dirty {
-        let pass = Arc::new(Pass::new(self.ram.clone()));
+    fn scan_changed(&mut self, data_ranges: Vec<Range<usize>>) -> Dirty {
+        let pass = Arc::new(Pass::new(self.ram.clone(), data_ranges));
         self.helpers.lend(Some(pass.clone()));
         thread::scope(|scope| {
             for _ in 1..self.threads {
@@ -123,6 +135,14 @@ impl PageHashes {
     /// raise SIGBUS); a longer file is scanned up to its old size.
     fn check_size(&self) -> Result<(), Error> {
         check_size(&self.file, &self.path, self.ram.pages)
+    }
+
+    /// The page ranges of the file that hold data now.
+    fn data_ranges(&self) -> Result<Vec<Range<usize>>, Error> {
+        holes::data_ranges(&self.file, self.ram.pages).map_err(|source| Error::SeekData {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 
@@ -140,15 +160,18 @@ impl DirtyTracker for PageHashes {
     }
 
     fn scan(&mut self) -> Result<Dirty, Error> {
-        if let Err(error) = self.check_size() {
-            // Nothing was hashed, but the contract after a failed pass is a full one.
-            self.hashed = false;
-            return Err(error);
-        }
+        let data_ranges = match self.check_size().and_then(|()| self.data_ranges()) {
+            Ok(ranges) => ranges,
+            Err(error) => {
+                // Nothing was hashed, but the contract after a failed pass is a full one.
+                self.hashed = false;
+                return Err(error);
+            }
+        };
         if self.hashed {
-            Ok(self.scan_changed())
+            Ok(self.scan_changed(data_ranges))
         } else {
-            Ok(self.scan_all())
+            Ok(self.scan_all(&data_ranges))
         }
     }
 }
@@ -178,6 +201,8 @@ impl Helpers {
 #[derive(Debug)]
 struct Pass {
     ram: Arc<Ram>,
+    /// The page ranges holding data when the pass began; the rest hash as zeros.
+    data_ranges: Vec<Range<usize>>,
     /// Ranges of [`CLAIM_PAGES`] pages (the last one shorter).
     claims: usize,
     /// The next range to claim.
@@ -195,10 +220,11 @@ struct Done {
 }
 
 impl Pass {
-    fn new(ram: Arc<Ram>) -> Pass {
+    fn new(ram: Arc<Ram>, data_ranges: Vec<Range<usize>>) -> Pass {
         let claims = ram.pages.div_ceil(CLAIM_PAGES);
         Pass {
             ram,
+            data_ranges,
             claims,
             next: AtomicUsize::new(0),
             done: Mutex::new(Done::default()),
@@ -215,7 +241,7 @@ impl Pass {
             }
             let first = claim * CLAIM_PAGES;
             let pages = first..(first + CLAIM_PAGES).min(self.ram.pages);
-            let dirty = hash_changed(&self.ram, pages);
+            let dirty = hash_changed(&self.ram, pages, &self.data_ranges);
             let mut done = lock(&self.done);
             done.parts.push((claim, dirty));
             done.count += 1;
@@ -248,9 +274,25 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Copies pages `range` of `ram` into `data` a chunk at a time and records the hash of each
-/// copied page (the copy, not the mapping: the guest may be writing).
-fn copy_all(ram: &Ram, range: Range<usize>, data: &mut [u8]) {
+/// Copies pages `range` of `ram` into `data` (zeros) a chunk at a time and records the hash
+/// of each copied page (the copy, not the mapping: the guest may be writing). Holes are left
+/// zero, unread.
+fn copy_all(ram: &Ram, range: Range<usize>, data: &mut [u8], data_ranges: &[Range<usize>]) {
+    let base = range.start;
+    for (run, is_data) in runs(range, data_ranges) {
+        let to = &mut data[byte_range(&(run.start - base..run.end - base))];
+        if is_data {
+            copy_run(ram, run, to);
+        } else {
+            for hash in &ram.hashes[run] {
+                hash.store(ram.zero, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Copies pages `range` of `ram`, all data, into `data` and records their hashes.
+fn copy_run(ram: &Ram, range: Range<usize>, data: &mut [u8]) {
     let from = &ram.map.bytes()[byte_range(&range)];
     let hashes = &ram.hashes[range];
     let chunks = from.chunks(COPY_CHUNK).zip(data.chunks_mut(COPY_CHUNK));
@@ -263,13 +305,25 @@ fn copy_all(ram: &Ram, range: Range<usize>, data: &mut [u8]) {
 }
 
 /// Hashes pages `range` of `ram`, updates their hashes and answers the pages whose hash
-/// changed, with their contents.
+/// changed, with their contents. Pages outside `data_ranges` are holes, zeros unread.
+fn hash_changed(ram: &Ram, range: Range<usize>, data_ranges: &[Range<usize>]) -> Dirty {
+    let mut dirty = Dirty::default();
+    for (run, is_data) in runs(range, data_ranges) {
+        if is_data {
+            hash_run(ram, run, &mut dirty);
+        } else {
+            zero_run(ram, run, &mut dirty);
+        }
+    }
+    dirty
+}
+
+/// [`hash_changed`] for pages `range`, all data: hashes them through the mapping.
 ///
 /// A page the guest writes meanwhile (pre-copy) may hash torn; the hash kept is that of the
 /// copy answered, so the next pass compares the page with exactly what was sent.
-fn hash_changed(ram: &Ram, range: Range<usize>) -> Dirty {
+fn hash_run(ram: &Ram, range: Range<usize>, dirty: &mut Dirty) {
     let bytes = &ram.map.bytes()[byte_range(&range)];
-    let mut dirty = Dirty::default();
     let pages = ram.hashes[range.clone()]
         .iter()
         .zip(bytes.chunks_exact(PAGE));
@@ -289,7 +343,18 @@ fn hash_changed(ram: &Ram, range: Range<usize>) -> Dirty {
             dirty.pages.push(index);
         }
     }
-    dirty
+}
+
+/// [`hash_changed`] for pages `range`, all holes: a page whose last answer was not zeros
+/// (its data was punched out) is answered as zeros.
+fn zero_run(ram: &Ram, range: Range<usize>, dirty: &mut Dirty) {
+    for (hash, index) in ram.hashes[range.clone()].iter().zip(to_u64(range.start)..) {
+        if hash.load(Ordering::Relaxed) != ram.zero {
+            hash.store(ram.zero, Ordering::Relaxed);
+            dirty.pages.push(index);
+            dirty.data.resize(dirty.data.len() + PAGE, 0);
+        }
+    }
 }
 
 /// The bytes of a page range.
@@ -331,10 +396,13 @@ fn split(pages: usize, parts: usize) -> Vec<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
+    use tempfile::NamedTempFile;
+
     use super::super::PAGE_BYTES;
-    use super::super::tests::{contents, ram_file, write_page};
+    use super::super::tests::{contents, ram_file, sparse, write_page};
     use super::*;
 
     const TEST_PAGES: usize = 64;
@@ -538,6 +606,59 @@ mod tests {
         assert!(dirty.data[..PAGE].iter().all(|&b| b == 0xcc));
         helpers.help();
         assert!(tracker.scan().expect("scan").is_empty());
+    }
+
+    /// Punches page `page` of `ram` out: it becomes a hole again, as a balloon or discard
+    /// leaves it.
+    #[allow(unsafe_code)]
+    fn punch(ram: &NamedTempFile, page: u64) {
+        let offset = libc::off_t::try_from(page * PAGE_BYTES).expect("offset");
+        let len = libc::off_t::try_from(PAGE_BYTES).expect("len");
+        // SAFETY: fallocate only acts on the descriptor, which `ram` keeps open; it touches
+        // no memory of this process.
+        let rc = unsafe {
+            libc::fallocate(
+                ram.as_file().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        assert_eq!(rc, 0, "punch: {}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn page_hashes_leave_holes_unread_and_answer_them_as_zeros() {
+        let ram = sparse(3 * CLAIM_PAGES);
+        write_page(&ram, 5, 0x11);
+        write_page(&ram, 2000, 0x22);
+        let mut tracker = PageHashes::open(ram.path(), 2).expect("open");
+
+        let first = tracker.scan().expect("first scan");
+
+        assert_eq!(first.len(), 3 * CLAIM_PAGES);
+        assert_eq!(first.data, contents(&ram));
+        // The holes were not read through the mapping, which would have filled them.
+        let data = holes::data_ranges(ram.as_file(), 3 * CLAIM_PAGES).expect("ranges");
+        assert_eq!(data, vec![5..6, 2000..2001]);
+        assert!(tracker.scan().expect("second scan").is_empty());
+    }
+
+    #[test]
+    fn page_hashes_answer_a_hole_written_and_a_page_punched() {
+        let ram = sparse(2 * CLAIM_PAGES);
+        write_page(&ram, 10, 0x33);
+        let mut tracker = PageHashes::open(ram.path(), 1).expect("open");
+        tracker.scan().expect("first scan");
+        write_page(&ram, 1500, 0x44);
+        punch(&ram, 10);
+
+        let dirty = tracker.scan().expect("scan");
+
+        assert_eq!(dirty.pages, vec![10, 1500]);
+        assert!(dirty.page(0).1.iter().all(|&b| b == 0));
+        assert!(dirty.page(1).1.iter().all(|&b| b == 0x44));
+        assert!(tracker.scan().expect("scan again").is_empty());
     }
 
     #[test]

@@ -14,8 +14,8 @@
 //!   scan first checks that the file is not shorter than the mapping (`check_size`), which
 //!   turns a restarted, smaller guest into [`Error::RamShrank`](super::Error::RamShrank).
 //! * **Reading allocates on tmpfs.** A read fault on a hole of a tmpfs file allocates the page
-//!   (a positional read does not), so after the first pass the RAM file holds all of guest RAM,
-//!   as the standby's copy already does.
+//!   (a positional read does not), so passes read only the pages that hold data (`holes`) and
+//!   the file stays as sparse as the guest left it.
 
 use std::fs::File;
 use std::io;

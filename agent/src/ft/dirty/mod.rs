@@ -26,6 +26,7 @@
 //! answered by the next one, and the paused pass then misses nothing.
 
 mod hashes;
+mod holes;
 mod map;
 mod soft;
 
@@ -34,6 +35,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use hashes::{Helpers, PageHashes};
+pub use holes::{is_hole, is_zero};
 pub use soft::SoftDirty;
 
 /// The page size dirty tracking works in: 4 KiB, the x86-64 and pagemap granularity.
@@ -178,6 +180,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Finding the RAM file's data and holes (`lseek` SEEK_DATA/SEEK_HOLE) failed.
+    #[error("finding which pages of the guest RAM file {path} hold data")]
+    SeekData {
+        /// The RAM file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The kernel does not offer soft-dirty tracking (or its config cannot be read).
     #[error(
         "soft-dirty tracking is unavailable: /boot/config-<release> does not say \
@@ -293,6 +304,15 @@ mod tests {
             .flat_map(|i| [u8::try_from(i % 256).expect("byte"); PAGE])
             .collect();
         file.write_all(&data).expect("write RAM file");
+        file
+    }
+
+    /// A file of `pages` pages, all holes, on tmpfs (/dev/shm) like guest RAM.
+    pub(super) fn sparse(pages: usize) -> NamedTempFile {
+        let file = NamedTempFile::new_in("/dev/shm").expect("create file in /dev/shm");
+        file.as_file()
+            .set_len(to_u64(pages) * PAGE_BYTES)
+            .expect("size file");
         file
     }
 
