@@ -110,8 +110,8 @@ impl Watch {
             Ok(LocalMark::Written) => {}
             Ok(refused) => {
                 let why = match refused {
-                    LocalMark::LeaseGone => {
-                        "this host lost its lease (the pair may run the VM elsewhere)"
+                    LocalMark::Superseded => {
+                        "this host lost its lease or the pair moved the VM (it may run elsewhere)"
                     }
                     LocalMark::PeerBehind => "the peer's copy was already marked behind",
                     _ => "this agent knows no mirror path of the VM (it restarted since)",

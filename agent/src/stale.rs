@@ -5,9 +5,11 @@
 //! and a failover to the peer would then lose it. So the A-Link ingress of the mirror holds
 //! the connection instead ([`replicator::proxy::Hold`]) until this module has written a
 //! [`StaleMark`] in etcd, on condition that this host's registration is still bound to the
-//! lease the agent held when the mirror started; the controller refuses a failover to a
-//! marked peer. A host that lost that lease (the pair may have failed the VM over) never
-//! releases: its guest stays blocked until the self-fence stops it.
+//! lease the agent held when the mirror started and that the VM's owner generation is still
+//! the one the mirror was started under ([`pair::OWNERS`]); the controller refuses a failover
+//! to a marked peer, and its failover raises the generation, so of a mark and a failover only
+//! the first lands. A host that lost that lease, or whose VM the pair moved, never releases:
+//! its guest stays blocked (the self-fence, or the pair, stops it).
 //!
 //! The other way round, when this host's disk fails under an in-sync mirror, the guest moves
 //! onto the peer's copy (`mirror/pivot.rs`) only once [`Marker::mark_local_behind`] has
@@ -46,9 +48,18 @@ pub struct Marker {
 #[derive(Clone, Debug)]
 struct Path {
     peer: String,
-    lease: i64,
+    grant: Grant,
     serial: i64,
     behind: Option<Behind>,
+}
+
+/// What this host held when a mirror path was made, and must still hold for its mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The host lease its registration was bound to (0: none).
+    pub lease: i64,
+    /// The VM's ownership generation of the command that started the mirror.
+    pub generation: u64,
 }
 
 /// Whose copy a written mark says is behind.
@@ -63,8 +74,9 @@ enum Behind {
 pub enum LocalMark {
     /// Written: the guest may move onto the peer's copy.
     Written,
-    /// Refused: this host no longer holds the lease the path was made under.
-    LeaseGone,
+    /// Refused: this host no longer holds the lease the path was made under, or the pair
+    /// moved the VM since (its generation changed).
+    Superseded,
     /// The peer's copy is already marked behind (the path broke first).
     PeerBehind,
     /// This agent made no mirror path for the VM (it restarted since).
@@ -88,12 +100,12 @@ impl Marker {
         *self.lease.borrow()
     }
 
-    /// The hold for mirror path `path` of `vm` to `peer`, made under host lease `lease`: it
-    /// returns once the mark is written, and never if the lease is gone.
-    pub fn hold(&self, vm: &str, peer: &str, lease: i64, path: i64) -> Hold {
+    /// The hold for mirror path `path` of `vm` to `peer`, made under `grant`: it returns once
+    /// the mark is written, and never if the grant is gone.
+    pub fn hold(&self, vm: &str, peer: &str, grant: Grant, path: i64) -> Hold {
         let record = Path {
             peer: peer.to_string(),
-            lease,
+            grant,
             serial: path,
             behind: None,
         };
@@ -101,7 +113,7 @@ impl Marker {
         let (marker, vm, peer) = (self.clone(), vm.to_string(), peer.to_string());
         Arc::new(move || {
             let (marker, vm, peer) = (marker.clone(), vm.clone(), peer.clone());
-            Box::pin(async move { marker.mark_or_block(&vm, &peer, lease, path).await })
+            Box::pin(async move { marker.mark_or_block(&vm, &peer, grant, path).await })
         })
     }
 
@@ -115,16 +127,16 @@ impl Marker {
         let (marker, vm) = (self.clone(), vm.to_string());
         Some(Arc::new(move || {
             let (marker, vm, peer) = (marker.clone(), vm.clone(), path.peer.clone());
-            let (lease, serial) = (path.lease, path.serial);
-            Box::pin(async move { marker.mark_or_block(&vm, &peer, lease, serial).await })
+            let (grant, serial) = (path.grant, path.serial);
+            Box::pin(async move { marker.mark_or_block(&vm, &peer, grant, serial).await })
         }))
     }
 
     /// Writes the mark, retrying while etcd does not answer; blocks forever once etcd says
-    /// this host no longer holds `lease`.
-    async fn mark_or_block(&self, vm: &str, peer: &str, lease: i64, path: i64) {
+    /// this host no longer holds `grant`.
+    async fn mark_or_block(&self, vm: &str, peer: &str, grant: Grant, path: i64) {
         let node = self.node.as_str();
-        if lease == 0 {
+        if grant.lease == 0 {
             // No lease when the mirror started: nothing can prove this host still may write.
             tracing::error!(%vm, node, peer, op = "stale-mark", "the mirror to {peer} broke and this host held no lease when it started; guest writes stay blocked until the self-fence stops it");
             std::future::pending::<()>().await;
@@ -136,7 +148,7 @@ impl Marker {
                 tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark end: not needed, the guest runs on {peer}'s copy; its I/O fails and QEMU pauses it");
                 return;
             }
-            let written = self.mark(vm, node, peer, lease, path).await;
+            let written = self.mark(vm, node, peer, grant, path).await;
             if matches!(written, Ok(true)) {
                 self.set_behind(vm, path, Behind::Peer);
             }
@@ -147,7 +159,7 @@ impl Marker {
                     return;
                 }
                 Ok(false) => {
-                    tracing::error!(%vm, node, peer, op = "stale-mark", lease = format!("{lease:x}"), "stale mark end: refused, this host lost its lease (the VM may run on {peer} now); guest writes stay blocked until the self-fence stops it");
+                    tracing::error!(%vm, node, peer, op = "stale-mark", lease = format!("{:x}", grant.lease), generation = grant.generation, "stale mark end: refused, this host lost its lease or the pair moved the VM (it may run on {peer} now); the guest stays blocked and its output held");
                     std::future::pending::<()>().await;
                 }
                 Err(e) => {
@@ -159,7 +171,7 @@ impl Marker {
     }
 
     /// Records that this host's copy of `vm` is behind the peer's (its disk failed and the
-    /// guest is about to run on the peer's copy), on the same lease condition as a hold's mark.
+    /// guest is about to run on the peer's copy), on the same condition as a hold's mark.
     pub async fn mark_local_behind(&self, vm: &str) -> Result<LocalMark, daemon::etcd::Error> {
         let _writing = self.writing.lock().await;
         let Some(path) = self.paths().get(vm).cloned() else {
@@ -171,16 +183,16 @@ impl Marker {
         if path.behind == Some(Behind::Local) {
             return Ok(LocalMark::Written);
         }
-        if path.lease == 0 {
+        if path.grant.lease == 0 {
             // No lease when the mirror started: nothing can prove this host still may write.
-            return Ok(LocalMark::LeaseGone);
+            return Ok(LocalMark::Superseded);
         }
         let node = self.node.clone();
         if !self
-            .mark(vm, &path.peer, &node, path.lease, path.serial)
+            .mark(vm, &path.peer, &node, path.grant, path.serial)
             .await?
         {
-            return Ok(LocalMark::LeaseGone);
+            return Ok(LocalMark::Superseded);
         }
         self.set_behind(vm, path.serial, Behind::Local);
         Ok(LocalMark::Written)
@@ -205,13 +217,14 @@ impl Marker {
     }
 
     /// One attempt to mark `behind`'s copy of `vm` behind `writer`'s: true if written, false
-    /// if this host's registration is not bound to `lease`.
+    /// if this host's registration is not bound to the grant's lease or the VM's owner
+    /// generation is not the grant's.
     async fn mark(
         &self,
         vm: &str,
         writer: &str,
         behind: &str,
-        lease: i64,
+        grant: Grant,
         path: i64,
     ) -> Result<bool, daemon::etcd::Error> {
         let record = StaleMark {
@@ -222,15 +235,15 @@ impl Marker {
         };
         let (key, value) = (pair::stale_key(vm), pair::encode(&record));
         let registration = pair::node_key(&self.node);
+        let (owner, generation) = (pair::owner_key(vm), pair::owner_value(grant.generation));
         let response = self
             .etcd
             .request("writing stale mark", ATTEMPT_BUDGET, |mut c| {
                 let txn = Txn::new()
-                    .when([Compare::lease(
-                        registration.clone(),
-                        CompareOp::Equal,
-                        lease,
-                    )])
+                    .when([
+                        Compare::lease(registration.clone(), CompareOp::Equal, grant.lease),
+                        Compare::value(owner.clone(), CompareOp::Equal, generation.clone()),
+                    ])
                     .and_then([TxnOp::put(key.clone(), value.clone(), None)]);
                 async move { c.txn(txn).await }
             })

@@ -3,6 +3,8 @@
 //! Keys (values are JSON):
 //! - `/pairvisor/vms/<uuid>`   → [`VmRecord`]
 //! - `/pairvisor/names/<name>` → the UUID owning the name (names are unique by construction)
+//! - `/pairvisor/owners/<uuid>` → the VM's ownership generation, written with every write of its
+//!   record (stale marks are conditional on it, see `daemon::pair::OWNERS`)
 //! - `/pairvisor/nodes/<name>` → [`NodeRecord`], written by the host's agent, bound to its
 //!   host lease (see `daemon::pair`); `/pairvisor/members/<name>` keeps it while the host is down
 //! - `/pairvisor/controllers/<name>` → [`ControllerRecord`], bound to that controller's lease
@@ -83,6 +85,15 @@ pub enum Error {
     /// This controller is no longer the serving one; it must not write.
     #[error("this controller lost its serving role")]
     NotLeader,
+}
+
+/// The write of `vm`'s owner generation that goes with every write of its record.
+fn owner_put(vm: &VmRecord) -> TxnOp {
+    TxnOp::put(
+        pair::owner_key(&vm.uuid),
+        pair::owner_value(vm.generation),
+        None,
+    )
 }
 
 /// Key of a VM record.
@@ -441,6 +452,7 @@ impl Writer {
                     vec![
                         TxnOp::put(key.clone(), value.clone(), None),
                         TxnOp::put(name.clone(), vm.uuid.clone(), None),
+                        owner_put(vm),
                     ],
                     tag,
                 )
@@ -479,7 +491,7 @@ impl Writer {
             CompareOp::Equal,
             revision,
         )];
-        let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+        let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None), owner_put(vm)];
         if let Some(mark) = mark {
             let mark_key = pair::stale_key(&vm.uuid);
             compares.push(Compare::mod_revision(
@@ -516,6 +528,7 @@ impl Writer {
                         TxnOp::delete(key.clone(), None),
                         TxnOp::delete(name_key(&vm.name), None),
                         TxnOp::delete(pair::stale_key(&vm.uuid), None),
+                        TxnOp::delete(pair::owner_key(&vm.uuid), None),
                     ],
                     None,
                 )

@@ -1,6 +1,7 @@
 //! The part of the pair's etcd state that both daemons read or write: host registrations (an
 //! agent's, bound to its host lease), the pair's members, who serves with which term, and the
-//! marks an agent leaves when a mirror to the peer broke.
+//! marks an agent leaves when a mirror to the peer broke, and the VM owner generations that
+//! those marks are conditional on.
 //! Values are JSON. The controller's own keys (VMs, requests, alerts) live in its `store`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,6 +26,22 @@ pub const STALE: &str = "/pairvisor/stale/";
 /// Key of a VM's stale mark.
 pub fn stale_key(vm_uuid: &str) -> String {
     format!("{STALE}{vm_uuid}")
+}
+
+/// Prefix of VM owners: `owners/<vm uuid>` → the VM's ownership generation in decimal,
+/// written by the controller in every write of the VM's record. A stale mark is written only
+/// while it still holds the generation of the mirror path that broke: once the pair has moved
+/// the VM (a failover raises the generation), a late mark from its old host is refused.
+pub const OWNERS: &str = "/pairvisor/owners/";
+
+/// Key of a VM's owner generation.
+pub fn owner_key(vm_uuid: &str) -> String {
+    format!("{OWNERS}{vm_uuid}")
+}
+
+/// The value of a VM's owner key for ownership generation `generation`.
+pub fn owner_value(generation: u64) -> String {
+    generation.to_string()
 }
 
 /// Key of a host registration.

@@ -10,6 +10,7 @@ use super::{Error, Inner, disk_format, invalid, plain_name, status_to_pb, uuid_i
 use crate::domain;
 use crate::libvirt::{DomainState, DomainStatus};
 use crate::mirror::{self, DiskMirror, MirrorDisk, MirrorState};
+use crate::stale::{Grant, Marker};
 
 /// How long a listing waits for one domain's mirrors: a domain whose monitor is busy with a
 /// long operation (or hung) must not hold up the list of every domain.
@@ -73,7 +74,12 @@ impl Inner {
                     .any(|d| !matches!(d.state, MirrorState::Failed { .. }))
             });
         let marker = self.deps.marker.as_ref();
-        let hold = |path| marker.map(|m| m.hold(&req.uuid, &req.peer, m.lease(), path));
+        let generation = req.fence.map_or(0, |f| f.generation);
+        let grant = |m: &Marker| Grant {
+            lease: m.lease(),
+            generation,
+        };
+        let hold = |path| marker.map(|m| m.hold(&req.uuid, &req.peer, grant(m), path));
         let (socket, path) = replicas.peer_socket_for(&req.uuid, hold, !running).await?;
         let start = mirror::start(libvirt, &self.node, &req.uuid, &disks, &socket);
         let mirrors = self.mirror_logged("start-mirror", &req.uuid, start).await?;

@@ -1,0 +1,164 @@
+//! Stale marks against a real etcd: a mark lands only while this host holds the lease and
+//! the VM's owner generation that its mirror path was made under.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent::stale::{Grant, LocalMark, Marker};
+use daemon::etcd::Etcd;
+use daemon::pair;
+use etcd_client::{Client, PutOptions};
+use tokio::sync::watch;
+
+const VM: &str = "6f9a3c1e-0000-4000-8000-0000000000a1";
+
+/// One etcd member on loopback in a temp dir, killed by PID on drop.
+struct EtcdMember {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdMember {
+    fn start() -> EtcdMember {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd runs (install etcd-server)");
+        EtcdMember {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    /// A plain client, once the member answers.
+    async fn client(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut client) = Client::connect([self.endpoint.as_str()], None).await
+                && client.status().await.is_ok()
+            {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "etcd did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Registers host n0 under a new lease and records the VM's owner generation; answers the
+/// lease and a marker for n0.
+async fn registered(member: &EtcdMember, client: &mut Client, generation: u64) -> (i64, Marker) {
+    let lease = client.lease_grant(60, None).await.expect("lease").id();
+    client
+        .put(
+            pair::node_key("n0"),
+            "{}",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("register n0");
+    set_owner(client, generation).await;
+    let etcd = Etcd::connect(
+        std::slice::from_ref(&member.endpoint),
+        Some(Duration::from_secs(5)),
+    )
+    .await
+    .expect("connect");
+    let (_tx, rx) = watch::channel(lease);
+    (lease, Marker::new(etcd, "n0".into(), rx))
+}
+
+async fn set_owner(client: &mut Client, generation: u64) {
+    client
+        .put(pair::owner_key(VM), pair::owner_value(generation), None)
+        .await
+        .expect("owner");
+}
+
+async fn mark_exists(client: &mut Client) -> bool {
+    let response = client
+        .get(pair::stale_key(VM), None)
+        .await
+        .expect("get mark");
+    !response.kvs().is_empty()
+}
+
+#[tokio::test]
+async fn a_mark_lands_under_the_owner_generation_of_its_path() {
+    let member = EtcdMember::start();
+    let mut client = member.client().await;
+    let (lease, marker) = registered(&member, &mut client, 7).await;
+    let grant = Grant {
+        lease,
+        generation: 7,
+    };
+
+    let hold = marker.hold(VM, "n1", grant, 1);
+    tokio::time::timeout(Duration::from_secs(10), hold())
+        .await
+        .expect("the mark is written and the hold released");
+
+    assert!(mark_exists(&mut client).await);
+}
+
+#[tokio::test]
+async fn a_mark_after_the_pair_moved_the_vm_is_refused_and_holds_forever() {
+    let member = EtcdMember::start();
+    let mut client = member.client().await;
+    let (lease, marker) = registered(&member, &mut client, 7).await;
+    let hold = marker.hold(
+        VM,
+        "n1",
+        Grant {
+            lease,
+            generation: 7,
+        },
+        1,
+    );
+    // The pair failed the VM over to n1: a new generation, committed before the mirror broke.
+    set_owner(&mut client, 8).await;
+
+    let held = tokio::time::timeout(Duration::from_secs(3), hold()).await;
+
+    assert!(
+        held.is_err(),
+        "a superseded host must never release its guest's I/O"
+    );
+    assert!(
+        !mark_exists(&mut client).await,
+        "no mark may name n1's copy behind"
+    );
+    let local = marker.mark_local_behind(VM).await.expect("etcd answers");
+    assert_eq!(local, LocalMark::Superseded);
+    assert!(!mark_exists(&mut client).await);
+}
