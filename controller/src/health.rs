@@ -193,6 +193,12 @@ pub struct Host {
     /// controller alive, for [`AGENT_DOWN_CONFIRM_MS`]): its guests may run on with no agent,
     /// so nothing the agent carried (an HA mirror's path to the peer) can be trusted.
     pub agent_down: bool,
+    /// Silent on every path and its agent not answering, judged with quorum and with the
+    /// other host's agent answering: dead, or cut off from the other host, whatever its lease
+    /// says. Only an FT VM acts on it at once, by resuming its standby (`engine::protect`):
+    /// its old run can release output only through a stale mark, which the failover's new
+    /// owner generation refuses. Everything else waits for `Lost`.
+    pub unreachable: bool,
     /// Since when it looks like a host without its agent.
     agent_down_since_ms: Option<u64>,
 }
@@ -208,6 +214,7 @@ impl Default for Host {
             dead_since_ms: None,
             agent_down: false,
             agent_down_since_ms: None,
+            unreachable: false,
         }
     }
 }
@@ -251,6 +258,11 @@ fn observe(host: &Host, config: &Config, o: &Observation) -> (Host, Vec<Action>)
         .as_ref()
         .zip(silent.as_ref())
         .is_some_and(|(paths, silent)| paths.len() > silent.len());
+    let silent_everywhere = o
+        .paths
+        .as_ref()
+        .zip(silent.as_ref())
+        .is_some_and(|(paths, silent)| !paths.is_empty() && paths.len() == silent.len());
     let alive_somehow = heard_somewhere || o.agent_answers;
     let dead = !o.lease_alive && !alive_somehow && !o.controller_alive;
     let dead_since_ms = if dead {
@@ -271,6 +283,7 @@ fn observe(host: &Host, config: &Config, o: &Observation) -> (Host, Vec<Action>)
         agent_down: agent_down_since_ms
             .is_some_and(|since| o.now_ms.saturating_sub(since) >= AGENT_DOWN_CONFIRM_MS),
         agent_down_since_ms,
+        unreachable: silent_everywhere && !o.agent_answers && o.quorum,
     };
     actions.extend(changes(host, &next));
     (next, actions)
@@ -408,6 +421,68 @@ mod tests {
             &seen(false, heard(&PATHS), 1),
         )
         .0
+    }
+
+    fn unreachable_after(observation: Observation) -> bool {
+        step(
+            &up_host(),
+            &Config::default(),
+            &Event::Observed(observation),
+        )
+        .0
+        .unreachable
+    }
+
+    fn silent_everywhere_with_lease() -> Observation {
+        Observation {
+            now_ms: 1,
+            lease_alive: true,
+            paths: heard(&PATHS),
+            agent_answers: false,
+            controller_alive: true,
+            quorum: true,
+        }
+    }
+
+    #[test]
+    fn unreachable_is_silence_everywhere_whatever_the_lease_says() {
+        let alive = silent_everywhere_with_lease();
+        let expired = Observation {
+            lease_alive: false,
+            controller_alive: false,
+            ..silent_everywhere_with_lease()
+        };
+
+        assert!(unreachable_after(alive));
+        assert!(unreachable_after(expired));
+    }
+
+    #[test]
+    fn unreachable_needs_every_path_silent_no_answer_quorum_and_a_view() {
+        let one_path_heard = Observation {
+            paths: heard(&["priv0", "alink1", "alink2"]),
+            ..silent_everywhere_with_lease()
+        };
+        let answers = Observation {
+            agent_answers: true,
+            ..silent_everywhere_with_lease()
+        };
+        let no_quorum = Observation {
+            quorum: false,
+            ..silent_everywhere_with_lease()
+        };
+        let no_view = Observation {
+            paths: None,
+            ..silent_everywhere_with_lease()
+        };
+        let no_paths = Observation {
+            paths: Some(Vec::new()),
+            ..silent_everywhere_with_lease()
+        };
+
+        for observation in [one_path_heard, answers, no_quorum, no_view, no_paths] {
+            assert!(!unreachable_after(observation.clone()), "{observation:?}");
+        }
     }
 
     #[test]

@@ -13,9 +13,17 @@
 //! FT: a failover's start then resumes the standby when the record says so, and its phases
 //! (`crate::ft`) are traced.
 //!
+//! An FT primary's epochs fail when its standby cannot commit them (the peer down, both
+//! A-Links cut, or the standby resumed); its output is then held until its stale mark lands,
+//! conditional on its host lease and its VM's owner generation (`stale/`, `owners/` in the
+//! store), and a failover commits only while no mark stands. The serving controller resumes
+//! an FT VM's standby as soon as the primary's host is unreachable (`health::Host::unreachable`),
+//! without waiting for its lease.
+//!
 //! Every step checks two safety properties:
 //! - **one owner**: no VM runs on two powered hosts at once, and no ownership generation is
-//!   started on two hosts;
+//!   started on two hosts; for an FT VM "runs" means its output flows (a run whose output is
+//!   held forever may linger: nobody ever sees it);
 //! - **no old term acts**: once a command of some term and generation ran for a VM (on any
 //!   host), no command of an older term or generation for that VM runs anywhere.
 //!
@@ -85,6 +93,9 @@ pub fn violations(world: &World) -> Vec<String> {
             continue;
         }
         for vm in host.agent.domains.keys() {
+            if host.agent.held.contains(vm) {
+                continue;
+            }
             *running.entry(vm.as_str()).or_default() += 1;
             if running[vm.as_str()] > 1 {
                 found.push(format!(

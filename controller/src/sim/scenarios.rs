@@ -411,6 +411,109 @@ fn ft_isolated_primary_returning_never_runs_the_vm_twice() {
     assert_safe(&world);
 }
 
+/// `protected_ft_pair` whose serving controller is n1's, the survivor when n0 fails.
+fn protected_ft_pair_served_by_n1(seed: u64) -> World {
+    let mut world = protected_ft_pair(seed);
+    if world.serving() == Some(0) {
+        world.kill_controller(0);
+        world.run(4_000);
+        world.restart_processes(0);
+        world.run(1_000);
+    }
+    assert_eq!(world.serving(), Some(1), "{}", world.trace.join("\n"));
+    world
+}
+
+/// When `vm`'s first start on `host` after `since_ms` ran: (generation, resumed, at).
+fn first_start_after(
+    world: &World,
+    host: usize,
+    vm: &str,
+    since_ms: u64,
+) -> Option<(u64, bool, u64)> {
+    world
+        .executed
+        .iter()
+        .find(|e| e.start && e.host == host && e.vm == vm && e.at_ms >= since_ms)
+        .map(|e| (e.generation, e.resume, e.at_ms))
+}
+
+#[test]
+fn ft_host_death_resumes_the_standby_before_the_dead_hosts_lease_expires() {
+    let mut world = protected_ft_pair_served_by_n1(24);
+    let generation = world.vm("a").generation;
+    let cut = world.now_ms;
+
+    world.power_off(0);
+    world.run(6_000);
+
+    let resumed = first_start_after(&world, 1, "a", cut);
+    let Some((started, resume, at)) = resumed else {
+        panic!("no start on n1:\n{}", world.trace.join("\n"));
+    };
+    assert_eq!((started, resume), (generation + 1, true));
+    // Leases last 2 s: the takeover came on silence alone (message delays up to 150 ms).
+    assert!(
+        at - cut < 1_000,
+        "resumed {} ms after the power cut",
+        at - cut
+    );
+    assert_safe(&world);
+}
+
+#[test]
+fn ft_primary_agent_death_resumes_the_standby_and_the_old_run_stays_held() {
+    let mut world = protected_ft_pair_served_by_n1(25);
+    let generation = world.vm("a").generation;
+
+    world.kill_agent(0);
+    world.run(3_000);
+    let moved = starts_on(&world, 1, "a");
+    world.restart_processes(0);
+    world.run(3_000);
+
+    assert_eq!(
+        moved,
+        [(generation + 1, true)],
+        "{}",
+        world.trace.join("\n")
+    );
+    // Its QEMU lives on with its agent back, but the pair moved the VM: its mark is refused,
+    // so its output never flows and no mark of n0's names n1's copy behind.
+    assert!(domain_runs(&world, 0, "a") && world.hosts[0].agent.held.contains("a"));
+    assert!(
+        world
+            .store
+            .get("stale/a")
+            .is_none_or(|mark| mark.value == "n1")
+    );
+    assert_safe(&world);
+}
+
+#[test]
+fn ft_partition_with_witness_lets_exactly_one_run_release_output() {
+    for seed in 30..40 {
+        let mut world = protected_ft_pair(seed);
+
+        world.isolate(0, true);
+        world.run(4_000);
+        let moved = first_start_after(&world, 1, "a", 0).is_some();
+        let simplex = world.hosts[0].agent.simplex.contains("a");
+        let held = world.hosts[0].agent.held.contains("a");
+        world.heal();
+        world.run(6_000);
+
+        let trace = world.trace.join("\n");
+        // Either n0 marked its standby stale first and runs on alone (no failover may then
+        // commit), or the pair resumed the standby first and n0's run is held for good.
+        assert!(
+            moved != simplex && moved == held,
+            "seed {seed}: moved {moved}, simplex {simplex}, held {held}\n{trace}"
+        );
+        assert_safe(&world);
+    }
+}
+
 /// A fault the property test injects.
 #[derive(Clone, Debug)]
 enum Fault {
@@ -558,5 +661,32 @@ proptest! {
         let found = violations(&world);
         prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
         prop_assert!(world.serving().is_some(), "nobody serves after healing:\n{}", world.trace.join("\n"));
+    }
+
+    /// The same with VM `a` FT: its standby resumes as soon as its host is unreachable, so
+    /// an old run may linger, but never two runs' output at once.
+    #[test]
+    fn random_faults_never_let_two_ft_runs_release_output(
+        seed in any::<u64>(),
+        delay in 0u64..400,
+        faults in proptest::collection::vec((fault(), 0u64..2_000), 1..8),
+    ) {
+        let mut world = World::new(seed, delay);
+        world.make_ft("a");
+        world.run(3_000);
+        world.requests.push_back(Request::Start("a".into()));
+        world.requests.push_back(Request::Start("b".into()));
+        for (fault, pause) in &faults {
+            inject(&mut world, fault);
+            world.run(*pause + STEP_MS);
+        }
+        world.heal();
+        world.set_witness(true);
+        world.restart_processes(0);
+        world.restart_processes(1);
+        world.run(10_000);
+
+        let found = violations(&world);
+        prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
     }
 }

@@ -126,6 +126,13 @@ impl Store {
         self.put(key, value, None)
     }
 
+    /// Deletes `key` if it exists.
+    pub fn delete(&mut self, key: &str) {
+        if self.keys.remove(key).is_some() {
+            self.revision += 1;
+        }
+    }
+
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&Kv> {
         self.keys.get(key)

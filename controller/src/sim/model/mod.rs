@@ -8,6 +8,7 @@ use daemon::fence::{State as FenceState, Token};
 use daemon::lease::{self, LeaseStatus, LeaseView, Validity};
 use tokio::time::Instant;
 
+mod ft_output;
 mod roles;
 
 use super::store::Store;
@@ -50,12 +51,17 @@ struct Held {
 }
 
 /// An agent: its fence, the domains it runs (VM → generation, and whether it self-fences
-/// them), its host lease.
+/// them), its host lease, and the output of its FT domains.
 #[derive(Clone, Debug, Default)]
 pub struct Agent {
     pub fence: FenceState,
     pub domains: BTreeMap<String, (u64, bool)>,
     lease: Option<Held>,
+    /// FT domains whose output is held: their epochs ended (or their agent died) and no
+    /// stale mark has let them run alone; a run the pair moved elsewhere stays here for good.
+    pub held: BTreeSet<String>,
+    /// FT domains that run alone after their stale mark landed (their output flows).
+    pub simplex: BTreeSet<String>,
 }
 
 /// A controller's role.
@@ -203,6 +209,7 @@ impl World {
                 ft: false,
             };
             store.put(&vm_key(name), &encode(&vm), None);
+            store.put(&owner_key(name), "1", None);
         }
         World {
             now_ms: 0,
@@ -302,10 +309,17 @@ impl World {
         self.note(&format!("kill controller {}", HOSTS[host]));
     }
 
-    /// kill -9 of a host's agent (its guests run on).
+    /// kill -9 of a host's agent (its guests run on; an FT guest's output stays held, as no
+    /// epoch commits it any more).
     pub fn kill_agent(&mut self, host: usize) {
         self.hosts[host].agent_proc = Proc::Dead;
         self.hosts[host].agent.lease = None;
+        let running: Vec<String> = self.hosts[host].agent.domains.keys().cloned().collect();
+        for vm in running {
+            if self.vm(&vm).ft && !self.hosts[host].agent.simplex.contains(&vm) {
+                self.hosts[host].agent.held.insert(vm);
+            }
+        }
         self.note(&format!("kill agent {}", HOSTS[host]));
     }
 
@@ -645,6 +659,16 @@ impl World {
             answer: None,
         });
     }
+}
+
+/// The VM's owner generation key (`daemon::pair::OWNERS`), written with every VM commit.
+fn owner_key(name: &str) -> String {
+    format!("owners/{name}")
+}
+
+/// The VM's stale mark key (`daemon::pair::STALE`).
+fn stale_key(name: &str) -> String {
+    format!("stale/{name}")
 }
 
 fn vm_key(name: &str) -> String {

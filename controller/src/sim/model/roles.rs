@@ -5,7 +5,10 @@
 use daemon::fence::Token;
 use daemon::lease::LeaseStatus;
 
-use super::{Holder, Message, Proc, REPORT_QUIET_MS, Request, Role, World, encode, vm_key};
+use super::{
+    Holder, Message, Proc, REPORT_QUIET_MS, Request, Role, World, encode, owner_key, stale_key,
+    vm_key,
+};
 use crate::ha;
 use crate::health::{self, HostState, Observation, PathHeard};
 use crate::model::VmState;
@@ -17,6 +20,7 @@ impl World {
     pub(super) fn agent_step(&mut self, host: usize) {
         self.keep_lease(host, Holder::Agent);
         self.self_fence(host);
+        self.ft_epochs(host);
         if self.etcd_from(host)
             && let Some(term) = self.store.get(LEADER).and_then(|kv| kv.value.parse().ok())
             && let Some(raised) = self.hosts[host].agent.fence.observe(term)
@@ -74,6 +78,9 @@ impl World {
         } else {
             agent.domains.remove(vm);
         }
+        // A new run (or none): nothing of an old one's output state carries over.
+        agent.held.remove(vm);
+        agent.simplex.remove(vm);
         let newest = self
             .executed
             .iter()
@@ -148,6 +155,7 @@ impl World {
                 &health::Event::Observed(observation),
             );
             self.hosts[host].controller.health[judged] = next;
+            self.ft_takeover(host, judged, key, term);
             if actions.contains(&health::Action::Lost) {
                 self.note(&format!("{} judges {name} lost", HOSTS[host]));
                 for vm in ["a", "b"] {
@@ -244,7 +252,7 @@ impl World {
             HOSTS[judged],
             Some(HOSTS[peer]),
             peer_up,
-            None,
+            self.mark_of(vm),
         ) {
             Some(to) if record.protected => VmEvent::FailOver {
                 from: HOSTS[judged].into(),
@@ -283,10 +291,19 @@ impl World {
             record.protection = protection;
             self.commit(host, key, term, vm, &record);
         }
+        // Re-protected (the sim's mirror is in sync once epochs can run): the obsolete stale
+        // mark goes, as the engine removes it with the new protection.
+        let synced = peer_up && !self.epochs_fail(record.host, vm);
+        if synced && self.mark_of(vm).is_some() && self.vm(vm).protection.current.len() == 2 {
+            self.store.delete(&stale_key(vm));
+            self.note(&format!(
+                "{vm} is protected again: its stale mark is removed"
+            ));
+        }
     }
 
     /// The engine's drive: transition, fenced persist, then the commands.
-    fn drive(&mut self, host: usize, key: &str, term: i64, vm: &str, event: &VmEvent) {
+    pub(super) fn drive(&mut self, host: usize, key: &str, term: i64, vm: &str, event: &VmEvent) {
         let mut record = self.vm(vm);
         let Ok(transition) = vm::transition(record.state, HOSTS[record.host], event) else {
             return;
@@ -321,6 +338,11 @@ impl World {
                 record.host = HOSTS.iter().position(|h| *h == to).unwrap_or(record.host);
             }
         }
+        // A failover commits only while no stale mark stands (the engine's mark guard).
+        if transition.relocate.is_some() && self.mark_of(vm).is_some() {
+            self.note(&format!("{vm}: failover refused, a stale mark stands"));
+            return;
+        }
         if !self.commit(host, key, term, vm, &record) {
             return;
         }
@@ -351,11 +373,14 @@ impl World {
 
     /// The fenced write of `vm`'s record; a refused one steps the controller down.
     fn commit(&mut self, host: usize, key: &str, term: i64, vm: &str, record: &SimVm) -> bool {
-        if self
+        let written = self
             .store
-            .put_fenced(key, term, &vm_key(vm), &encode(record))
-            .is_none()
-        {
+            .put_fenced(key, term, &vm_key(vm), &encode(record));
+        if written.is_some() {
+            // The same transaction writes the owner generation (`store::Writer`).
+            self.store
+                .put(&owner_key(vm), &record.generation.to_string(), None);
+        } else {
             // Our election key is gone: step down at once, as the engine does.
             let c = &mut self.hosts[host].controller;
             c.role = Role::Standby;
