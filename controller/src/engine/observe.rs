@@ -369,6 +369,8 @@ impl Engine {
                 self.raise(&id, node, "", message).await;
             }
         }
+        // FT VMs first: a lost host's other VMs wait for its fence, these need not.
+        self.ft_takeover(node).await;
         self.follow_health(node, host.state).await;
     }
 

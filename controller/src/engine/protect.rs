@@ -9,7 +9,7 @@ use super::observe::DomainsPoll;
 use crate::error::ApiError;
 use crate::ha::{self, Mirror, Observed, Placement, Protection};
 use crate::health::HostState;
-use crate::model::{Mode, VmRecord, VmState};
+use crate::model::{Intent, Mode, VmRecord, VmState};
 use crate::store::MarkGuard;
 use crate::vm::{Action, PROTECT, PROTECT_FT, Transition, VmEvent};
 
@@ -51,6 +51,59 @@ impl Engine {
                 why: format!("host {node} lost"),
             },
             None => lost,
+        }
+    }
+
+    /// Resumes, on the peer, the standby of each protected FT VM running on `node` (or lost
+    /// with it) while `node` is unreachable (`health::Host::unreachable`), before anything
+    /// else is decided for the host. Waiting for its lease, or for its fence, is not needed: its old run releases output only for epochs its standby
+    /// acknowledged (all of them in the state the standby resumes from) or after its stale
+    /// mark lands, and the mark is conditional on the owner generation that this failover
+    /// raises, while the failover commits only while no mark stands (pair simulator:
+    /// `ft_partition_with_witness_lets_exactly_one_run_release_output`).
+    pub(super) async fn ft_takeover(&mut self, node: &str) {
+        if !self.hosts.get(node).is_some_and(|h| h.unreachable) {
+            return;
+        }
+        let peer = self.peer_of(node);
+        let peer_up = peer.as_deref().is_some_and(|p| self.node_usable(p));
+        let takeovers: Vec<(String, String, VmEvent)> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| {
+                e.record.node == node
+                    && e.record.mode == Mode::Ft
+                    && matches!(
+                        e.record.state,
+                        VmState::Running
+                            | VmState::Paused
+                            | VmState::Lost {
+                                intent: Intent::Resume
+                            }
+                    )
+            })
+            .filter_map(|(uuid, e)| {
+                let mark = peer.as_deref().and_then(|p| self.mark_on(uuid, p));
+                let to =
+                    ha::standby_target(&e.record.protection, node, peer.as_deref(), peer_up, mark)?;
+                let event = VmEvent::FailOver {
+                    from: node.to_string(),
+                    to: to.to_string(),
+                    why: format!("host {node} unreachable (silent on every path); its standby on {to} resumes"),
+                };
+                Some((uuid.clone(), e.record.name.clone(), event))
+            })
+            .collect();
+        for (uuid, vm, event) in takeovers {
+            tracing::warn!(vm = %vm, node, "FT takeover begin: the host is silent on every path; resuming the standby on the peer without waiting for its lease");
+            match self.drive(&uuid, event, None).await {
+                Ok(()) => {
+                    tracing::warn!(vm = %vm, node, "FT takeover end: ok; committed, resuming on the peer")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, node, error = %e, "FT takeover end: not committed (a stale mark, or the store); retried at the next poll")
+                }
+            }
         }
     }
 
