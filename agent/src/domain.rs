@@ -104,6 +104,10 @@ pub struct DomainSpec {
     pub serial_log: PathBuf,
     /// Destroy the domain when this host's lease cannot be renewed (HA and FT VMs).
     pub self_fence: bool,
+    /// The VM's ownership generation of the command that defined it, kept in the metadata: a
+    /// domain running here under an older generation than a later command's is a run the pair
+    /// has since moved to the other host.
+    pub generation: u64,
     /// An FT domain's QEMU setup; `None` for every other domain.
     pub ft: Option<FtDomain>,
 }
@@ -150,7 +154,7 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     );
     let _ = writeln!(xml, "  <name>{}</name>", escape(&spec.name));
     let _ = writeln!(xml, "  <uuid>{}</uuid>", escape(&spec.uuid));
-    push_metadata(&mut xml, spec.self_fence);
+    push_metadata(&mut xml, spec.self_fence, spec.generation);
     let _ = writeln!(xml, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", spec.vcpus);
     if spec.ft.is_some() {
@@ -228,8 +232,9 @@ fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
     xml.push_str("</qemu:commandline>\n");
 }
 
-/// The agent's metadata: read back with [`self_fence_in`] after an agent restart.
-fn push_metadata(xml: &mut String, self_fence: bool) {
+/// The agent's metadata: read back with [`self_fence_in`] and [`generation_in`] after an agent
+/// restart.
+fn push_metadata(xml: &mut String, self_fence: bool, generation: u64) {
     let _ = write!(
         xml,
         "  <metadata><pairvisor:vm xmlns:pairvisor='{METADATA_NS}'>"
@@ -237,7 +242,22 @@ fn push_metadata(xml: &mut String, self_fence: bool) {
     if self_fence {
         xml.push_str("<pairvisor:self-fence/>");
     }
+    let _ = write!(
+        xml,
+        "<pairvisor:generation>{generation}</pairvisor:generation>"
+    );
     xml.push_str("</pairvisor:vm></metadata>\n");
+}
+
+/// The generation the agent's metadata element records (as libvirt returns it, with or
+/// without the namespace prefix); `None` for a domain defined before it was recorded.
+pub fn generation_in(metadata: &str) -> Option<u64> {
+    metadata.split('<').skip(1).find_map(|tag| {
+        let (name, text) = tag.split_once('>')?;
+        (name.rsplit(':').next() == Some("generation"))
+            .then(|| text.trim().parse().ok())
+            .flatten()
+    })
 }
 
 /// Whether the agent's metadata element, as libvirt returns it, marks the domain self-fencing.
@@ -400,6 +420,7 @@ mod tests {
             }),
             serial_log: "/state/serial/web1.log".into(),
             self_fence: false,
+            generation: 3,
             ft: None,
         }
     }
@@ -415,7 +436,7 @@ mod tests {
             "<domain type='qemu'>
   <name>web1</name>
   <uuid>6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11</uuid>
-  <metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'></pairvisor:vm></metadata>
+  <metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:generation>3</pairvisor:generation></pairvisor:vm></metadata>
   <memory unit='MiB'>512</memory>
   <vcpu>2</vcpu>
   <os>
@@ -485,6 +506,7 @@ mod tests {
     fn domain_xml_protected_disks_stop_on_io_error() {
         let spec = DomainSpec {
             self_fence: true,
+            generation: 3,
             ..kernel_spec()
         };
 
@@ -567,13 +589,14 @@ mod tests {
     fn domain_xml_self_fence_renders_metadata_element() {
         let spec = DomainSpec {
             self_fence: true,
+            generation: 3,
             ..kernel_spec()
         };
 
         let xml = domain_xml(&spec, &tcg());
 
         assert!(xml.contains(
-            "<metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:self-fence/></pairvisor:vm></metadata>"
+            "<metadata><pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:self-fence/><pairvisor:generation>3</pairvisor:generation></pairvisor:vm></metadata>"
         ));
     }
 
@@ -591,6 +614,18 @@ mod tests {
         );
 
         assert!(marked);
+    }
+
+    #[test]
+    fn generation_in_metadata_as_libvirt_returns_it() {
+        let plain = generation_in("<vm>\n  <self-fence/>\n  <generation>17</generation>\n</vm>");
+        let prefixed = generation_in(
+            "<pairvisor:vm xmlns:pairvisor='https://pairvisor.dev/ns/domain/1'><pairvisor:generation>4</pairvisor:generation></pairvisor:vm>",
+        );
+
+        assert_eq!((plain, prefixed), (Some(17), Some(4)));
+        assert_eq!(generation_in("<vm><self-fence/></vm>"), None);
+        assert_eq!(generation_in("<vm><generation>x</generation></vm>"), None);
     }
 
     #[test]

@@ -284,6 +284,17 @@ impl Libvirt {
         .await
     }
 
+    /// The ownership generation the domain's definition (the live one while it runs) was
+    /// made under; `None` when it is not defined or records none.
+    pub async fn generation(&self, uuid: &str) -> Result<Option<u64>, Error> {
+        let owned = uuid.to_string();
+        self.run(move |conn| match lookup(conn, &owned)? {
+            Some(dom) => Ok(metadata_of(&dom, &owned)?.and_then(|xml| domain::generation_in(&xml))),
+            None => Ok(None),
+        })
+        .await
+    }
+
     /// Defines (or updates) a domain from XML.
     pub async fn define(&self, uuid: &str, xml: String) -> Result<DomainStatus, Error> {
         self.run_on(uuid, move |conn| {
@@ -540,14 +551,19 @@ fn status_of(dom: &Domain) -> Result<DomainStatus, Error> {
 }
 
 /// Reads the agent's metadata element (no QEMU monitor, no domain job: libvirt answers from
-/// the definition it holds); a domain without one does not self-fence.
-fn self_fence_of(dom: &Domain, name: &str) -> Result<bool, Error> {
+/// the definition it holds, the live one while the domain runs); `None` without one.
+fn metadata_of(dom: &Domain, name: &str) -> Result<Option<String>, Error> {
     let kind = i32::try_from(sys::VIR_DOMAIN_METADATA_ELEMENT).unwrap_or_default();
     match dom.metadata(kind, Some(domain::METADATA_NS), 0) {
-        Ok(xml) => Ok(domain::self_fence_in(&xml)),
-        Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(false),
+        Ok(xml) => Ok(Some(xml)),
+        Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(None),
         Err(e) => Err(call(format!("reading metadata of domain {name}"))(e)),
     }
+}
+
+/// Whether the metadata marks the domain self-fencing; a domain without any does not.
+fn self_fence_of(dom: &Domain, name: &str) -> Result<bool, Error> {
+    Ok(metadata_of(dom, name)?.is_some_and(|xml| domain::self_fence_in(&xml)))
 }
 
 fn undefined(uuid: &str) -> DomainStatus {

@@ -98,6 +98,7 @@ async fn serve(
             fence: fence.clone(),
             system_ip: config.system_ip.clone(),
             libvirt: libvirt.clone(),
+            standbys: replicas.as_ref().map(|r| r.standbys().clone()),
         };
         let stale = Marker::new(etcd.clone(), config.node.clone(), lease_id);
         let watch = disk_fault::Watch {

@@ -42,7 +42,8 @@ use tokio::time::Instant;
 
 use crate::facts::Collector;
 use crate::fence::Fence;
-use crate::libvirt::{DomainState, Libvirt};
+use crate::ft::standby::Standbys;
+use crate::libvirt::{DomainState, DomainStatus, Libvirt};
 
 /// How often the facts are read to see whether they changed.
 const FACTS_CHECK: Duration = Duration::from_secs(5);
@@ -76,6 +77,9 @@ pub struct Membership {
     pub system_ip: Option<SystemIp>,
     /// The libvirt connection, for destroying self-fencing domains.
     pub libvirt: Libvirt,
+    /// This host's FT standbys, which the self-fence spares while they wait (see
+    /// `fence_domains`); `None` without A-Links.
+    pub standbys: Option<Standbys>,
 }
 
 impl Membership {
@@ -85,6 +89,7 @@ impl Membership {
         tokio::spawn(follow_leader(self.clone()));
         tokio::spawn(self_fence(
             self.libvirt.clone(),
+            self.standbys.clone(),
             status.subscribe(),
             self.ttl,
             self.node.clone(),
@@ -189,6 +194,7 @@ impl Membership {
 /// previous agent renewed its lease no later than that.
 async fn self_fence(
     libvirt: Libvirt,
+    standbys: Option<Standbys>,
     mut lease: watch::Receiver<LeaseView>,
     ttl: Duration,
     node: String,
@@ -201,7 +207,7 @@ async fn self_fence(
             (leased, view) = (true, seen);
         }
         let wake = if lease::self_fence_due(view, Instant::now()) {
-            fence_domains(&libvirt, &node).await;
+            fence_domains(&libvirt, standbys.as_ref(), &node).await;
             Instant::now() + SELF_FENCE_SWEEP
         } else {
             // Alive now, so `doubt_at` is set.
@@ -214,8 +220,11 @@ async fn self_fence(
     }
 }
 
-/// Destroys every live domain marked self-fencing, all at once, logging each.
-async fn fence_domains(libvirt: &Libvirt, node: &str) {
+/// Destroys every live domain marked self-fencing, all at once, logging each. An FT standby
+/// waiting paused is spared: its QEMU never runs guest code or writes a disk unless the pair
+/// resumes it with a fenced command, and it is the only copy of its guest that survives when
+/// the primary's host died (an etcd election after that death can put this lease in doubt).
+async fn fence_domains(libvirt: &Libvirt, standbys: Option<&Standbys>, node: &str) {
     let domains = match libvirt.list().await {
         Ok(domains) => domains,
         Err(e) => {
@@ -224,8 +233,16 @@ async fn fence_domains(libvirt: &Libvirt, node: &str) {
         }
     };
     let mut destroys = tokio::task::JoinSet::new();
+    let waiting = |d: &DomainStatus| {
+        d.state == DomainState::Paused && standbys.is_some_and(|s| s.holds(&d.uuid))
+    };
     let live = domains.into_iter().filter(|d| {
+        let spared = waiting(d);
+        if spared {
+            tracing::info!(vm = %d.uuid, node, op = "self-fence", "self-fence: sparing the FT standby, which waits paused and runs only when the pair resumes it");
+        }
         d.self_fence
+            && !spared
             && !matches!(
                 d.state,
                 DomainState::Shutoff | DomainState::Crashed | DomainState::Undefined

@@ -104,7 +104,7 @@ impl AgentService {
 
 impl Inner {
     /// Resolves a spec's names (storage groups, volumes, networks, image) to this host's paths.
-    fn resolve(&self, spec: pb::VmSpec) -> Result<DomainSpec, Error> {
+    fn resolve(&self, spec: pb::VmSpec, generation: u64) -> Result<DomainSpec, Error> {
         let disks = spec
             .disks
             .iter()
@@ -160,6 +160,7 @@ impl Inner {
             nics,
             boot,
             self_fence: spec.self_fence,
+            generation,
             ft,
         })
     }
@@ -334,6 +335,11 @@ impl Inner {
     }
 }
 
+/// The ownership generation a request's fence carries (0 without one).
+fn generation_of(fence: Option<pb::Fence>) -> u64 {
+    fence.map_or(0, |f| f.generation)
+}
+
 fn invalid(reason: impl Into<String>) -> Error {
     Error::InvalidRequest {
         reason: reason.into(),
@@ -450,7 +456,7 @@ impl pb::agent_server::Agent for AgentService {
             .spec
             .ok_or_else(|| invalid("the request has no spec"))?;
         let inner = &self.inner;
-        let spec = inner.resolve(spec)?;
+        let spec = inner.resolve(spec, generation_of(request.fence))?;
         inner.admit("define", &spec.uuid, request.fence)?;
         if spec.ft.is_some() {
             inner.ensure_gate(&spec.uuid)?;

@@ -385,6 +385,7 @@ fn spec(
         boot: Boot::Kernel(image),
         serial_log: dir.join(format!("{name}.log")),
         self_fence: true,
+        generation: 1,
         ft: Some(FtDomain {
             qmp_socket: dir.join(format!("{name}.qmp")),
             serial_socket: dir.join(format!("{name}.serial")),

@@ -173,6 +173,12 @@ impl Standbys {
         Ok(())
     }
 
+    /// Whether a standby of `vm` is registered here (from its preparation until it is
+    /// removed or activated).
+    pub fn holds(&self, vm: &str) -> bool {
+        self.map().contains_key(vm)
+    }
+
     /// Forgets the standby of `vm` (its QEMU is gone, replaced or became the primary). A
     /// primary still feeding it gets a Nack at its next commit, so that it stops releasing
     /// output on the strength of a standby that no longer exists.

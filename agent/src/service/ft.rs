@@ -179,6 +179,20 @@ impl Inner {
         }
     }
 
+    /// Whether `uuid`'s domain running here is a run of an older generation than
+    /// `generation`, a standby's command: the pair moved the VM to the peer since (an FT
+    /// takeover of this host while it was unreachable), so the run's output was never
+    /// released and is never to be. Such a run gives way to the standby.
+    async fn superseded(&self, uuid: &str, generation: u64) -> bool {
+        match self.deps.libvirt.generation(uuid).await {
+            Ok(Some(run)) if run < generation => {
+                tracing::warn!(vm = uuid, node = %self.node, run, generation, "FT standby: the domain running here is a run of generation {run}, which the pair moved to the peer at generation {generation}; destroying it (its output stays held for good)");
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The PID of `uuid`'s QEMU and the RAM file it maps.
     async fn qemu_ram(&self, uuid: &str) -> Result<(u32, PathBuf), Error> {
         let pid = self
@@ -217,7 +231,8 @@ impl Inner {
         if !spec.ft {
             return Err(invalid("a standby is for FT VMs only (spec.ft is false)"));
         }
-        let mut spec = self.resolve(spec)?;
+        let generation = super::generation_of(request.fence);
+        let mut spec = self.resolve(spec, generation)?;
         let uuid = spec.uuid.clone();
         self.admit("prepare-standby", &uuid, request.fence)?;
         let replicas = self.replicas("prepare-standby")?;
@@ -238,10 +253,16 @@ impl Inner {
             .as_ref()
             .is_ok_and(|s| matches!(s.state, DomainState::Running | DomainState::Paused));
         if running {
-            if standbys.committed(&uuid).await.is_none() && !self.orphan_standby(&uuid).await {
-                return Err(Error::Libvirt(crate::libvirt::Error::DomainRunning {
-                    uuid: uuid.clone(),
-                }));
+            let standby =
+                standbys.committed(&uuid).await.is_some() || self.orphan_standby(&uuid).await;
+            if !standby {
+                if !self.superseded(&uuid, generation).await {
+                    return Err(Error::Libvirt(crate::libvirt::Error::DomainRunning {
+                        uuid: uuid.clone(),
+                    }));
+                }
+                // Its epochs, if this agent still runs them, are for a run that is gone.
+                self.ft.stop(&uuid);
             }
             // An older standby (known, or one that outlived an agent restart): a fresh one
             // replaces it.
