@@ -172,12 +172,14 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     assert_one_run(&Console::from_start(&lab, &vm).counters());
 
-    // A's agent dies mid-checkpoint and returns: the guest runs again, the VM is checkpointed
-    // to a new standby, and nothing was undone. While the agent is away the guest's frames stay held
-    // (the client's connection waits) and its serial output, with no gate to reach, is lost.
+    // A's agent dies mid-checkpoint: A falls silent on every path, and B's standby resumes
+    // the guest at once, without waiting for A's lease. The run left on A (stopped, its frames
+    // held, its serial output with no gate to reach) never shows anything; when A's agent
+    // returns it gives way to a new standby. Nothing observers saw is undone.
     let client = connect_client(&lab, &vm);
     let answered = highest(&client.wait_above(0, Instant::now(), COUNTER_PERIOD_TIMEOUT));
     let printed = Console::from_start(&lab, &vm).counters();
+    let a_released = std::fs::read(lab.serial_log(&vm)).map_or(0, |bytes| bytes.len());
     lab.kill9(&format!("{a}-agent"));
     // As if it died mid-checkpoint: the guest stays stopped until an agent resumes it.
     let qmp_socket = lab
@@ -192,53 +194,57 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
         .await
         .unwrap_or_else(|e| panic!("stopping s: {e}"));
     drop(qmp);
-    lab.wait_vm("s", "simplex without its agent", FAILOVER_TIMEOUT, |v| {
-        !protected(v)
-    })
-    .await;
+    let taken = lab.wait_running_on("s", &b, FAILOVER_TIMEOUT).await;
+    assert!(
+        lab.log(&b, "agent")
+            .contains("failover end: ok, the guest runs on from its checkpoint"),
+        "the standby on {b} was not resumed when {a}'s agent died"
+    );
     lab.repair();
-    lab.wait_vm(
-        "s",
-        "protected after its agent returned",
-        SYNC_TIMEOUT,
-        protected,
-    )
-    .await;
-    let after = Console::new(&lab, &vm).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+    let again = lab
+        .wait_vm(
+            "s",
+            "protected after its old host's agent returned",
+            SYNC_TIMEOUT,
+            protected,
+        )
+        .await;
+    assert_eq!(again.node, b);
+    let after = Console::new(&lab, &taken).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     let last = printed.last().expect("counters before the agent died");
     assert!(
         after.iter().all(|c| c.1 == last.1 && c.0 > last.0),
         "{after:?} after {last:?}"
     );
+    let all = counters_joined(&[
+        (&lab.serial_log(&vm), a_released..usize::MAX),
+        (&lab.serial_log(&taken), 0..usize::MAX),
+    ]);
+    assert_one_run(&all);
     let answers = client.wait_above(answered + 1, Instant::now(), GUEST_BOOT_TIMEOUT);
     assert_consistent(&answers, &last.1);
 
-    // A's QEMU dies, A lives on: B's standby resumes the guest at once (no restart from the
-    // disks), and the VM is protected again with a new standby on A.
-    lab.wait_vm(
-        "s",
-        "protected before its QEMU dies",
-        SYNC_TIMEOUT,
-        protected,
-    )
-    .await;
+    // B's QEMU dies, B lives on: A's standby resumes the guest at once (no restart from the
+    // disks), and the VM is protected again with a new standby on B.
     let seen = highest(&client.answers());
-    let a_released = std::fs::read(lab.serial_log(&vm)).map_or(0, |bytes| bytes.len());
+    let b_released = std::fs::read(lab.serial_log(&taken)).map_or(0, |bytes| bytes.len());
+    // A's log holds the first run's lines too: only what comes after them counts.
+    let a_before = std::fs::read(lab.serial_log(&vm)).map_or(0, |bytes| bytes.len());
     let killed = Instant::now();
-    lab.kill_qemu(&vm);
-    let moved = lab.wait_running_on("s", &b, FAILOVER_TIMEOUT).await;
+    lab.kill_qemu(&taken);
+    let moved = lab.wait_running_on("s", &a, FAILOVER_TIMEOUT).await;
     Console::from_start(&lab, &moved).wait_counters(2, GUEST_BOOT_TIMEOUT);
     assert!(
-        lab.log(&b, "agent")
+        lab.log(&a, "agent")
             .contains("failover end: ok, the guest runs on from its checkpoint"),
-        "the standby on {b} was not resumed after A's QEMU died"
+        "the standby on {a} was not resumed after B's QEMU died"
     );
     let answers = client.wait_above(seen + 1, killed, GUEST_BOOT_TIMEOUT);
     assert_consistent(&answers, &last.1);
-    // What observers saw from shortly before the kill on: A's log, then B's.
+    // What observers saw from shortly before the kill on: B's log, then A's new lines.
     let all = counters_joined(&[
-        (&lab.serial_log(&vm), a_released..usize::MAX),
-        (&lab.serial_log(&moved), 0..usize::MAX),
+        (&lab.serial_log(&taken), b_released..usize::MAX),
+        (&lab.serial_log(&moved), a_before..usize::MAX),
     ]);
     assert!(
         all.len() >= 2,
@@ -254,11 +260,11 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     )
     .await;
 
-    // Powered off on purpose: its standby QEMU on A goes too, not to hold its memory there.
-    let (vm, standby) = (moved, on(&vm, &a));
+    // Powered off on purpose: its standby QEMU on B goes too, not to hold its memory there.
+    let (vm, standby) = (moved, on(&vm, &b));
     assert!(
         lab.qemu_runs(&standby),
-        "no standby QEMU on {a} to begin with"
+        "no standby QEMU on {b} to begin with"
     );
     let mut api = lab.client().await;
     api.power_off_vm(pb::PowerOffVmRequest { vm: "s".into() })
@@ -268,7 +274,7 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     while lab.qemu_runs(&standby) || lab.qemu_runs(&vm) {
         assert!(
             Instant::now() < deadline,
-            "a QEMU of s still runs: on {a} (standby) {}, on {b} {}",
+            "a QEMU of s still runs: on {b} (standby) {}, on {a} {}",
             lab.qemu_runs(&standby),
             lab.qemu_runs(&vm)
         );

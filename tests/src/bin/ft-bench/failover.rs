@@ -1,9 +1,11 @@
 //! The failover of an FT VM in a lab of its own (`pvbf`, subnets 10.236…): the primary's host
 //! loses power (`pvctl lab kill-host`) while a client on the business network holds a TCP
 //! connection to the guest's counter service. Everything an admin waits for is measured from
-//! the power cut: the failover decided (host judged lost), the guest running on the peer
-//! (fence and standby resume included), its first serial line there, and the client's first
-//! answer from it over the same connection. Before the cut, the client's round trips while
+//! the power cut: the failover decided (host unreachable), the guest running on the peer
+//! (standby resume included), its first serial line there, and the client's first answer
+//! from it over the same connection. The survivor's controller serves for that cut; a second
+//! cut, back the other way, kills the serving controller with the host
+//! (`failover_resume_serving_lost_ms`: its controller lease must pass first). Before the cut, the client's round trips while
 //! the VM is protected show what output commit costs a request-reply protocol
 //! (`tcp_rtt_ms_p50`: the guest's own reply time under TCG included).
 
@@ -47,6 +49,52 @@ pub async fn measure() -> anyhow::Result<Value> {
         .collect();
     rtts.sort_by(f64::total_cmp);
     let rtt_p50 = rtts.get(rtts.len() / 2).copied();
+    // First cut: the survivor's controller serves, so only the host's death is detected.
+    serve_from(&lab, other(&vm.node)).await;
+    let first = cut_power(&lab, &vm, &client).await?;
+    // Second cut, back the other way: the serving controller dies with the host, so the pair
+    // first waits for its controller lease to pass the API to the survivor.
+    lab.restore_host(&vm.node);
+    let vm = lab
+        .wait_vm(VM, "protected again", SYNC_TIMEOUT, |v| {
+            v.protection
+                .as_ref()
+                .is_some_and(|p| p.state == "protected")
+        })
+        .await;
+    serve_from(&lab, &vm.node).await;
+    let second = cut_power(&lab, &vm, &client).await?;
+    drop(client);
+    Ok(json!({
+        "tcp_rtt_ms_p50": rtt_p50,
+        "failover_decided_ms": first.decided,
+        "failover_resume_ms": first.resume,
+        "failover_to_output_ms": first.to_output,
+        "failover_to_tcp_answer_ms": first.to_answer,
+        "failover_resume_serving_lost_ms": second.resume,
+    }))
+}
+
+/// What one power cut of the VM's host took, in ms from the cut.
+struct Cut {
+    decided: f64,
+    resume: f64,
+    to_output: f64,
+    to_answer: f64,
+}
+
+/// Makes `node`'s controller the serving one (killing the other's, which the lab restarts).
+async fn serve_from(lab: &Lab, node: &str) {
+    if lab.serving().await.as_deref() != Some(node) {
+        lab.kill9(&format!("{}-controller", other(node)));
+        lab.wait_serving(node, FAILOVER_TIMEOUT).await;
+        lab.repair();
+    }
+}
+
+/// Cuts the power of `vm`'s host and waits for the guest on the peer: its first serial line
+/// and the client's first answer over the connection it held.
+async fn cut_power(lab: &Lab, vm: &pb::Vm, client: &CounterClient) -> anyhow::Result<Cut> {
     let peer = other(&vm.node);
     let peer_log = lab.serial_log(&pb::Vm {
         node: peer.to_string(),
@@ -88,17 +136,14 @@ pub async fn measure() -> anyhow::Result<Value> {
         .and_then(|p| p.last_failover)
         .context("no failover recorded")?;
     let since_kill = |unix_ms: i64| (unix_ms - killed_unix_ms) as f64;
-    drop(client);
-    Ok(json!({
-        "tcp_rtt_ms_p50": rtt_p50,
-        "failover_decided_ms": since_kill(failover.decided_unix_ms),
-        "failover_resume_ms": since_kill(failover.running_unix_ms),
-        "failover_to_output_ms": ms(to_output),
-        "failover_to_tcp_answer_ms": ms(to_answer),
-    }))
+    Ok(Cut {
+        decided: since_kill(failover.decided_unix_ms),
+        resume: since_kill(failover.running_unix_ms),
+        to_output: ms(to_output),
+        to_answer: ms(to_answer),
+    })
 }
 
-/// Polls `done` until it holds, for at most `timeout`.
 async fn wait_for(timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !done() {
