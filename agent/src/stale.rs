@@ -51,6 +51,8 @@ struct Path {
     grant: Grant,
     serial: i64,
     behind: Option<Behind>,
+    /// etcd refused its mark: this host lost its lease or the pair moved the VM.
+    refused: bool,
 }
 
 /// What this host held when a mirror path was made, and must still hold for its mark.
@@ -108,6 +110,7 @@ impl Marker {
             grant,
             serial: path,
             behind: None,
+            refused: false,
         };
         self.paths().insert(vm.to_string(), record);
         let (marker, vm, peer) = (self.clone(), vm.to_string(), peer.to_string());
@@ -117,24 +120,33 @@ impl Marker {
         })
     }
 
-    /// The hold that marks the peer's copy of `vm` behind on the VM's current mirror path, for
-    /// an FT primary whose epochs ended while its guest lives on: its standby's checkpoint is
-    /// then stale, and must never be resumed once the guest's output is released. `None` when
-    /// no mirror path of `vm` is recorded.
-    pub fn peer_behind(&self, vm: &str) -> Option<Hold> {
+    /// Marks the peer's copy of `vm` behind on the VM's current mirror path, for an FT primary
+    /// whose epochs ended while its guest lives on: its standby's checkpoint is then stale, and
+    /// must never be resumed once the guest's output is released. Answers `Some(true)` once
+    /// written (or not needed), `Some(false)` when etcd refused it (the guest's output must
+    /// then never flow), and `None` when no mirror path of `vm` is recorded. Never returns
+    /// while this host held no lease when the path was made.
+    pub async fn mark_peer_behind(&self, vm: &str) -> Option<bool> {
         // The recorded path stays as it is (a mark already written on it still counts).
         let path = self.paths().get(vm).cloned()?;
-        let (marker, vm) = (self.clone(), vm.to_string());
-        Some(Arc::new(move || {
-            let (marker, vm, peer) = (marker.clone(), vm.clone(), path.peer.clone());
-            let (grant, serial) = (path.grant, path.serial);
-            Box::pin(async move { marker.mark_or_block(&vm, &peer, grant, serial).await })
-        }))
+        let decided = self
+            .mark_until_decided(vm, &path.peer, path.grant, path.serial)
+            .await;
+        Some(decided)
     }
 
     /// Writes the mark, retrying while etcd does not answer; blocks forever once etcd says
     /// this host no longer holds `grant`.
     async fn mark_or_block(&self, vm: &str, peer: &str, grant: Grant, path: i64) {
+        if !self.mark_until_decided(vm, peer, grant, path).await {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Writes the mark, retrying while etcd does not answer: true once written (or not needed,
+    /// the guest having moved onto the peer's copy), false once etcd says this host no longer
+    /// holds `grant`. Never returns when the grant has no lease.
+    async fn mark_until_decided(&self, vm: &str, peer: &str, grant: Grant, path: i64) -> bool {
         let node = self.node.as_str();
         if grant.lease == 0 {
             // No lease when the mirror started: nothing can prove this host still may write.
@@ -146,7 +158,7 @@ impl Marker {
             let writing = self.writing.lock().await;
             if self.behind(vm, path) == Some(Behind::Local) {
                 tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark end: not needed, the guest runs on {peer}'s copy; its I/O fails and QEMU pauses it");
-                return;
+                return true;
             }
             let written = self.mark(vm, node, peer, grant, path).await;
             if matches!(written, Ok(true)) {
@@ -156,11 +168,14 @@ impl Marker {
             match written {
                 Ok(true) => {
                     tracing::warn!(%vm, node, peer, op = "stale-mark", "stale mark end: recorded; the guest runs on this host's copy alone");
-                    return;
+                    return true;
                 }
                 Ok(false) => {
-                    tracing::error!(%vm, node, peer, op = "stale-mark", lease = format!("{:x}", grant.lease), generation = grant.generation, "stale mark end: refused, this host lost its lease or the pair moved the VM (it may run on {peer} now); the guest stays blocked and its output held");
-                    std::future::pending::<()>().await;
+                    if let Some(p) = self.paths().get_mut(vm).filter(|p| p.serial == path) {
+                        p.refused = true;
+                    }
+                    tracing::error!(%vm, node, peer, op = "stale-mark", lease = format!("{:x}", grant.lease), generation = grant.generation, "stale mark end: refused, this host lost its lease or the pair moved the VM (it may run on {peer} now); the guest's output must never flow");
+                    return false;
                 }
                 Err(e) => {
                     tracing::warn!(%vm, node, peer, error = %daemon::error_chain(&e), "writing the stale mark failed; retrying");
@@ -196,6 +211,12 @@ impl Marker {
         }
         self.set_behind(vm, path.serial, Behind::Local);
         Ok(LocalMark::Written)
+    }
+
+    /// Whether etcd refused the mark of `vm`'s current mirror path: the run here can never
+    /// let its output out again.
+    pub fn refused(&self, vm: &str) -> bool {
+        self.paths().get(vm).is_some_and(|p| p.refused)
     }
 
     fn paths(&self) -> std::sync::MutexGuard<'_, HashMap<String, Path>> {

@@ -129,6 +129,7 @@ async fn a_mark_lands_under_the_owner_generation_of_its_path() {
         .expect("the mark is written and the hold released");
 
     assert!(mark_exists(&mut client).await);
+    assert!(!marker.refused(VM));
 }
 
 #[tokio::test]
@@ -157,6 +158,10 @@ async fn a_mark_after_the_pair_moved_the_vm_is_refused_and_holds_forever() {
     assert!(
         !mark_exists(&mut client).await,
         "no mark may name n1's copy behind"
+    );
+    assert!(
+        marker.refused(VM),
+        "the refusal is remembered for the run's cleanup"
     );
     let local = marker.mark_local_behind(VM).await.expect("etcd answers");
     assert_eq!(local, LocalMark::Superseded);

@@ -180,10 +180,19 @@ impl Inner {
     }
 
     /// Whether `uuid`'s domain running here is a run of an older generation than
-    /// `generation`, a standby's command: the pair moved the VM to the peer since (an FT
-    /// takeover of this host while it was unreachable), so the run's output was never
-    /// released and is never to be. Such a run gives way to the standby.
+    /// `generation`, a standby's command, whose output can no longer flow: its epochs died
+    /// with an earlier agent, or etcd refused its stale mark. The pair moved the VM to the
+    /// peer since (an FT takeover of this host while it was unreachable), so such a run gives
+    /// way to the standby. A run whose epochs this agent still drives never does.
     async fn superseded(&self, uuid: &str, generation: u64) -> bool {
+        let driven = self
+            .ft
+            .run(uuid)
+            .is_some_and(|r| !r.ended.load(Ordering::SeqCst));
+        let refused = self.deps.marker.as_ref().is_some_and(|m| m.refused(uuid));
+        if driven && !refused {
+            return false;
+        }
         match self.deps.libvirt.generation(uuid).await {
             Ok(Some(run)) if run < generation => {
                 tracing::warn!(vm = uuid, node = %self.node, run, generation, "FT standby: the domain running here is a run of generation {run}, which the pair moved to the peer at generation {generation}; destroying it (its output stays held for good)");
@@ -390,12 +399,17 @@ impl Inner {
         if let Some(marker) = self.deps.marker.clone() {
             // The mark must name the mirror path current when the epochs end (a renewed path
             // makes an older mark void), so the hold is taken then.
-            let vm = uuid.to_string();
+            let (vm, libvirt, node) = (
+                uuid.to_string(),
+                self.deps.libvirt.clone(),
+                self.node.clone(),
+            );
             primary = primary.invalidate_with(Arc::new(move || {
-                let (marker, vm) = (marker.clone(), vm.clone());
+                let (marker, vm, libvirt, node) =
+                    (marker.clone(), vm.clone(), libvirt.clone(), node.clone());
                 Box::pin(async move {
-                    if let Some(hold) = marker.peer_behind(&vm) {
-                        hold().await;
+                    if marker.mark_peer_behind(&vm).await == Some(false) {
+                        superseded_run(&libvirt, &vm, &node).await;
                     }
                 })
             }));
@@ -553,5 +567,27 @@ impl Inner {
     /// The serial gate of `uuid`, when it is an FT domain of this host.
     pub(super) fn gate_of(&self, uuid: &str) -> Option<Arc<OutputGate>> {
         self.ft.gate(uuid)
+    }
+}
+
+/// Ends a run whose stale mark etcd refused: the pair moved the VM (or this host lost its
+/// lease), so its output must never flow, and QEMU's own timer would let its held frames out
+/// in the end. Its QEMU is destroyed; the epoch loop then drops the held output. If that
+/// fails the output stays held for good.
+async fn superseded_run(libvirt: &crate::libvirt::Libvirt, vm: &str, node: &str) {
+    tracing::error!(
+        vm,
+        node,
+        op = "ft-superseded",
+        "FT superseded run begin: the standby could not be marked stale, so this run's output must never flow; destroying its QEMU"
+    );
+    match libvirt.destroy(vm).await {
+        Ok(status) => {
+            tracing::error!(vm, node, op = "ft-superseded", state = ?status.state, "FT superseded run end: destroyed; its held output is dropped")
+        }
+        Err(e) => {
+            tracing::error!(vm, node, op = "ft-superseded", error = %daemon::error_chain(&e), "FT superseded run end: destroy failed; its output stays held");
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -61,9 +61,10 @@ impl World {
             || peer.agent.domains.contains_key(vm)
     }
 
-    /// One attempt at the stale mark of `vm`'s run of `generation` on `host`: written only
-    /// while the host's registration is bound to the agent's lease and the VM's owner
-    /// generation is the run's; then the run goes simplex and its output flows.
+    /// One attempt at the stale mark of `vm`'s run of `generation` on `host`, while the host's
+    /// registration is bound to the agent's lease: written only while the VM's owner
+    /// generation is the run's, and then the run goes simplex and its output flows; refused,
+    /// the agent destroys the run (its held output with it).
     fn try_mark(&mut self, host: usize, vm: &str, generation: u64) {
         if !self.etcd_from(host) {
             return;
@@ -75,7 +76,17 @@ impl World {
                 .get(&format!("nodes/{}", HOSTS[host]))
                 .and_then(|kv| kv.lease)
                 == lease;
-        if !registered || !self.owner_is(vm, generation) {
+        if !registered {
+            return;
+        }
+        if !self.owner_is(vm, generation) {
+            let agent = &mut self.hosts[host].agent;
+            agent.domains.remove(vm);
+            agent.held.remove(vm);
+            self.note(&format!(
+                "{}: {vm}'s mark is refused, the pair moved it: its run is destroyed",
+                HOSTS[host]
+            ));
             return;
         }
         self.store.put(&stale_key(vm), HOSTS[host], None);
