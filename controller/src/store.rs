@@ -437,6 +437,26 @@ impl Writer {
         }
     }
 
+    /// Writes `vm`'s owner generation key unless it exists: records written before the pair
+    /// kept the key (an upgrade) get it when a controller takes over, so the stale marks of
+    /// their mirrors, conditional on it, can land.
+    pub async fn claim_owner(&self, vm: &VmRecord) -> Result<(), Error> {
+        let key = pair::owner_key(&vm.uuid);
+        let outcome = self
+            .commit("writing a VM's owner generation", || {
+                self.txn(
+                    vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                    vec![owner_put(vm)],
+                    None,
+                )
+            })
+            .await?;
+        // A key that exists already (the usual case) fails the compare: nothing to do.
+        match outcome {
+            Outcome::Committed(_) | Outcome::CompareFailed { .. } => Ok(()),
+        }
+    }
+
     /// Stores a new VM and reserves its name; fails if the name or UUID exists.
     pub async fn create_vm(&self, vm: &VmRecord, tag: Option<&Tag>) -> Result<i64, Error> {
         let key = vm_key(&vm.uuid);

@@ -235,6 +235,11 @@ impl Engine {
     async fn take_over(&mut self) {
         let uuids: Vec<String> = self.vms.keys().cloned().collect();
         tracing::info!(node = %self.ctx.node, vms = uuids.len(), term = self.ctx.writer.term(), "takeover begin");
+        for entry in self.vms.values() {
+            if let Err(e) = self.ctx.writer.claim_owner(&entry.record).await {
+                tracing::warn!(vm = %entry.record.name, node = %self.ctx.node, error = %chain(&e), "writing the VM's owner generation failed; its stale marks wait until its record is written again");
+            }
+        }
         for uuid in &uuids {
             if let Err(e) = self.drive(uuid, VmEvent::Takeover, None).await {
                 tracing::warn!(vm = %uuid, node = %self.ctx.node, error = %e, "takeover of VM failed");

@@ -291,28 +291,31 @@ impl Engine {
         });
     }
 
-    /// Steps every member's health with the poll and acts on what changed.
+    /// Steps every member's health with the poll, then acts on what changed: every decision
+    /// (which peer can take a VM) sees this poll on both hosts.
     pub(super) async fn apply_health(&mut self, poll: HealthPoll) {
         let names: Vec<String> = self.members.keys().cloned().collect();
-        for node in names {
+        for node in &names {
             let observation = Observation {
                 now_ms: poll.now_ms,
-                lease_alive: self.registered.contains_key(&node),
-                paths: poll.heard_of(&node),
-                agent_answers: poll.answered(&node),
-                controller_alive: self.controllers.contains_key(&node),
+                lease_alive: self.registered.contains_key(node),
+                paths: poll.heard_of(node),
+                agent_answers: poll.answered(node),
+                controller_alive: self.controllers.contains_key(node),
                 quorum: poll.quorum,
             };
-            let host = self.hosts.get(&node).cloned().unwrap_or_default();
+            let host = self.hosts.get(node).cloned().unwrap_or_default();
             let event = health::Event::Observed(observation);
             let (next, actions) = health::step(&host, &self.health_config, &event);
             self.hosts.insert(node.clone(), next);
             for action in &actions {
-                Self::log_health(&node, action);
+                Self::log_health(node, action);
             }
-            self.enforce_health(&node).await;
         }
         self.last_health = Some(poll);
+        for node in &names {
+            self.enforce_health(node).await;
+        }
     }
 
     /// Logs a change of `node`'s health. What it means (alerts, lost VMs) is applied by
