@@ -7,7 +7,8 @@
 //! receive the ACPI power button that a graceful shutdown sends.
 //!
 //! What the agent must know about a domain after a restart lives in the domain itself, as
-//! libvirt metadata in the [`METADATA_NS`] namespace: whether it self-fences. Each disk carries
+//! libvirt metadata in the [`METADATA_NS`] namespace: whether it self-fences, and the ownership
+//! generation it runs under. Each disk carries
 //! a user alias (`ua-vda`, see [`disk_alias`]) so its QEMU device, and through it the block
 //! node the mirror copies from, is found by name rather than guessed from libvirt's numbering.
 
@@ -232,12 +233,15 @@ fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
     xml.push_str("</qemu:commandline>\n");
 }
 
+/// The prefix of the agent's metadata element.
+pub const METADATA_PREFIX: &str = "pairvisor";
+
 /// The agent's metadata: read back with [`self_fence_in`] and [`generation_in`] after an agent
 /// restart.
 fn push_metadata(xml: &mut String, self_fence: bool, generation: u64) {
     let _ = write!(
         xml,
-        "  <metadata><pairvisor:vm xmlns:pairvisor='{METADATA_NS}'>"
+        "  <metadata><{METADATA_PREFIX}:vm xmlns:{METADATA_PREFIX}='{METADATA_NS}'>"
     );
     if self_fence {
         xml.push_str("<pairvisor:self-fence/>");
@@ -247,6 +251,13 @@ fn push_metadata(xml: &mut String, self_fence: bool, generation: u64) {
         "<pairvisor:generation>{generation}</pairvisor:generation>"
     );
     xml.push_str("</pairvisor:vm></metadata>\n");
+}
+
+/// The agent's metadata element as `virDomainSetMetadata` takes it (libvirt adds the prefix
+/// and namespace).
+pub fn metadata_element(self_fence: bool, generation: u64) -> String {
+    let fence = if self_fence { "<self-fence/>" } else { "" };
+    format!("<vm>{fence}<generation>{generation}</generation></vm>")
 }
 
 /// The generation the agent's metadata element records (as libvirt returns it, with or
@@ -614,6 +625,17 @@ mod tests {
         );
 
         assert!(marked);
+    }
+
+    #[test]
+    fn metadata_element_reads_back() {
+        let element = metadata_element(true, 9);
+
+        assert_eq!(
+            (self_fence_in(&element), generation_in(&element)),
+            (true, Some(9))
+        );
+        assert!(!self_fence_in(&metadata_element(false, 9)));
     }
 
     #[test]

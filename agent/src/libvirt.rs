@@ -295,6 +295,31 @@ impl Libvirt {
         .await
     }
 
+    /// Records `generation` in the domain's metadata, live and persistent, keeping its
+    /// self-fence mark: a standby that a failover resumed runs under the failover's generation.
+    pub async fn set_generation(&self, uuid: &str, generation: u64) -> Result<(), Error> {
+        let owned = uuid.to_string();
+        self.run_on(uuid, move |conn| {
+            let Some(dom) = lookup(conn, &owned)? else {
+                return Ok(());
+            };
+            let element = domain::metadata_element(self_fence_of(&dom, &owned)?, generation);
+            let kind = i32::try_from(sys::VIR_DOMAIN_METADATA_ELEMENT).unwrap_or_default();
+            let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+            dom.set_metadata(
+                kind,
+                Some(&element),
+                Some(domain::METADATA_PREFIX),
+                Some(domain::METADATA_NS),
+                flags,
+            )
+            .map_err(call(format!(
+                "recording generation {generation} of domain {owned}"
+            )))
+        })
+        .await
+    }
+
     /// Defines (or updates) a domain from XML.
     pub async fn define(&self, uuid: &str, xml: String) -> Result<DomainStatus, Error> {
         self.run_on(uuid, move |conn| {

@@ -231,7 +231,7 @@ impl Inner {
         if let Power::Start = power {
             self.drop_replica(&uuid).await;
             if let Some(status) = self
-                .start_from_standby(&uuid, command.resume_standby)
+                .start_from_standby(&uuid, command.resume_standby, generation_of(command.fence))
                 .await?
             {
                 return Ok(Response::new(status_to_pb(status)));

@@ -213,6 +213,27 @@ impl Marker {
         Ok(LocalMark::Written)
     }
 
+    /// `vm`'s owner generation as etcd holds it now (`None`: no key).
+    pub async fn owner_generation(&self, vm: &str) -> Result<Option<u64>, daemon::etcd::Error> {
+        let key = pair::owner_key(vm);
+        let response = self
+            .etcd
+            .request(
+                "reading a VM's owner generation",
+                ATTEMPT_BUDGET,
+                |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                },
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
     /// Whether etcd refused the mark of `vm`'s current mirror path: the run here can never
     /// let its output out again.
     pub fn refused(&self, vm: &str) -> bool {

@@ -210,6 +210,14 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
         )
         .await;
     assert_eq!(again.node, b);
+    // The returning agent left the old run stopped (the pair had moved the VM), and the new
+    // standby replaced it.
+    let returned = lab.log(&a, "agent");
+    assert!(
+        returned.contains("FT orphan resume skipped")
+            && returned.contains("which the pair moved to the peer"),
+        "the old run on {a} was not left stopped and replaced"
+    );
     let after = Console::new(&lab, &taken).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     let last = printed.last().expect("counters before the agent died");
     assert!(

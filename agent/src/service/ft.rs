@@ -145,6 +145,7 @@ impl Inner {
         &self,
         uuid: &str,
         resume: bool,
+        generation: u64,
     ) -> Result<Option<DomainStatus>, Error> {
         let Some(replicas) = &self.deps.replicas else {
             return Ok(None);
@@ -169,6 +170,10 @@ impl Inner {
         match activated {
             Ok(done) => {
                 tracing::info!(vm = uuid, node = %self.node, epoch = done.epoch, dropped_writes = done.dropped_writes, load_ms = done.load.as_secs_f64() * 1e3, "failover end: ok, the guest runs on from its checkpoint");
+                // The run is the failover's now: a restarted agent tells it by its generation.
+                if let Err(e) = self.deps.libvirt.set_generation(uuid, generation).await {
+                    tracing::warn!(vm = uuid, node = %self.node, generation, error = %daemon::error_chain(&e), "recording the resumed run's generation failed; a restarted agent leaves it stopped");
+                }
                 Ok(Some(self.deps.libvirt.status(uuid).await?))
             }
             Err(e) => {
@@ -540,6 +545,10 @@ impl Inner {
         if !CHECKPOINT_STATES.contains(&status.as_str()) {
             return;
         }
+        if !self.still_owned_here(uuid).await {
+            tracing::warn!(vm = uuid, node = %self.node, status, "FT orphan resume skipped: the pair moved the VM since (or etcd cannot tell); the guest stays stopped, its output held, until a standby replaces it");
+            return;
+        }
         tracing::warn!(vm = uuid, node = %self.node, status, "FT orphan resume begin: the guest was left stopped mid-checkpoint by an agent that died");
         match qmp.resume(ORPHAN_RESUME_TIMEOUT).await {
             Ok(()) => {
@@ -549,6 +558,24 @@ impl Inner {
                 tracing::error!(vm = uuid, node = %self.node, error = %daemon::error_chain(&e), "FT orphan resume end: failed, the guest stays paused")
             }
         }
+    }
+
+    /// Whether the run of `uuid` here is still the VM's current one: the generation its
+    /// domain was defined under is the owner generation in etcd. A stopped guest lets nothing
+    /// out (its network filters' timer runs on guest time), so a run the pair may have moved
+    /// elsewhere stays stopped. A domain defined before generations were recorded counts as
+    /// current, as it did then.
+    async fn still_owned_here(&self, uuid: &str) -> bool {
+        let run = match self.deps.libvirt.generation(uuid).await {
+            Ok(Some(run)) => run,
+            Ok(None) => return true,
+            Err(_) => return false,
+        };
+        let owner = match &self.deps.marker {
+            Some(marker) => marker.owner_generation(uuid).await.ok().flatten(),
+            None => None,
+        };
+        owner == Some(run)
     }
 
     /// Forgets `uuid`'s FT state: its epochs end and its gate closes (the domain is gone).

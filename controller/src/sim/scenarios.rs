@@ -499,8 +499,7 @@ fn ft_partition_with_witness_lets_exactly_one_run_release_output() {
         world.run(4_000);
         let moved = first_start_after(&world, 1, "a", 0).is_some();
         let simplex = world.hosts[0].agent.simplex.contains("a");
-        let gone_or_held =
-            !domain_runs(&world, 0, "a") || world.hosts[0].agent.held.contains("a");
+        let gone_or_held = !domain_runs(&world, 0, "a") || world.hosts[0].agent.held.contains("a");
         world.heal();
         world.run(6_000);
 
