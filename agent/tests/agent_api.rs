@@ -1,41 +1,30 @@
 //! The real `pv-agent` binary on loopback with its own embed root: volumes, domain definition
 //! and bad input over gRPC. No guest is started here (that is the end-to-end tests' job).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::agent as pb;
 use proto::agent::agent_client::AgentClient;
 use tonic::transport::Channel;
 
+mod process;
+
+use process::{Reaped, free_port};
+
 /// The first connection to a fresh embed root may wait for QEMU's capability probe.
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 const UUID: &str = "0b7e7a52-8a7e-4f0e-9c1e-2f4c7b3d9a01";
 
 struct Agent {
-    child: Child,
+    _child: Reaped,
     client: AgentClient<Channel>,
     /// Its node name, unique to this agent: the tests check they talk to theirs.
     node: String,
     /// Its log, for failure messages.
     log: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }
 
 fn write_fake_image(dir: &Path) {
@@ -119,7 +108,7 @@ async fn try_start_agent() -> Option<Agent> {
         return None;
     }
     Some(Agent {
-        child,
+        _child: Reaped(child),
         client,
         node,
         log: log_path,

@@ -1,8 +1,7 @@
 //! Stale marks against a real etcd: a mark lands only while this host holds the lease and
 //! the VM's owner generation that its mirror path was made under.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent::stale::{Grant, LocalMark, Marker};
@@ -11,11 +10,15 @@ use daemon::pair;
 use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 
+mod process;
+
+use process::{Reaped, free_port};
+
 const VM: &str = "6f9a3c1e-0000-4000-8000-0000000000a1";
 
 /// One etcd member on loopback in a temp dir, killed by PID on drop.
 struct EtcdMember {
-    child: Child,
+    _child: Reaped,
     endpoint: String,
     _dir: tempfile::TempDir,
 }
@@ -40,7 +43,7 @@ impl EtcdMember {
             .spawn()
             .expect("etcd runs (install etcd-server)");
         EtcdMember {
-            child,
+            _child: Reaped(child),
             endpoint,
             _dir: dir,
         }
@@ -59,20 +62,6 @@ impl EtcdMember {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-impl Drop for EtcdMember {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Registers host n0 under a new lease and records the VM's owner generation; answers the
