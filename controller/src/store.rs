@@ -21,7 +21,7 @@
 //! still exist with its creation revision, so a controller that lost its lease can no longer
 //! change anything (fencing).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -326,6 +326,15 @@ pub async fn load_prefix_at<T: serde::de::DeserializeOwned>(
         })
         .collect();
     Ok((records, revision))
+}
+
+/// The UUIDs of the VMs that have an owner generation key (one read).
+pub async fn load_owners(etcd: &Etcd) -> Result<BTreeSet<String>, Error> {
+    let (owners, _) = load_prefix_at::<u64>(etcd, pair::OWNERS).await?;
+    Ok(owners
+        .into_iter()
+        .filter_map(|o| o.key.strip_prefix(pair::OWNERS).map(str::to_string))
+        .collect())
 }
 
 /// Decodes a JSON value with its revision.

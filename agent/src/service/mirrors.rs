@@ -74,7 +74,7 @@ impl Inner {
                     .any(|d| !matches!(d.state, MirrorState::Failed { .. }))
             });
         let marker = self.deps.marker.as_ref();
-        let generation = req.fence.map_or(0, |f| f.generation);
+        let generation = super::generation_of(req.fence);
         let grant = |m: &Marker| Grant {
             lease: m.lease(),
             generation,

@@ -1,7 +1,7 @@
 //! The engine actor: owns the pair's state, takes commands, agent outcomes and observations
 //! one at a time, and publishes a snapshot after each.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,7 +235,18 @@ impl Engine {
     async fn take_over(&mut self) {
         let uuids: Vec<String> = self.vms.keys().cloned().collect();
         tracing::info!(node = %self.ctx.node, vms = uuids.len(), term = self.ctx.writer.term(), "takeover begin");
-        for entry in self.vms.values() {
+        let owned = match store::load_owners(&self.ctx.client).await {
+            Ok(owned) => owned,
+            Err(e) => {
+                tracing::warn!(node = %self.ctx.node, error = %chain(&e), "reading the VMs' owner generations failed; writing each VM's if missing");
+                BTreeSet::new()
+            }
+        };
+        let unowned = self
+            .vms
+            .values()
+            .filter(|e| !owned.contains(&e.record.uuid));
+        for entry in unowned {
             if let Err(e) = self.ctx.writer.claim_owner(&entry.record).await {
                 tracing::warn!(vm = %entry.record.name, node = %self.ctx.node, error = %chain(&e), "writing the VM's owner generation failed; its stale marks wait until its record is written again");
             }
