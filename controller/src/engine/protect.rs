@@ -11,7 +11,13 @@ use crate::ha::{self, Mirror, Observed, Placement, Protection};
 use crate::health::HostState;
 use crate::model::{Intent, Mode, VmRecord, VmState};
 use crate::store::MarkGuard;
-use crate::vm::{Action, PROTECT, PROTECT_FT, Transition, VmEvent};
+use crate::vm::{Action, PROTECT, PROTECT_FT, Transition, VmEvent, failover_reason};
+
+/// Whether a failover of `record` resumes its standby rather than restarting it from its
+/// disks: FT, with a standby that holds a checkpoint of the run ([`ha::standby_target`]).
+fn resumes_standby(record: &VmRecord) -> bool {
+    record.mode == Mode::Ft && matches!(record.protection.sync, ha::Sync::Protected { .. })
+}
 
 impl Engine {
     /// The other host of the pair, if `node` has one.
@@ -48,7 +54,7 @@ impl Engine {
             Some(to) => VmEvent::FailOver {
                 from: node.to_string(),
                 to: to.to_string(),
-                why: format!("host {node} lost"),
+                why: failover_reason(resumes_standby(record), &format!("host {node} lost"), to),
             },
             None => lost,
         }
@@ -89,7 +95,11 @@ impl Engine {
                 let event = VmEvent::FailOver {
                     from: node.to_string(),
                     to: to.to_string(),
-                    why: format!("host {node} unreachable (silent on every path); its standby on {to} resumes"),
+                    why: failover_reason(
+                        true,
+                        &format!("host {node} unreachable (silent on every path)"),
+                        to,
+                    ),
                 };
                 Some((uuid.clone(), e.record.name.clone(), event))
             })
@@ -141,7 +151,7 @@ impl Engine {
             return VmEvent::FailOver {
                 from: node.to_string(),
                 to: to.to_string(),
-                why: format!("its QEMU died on {node} ({reason}); its standby on {to} resumes"),
+                why: failover_reason(true, &format!("its QEMU died on {node} ({reason})"), to),
             };
         }
         let decided = ha::after_crash(
@@ -180,7 +190,11 @@ impl Engine {
                 VmEvent::FailOver {
                     from: node.to_string(),
                     to: to.to_string(),
-                    why: format!("its QEMU died on {node} after {restarts} restart(s)"),
+                    why: failover_reason(
+                        false,
+                        &format!("its QEMU died on {node} after {restarts} restart(s)"),
+                        to,
+                    ),
                 }
             }
             None => {

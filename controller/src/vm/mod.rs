@@ -54,7 +54,8 @@ pub enum VmEvent {
         from: String,
         /// The peer it restarts on.
         to: String,
-        /// Why, in words: "host n0 lost".
+        /// Why and how, in words: "host n0 lost; restarting on n1 from its replica"
+        /// ([`failover_reason`]).
         why: String,
     },
     /// Its QEMU died on its own and it has local restarts left: start it again where it is
@@ -274,14 +275,20 @@ fn restart(why: &str) -> Result<Transition, Error> {
     to_starting(format!("{why}; restarting it here"), None, true)
 }
 
-/// A failover: the VM leaves its host (`why`) and restarts on `to`, under a new generation,
-/// from its copy there.
+/// A failover: the VM leaves its host and starts on `to`, under a new generation, from its
+/// copy there (`why` says why and how).
 fn fail_over(to: &str, why: &str) -> Result<Transition, Error> {
-    to_starting(
-        format!("{why}; restarting on {to} from its replica"),
-        Some(to.to_string()),
-        false,
-    )
+    to_starting(why.to_string(), Some(to.to_string()), false)
+}
+
+/// The reason a failover from a host that `cause` to `to` gives: an FT VM whose standby is
+/// protected resumes it there (same boot); any other VM restarts from its disks' replica.
+pub fn failover_reason(resumes_standby: bool, cause: &str, to: &str) -> String {
+    if resumes_standby {
+        format!("{cause}; its standby on {to} resumes")
+    } else {
+        format!("{cause}; restarting on {to} from its replica")
+    }
 }
 
 /// Every (re)start: define and start under a new generation, on `relocate` if it moves.

@@ -372,6 +372,19 @@ fn running_fail_over_starts_on_peer_with_new_generation() {
     assert_eq!(t.actions, vec![Action::DefineDomain, Action::StartDomain]);
     assert!(t.reassign);
     assert_eq!(t.relocate.as_deref(), Some("n1"));
+    assert_eq!(t.reason.as_deref(), Some("host n0 lost"));
+}
+
+#[test]
+fn failover_reason_says_whether_the_standby_resumes() {
+    assert_eq!(
+        failover_reason(true, "host n0 unreachable", "n1"),
+        "host n0 unreachable; its standby on n1 resumes"
+    );
+    assert_eq!(
+        failover_reason(false, "host n0 lost", "n1"),
+        "host n0 lost; restarting on n1 from its replica"
+    );
 }
 
 #[test]
