@@ -23,6 +23,7 @@ use super::netbuf::NetBuffers;
 use super::output::{self, Mark, OutputGate};
 use super::qmp::{self, Qmp};
 use super::standby::ignore_shared;
+use super::state_delta::Delta;
 use super::wire::{self, Message, PAGES_PER_MESSAGE};
 
 /// Longest QEMU may take to save the device state before the epoch is given up.
@@ -187,9 +188,16 @@ pub struct EpochReport {
     pub precopied_pages: usize,
     /// Bytes of device state.
     pub state_bytes: usize,
+    /// Bytes of device state sent: all of it, or the changed blocks of a delta against the
+    /// last acknowledged state ([`super::state_delta`]).
+    pub state_sent: usize,
     /// How long each serial line the epoch released was held ([`OutputGate::release`]).
     pub output_delays: Vec<Duration>,
 }
+
+/// What the paused part of a checkpoint gives: its phases, the pages sent, the device state's
+/// bytes and those sent, and the output mark it released up to.
+type Captured = (Phases, usize, (usize, usize), Option<Mark>);
 
 /// A tracker pass running on a blocking thread: the tracker, its pages, how long it took.
 type Scanning =
@@ -206,6 +214,9 @@ pub struct Primary {
     state_file: PathBuf,
     epoch: u64,
     precopied: usize,
+    /// The device state of the last epoch the standby acknowledged, the base of the next
+    /// delta; `None` until the first acknowledgement of this stream.
+    acked_state: Option<(u64, Vec<u8>)>,
     output: Option<Arc<OutputGate>>,
     /// The filters holding the guest's network frames until their epoch commits.
     nets: NetBuffers,
@@ -299,6 +310,7 @@ impl Primary {
             state_file: state_dir.join(format!("{vm}.ft-save")),
             epoch: committed,
             precopied: 0,
+            acked_state: None,
             output: None,
             nets,
             pid,
@@ -446,7 +458,7 @@ impl Primary {
         let resumed = self.resume().await;
         let cont = resuming.elapsed();
         let pause = started.elapsed();
-        let (mut phases, dirty_pages, state_bytes, mark) = match captured {
+        let (mut phases, dirty_pages, (state_bytes, state_sent), mark) = match captured {
             Ok(captured) => captured,
             Err(e) => {
                 if let Err(stuck) = &resumed {
@@ -474,13 +486,14 @@ impl Primary {
             dirty_pages,
             precopied_pages,
             state_bytes,
+            state_sent,
             output_delays,
         })
     }
 
     /// The paused part of a checkpoint: cut the output, save, scan, send, wait for the
     /// acknowledgement.
-    async fn capture(&mut self, epoch: u64) -> Result<(Phases, usize, usize, Option<Mark>), Error> {
+    async fn capture(&mut self, epoch: u64) -> Result<Captured, Error> {
         let mut phases = Phases::default();
         let at = Instant::now();
         let mark = match &self.output {
@@ -505,18 +518,27 @@ impl Primary {
         let at = Instant::now();
         self.send_pages(&dirty).await?;
         let state_bytes = device_state.len();
-        wire::write(
-            &mut self.stream,
-            &Message::Commit {
-                epoch,
-                device_state,
-            },
-        )
-        .await?;
+        let delta = self
+            .acked_state
+            .take()
+            .and_then(|(base, old)| Delta::between(base, &old, &device_state));
+        let (state_sent, commit) = match delta {
+            Some(delta) => (delta.carried(), Message::CommitDelta { epoch, delta }),
+            None => (
+                state_bytes,
+                Message::Commit {
+                    epoch,
+                    device_state: device_state.clone(),
+                },
+            ),
+        };
+        wire::write(&mut self.stream, &commit).await?;
         phases.send = at.elapsed();
         let at = Instant::now();
         match wire::read(&mut self.stream).await? {
-            Message::Ack { epoch: acked } if acked == epoch => {}
+            Message::Ack { epoch: acked } if acked == epoch => {
+                self.acked_state = Some((epoch, device_state));
+            }
             Message::Nack { reason, .. } => return Err(Error::Refused { epoch, reason }),
             other => {
                 return Err(Error::Unexpected {
@@ -526,7 +548,7 @@ impl Primary {
             }
         }
         phases.ack = at.elapsed();
-        Ok((phases, dirty.len(), state_bytes, mark))
+        Ok((phases, dirty.len(), (state_bytes, state_sent), mark))
     }
 
     /// A fresh QMP connection, in place of one whose replies may be out of step (closed

@@ -12,6 +12,7 @@ pub mod netbuf;
 pub mod output;
 pub mod qmp;
 pub mod standby;
+pub mod state_delta;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

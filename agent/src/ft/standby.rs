@@ -280,6 +280,15 @@ impl Standbys {
                     device_state,
                 } => {
                     let mut standby = standby.lock().await;
+                    let reply = self.commit(vm, &mut standby, epoch, Ok(device_state)).await;
+                    drop(standby);
+                    wire::write(stream, &reply).await?;
+                }
+                Message::CommitDelta { epoch, delta } => {
+                    let mut standby = standby.lock().await;
+                    let device_state = delta
+                        .apply(standby.committed, &standby.device_state)
+                        .map_err(|e| format!("rebuilding the device state: {e}"));
                     let reply = self.commit(vm, &mut standby, epoch, device_state).await;
                     drop(standby);
                     wire::write(stream, &reply).await?;
@@ -295,13 +304,14 @@ impl Standbys {
     }
 
     /// Applies epoch `epoch`: the disks' held writes, held pages into the RAM file, the
-    /// device state kept. Any failure leaves the standby broken (its parts may disagree).
+    /// device state kept (`Err`: it could not be rebuilt from a delta). Any failure leaves
+    /// the standby broken (its parts may disagree).
     async fn commit(
         &self,
         vm: &str,
         standby: &mut Standby,
         epoch: u64,
-        device_state: Vec<u8>,
+        device_state: Result<Vec<u8>, String>,
     ) -> Message {
         if let Some(reason) = &standby.broken {
             return Message::Nack {
@@ -309,7 +319,11 @@ impl Standbys {
                 reason: reason.clone(),
             };
         }
-        match self.apply(standby, epoch, device_state).await {
+        let applied = match device_state {
+            Ok(state) => self.apply(standby, epoch, state).await,
+            Err(reason) => Err(reason),
+        };
+        match applied {
             Ok(()) => Message::Ack { epoch },
             Err(reason) => {
                 tracing::error!(vm, node = %self.node, epoch, reason, "FT epoch failed to apply: the standby is unusable");
@@ -503,6 +517,7 @@ fn kind(message: &Message) -> &'static str {
         Message::Welcome { .. } => "Welcome",
         Message::Pages { .. } => "Pages",
         Message::Commit { .. } => "Commit",
+        Message::CommitDelta { .. } => "CommitDelta",
         Message::Ack { .. } => "Ack",
         Message::Nack { .. } => "Nack",
     }
@@ -513,8 +528,73 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+    use crate::ft::state_delta::Delta;
 
     const PAGE_BYTES: u64 = PAGE as u64;
+
+    async fn send(stream: &mut UnixStream, message: Message) -> Message {
+        wire::write(stream, &message).await.expect("send");
+        wire::read(stream).await.expect("answer")
+    }
+
+    #[tokio::test]
+    async fn commits_rebuild_deltas_against_the_last_acknowledged_state() {
+        let ram = tempfile::NamedTempFile::new_in("/dev/shm").expect("RAM file in /dev/shm");
+        ram.as_file().set_len(4 * PAGE_BYTES).expect("size");
+        let standbys = Standbys::new("n1", Exports::default());
+        standbys
+            .add("vm", ram.path(), Path::new("/nonexistent/qmp"), Vec::new())
+            .expect("standby");
+        let (mut primary, theirs) = UnixStream::pair().expect("socket pair");
+        let serving = {
+            let standbys = standbys.clone();
+            tokio::spawn(async move { standbys.serve_stream(theirs).await })
+        };
+        wire::write(&mut primary, &Message::Hello { vm: "vm".into() })
+            .await
+            .expect("hello");
+        assert!(matches!(
+            wire::read(&mut primary).await.expect("welcome"),
+            Message::Welcome { committed: 0, .. }
+        ));
+        let first: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let mut second = first.clone();
+        second[70] ^= 0x55;
+
+        let full = Message::Commit {
+            epoch: 1,
+            device_state: first.clone(),
+        };
+        assert_eq!(send(&mut primary, full).await, Message::Ack { epoch: 1 });
+        let delta = Delta::between(1, &first, &second).expect("a small change");
+        assert_eq!(delta.carried(), 64);
+        let answer = send(&mut primary, Message::CommitDelta { epoch: 2, delta }).await;
+        assert_eq!(answer, Message::Ack { epoch: 2 });
+        {
+            let standby = standbys.get("vm").expect("registered");
+            let standby = standby.lock().await;
+            assert_eq!(standby.device_state, second);
+            assert_eq!(standby.committed, 2);
+        }
+        // A delta against epoch 1 when epoch 2 is held: refused, and the standby unusable.
+        let stale = Delta::between(1, &first, &second).expect("a small change");
+        let answer = send(
+            &mut primary,
+            Message::CommitDelta {
+                epoch: 3,
+                delta: stale,
+            },
+        )
+        .await;
+        assert!(
+            matches!(&answer, Message::Nack { epoch: 3, reason } if reason.contains("epoch 1")),
+            "{answer:?}"
+        );
+        drop(primary);
+        serving.await.expect("stream served");
+        let standby = standbys.get("vm").expect("registered");
+        assert!(standby.lock().await.broken.is_some());
+    }
 
     #[tokio::test]
     async fn zero_pages_leave_holes_alone_but_overwrite_data() {

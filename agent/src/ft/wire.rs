@@ -9,11 +9,18 @@
 //!  Pages{pages, data} ...    ───────────►    held (applied at once before the first commit)
 //!  Commit{epoch, device}     ───────────►    pages → RAM file, disk writes → disk, device kept
 //!                            ◄───────────    Ack{epoch} | Nack{epoch, reason}
+//!  Pages ...                 ───────────►
+//!  CommitDelta{epoch, delta} ───────────►    as Commit, the device state rebuilt from the last
+//!                            ◄───────────    Ack | Nack
 //! ```
+//!
+//! After its first acknowledged commit a stream's primary sends device states as deltas
+//! against the last one acknowledged ([`super::state_delta`]).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::dirty::PAGE;
+use super::state_delta::Delta;
 
 /// Largest payload accepted: a batch of pages or a device state (~0.4 MB) stays far below.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -26,6 +33,7 @@ const PAGES: u8 = 3;
 const COMMIT: u8 = 4;
 const ACK: u8 = 5;
 const NACK: u8 = 6;
+const COMMIT_DELTA: u8 = 7;
 
 /// Errors reading or writing the FT stream.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +74,14 @@ pub enum Message {
         epoch: u64,
         /// QEMU's device state at the checkpoint (`migrate file:` output).
         device_state: Vec<u8>,
+    },
+    /// The end of an epoch whose device state is given as a delta against the state of the
+    /// last epoch the standby acknowledged.
+    CommitDelta {
+        /// The epoch's number.
+        epoch: u64,
+        /// What changed in the device state.
+        delta: Delta,
     },
     /// The epoch is applied on the standby.
     Ack {
@@ -137,6 +153,7 @@ fn encode(message: &Message) -> (u8, Vec<u8>) {
             epoch,
             device_state,
         } => (COMMIT, [&epoch.to_be_bytes()[..], device_state].concat()),
+        Message::CommitDelta { epoch, delta } => (COMMIT_DELTA, encode_delta(*epoch, delta)),
         Message::Ack { epoch } => (ACK, epoch.to_be_bytes().to_vec()),
         Message::Nack { epoch, reason } => {
             (NACK, [&epoch.to_be_bytes()[..], reason.as_bytes()].concat())
@@ -162,6 +179,7 @@ fn decode(kind: u8, payload: Vec<u8>) -> Result<Message, Error> {
             epoch: u64_at(&payload, 0, "Commit")?,
             device_state: payload[8..].to_vec(),
         }),
+        COMMIT_DELTA => decode_delta(&payload),
         ACK => Ok(Message::Ack {
             epoch: u64_at(&payload, 0, "Ack")?,
         }),
@@ -195,6 +213,73 @@ fn decode_pages(payload: &[u8]) -> Result<Message, Error> {
         pages,
         data: payload[data_at..].to_vec(),
     })
+}
+
+/// `epoch, base, len, hash` (u64 each), the run count (u32), then per run its offset (u64),
+/// length (u32) and bytes. Lengths beyond u32 would also exceed `MAX_PAYLOAD`: `write`
+/// refuses the frame.
+fn encode_delta(epoch: u64, delta: &Delta) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(36 + delta.runs.len() * 12 + delta.carried());
+    for field in [epoch, delta.base, delta.len as u64, delta.hash] {
+        payload.extend_from_slice(&field.to_be_bytes());
+    }
+    let count = u32::try_from(delta.runs.len()).unwrap_or(u32::MAX);
+    payload.extend_from_slice(&count.to_be_bytes());
+    for (offset, bytes) in &delta.runs {
+        payload.extend_from_slice(&(*offset as u64).to_be_bytes());
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        payload.extend_from_slice(&len.to_be_bytes());
+        payload.extend_from_slice(bytes);
+    }
+    payload
+}
+
+fn decode_delta(payload: &[u8]) -> Result<Message, Error> {
+    let what = "CommitDelta";
+    let epoch = u64_at(payload, 0, what)?;
+    let base = u64_at(payload, 8, what)?;
+    let len = usize_of(u64_at(payload, 16, what)?, what)?;
+    let hash = u64_at(payload, 24, what)?;
+    let count = u32_at(payload, 32, what)?;
+    let mut at = 36;
+    let mut runs = Vec::new();
+    for _ in 0..count {
+        let offset = usize_of(u64_at(payload, at, what)?, what)?;
+        let run = u32_at(payload, at + 8, what)? as usize;
+        at += 12;
+        let bytes = payload
+            .get(at..at + run)
+            .ok_or_else(|| Error::Malformed(format!("{what} run of {run} bytes cut short")))?;
+        runs.push((offset, bytes.to_vec()));
+        at += run;
+    }
+    if at != payload.len() {
+        return Err(Error::Malformed(format!(
+            "{what} has {} bytes after its runs",
+            payload.len() - at
+        )));
+    }
+    Ok(Message::CommitDelta {
+        epoch,
+        delta: Delta {
+            base,
+            len,
+            hash,
+            runs,
+        },
+    })
+}
+
+fn u32_at(payload: &[u8], at: usize, what: &str) -> Result<u32, Error> {
+    payload
+        .get(at..at + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| Error::Malformed(format!("{what} too short ({} bytes)", payload.len())))
+}
+
+fn usize_of(value: u64, what: &str) -> Result<usize, Error> {
+    usize::try_from(value).map_err(|_| Error::Malformed(format!("{what} length {value}")))
 }
 
 fn u64_at(payload: &[u8], at: usize, what: &str) -> Result<u64, Error> {
@@ -235,6 +320,15 @@ mod tests {
                 epoch: 9,
                 device_state: vec![1, 2, 3],
             },
+            Message::CommitDelta {
+                epoch: 10,
+                delta: Delta {
+                    base: 9,
+                    len: 4096,
+                    hash: 0x1234,
+                    runs: vec![(0, vec![1; 64]), (640, vec![2; 128])],
+                },
+            },
             Message::Ack { epoch: 9 },
             Message::Nack {
                 epoch: 10,
@@ -256,6 +350,33 @@ mod tests {
         let error = read(&mut frame.as_slice()).await.unwrap_err();
 
         assert!(matches!(error, Error::Malformed(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_delta_whose_runs_disagree_with_its_length_is_refused() {
+        let delta = Delta {
+            base: 1,
+            len: 100,
+            hash: 0,
+            runs: vec![(0, vec![7; 10])],
+        };
+        let mut payload = encode_delta(2, &delta);
+        payload.pop();
+        let mut frame = vec![COMMIT_DELTA];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&payload);
+        assert!(matches!(
+            read(&mut frame.as_slice()).await,
+            Err(Error::Malformed(_))
+        ));
+        payload.extend_from_slice(&[7, 0]);
+        let mut frame = vec![COMMIT_DELTA];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&payload);
+        assert!(matches!(
+            read(&mut frame.as_slice()).await,
+            Err(Error::Malformed(_))
+        ));
     }
 
     #[tokio::test]

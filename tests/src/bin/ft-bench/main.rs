@@ -12,7 +12,8 @@
 //!    `pause_ms_p99` [targets ≤ 20, ≤ 60], `pause_breakdown_ms` (p50 of each phase: stop,
 //!    output (the serial gate's cut), save, scan, send, ack, net (the epoch's frames sent; the
 //!    rig's guest has no NIC), cont), `epochs_per_s`, `dirty_pages_per_epoch_p50`,
-//!    `state_bytes_p50`, and `initial_copy_ms` (the full RAM copy before the first epoch).
+//!    `state_bytes_p50`, `state_sent_bytes_p50` (what a commit carries: a delta against the
+//!    last acknowledged state after the first), and `initial_copy_ms` (the full RAM copy before the first epoch).
 //! 2. The primary's QEMU is killed and the standby activated: `activate_ms` (device state
 //!    written, loaded, `cont`) and `kill_to_counter_ms` (kill → the standby's first COUNTER
 //!    line; includes what was left of the guest's 1 s sleep). Detection and fencing of a lost
@@ -174,6 +175,7 @@ async fn measure(args: &Args) -> anyhow::Result<Value> {
         "dirty_pages_per_epoch_p50": percentile(&epochs.iter().map(|e| e.dirty_pages as f64).collect::<Vec<_>>(), 50),
         "precopied_pages_total": epochs.iter().map(|e| e.precopied_pages).sum::<usize>(),
         "state_bytes_p50": percentile(&epochs.iter().map(|e| e.state_bytes as f64).collect::<Vec<_>>(), 50),
+        "state_sent_bytes_p50": percentile(&epochs.iter().map(|e| e.state_sent as f64).collect::<Vec<_>>(), 50),
         "initial_copy_ms": round(initial_copy_ms),
         "activate_ms": round(activate_ms),
         "activate_load_ms": round(ms(activated.load)),
@@ -216,6 +218,7 @@ fn print_table(report: &Value) {
         "dirty_pages_per_epoch_p50",
         "precopied_pages_total",
         "state_bytes_p50",
+        "state_sent_bytes_p50",
         "initial_copy_ms",
         "activate_ms",
         "activate_load_ms",
