@@ -10,12 +10,11 @@
 
 use std::fs::File;
 use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-
-use xxhash_rust::xxh3::xxh3_64;
 
 use super::holes::{self, runs};
 use super::map::RamMap;
@@ -28,6 +27,11 @@ const COPY_CHUNK: usize = 1 << 20;
 /// Pages a thread of a later pass claims at a time (4 MiB): small enough for a helper that
 /// joins late to find work, large enough that claiming costs nothing.
 const CLAIM_PAGES: usize = 1024;
+
+/// The xxh3-64 hash of a page.
+fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
 
 /// Content hashes: xxh3-64 per page compared with the previous pass, hashed straight from a
 /// read-only shared mapping of the file; only the pages answered are copied.
@@ -45,6 +49,18 @@ pub struct PageHashes {
     hashed: bool,
     /// Where the running pass is lent to helpers.
     helpers: Helpers,
+    /// The data ranges found by an earlier pass, reused while they still hold.
+    known: Option<KnownData>,
+}
+
+/// Data ranges of the RAM file as found once, with the file's allocated blocks then. They
+/// still hold when the file has as many blocks and every page outside them is still a hole
+/// (`holes::still_holes`): no page turned into data, and so, the count being equal, none
+/// turned into a hole. Checking that is far cheaper than finding the ranges again.
+#[derive(Debug)]
+struct KnownData {
+    blocks: u64,
+    ranges: Vec<Range<usize>>,
 }
 
 /// The mapped file and its pages' hashes, shared with the threads of a pass. A pass hands
@@ -78,11 +94,12 @@ impl PageHashes {
                 map,
                 pages,
                 hashes,
-                zero: xxh3_64(&[0; PAGE]),
+                zero: page_hash(&[0; PAGE]),
             }),
             threads: threads.max(1),
             hashed: false,
             helpers: Helpers::default(),
+            known: None,
         })
     }
 
@@ -137,12 +154,30 @@ impl PageHashes {
         check_size(&self.file, &self.path, self.ram.pages)
     }
 
-    /// The page ranges of the file that hold data now.
-    fn data_ranges(&self) -> Result<Vec<Range<usize>>, Error> {
-        holes::data_ranges(&self.file, self.ram.pages).map_err(|source| Error::SeekData {
+    /// The page ranges of the file that hold data now, or a superset of them: those of an
+    /// earlier pass if they still hold ([`KnownData`]), else found again (tmpfs walks every
+    /// data page to answer, milliseconds for a guest that touched 100 MiB). A page counted as
+    /// data that is a hole only costs its reading; a page with data is never taken for a hole.
+    fn data_ranges(&mut self) -> Result<Vec<Range<usize>>, Error> {
+        let failed = |source| Error::SeekData {
             path: self.path.clone(),
             source,
-        })
+        };
+        // Read before the ranges: a page allocated meanwhile changes the count, and the next
+        // pass finds the ranges again.
+        let blocks = self.file.metadata().map_err(failed)?.blocks();
+        if let Some(known) = &self.known
+            && known.blocks == blocks
+            && holes::still_holes(&self.file, self.ram.pages, &known.ranges).map_err(failed)?
+        {
+            return Ok(known.ranges.clone());
+        }
+        let ranges = holes::data_ranges(&self.file, self.ram.pages).map_err(failed)?;
+        self.known = Some(KnownData {
+            blocks,
+            ranges: ranges.clone(),
+        });
+        Ok(ranges)
     }
 }
 
@@ -299,7 +334,7 @@ fn copy_run(ram: &Ram, range: Range<usize>, data: &mut [u8]) {
     for ((from, to), hashes) in chunks.zip(hashes.chunks(COPY_CHUNK / PAGE)) {
         to.copy_from_slice(from);
         for (hash, page) in hashes.iter().zip(to.chunks_exact(PAGE)) {
-            hash.store(xxh3_64(page), Ordering::Relaxed);
+            hash.store(page_hash(page), Ordering::Relaxed);
         }
     }
 }
@@ -329,12 +364,12 @@ fn hash_run(ram: &Ram, range: Range<usize>, dirty: &mut Dirty) {
         .zip(bytes.chunks_exact(PAGE));
     for ((hash, page), index) in pages.zip(to_u64(range.start)..) {
         let old = hash.load(Ordering::Relaxed);
-        if xxh3_64(page) == old {
+        if page_hash(page) == old {
             continue;
         }
         let start = dirty.data.len();
         dirty.data.extend_from_slice(page);
-        let copied = xxh3_64(&dirty.data[start..]);
+        let copied = page_hash(&dirty.data[start..]);
         if copied == old {
             // Changed back between the hash and the copy: nothing to send.
             dirty.data.truncate(start);
@@ -658,6 +693,28 @@ mod tests {
         assert_eq!(dirty.pages, vec![10, 1500]);
         assert!(dirty.page(0).1.iter().all(|&b| b == 0));
         assert!(dirty.page(1).1.iter().all(|&b| b == 0x44));
+        assert!(tracker.scan().expect("scan again").is_empty());
+    }
+
+    #[test]
+    fn page_hashes_reusing_known_ranges_still_see_new_data_and_punches() {
+        let ram = sparse(2 * CLAIM_PAGES);
+        write_page(&ram, 10, 0x33);
+        let mut tracker = PageHashes::open(ram.path(), 1).expect("open");
+        tracker.scan().expect("first scan");
+        assert!(tracker.scan().expect("known ranges").is_empty());
+
+        write_page(&ram, 1500, 0x44);
+        assert_eq!(tracker.scan().expect("scan").pages, vec![1500]);
+        write_page(&ram, 10, 0x55);
+        assert_eq!(tracker.scan().expect("scan").pages, vec![10]);
+        punch(&ram, 10);
+        let dirty = tracker.scan().expect("scan");
+
+        assert_eq!(dirty.pages, vec![10]);
+        assert!(dirty.page(0).1.iter().all(|&b| b == 0));
+        let known = tracker.known.as_ref().expect("ranges known");
+        assert_eq!(known.ranges, vec![1500..1501]);
         assert!(tracker.scan().expect("scan again").is_empty());
     }
 

@@ -44,6 +44,30 @@ pub(super) fn data_ranges(file: &File, pages: usize) -> io::Result<Vec<Range<usi
     Ok(ranges)
 }
 
+/// Whether every page outside `data` (ascending, disjoint page ranges) among the file's first
+/// `pages` is still a hole. Each gap costs one `SEEK_DATA` from its start, which walks only the
+/// empty index up to the next data: much cheaper than [`data_ranges`], which walks every data
+/// page of the file.
+pub(super) fn still_holes(file: &File, pages: usize, data: &[Range<usize>]) -> io::Result<bool> {
+    let mut gap_start = 0;
+    let ends = data
+        .iter()
+        .map(|d| (d.start, d.end))
+        .chain([(pages, pages)]);
+    for (gap_end, next) in ends {
+        if gap_end > gap_start {
+            match seek(file, to_u64(gap_start) * PAGE_BYTES, libc::SEEK_DATA)? {
+                // No data at or after the gap: every later gap is a hole too.
+                None => return Ok(true),
+                Some(found) if found < to_u64(gap_end) * PAGE_BYTES => return Ok(false),
+                Some(_) => {}
+            }
+        }
+        gap_start = next;
+    }
+    Ok(true)
+}
+
 /// Whether the page at `offset` (page-aligned) is a hole of the file: it reads as zeros and
 /// writing zeros there would only allocate it.
 pub fn is_hole(file: &File, offset: u64) -> io::Result<bool> {
@@ -108,6 +132,33 @@ mod tests {
 
     use super::super::tests::sparse;
     use super::*;
+
+    #[test]
+    fn still_holes_until_a_gap_gets_data() {
+        let file = sparse(64);
+        for page in [3u64, 4, 40] {
+            file.as_file()
+                .write_all_at(b"x", page * PAGE_BYTES)
+                .expect("write");
+        }
+        let data = data_ranges(file.as_file(), 64).expect("ranges");
+        assert!(still_holes(file.as_file(), 64, &data).expect("check"));
+        // Claiming more data than there is is fine: only the gaps are checked.
+        assert!(still_holes(file.as_file(), 64, &[0..10, 40..41]).expect("check"));
+
+        for page in [0u64, 20, 63] {
+            let file = sparse(64);
+            for written in [3u64, 4, 40, page] {
+                file.as_file()
+                    .write_all_at(b"y", written * PAGE_BYTES + 100)
+                    .expect("write");
+            }
+            assert!(
+                !still_holes(file.as_file(), 64, &data).expect("check"),
+                "data in page {page} went unseen"
+            );
+        }
+    }
 
     #[test]
     fn data_ranges_of_written_pages() {
