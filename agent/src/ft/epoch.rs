@@ -22,7 +22,7 @@ use super::dirty::{self, Dirty, DirtyTracker};
 use super::netbuf::NetBuffers;
 use super::output::{self, Mark, OutputGate};
 use super::qmp::{self, Qmp};
-use super::standby::ignore_shared;
+use super::standby::checkpoint_capabilities;
 use super::state_delta::Delta;
 use super::wire::{self, Message, PAGES_PER_MESSAGE};
 
@@ -247,7 +247,7 @@ impl Primary {
         state_dir: &Path,
     ) -> Result<Primary, Error> {
         let mut qmp = Qmp::connect(qmp_socket).await?;
-        qmp.execute("migrate-set-capabilities", ignore_shared())
+        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
             .await?;
         let nets = NetBuffers::discover(&mut qmp).await?;
         let nics = NetBuffers::guest_nics(&mut qmp).await?;
@@ -556,7 +556,7 @@ impl Primary {
     async fn reconnect(&mut self) -> Result<(), Error> {
         self.qmp.close().await;
         let mut qmp = Qmp::connect(&self.qmp_socket).await?;
-        qmp.execute("migrate-set-capabilities", ignore_shared())
+        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
             .await?;
         self.qmp = qmp;
         Ok(())
@@ -608,28 +608,18 @@ impl Primary {
     /// Saves the device state into the state file and reads it back.
     async fn save(&mut self) -> Result<Vec<u8>, Error> {
         let uri = format!("file:{}", self.state_file.display());
-        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         let deadline = Instant::now() + SAVE_TIMEOUT;
-        loop {
-            let info = self.qmp.execute("query-migrate", Value::Null).await?;
-            let status = info
-                .get("status")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            match status {
-                "completed" => break,
-                "failed" | "cancelled" => {
-                    return Err(Error::Save {
-                        status: status.to_string(),
-                    });
-                }
-                _ if Instant::now() > deadline => {
-                    return Err(Error::Save {
-                        status: format!("{status} after {SAVE_TIMEOUT:?}"),
-                    });
-                }
-                _ => tokio::time::sleep(Duration::from_micros(500)).await,
+        self.qmp.forget_migration_events();
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        match self.qmp.migration_end(SAVE_TIMEOUT).await {
+            Ok(status) if status == "completed" => {}
+            Ok(status) => return Err(Error::Save { status }),
+            Err(qmp::Error::Timeout { .. }) => {
+                return Err(Error::Save {
+                    status: format!("not ended after {SAVE_TIMEOUT:?}"),
+                });
             }
+            Err(e) => return Err(e.into()),
         }
         // QEMU reports the migration completed a moment before its run state leaves
         // finish-migrate; until it has, the state file may be incomplete and `cont` refused.

@@ -407,7 +407,7 @@ impl Standbys {
             .await
             .map_err(qmp_failed)?;
         let loading = Instant::now();
-        qmp.execute("migrate-set-capabilities", ignore_shared())
+        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
             .await
             .map_err(qmp_failed)?;
         let uri = format!("file:{}", path.display());
@@ -443,9 +443,14 @@ impl Standbys {
     }
 }
 
-/// The capability that keeps guest RAM (a shared file) out of the migration stream.
-pub fn ignore_shared() -> serde_json::Value {
-    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+/// The migration capabilities of both ends of a checkpoint: `x-ignore-shared` keeps guest RAM
+/// (a shared file) out of the stream, `events` reports each state change (the primary waits
+/// for the end of its save on it).
+pub fn checkpoint_capabilities() -> serde_json::Value {
+    json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": true },
+        { "capability": "events", "state": true },
+    ] })
 }
 
 /// Holds an epoch's pages; before the first commit they go straight into the RAM file.
