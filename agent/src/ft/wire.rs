@@ -271,11 +271,7 @@ fn decode_delta(payload: &[u8]) -> Result<Message, Error> {
 }
 
 fn u32_at(payload: &[u8], at: usize, what: &str) -> Result<u32, Error> {
-    payload
-        .get(at..at + 4)
-        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        .map(u32::from_be_bytes)
-        .ok_or_else(|| Error::Malformed(format!("{what} too short ({} bytes)", payload.len())))
+    bytes_at(payload, at, what).map(u32::from_be_bytes)
 }
 
 fn usize_of(value: u64, what: &str) -> Result<usize, Error> {
@@ -283,10 +279,14 @@ fn usize_of(value: u64, what: &str) -> Result<usize, Error> {
 }
 
 fn u64_at(payload: &[u8], at: usize, what: &str) -> Result<u64, Error> {
+    bytes_at(payload, at, what).map(u64::from_be_bytes)
+}
+
+/// The `N` bytes of `payload` at `at`, or a malformed-`what` error when it is too short.
+fn bytes_at<const N: usize>(payload: &[u8], at: usize, what: &str) -> Result<[u8; N], Error> {
     payload
-        .get(at..at + 8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
+        .get(at..at + N)
+        .and_then(|b| <[u8; N]>::try_from(b).ok())
         .ok_or_else(|| Error::Malformed(format!("{what} too short ({} bytes)", payload.len())))
 }
 
