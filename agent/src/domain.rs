@@ -210,8 +210,8 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
 }
 
 /// The FT domain's own QMP socket, a net filter per NIC holding its frames until their epoch
-/// commits (`ft/netbuf.rs`) and, on a standby, `-incoming defer` (libvirt has no element for
-/// any of them). QEMU's option syntax doubles commas inside a value.
+/// commits (`ft/netbuf.rs`) and, on a standby, `-incoming defer` with what loading a bare
+/// device state needs (libvirt has no element for any of them). QEMU's option syntax doubles commas inside a value.
 fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
     let socket = ft.qmp_socket.to_string_lossy().replace(',', ",,");
     let _ = write!(
@@ -228,7 +228,14 @@ fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
         );
     }
     if ft.standby {
-        xml.push_str("<qemu:arg value='-incoming'/><qemu:arg value='defer'/>");
+        // The device state comes from `xen-save-devices-state`, which writes neither the
+        // configuration section a migration starts with nor the device description it ends
+        // with: the standby expects neither.
+        xml.push_str(concat!(
+            "<qemu:arg value='-incoming'/><qemu:arg value='defer'/>",
+            "<qemu:arg value='-global'/><qemu:arg value='migration.send-configuration=off'/>",
+            "<qemu:arg value='-machine'/><qemu:arg value='suppress-vmdesc=on'/>",
+        ));
     }
     xml.push_str("</qemu:commandline>\n");
 }
@@ -560,7 +567,7 @@ mod tests {
             "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
         ));
         assert!(xml.contains(
-            "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-object'/><qemu:arg value='filter-buffer,id=ft-net0,netdev=hostua-net0,queue=rx,interval=4294967295,status=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/></qemu:commandline>\n</domain>"
+            "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-object'/><qemu:arg value='filter-buffer,id=ft-net0,netdev=hostua-net0,queue=rx,interval=4294967295,status=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/><qemu:arg value='-global'/><qemu:arg value='migration.send-configuration=off'/><qemu:arg value='-machine'/><qemu:arg value='suppress-vmdesc=on'/></qemu:commandline>\n</domain>"
         ));
     }
 

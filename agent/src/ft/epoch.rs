@@ -1,7 +1,7 @@
 //! The epoch loop, the heart of FT: checkpoints a running primary to its standby.
 //!
 //! Each epoch the guest runs for the interval, then pauses for the checkpoint:
-//! `stop` → device state saved (`migrate file:`, RAM excluded by `x-ignore-shared`) → RAM
+//! `stop` → device state saved (`xen-save-devices-state`: the devices only, no RAM) → RAM
 //! pages changed since the last pass found ([`super::dirty`]) → pages and device state sent
 //! → the standby applies the epoch (RAM, held disk writes, device state) and acknowledges →
 //! `cont`. When an epoch dirtied many pages, the next interval pre-copies: pages changed so far
@@ -22,14 +22,12 @@ use super::dirty::{self, Dirty, DirtyTracker};
 use super::netbuf::NetBuffers;
 use super::output::{self, Mark, OutputGate};
 use super::qmp::{self, Qmp};
-use super::standby::checkpoint_capabilities;
+use super::ramblocks;
 use super::state_delta::Delta;
 use super::wire::{self, Message, PAGES_PER_MESSAGE};
 
-/// Longest QEMU may take to save the device state before the epoch is given up.
-const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest the guest may wait to be resumed after a checkpoint (a migration to cancel or
-/// to finalize first) before the loop reports it stuck.
+/// Longest the guest may wait to be resumed after a checkpoint before the loop reports it
+/// stuck.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a QEMU whose QMP socket failed may take to exit before it counts as alive.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -83,12 +81,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU's migration to the state file failed or did not end in time.
-    #[error("saving the device state: migration {status}")]
-    Save {
-        /// The last migration status seen.
-        status: String,
-    },
+    /// The guest has RAM that a checkpoint would not carry.
+    #[error("checking the guest's RAM")]
+    RamBlocks(#[from] ramblocks::Error),
     /// The standby refused the epoch.
     #[error("the standby refused epoch {epoch}: {reason}")]
     Refused {
@@ -247,8 +242,6 @@ impl Primary {
         state_dir: &Path,
     ) -> Result<Primary, Error> {
         let mut qmp = Qmp::connect(qmp_socket).await?;
-        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
-            .await?;
         let nets = NetBuffers::discover(&mut qmp).await?;
         let nics = NetBuffers::guest_nics(&mut qmp).await?;
         if nics > nets.len() {
@@ -268,6 +261,7 @@ impl Primary {
                 source,
             })?
             .len();
+        ramblocks::check_shared(&mut qmp, primary_bytes).await?;
         let mut stream = UnixStream::connect(standby_socket)
             .await
             .map_err(|source| Error::Connect {
@@ -555,10 +549,7 @@ impl Primary {
     /// first: QEMU greets one client at a time).
     async fn reconnect(&mut self) -> Result<(), Error> {
         self.qmp.close().await;
-        let mut qmp = Qmp::connect(&self.qmp_socket).await?;
-        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
-            .await?;
-        self.qmp = qmp;
+        self.qmp = Qmp::connect(&self.qmp_socket).await?;
         Ok(())
     }
 
@@ -605,32 +596,17 @@ impl Primary {
         true
     }
 
-    /// Saves the device state into the state file and reads it back.
+    /// Saves the device state into the state file and reads it back. QEMU writes it in one
+    /// go from its main loop (`live`: the disks stay active, the guest resumes after); a
+    /// migration to a file would add its setup and a JSON description of every device.
     async fn save(&mut self) -> Result<Vec<u8>, Error> {
-        let uri = format!("file:{}", self.state_file.display());
-        let deadline = Instant::now() + SAVE_TIMEOUT;
-        self.qmp.forget_migration_events();
-        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
-        match self.qmp.migration_end(SAVE_TIMEOUT).await {
-            Ok(status) if status == "completed" => {}
-            Ok(status) => return Err(Error::Save { status }),
-            Err(qmp::Error::Timeout { .. }) => {
-                return Err(Error::Save {
-                    status: format!("not ended after {SAVE_TIMEOUT:?}"),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-        // QEMU reports the migration completed a moment before its run state leaves
-        // finish-migrate; until it has, the state file may be incomplete and `cont` refused.
-        while self.qmp.status().await? == "finish-migrate" {
-            if Instant::now() > deadline {
-                return Err(Error::Save {
-                    status: format!("completed, still finishing after {SAVE_TIMEOUT:?}"),
-                });
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        let filename = self.state_file.to_string_lossy();
+        self.qmp
+            .execute(
+                "xen-save-devices-state",
+                json!({ "filename": filename, "live": true }),
+            )
+            .await?;
         tokio::fs::read(&self.state_file)
             .await
             .map_err(|source| Error::ReadState {

@@ -1,7 +1,7 @@
 //! Fault tolerance (FT): Remus-style epoch checkpointing of a running guest to a standby QEMU
 //! on the peer (notes/ft-checkpointing.md). Every epoch the primary is stopped, its device
-//! state saved (`migrate file:` with `x-ignore-shared`: guest RAM lives in a shared file and is
-//! not in the stream), the RAM pages changed since the last epoch found ([`dirty`]) and sent
+//! state saved (`xen-save-devices-state`: guest RAM lives in a shared file and is not in the
+//! state, see [`ramblocks`]), the RAM pages changed since the last epoch found ([`dirty`]) and sent
 //! with the device state to the peer, which applies them to the standby's RAM file and
 //! acknowledges; only then does the primary resume. On failover the standby loads the last
 //! committed device state and runs on from that instant: same boot, no reboot.
@@ -11,6 +11,7 @@ pub mod epoch;
 pub mod netbuf;
 pub mod output;
 pub mod qmp;
+pub mod ramblocks;
 pub mod standby;
 pub mod state_delta;
 pub mod wire;

@@ -1,6 +1,5 @@
 //! The agent's own QMP connection to an FT domain's QEMU (the `-qmp` socket that
-//! [`crate::domain::FtDomain`] adds): one command at a time, events skipped but for the
-//! migration's state changes, which a checkpoint waits for. The epoch loop
+//! [`crate::domain::FtDomain`] adds): one command at a time, events skipped. The epoch loop
 //! runs every few tens of milliseconds and must not queue behind libvirt's per-connection
 //! thread, so it talks to QEMU directly.
 
@@ -66,9 +65,6 @@ pub enum Error {
     },
 }
 
-/// The states a migration ends in (QMP `MigrationStatus`).
-const MIGRATION_ENDS: [&str; 3] = ["completed", "failed", "cancelled"];
-
 /// A QMP connection in command mode.
 #[derive(Debug)]
 pub struct Qmp {
@@ -76,9 +72,6 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     line: String,
-    /// Statuses of `MIGRATION` events read while waiting for replies, oldest first, until
-    /// [`Qmp::migration_end`] takes them or [`Qmp::forget_migration_events`] drops them.
-    migration_events: Vec<String>,
 }
 
 impl Qmp {
@@ -96,7 +89,6 @@ impl Qmp {
             reader: BufReader::new(read),
             writer,
             line: String::new(),
-            migration_events: Vec::new(),
         };
         qmp.read_message("greeting").await?;
         qmp.execute("qmp_capabilities", Value::Null).await?;
@@ -153,54 +145,12 @@ impl Qmp {
                     desc: field("desc"),
                 });
             }
-            // Anything else is an asynchronous event: kept if a checkpoint waits for it.
-            self.keep_event(&message);
+            // Anything else is an asynchronous event.
         }
     }
 
-    /// Drops the migration events seen so far: those that follow belong to the next
-    /// migration (the `events` capability must be on, see [`crate::ft::standby::checkpoint_capabilities`]).
-    pub fn forget_migration_events(&mut self) {
-        self.migration_events.clear();
-    }
-
-    /// Waits up to `timeout` for the running migration to end; its final status
-    /// (`completed`, `failed` or `cancelled`). Waiting on the event spares the polls of
-    /// `query-migrate`, each a round trip and a timer tick late.
-    pub async fn migration_end(&mut self, timeout: Duration) -> Result<String, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(at) = self
-                .migration_events
-                .iter()
-                .position(|status| MIGRATION_ENDS.contains(&status.as_str()))
-            {
-                let status = self.migration_events.remove(at);
-                self.migration_events.drain(..at);
-                return Ok(status);
-            }
-            let message =
-                tokio::time::timeout_at(deadline, self.read_message("waiting for MIGRATION"))
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        path: self.path.clone(),
-                        command: "waiting for MIGRATION".into(),
-                    })??;
-            self.keep_event(&message);
-        }
-    }
-
-    fn keep_event(&mut self, message: &Value) {
-        if message.get("event").and_then(Value::as_str) == Some("MIGRATION")
-            && let Some(status) = message.pointer("/data/status").and_then(Value::as_str)
-        {
-            self.migration_events.push(status.to_string());
-        }
-    }
-
-    /// Resumes the guest whatever state a checkpoint left it in: QEMU refuses `cont` while a
-    /// migration runs (a save that failed or was abandoned: it is cancelled) or is being
-    /// finalized (waited for), so it is retried for up to `timeout`.
+    /// Resumes the guest whatever state a checkpoint left it in: a refused `cont` is retried
+    /// for up to `timeout`, and a guest found running by then counts as resumed.
     pub async fn resume(&mut self, timeout: Duration) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -210,8 +160,6 @@ impl Qmp {
                     if self.status().await? == "running" {
                         return Ok(());
                     }
-                    // Refused when no migration runs: harmless.
-                    let _ = self.execute("migrate_cancel", Value::Null).await;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err(e) => return Err(e),
@@ -302,45 +250,6 @@ mod tests {
         let mut qmp = Qmp::connect(&path).await.unwrap();
 
         assert_eq!(qmp.status().await.unwrap(), "paused");
-    }
-
-    #[tokio::test]
-    async fn migration_end_is_found_among_events_read_before_and_after() {
-        let (_dir, path) = fake_qemu(vec![
-            "{\"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\n{\"return\": {}}\n{\"event\": \"STOP\"}\n{\"event\": \"MIGRATION\", \"data\": {\"status\": \"completed\"}}\n",
-            "{\"event\": \"MIGRATION\", \"data\": {\"status\": \"failed\"}}\n{\"return\": {}}\n",
-        ])
-        .await;
-        let mut qmp = Qmp::connect(&path).await.unwrap();
-
-        qmp.execute("migrate", Value::Null).await.unwrap();
-        let ended = qmp.migration_end(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(ended, "completed");
-
-        // An end already read while a command waited for its reply is answered at once.
-        qmp.forget_migration_events();
-        qmp.execute("migrate", Value::Null).await.unwrap();
-        let ended = qmp.migration_end(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(ended, "failed");
-    }
-
-    #[tokio::test]
-    async fn migration_end_times_out_without_an_end() {
-        let (_dir, path) = fake_qemu(vec![
-            "{\"return\": {}}\n{\"event\": \"MIGRATION\", \"data\": {\"status\": \"active\"}}\n",
-            // Never asked for: the fake keeps the socket open, waiting for a next request.
-            "{\"return\": {}}\n",
-        ])
-        .await;
-        let mut qmp = Qmp::connect(&path).await.unwrap();
-        qmp.execute("migrate", Value::Null).await.unwrap();
-
-        let error = qmp
-            .migration_end(Duration::from_millis(100))
-            .await
-            .unwrap_err();
-
-        assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
     }
 
     #[tokio::test]

@@ -407,9 +407,6 @@ impl Standbys {
             .await
             .map_err(qmp_failed)?;
         let loading = Instant::now();
-        qmp.execute("migrate-set-capabilities", checkpoint_capabilities())
-            .await
-            .map_err(qmp_failed)?;
         let uri = format!("file:{}", path.display());
         qmp.execute("migrate-incoming", json!({ "uri": uri }))
             .await
@@ -441,16 +438,6 @@ impl Standbys {
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<tokio::sync::Mutex<Standby>>>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// The migration capabilities of both ends of a checkpoint: `x-ignore-shared` keeps guest RAM
-/// (a shared file) out of the stream, `events` reports each state change (the primary waits
-/// for the end of its save on it).
-pub fn checkpoint_capabilities() -> serde_json::Value {
-    json!({ "capabilities": [
-        { "capability": "x-ignore-shared", "state": true },
-        { "capability": "events", "state": true },
-    ] })
 }
 
 /// Holds an epoch's pages; before the first commit they go straight into the RAM file.

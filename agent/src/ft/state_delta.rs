@@ -1,6 +1,6 @@
-//! Device-state deltas. QEMU's device state at a checkpoint (`migrate file:` output, 0.4–0.7 MB:
-//! mostly the ROM blocks, which never change, and device registers) differs from the previous
-//! epoch's in a few hundred bytes. After the first commit of a stream the primary sends only
+//! Device-state deltas. QEMU's device state at a checkpoint (`xen-save-devices-state` output,
+//! tens of KB of device registers and queues) differs from the previous epoch's in a few
+//! hundred bytes. After the first commit of a stream the primary sends only
 //! the blocks that changed since the state its standby last acknowledged, with a hash of the
 //! whole new state: the standby rebuilds the state from its own copy and refuses the epoch if
 //! the base or the result is not what the primary had, so a resumed standby never loads a

@@ -72,7 +72,7 @@ pub enum Message {
     Commit {
         /// The epoch's number (1, 2, ...).
         epoch: u64,
-        /// QEMU's device state at the checkpoint (`migrate file:` output).
+        /// QEMU's device state at the checkpoint (`xen-save-devices-state` output).
         device_state: Vec<u8>,
     },
     /// The end of an epoch whose device state is given as a delta against the state of the
