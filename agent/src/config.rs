@@ -87,6 +87,11 @@ pub struct Config {
     /// QEMU binary.
     #[serde(default = "default_emulator")]
     pub emulator: PathBuf,
+    /// The FT shim preloaded into FT guests' QEMU so that the kernel tracks their RAM writes
+    /// (`libpvftshim.so`, built with the agent); default: the one next to the agent's
+    /// executable, if there is one. Without it, FT hashes all of guest RAM every epoch.
+    #[serde(default)]
+    pub ft_shim: Option<PathBuf>,
     /// Storage groups: name → directory holding the volumes.
     #[serde(default)]
     pub storage_groups: BTreeMap<String, PathBuf>,
@@ -183,6 +188,15 @@ fn default_emulator() -> PathBuf {
 }
 
 impl Config {
+    /// The FT shim to preload: the configured one, or the one next to this executable.
+    pub fn ft_shim(&self) -> Option<PathBuf> {
+        self.ft_shim.clone().or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let shim = exe.parent()?.join(crate::ft::SHIM_FILE);
+            shim.is_file().then_some(shim)
+        })
+    }
+
     /// Reads and checks the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, Error> {
         daemon::config::load_checked(path)

@@ -13,7 +13,7 @@
 //! node the mirror copies from, is found by name rather than guessed from libvirt's numbering.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Namespace of the agent's libvirt metadata element (`<pairvisor:vm>`).
 pub const METADATA_NS: &str = "https://pairvisor.dev/ns/domain/1";
@@ -137,6 +137,8 @@ pub struct HostProfile {
     pub domain_type: DomainType,
     /// QEMU binary.
     pub emulator: PathBuf,
+    /// A library FT domains' QEMU preloads: the FT shim ([`crate::ft::SHIM_FILE`]).
+    pub ft_preload: Option<PathBuf>,
 }
 
 /// Renders the libvirt domain XML for `spec` on a host with `host`'s settings.
@@ -203,16 +205,17 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     xml.push_str("    <memballoon model='none'/>\n");
     xml.push_str("  </devices>\n");
     if let Some(ft) = &spec.ft {
-        push_ft_commandline(&mut xml, ft, spec.nics.len());
+        push_ft_commandline(&mut xml, ft, spec.nics.len(), host.ft_preload.as_deref());
     }
     xml.push_str("</domain>\n");
     xml
 }
 
 /// The FT domain's own QMP socket, a net filter per NIC holding its frames until their epoch
-/// commits (`ft/netbuf.rs`) and, on a standby, `-incoming defer` with what loading a bare
-/// device state needs (libvirt has no element for any of them). QEMU's option syntax doubles commas inside a value.
-fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
+/// commits (`ft/netbuf.rs`), on a standby `-incoming defer` with what loading a bare device
+/// state needs, and the FT shim `preload` (libvirt has no element for any of them). QEMU's
+/// option syntax doubles commas inside a value.
+fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize, preload: Option<&Path>) {
     let socket = ft.qmp_socket.to_string_lossy().replace(',', ",,");
     let _ = write!(
         xml,
@@ -236,6 +239,13 @@ fn push_ft_commandline(xml: &mut String, ft: &FtDomain, nics: usize) {
             "<qemu:arg value='-global'/><qemu:arg value='migration.send-configuration=off'/>",
             "<qemu:arg value='-machine'/><qemu:arg value='suppress-vmdesc=on'/>",
         ));
+    }
+    if let Some(preload) = preload {
+        let _ = write!(
+            xml,
+            "<qemu:env name='LD_PRELOAD' value='{}'/>",
+            escape(&preload.to_string_lossy())
+        );
     }
     xml.push_str("</qemu:commandline>\n");
 }
@@ -408,6 +418,7 @@ mod tests {
         HostProfile {
             domain_type: DomainType::Qemu,
             emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            ft_preload: None,
         }
     }
 
@@ -598,9 +609,31 @@ mod tests {
 
     #[test]
     fn domain_xml_without_ft_has_no_passthrough() {
-        let xml = domain_xml(&kernel_spec(), &tcg());
+        let xml = domain_xml(&kernel_spec(), &shim_host());
 
         assert!(!xml.contains("qemu:") && !xml.contains("memoryBacking"));
+    }
+
+    /// A TCG host whose FT domains preload the shim.
+    fn shim_host() -> HostProfile {
+        HostProfile {
+            ft_preload: Some("/opt/pv/lib'pvftshim.so".into()),
+            ..tcg()
+        }
+    }
+
+    #[test]
+    fn domain_xml_ft_domains_preload_the_shim() {
+        for standby in [false, true] {
+            let xml = domain_xml(&ft_spec("/run/pv/a.qmp", standby), &shim_host());
+
+            assert!(
+                xml.contains(
+                    "<qemu:env name='LD_PRELOAD' value='/opt/pv/lib&apos;pvftshim.so'/></qemu:commandline>"
+                ),
+                "{xml}"
+            );
+        }
     }
 
     #[test]

@@ -82,6 +82,7 @@ impl AgentService {
                 host: HostProfile {
                     domain_type: config.domain_type,
                     emulator: config.emulator.clone(),
+                    ft_preload: config.ft_shim(),
                 },
                 image_dir: config.image_dir.clone(),
                 serial_dir: config.serial_dir(),

@@ -79,6 +79,7 @@ impl Rig {
         let host = HostProfile {
             domain_type: DomainType::Qemu,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
+            ft_preload: None,
         };
         let xml = domain::domain_xml(&spec(dir.path(), &local, uuid, name), &host);
         libvirt.define(uuid, xml).await.unwrap();

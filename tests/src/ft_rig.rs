@@ -58,12 +58,18 @@ pub struct FtRig {
 impl FtRig {
     /// Boots the primary (waits for its second counter), starts the standby and the mirror.
     pub async fn boot(dir: &Path, memory_mib: u64) -> FtRig {
-        FtRig::boot_with(dir, memory_mib, "").await
+        FtRig::boot_with(dir, memory_mib, "", Some(crate::ft_shim())).await
     }
 
     /// Like [`FtRig::boot`], the guest's kernel command line extended by `cmdline` (e.g.
-    /// `pv.memloop` for the tiny guest's memory bench).
-    pub async fn boot_with(dir: &Path, memory_mib: u64, cmdline: &str) -> FtRig {
+    /// `pv.memloop` for the tiny guest's memory bench), its QEMU preloading `preload` (the FT
+    /// shim; without it the epochs hash all of RAM).
+    pub async fn boot_with(
+        dir: &Path,
+        memory_mib: u64,
+        cmdline: &str,
+        preload: Option<PathBuf>,
+    ) -> FtRig {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let (local, replica) = (dir.join("local.raw"), dir.join(EXPORT));
         zero_file(&local);
@@ -80,6 +86,7 @@ impl FtRig {
         let host = HostProfile {
             domain_type: DomainType::Qemu,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
+            ft_preload: preload,
         };
         // The primary's output flows until it is protected; the standby's once it runs.
         let primary_output = Arc::new(

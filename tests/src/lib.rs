@@ -360,6 +360,17 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The FT shim built with the workspace's binaries (`cargo build --workspace`).
+pub fn ft_shim() -> PathBuf {
+    let shim = bin_dir().join(agent::ft::SHIM_FILE);
+    assert!(
+        shim.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        shim.display()
+    );
+    shim
+}
+
 /// Where the tests cache the tiny guest (built once per machine).
 fn cache_dir() -> PathBuf {
     std::env::var_os("PAIRVISOR_CACHE")

@@ -18,6 +18,10 @@ pub mod wire;
 
 use std::path::{Path, PathBuf};
 
+/// The file name of the FT shim (crate `ftshim`), which FT guests' QEMU preloads so that the
+/// kernel tracks their RAM writes ([`dirty::KernelMarks`]).
+pub const SHIM_FILE: &str = "libpvftshim.so";
+
 /// Errors locating an FT domain's RAM file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

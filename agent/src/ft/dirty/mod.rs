@@ -8,27 +8,32 @@
 //!   everywhere and misses nothing but a 64-bit hash collision; its cost is O(guest RAM) per
 //!   pass. It hashes the file through a read-only shared mapping (`map`), so a pass copies
 //!   only the changed pages.
-//! * [`SoftDirty`] asks the kernel which pages QEMU's mapping of the file wrote since the last
-//!   pass (pagemap bit 55, reset by `echo 4 > /proc/PID/clear_refs`). Its cost is O(guest RAM / 512)
-//!   for the pagemap plus the dirty pages, which it reads with positional reads. It needs
-//!   `CONFIG_MEM_SOFT_DIRTY=y`, and it only sees writes through that mapping: a hole punched
-//!   into the file (balloon, discard) or a written page reclaimed to swap inside one epoch
-//!   loses its mark, so it needs guests with locked memory and without balloon or discard.
+//! * [`KernelMarks`] asks the kernel which pages QEMU's mapping of the file wrote since the
+//!   last pass: from soft-dirty bits (pagemap bit 55, reset by `echo 4 >
+//!   /proc/PID/clear_refs`, where the kernel has `CONFIG_MEM_SOFT_DIRTY=y`), or from the
+//!   asynchronous userfaultfd write protection that `ftshim` sets up inside QEMU (Linux 6.7,
+//!   read and reset by `PAGEMAP_SCAN`). Its cost is a walk of the mapping's page table plus the
+//!   dirty pages, which it reads with positional reads. It only sees writes through that
+//!   mapping: a hole punched into the file (balloon, discard) or a written page reclaimed to
+//!   swap inside one epoch loses its mark, so it needs guests without balloon or discard, on
+//!   a host whose guest RAM is not swapped out.
 //!
 //! Each tracker decides the page set and resets its reference to contents no newer than those
-//! it answers (page hashes keep the hash of each copy they answer, soft-dirty clears the bits
-//! before it reads the pages), so a page written after it was read is answered by the next
+//! it answers (page hashes keep the hash of each copy they answer, kernel marks are reset
+//! before the pages are read), so a page written after it was read is answered by the next
 //! pass. After a failed pass the next pass answers every page.
 //!
 //! A soft-dirty pass must run while the guest is stopped: a write between reading the pagemap
-//! and clearing the bits would be lost. A page-hashes pass may also run with the guest running
-//! (pre-copy): it keeps the hash of the copy it answers, so a page written during the pass is
-//! answered by the next one, and the paused pass then misses nothing.
+//! and clearing the bits would be lost. The other passes may also run with the guest running
+//! (pre-copy): page hashes keep the hash of the copy they answer, write-protect marks are read
+//! and reset in one step, so a page written during the pass is answered by the next one, and
+//! the paused pass then misses nothing.
 
 mod hashes;
 mod holes;
+mod kernel;
 mod map;
-mod soft;
+mod pagemap_scan;
 
 use std::fs::File;
 use std::io;
@@ -36,7 +41,7 @@ use std::path::{Path, PathBuf};
 
 pub use hashes::{Helpers, PageHashes};
 pub use holes::{is_hole, is_zero};
-pub use soft::SoftDirty;
+pub use kernel::KernelMarks;
 
 /// The page size dirty tracking works in: 4 KiB, the x86-64 and pagemap granularity.
 pub const PAGE: usize = 4096;
@@ -189,6 +194,26 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// QEMU's mapping of the RAM file carries no write-protect marks.
+    #[error(
+        "the kernel does not track writes to {path} in QEMU process {pid}: was QEMU started \
+         with the FT shim preloaded, on Linux 6.7 or later?"
+    )]
+    NotTracked {
+        /// The QEMU process.
+        pid: u32,
+        /// The RAM file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The host swaps: a guest RAM page swapped out loses its mark.
+    #[error(
+        "the host has swap on (/proc/swaps): the kernel could move guest RAM out and drop its \
+         write marks; turn swap off to use them"
+    )]
+    SwapOn,
     /// The kernel does not offer soft-dirty tracking (or its config cannot be read).
     #[error(
         "soft-dirty tracking is unavailable: /boot/config-<release> does not say \
@@ -226,13 +251,22 @@ pub trait DirtyTracker: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The tracker to use for a QEMU process: soft-dirty where available, page hashes otherwise.
+/// The tracker to use for a QEMU process: the kernel's soft-dirty bits where it has them, else
+/// its write-protect marks where QEMU runs with the FT shim; page hashes when those cannot be
+/// used (the log says why).
 pub fn tracker_for(pid: u32, path: &Path, threads: usize) -> Result<Box<dyn DirtyTracker>, Error> {
-    if SoftDirty::available() {
-        Ok(Box::new(SoftDirty::open(pid, path)?))
+    let marks = if KernelMarks::soft_dirty_available() {
+        KernelMarks::soft_dirty(pid, path)
     } else {
-        Ok(Box::new(PageHashes::open(path, threads)?))
+        KernelMarks::written(pid, path)
+    };
+    match marks {
+        Ok(tracker) => return Ok(Box::new(tracker)),
+        Err(e) => {
+            tracing::info!(pid, reason = %daemon::error_chain(&e), "FT: hashing the guest's RAM pages each epoch");
+        }
     }
+    Ok(Box::new(PageHashes::open(path, threads)?))
 }
 
 /// Opens a RAM file for reading and returns it with its page count.

@@ -5,10 +5,11 @@
 //! `--json`. A bench reports; it asserts no timing. Needs root and QEMU:
 //!
 //! ```text
-//! cargo build --release --workspace && target/release/ft-bench [--json] [--seconds 20] [--skip-failover]
+//! cargo build --release --workspace && target/release/ft-bench [--json] [--seconds 20] [--skip-failover] [--hash-pages]
 //! ```
 //!
-//! 1. The epoch loop runs `--seconds` at the default 50 ms interval: `pause_ms_p50`,
+//! 1. The epoch loop runs `--seconds` at the default 50 ms interval (dirty pages found from the
+//!    kernel's write marks, or with `--hash-pages` by hashing all of RAM): `pause_ms_p50`,
 //!    `pause_ms_p99` [targets ≤ 20, ≤ 60], `pause_breakdown_ms` (p50 of each phase: stop,
 //!    output (the serial gate's cut), save, scan, send, ack, net (the epoch's frames sent; the
 //!    rig's guest has no NIC), cont), `epochs_per_s`, `dirty_pages_per_epoch_p50`,
@@ -69,6 +70,10 @@ struct Args {
     /// Skip the failover in a lab (part 3).
     #[arg(long)]
     skip_failover: bool,
+    /// Start QEMU without the FT shim: the epochs hash all of RAM instead of reading the
+    /// kernel's write marks (part 1).
+    #[arg(long)]
+    hash_pages: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,7 +100,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn measure(args: &Args) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir().context("temporary directory")?;
-    let rig = FtRig::boot_with(dir.path(), args.memory_mib, "pv.memloop").await;
+    let preload = (!args.hash_pages).then(tests::ft_shim);
+    let rig = FtRig::boot_with(dir.path(), args.memory_mib, "pv.memloop", preload).await;
     // The guest's memory loop alone first: its rounds per second unprotected.
     let log = rig.primary_log();
     let plain_rate = memloop_rate(&log, PLAIN_WINDOW).await?;

@@ -1,12 +1,18 @@
-//! [`SoftDirty`]: dirty pages found from the kernel's soft-dirty bits of QEMU's mapping of the
-//! RAM file (/proc/PID/pagemap bit 55, cleared through /proc/PID/clear_refs), and the parsing
-//! of /proc/PID/maps that finds that mapping.
+//! [`KernelMarks`]: dirty pages found from the marks the kernel keeps on QEMU's mapping of the
+//! RAM file, and the parsing of /proc/PID/maps that finds that mapping. Two kinds of marks:
+//!
+//! * soft-dirty bits (/proc/PID/pagemap bit 55, cleared through /proc/PID/clear_refs), where
+//!   the kernel is built with them;
+//! * asynchronous userfaultfd write protection, which `ftshim` sets up inside QEMU: the kernel
+//!   marks each page written, and `PAGEMAP_SCAN` reports the marked pages and protects them
+//!   again in one step ([`super::pagemap_scan`], Linux 6.7).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::pagemap_scan::{self, PageRegion};
 use super::{Dirty, DirtyTracker, Error, PAGE, PAGE_BYTES, check_size, open_ram, to_u64};
 
 /// Size of one /proc/PID/pagemap entry.
@@ -21,14 +27,16 @@ const SOFT_DIRTY_BIT: u64 = 1 << 55;
 /// Written to /proc/PID/clear_refs to clear the soft-dirty bits of every page of the process.
 const CLEAR_SOFT_DIRTY: &[u8] = b"4";
 
+/// The host's active swap areas, one per line after a header.
+const SWAPS: &str = "/proc/swaps";
+
 /// The kernel config line that makes soft-dirty tracking work.
 const SOFT_DIRTY_CONFIG: &str = "CONFIG_MEM_SOFT_DIRTY=y";
 
-/// Linux soft-dirty bits of the QEMU process's mapping of the RAM file: `echo 4 >
-/// /proc/PID/clear_refs` after each pass, pagemap bit 55 read for the mapping's range. Only
-/// where the kernel has `CONFIG_MEM_SOFT_DIRTY` ([`SoftDirty::available`]).
+/// The kernel's marks on the QEMU process's mapping of the RAM file: which pages it wrote
+/// since the last pass.
 #[derive(Debug)]
-pub struct SoftDirty {
+pub struct KernelMarks {
     /// The QEMU process.
     pid: u32,
     /// The RAM file, read for page contents.
@@ -43,12 +51,22 @@ pub struct SoftDirty {
     maps: ProcFile,
     /// /proc/PID/pagemap.
     pagemap: ProcFile,
-    /// /proc/PID/clear_refs, open for writing.
-    clear_refs: ProcFile,
+    /// The kind of marks.
+    marks: Marks,
     /// Whether the next pass must answer every page (the first one, or after a failure).
     full: bool,
     /// Pagemap read buffer kept across passes.
     entries: Vec<u8>,
+}
+
+/// The marks a [`KernelMarks`] reads.
+#[derive(Debug)]
+enum Marks {
+    /// Soft-dirty bits, reset through /proc/PID/clear_refs (open for writing). A write between
+    /// reading the bits and clearing them would be lost: the guest must be stopped.
+    SoftDirty(ProcFile),
+    /// Userfaultfd write-protect marks, read and reset in one atomic step: the guest may run.
+    Written,
 }
 
 /// An open /proc file and its path, for errors.
@@ -86,28 +104,53 @@ struct Mapping {
     path: String,
 }
 
-impl SoftDirty {
-    /// Attaches to QEMU process `pid`'s mapping of the RAM file at `path`; fails when the
-    /// kernel lacks soft-dirty tracking or QEMU does not map the file.
-    pub fn open(pid: u32, path: &Path) -> Result<SoftDirty, Error> {
-        if !SoftDirty::available() {
+impl KernelMarks {
+    /// Attaches to the soft-dirty bits of QEMU process `pid`'s mapping of the RAM file at
+    /// `path`; fails when the kernel lacks them or QEMU does not map the file.
+    pub fn soft_dirty(pid: u32, path: &Path) -> Result<KernelMarks, Error> {
+        if !KernelMarks::soft_dirty_available() {
             return Err(Error::SoftDirtyUnavailable);
         }
-        SoftDirty::attach(pid, path)
+        let clear_refs = ProcFile::open(PathBuf::from(format!("/proc/{pid}/clear_refs")), true)?;
+        KernelMarks::attach(pid, path, Marks::SoftDirty(clear_refs))
+    }
+
+    /// Attaches to the write-protect marks of QEMU process `pid`'s mapping of the RAM file at
+    /// `path`; fails unless `ftshim` registered that mapping (QEMU started without it, or a
+    /// kernel older than 6.7).
+    pub fn written(pid: u32, path: &Path) -> Result<KernelMarks, Error> {
+        let tracker = KernelMarks::attach(pid, path, Marks::Written)?;
+        for mapping in tracker.mappings()? {
+            let (start, end) = tracker.file_range(&mapping);
+            pagemap_scan::written(&tracker.pagemap.file, start, end, false, &mut Vec::new())
+                .map_err(|source| Error::NotTracked {
+                    pid,
+                    path: tracker.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(tracker)
     }
 
     /// Whether the kernel tracks soft-dirty bits: `/boot/config-$(uname -r)` says
     /// `CONFIG_MEM_SOFT_DIRTY=y`. Without a readable config file (e.g. a kernel that only
     /// has /proc/config.gz, which needs gzip) it answers false and callers use page hashes.
-    pub fn available() -> bool {
+    pub fn soft_dirty_available() -> bool {
         let config = fs::read_to_string("/proc/sys/kernel/osrelease")
             .and_then(|release| fs::read_to_string(format!("/boot/config-{}", release.trim())));
         config.is_ok_and(|config| config_has_soft_dirty(&config))
             && Path::new("/proc/self/pagemap").exists()
     }
 
-    /// [`SoftDirty::open`] without the kernel check.
-    fn attach(pid: u32, path: &Path) -> Result<SoftDirty, Error> {
+    /// Attaches to `pid`'s mapping of the RAM file at `path` to read `marks`.
+    fn attach(pid: u32, path: &Path, marks: Marks) -> Result<KernelMarks, Error> {
+        let swaps = fs::read_to_string(SWAPS).map_err(|source| Error::OpenProc {
+            path: SWAPS.into(),
+            source,
+        })?;
+        if swaps.lines().count() > 1 {
+            return Err(Error::SwapOn);
+        }
         let (ram, pages) = open_ram(path)?;
         let meta = ram.metadata().map_err(|source| Error::StatRam {
             path: path.to_path_buf(),
@@ -118,7 +161,7 @@ impl SoftDirty {
             source,
         })?;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-        let tracker = SoftDirty {
+        let tracker = KernelMarks {
             pid,
             ram,
             path,
@@ -130,7 +173,7 @@ impl SoftDirty {
             pages,
             maps: ProcFile::open(proc_dir.join("maps"), false)?,
             pagemap: ProcFile::open(proc_dir.join("pagemap"), false)?,
-            clear_refs: ProcFile::open(proc_dir.join("clear_refs"), true)?,
+            marks,
             full: true,
             entries: Vec::new(),
         };
@@ -162,23 +205,58 @@ impl SoftDirty {
         Ok(found)
     }
 
-    /// The file pages whose pagemap entries are soft-dirty in any of `mappings`, ascending.
-    fn soft_dirty_pages(&mut self, mappings: &[Mapping]) -> Result<Vec<u64>, Error> {
+    /// The addresses `[start, end)` of `mapping` that lie within the file.
+    fn file_range(&self, mapping: &Mapping) -> (u64, u64) {
+        let first_file_page = mapping.offset / PAGE_BYTES;
+        let count = (mapping.end.saturating_sub(mapping.start) / PAGE_BYTES)
+            .min(to_u64(self.pages).saturating_sub(first_file_page));
+        (mapping.start, mapping.start + count * PAGE_BYTES)
+    }
+
+    /// The file pages written in any of `mappings` since the last pass, ascending; the marks
+    /// are reset for the pages answered.
+    fn marked_pages(&mut self, mappings: &[Mapping]) -> Result<Vec<u64>, Error> {
         let mut pages = Vec::new();
-        for mapping in mappings {
-            self.mapping_soft_dirty(mapping, &mut pages)?;
+        if matches!(self.marks, Marks::SoftDirty(_)) {
+            for mapping in mappings {
+                self.mapping_soft_dirty(mapping, &mut pages)?;
+            }
+            self.clear_refs()?;
+        } else {
+            for mapping in mappings {
+                self.mapping_written(mapping, &mut pages)?;
+            }
         }
         pages.sort_unstable();
         pages.dedup();
         Ok(pages)
     }
 
+    /// Appends the file pages of `mapping` written since the last pass, and protects them
+    /// again.
+    fn mapping_written(&self, mapping: &Mapping, pages: &mut Vec<u64>) -> Result<(), Error> {
+        let (start, end) = self.file_range(mapping);
+        let mut regions: Vec<PageRegion> = Vec::new();
+        pagemap_scan::written(&self.pagemap.file, start, end, true, &mut regions).map_err(
+            |source| Error::ReadPagemap {
+                path: self.pagemap.path.clone(),
+                source,
+            },
+        )?;
+        let first_file_page = mapping.offset / PAGE_BYTES;
+        for region in regions {
+            let first = (region.start.max(start) - mapping.start) / PAGE_BYTES;
+            let last = (region.end.min(end) - mapping.start) / PAGE_BYTES;
+            pages.extend((first..last).map(|page| first_file_page + page));
+        }
+        Ok(())
+    }
+
     /// Appends the file pages of `mapping` (within the file) whose entries are soft-dirty.
     fn mapping_soft_dirty(&mut self, mapping: &Mapping, pages: &mut Vec<u64>) -> Result<(), Error> {
-        let file_pages = to_u64(self.pages);
         let first_file_page = mapping.offset / PAGE_BYTES;
-        let count = (mapping.end.saturating_sub(mapping.start) / PAGE_BYTES)
-            .min(file_pages.saturating_sub(first_file_page));
+        let (start, end) = self.file_range(mapping);
+        let count = (end - start) / PAGE_BYTES;
         let first_vpage = mapping.start / PAGE_BYTES;
         let mut done = 0;
         while done < count {
@@ -219,36 +297,42 @@ impl SoftDirty {
 
     /// Clears the soft-dirty bits of every page of the QEMU process.
     fn clear_refs(&self) -> Result<(), Error> {
-        (&self.clear_refs.file)
+        let Marks::SoftDirty(clear_refs) = &self.marks else {
+            return Ok(());
+        };
+        (&clear_refs.file)
             .write_all(CLEAR_SOFT_DIRTY)
             .map_err(|source| Error::ClearRefs {
-                path: self.clear_refs.path.clone(),
+                path: clear_refs.path.clone(),
                 source,
             })
     }
 
-    /// One pass: decides the page set, clears the bits, then reads the contents.
+    /// One pass: decides the page set, resets the marks, then reads the contents.
     fn pass(&mut self) -> Result<Dirty, Error> {
         check_size(&self.ram, &self.path, self.pages)?;
         let mappings = self.mappings()?;
+        let marked = self.marked_pages(&mappings)?;
         let pages = if self.full {
             (0..to_u64(self.pages)).collect()
         } else {
-            self.soft_dirty_pages(&mappings)?
+            marked
         };
-        self.clear_refs()?;
         let data = read_pages(&self.ram, &self.path, &pages)?;
         Ok(Dirty { pages, data })
     }
 }
 
-impl DirtyTracker for SoftDirty {
+impl DirtyTracker for KernelMarks {
     fn name(&self) -> &'static str {
-        "soft-dirty"
+        match self.marks {
+            Marks::SoftDirty(_) => "soft-dirty",
+            Marks::Written => "uffd-written",
+        }
     }
 
     fn runs_with_guest(&self) -> bool {
-        false
+        matches!(self.marks, Marks::Written)
     }
 
     fn scan(&mut self) -> Result<Dirty, Error> {
@@ -468,7 +552,7 @@ mod tests {
     /// to page 5 is the only change the second pass answers.
     #[test]
     fn soft_dirty_child_writes_page_answers_it() {
-        if !SoftDirty::available() {
+        if !KernelMarks::soft_dirty_available() {
             eprintln!("soft-dirty unavailable on this kernel: skipped");
             return;
         }
@@ -485,7 +569,7 @@ mod tests {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("ready");
-        let mut tracker = SoftDirty::open(child.id(), ram.path()).expect("open");
+        let mut tracker = KernelMarks::soft_dirty(child.id(), ram.path()).expect("open");
         let first = tracker.scan().expect("first scan");
         stdin.write_all(b"5\n").expect("ask write");
         stdout.read_line(&mut line).expect("ok");
