@@ -12,8 +12,9 @@ BUILD_PKGS=(libvirt-dev pkg-config protobuf-compiler libprotobuf-dev gcc g++)
 # ipmitool: the controllers fence a lost host through its BMC with it (IPMI 2.0 lanplus).
 RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-system etcd-server etcd-client iproute2 iputils-arping util-linux ipmitool)
 GUEST_PKGS=(busybox-static gzip)
-# openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too).
-TEST_PKGS=(nftables socat openipmi e2fsprogs)
+# openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too);
+# python3: the processes that write pages for the dirty-page trackers' tests.
+TEST_PKGS=(nftables socat openipmi e2fsprogs python3)
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()
