@@ -71,7 +71,8 @@ static REAL_MMAP: AtomicUsize = AtomicUsize::new(0);
 /// The userfaultfd every tracked mapping is registered with (-1 until the first).
 static UFFD: AtomicI32 = AtomicI32::new(-1);
 
-/// QEMU maps guest RAM with `mmap64` (the same function as `mmap` on 64-bit glibc).
+/// QEMU maps guest RAM with `mmap64` (as do all programs built with 64-bit file offsets,
+/// Debian's QEMU among them): mapped as asked, then registered when it is the RAM file's.
 ///
 /// # Safety
 /// As `mmap(2)`.
@@ -84,40 +85,7 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     offset: libc::off_t,
 ) -> *mut c_void {
-    // SAFETY: the caller's own arguments, passed on to the call it made.
-    unsafe { map_and_track(addr, len, prot, flags, fd, offset) }
-}
-
-/// The same hook under the other name, for callers that link `mmap`.
-///
-/// # Safety
-/// As `mmap(2)`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: libc::off_t,
-) -> *mut c_void {
-    // SAFETY: the caller's own arguments, passed on to the call it made.
-    unsafe { map_and_track(addr, len, prot, flags, fd, offset) }
-}
-
-/// Maps as asked, then registers the mapping when it is the guest RAM file's.
-///
-/// # Safety
-/// As `mmap(2)`.
-unsafe fn map_and_track(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: libc::off_t,
-) -> *mut c_void {
-    // SAFETY: libc's mmap with the caller's arguments.
+    // SAFETY: libc's mmap64 with the caller's own arguments.
     let mapped = unsafe { real_mmap()(addr, len, prot, flags, fd, offset) };
     // Anonymous mappings (malloc's among them) return here, before anything that allocates.
     if mapped != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_SHARED != 0 && is_ram_file(fd) {
