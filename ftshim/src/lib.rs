@@ -85,8 +85,15 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     offset: libc::off_t,
 ) -> *mut c_void {
-    // SAFETY: libc's mmap64 with the caller's own arguments.
-    let mapped = unsafe { real_mmap()(addr, len, prot, flags, fd, offset) };
+    let mapped = match real_mmap() {
+        // SAFETY: libc's mmap64 with the caller's own arguments.
+        Some(mmap) => unsafe { mmap(addr, len, prot, flags, fd, offset) },
+        // SAFETY: the mmap system call with the caller's own arguments (should the dynamic
+        // linker not find libc's).
+        None => unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) as *mut c_void
+        },
+    };
     // Anonymous mappings (malloc's among them) return here, before anything that allocates.
     if mapped != libc::MAP_FAILED && fd >= 0 && flags & libc::MAP_SHARED != 0 && is_ram_file(fd) {
         if let Err((what, error)) = track(mapped, len) {
@@ -100,32 +107,16 @@ pub unsafe extern "C" fn mmap64(
     mapped
 }
 
-/// libc's `mmap` (the next definition after this library), or the raw system call.
-fn real_mmap() -> MmapFn {
+/// libc's `mmap64` (the next definition after this library), if the dynamic linker finds it.
+fn real_mmap() -> Option<MmapFn> {
     let mut found = REAL_MMAP.load(Ordering::Acquire);
     if found == 0 {
         // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT skips this library.
         found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"mmap64".as_ptr()) } as usize;
-        if found == 0 {
-            found = raw_mmap as MmapFn as *const () as usize;
-        }
         REAL_MMAP.store(found, Ordering::Release);
     }
-    // SAFETY: `found` is libc's mmap64 or `raw_mmap`, both of type MmapFn.
-    unsafe { std::mem::transmute::<usize, MmapFn>(found) }
-}
-
-/// `mmap` as the bare system call, should the dynamic linker not find libc's.
-unsafe extern "C" fn raw_mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: libc::off_t,
-) -> *mut c_void {
-    // SAFETY: the mmap system call with the caller's arguments.
-    unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) as *mut c_void }
+    // SAFETY: a non-null `found` is libc's mmap64, of type MmapFn.
+    (found != 0).then(|| unsafe { std::mem::transmute::<usize, MmapFn>(found) })
 }
 
 /// Whether `fd` is the guest RAM file: its path ends in `/pc.ram`. Reads the link into a

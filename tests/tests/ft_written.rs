@@ -1,6 +1,7 @@
-//! The kernel's write marks through the FT shim, without QEMU: a process that preloads the
-//! shim maps a `pc.ram` file shared and writes pages when asked; the agent's tracker answers
-//! every page on its first pass, then exactly the pages written since, with their contents.
+//! The kernel's marks on written pages, without QEMU: a process maps a `pc.ram` file shared
+//! and writes pages when asked; the agent's tracker answers every page on its first pass, then
+//! exactly the pages written since, with their contents. Write-protect marks need the process
+//! to preload the FT shim; soft-dirty bits need a kernel that has them.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -109,4 +110,25 @@ fn without_the_shim_the_mapping_is_not_tracked() {
         matches!(tracker, Err(Error::NotTracked { .. })),
         "{tracker:?}"
     );
+}
+
+/// Asserts on a kernel with soft-dirty only (elsewhere it returns early).
+#[test]
+fn soft_dirty_bits_answer_the_page_written() {
+    if !KernelMarks::soft_dirty_available() {
+        eprintln!("soft-dirty unavailable on this kernel: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs directory");
+    let ram = ram_file(dir.path());
+    let mut writer = Writer::start(&ram, None);
+    let mut tracker = KernelMarks::soft_dirty(writer.child.id(), &ram).expect("open");
+    let first = tracker.scan().expect("first scan");
+    writer.write("5");
+
+    let second = tracker.scan();
+
+    writer.finish();
+    assert_eq!(first.pages, (0..16).collect::<Vec<u64>>());
+    assert_eq!(second.expect("second scan").pages, vec![5]);
 }
