@@ -14,7 +14,8 @@ RUN_PKGS=(libvirt0 libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon-sys
 GUEST_PKGS=(busybox-static gzip)
 # openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too);
 # python3: the processes that write pages for the dirty-page trackers' tests.
-TEST_PKGS=(nftables socat openipmi e2fsprogs python3)
+# grub-rescue-pc: the GRUB rescue ISO the ISO library test uploads and boots.
+TEST_PKGS=(nftables socat openipmi e2fsprogs python3 grub-rescue-pc)
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()

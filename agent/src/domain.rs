@@ -316,8 +316,12 @@ fn push_os(xml: &mut String, boot: &Boot) {
             );
             let _ = writeln!(xml, "    <cmdline>{}</cmdline>", escape(&image.cmdline));
         }
+        // The firmware and the boot loader talk to the serial port too (SeaBIOS's serial
+        // console, `-machine graphics=off`): with no screen, the log shows what the CD does.
         Boot::Cdrom(_) => {
-            xml.push_str("    <boot dev='cdrom'/>\n    <boot dev='hd'/>\n");
+            xml.push_str(
+                "    <boot dev='cdrom'/>\n    <boot dev='hd'/>\n    <bios useserial='yes'/>\n",
+            );
         }
     }
     xml.push_str("  </os>\n");
@@ -512,7 +516,9 @@ mod tests {
 
         let xml = domain_xml(&spec, &tcg());
 
-        assert!(xml.contains("<boot dev='cdrom'/>\n    <boot dev='hd'/>"));
+        assert!(
+            xml.contains("<boot dev='cdrom'/>\n    <boot dev='hd'/>\n    <bios useserial='yes'/>")
+        );
         assert!(xml.contains(
             "<source file='/isos/install.iso'/><target dev='hdc' bus='ide'/><readonly/>"
         ));

@@ -95,6 +95,27 @@ impl Fence {
         Ok(())
     }
 
+    /// Admits a request that concerns no VM (the ISO library) under `term`.
+    pub fn admit_term(&self, term: i64) -> Result<(), Error> {
+        let mut state = self.lock();
+        if term <= 0 {
+            return Err(Refusal::Missing.into());
+        }
+        if term < state.term {
+            return Err(Refusal::StaleTerm {
+                seen: state.term,
+                got: term,
+            }
+            .into());
+        }
+        if let Some(raised) = state.observe(term) {
+            self.persist(&raised)?;
+            self.term.store(raised.term, Ordering::Release);
+            *state = raised;
+        }
+        Ok(())
+    }
+
     /// Raises the term to `term` (a new leader was announced); lower terms are ignored.
     pub fn observe_term(&self, term: i64) -> Result<(), Error> {
         let mut state = self.lock();
@@ -137,6 +158,25 @@ mod tests {
     use super::*;
 
     const VM: &str = "6c3f8a3e-0b55-4b8e-9d6b-1f6f8f0d2a11";
+
+    #[test]
+    fn admit_term_refuses_older_terms_and_keeps_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let fence = Fence::open(&dir.path().join("fence.json")).unwrap();
+        fence.admit_term(7).unwrap();
+
+        let older = fence.admit_term(6).unwrap_err();
+
+        assert!(matches!(
+            older,
+            Error::Refused(Refusal::StaleTerm { seen: 7, got: 6 })
+        ));
+        assert!(matches!(
+            fence.admit_term(0),
+            Err(Error::Refused(Refusal::Missing))
+        ));
+        assert_eq!(fence.term(), 7);
+    }
 
     #[test]
     fn fence_reopened_remembers_raised_term() {

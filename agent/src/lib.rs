@@ -12,6 +12,7 @@ pub mod facts;
 pub mod fence;
 pub mod ft;
 pub mod heartbeat;
+pub mod isos;
 pub mod libvirt;
 pub mod membership;
 pub mod mirror;

@@ -28,6 +28,7 @@ use crate::storage::StorageGroups;
 
 mod error;
 mod ft;
+mod isos;
 mod mirrors;
 
 pub use error::Error;
@@ -144,7 +145,7 @@ impl Inner {
                         .map_err(|source| Error::BootImage { name, source })?,
                 )
             }
-            Some(pb::vm_spec::Boot::IsoPath(path)) => Boot::Cdrom(PathBuf::from(path)),
+            Some(pb::vm_spec::Boot::Iso(iso)) => Boot::Cdrom(self.iso_path(&iso)?),
             None => return Err(invalid("the spec has no boot source")),
         };
         if uuid_invalid(&spec.uuid) {
@@ -565,6 +566,23 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(Error::from)?;
         tracing::info!(node = %self.inner.node, group = %req.storage_group, volume = %req.name, "volume deleted");
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn put_iso(
+        &self,
+        request: Request<tonic::Streaming<pb::PutIsoRequest>>,
+    ) -> Result<Response<pb::IsoFile>, Status> {
+        Ok(Response::new(
+            self.inner.put_iso(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_iso(
+        &self,
+        request: Request<pb::DeleteIsoRequest>,
+    ) -> Result<Response<pb::DeleteIsoResponse>, Status> {
+        self.inner.delete_iso(request.into_inner())?;
+        Ok(Response::new(pb::DeleteIsoResponse {}))
     }
 
     async fn get_peer_health(

@@ -114,12 +114,25 @@ impl StorageGroups {
 
     /// Path of volume `name` in `group`, after checking both.
     pub fn volume_path(&self, group: &str, name: &str) -> Result<PathBuf, Error> {
-        let dir = self.groups.get(group).ok_or_else(|| Error::UnknownGroup {
-            name: group.to_string(),
-            known: self.groups.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let dir = self.group_dir(group)?;
         check_name(name)?;
         Ok(dir.join(name))
+    }
+
+    /// The directory of `group`.
+    pub fn group_dir(&self, group: &str) -> Result<&Path, Error> {
+        self.groups
+            .get(group)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| Error::UnknownGroup {
+                name: group.to_string(),
+                known: self.groups.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Every group's directory.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.groups.values().map(PathBuf::as_path)
     }
 
     /// Creates a volume; an existing one of the same size and format is returned as it is.
@@ -202,8 +215,8 @@ impl StorageGroups {
     }
 }
 
-/// Checks that a volume name is a plain, safe file name.
-fn check_name(name: &str) -> Result<(), Error> {
+/// Checks that a volume (or ISO) name is a plain, safe file name.
+pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     let valid = (1..=128).contains(&name.len())
         && !name.starts_with('.')
         && name
@@ -239,7 +252,7 @@ fn probe(path: &Path) -> Result<(DiskFormat, u64), Error> {
 
 /// Total and available bytes of the file system holding `path`.
 #[allow(unsafe_code)]
-fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+pub(crate) fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
     let c_path = CString::new(path.as_os_str().as_bytes())?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: `c_path` is NUL-terminated and outlives the call; `stat` is writable memory of
@@ -256,7 +269,7 @@ fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
     ))
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     let path = path.to_path_buf();
     move |source| Error::Io { op, path, source }
 }

@@ -2,6 +2,7 @@
 //! `--json`; the exit code is 0 only on success, so cron jobs and UPS scripts can rely on it.
 
 mod client;
+mod isos;
 mod lab;
 mod output;
 mod units;
@@ -105,7 +106,7 @@ enum ApiCmd {
         /// Boot from this kernel image of the nodes' image library (e.g. tiny).
         #[arg(long, conflicts_with = "iso", required_unless_present = "iso")]
         kernel_image: Option<String>,
-        /// Boot from this ISO (same path on both nodes).
+        /// Boot from this ISO of the pair's ISO library (see iso-add; not a host path).
         #[arg(long)]
         iso: Option<String>,
     },
@@ -167,6 +168,25 @@ enum ApiCmd {
         /// With --until: give up (exit 1) after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Upload an ISO into the ISO library, on both hosts (streamed and checksummed; a
+    /// progress line shows on a terminal; --timeout does not bound the transfer).
+    IsoAdd {
+        /// The ISO file.
+        file: PathBuf,
+        /// Its name in the library [default: the file's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// The storage group that keeps it [default: the first group of both hosts].
+        #[arg(long)]
+        storage_group: Option<String>,
+    },
+    /// List the ISO library.
+    IsoList,
+    /// Delete an ISO from the library (refused while a VM boots from it).
+    IsoDelete {
+        /// The ISO's name.
+        name: String,
     },
     /// Show the pair's events, then follow new ones.
     Events {
@@ -389,7 +409,7 @@ async fn run_api(
                 networks,
                 boot: match (kernel_image, iso) {
                     (Some(image), _) => Some(pb::create_vm_request::Boot::KernelImage(image)),
-                    (None, Some(iso)) => Some(pb::create_vm_request::Boot::IsoPath(iso)),
+                    (None, Some(iso)) => Some(pb::create_vm_request::Boot::Iso(iso)),
                     (None, None) => bail!("give --kernel-image or --iso"),
                 },
             };
@@ -397,6 +417,33 @@ async fn run_api(
                 .call(request, |mut c, r| async move { c.create_vm(r).await })
                 .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::IsoAdd {
+            file,
+            name,
+            storage_group,
+        } => {
+            let iso = isos::add(endpoint, &file, name, storage_group).await?;
+            print(json, &isos::iso_json(&iso), &isos::iso_text(&iso));
+        }
+        ApiCmd::IsoList => {
+            let list = api
+                .call(pb::ListIsosRequest {}, |mut c, r| async move {
+                    c.list_isos(r).await
+                })
+                .await?
+                .isos;
+            let value = serde_json::Value::Array(list.iter().map(isos::iso_json).collect());
+            print(json, &value, &isos::isos_table(&list));
+        }
+        ApiCmd::IsoDelete { name } => {
+            api.call(
+                pb::DeleteIsoRequest { name: name.clone() },
+                |mut c, r| async move { c.delete_iso(r).await },
+            )
+            .await?;
+            let value = serde_json::json!({ "deleted": name });
+            print(json, &value, &format!("deleted ISO {name}\n"));
         }
         ApiCmd::VmInfo { vm: Some(vm) } => {
             let vm = api

@@ -49,7 +49,7 @@ fn event_kind_name(kind: pb::EventKind) -> &'static str {
 fn boot_json(vm: &pb::Vm) -> Value {
     match &vm.boot {
         Some(pb::vm::Boot::KernelImage(image)) => json!({ "kernel_image": image }),
-        Some(pb::vm::Boot::IsoPath(path)) => json!({ "iso": path }),
+        Some(pb::vm::Boot::Iso(name)) => json!({ "iso": name }),
         None => Value::Null,
     }
 }
@@ -215,7 +215,7 @@ pub fn vm_text(vm: &pb::Vm) -> String {
         .collect();
     let boot = match &vm.boot {
         Some(pb::vm::Boot::KernelImage(image)) => format!("kernel image {image}"),
-        Some(pb::vm::Boot::IsoPath(path)) => format!("ISO {path}"),
+        Some(pb::vm::Boot::Iso(name)) => format!("ISO {name} (library)"),
         None => "-".into(),
     };
     let mut protection = String::new();

@@ -222,6 +222,36 @@ impl Agent {
         Ok(())
     }
 
+    /// Uploads the ISO whose header and bytes `parts` yields (header first); the agent
+    /// answers once its copy is synced in place, with the copy's SHA-256.
+    pub async fn put_iso(
+        &self,
+        parts: impl tokio_stream::Stream<Item = pb::PutIsoRequest> + Send + 'static,
+    ) -> Result<pb::IsoFile, Error> {
+        self.client
+            .clone()
+            .put_iso(tonic::Request::new(parts))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(self.failed("uploading an ISO"))
+    }
+
+    /// Deletes an ISO from the host's library (idempotent).
+    pub async fn delete_iso(&self, iso: pb::IsoRef, term: i64) -> Result<(), Error> {
+        let message = pb::DeleteIsoRequest {
+            iso: Some(iso),
+            term,
+        };
+        self.call(
+            "deleting an ISO",
+            CALL_TIMEOUT,
+            message,
+            |mut c, r| async move { c.delete_iso(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
     /// Deletes every volume of `vm` (idempotent).
     pub async fn delete_volumes(&self, vm: &VmRecord, token: Token) -> Result<(), Error> {
         for disk in &vm.disks {
@@ -477,7 +507,13 @@ pub fn spec_of(vm: &VmRecord) -> pb::VmSpec {
             .collect(),
         boot: Some(match &vm.boot {
             Boot::Kernel { image } => pb::vm_spec::Boot::KernelImage(image.clone()),
-            Boot::Iso { path } => pb::vm_spec::Boot::IsoPath(path.clone()),
+            Boot::Iso {
+                name,
+                storage_group,
+            } => pb::vm_spec::Boot::Iso(pb::IsoRef {
+                storage_group: storage_group.clone(),
+                name: name.clone(),
+            }),
         }),
         // The pair restarts a protected VM on the peer once this host's lease expires, so its
         // agent must have stopped it by then.

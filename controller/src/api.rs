@@ -31,6 +31,7 @@ use crate::store::{self, ELECTION, PREFIX};
 use daemon::pair::LeaderInfo;
 
 mod convert;
+mod isos;
 
 use convert::{
     alert_to_pb, grace_from_pb, health_config_to_pb, mode_from_pb, nodes_to_pb, spec_from_pb,
@@ -362,6 +363,48 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 .call(|reply| Command::SetHealthConfig { config, reply })
                 .await?;
             Ok(Response::new(health_config_to_pb(config)))
+        })
+    }
+
+    async fn add_iso(
+        &self,
+        request: Request<tonic::Streaming<pb::AddIsoRequest>>,
+    ) -> Result<Response<pb::Iso>, Status> {
+        match self.target(&request).await? {
+            Target::Peer(mut peer) => {
+                // A broken upload ends the forwarded stream early: the serving controller
+                // then refuses it for its missing bytes or checksum.
+                let request = forwarded(request)
+                    .map(|parts| tokio_stream::StreamExt::map_while(parts, Result::ok));
+                peer.add_iso(request).await
+            }
+            Target::Local(engine) => Ok(Response::new(
+                isos::add(engine, request.into_inner()).await?,
+            )),
+        }
+    }
+
+    async fn list_isos(
+        &self,
+        request: Request<pb::ListIsosRequest>,
+    ) -> Result<Response<pb::ListIsosResponse>, Status> {
+        serve_or_forward!(self, request, list_isos, |engine, _message, _id| {
+            Ok(Response::new(isos::list(&engine.snapshot())))
+        })
+    }
+
+    async fn delete_iso(
+        &self,
+        request: Request<pb::DeleteIsoRequest>,
+    ) -> Result<Response<pb::DeleteIsoResponse>, Status> {
+        serve_or_forward!(self, request, delete_iso, |engine, message, _id| {
+            engine
+                .call(|reply| Command::IsoDelete {
+                    name: message.name,
+                    reply,
+                })
+                .await?;
+            Ok(Response::new(pb::DeleteIsoResponse {}))
         })
     }
 

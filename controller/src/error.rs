@@ -11,6 +11,20 @@ pub enum ApiError {
         /// The name.
         name: String,
     },
+    /// An ISO of that name is in the library already.
+    #[error(
+        "the ISO library has an ISO named {name} already; delete it first or choose another name"
+    )]
+    IsoExists {
+        /// The name.
+        name: String,
+    },
+    /// The library has no ISO of that name.
+    #[error("the ISO library has no ISO named {name}; `pvctl iso-list` lists them")]
+    IsoNotFound {
+        /// The name asked for.
+        name: String,
+    },
     /// The request conflicts with the VM's current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -68,7 +82,10 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let message = e.to_string();
         match e {
-            ApiError::AlreadyExists { .. } => Status::already_exists(message),
+            ApiError::AlreadyExists { .. } | ApiError::IsoExists { .. } => {
+                Status::already_exists(message)
+            }
+            ApiError::IsoNotFound { .. } => Status::not_found(message),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
             ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
             ApiError::Internal(_) => Status::internal(message),

@@ -14,6 +14,7 @@ pub mod events;
 pub mod ft;
 pub mod ha;
 pub mod health;
+pub mod isos;
 pub mod membership;
 pub mod model;
 pub mod placement;

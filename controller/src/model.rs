@@ -63,11 +63,43 @@ pub enum Boot {
         /// Image name.
         image: String,
     },
-    /// An ISO present at the same path on both nodes.
+    /// An ISO of the pair's ISO library, attached as a CD-ROM.
     Iso {
-        /// ISO path.
-        path: String,
+        /// The ISO's name in the library.
+        name: String,
+        /// The storage group that keeps it on each host (filled in when the VM is created).
+        #[serde(default)]
+        storage_group: String,
     },
+}
+
+/// An ISO of the pair's library, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoRecord {
+    /// Its name, unique in the library.
+    pub name: String,
+    /// The storage group that keeps it on each host.
+    pub storage_group: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Lowercase hex SHA-256, once every host verified its copy.
+    pub sha256: String,
+    /// Where it stands.
+    pub state: IsoState,
+    /// When the upload began.
+    pub created_unix_ms: i64,
+}
+
+/// Where an ISO of the library stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsoState {
+    /// Being uploaded: not usable yet; removed if the upload fails.
+    Uploading,
+    /// On every host, verified: VMs may boot from it.
+    Ready,
+    /// Being deleted from the hosts.
+    Deleting,
 }
 
 /// A disk a user asks for.

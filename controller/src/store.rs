@@ -12,6 +12,7 @@
 //!   written in the same transaction as its first change, expiring after minutes
 //! - `/pairvisor/alerts/<id>`  → [`Alert`]: an open alert (a path down, a host lost, a domain
 //!   running outside the API); deleted when cleared
+//! - `/pairvisor/isos/<name>`  → [`IsoRecord`]: an ISO of the library
 //! - `/pairvisor/config/health` → the host-health timeouts ([`crate::health::Config`])
 //! - `/pairvisor/serving/…`    → etcd election of the serving controller ([`ELECTION`])
 //! - `/pairvisor/leader`       → who serves, with its term (`daemon::pair::LeaderInfo`)
@@ -33,7 +34,7 @@ use daemon::pair::{self, StaleMark, encode};
 pub use daemon::pair::{LEADER, MEMBERS, NODES, PREFIX, member_key, node_key};
 
 use crate::health;
-use crate::model::{NodeRecord, VmRecord};
+use crate::model::{IsoRecord, NodeRecord, VmRecord};
 
 /// Prefix of VM records.
 pub const VMS: &str = "/pairvisor/vms/";
@@ -45,6 +46,8 @@ pub const CONTROLLERS: &str = "/pairvisor/controllers/";
 pub const REQUESTS: &str = "/pairvisor/requests/";
 /// Prefix of open alerts.
 pub const ALERTS: &str = "/pairvisor/alerts/";
+/// Prefix of the ISO library's records.
+pub const ISOS: &str = "/pairvisor/isos/";
 /// The host-health configuration.
 pub const HEALTH_CONFIG: &str = "/pairvisor/config/health";
 /// Name of the serving-controller election.
@@ -119,6 +122,11 @@ pub fn request_key(id: &str) -> String {
 /// Key of an alert.
 pub fn alert_key(id: &str) -> String {
     format!("{ALERTS}{id}")
+}
+
+/// Key of an ISO record.
+pub fn iso_key(name: &str) -> String {
+    format!("{ISOS}{name}")
 }
 
 /// A controller as it registers itself, bound to its lease: present while it lives.
@@ -235,6 +243,15 @@ pub async fn load_alerts(etcd: &Etcd) -> Result<Vec<Alert>, Error> {
         .await?
         .into_iter()
         .map(|s: Stored<Alert>| s.value)
+        .collect())
+}
+
+/// Every ISO of the library.
+pub async fn load_isos(etcd: &Etcd) -> Result<Vec<IsoRecord>, Error> {
+    Ok(load_prefix(etcd, ISOS)
+        .await?
+        .into_iter()
+        .map(|s: Stored<IsoRecord>| s.value)
         .collect())
 }
 
@@ -587,6 +604,50 @@ impl Writer {
     pub async fn clear_alert(&self, id: &str) -> Result<(), Error> {
         let key = alert_key(id);
         self.write("clearing an alert", || {
+            self.txn(vec![], vec![TxnOp::delete(key.clone(), None)], None)
+        })
+        .await
+    }
+
+    /// Stores a new ISO record; fails with [`Error::NameTaken`] if one of that name exists.
+    pub async fn create_iso(&self, iso: &IsoRecord) -> Result<(), Error> {
+        let key = iso_key(&iso.name);
+        let value = encode(iso);
+        let outcome = self
+            .commit("adding an ISO", || {
+                self.txn(
+                    vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                    vec![TxnOp::put(key.clone(), value.clone(), None)],
+                    None,
+                )
+            })
+            .await?;
+        self.resolve(outcome, &key, Some(&value))
+            .await?
+            .map(drop)
+            .ok_or_else(|| Error::NameTaken {
+                name: iso.name.clone(),
+            })
+    }
+
+    /// Replaces an ISO record (the engine is its only writer).
+    pub async fn put_iso(&self, iso: &IsoRecord) -> Result<(), Error> {
+        let key = iso_key(&iso.name);
+        let value = encode(iso);
+        self.write("updating an ISO", || {
+            self.txn(
+                vec![],
+                vec![TxnOp::put(key.clone(), value.clone(), None)],
+                None,
+            )
+        })
+        .await
+    }
+
+    /// Removes an ISO record.
+    pub async fn remove_iso(&self, name: &str) -> Result<(), Error> {
+        let key = iso_key(name);
+        self.write("removing an ISO", || {
             self.txn(vec![], vec![TxnOp::delete(key.clone(), None)], None)
         })
         .await

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use tonic::Status;
 
 use crate::fence;
+use crate::isos;
 use crate::libvirt;
 use crate::mirror;
 use crate::replica;
@@ -88,6 +89,17 @@ pub enum Error {
     /// A storage operation failed.
     #[error(transparent)]
     Storage(#[from] storage::Error),
+    /// A blocking worker of the request panicked or was cancelled.
+    #[error("{op}: its worker failed: {reason}")]
+    Worker {
+        /// What the worker did.
+        op: &'static str,
+        /// The join error.
+        reason: String,
+    },
+    /// An ISO library operation failed.
+    #[error(transparent)]
+    Iso(#[from] isos::Error),
     /// The spec names a network this host does not have.
     #[error("network {name} is not configured on this host (known: {known})")]
     UnknownNetwork {
@@ -142,11 +154,21 @@ impl From<Error> for Status {
                 | storage::Error::UnknownGroup { .. },
             ) => Status::invalid_argument(message),
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
+            Error::Iso(
+                isos::Error::Size { .. }
+                | isos::Error::Storage(
+                    storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
+                ),
+            ) => Status::invalid_argument(message),
+            Error::Iso(isos::Error::Missing { .. }) => Status::failed_precondition(message),
+            Error::Iso(isos::Error::NoSpace { .. }) => Status::resource_exhausted(message),
             Error::Standby { .. } => Status::failed_precondition(message),
             Error::Libvirt(_)
             | Error::Mirror(_)
             | Error::Replica(_)
             | Error::Storage(_)
+            | Error::Iso(_)
+            | Error::Worker { .. }
             | Error::Epoch(_)
             | Error::FtDir { .. }
             | Error::FtQmp(_)

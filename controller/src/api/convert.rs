@@ -81,11 +81,14 @@ pub(super) fn spec_from_pb(message: pb::CreateVmRequest) -> Result<VmSpec, ApiEr
         .collect::<Result<_, ApiError>>()?;
     let boot = match message.boot {
         Some(pb::create_vm_request::Boot::KernelImage(image)) => Boot::Kernel { image },
-        Some(pb::create_vm_request::Boot::IsoPath(path)) => Boot::Iso { path },
+        Some(pb::create_vm_request::Boot::Iso(name)) => Boot::Iso {
+            name,
+            storage_group: String::new(),
+        },
         None => {
             return Err(ApiError::invalid(
                 "boot",
-                "give a boot source: a kernel image (e.g. tiny) or an ISO path",
+                "give a boot source: a kernel image (e.g. tiny) or an ISO of the library",
             ));
         }
     };
@@ -137,7 +140,7 @@ pub(super) fn vm_to_pb(vm: &VmRecord, ft: Option<FtView>) -> pb::Vm {
             .collect(),
         boot: Some(match &vm.boot {
             Boot::Kernel { image } => pb::vm::Boot::KernelImage(image.clone()),
-            Boot::Iso { path } => pb::vm::Boot::IsoPath(path.clone()),
+            Boot::Iso { name, .. } => pb::vm::Boot::Iso(name.clone()),
         }),
         state: vm_state_to_pb(vm.state).into(),
         state_reason: vm.state_reason.clone(),

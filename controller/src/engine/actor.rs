@@ -13,11 +13,11 @@ use super::effects::{Batch, Done, Waiter};
 use super::fencing::{FenceDone, Fences};
 use super::observe::{self, DomainsPoll, HealthPoll};
 use super::view::{self, FtRuntime, NodeView, NodesView, Snapshot};
-use super::{Command, Context};
+use super::{Command, Context, Reply};
 use crate::error::{ApiError, chain};
 use crate::ft::FtPhase;
 use crate::health;
-use crate::model::{NodeRecord, VmRecord, VmState};
+use crate::model::{IsoRecord, NodeRecord, VmRecord, VmState};
 use crate::placement;
 use crate::store::{self, Alert, RequestRecord, Stored};
 use crate::vm::VmEvent;
@@ -56,6 +56,15 @@ pub(super) enum Internal {
         members: Vec<u64>,
         /// The reclaim's outcome.
         reclaimed: Result<(), String>,
+    },
+    /// An ISO's copies were deleted from the hosts (or some could not be).
+    IsoRemoved {
+        /// The ISO.
+        name: String,
+        /// The outcome.
+        result: Result<(), String>,
+        /// The caller waiting for it, if any.
+        reply: Option<Reply<()>>,
     },
 }
 
@@ -108,6 +117,8 @@ pub(super) struct Engine {
     pub ft_phases: BTreeMap<String, Option<FtPhase>>,
     pub health_config: health::Config,
     pub alerts: BTreeMap<String, Alert>,
+    /// The ISO library, by name.
+    pub isos: BTreeMap<String, IsoRecord>,
     /// Applied requests by ID, with when they were learned (forgotten after their lease).
     pub requests: HashMap<String, (RequestRecord, Instant)>,
     /// VMs removed lately: a domain report taken before a removal is not an unknown domain.
@@ -140,6 +151,7 @@ impl Engine {
         let vms = store::load_vms(client).await.map_err(store_error)?;
         let members = store::load_members(client).await.map_err(store_error)?;
         let alerts = store::load_alerts(client).await.map_err(store_error)?;
+        let isos = store::load_isos(client).await.map_err(store_error)?;
         let requests = store::load_requests(client).await.map_err(store_error)?;
         let health_config = store::load_health_config(client)
             .await
@@ -166,6 +178,7 @@ impl Engine {
             ft_phases: BTreeMap::new(),
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
+            isos: isos.into_iter().map(|i| (i.name.clone(), i)).collect(),
             requests: requests
                 .into_iter()
                 .map(|(id, record)| (id, (record, Instant::now())))
@@ -256,6 +269,7 @@ impl Engine {
                 tracing::warn!(vm = %uuid, node = %self.ctx.node, error = %e, "takeover of VM failed");
             }
         }
+        self.resume_isos().await;
         tracing::info!(node = %self.ctx.node, vms = uuids.len(), "takeover end: ok");
     }
 
@@ -293,6 +307,17 @@ impl Engine {
                 let result = self.modify(&vm, change, request).await;
                 let _ = reply.send(result);
             }
+            Command::IsoBegin { header, reply } => {
+                let _ = reply.send(self.iso_begin(header).await);
+            }
+            Command::IsoFinish {
+                name,
+                outcome,
+                reply,
+            } => {
+                let _ = reply.send(self.iso_finish(&name, outcome).await);
+            }
+            Command::IsoDelete { name, reply } => self.iso_delete(&name, reply).await,
             Command::SetHealthConfig { config, reply } => {
                 let result = self.set_health_config(config).await;
                 let _ = reply.send(result);
@@ -312,6 +337,11 @@ impl Engine {
                 self.apply_health(poll).await;
             }
             Internal::Fence(done) => self.fence_done(done).await,
+            Internal::IsoRemoved {
+                name,
+                result,
+                reply,
+            } => self.iso_removed(name, result, reply).await,
             Internal::SpaceAlarm { members, reclaimed } => {
                 self.checking_alarms = false;
                 if !members.is_empty() {
@@ -504,6 +534,7 @@ impl Engine {
             ft: self.ft.clone(),
             nodes: self.nodes_view(),
             alerts: self.alerts.clone(),
+            isos: self.isos.clone(),
             health_config: self.health_config,
         };
         self.snapshot.send_replace(Arc::new(snapshot));

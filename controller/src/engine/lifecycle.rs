@@ -96,7 +96,8 @@ impl Engine {
     }
 
     /// Validates `spec`, checks capacity and chooses a node: the new VM's record.
-    fn admit(&self, spec: VmSpec) -> Result<VmRecord, ApiError> {
+    fn admit(&self, mut spec: VmSpec) -> Result<VmRecord, ApiError> {
+        crate::isos::resolve_boot(&mut spec.boot, &self.isos)?;
         let inventory = self.inventory()?;
         validate::spec(&spec, &inventory)?;
         if self.vms.values().any(|e| e.record.name == spec.name) {
@@ -124,7 +125,7 @@ impl Engine {
     }
 
     /// The nodes of `inventory` where a VM can go now: registered, healthy, agent answering.
-    fn usable(&self, inventory: &Inventory) -> Inventory {
+    pub(super) fn usable(&self, inventory: &Inventory) -> Inventory {
         Inventory {
             nodes: inventory
                 .nodes

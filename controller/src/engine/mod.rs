@@ -15,6 +15,7 @@
 //! - `observe`: what agents and etcd report (domains, heartbeats, registrations) → host
 //!   health, VM events, alerts (reconciliation);
 //! - `fencing`: a lost host powered off through its BMC, and the gate HA failovers wait at;
+//! - `isos`: the ISO library's records (uploads admitted and ended, deletions);
 //! - `ft`: FT VMs' figures from their primaries' reports, and their phase changes logged;
 //! - `view`: the snapshot that reads are answered from.
 
@@ -22,6 +23,7 @@ mod actor;
 mod effects;
 mod fencing;
 mod ft;
+mod isos;
 mod lifecycle;
 mod observe;
 mod protect;
@@ -41,6 +43,7 @@ use crate::model::{Mode, VmRecord, VmSpec};
 use crate::placement::Policy;
 use crate::store::{Etcd, Writer};
 
+pub use isos::IsoUpload;
 pub use view::{FtRuntime, FtView, NodeView, NodesView, PathView, Snapshot};
 
 /// Commands queued before API callers wait.
@@ -100,6 +103,29 @@ pub enum Command {
         request: Option<String>,
         /// Reply.
         reply: Reply<VmRecord>,
+    },
+    /// Admit an ISO upload; replies with what the upload needs.
+    IsoBegin {
+        /// What the upload announced.
+        header: crate::isos::Header,
+        /// Reply.
+        reply: Reply<IsoUpload>,
+    },
+    /// End an ISO upload: its verified SHA-256, or why it failed (its copies are removed).
+    IsoFinish {
+        /// The ISO.
+        name: String,
+        /// The outcome.
+        outcome: Result<String, String>,
+        /// Reply: the record as it stands now.
+        reply: Reply<crate::model::IsoRecord>,
+    },
+    /// Delete an ISO no VM uses from every host.
+    IsoDelete {
+        /// The ISO.
+        name: String,
+        /// Reply.
+        reply: Reply<()>,
     },
     /// Change the host-health timeouts.
     SetHealthConfig {

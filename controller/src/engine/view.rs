@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub nodes: NodesView,
     /// Open alerts by ID.
     pub alerts: BTreeMap<String, Alert>,
+    /// The ISO library by name.
+    pub isos: BTreeMap<String, crate::model::IsoRecord>,
     /// The host-health timeouts.
     pub health_config: health::Config,
 }

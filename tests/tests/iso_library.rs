@@ -1,0 +1,222 @@
+//! End to end in the lab: the ISO library. An ISO uploaded with `pvctl iso-add` lands on both
+//! hosts intact, a VM created from it boots from the CD (GRUB shows on its serial console),
+//! a host path is refused, a broken upload leaves nothing, and an ISO in use cannot go.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab};
+
+/// The Debian `grub-rescue-pc` package's ISO (`scripts/install-deps.sh` installs it).
+const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
+/// Time for a failed upload's copies and record to be removed.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "pvctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn refused(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "pvctl succeeded where it must fail: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))
+}
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The ISO directory of storage group sg0 on `node`.
+fn iso_dir(lab: &Lab, node: &str) -> PathBuf {
+    lab.volume_path(node, "x").with_file_name(".isos")
+}
+
+/// Every file in `node`'s ISO directory, sorted.
+fn iso_files(lab: &Lab, node: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(iso_dir(lab, node))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn library(lab: &Lab) -> Vec<String> {
+    json(&lab.pvctl(&["--json", "iso-list"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Uploads `data` as `name` through the API, announcing `size_bytes` and `sha256`.
+async fn upload(
+    api: &mut pb::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
+    name: &str,
+    size_bytes: u64,
+    data: Vec<u8>,
+    sha256: &str,
+) -> tonic::Status {
+    let parts = vec![
+        pb::AddIsoRequest {
+            part: Some(pb::add_iso_request::Part::Header(pb::IsoHeader {
+                name: name.into(),
+                storage_group: String::new(),
+                size_bytes,
+            })),
+        },
+        pb::AddIsoRequest {
+            part: Some(pb::add_iso_request::Part::Data(data)),
+        },
+        pb::AddIsoRequest {
+            part: Some(pb::add_iso_request::Part::Sha256(sha256.into())),
+        },
+    ];
+    api.add_iso(tokio_stream::iter(parts))
+        .await
+        .expect_err("the broken upload was accepted")
+}
+
+/// Waits until `name` is gone from the library and from both hosts' ISO directories.
+fn wait_gone(lab: &Lab, name: &str) {
+    let deadline = Instant::now() + CLEANUP_TIMEOUT;
+    loop {
+        let listed = library(lab).contains(&name.to_string());
+        let files: Vec<String> = ["n0", "n1"]
+            .iter()
+            .flat_map(|n| iso_files(lab, n))
+            .collect();
+        let left = files.iter().any(|f| f.contains(name));
+        if !listed && !left {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} still there after {CLEANUP_TIMEOUT:?}: listed {listed}, files {files:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
+    if tests::skip() {
+        return;
+    }
+    let iso = Path::new(RESCUE_ISO);
+    assert!(
+        iso.is_file(),
+        "{RESCUE_ISO} is missing: install the grub-rescue-pc package (scripts/install-deps.sh)"
+    );
+    let lab = Lab::up("pvtv", 240);
+
+    // Upload: both hosts hold a byte-identical copy; the checksum is the file's.
+    let added = json(&lab.pvctl(&["--json", "iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
+    let sha = sha256sum(iso);
+    assert_eq!(added["sha256"], sha.as_str());
+    assert_eq!(added["state"], "ready");
+    for node in ["n0", "n1"] {
+        assert_eq!(iso_files(&lab, node), ["rescue.iso"], "on {node}");
+        assert_eq!(sha256sum(&iso_dir(&lab, node).join("rescue.iso")), sha);
+    }
+    let err = refused(&lab.pvctl(&["iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
+    assert!(err.contains("has an ISO named rescue.iso already"), "{err}");
+
+    // Broken uploads are refused and leave nothing, on either host or in the library.
+    let mut api = lab.client().await;
+    let bytes = std::fs::read(iso).unwrap();
+    let half = bytes[..bytes.len() / 2].to_vec();
+    let wrong = upload(&mut api, "bad.iso", half.len() as u64, half.clone(), &sha).await;
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument, "{wrong}");
+    assert!(wrong.message().contains("checksum mismatch"), "{wrong}");
+    wait_gone(&lab, "bad.iso");
+    let short = upload(&mut api, "short.iso", bytes.len() as u64, half, &sha).await;
+    assert!(short.message().contains("ended after"), "{short}");
+    wait_gone(&lab, "short.iso");
+
+    // A host path is refused: a guest is never given an arbitrary host file.
+    let path = refused(&lab.pvctl(&[
+        "vm-create",
+        "pathvm",
+        "--mode",
+        "unprotected",
+        "--disk",
+        "16M",
+        "--iso",
+        RESCUE_ISO,
+    ]));
+    assert!(path.contains("is a path"), "{path}");
+    let unknown = refused(&lab.pvctl(&[
+        "vm-create",
+        "nonevm",
+        "--mode",
+        "unprotected",
+        "--disk",
+        "16M",
+        "--iso",
+        "none.iso",
+    ]));
+    assert!(unknown.contains("no ISO named none.iso"), "{unknown}");
+
+    // A VM created from the library boots from the CD: GRUB's menu shows on its console.
+    let created = json(&lab.pvctl(&[
+        "--json",
+        "vm-create",
+        "cdvm",
+        "--mode",
+        "ha",
+        "--disk",
+        "16M",
+        "--iso",
+        "rescue.iso",
+    ]));
+    assert_eq!(created["boot"]["iso"], "rescue.iso");
+    let vm = api
+        .get_vm(pb::GetVmRequest { vm: "cdvm".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let console = Console::from_start(&lab, &vm);
+    ok(&lab.pvctl(&["vm-start", "cdvm"]));
+    console.wait_line("the CD's GRUB", GUEST_BOOT_TIMEOUT, |l| {
+        l.contains("GNU GRUB")
+    });
+    let listed = json(&lab.pvctl(&["--json", "iso-list"]));
+    assert_eq!(listed[0]["used_by"][0], "cdvm");
+
+    // In use: the ISO stays. Once the VM is gone it can be deleted from both hosts.
+    let busy = refused(&lab.pvctl(&["iso-delete", "rescue.iso"]));
+    assert!(busy.contains("in use by VM cdvm"), "{busy}");
+    assert_eq!(iso_files(&lab, "n0"), ["rescue.iso"]);
+    ok(&lab.pvctl(&["vm-poweroff", "cdvm"]));
+    ok(&lab.pvctl(&["vm-delete", "cdvm"]));
+    ok(&lab.pvctl(&["iso-delete", "rescue.iso"]));
+    assert!(library(&lab).is_empty());
+    for node in ["n0", "n1"] {
+        assert!(iso_files(&lab, node).is_empty(), "on {node}");
+    }
+}
