@@ -30,6 +30,7 @@ mod error;
 mod ft;
 mod isos;
 mod mirrors;
+mod snapshots;
 
 pub use error::Error;
 
@@ -290,7 +291,7 @@ impl Inner {
     }
 
     /// Checks a replica request's volumes: some, raw, in known groups, with plain names.
-    fn check_replica_volumes(&self, volumes: &[pb::ReplicaVolume]) -> Result<(), Error> {
+    fn check_replica_volumes(&self, volumes: &[pb::VolumeRef]) -> Result<(), Error> {
         if volumes.is_empty() {
             return Err(invalid("the request names no volumes"));
         }
@@ -309,7 +310,7 @@ impl Inner {
     /// Creates the replica volumes that are missing; answers each one's export name and file.
     async fn create_replica_volumes(
         &self,
-        volumes: &[pb::ReplicaVolume],
+        volumes: &[pb::VolumeRef],
     ) -> Result<Vec<(String, PathBuf)>, Error> {
         let mut created = Vec::with_capacity(volumes.len());
         for v in volumes {
@@ -583,6 +584,31 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::DeleteIsoResponse>, Status> {
         self.inner.delete_iso(request.into_inner())?;
         Ok(Response::new(pb::DeleteIsoResponse {}))
+    }
+
+    async fn take_snapshot(
+        &self,
+        request: Request<pb::TakeSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotTaken>, Status> {
+        Ok(Response::new(
+            self.inner.take_snapshot(request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::SnapshotCommand>,
+    ) -> Result<Response<pb::SnapshotDone>, Status> {
+        self.inner.delete_snapshot(request.into_inner()).await?;
+        Ok(Response::new(pb::SnapshotDone {}))
+    }
+
+    async fn restore_snapshot(
+        &self,
+        request: Request<pb::SnapshotCommand>,
+    ) -> Result<Response<pb::SnapshotDone>, Status> {
+        self.inner.restore_snapshot(request.into_inner()).await?;
+        Ok(Response::new(pb::SnapshotDone {}))
     }
 
     async fn get_peer_health(

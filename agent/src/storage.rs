@@ -186,9 +186,19 @@ impl StorageGroups {
         Ok(volume)
     }
 
-    /// Deletes a volume; a missing one is not an error.
+    /// Deletes a volume and its snapshot chain; a missing one is not an error.
     pub fn delete(&self, group: &str, name: &str) -> Result<(), Error> {
         let path = self.volume_path(group, name)?;
+        let snapshots = self
+            .group_dir(group)?
+            .join(crate::snapshot::chain::DIR)
+            .join(name);
+        match fs::remove_dir_all(&snapshots) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("deleting the snapshots of volume", &snapshots)(e));
+            }
+            _ => {}
+        }
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(io_err("deleting volume", &path)(e))

@@ -5,6 +5,7 @@ mod client;
 mod isos;
 mod lab;
 mod output;
+mod snapshots;
 mod units;
 
 use std::io::Write;
@@ -71,6 +72,8 @@ enum Cmd {
 /// Commands on the pair's public API.
 #[derive(Debug, Subcommand)]
 enum ApiCmd {
+    #[command(flatten)]
+    Snapshot(snapshots::SnapshotCmd),
     /// Show the nodes: which one serves, each host's health and heartbeat paths, capacity left.
     NodeInfo,
     /// Show the open alerts (a heartbeat path down, a host lost, a domain outside the API).
@@ -341,6 +344,7 @@ async fn run_api(
     // and is retried within it (same request ID) while the pair elects or loses an etcd member.
     let api = client::Api::new(endpoint, timeout);
     match command {
+        ApiCmd::Snapshot(command) => snapshots::run(command, &api, json).await?,
         ApiCmd::NodeInfo => {
             let nodes = api
                 .call(pb::ListNodesRequest {}, |mut c, r| async move {

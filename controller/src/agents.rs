@@ -28,6 +28,8 @@ pub const ACPI_TIMEOUT: Duration = Duration::from_secs(5);
 /// died, which delays every decision on a host that went silent (an FT takeover among them);
 /// a live agent answers from memory within milliseconds.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(150);
+/// A snapshot's copy, deletion or restore: bounded by the disks' size, not by a round trip.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 
 pub use daemon::fence::Token;
 
@@ -234,6 +236,66 @@ impl Agent {
             .await
             .map(tonic::Response::into_inner)
             .map_err(self.failed("uploading an ISO"))
+    }
+
+    /// Takes snapshot `id` of `vm`'s volumes on top of `parent`.
+    pub async fn take_snapshot(
+        &self,
+        vm: &VmRecord,
+        id: &str,
+        parent: Option<&str>,
+        token: Token,
+    ) -> Result<pb::SnapshotTaken, Error> {
+        let message = pb::TakeSnapshotRequest {
+            vm_uuid: vm.uuid.clone(),
+            id: id.to_string(),
+            parent: parent.unwrap_or_default().to_string(),
+            volumes: replica_volumes(vm),
+            fence: fence(token),
+        };
+        self.call(
+            "taking a snapshot",
+            SNAPSHOT_TIMEOUT,
+            message,
+            |mut c, r| async move { c.take_snapshot(r).await },
+        )
+        .await
+    }
+
+    /// Deletes snapshot `id` of `vm`'s volumes (idempotent).
+    pub async fn delete_snapshot(
+        &self,
+        vm: &VmRecord,
+        id: &str,
+        token: Token,
+    ) -> Result<(), Error> {
+        let message = snapshot_command(vm, id, token);
+        self.call(
+            "deleting a snapshot",
+            SNAPSHOT_TIMEOUT,
+            message,
+            |mut c, r| async move { c.delete_snapshot(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Writes snapshot `id` over the volumes of stopped VM `vm`.
+    pub async fn restore_snapshot(
+        &self,
+        vm: &VmRecord,
+        id: &str,
+        token: Token,
+    ) -> Result<(), Error> {
+        let message = snapshot_command(vm, id, token);
+        self.call(
+            "restoring a snapshot",
+            SNAPSHOT_TIMEOUT,
+            message,
+            |mut c, r| async move { c.restore_snapshot(r).await },
+        )
+        .await
+        .map(drop)
     }
 
     /// Deletes an ISO from the host's library (idempotent).
@@ -468,17 +530,26 @@ fn volume_format(format: DiskFormat) -> pb::VolumeFormat {
     }
 }
 
-/// The volumes of `vm` as the replica calls name them, in disk order.
-fn replica_volumes(vm: &VmRecord) -> Vec<pb::ReplicaVolume> {
+/// The volumes of `vm` as the replica and snapshot calls name them, in disk order.
+fn replica_volumes(vm: &VmRecord) -> Vec<pb::VolumeRef> {
     vm.disks
         .iter()
-        .map(|d| pb::ReplicaVolume {
+        .map(|d| pb::VolumeRef {
             storage_group: d.storage_group.clone(),
             volume: d.volume.clone(),
             format: volume_format(d.format).into(),
             size_bytes: d.size_bytes,
         })
         .collect()
+}
+
+fn snapshot_command(vm: &VmRecord, id: &str, token: Token) -> pb::SnapshotCommand {
+    pb::SnapshotCommand {
+        vm_uuid: vm.uuid.clone(),
+        id: id.to_string(),
+        volumes: replica_volumes(vm),
+        fence: fence(token),
+    }
 }
 
 /// The agent's VM spec for a VM record.

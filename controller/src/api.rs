@@ -32,6 +32,7 @@ use daemon::pair::LeaderInfo;
 
 mod convert;
 mod isos;
+mod snapshots;
 
 use convert::{
     alert_to_pb, grace_from_pb, health_config_to_pb, mode_from_pb, nodes_to_pb, spec_from_pb,
@@ -363,6 +364,77 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 .call(|reply| Command::SetHealthConfig { config, reply })
                 .await?;
             Ok(Response::new(health_config_to_pb(config)))
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        serve_or_forward!(self, request, create_snapshot, |engine, message, _id| {
+            let consistency = snapshots::ask_from_pb(message.consistency());
+            let vm = message.vm;
+            let (snapshot, warnings) = engine
+                .call(|reply| Command::SnapshotCreate {
+                    consistency,
+                    vm: vm.clone(),
+                    description: message.description,
+                    reply,
+                })
+                .await?;
+            let name = engine.snapshot().vm(&vm).map_or(vm, |v| v.name);
+            Ok(Response::new(pb::CreateSnapshotResponse {
+                snapshot: Some(snapshots::to_pb(&name, &snapshot)),
+                warnings,
+            }))
+        })
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        serve_or_forward!(self, request, list_snapshots, |engine, message, _id| {
+            let vm = engine.snapshot().vm(&message.vm)?;
+            Ok(Response::new(pb::ListSnapshotsResponse {
+                snapshots: vm
+                    .snapshots
+                    .iter()
+                    .map(|s| snapshots::to_pb(&vm.name, s))
+                    .collect(),
+            }))
+        })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        serve_or_forward!(self, request, delete_snapshot, |engine, message, _id| {
+            engine
+                .call(|reply| Command::SnapshotDelete {
+                    vm: message.vm,
+                    id: message.id,
+                    reply,
+                })
+                .await?;
+            Ok(Response::new(pb::DeleteSnapshotResponse {}))
+        })
+    }
+
+    async fn restore_snapshot(
+        &self,
+        request: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        serve_or_forward!(self, request, restore_snapshot, |engine, message, _id| {
+            let vm = engine
+                .call(|reply| Command::SnapshotRestore {
+                    vm: message.vm,
+                    id: message.id,
+                    reply,
+                })
+                .await?;
+            Ok(vm_reply(&engine, &vm))
         })
     }
 

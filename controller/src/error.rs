@@ -25,6 +25,14 @@ pub enum ApiError {
         /// The name asked for.
         name: String,
     },
+    /// The VM has no snapshot with that ID.
+    #[error("VM {vm} has no snapshot {id}; `pvctl vm-snapshot-list {vm}` lists them")]
+    SnapshotNotFound {
+        /// The VM.
+        vm: String,
+        /// The ID asked for.
+        id: String,
+    },
     /// The request conflicts with the VM's current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -85,7 +93,9 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists { .. } | ApiError::IsoExists { .. } => {
                 Status::already_exists(message)
             }
-            ApiError::IsoNotFound { .. } => Status::not_found(message),
+            ApiError::IsoNotFound { .. } | ApiError::SnapshotNotFound { .. } => {
+                Status::not_found(message)
+            }
             ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
             ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
             ApiError::Internal(_) => Status::internal(message),

@@ -21,6 +21,7 @@ pub mod placement;
 pub mod serving;
 #[cfg(test)]
 mod sim;
+pub mod snapshots;
 pub mod store;
 pub mod validate;
 pub mod vm;

@@ -259,6 +259,61 @@ pub struct VmRecord {
     /// HA: which hosts hold a current copy of the disks, the mirror, the last failover.
     #[serde(default)]
     pub protection: crate::ha::Protection,
+    /// Its snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<Snapshot>,
+    /// The number the next snapshot's ID gets (IDs are never reused).
+    #[serde(default)]
+    pub next_snapshot: u64,
+}
+
+/// A snapshot of a VM's disks, kept on the host named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its ID, unique for the VM: "1", "2", ...
+    pub id: String,
+    /// The admin's words.
+    #[serde(default)]
+    pub description: String,
+    /// When it was asked for.
+    pub created_unix_ms: i64,
+    /// How consistent its data is.
+    pub consistency: Consistency,
+    /// The host that holds its files.
+    pub node: String,
+    /// Bytes its files take.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Whether it holds only the changes since the snapshot before it.
+    #[serde(default)]
+    pub incremental: bool,
+    /// How long the guest's disk I/O was held for it, in microseconds.
+    #[serde(default)]
+    pub freeze_us: u64,
+    /// Where it stands.
+    pub state: SnapshotState,
+}
+
+/// How consistent a snapshot's data is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The disks as a power cut would leave them.
+    Crash,
+    /// The guest's file systems frozen by its guest agent first.
+    Application,
+}
+
+/// Where a snapshot stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    /// Being taken.
+    Creating,
+    /// Taken: it can be restored.
+    Ready,
+    /// Being deleted.
+    Deleting,
 }
 
 #[cfg(test)]

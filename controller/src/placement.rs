@@ -306,6 +306,8 @@ pub(crate) mod tests {
             created_unix_ms: 0,
             updated_unix_ms: 0,
             protection: crate::ha::Protection::default(),
+            snapshots: Vec::new(),
+            next_snapshot: 1,
         }
     }
 

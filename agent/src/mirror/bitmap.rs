@@ -105,7 +105,7 @@ pub(super) fn add_tracking(m: &Monitor<'_>, disks: &[(String, String)]) -> Resul
         .iter()
         .map(|(device, node)| add_action(device, node))
         .collect();
-    qmp::transaction(m, &actions)
+    qmp::transaction(m, &actions).map_err(Error::from)
 }
 
 /// The transaction action adding `device`'s resync bitmap on block node `node`.
@@ -160,13 +160,17 @@ fn still_in_sync(m: &Monitor<'_>, who: Who<'_>, device: &str, node: &str) -> Res
 pub(super) fn add_marker(m: &Monitor<'_>, node: &str, device: &str) -> Result<(), Error> {
     let arguments = json!({"node": node, "name": marker_name(device),
         "granularity": MARKER_GRANULARITY, "persistent": false, "disabled": true});
-    qmp::execute::<serde::de::IgnoredAny>(m, "block-dirty-bitmap-add", &arguments).map(drop)
+    qmp::execute::<serde::de::IgnoredAny>(m, "block-dirty-bitmap-add", &arguments)
+        .map(drop)
+        .map_err(Error::from)
 }
 
 /// Removes bitmap `name` from block node `node`.
 pub(super) fn remove(m: &Monitor<'_>, node: &str, name: &str) -> Result<(), Error> {
     let arguments = json!({"node": node, "name": name});
-    qmp::execute::<serde::de::IgnoredAny>(m, "block-dirty-bitmap-remove", &arguments).map(drop)
+    qmp::execute::<serde::de::IgnoredAny>(m, "block-dirty-bitmap-remove", &arguments)
+        .map(drop)
+        .map_err(Error::from)
 }
 
 /// Removes whichever of `names` exist on `nodes`.

@@ -47,7 +47,6 @@
 mod bitmap;
 mod nbd_client;
 mod pivot;
-mod qmp;
 mod registry;
 mod resync;
 mod verify;
@@ -65,6 +64,7 @@ use self::qmp::{
 pub use self::registry::{Resync, ResyncMode, Verify};
 use crate::domain::{self, DiskFormat};
 use crate::libvirt::{self, Libvirt, Monitor};
+use crate::qmp_block as qmp;
 
 /// Prefix of the mirror jobs' IDs; the guest device follows.
 const JOB_PREFIX: &str = "pv-mirror-";
@@ -182,6 +182,32 @@ pub enum Error {
         /// QEMU's error text.
         error: String,
     },
+}
+
+impl From<qmp::Error> for Error {
+    fn from(e: qmp::Error) -> Error {
+        match e {
+            qmp::Error::Libvirt(e) => Error::Libvirt(e),
+            qmp::Error::Refused {
+                command,
+                class,
+                desc,
+            } => Error::Refused {
+                command,
+                class,
+                desc,
+            },
+            qmp::Error::BadReply {
+                command,
+                reply,
+                source,
+            } => Error::BadReply {
+                command,
+                reply,
+                source,
+            },
+        }
+    }
 }
 
 /// Whose mirrors an operation acts on, for logs.
@@ -484,7 +510,9 @@ fn rebuild(
 fn start_full(m: &Monitor<'_>, device: &str, source: &str, target: &str) -> Result<(), Error> {
     let mirror = json!({"job-id": format!("{JOB_PREFIX}{device}"), "device": source,
         "target": target, "sync": "full", "copy-mode": "write-blocking", "auto-dismiss": false});
-    execute::<IgnoredAny>(m, "blockdev-mirror", &mirror).map(drop)
+    execute::<IgnoredAny>(m, "blockdev-mirror", &mirror)
+        .map(drop)
+        .map_err(Error::from)
 }
 
 /// Whether `job` still works towards (or keeps) the disk's mirror: a mirror job that has not
@@ -516,12 +544,12 @@ fn add_target(m: &Monitor<'_>, disk: &MirrorDisk, socket: &Path) -> Result<Strin
     let add = json!({"driver": "nbd", "node-name": nbd, "export": disk.export,
         "server": {"type": "unix", "path": socket.to_string_lossy()}});
     execute::<IgnoredAny>(m, "blockdev-add", &add).map_err(|e| match e {
-        Error::Refused { desc, .. } => Error::PeerUnreachable {
+        qmp::Error::Refused { desc, .. } => Error::PeerUnreachable {
             export: disk.export.clone(),
             socket: socket.to_path_buf(),
             desc,
         },
-        other => other,
+        other => Error::from(other),
     })?;
     if disk.format == DiskFormat::Raw {
         return Ok(nbd);
@@ -531,7 +559,7 @@ fn add_target(m: &Monitor<'_>, disk: &MirrorDisk, socket: &Path) -> Result<Strin
     if let Err(e) = execute::<IgnoredAny>(m, "blockdev-add", &add) {
         // Best effort: the refusal is what the caller needs to see.
         let _ = execute::<IgnoredAny>(m, "blockdev-del", &json!({"node-name": nbd}));
-        return Err(e);
+        return Err(e.into());
     }
     Ok(qcow2)
 }
@@ -627,7 +655,7 @@ fn resync_pending(jobs: &[BlockJob], nodes: &[NamedNode]) -> bool {
 }
 
 /// The node on top of the disk of guest device `device`: the one its virtio device uses.
-fn source_node(blocks: &[BlockInfo], device: &str) -> Option<String> {
+pub(crate) fn source_node(blocks: &[BlockInfo], device: &str) -> Option<String> {
     block_of(blocks, device)
         .and_then(|b| b.inserted.as_ref())
         .map(|i| i.node_name.clone())

@@ -392,11 +392,15 @@ fn log_ends(who: Who<'_>, outcomes: &[Outcome]) {
 fn start_backup(m: &Monitor<'_>, device: &str, source: &str, target: &str) -> Result<(), Error> {
     let job_id = format!("{BACKUP_PREFIX}{device}");
     let arguments = bitmap::backup_arguments(&job_id, device, source, target);
-    qmp::execute::<IgnoredAny>(m, "blockdev-backup", &arguments).map(drop)
+    qmp::execute::<IgnoredAny>(m, "blockdev-backup", &arguments)
+        .map(drop)
+        .map_err(Error::from)
 }
 
 fn dismiss(m: &Monitor<'_>, job_id: &str) -> Result<(), Error> {
-    qmp::execute::<IgnoredAny>(m, "job-dismiss", &json!({ "id": job_id })).map(drop)
+    qmp::execute::<IgnoredAny>(m, "job-dismiss", &json!({ "id": job_id }))
+        .map(drop)
+        .map_err(Error::from)
 }
 
 /// The guest device of a backup job.

@@ -214,7 +214,9 @@ async fn differs(libvirt: &Libvirt, who: Who<'_>, device: &str, offset: u64) {
             let names = [resync_name(&owned), marker_name(&owned)];
             bitmap::remove_all(m, &qmp::query_nodes(m)?, &names)?;
             let job = format!("{JOB_PREFIX}{owned}");
-            qmp::execute::<IgnoredAny>(m, "block-job-cancel", &json!({ "device": job })).map(drop)
+            qmp::execute::<IgnoredAny>(m, "block-job-cancel", &json!({ "device": job }))
+                .map(drop)
+                .map_err(super::Error::from)
         })
         .await;
     if let Err(e) = dropped {

@@ -9,6 +9,7 @@ use crate::isos;
 use crate::libvirt;
 use crate::mirror;
 use crate::replica;
+use crate::snapshot;
 use crate::storage;
 
 /// Errors of agent requests; each maps to one gRPC status.
@@ -97,6 +98,9 @@ pub enum Error {
         /// The join error.
         reason: String,
     },
+    /// A snapshot operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     /// An ISO library operation failed.
     #[error(transparent)]
     Iso(#[from] isos::Error),
@@ -161,6 +165,16 @@ impl From<Error> for Status {
                 ),
             ) => Status::invalid_argument(message),
             Error::Iso(isos::Error::Missing { .. }) => Status::failed_precondition(message),
+            Error::Snapshot(
+                snapshot::Error::Missing { .. }
+                | snapshot::Error::Running { .. }
+                | snapshot::Error::DiskUnknown { .. }
+                | snapshot::Error::Libvirt(libvirt::Error::DomainNotRunning { .. }),
+            ) => Status::failed_precondition(message),
+            Error::Snapshot(snapshot::Error::NoSpace { .. }) => Status::resource_exhausted(message),
+            Error::Snapshot(snapshot::Error::Storage(
+                storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
+            )) => Status::invalid_argument(message),
             Error::Iso(isos::Error::NoSpace { .. }) => Status::resource_exhausted(message),
             Error::Standby { .. } => Status::failed_precondition(message),
             Error::Libvirt(_)
@@ -168,6 +182,7 @@ impl From<Error> for Status {
             | Error::Replica(_)
             | Error::Storage(_)
             | Error::Iso(_)
+            | Error::Snapshot(_)
             | Error::Worker { .. }
             | Error::Epoch(_)
             | Error::FtDir { .. }

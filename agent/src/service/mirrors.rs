@@ -173,7 +173,7 @@ impl Inner {
 }
 
 /// The disks a mirror request names: volume i is disk i's replica, exported under its name.
-fn mirror_disks(volumes: &[pb::ReplicaVolume]) -> Result<Vec<MirrorDisk>, Error> {
+fn mirror_disks(volumes: &[pb::VolumeRef]) -> Result<Vec<MirrorDisk>, Error> {
     if volumes.is_empty() {
         return Err(invalid("the request names no volumes"));
     }
@@ -219,8 +219,8 @@ fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {
 mod tests {
     use super::*;
 
-    fn volume(name: &str) -> pb::ReplicaVolume {
-        pb::ReplicaVolume {
+    fn volume(name: &str) -> pb::VolumeRef {
+        pb::VolumeRef {
             storage_group: "sg0".into(),
             volume: name.into(),
             format: pb::VolumeFormat::Raw.into(),

@@ -57,6 +57,8 @@ pub(super) enum Internal {
         /// The reclaim's outcome.
         reclaimed: Result<(), String>,
     },
+    /// An agent answered a snapshot operation.
+    Snapshot(super::snapshots::SnapshotDone),
     /// An ISO's copies were deleted from the hosts (or some could not be).
     IsoRemoved {
         /// The ISO.
@@ -119,6 +121,8 @@ pub(super) struct Engine {
     pub alerts: BTreeMap<String, Alert>,
     /// The ISO library, by name.
     pub isos: BTreeMap<String, IsoRecord>,
+    /// VMs with a snapshot operation running, by UUID.
+    pub snapshotting: BTreeSet<String>,
     /// Applied requests by ID, with when they were learned (forgotten after their lease).
     pub requests: HashMap<String, (RequestRecord, Instant)>,
     /// VMs removed lately: a domain report taken before a removal is not an unknown domain.
@@ -179,6 +183,7 @@ impl Engine {
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
             isos: isos.into_iter().map(|i| (i.name.clone(), i)).collect(),
+            snapshotting: BTreeSet::new(),
             requests: requests
                 .into_iter()
                 .map(|(id, record)| (id, (record, Instant::now())))
@@ -270,6 +275,7 @@ impl Engine {
             }
         }
         self.resume_isos().await;
+        self.resume_snapshots().await;
         tracing::info!(node = %self.ctx.node, vms = uuids.len(), "takeover end: ok");
     }
 
@@ -318,6 +324,21 @@ impl Engine {
                 let _ = reply.send(self.iso_finish(&name, outcome).await);
             }
             Command::IsoDelete { name, reply } => self.iso_delete(&name, reply).await,
+            Command::SnapshotCreate {
+                vm,
+                description,
+                consistency,
+                reply,
+            } => {
+                self.snapshot_create(&vm, &description, consistency, reply)
+                    .await;
+            }
+            Command::SnapshotDelete { vm, id, reply } => {
+                self.snapshot_delete(&vm, &id, reply).await;
+            }
+            Command::SnapshotRestore { vm, id, reply } => {
+                self.snapshot_restore(&vm, &id, reply).await;
+            }
             Command::SetHealthConfig { config, reply } => {
                 let result = self.set_health_config(config).await;
                 let _ = reply.send(result);
@@ -337,6 +358,7 @@ impl Engine {
                 self.apply_health(poll).await;
             }
             Internal::Fence(done) => self.fence_done(done).await,
+            Internal::Snapshot(done) => self.snapshot_done(done).await,
             Internal::IsoRemoved {
                 name,
                 result,

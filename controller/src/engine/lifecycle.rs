@@ -153,6 +153,9 @@ impl Engine {
         request: Option<String>,
         reply: Reply<VmRecord>,
     ) {
+        if let Err(e) = self.find(vm).and_then(|uuid| self.snapshot_busy(&uuid)) {
+            return refuse(Waiter::Running(reply), e);
+        }
         if let Err(e) = self.home_on_current_copy(vm).await {
             return refuse(Waiter::Running(reply), e);
         }
@@ -223,6 +226,9 @@ impl Engine {
     }
 
     pub(super) async fn delete(&mut self, vm: &str, request: Option<String>, reply: Reply<String>) {
+        if let Err(e) = self.find(vm).and_then(|uuid| self.snapshot_busy(&uuid)) {
+            return refuse(Waiter::Deleted(reply), e);
+        }
         self.request(
             vm,
             request,
@@ -275,6 +281,7 @@ impl Engine {
                 .ok_or_else(|| ApiError::NotFound { vm: vm.into() });
         }
         let uuid = self.find(vm)?;
+        self.snapshot_busy(&uuid)?;
         let entry = &self.vms[&uuid];
         let mut record = entry.record.clone();
         if record.state != VmState::Stopped {
@@ -381,6 +388,8 @@ fn new_record(spec: VmSpec, node: String, now_unix_ms: i64) -> VmRecord {
         created_unix_ms: now_unix_ms,
         updated_unix_ms: now_unix_ms,
         protection: crate::ha::Protection::default(),
+        snapshots: Vec::new(),
+        next_snapshot: 1,
     }
 }
 

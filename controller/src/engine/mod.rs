@@ -16,6 +16,7 @@
 //!   health, VM events, alerts (reconciliation);
 //! - `fencing`: a lost host powered off through its BMC, and the gate HA failovers wait at;
 //! - `isos`: the ISO library's records (uploads admitted and ended, deletions);
+//! - `snapshots`: a VM's snapshots taken, deleted and restored through its host's agent;
 //! - `ft`: FT VMs' figures from their primaries' reports, and their phase changes logged;
 //! - `view`: the snapshot that reads are answered from.
 
@@ -27,6 +28,7 @@ mod isos;
 mod lifecycle;
 mod observe;
 mod protect;
+mod snapshots;
 mod view;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use crate::placement::Policy;
 use crate::store::{Etcd, Writer};
 
 pub use isos::IsoUpload;
+pub use snapshots::Created;
 pub use view::{FtRuntime, FtView, NodeView, NodesView, PathView, Snapshot};
 
 /// Commands queued before API callers wait.
@@ -126,6 +129,35 @@ pub enum Command {
         name: String,
         /// Reply.
         reply: Reply<()>,
+    },
+    /// Take a snapshot of a VM; replies once it is taken.
+    SnapshotCreate {
+        /// Name or UUID.
+        vm: String,
+        /// The admin's words.
+        description: String,
+        /// The consistency asked for.
+        consistency: crate::snapshots::Ask,
+        /// Reply: the snapshot and warnings for the caller.
+        reply: Reply<Created>,
+    },
+    /// Delete a VM's snapshot; replies once it is gone.
+    SnapshotDelete {
+        /// Name or UUID.
+        vm: String,
+        /// Snapshot ID.
+        id: String,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// Restore a stopped VM's disks from a snapshot; replies once they are written.
+    SnapshotRestore {
+        /// Name or UUID.
+        vm: String,
+        /// Snapshot ID.
+        id: String,
+        /// Reply.
+        reply: Reply<VmRecord>,
     },
     /// Change the host-health timeouts.
     SetHealthConfig {

@@ -1,17 +1,45 @@
-//! The QMP the mirror speaks through libvirt: one way to send a command, and the replies it
-//! reads (`query-block`, `query-block-jobs`, `query-named-block-nodes` with their dirty
-//! bitmaps). Replies keep only the fields the mirror uses; QEMU 10.0.2's shapes are in the
-//! tests.
+//! The block QMP the mirror and the snapshots speak through libvirt: one way to send a
+//! command, and the replies they read (`query-block`, `query-block-jobs`,
+//! `query-named-block-nodes` with their dirty bitmaps). Replies keep only the fields used;
+//! QEMU 10.0.2's shapes are in the tests.
 
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::{Value, json};
 
-use super::Error;
-use crate::libvirt::Monitor;
+use crate::libvirt::{self, Monitor};
+
+/// Errors of a block QMP command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// libvirt could not reach the domain's QEMU monitor.
+    #[error(transparent)]
+    Libvirt(#[from] libvirt::Error),
+    /// QEMU refused a command.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Refused {
+        /// The QMP command.
+        command: &'static str,
+        /// QEMU's error class, e.g. "GenericError".
+        class: String,
+        /// QEMU's error text.
+        desc: String,
+    },
+    /// QEMU's reply did not parse.
+    #[error("unexpected QMP reply to {command}: {reply}")]
+    BadReply {
+        /// The QMP command.
+        command: &'static str,
+        /// The reply text.
+        reply: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// Runs `command` and reads its `return` as `T`.
-pub(super) fn execute<T: DeserializeOwned>(
+pub(crate) fn execute<T: DeserializeOwned>(
     m: &Monitor<'_>,
     command: &'static str,
     arguments: &Value,
@@ -22,22 +50,22 @@ pub(super) fn execute<T: DeserializeOwned>(
 
 /// Runs `actions` in one QMP `transaction`: QEMU drains the disks' I/O around it, so no write
 /// is in flight while a bitmap is added, cleared or removed.
-pub(super) fn transaction(m: &Monitor<'_>, actions: &[Value]) -> Result<(), Error> {
+pub(crate) fn transaction(m: &Monitor<'_>, actions: &[Value]) -> Result<(), Error> {
     execute::<IgnoredAny>(m, "transaction", &json!({ "actions": actions })).map(drop)
 }
 
 /// Every block job of the domain.
-pub(super) fn query_jobs(m: &Monitor<'_>) -> Result<Vec<BlockJob>, Error> {
+pub(crate) fn query_jobs(m: &Monitor<'_>) -> Result<Vec<BlockJob>, Error> {
     execute(m, "query-block-jobs", &json!({}))
 }
 
 /// Every named block node of the domain, each with its dirty bitmaps.
-pub(super) fn query_nodes(m: &Monitor<'_>) -> Result<Vec<NamedNode>, Error> {
+pub(crate) fn query_nodes(m: &Monitor<'_>) -> Result<Vec<NamedNode>, Error> {
     execute(m, "query-named-block-nodes", &json!({"flat": true}))
 }
 
 /// The domain's block devices.
-pub(super) fn query_blocks(m: &Monitor<'_>) -> Result<Vec<BlockInfo>, Error> {
+pub(crate) fn query_blocks(m: &Monitor<'_>) -> Result<Vec<BlockInfo>, Error> {
     execute(m, "query-block", &json!({}))
 }
 
@@ -57,7 +85,7 @@ struct QmpError {
 
 /// An entry of `query-block`: a guest device and the node on top of its disk.
 #[derive(Debug, Deserialize)]
-pub(super) struct BlockInfo {
+pub(crate) struct BlockInfo {
     /// The guest device's QOM path (or its ID).
     #[serde(default)]
     pub qdev: String,
@@ -67,7 +95,7 @@ pub(super) struct BlockInfo {
 
 /// The medium of a `query-block` entry (implicit filters such as a mirror's are skipped).
 #[derive(Debug, Deserialize)]
-pub(super) struct Inserted {
+pub(crate) struct Inserted {
     /// The node on top of the disk.
     #[serde(rename = "node-name")]
     pub node_name: String,
@@ -78,7 +106,7 @@ pub(super) struct Inserted {
 
 /// An entry of `query-block-jobs`; `device` is the job's ID.
 #[derive(Debug, Deserialize)]
-pub(super) struct BlockJob {
+pub(crate) struct BlockJob {
     /// The job's ID.
     pub device: String,
     /// Where the job stands.
@@ -112,7 +140,7 @@ impl BlockJob {
 /// QEMU's job states (`JobStatus`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(super) enum JobStatus {
+pub(crate) enum JobStatus {
     /// Created, not started.
     Created,
     /// Copying.
@@ -150,7 +178,7 @@ impl JobStatus {
 
 /// An entry of `query-named-block-nodes`.
 #[derive(Debug, Deserialize)]
-pub(super) struct NamedNode {
+pub(crate) struct NamedNode {
     /// The node's name.
     #[serde(rename = "node-name", default)]
     pub node_name: String,
@@ -164,7 +192,7 @@ pub(super) struct NamedNode {
 
 /// A dirty bitmap of a node (`BlockDirtyInfo`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub(super) struct Bitmap {
+pub(crate) struct Bitmap {
     /// Its name.
     #[serde(default)]
     pub name: String,
@@ -182,7 +210,7 @@ pub(super) struct Bitmap {
 }
 
 /// The bitmap `name` and the node holding it.
-pub(super) fn find_bitmap<'a>(nodes: &'a [NamedNode], name: &str) -> Option<(&'a str, &'a Bitmap)> {
+pub(crate) fn find_bitmap<'a>(nodes: &'a [NamedNode], name: &str) -> Option<(&'a str, &'a Bitmap)> {
     nodes.iter().find_map(|n| {
         let bitmap = n.bitmaps.iter().find(|b| b.name == name)?;
         Some((n.node_name.as_str(), bitmap))
@@ -190,7 +218,7 @@ pub(super) fn find_bitmap<'a>(nodes: &'a [NamedNode], name: &str) -> Option<(&'a
 }
 
 /// Reads a reply to `command`: its value, or QEMU's refusal as [`Error::Refused`].
-pub(super) fn parse_reply<T: DeserializeOwned>(
+pub(crate) fn parse_reply<T: DeserializeOwned>(
     command: &'static str,
     text: &str,
 ) -> Result<T, Error> {

@@ -1,0 +1,146 @@
+//! Snapshot requests: each passes the fence for its VM, then runs the [`snapshot`] module;
+//! every one logs a begin and an end line with the VM, the snapshot and the outcome.
+
+use proto::agent as pb;
+
+use super::{Error, Inner, disk_format, invalid, plain_name, uuid_invalid};
+use crate::snapshot::{self, SnapVolume, Taken};
+
+impl Inner {
+    /// Takes a snapshot of a VM's volumes.
+    pub(super) async fn take_snapshot(
+        &self,
+        req: pb::TakeSnapshotRequest,
+    ) -> Result<pb::SnapshotTaken, Error> {
+        let volumes = self.checked(
+            "take-snapshot",
+            &req.vm_uuid,
+            &req.id,
+            &req.volumes,
+            req.fence,
+        )?;
+        if !req.parent.is_empty() && !plain_name(&req.parent) {
+            return Err(invalid(format!("{:?} is not a snapshot ID", req.parent)));
+        }
+        let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
+        tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, parent = ?parent, "snapshot begin");
+        let taken = snapshot::take(
+            &self.deps.libvirt,
+            &self.deps.storage,
+            &req.vm_uuid,
+            &req.id,
+            parent,
+            &volumes,
+        )
+        .await;
+        match &taken {
+            Ok(Taken {
+                bytes,
+                incremental,
+                freeze,
+            }) => {
+                tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, bytes, incremental, freeze_ms = freeze.as_secs_f64() * 1e3, "snapshot end: taken");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, error = %daemon::error_chain(e), "snapshot end: failed, nothing kept");
+            }
+        }
+        let taken = taken?;
+        Ok(pb::SnapshotTaken {
+            bytes: taken.bytes,
+            incremental: taken.incremental,
+            freeze_us: u64::try_from(taken.freeze.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Deletes a snapshot of a VM's volumes.
+    pub(super) async fn delete_snapshot(&self, req: pb::SnapshotCommand) -> Result<(), Error> {
+        let volumes = self.checked(
+            "delete-snapshot",
+            &req.vm_uuid,
+            &req.id,
+            &req.volumes,
+            req.fence,
+        )?;
+        tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, "snapshot delete begin");
+        let deleted = snapshot::delete(&self.deps.storage, &req.id, &volumes).await;
+        log_end(
+            "snapshot delete end",
+            &req,
+            &self.node,
+            deleted.as_ref().err(),
+        );
+        Ok(deleted?)
+    }
+
+    /// Writes a snapshot over a stopped VM's volumes.
+    pub(super) async fn restore_snapshot(&self, req: pb::SnapshotCommand) -> Result<(), Error> {
+        let volumes = self.checked(
+            "restore-snapshot",
+            &req.vm_uuid,
+            &req.id,
+            &req.volumes,
+            req.fence,
+        )?;
+        tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, "snapshot restore begin");
+        let restored = snapshot::restore(
+            &self.deps.libvirt,
+            &self.deps.storage,
+            &req.vm_uuid,
+            &req.id,
+            &volumes,
+        )
+        .await;
+        log_end(
+            "snapshot restore end",
+            &req,
+            &self.node,
+            restored.as_ref().err(),
+        );
+        Ok(restored?)
+    }
+
+    /// Checks a request's names and passes the fence for its VM: the volumes it names.
+    fn checked(
+        &self,
+        op: &'static str,
+        vm: &str,
+        id: &str,
+        volumes: &[pb::VolumeRef],
+        fence: Option<pb::Fence>,
+    ) -> Result<Vec<SnapVolume>, Error> {
+        if uuid_invalid(vm) {
+            return Err(invalid(format!("vm_uuid {vm:?} is not a UUID")));
+        }
+        if !plain_name(id) {
+            return Err(invalid(format!("{id:?} is not a snapshot ID")));
+        }
+        if volumes.is_empty() {
+            return Err(invalid("a snapshot needs the VM's volumes"));
+        }
+        let volumes = volumes
+            .iter()
+            .map(|v| {
+                Ok(SnapVolume {
+                    group: v.storage_group.clone(),
+                    name: v.volume.clone(),
+                    format: disk_format(v.format())?,
+                    size_bytes: v.size_bytes,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.admit(op, vm, fence)?;
+        Ok(volumes)
+    }
+}
+
+fn log_end(what: &str, req: &pb::SnapshotCommand, node: &str, error: Option<&snapshot::Error>) {
+    match error {
+        None => {
+            tracing::info!(vm = %req.vm_uuid, node = %node, snapshot = %req.id, "{what}: ok");
+        }
+        Some(e) => {
+            tracing::warn!(vm = %req.vm_uuid, node = %node, snapshot = %req.id, error = %daemon::error_chain(e), "{what}: failed");
+        }
+    }
+}

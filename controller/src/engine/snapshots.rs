@@ -1,0 +1,352 @@
+//! Snapshots of a VM: each request is checked by [`crate::snapshots`], its new state
+//! persisted in the VM's record (fenced) before its host's agent acts, and the agent call runs
+//! on a task of its own; the outcome comes back as [`SnapshotDone`]. One snapshot operation
+//! runs per VM at a time, and the VM is not started, deleted or changed meanwhile.
+
+use std::collections::BTreeSet;
+
+use super::Reply;
+use super::actor::{Engine, Internal};
+use crate::agents::Token;
+use crate::error::{ApiError, chain};
+use crate::model::{Snapshot, SnapshotState, VmRecord};
+use crate::snapshots::{self, Ask};
+
+/// A taken snapshot and what the caller should be told.
+pub type Created = (Snapshot, Vec<String>);
+
+/// What a snapshot operation was.
+#[derive(Debug)]
+pub(super) enum SnapshotOp {
+    /// Taking one, with the warnings for its caller.
+    Take {
+        /// Warnings.
+        warnings: Vec<String>,
+        /// The caller.
+        reply: Reply<Created>,
+    },
+    /// Deleting one; no caller when a takeover cleans up.
+    Delete(Option<Reply<()>>),
+    /// Restoring one.
+    Restore(Reply<VmRecord>),
+}
+
+/// An agent's answer to a snapshot operation.
+#[derive(Debug)]
+pub(super) struct SnapshotDone {
+    uuid: String,
+    id: String,
+    op: SnapshotOp,
+    result: Result<Option<proto::agent::SnapshotTaken>, ApiError>,
+}
+
+impl Engine {
+    /// Takes a snapshot of a running or stopped VM.
+    pub(super) async fn snapshot_create(
+        &mut self,
+        vm: &str,
+        description: &str,
+        ask: Ask,
+        reply: Reply<Created>,
+    ) {
+        let planned = match self.snapshot_vm(vm).and_then(|uuid| {
+            let record = &self.vms[&uuid].record;
+            snapshots::plan(record, description, ask, crate::now_unix_ms()).map(|p| (uuid, p))
+        }) {
+            Ok(planned) => planned,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let (uuid, planned) = planned;
+        let id = planned.snapshot.id.clone();
+        let next = self.vms[&uuid].record.next_snapshot.max(1) + 1;
+        let snapshot = planned.snapshot.clone();
+        let record = match self
+            .save(&uuid, |r| {
+                r.snapshots.push(snapshot);
+                r.next_snapshot = next;
+            })
+            .await
+        {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, parent = ?planned.parent, "snapshot begin");
+        let op = SnapshotOp::Take {
+            warnings: planned.warnings,
+            reply,
+        };
+        self.run_snapshot(record, id, op, planned.parent);
+    }
+
+    /// Deletes a snapshot.
+    pub(super) async fn snapshot_delete(&mut self, vm: &str, id: &str, reply: Reply<()>) {
+        let checked = self
+            .snapshot_vm(vm)
+            .and_then(|uuid| snapshots::check_delete(&self.vms[&uuid].record, id).map(|_| uuid));
+        match checked {
+            Ok(uuid) => self.delete_snapshot(&uuid, id, Some(reply)).await,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Restores a snapshot over a stopped VM's disks. The record first says that only this
+    /// host's copy is current: the peer's no longer equals the disks the VM will start from.
+    pub(super) async fn snapshot_restore(&mut self, vm: &str, id: &str, reply: Reply<VmRecord>) {
+        let checked = self.snapshot_vm(vm).and_then(|uuid| {
+            if self.vms[&uuid].busy {
+                return Err(ApiError::Unavailable(format!(
+                    "VM {vm} is busy with its agent; retry in a moment"
+                )));
+            }
+            snapshots::check_restore(&self.vms[&uuid].record, id).map(|_| uuid)
+        });
+        let uuid = match checked {
+            Ok(uuid) => uuid,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let record = match self
+            .save(&uuid, |r| {
+                r.protection.current = BTreeSet::from([r.node.clone()]);
+                r.protection.track_from_start = false;
+            })
+            .await
+        {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, "snapshot restore begin");
+        self.run_snapshot(record, id.to_string(), SnapshotOp::Restore(reply), None);
+    }
+
+    /// Snapshots left being taken or deleted by an earlier serving controller are deleted:
+    /// what the agent kept of them is not known.
+    pub(super) async fn resume_snapshots(&mut self) {
+        let unfinished: Vec<(String, String)> = self
+            .vms
+            .iter()
+            .flat_map(|(uuid, e)| {
+                e.record
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.state != SnapshotState::Ready)
+                    .map(|s| (uuid.clone(), s.id.clone()))
+            })
+            .collect();
+        for (uuid, id) in unfinished {
+            tracing::info!(vm = %uuid, snapshot = %id, "snapshot left unfinished by an earlier controller; deleting it");
+            self.delete_snapshot(&uuid, &id, None).await;
+        }
+    }
+
+    /// Whether VM `uuid` has a snapshot operation running: it must not start, go or change.
+    pub(super) fn snapshot_busy(&self, uuid: &str) -> Result<(), ApiError> {
+        match self.snapshotting.contains(uuid) {
+            true => Err(ApiError::FailedPrecondition(format!(
+                "VM {} has a snapshot operation running; retry once it ends",
+                self.vms.get(uuid).map_or(uuid, |e| e.record.name.as_str())
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    async fn delete_snapshot(&mut self, uuid: &str, id: &str, reply: Option<Reply<()>>) {
+        let saved = self
+            .save(uuid, |r| {
+                if let Some(s) = r.snapshots.iter_mut().find(|s| s.id == id) {
+                    s.state = SnapshotState::Deleting;
+                }
+            })
+            .await;
+        match saved {
+            Ok(record) => {
+                tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, "snapshot delete begin");
+                self.run_snapshot(record, id.to_string(), SnapshotOp::Delete(reply), None);
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    /// The UUID of `vm`, if no snapshot operation runs for it.
+    fn snapshot_vm(&self, vm: &str) -> Result<String, ApiError> {
+        let uuid = self.find(vm)?;
+        self.snapshot_busy(&uuid)?;
+        Ok(uuid)
+    }
+
+    /// Runs `op` on snapshot `id` through the agent of the host that keeps it.
+    fn run_snapshot(
+        &mut self,
+        record: VmRecord,
+        id: String,
+        op: SnapshotOp,
+        parent: Option<String>,
+    ) {
+        let node = record
+            .snapshots
+            .iter()
+            .find(|s| s.id == id)
+            .map_or_else(|| record.node.clone(), |s| s.node.clone());
+        let agent = self.agent_of(&node);
+        let token = Token {
+            term: self.ctx.writer.term(),
+            generation: record.generation,
+        };
+        self.snapshotting.insert(record.uuid.clone());
+        let out = self.internal.clone();
+        self.tasks.spawn(async move {
+            let result = match agent {
+                Ok(agent) => match &op {
+                    SnapshotOp::Take { .. } => agent
+                        .take_snapshot(&record, &id, parent.as_deref(), token)
+                        .await
+                        .map(Some),
+                    SnapshotOp::Delete(_) => agent
+                        .delete_snapshot(&record, &id, token)
+                        .await
+                        .map(|()| None),
+                    SnapshotOp::Restore(_) => agent
+                        .restore_snapshot(&record, &id, token)
+                        .await
+                        .map(|()| None),
+                }
+                .map_err(ApiError::from),
+                Err(e) => Err(e),
+            };
+            let done = SnapshotDone {
+                uuid: record.uuid,
+                id,
+                op,
+                result,
+            };
+            let _ = out.send(Internal::Snapshot(done)).await;
+        });
+    }
+
+    /// An agent answered a snapshot operation: the record follows, then the caller.
+    pub(super) async fn snapshot_done(&mut self, done: SnapshotDone) {
+        let SnapshotDone {
+            uuid,
+            id,
+            op,
+            result,
+        } = done;
+        self.snapshotting.remove(&uuid);
+        let name = self
+            .vms
+            .get(&uuid)
+            .map_or_else(|| uuid.clone(), |e| e.record.name.clone());
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        match op {
+            SnapshotOp::Take { warnings, reply } => {
+                let saved = match result {
+                    Ok(taken) => {
+                        let taken = taken.unwrap_or_default();
+                        self.save(&uuid, |r| {
+                            if let Some(s) = r.snapshots.iter_mut().find(|s| s.id == id) {
+                                s.state = SnapshotState::Ready;
+                                s.bytes = taken.bytes;
+                                s.incremental = taken.incremental;
+                                s.freeze_us = taken.freeze_us;
+                            }
+                        })
+                        .await
+                        .and_then(|r| {
+                            r.snapshots.into_iter().find(|s| s.id == id).ok_or_else(|| {
+                                ApiError::SnapshotNotFound {
+                                    vm: name.clone(),
+                                    id: id.clone(),
+                                }
+                            })
+                        })
+                    }
+                    Err(e) => {
+                        let _ = self
+                            .save(&uuid, |r| r.snapshots.retain(|s| s.id != id))
+                            .await;
+                        Err(e)
+                    }
+                };
+                tracing::info!(vm = %name, snapshot = %id, outcome = %outcome, "snapshot end");
+                let _ = reply.send(saved.map(|s| (s, warnings)));
+            }
+            SnapshotOp::Delete(reply) => {
+                let saved = match result {
+                    Ok(_) => self
+                        .save(&uuid, |r| r.snapshots.retain(|s| s.id != id))
+                        .await
+                        .map(drop),
+                    Err(e) => Err(e),
+                };
+                tracing::info!(vm = %name, snapshot = %id, outcome = %outcome, "snapshot delete end");
+                if let Some(reply) = reply {
+                    let _ = reply.send(saved);
+                }
+            }
+            SnapshotOp::Restore(reply) => {
+                tracing::info!(vm = %name, snapshot = %id, outcome = %outcome, "snapshot restore end");
+                let restored = result.and_then(|_| {
+                    self.vms
+                        .get(&uuid)
+                        .map(|e| e.record.clone())
+                        .ok_or_else(|| ApiError::NotFound { vm: name.clone() })
+                });
+                let _ = reply.send(restored);
+            }
+        }
+    }
+
+    /// Changes VM `uuid`'s record with `change` and persists it (fenced).
+    async fn save(
+        &mut self,
+        uuid: &str,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmRecord, ApiError> {
+        let entry = self
+            .vms
+            .get(uuid)
+            .ok_or_else(|| ApiError::NotFound { vm: uuid.into() })?;
+        let mut record = entry.record.clone();
+        change(&mut record);
+        record.updated_unix_ms = crate::now_unix_ms();
+        match self
+            .ctx
+            .writer
+            .update_vm(&record, entry.revision, None)
+            .await
+        {
+            Ok(revision) => {
+                if let Some(entry) = self.vms.get_mut(uuid) {
+                    entry.record = record.clone();
+                    entry.revision = revision;
+                }
+                Ok(record)
+            }
+            Err(e) => {
+                let e = self.after_store_error(uuid, e).await;
+                tracing::warn!(vm = %uuid, error = %chain(&e), "saving the VM's snapshots failed");
+                Err(e)
+            }
+        }
+    }
+}

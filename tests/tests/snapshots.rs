@@ -1,0 +1,216 @@
+//! End to end in the lab: snapshots of a running guest. The second is a fraction of the first;
+//! a restored snapshot boots with the counter the disk had when it was taken; a VM keeps 16;
+//! deleting a middle one leaves the later ones whole; bad requests are refused clearly.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Output;
+
+use proto::v1 as pb;
+use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+
+/// Where the test's data sits on the disk (the guest writes only its first block).
+const DATA_OFFSET: u64 = 1 << 20;
+const DATA_LEN: usize = 8 << 20;
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "pvctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn refused(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "pvctl succeeded where it must fail: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))
+}
+
+/// Pseudo-random bytes (xorshift), the same for the same length.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn write_data(volume: &Path) {
+    let mut file = OpenOptions::new().write(true).open(volume).unwrap();
+    file.seek(SeekFrom::Start(DATA_OFFSET)).unwrap();
+    file.write_all(&pattern(DATA_LEN)).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn data_intact(volume: &Path) -> bool {
+    let mut file = std::fs::File::open(volume).unwrap();
+    file.seek(SeekFrom::Start(DATA_OFFSET)).unwrap();
+    let mut data = vec![0u8; DATA_LEN];
+    file.read_exact(&mut data).unwrap();
+    data == pattern(DATA_LEN)
+}
+
+/// The last counter the console showed.
+fn last_counter(console: &Console) -> u64 {
+    console.counters().last().map_or(0, |c| c.0)
+}
+
+/// Takes a crash-consistent snapshot; returns it with the counters shown just before and
+/// just after: the disk it holds had a counter between the two.
+fn snapshot(lab: &Lab, console: &Console, description: &str) -> (serde_json::Value, u64, u64) {
+    let before = last_counter(console);
+    let taken = json(&lab.pvctl(&[
+        "--json",
+        "vm-snapshot-create",
+        "snap",
+        "--consistency",
+        "crash",
+        "--description",
+        description,
+    ]));
+    let after = last_counter(console);
+    (taken, before, after + 1)
+}
+
+/// Restores snapshot `id` of the stopped VM, starts it and returns the counter it resumed
+/// from (the value on the restored disk).
+fn restore_and_boot(lab: &Lab, vm: &pb::Vm, id: &str) -> u64 {
+    ok(&lab.pvctl(&["vm-snapshot-restore", "snap", id]));
+    let console = Console::new(lab, vm);
+    ok(&lab.pvctl(&["vm-start", "snap"]));
+    let first = console.wait_counters(1, GUEST_BOOT_TIMEOUT);
+    first[0].0 - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_a_running_guest_restore_its_counter() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvtn", 242);
+    let mut api = lab.client().await;
+    let request = pb::CreateVmRequest {
+        mode: pb::ProtectionMode::Unprotected.into(),
+        disks: vec![pb::DiskRequest {
+            size_bytes: 32 << 20,
+            storage_group: "sg0".into(),
+            format: pb::DiskFormat::Raw.into(),
+        }],
+        ..tiny_guest("snap")
+    };
+    let vm = api.create_vm(request).await.unwrap().into_inner();
+    let volume = lab.volume_path(&vm.node, &vm.disks[0].volume);
+    write_data(&volume);
+    let console = Console::new(&lab, &vm);
+    ok(&lab.pvctl(&["vm-start", "snap"]));
+    console.wait_counters(3, GUEST_BOOT_TIMEOUT);
+
+    // The first snapshot holds the used data; by default it warns that it is crash-consistent.
+    let before1 = last_counter(&console);
+    let first = lab.pvctl(&[
+        "--json",
+        "vm-snapshot-create",
+        "snap",
+        "--description",
+        "one",
+    ]);
+    let warned = String::from_utf8_lossy(&first.stderr).into_owned();
+    let first = json(&first);
+    assert!(warned.contains("crash-consistent"), "{warned}");
+    assert_eq!(first["incremental"], false);
+    let bytes1 = first["bytes"].as_u64().unwrap();
+    assert!(bytes1 >= DATA_LEN as u64, "{first}");
+    let window1 = (before1, last_counter(&console) + 1);
+    let seen = console.counters().len();
+    console.wait_counters(seen + 2, COUNTER_PERIOD_TIMEOUT);
+
+    // The second holds only the changes: the counter block, not the data.
+    let (second, ..) = snapshot(&lab, &console, "two");
+    assert_eq!(second["incremental"], true, "{second}");
+    let bytes2 = second["bytes"].as_u64().unwrap();
+    assert!(
+        bytes2 * 10 < bytes1,
+        "gen2 {bytes2} B is not a fraction of gen1 {bytes1} B"
+    );
+
+    let app = refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "application"]));
+    assert!(app.contains("no guest agent"), "{app}");
+
+    // Up to 16; the 17th is refused naming the oldest, and nothing changes.
+    let (_, before3, after3) = snapshot(&lab, &console, "three");
+    for n in 4..=16 {
+        snapshot(&lab, &console, &format!("gen {n}"));
+    }
+    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
+    assert_eq!(listed.as_array().unwrap().len(), 16);
+    let full = refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "crash"]));
+    assert!(
+        full.contains("delete the oldest first: pvctl vm-snapshot-delete snap 1"),
+        "{full}"
+    );
+    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
+    assert_eq!(listed.as_array().unwrap().len(), 16);
+
+    // Bad requests: restore while running, an unknown snapshot.
+    let running = refused(&lab.pvctl(&["vm-snapshot-restore", "snap", "1"]));
+    assert!(running.contains("shut it down first"), "{running}");
+    let unknown = refused(&lab.pvctl(&["vm-snapshot-delete", "snap", "99"]));
+    assert!(unknown.contains("has no snapshot 99"), "{unknown}");
+
+    // Restore the first: the guest resumes from the counter its disk had then.
+    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    let resumed = restore_and_boot(&lab, &vm, "1");
+    assert!(
+        (window1.0..=window1.1).contains(&resumed),
+        "snapshot 1 was taken with the counter in {window1:?}, the guest resumed from {resumed}"
+    );
+
+    // Deleting a middle snapshot (2) leaves the later ones whole: 3 restores its counter and
+    // the data written before the first.
+    ok(&lab.pvctl(&["vm-snapshot-delete", "snap", "2"]));
+    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    ok(&lab.pvctl(&["vm-snapshot-restore", "snap", "3"]));
+    assert!(
+        data_intact(&volume),
+        "the data before snapshot 1 is not in snapshot 3"
+    );
+    let console3 = Console::new(&lab, &vm);
+    ok(&lab.pvctl(&["vm-start", "snap"]));
+    let resumed = console3.wait_counters(1, GUEST_BOOT_TIMEOUT)[0].0 - 1;
+    assert!(
+        (before3..=after3).contains(&resumed),
+        "snapshot 3 was taken with the counter in {before3}..={after3}, the guest resumed from {resumed}"
+    );
+    let ids: Vec<String> = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !ids.contains(&"2".to_string()) && ids.len() == 15,
+        "{ids:?}"
+    );
+
+    // Deleting the VM deletes its snapshots' files.
+    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    ok(&lab.pvctl(&["vm-delete", "snap"]));
+    let chain = volume
+        .with_file_name(".snapshots")
+        .join(volume.file_name().unwrap());
+    assert!(!chain.exists(), "{} is left", chain.display());
+}
