@@ -81,7 +81,7 @@ async fn serve(
     );
     // Once, before the host registers: the probe behind it takes seconds (see facts).
     facts.read_versions(&libvirt).await;
-    let replicas = start_replicas(config).await?;
+    let replicas = start_replicas(config, storage.clone()).await?;
     let (lease_tx, lease) = watch::channel(LeaseView::NONE);
     let (lease_id_tx, lease_id) = watch::channel(0);
     let mut marker = None;
@@ -134,12 +134,15 @@ async fn serve(
 }
 
 /// Starts the HA replica service when the config has A-Links to the peer.
-async fn start_replicas(config: &Config) -> anyhow::Result<Option<Arc<Replicas>>> {
+async fn start_replicas(
+    config: &Config,
+    storage: StorageGroups,
+) -> anyhow::Result<Option<Arc<Replicas>>> {
     let Some(alink) = &config.alink else {
         tracing::warn!(node = %config.node, "no [alink] section: no HA replica service on this host");
         return Ok(None);
     };
-    let replicas = Replicas::start(&config.node, alink, &config.state_dir)
+    let replicas = Replicas::start(&config.node, alink, &config.state_dir, storage)
         .await
         .context("starting the HA replica service")?;
     Ok(Some(Arc::new(replicas)))

@@ -185,6 +185,9 @@ pub(crate) struct NamedNode {
     /// Its filename (an NBD node's names its export and socket).
     #[serde(default)]
     pub file: String,
+    /// Its driver, e.g. "raw", "qcow2", "file", "nbd".
+    #[serde(default)]
+    pub drv: String,
     /// Its dirty bitmaps.
     #[serde(rename = "dirty-bitmaps", default)]
     pub bitmaps: Vec<Bitmap>,

@@ -37,6 +37,8 @@ use tokio::task::JoinHandle;
 use crate::config::{AlinkConfig, AlinkRole};
 use crate::ft::standby::Standbys;
 use crate::nbd::{self, Export, Exports};
+use crate::snapshot::transfer;
+use crate::storage::StorageGroups;
 
 /// The replicator service that carries NBD connections.
 const NBD_SERVICE: &str = "nbd";
@@ -51,6 +53,12 @@ const FT_SERVICE: &str = "ft";
 const FT_SOCKET: &str = "ft.sock";
 /// The directory of the sockets leading to the peer's standby receiver, one per FT primary.
 const PEER_FT_SOCKETS: &str = "peer-ft";
+/// The replicator service that carries snapshot files (`crate::snapshot::transfer`).
+const FILES_SERVICE: &str = "files";
+/// This host's snapshot file receiver socket, in the state directory.
+const FILES_SOCKET: &str = "files.sock";
+/// The socket leading to the peer's snapshot file receiver, in the state directory.
+const PEER_FILES_SOCKET: &str = "peer-files.sock";
 
 /// Errors of the replica service.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +116,22 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The snapshot file receiver's socket, or the one to the peer's, could not be bound.
+    #[error("binding the snapshot file socket {path}")]
+    BindFiles {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer's snapshot file streams could not be accepted.
+    #[error("listening for the peer's {FILES_SERVICE} streams")]
+    ListenFiles {
+        /// The cause.
+        #[source]
+        source: StreamError,
     },
     /// The peer's FT streams could not be accepted.
     #[error("listening for the peer's {FT_SERVICE} streams")]
@@ -198,16 +222,22 @@ pub struct Replicas {
     ft_ingresses: tokio::sync::Mutex<BTreeMap<String, Ingress>>,
     _ft_egress: Egress,
     _ft_server: Task,
+    peer_files: PathBuf,
+    _files_ingress: Ingress,
+    _files_egress: Egress,
+    _files_server: Task,
     endpoint: Endpoint,
 }
 
 impl Replicas {
     /// Starts the A-Links and the NBD server on `<state_dir>/nbd.sock` (reached by the peer
-    /// over the links). Socket files left by an earlier run are removed first.
+    /// over the links), the FT standby receiver, and the snapshot file receiver writing into
+    /// `groups`. Socket files left by an earlier run are removed first.
     pub async fn start(
         node: &str,
         config: &AlinkConfig,
         state_dir: &Path,
+        groups: StorageGroups,
     ) -> Result<Replicas, Error> {
         let nbd_socket = state_dir.join(NBD_SOCKET);
         let peer_dir = state_dir.join(PEER_SOCKETS);
@@ -247,6 +277,30 @@ impl Replicas {
             .listen(FT_SERVICE)
             .map_err(|source| Error::ListenFt { source })?;
         let ft_egress = Egress::start(ft_streams, Target::Unix(ft_socket.clone()));
+        let files_socket = state_dir.join(FILES_SOCKET);
+        let peer_files = state_dir.join(PEER_FILES_SOCKET);
+        remove_stale(&files_socket)?;
+        remove_stale(&peer_files)?;
+        let bind_files = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::BindFiles { path, source }
+        };
+        let listener = UnixListener::bind(&files_socket).map_err(bind_files(&files_socket))?;
+        let files_server = Task(tokio::spawn(transfer::serve(listener, groups)));
+        let files_streams = endpoint
+            .listen(FILES_SERVICE)
+            .map_err(|source| Error::ListenFiles { source })?;
+        let files_egress = Egress::start(files_streams, Target::Unix(files_socket));
+        let files_ingress = Ingress::bind(
+            &endpoint,
+            LocalAddr::Unix(peer_files.clone()),
+            FILES_SERVICE,
+        )
+        .await
+        .map_err(|source| Error::BindPeer {
+            path: peer_files.clone(),
+            source,
+        })?;
         tracing::info!(node, role = ?config.role, links = ?endpoint.local_addrs(), nbd = %nbd_socket.display(), ft = %ft_socket.display(), "replica service started");
         Ok(Replicas {
             node: node.to_string(),
@@ -264,6 +318,10 @@ impl Replicas {
             ft_ingresses: tokio::sync::Mutex::default(),
             _ft_egress: ft_egress,
             _ft_server: ft_server,
+            peer_files,
+            _files_ingress: files_ingress,
+            _files_egress: files_egress,
+            _files_server: files_server,
             endpoint,
         })
     }
@@ -447,6 +505,11 @@ impl Replicas {
         if self.ft_ingresses.lock().await.remove(vm_uuid).is_some() {
             let _ = std::fs::remove_file(self.ft_peer_dir.join(format!("{vm_uuid}.sock")));
         }
+    }
+
+    /// The socket through which snapshot files reach the peer's receiver over the A-Links.
+    pub fn peer_files_socket(&self) -> &Path {
+        &self.peer_files
     }
 
     /// The A-Link addresses: bound (listen side, with the actual ports) or dialed (connect).

@@ -32,6 +32,11 @@ struct Pair {
 }
 
 impl Pair {
+    fn groups(dir: &std::path::Path) -> agent::storage::StorageGroups {
+        let groups = [("sg0".to_string(), dir.join("sg0"))].into_iter().collect();
+        agent::storage::StorageGroups::open(groups).unwrap()
+    }
+
     async fn start() -> Pair {
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let loopback = "127.0.0.1:0".parse().unwrap();
@@ -39,12 +44,16 @@ impl Pair {
             role: AlinkRole::Listen,
             links: vec![loopback, loopback],
         };
-        let a = Replicas::start("a", &listen, dir_a.path()).await.unwrap();
+        let a = Replicas::start("a", &listen, dir_a.path(), Self::groups(dir_a.path()))
+            .await
+            .unwrap();
         let connect = AlinkConfig {
             role: AlinkRole::Connect,
             links: a.link_addrs().to_vec(),
         };
-        let b = Replicas::start("b", &connect, dir_b.path()).await.unwrap();
+        let b = Replicas::start("b", &connect, dir_b.path(), Self::groups(dir_b.path()))
+            .await
+            .unwrap();
         let up = a.wait_links_up(2, LINKS_UP).await && b.wait_links_up(2, LINKS_UP).await;
         assert!(up, "the A-Links did not come up within {LINKS_UP:?}");
         for dir in [&dir_a, &dir_b] {

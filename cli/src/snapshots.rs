@@ -154,7 +154,7 @@ pub fn snapshot_json(s: &pb::Snapshot) -> Value {
         "description": s.description,
         "created_unix_ms": s.created_unix_ms,
         "consistency": consistency_name(s.consistency()),
-        "node": s.node,
+        "nodes": s.nodes,
         "bytes": s.bytes,
         "incremental": s.incremental,
         "freeze_us": s.freeze_us,
@@ -177,7 +177,7 @@ pub fn snapshot_text(s: &pb::Snapshot) -> String {
         kind(s),
         consistency_name(s.consistency()),
         state_name(s.state()),
-        s.node,
+        s.nodes.join("+"),
         human(s.bytes),
         utc(s.created_unix_ms),
     )
@@ -189,19 +189,19 @@ pub fn snapshots_table(list: &[pb::Snapshot]) -> String {
         return "no snapshots; take one with `pvctl vm-snapshot-create VM`\n".into();
     }
     let mut out = format!(
-        "{:<4} {:<20} {:<11} {:>10} {:<11} {:<9} {:<6} DESCRIPTION\n",
-        "ID", "TAKEN", "KIND", "SIZE", "CONSISTENCY", "STATE", "NODE"
+        "{:<4} {:<20} {:<11} {:>10} {:<11} {:<9} {:<7} DESCRIPTION\n",
+        "ID", "TAKEN", "KIND", "SIZE", "CONSISTENCY", "STATE", "NODES"
     );
     for s in list {
         out.push_str(&format!(
-            "{:<4} {:<20} {:<11} {:>10} {:<11} {:<9} {:<6} {}\n",
+            "{:<4} {:<20} {:<11} {:>10} {:<11} {:<9} {:<7} {}\n",
             s.id,
             utc(s.created_unix_ms),
             kind(s),
             human(s.bytes),
             consistency_name(s.consistency()),
             state_name(s.state()),
-            s.node,
+            s.nodes.join("+"),
             s.description
         ));
     }
@@ -219,7 +219,7 @@ mod tests {
             description: "nightly".into(),
             created_unix_ms: 0,
             consistency: pb::Consistency::Crash.into(),
-            node: "n0".into(),
+            nodes: vec!["n0".into(), "n1".into()],
             bytes: 3 << 20,
             incremental,
             freeze_us: 2500,

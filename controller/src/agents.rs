@@ -238,12 +238,14 @@ impl Agent {
             .map_err(self.failed("uploading an ISO"))
     }
 
-    /// Takes snapshot `id` of `vm`'s volumes on top of `parent`.
+    /// Takes snapshot `id` of `vm`'s volumes on top of `parent`, copied to the peer if
+    /// `replicate`.
     pub async fn take_snapshot(
         &self,
         vm: &VmRecord,
         id: &str,
         parent: Option<&str>,
+        replicate: bool,
         token: Token,
     ) -> Result<pb::SnapshotTaken, Error> {
         let message = pb::TakeSnapshotRequest {
@@ -252,6 +254,7 @@ impl Agent {
             parent: parent.unwrap_or_default().to_string(),
             volumes: replica_volumes(vm),
             fence: fence(token),
+            replicate,
         };
         self.call(
             "taking a snapshot",

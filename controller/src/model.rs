@@ -279,8 +279,8 @@ pub struct Snapshot {
     pub created_unix_ms: i64,
     /// How consistent its data is.
     pub consistency: Consistency,
-    /// The host that holds its files.
-    pub node: String,
+    /// The hosts that hold its files: where it was taken, and the peer when it has a copy.
+    pub nodes: Vec<String>,
     /// Bytes its files take.
     #[serde(default)]
     pub bytes: u64,

@@ -3,7 +3,7 @@
 //! agent.
 
 use crate::error::ApiError;
-use crate::model::{Consistency, Snapshot, SnapshotState, VmRecord, VmState};
+use crate::model::{Consistency, Mode, Snapshot, SnapshotState, VmRecord, VmState};
 
 /// Snapshots a VM keeps at most.
 pub const MAX_SNAPSHOTS: usize = 16;
@@ -29,15 +29,18 @@ pub struct Planned {
     pub snapshot: Snapshot,
     /// The newest snapshot on the VM's host, whose changes since it the new one holds.
     pub parent: Option<String>,
+    /// Whether to copy it to the peer: the VM is protected and the peer holds the parent.
+    pub replicate: bool,
     /// Warnings for the caller (e.g. the fallback to crash consistency).
     pub warnings: Vec<String>,
 }
 
-/// Plans a new snapshot of `vm`. Pairvisor's domains have no guest-agent channel yet, so
-/// every guest counts as having no agent: application consistency is refused and the
-/// default falls back to crash consistency with a warning.
+/// Plans a new snapshot of `vm`, whose host's peer is `peer`. Pairvisor's domains have no
+/// guest-agent channel yet, so every guest counts as having no agent: application
+/// consistency is refused and the default falls back to crash consistency with a warning.
 pub fn plan(
     vm: &VmRecord,
+    peer: Option<&str>,
     description: &str,
     ask: Ask,
     now_unix_ms: i64,
@@ -95,21 +98,25 @@ pub fn plan(
         .snapshots
         .iter()
         .rev()
-        .find(|s| s.node == vm.node)
-        .map(|s| s.id.clone());
+        .find(|s| s.nodes.contains(&vm.node));
+    // The peer's copy of an incremental needs the parent there too.
+    let replicate = vm.mode != Mode::Unprotected
+        && peer.is_some_and(|p| parent.is_none_or(|s| s.nodes.iter().any(|n| n == p)));
+    let parent = parent.map(|s| s.id.clone());
     Ok(Planned {
         snapshot: Snapshot {
             id: vm.next_snapshot.max(1).to_string(),
             description: description.to_string(),
             created_unix_ms: now_unix_ms,
             consistency: Consistency::Crash,
-            node: vm.node.clone(),
+            nodes: vec![vm.node.clone()],
             bytes: 0,
             incremental: false,
             freeze_us: 0,
             state: SnapshotState::Creating,
         },
         parent,
+        replicate,
         warnings,
     })
 }
@@ -143,10 +150,11 @@ pub fn check_restore<'a>(vm: &'a VmRecord, id: &str) -> Result<&'a Snapshot, Api
             state_name(snapshot.state)
         )));
     }
-    if snapshot.node != vm.node {
+    if !snapshot.nodes.contains(&vm.node) {
+        let kept = snapshot.nodes.join(", ");
         return Err(ApiError::FailedPrecondition(format!(
-            "VM {}'s snapshot {id} is kept on {}, but its disks are on {} now; it can be restored once the VM is back on {}",
-            vm.name, snapshot.node, vm.node, snapshot.node
+            "VM {}'s snapshot {id} is kept on {kept}, but its disks are on {} now; it can be restored once the VM is back on {kept}",
+            vm.name, vm.node
         )));
     }
     Ok(snapshot)
@@ -186,7 +194,7 @@ mod tests {
                 description: String::new(),
                 created_unix_ms: 0,
                 consistency: Consistency::Crash,
-                node: "n0".into(),
+                nodes: vec!["n0".into()],
                 bytes: 1,
                 incremental: n > 1,
                 freeze_us: 0,
@@ -199,10 +207,12 @@ mod tests {
 
     #[test]
     fn plan_builds_on_the_newest_snapshot_with_the_next_id() {
-        let planned = plan(&with_snapshots(2), "nightly", Ask::Crash, 9).unwrap();
+        let planned = plan(&with_snapshots(2), Some("n1"), "nightly", Ask::Crash, 9).unwrap();
 
         assert_eq!(planned.snapshot.id, "3");
         assert_eq!(planned.parent.as_deref(), Some("2"));
+        // The peer lacks the parent: a copy there could not be read.
+        assert!(!planned.replicate);
         assert_eq!(planned.snapshot.state, SnapshotState::Creating);
         assert!(planned.warnings.is_empty());
     }
@@ -212,15 +222,38 @@ mod tests {
         let mut record = with_snapshots(2);
         record.node = "n1".into();
 
-        let planned = plan(&record, "", Ask::Crash, 9).unwrap();
+        let planned = plan(&record, Some("n0"), "", Ask::Crash, 9).unwrap();
 
         assert_eq!(planned.parent, None);
-        assert_eq!(planned.snapshot.node, "n1");
+        assert_eq!(planned.snapshot.nodes, ["n1"]);
+        assert!(
+            planned.replicate,
+            "a full snapshot of an HA VM goes to the peer"
+        );
+    }
+
+    #[test]
+    fn plan_copies_to_a_peer_that_holds_the_parent_but_not_for_unprotected_vms() {
+        let mut record = with_snapshots(1);
+        record.snapshots[0].nodes.push("n1".into());
+        let mut unprotected = record.clone();
+        unprotected.mode = Mode::Unprotected;
+
+        assert!(
+            plan(&record, Some("n1"), "", Ask::Crash, 9)
+                .unwrap()
+                .replicate
+        );
+        assert!(
+            !plan(&unprotected, Some("n1"), "", Ask::Crash, 9)
+                .unwrap()
+                .replicate
+        );
     }
 
     #[test]
     fn seventeenth_snapshot_is_refused_naming_the_oldest() {
-        let err = plan(&with_snapshots(16), "", Ask::Crash, 9).unwrap_err();
+        let err = plan(&with_snapshots(16), None, "", Ask::Crash, 9).unwrap_err();
 
         assert_eq!(
             err.to_string(),
@@ -232,8 +265,8 @@ mod tests {
     fn application_consistency_without_guest_agent_is_refused_and_auto_warns() {
         let record = with_snapshots(0);
 
-        let refused = plan(&record, "", Ask::Application, 9).unwrap_err();
-        let auto = plan(&record, "", Ask::Auto, 9).unwrap();
+        let refused = plan(&record, None, "", Ask::Application, 9).unwrap_err();
+        let auto = plan(&record, None, "", Ask::Auto, 9).unwrap();
 
         assert!(refused.to_string().contains("no guest agent"), "{refused}");
         assert_eq!(auto.snapshot.consistency, Consistency::Crash);
@@ -251,8 +284,8 @@ mod tests {
         let mut starting = with_snapshots(0);
         starting.state = VmState::Starting;
 
-        let busy = plan(&busy, "", Ask::Crash, 9).unwrap_err();
-        let starting = plan(&starting, "", Ask::Crash, 9).unwrap_err();
+        let busy = plan(&busy, None, "", Ask::Crash, 9).unwrap_err();
+        let starting = plan(&starting, None, "", Ask::Crash, 9).unwrap_err();
 
         assert!(busy.to_string().contains("being deleted"), "{busy}");
         assert!(starting.to_string().contains("is starting"), "{starting}");

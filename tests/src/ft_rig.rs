@@ -272,7 +272,7 @@ async fn joined(dir: &Path) -> (Replicas, Replicas, Vec<Relay>) {
         role: AlinkRole::Listen,
         links: vec![loopback, loopback],
     };
-    let n1 = Replicas::start("n1", &listen, &dir1)
+    let n1 = Replicas::start("n1", &listen, &dir1, rig_groups(&dir1))
         .await
         .expect("n1's replica service");
     let mut links = Vec::new();
@@ -283,7 +283,7 @@ async fn joined(dir: &Path) -> (Replicas, Replicas, Vec<Relay>) {
         role: AlinkRole::Connect,
         links: links.iter().map(Relay::addr).collect(),
     };
-    let n0 = Replicas::start("n0", &connect, &dir0)
+    let n0 = Replicas::start("n0", &connect, &dir0, rig_groups(&dir0))
         .await
         .expect("n0's replica service");
     let up = n0.wait_links_up(2, LINKS_UP).await && n1.wait_links_up(2, LINKS_UP).await;
@@ -422,4 +422,10 @@ fn zombie(pid: u32) -> bool {
             .next()
             .is_some_and(|r| r.trim_start().starts_with('Z'))
     })
+}
+
+/// A storage group in `dir` for a rig's replica service (its snapshot file receiver).
+fn rig_groups(dir: &Path) -> agent::storage::StorageGroups {
+    let groups = [("sg0".to_string(), dir.join("sg0"))].into_iter().collect();
+    agent::storage::StorageGroups::open(groups).expect("the rig's storage group")
 }

@@ -1,6 +1,7 @@
 //! End to end in the lab: snapshots of a running guest. The second is a fraction of the first;
 //! a restored snapshot boots with the counter the disk had when it was taken; a VM keeps 16;
-//! deleting a middle one leaves the later ones whole; bad requests are refused clearly.
+//! deleting a middle one leaves the later ones whole; bad requests are refused clearly. An HA
+//! VM's snapshot is kept on both hosts and restores on the survivor after its host dies.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::process::Output;
 
 use proto::v1 as pb;
+use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, other};
 use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
 /// Where the test's data sits on the disk (the guest writes only its first block).
@@ -71,12 +73,17 @@ fn last_counter(console: &Console) -> u64 {
 
 /// Takes a crash-consistent snapshot; returns it with the counters shown just before and
 /// just after: the disk it holds had a counter between the two.
-fn snapshot(lab: &Lab, console: &Console, description: &str) -> (serde_json::Value, u64, u64) {
+fn snapshot(
+    lab: &Lab,
+    vm: &str,
+    console: &Console,
+    description: &str,
+) -> (serde_json::Value, u64, u64) {
     let before = last_counter(console);
     let taken = json(&lab.pvctl(&[
         "--json",
         "vm-snapshot-create",
-        "snap",
+        vm,
         "--consistency",
         "crash",
         "--description",
@@ -139,9 +146,13 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     console.wait_counters(seen + 2, COUNTER_PERIOD_TIMEOUT);
 
     // The second holds only the changes: the counter block, not the data.
-    let (second, ..) = snapshot(&lab, &console, "two");
+    let (second, ..) = snapshot(&lab, "snap", &console, "two");
     assert_eq!(second["incremental"], true, "{second}");
     let bytes2 = second["bytes"].as_u64().unwrap();
+    eprintln!(
+        "snapshot 1: {bytes1} B, snapshot 2: {bytes2} B, disk I/O held {} / {} us",
+        first["freeze_us"], second["freeze_us"]
+    );
     assert!(
         bytes2 * 10 < bytes1,
         "gen2 {bytes2} B is not a fraction of gen1 {bytes1} B"
@@ -151,9 +162,9 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     assert!(app.contains("no guest agent"), "{app}");
 
     // Up to 16; the 17th is refused naming the oldest, and nothing changes.
-    let (_, before3, after3) = snapshot(&lab, &console, "three");
+    let (_, before3, after3) = snapshot(&lab, "snap", &console, "three");
     for n in 4..=16 {
-        snapshot(&lab, &console, &format!("gen {n}"));
+        snapshot(&lab, "snap", &console, &format!("gen {n}"));
     }
     let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
     assert_eq!(listed.as_array().unwrap().len(), 16);
@@ -213,4 +224,42 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
         .with_file_name(".snapshots")
         .join(volume.file_name().unwrap());
     assert!(!chain.exists(), "{} is left", chain.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_vms_snapshot_restores_on_the_survivor_of_its_host() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvto", 244);
+    let vm = lab.start_protected("hs", SYNC_TIMEOUT).await;
+    let node = vm.node.clone();
+    let console = Console::new(&lab, &vm);
+    console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+
+    // Taken on the VM's host and copied to its peer over the A-Links.
+    let (taken, before, after) = snapshot(&lab, "hs", &console, "before the cut");
+    assert_eq!(
+        taken["nodes"],
+        serde_json::json!([node, other(&node)]),
+        "{taken}"
+    );
+
+    // Its host dies: the VM restarts on the peer, which lists and restores the snapshot.
+    lab.kill_host(&node);
+    let moved = lab
+        .wait_running_on("hs", other(&node), FAILOVER_TIMEOUT)
+        .await;
+    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "hs"]));
+    assert_eq!(listed[0]["id"], "1", "{listed}");
+    ok(&lab.pvctl(&["vm-poweroff", "hs"]));
+    ok(&lab.pvctl(&["vm-snapshot-restore", "hs", "1"]));
+    let console = Console::new(&lab, &moved);
+    ok(&lab.pvctl(&["vm-start", "hs"]));
+    let resumed = console.wait_counters(1, GUEST_BOOT_TIMEOUT)[0].0 - 1;
+    assert!(
+        (before..=after).contains(&resumed),
+        "the snapshot was taken with the counter in {before}..={after}, the guest resumed from {resumed} on {}",
+        other(&node)
+    );
 }

@@ -4,7 +4,7 @@
 use proto::agent as pb;
 
 use super::{Error, Inner, disk_format, invalid, plain_name, uuid_invalid};
-use crate::snapshot::{self, SnapVolume, Taken};
+use crate::snapshot::{self, SnapVolume, Taken, transfer};
 
 impl Inner {
     /// Takes a snapshot of a VM's volumes.
@@ -46,11 +46,53 @@ impl Inner {
             }
         }
         let taken = taken?;
+        let replicated = if req.replicate {
+            self.replicate(&req, &volumes).await
+        } else {
+            Ok(false)
+        };
         Ok(pb::SnapshotTaken {
             bytes: taken.bytes,
             incremental: taken.incremental,
             freeze_us: u64::try_from(taken.freeze.as_micros()).unwrap_or(u64::MAX),
+            replicated: replicated.as_ref().is_ok_and(|r| *r),
+            replicate_error: replicated.err().unwrap_or_default(),
         })
+    }
+
+    /// Copies snapshot `req.id`'s files to the peer over the A-Links, logging begin and end.
+    async fn replicate(
+        &self,
+        req: &pb::TakeSnapshotRequest,
+        volumes: &[SnapVolume],
+    ) -> Result<bool, String> {
+        let Some(replicas) = &self.deps.replicas else {
+            return Err("this host has no A-Links to its peer".into());
+        };
+        tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, "snapshot copy to peer begin");
+        let socket = replicas.peer_files_socket();
+        let mut outcome = Ok(true);
+        for volume in volumes {
+            let sent = match snapshot::generation(&self.deps.storage, volume, &req.id) {
+                Ok((path, file)) => transfer::send(socket, &volume.group, &path, &file)
+                    .await
+                    .map_err(|e| daemon::error_chain(&e)),
+                Err(e) => Err(daemon::error_chain(&e)),
+            };
+            if let Err(e) = sent {
+                outcome = Err(e);
+                break;
+            }
+        }
+        match &outcome {
+            Ok(_) => {
+                tracing::info!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, "snapshot copy to peer end: ok");
+            }
+            Err(e) => {
+                tracing::warn!(vm = %req.vm_uuid, node = %self.node, snapshot = %req.id, error = %e, "snapshot copy to peer end: failed; the snapshot is kept on this host only");
+            }
+        }
+        outcome
     }
 
     /// Deletes a snapshot of a VM's volumes.

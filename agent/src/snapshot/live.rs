@@ -7,14 +7,20 @@
 //! the newest generation there is no bitmap for the chain's head, and the copy is full.
 //! Targets are opened with `backing: null` (their header names the parent, which QEMU must
 //! not open) and `detect-zeroes: on` (zeros stored as data take no space in the copy).
+//!
+//! A raw disk is copied from its file node, below the format node: an HA mirror's job holds
+//! the format node (QEMU refuses a backup from it: "block device is in use by block job"),
+//! not the file node, and for raw both read the same bytes. A qcow2 disk (never mirrored: a
+//! protected VM's disks are raw) is copied from its format node.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
 use super::Error;
+use crate::domain::DiskFormat;
 use crate::libvirt::{Libvirt, Monitor};
 use crate::mirror::source_node;
 use crate::qmp_block::{self as qmp, JobStatus, find_bitmap};
@@ -40,11 +46,22 @@ pub struct DiskPlan {
     pub changed: Option<u64>,
 }
 
-/// Looks up each disk's node and whether `parent`'s bitmap is there.
+/// A disk to copy: its guest device, image file and format.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    /// Guest device, e.g. "vda".
+    pub device: String,
+    /// The volume's path, as QEMU opened it.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// Looks up the node each disk is copied from and whether `parent`'s bitmap is there.
 pub async fn plan(
     libvirt: &Libvirt,
     uuid: &str,
-    devices: Vec<String>,
+    disks: Vec<Disk>,
     parent: Option<String>,
 ) -> Result<Vec<DiskPlan>, Error> {
     let vm = uuid.to_string();
@@ -52,24 +69,39 @@ pub async fn plan(
         .with_monitor(uuid, move |m| {
             let blocks = qmp::query_blocks(m)?;
             let nodes = qmp::query_nodes(m)?;
-            devices
+            disks
                 .into_iter()
-                .map(|device| {
-                    let node = source_node(&blocks, &device).ok_or_else(|| Error::DiskUnknown {
-                        uuid: vm.clone(),
-                        device: device.clone(),
-                    })?;
-                    let changed = parent.as_ref().and_then(|p| {
-                        find_bitmap(&nodes, &bitmap_name(p))
-                            .filter(|(holder, b)| *holder == node && !b.inconsistent)
-                            .map(|(_, b)| b.count)
-                    });
-                    Ok(DiskPlan {
-                        device,
-                        node,
-                        changed,
-                    })
-                })
+                .map(
+                    |Disk {
+                         device,
+                         path,
+                         format,
+                     }| {
+                        let unknown = || Error::DiskUnknown {
+                            uuid: vm.clone(),
+                            device: device.clone(),
+                        };
+                        let top = source_node(&blocks, &device).ok_or_else(unknown)?;
+                        let node = match format {
+                            DiskFormat::Qcow2 => top,
+                            DiskFormat::Raw => nodes
+                                .iter()
+                                .find(|n| n.drv == "file" && Path::new(&n.file) == path)
+                                .map(|n| n.node_name.clone())
+                                .ok_or_else(unknown)?,
+                        };
+                        let changed = parent.as_ref().and_then(|p| {
+                            find_bitmap(&nodes, &bitmap_name(p))
+                                .filter(|(holder, b)| *holder == node && !b.inconsistent)
+                                .map(|(_, b)| b.count)
+                        });
+                        Ok(DiskPlan {
+                            device,
+                            node,
+                            changed,
+                        })
+                    },
+                )
                 .collect()
         })
         .await

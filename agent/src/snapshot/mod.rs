@@ -12,6 +12,7 @@
 
 pub mod chain;
 mod live;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -180,8 +181,16 @@ async fn take_live(
     parent: Option<&str>,
     chains: &[Chain],
 ) -> Result<Taken, Error> {
-    let devices = (0..chains.len()).map(domain::virtio_disk_name).collect();
-    let plans = live::plan(libvirt, uuid, devices, parent.map(str::to_string)).await?;
+    let disks = chains
+        .iter()
+        .enumerate()
+        .map(|(index, c)| live::Disk {
+            device: domain::virtio_disk_name(index),
+            path: c.volume.clone(),
+            format: c.format,
+        })
+        .collect();
+    let plans = live::plan(libvirt, uuid, disks, parent.map(str::to_string)).await?;
     let needs = chains
         .iter()
         .zip(&plans)
@@ -261,6 +270,22 @@ fn check_space(groups: &StorageGroups, chains: &[Chain], needs: &[u64]) -> Resul
         }
     }
     Ok(())
+}
+
+/// Generation `id` of `volume`: its path inside the storage group and its file.
+pub fn generation(
+    groups: &StorageGroups,
+    volume: &SnapVolume,
+    id: &str,
+) -> Result<(String, PathBuf), Error> {
+    let chain = chains(groups, std::slice::from_ref(volume))?
+        .pop()
+        .ok_or_else(|| Error::Missing {
+            id: id.to_string(),
+            path: PathBuf::from(&volume.name),
+        })?;
+    let path = format!("{}/{}/{}", chain::DIR, volume.name, chain::file_name(id));
+    Ok((path, chain.file(id)))
 }
 
 /// Deletes snapshot `id` from every volume's chain (rebasing the generations built on it).

@@ -26,7 +26,7 @@ pub(super) fn to_pb(vm: &str, s: &Snapshot) -> pb::Snapshot {
             Consistency::Application => pb::Consistency::Application,
         }
         .into(),
-        node: s.node.clone(),
+        nodes: s.nodes.clone(),
         bytes: s.bytes,
         incremental: s.incremental,
         freeze_us: s.freeze_us,

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use super::Reply;
 use super::actor::{Engine, Internal};
-use crate::agents::Token;
+use crate::agents::{Agent, Token};
 use crate::error::{ApiError, chain};
 use crate::model::{Snapshot, SnapshotState, VmRecord};
 use crate::snapshots::{self, Ask};
@@ -18,8 +18,13 @@ pub type Created = (Snapshot, Vec<String>);
 /// What a snapshot operation was.
 #[derive(Debug)]
 pub(super) enum SnapshotOp {
-    /// Taking one, with the warnings for its caller.
+    /// Taking one on top of `parent`, copied to `peer` if given, with the warnings for its
+    /// caller.
     Take {
+        /// The snapshot it builds on.
+        parent: Option<String>,
+        /// The peer to copy it to.
+        peer: Option<String>,
         /// Warnings.
         warnings: Vec<String>,
         /// The caller.
@@ -51,7 +56,15 @@ impl Engine {
     ) {
         let planned = match self.snapshot_vm(vm).and_then(|uuid| {
             let record = &self.vms[&uuid].record;
-            snapshots::plan(record, description, ask, crate::now_unix_ms()).map(|p| (uuid, p))
+            let peer = self.peer_of(&record.node);
+            snapshots::plan(
+                record,
+                peer.as_deref(),
+                description,
+                ask,
+                crate::now_unix_ms(),
+            )
+            .map(|p| (uuid, p, peer))
         }) {
             Ok(planned) => planned,
             Err(e) => {
@@ -59,7 +72,7 @@ impl Engine {
                 return;
             }
         };
-        let (uuid, planned) = planned;
+        let (uuid, planned, peer) = planned;
         let id = planned.snapshot.id.clone();
         let next = self.vms[&uuid].record.next_snapshot.max(1) + 1;
         let snapshot = planned.snapshot.clone();
@@ -78,10 +91,12 @@ impl Engine {
         };
         tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, parent = ?planned.parent, "snapshot begin");
         let op = SnapshotOp::Take {
+            parent: planned.parent,
+            peer: peer.filter(|_| planned.replicate),
             warnings: planned.warnings,
             reply,
         };
-        self.run_snapshot(record, id, op, planned.parent);
+        self.run_snapshot(record, id, op);
     }
 
     /// Deletes a snapshot.
@@ -129,7 +144,7 @@ impl Engine {
             }
         };
         tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, "snapshot restore begin");
-        self.run_snapshot(record, id.to_string(), SnapshotOp::Restore(reply), None);
+        self.run_snapshot(record, id.to_string(), SnapshotOp::Restore(reply));
     }
 
     /// Snapshots left being taken or deleted by an earlier serving controller are deleted:
@@ -174,7 +189,7 @@ impl Engine {
         match saved {
             Ok(record) => {
                 tracing::info!(vm = %record.name, node = %record.node, snapshot = %id, "snapshot delete begin");
-                self.run_snapshot(record, id.to_string(), SnapshotOp::Delete(reply), None);
+                self.run_snapshot(record, id.to_string(), SnapshotOp::Delete(reply));
             }
             Err(e) => {
                 if let Some(reply) = reply {
@@ -191,20 +206,23 @@ impl Engine {
         Ok(uuid)
     }
 
-    /// Runs `op` on snapshot `id` through the agent of the host that keeps it.
-    fn run_snapshot(
-        &mut self,
-        record: VmRecord,
-        id: String,
-        op: SnapshotOp,
-        parent: Option<String>,
-    ) {
-        let node = record
+    /// Runs `op` on snapshot `id` through the agents of the hosts that keep it: the VM's
+    /// host takes and restores; a deletion runs on every copy, and only the VM's host's must
+    /// succeed (a copy left on a lost peer is never listed or restored again).
+    fn run_snapshot(&mut self, record: VmRecord, id: String, op: SnapshotOp) {
+        let nodes = record
             .snapshots
             .iter()
             .find(|s| s.id == id)
-            .map_or_else(|| record.node.clone(), |s| s.node.clone());
-        let agent = self.agent_of(&node);
+            .map_or_else(|| vec![record.node.clone()], |s| s.nodes.clone());
+        let agents: Vec<(String, Result<Agent, ApiError>)> = nodes
+            .into_iter()
+            .map(|n| {
+                let agent = self.agent_of(&n);
+                (n, agent)
+            })
+            .collect();
+        let home = self.agent_of(&record.node);
         let token = Token {
             term: self.ctx.writer.term(),
             generation: record.generation,
@@ -212,23 +230,24 @@ impl Engine {
         self.snapshotting.insert(record.uuid.clone());
         let out = self.internal.clone();
         self.tasks.spawn(async move {
-            let result = match agent {
-                Ok(agent) => match &op {
-                    SnapshotOp::Take { .. } => agent
-                        .take_snapshot(&record, &id, parent.as_deref(), token)
+            let result = match &op {
+                SnapshotOp::Take { parent, peer, .. } => match home {
+                    Ok(agent) => agent
+                        .take_snapshot(&record, &id, parent.as_deref(), peer.is_some(), token)
                         .await
-                        .map(Some),
-                    SnapshotOp::Delete(_) => agent
-                        .delete_snapshot(&record, &id, token)
-                        .await
-                        .map(|()| None),
-                    SnapshotOp::Restore(_) => agent
+                        .map(Some)
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                },
+                SnapshotOp::Restore(_) => match home {
+                    Ok(agent) => agent
                         .restore_snapshot(&record, &id, token)
                         .await
-                        .map(|()| None),
-                }
-                .map_err(ApiError::from),
-                Err(e) => Err(e),
+                        .map(|()| None)
+                        .map_err(ApiError::from),
+                    Err(e) => Err(e),
+                },
+                SnapshotOp::Delete(_) => delete_everywhere(&record, &id, agents, token).await,
             };
             let done = SnapshotDone {
                 uuid: record.uuid,
@@ -258,16 +277,29 @@ impl Engine {
             Err(e) => e.to_string(),
         };
         match op {
-            SnapshotOp::Take { warnings, reply } => {
+            SnapshotOp::Take {
+                peer,
+                mut warnings,
+                reply,
+                ..
+            } => {
                 let saved = match result {
                     Ok(taken) => {
                         let taken = taken.unwrap_or_default();
+                        let copied = peer.filter(|_| taken.replicated);
+                        if !taken.replicate_error.is_empty() {
+                            warnings.push(format!(
+                                "the snapshot is kept on this VM's host only: copying it to its peer failed ({})",
+                                taken.replicate_error
+                            ));
+                        }
                         self.save(&uuid, |r| {
                             if let Some(s) = r.snapshots.iter_mut().find(|s| s.id == id) {
                                 s.state = SnapshotState::Ready;
                                 s.bytes = taken.bytes;
                                 s.incremental = taken.incremental;
                                 s.freeze_us = taken.freeze_us;
+                                s.nodes.extend(copied);
                             }
                         })
                         .await
@@ -349,4 +381,30 @@ impl Engine {
             }
         }
     }
+}
+
+/// Deletes snapshot `id` on every host that keeps it; fails only if the VM's host fails.
+async fn delete_everywhere(
+    record: &VmRecord,
+    id: &str,
+    agents: Vec<(String, Result<Agent, ApiError>)>,
+    token: Token,
+) -> Result<Option<proto::agent::SnapshotTaken>, ApiError> {
+    for (node, agent) in agents {
+        let deleted = match agent {
+            Ok(agent) => agent
+                .delete_snapshot(record, id, token)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        match deleted {
+            Ok(()) => {}
+            Err(e) if node == record.node => return Err(e),
+            Err(e) => {
+                tracing::warn!(vm = %record.name, node = %node, snapshot = %id, error = %e, "snapshot copy not deleted on the peer; it is no longer listed and is never restored");
+            }
+        }
+    }
+    Ok(None)
 }
