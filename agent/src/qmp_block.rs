@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::{Value, json};
 
+use crate::domain;
 use crate::libvirt::{self, Monitor};
 
 /// Errors of a block QMP command.
@@ -218,6 +219,37 @@ pub(crate) fn find_bitmap<'a>(nodes: &'a [NamedNode], name: &str) -> Option<(&'a
         let bitmap = n.bitmaps.iter().find(|b| b.name == name)?;
         Some((n.node_name.as_str(), bitmap))
     })
+}
+
+/// The node on top of the disk of guest device `device`: the one its virtio device uses.
+pub(crate) fn source_node(blocks: &[BlockInfo], device: &str) -> Option<String> {
+    block_of(blocks, device)
+        .and_then(|b| b.inserted.as_ref())
+        .map(|i| i.node_name.clone())
+}
+
+/// The filename of the disk of guest device `device` (its image path for a local file).
+pub(crate) fn disk_file<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a str> {
+    block_of(blocks, device)
+        .and_then(|b| b.inserted.as_ref())
+        .map(|i| i.file.as_str())
+}
+
+fn block_of<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a BlockInfo> {
+    let alias = domain::disk_alias(device);
+    let path = format!("/machine/peripheral/{alias}/virtio-backend");
+    blocks.iter().find(|b| b.qdev == path || b.qdev == alias)
+}
+
+/// The guest device of a `query-block` entry of ours (its alias `ua-<device>`).
+pub(crate) fn device_of_block(block: &BlockInfo) -> Option<String> {
+    let id = block
+        .qdev
+        .strip_prefix("/machine/peripheral/")
+        .and_then(|rest| rest.strip_suffix("/virtio-backend"))
+        .unwrap_or(&block.qdev);
+    let device = id.strip_prefix(&domain::disk_alias(""))?;
+    (!device.is_empty() && domain::disk_alias(device) == id).then(|| device.to_string())
 }
 
 /// Reads a reply to `command`: its value, or QEMU's refusal as [`Error::Refused`].

@@ -396,6 +396,52 @@ pub fn tiny_guest(name: &str) -> pb::CreateVmRequest {
     }
 }
 
+/// The tiny guest with one raw disk of each size in `sizes` (a second disk runs its write
+/// bench, see `images/tiny-guest/init`).
+pub fn tiny_guest_with_disks(
+    name: &str,
+    mode: pb::ProtectionMode,
+    sizes: &[u64],
+) -> pb::CreateVmRequest {
+    let guest = tiny_guest(name);
+    pb::CreateVmRequest {
+        mode: mode.into(),
+        disks: sizes
+            .iter()
+            .map(|size| pb::DiskRequest {
+                size_bytes: *size,
+                ..guest.disks[0].clone()
+            })
+            .collect(),
+        ..guest
+    }
+}
+
+/// A pvctl run that must succeed: its stdout.
+pub fn pvctl_ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "pvctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A pvctl run that must fail: its stderr.
+pub fn pvctl_refused(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "pvctl succeeded where it must fail: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A pvctl `--json` run that must succeed: its JSON.
+pub fn pvctl_json(output: &Output) -> serde_json::Value {
+    serde_json::from_str(&pvctl_ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))
+}
+
 /// Parses `COUNTER n boot=<id>`.
 pub fn parse_counter(line: &str) -> Option<(u64, String)> {
     let rest = line.trim().strip_prefix("COUNTER ")?;

@@ -3,38 +3,16 @@
 //! a host path is refused, a broken upload leaves nothing, and an ISO in use cannot go.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{Console, GUEST_BOOT_TIMEOUT, Lab};
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused};
 
 /// The Debian `grub-rescue-pc` package's ISO (`scripts/install-deps.sh` installs it).
 const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
 /// Time for a failed upload's copies and record to be removed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn ok(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "pvctl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn refused(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "pvctl succeeded where it must fail: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))
-}
 
 fn sha256sum(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
@@ -65,7 +43,7 @@ fn iso_files(lab: &Lab, node: &str) -> Vec<String> {
 }
 
 fn library(lab: &Lab) -> Vec<String> {
-    json(&lab.pvctl(&["--json", "iso-list"]))
+    pvctl_json(&lab.pvctl(&["--json", "iso-list"]))
         .as_array()
         .unwrap()
         .iter()
@@ -135,7 +113,7 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     let lab = Lab::up("pvtv", 240);
 
     // Upload: both hosts hold a byte-identical copy; the checksum is the file's.
-    let added = json(&lab.pvctl(&["--json", "iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
+    let added = pvctl_json(&lab.pvctl(&["--json", "iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
     let sha = sha256sum(iso);
     assert_eq!(added["sha256"], sha.as_str());
     assert_eq!(added["state"], "ready");
@@ -143,7 +121,7 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
         assert_eq!(iso_files(&lab, node), ["rescue.iso"], "on {node}");
         assert_eq!(sha256sum(&iso_dir(&lab, node).join("rescue.iso")), sha);
     }
-    let err = refused(&lab.pvctl(&["iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
+    let err = pvctl_refused(&lab.pvctl(&["iso-add", RESCUE_ISO, "--name", "rescue.iso"]));
     assert!(err.contains("has an ISO named rescue.iso already"), "{err}");
 
     // Broken uploads are refused and leave nothing, on either host or in the library.
@@ -159,7 +137,7 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     wait_gone(&lab, "short.iso");
 
     // A host path is refused: a guest is never given an arbitrary host file.
-    let path = refused(&lab.pvctl(&[
+    let path = pvctl_refused(&lab.pvctl(&[
         "vm-create",
         "pathvm",
         "--mode",
@@ -170,7 +148,7 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
         RESCUE_ISO,
     ]));
     assert!(path.contains("is a path"), "{path}");
-    let unknown = refused(&lab.pvctl(&[
+    let unknown = pvctl_refused(&lab.pvctl(&[
         "vm-create",
         "nonevm",
         "--mode",
@@ -183,7 +161,7 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     assert!(unknown.contains("no ISO named none.iso"), "{unknown}");
 
     // A VM created from the library boots from the CD: GRUB's menu shows on its console.
-    let created = json(&lab.pvctl(&[
+    let created = pvctl_json(&lab.pvctl(&[
         "--json",
         "vm-create",
         "cdvm",
@@ -201,20 +179,20 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
         .unwrap()
         .into_inner();
     let console = Console::from_start(&lab, &vm);
-    ok(&lab.pvctl(&["vm-start", "cdvm"]));
+    pvctl_ok(&lab.pvctl(&["vm-start", "cdvm"]));
     console.wait_line("the CD's GRUB", GUEST_BOOT_TIMEOUT, |l| {
         l.contains("GNU GRUB")
     });
-    let listed = json(&lab.pvctl(&["--json", "iso-list"]));
+    let listed = pvctl_json(&lab.pvctl(&["--json", "iso-list"]));
     assert_eq!(listed[0]["used_by"][0], "cdvm");
 
     // In use: the ISO stays. Once the VM is gone it can be deleted from both hosts.
-    let busy = refused(&lab.pvctl(&["iso-delete", "rescue.iso"]));
+    let busy = pvctl_refused(&lab.pvctl(&["iso-delete", "rescue.iso"]));
     assert!(busy.contains("in use by VM cdvm"), "{busy}");
     assert_eq!(iso_files(&lab, "n0"), ["rescue.iso"]);
-    ok(&lab.pvctl(&["vm-poweroff", "cdvm"]));
-    ok(&lab.pvctl(&["vm-delete", "cdvm"]));
-    ok(&lab.pvctl(&["iso-delete", "rescue.iso"]));
+    pvctl_ok(&lab.pvctl(&["vm-poweroff", "cdvm"]));
+    pvctl_ok(&lab.pvctl(&["vm-delete", "cdvm"]));
+    pvctl_ok(&lab.pvctl(&["iso-delete", "rescue.iso"]));
     assert!(library(&lab).is_empty());
     for node in ["n0", "n1"] {
         assert!(iso_files(&lab, node).is_empty(), "on {node}");

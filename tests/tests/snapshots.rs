@@ -6,37 +6,17 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::Output;
 
 use proto::v1 as pb;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, other};
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::{
+    COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused,
+    tiny_guest,
+};
 
 /// Where the test's data sits on the disk (the guest writes only its first block).
 const DATA_OFFSET: u64 = 1 << 20;
 const DATA_LEN: usize = 8 << 20;
-
-fn ok(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "pvctl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn refused(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "pvctl succeeded where it must fail: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))
-}
 
 /// Pseudo-random bytes (xorshift), the same for the same length.
 fn pattern(len: usize) -> Vec<u8> {
@@ -80,7 +60,7 @@ fn snapshot(
     description: &str,
 ) -> (serde_json::Value, u64, u64) {
     let before = last_counter(console);
-    let taken = json(&lab.pvctl(&[
+    let taken = pvctl_json(&lab.pvctl(&[
         "--json",
         "vm-snapshot-create",
         vm,
@@ -96,9 +76,9 @@ fn snapshot(
 /// Restores snapshot `id` of the stopped VM, starts it and returns the counter it resumed
 /// from (the value on the restored disk).
 fn restore_and_boot(lab: &Lab, vm: &pb::Vm, id: &str) -> u64 {
-    ok(&lab.pvctl(&["vm-snapshot-restore", "snap", id]));
+    pvctl_ok(&lab.pvctl(&["vm-snapshot-restore", "snap", id]));
     let console = Console::new(lab, vm);
-    ok(&lab.pvctl(&["vm-start", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-start", "snap"]));
     let first = console.wait_counters(1, GUEST_BOOT_TIMEOUT);
     first[0].0 - 1
 }
@@ -123,7 +103,7 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     let volume = lab.volume_path(&vm.node, &vm.disks[0].volume);
     write_data(&volume);
     let console = Console::new(&lab, &vm);
-    ok(&lab.pvctl(&["vm-start", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-start", "snap"]));
     console.wait_counters(3, GUEST_BOOT_TIMEOUT);
 
     // The first snapshot holds the used data; by default it warns that it is crash-consistent.
@@ -136,7 +116,7 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
         "one",
     ]);
     let warned = String::from_utf8_lossy(&first.stderr).into_owned();
-    let first = json(&first);
+    let first = pvctl_json(&first);
     assert!(warned.contains("crash-consistent"), "{warned}");
     assert_eq!(first["incremental"], false);
     let bytes1 = first["bytes"].as_u64().unwrap();
@@ -158,7 +138,8 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
         "gen2 {bytes2} B is not a fraction of gen1 {bytes1} B"
     );
 
-    let app = refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "application"]));
+    let app =
+        pvctl_refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "application"]));
     assert!(app.contains("no guest agent"), "{app}");
 
     // Up to 16; the 17th is refused naming the oldest, and nothing changes.
@@ -166,24 +147,24 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     for n in 4..=16 {
         snapshot(&lab, "snap", &console, &format!("gen {n}"));
     }
-    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
+    let listed = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
     assert_eq!(listed.as_array().unwrap().len(), 16);
-    let full = refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "crash"]));
+    let full = pvctl_refused(&lab.pvctl(&["vm-snapshot-create", "snap", "--consistency", "crash"]));
     assert!(
         full.contains("delete the oldest first: pvctl vm-snapshot-delete snap 1"),
         "{full}"
     );
-    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
+    let listed = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
     assert_eq!(listed.as_array().unwrap().len(), 16);
 
     // Bad requests: restore while running, an unknown snapshot.
-    let running = refused(&lab.pvctl(&["vm-snapshot-restore", "snap", "1"]));
+    let running = pvctl_refused(&lab.pvctl(&["vm-snapshot-restore", "snap", "1"]));
     assert!(running.contains("shut it down first"), "{running}");
-    let unknown = refused(&lab.pvctl(&["vm-snapshot-delete", "snap", "99"]));
+    let unknown = pvctl_refused(&lab.pvctl(&["vm-snapshot-delete", "snap", "99"]));
     assert!(unknown.contains("has no snapshot 99"), "{unknown}");
 
     // Restore the first: the guest resumes from the counter its disk had then.
-    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-poweroff", "snap"]));
     let resumed = restore_and_boot(&lab, &vm, "1");
     assert!(
         (window1.0..=window1.1).contains(&resumed),
@@ -192,21 +173,21 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
 
     // Deleting a middle snapshot (2) leaves the later ones whole: 3 restores its counter and
     // the data written before the first.
-    ok(&lab.pvctl(&["vm-snapshot-delete", "snap", "2"]));
-    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
-    ok(&lab.pvctl(&["vm-snapshot-restore", "snap", "3"]));
+    pvctl_ok(&lab.pvctl(&["vm-snapshot-delete", "snap", "2"]));
+    pvctl_ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-snapshot-restore", "snap", "3"]));
     assert!(
         data_intact(&volume),
         "the data before snapshot 1 is not in snapshot 3"
     );
     let console3 = Console::new(&lab, &vm);
-    ok(&lab.pvctl(&["vm-start", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-start", "snap"]));
     let resumed = console3.wait_counters(1, GUEST_BOOT_TIMEOUT)[0].0 - 1;
     assert!(
         (before3..=after3).contains(&resumed),
         "snapshot 3 was taken with the counter in {before3}..={after3}, the guest resumed from {resumed}"
     );
-    let ids: Vec<String> = json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]))
+    let ids: Vec<String> = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]))
         .as_array()
         .unwrap()
         .iter()
@@ -218,8 +199,8 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     );
 
     // Deleting the VM deletes its snapshots' files.
-    ok(&lab.pvctl(&["vm-poweroff", "snap"]));
-    ok(&lab.pvctl(&["vm-delete", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-poweroff", "snap"]));
+    pvctl_ok(&lab.pvctl(&["vm-delete", "snap"]));
     let chain = volume
         .with_file_name(".snapshots")
         .join(volume.file_name().unwrap());
@@ -250,12 +231,12 @@ async fn an_ha_vms_snapshot_restores_on_the_survivor_of_its_host() {
     let moved = lab
         .wait_running_on("hs", other(&node), FAILOVER_TIMEOUT)
         .await;
-    let listed = json(&lab.pvctl(&["--json", "vm-snapshot-list", "hs"]));
+    let listed = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "hs"]));
     assert_eq!(listed[0]["id"], "1", "{listed}");
-    ok(&lab.pvctl(&["vm-poweroff", "hs"]));
-    ok(&lab.pvctl(&["vm-snapshot-restore", "hs", "1"]));
+    pvctl_ok(&lab.pvctl(&["vm-poweroff", "hs"]));
+    pvctl_ok(&lab.pvctl(&["vm-snapshot-restore", "hs", "1"]));
     let console = Console::new(&lab, &moved);
-    ok(&lab.pvctl(&["vm-start", "hs"]));
+    pvctl_ok(&lab.pvctl(&["vm-start", "hs"]));
     let resumed = console.wait_counters(1, GUEST_BOOT_TIMEOUT)[0].0 - 1;
     assert!(
         (before..=after).contains(&resumed),

@@ -59,10 +59,11 @@ use serde_json::{Value, json};
 
 pub use self::pivot::Plan as PivotPlan;
 use self::qmp::{
-    BlockInfo, BlockJob, JobStatus, NamedNode, execute, find_bitmap, query_jobs, query_nodes,
+    BlockJob, JobStatus, NamedNode, device_of_block, execute, find_bitmap, query_jobs, query_nodes,
+    source_node,
 };
 pub use self::registry::{Resync, ResyncMode, Verify};
-use crate::domain::{self, DiskFormat};
+use crate::domain::DiskFormat;
 use crate::libvirt::{self, Libvirt, Monitor};
 use crate::qmp_block as qmp;
 
@@ -652,37 +653,6 @@ fn resync_pending(jobs: &[BlockJob], nodes: &[NamedNode]) -> bool {
         jobs.iter().any(|j| j.device == job_id && j.in_sync())
     });
     backing_up || unverified
-}
-
-/// The node on top of the disk of guest device `device`: the one its virtio device uses.
-pub(crate) fn source_node(blocks: &[BlockInfo], device: &str) -> Option<String> {
-    block_of(blocks, device)
-        .and_then(|b| b.inserted.as_ref())
-        .map(|i| i.node_name.clone())
-}
-
-/// The filename of the disk of guest device `device` (its image path for a local file).
-fn disk_file<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a str> {
-    block_of(blocks, device)
-        .and_then(|b| b.inserted.as_ref())
-        .map(|i| i.file.as_str())
-}
-
-fn block_of<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a BlockInfo> {
-    let alias = domain::disk_alias(device);
-    let path = format!("/machine/peripheral/{alias}/virtio-backend");
-    blocks.iter().find(|b| b.qdev == path || b.qdev == alias)
-}
-
-/// The guest device of a `query-block` entry of ours (its alias `ua-<device>`).
-fn device_of_block(block: &BlockInfo) -> Option<String> {
-    let id = block
-        .qdev
-        .strip_prefix("/machine/peripheral/")
-        .and_then(|rest| rest.strip_suffix("/virtio-backend"))
-        .unwrap_or(&block.qdev);
-    let device = id.strip_prefix(&domain::disk_alias(""))?;
-    (!device.is_empty() && domain::disk_alias(device) == id).then(|| device.to_string())
 }
 
 /// The guest device a mirror job's ID stands for (`None` for other jobs).

@@ -152,7 +152,7 @@ fn disks_of(blocks: &[BlockInfo]) -> Vec<(String, bool)> {
     blocks
         .iter()
         .filter_map(|b| {
-            let device = super::device_of_block(b)?;
+            let device = super::qmp::device_of_block(b)?;
             let inserted = b.inserted.as_ref()?;
             Some((device, inserted.node_name.starts_with(PEER_PREFIX)))
         })

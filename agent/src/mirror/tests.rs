@@ -1,4 +1,4 @@
-use super::qmp::parse_reply;
+use super::qmp::{BlockInfo, disk_file, parse_reply};
 use super::*;
 
 /// `query-block` of a libvirt 9.0 domain with two disks (QEMU 10.0.2), shortened.

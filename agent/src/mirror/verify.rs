@@ -21,9 +21,10 @@ use super::bitmap::{self, marker_name, resync_name};
 use super::nbd_client::{self, Client};
 use super::qmp::{self, BlockInfo, NamedNode};
 use super::registry::{self, Verify};
-use super::{JOB_PREFIX, PEER_PREFIX, Who, disk_file, export_in_filename, socket_in_filename};
+use super::{JOB_PREFIX, PEER_PREFIX, Who, export_in_filename, socket_in_filename};
 use crate::libvirt::Libvirt;
 use crate::nbd::proto;
+use crate::qmp_block::disk_file;
 
 /// How the disk is cut for reading and how stubborn a mismatch must be to count.
 #[derive(Clone, Copy, Debug)]

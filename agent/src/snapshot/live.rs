@@ -22,8 +22,7 @@ use serde_json::{Value, json};
 use super::Error;
 use crate::domain::DiskFormat;
 use crate::libvirt::{Libvirt, Monitor};
-use crate::mirror::source_node;
-use crate::qmp_block::{self as qmp, JobStatus, find_bitmap};
+use crate::qmp_block::{self as qmp, JobStatus, find_bitmap, source_node};
 
 /// Prefix of the snapshots' bitmaps; the snapshot ID follows.
 const BITMAP_PREFIX: &str = "pv-snap-";

@@ -33,7 +33,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use proto::v1 as pb;
 use serde_json::{Value, json};
-use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest_with_disks};
 
 const LAB_PREFIX: &str = "pvbb";
 const LAB_SUBNET: u8 = 246;
@@ -146,18 +146,7 @@ async fn create_vm(lab: &Lab, mode: pb::ProtectionMode) -> anyhow::Result<pb::Vm
         .client_at(&lab.endpoints())
         .await
         .map_err(anyhow::Error::msg)?;
-    let disks = DISK_SIZES
-        .iter()
-        .map(|size| pb::DiskRequest {
-            size_bytes: *size,
-            ..tiny_guest(VM_NAME).disks[0].clone()
-        })
-        .collect();
-    let request = pb::CreateVmRequest {
-        mode: mode.into(),
-        disks,
-        ..tiny_guest(VM_NAME)
-    };
+    let request = tiny_guest_with_disks(VM_NAME, mode, &DISK_SIZES);
     Ok(api
         .create_vm(request)
         .await

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use proto::v1 as pb;
-use tests::{GUEST_BOOT_TIMEOUT, Lab, parse_counter, tiny_guest};
+use tests::{GUEST_BOOT_TIMEOUT, Lab, parse_counter, tiny_guest_with_disks};
 use tokio::runtime::Runtime;
 
 use latency::wait_resync;
@@ -180,18 +180,7 @@ async fn create_vm(lab: &Lab) -> anyhow::Result<pb::Vm> {
         .client_at(&lab.endpoints())
         .await
         .map_err(anyhow::Error::msg)?;
-    let disks = DISK_SIZES
-        .iter()
-        .map(|size| pb::DiskRequest {
-            size_bytes: *size,
-            ..tiny_guest(VM_NAME).disks[0].clone()
-        })
-        .collect();
-    let request = pb::CreateVmRequest {
-        mode: pb::ProtectionMode::Ha.into(),
-        disks,
-        ..tiny_guest(VM_NAME)
-    };
+    let request = tiny_guest_with_disks(VM_NAME, pb::ProtectionMode::Ha, &DISK_SIZES);
     Ok(api
         .create_vm(request)
         .await
