@@ -16,7 +16,7 @@
 //!
 //! Every name derives from the guest device, so the mirror's state lives in QEMU alone: an
 //! agent restart loses nothing, and [`status`] reads it back. The disk's own top node is found
-//! through its device (the user alias `ua-vda`, see [`domain::disk_alias`]) in `query-block`,
+//! through its device (the user alias `ua-vda`, see [`crate::domain::disk_alias`]) in `query-block`,
 //! never guessed from libvirt's node numbering (vda may well be `libvirt-2-format`).
 //!
 //! **Failure stays visible.** Jobs run with `auto-dismiss: false`: a mirror that broke (the
