@@ -475,13 +475,19 @@ impl Console {
         }
     }
 
-    /// Lines written since the mark.
+    /// Complete lines written since the mark. A line the guest is still writing (no newline
+    /// yet) is left for the next read: read half-way, `COUNTER 5 boot=a4204b19` would parse
+    /// as a counter of another boot.
     pub fn lines(&self) -> Vec<String> {
         let bytes = std::fs::read(&self.path).unwrap_or_default();
         let start = usize::try_from(self.mark)
             .unwrap_or(usize::MAX)
             .min(bytes.len());
-        String::from_utf8_lossy(&bytes[start..])
+        let end = bytes[start..]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(start, |i| start + i + 1);
+        String::from_utf8_lossy(&bytes[start..end])
             .lines()
             .map(str::to_string)
             .collect()
