@@ -45,6 +45,16 @@ pub enum Error {
         /// The ISO's size.
         size_bytes: u64,
     },
+    /// The bytes written do not hash to the checksum committed.
+    #[error("the ISO {name} written here hashes to {ours}, not to the committed {theirs}")]
+    Checksum {
+        /// ISO name.
+        name: String,
+        /// This host's checksum.
+        ours: String,
+        /// The one committed.
+        theirs: String,
+    },
     /// More or fewer bytes arrived than the upload announced.
     #[error("the upload of ISO {name} announced {expected} bytes but {got} arrived")]
     Size {
@@ -100,7 +110,9 @@ pub fn sweep(groups: &StorageGroups) {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if name.to_string_lossy().ends_with(UPLOADING) {
+            let name = name.to_string_lossy();
+            // Only temporary names: an ISO's name never starts with '.'.
+            if name.starts_with('.') && name.ends_with(UPLOADING) {
                 let path = entry.path();
                 match fs::remove_file(&path) {
                     Ok(()) => {
@@ -154,8 +166,16 @@ impl Upload {
                 size_bytes,
             });
         }
-        let tmp = dir.join(format!(".{name}{UPLOADING}"));
-        let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        // Unique per upload: a retry of the same name never shares a dying upload's file.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tmp = dir.join(format!(".{name}.{nonce}{UPLOADING}"));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("creating", &tmp))?;
         Ok(Upload {
             name: name.to_string(),
             file,
@@ -182,10 +202,19 @@ impl Upload {
         Ok(())
     }
 
-    /// Checks the size, then syncs the file and renames it into place.
-    pub fn finish(mut self) -> Result<IsoFile, Error> {
+    /// Checks the size and that the bytes hash to `sha256` (the checksum the uploader and
+    /// the controller verified), then syncs the file and renames it into place.
+    pub fn finish(mut self, sha256: &str) -> Result<IsoFile, Error> {
         if self.written != self.expected {
             return Err(self.size_error(self.written));
+        }
+        let ours = format!("{:x}", std::mem::take(&mut self.hasher).finalize());
+        if ours != sha256 {
+            return Err(Error::Checksum {
+                name: self.name.clone(),
+                ours,
+                theirs: sha256.to_string(),
+            });
         }
         daemon::fsutil::sync_rename(&self.tmp, &self.path)
             .map_err(io_err("syncing the ISO into place", &self.path))?;
@@ -193,7 +222,7 @@ impl Upload {
         Ok(IsoFile {
             path: self.path.clone(),
             size_bytes: self.written,
-            sha256: format!("{:x}", std::mem::take(&mut self.hasher).finalize()),
+            sha256: sha256.to_string(),
         })
     }
 
@@ -233,13 +262,11 @@ mod tests {
         upload.write(b"ab").unwrap();
         upload.write(b"c").unwrap();
 
-        let iso = upload.finish().unwrap();
-
         // SHA-256("abc") from FIPS 180-2's examples.
-        assert_eq!(
-            iso.sha256,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        let iso = upload
+            .finish("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+            .unwrap();
+
         assert_eq!(find(&groups, "sg0", "abc.iso").unwrap(), iso.path);
         assert_eq!(fs::read(&iso.path).unwrap(), b"abc");
         assert_eq!(fs::read_dir(iso.path.parent().unwrap()).unwrap().count(), 1);
@@ -252,7 +279,7 @@ mod tests {
         let mut upload = Upload::begin(&groups, "sg0", "a.iso", 4).unwrap();
         upload.write(b"abc").unwrap();
 
-        let err = upload.finish().unwrap_err();
+        let err = upload.finish("x").unwrap_err();
 
         assert!(
             matches!(
@@ -271,6 +298,39 @@ mod tests {
         ));
         let isos = dir.path().join("sg0").join(DIR);
         assert_eq!(fs::read_dir(isos).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn upload_whose_bytes_do_not_hash_to_the_commit_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = groups(dir.path());
+        let mut upload = Upload::begin(&groups, "sg0", "a.iso", 3).unwrap();
+        upload.write(b"abd").unwrap();
+
+        let err = upload
+            .finish("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+            .unwrap_err();
+
+        assert!(matches!(err, Error::Checksum { .. }), "{err}");
+        assert!(matches!(
+            find(&groups, "sg0", "a.iso"),
+            Err(Error::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn an_iso_named_like_a_temporary_file_survives_the_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = groups(dir.path());
+        let mut upload = Upload::begin(&groups, "sg0", "install.uploading", 1).unwrap();
+        upload.write(b"x").unwrap();
+        upload
+            .finish(&format!("{:x}", Sha256::digest(b"x")))
+            .unwrap();
+
+        sweep(&groups);
+
+        find(&groups, "sg0", "install.uploading").unwrap();
     }
 
     #[test]
@@ -330,7 +390,7 @@ mod tests {
         let groups = groups(dir.path());
         let mut done = Upload::begin(&groups, "sg0", "done.iso", 1).unwrap();
         done.write(b"x").unwrap();
-        done.finish().unwrap();
+        done.finish(&format!("{:x}", Sha256::digest(b"x"))).unwrap();
         let left = Upload::begin(&groups, "sg0", "left.iso", 1).unwrap();
         // An agent that died mid-upload leaves its temporary file behind.
         std::mem::forget(left);

@@ -344,7 +344,11 @@ async fn run_api(
     // and is retried within it (same request ID) while the pair elects or loses an etcd member.
     let api = client::Api::new(endpoint, timeout);
     match command {
-        ApiCmd::Snapshot(command) => snapshots::run(command, &api, json).await?,
+        ApiCmd::Snapshot(command) => {
+            // A snapshot's copy or restore takes as long as the disks need, like an upload.
+            let api = client::Api::new(endpoint, timeout.max(snapshots::MIN_TIMEOUT));
+            snapshots::run(command, &api, json).await?;
+        }
         ApiCmd::NodeInfo => {
             let nodes = api
                 .call(pb::ListNodesRequest {}, |mut c, r| async move {

@@ -9,7 +9,10 @@ use crate::client::Api;
 use crate::output::vm_text;
 use crate::units::{human, utc};
 
-/// The snapshot commands.
+/// The least time a snapshot command waits, whatever `--timeout` says.
+pub const MIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
+/// The snapshot commands (they wait at least [`MIN_TIMEOUT`]).
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCmd {
     /// Take a snapshot of a VM's disks, running or stopped (the guest's disk I/O is held only

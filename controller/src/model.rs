@@ -65,7 +65,9 @@ pub enum Boot {
     },
     /// An ISO of the pair's ISO library, attached as a CD-ROM.
     Iso {
-        /// The ISO's name in the library.
+        /// The ISO's name in the library. Records from before the library held a host path
+        /// here (`path`): such a VM fails to start with the agent's clear refusal.
+        #[serde(alias = "path")]
         name: String,
         /// The storage group that keeps it on each host (filled in when the VM is created).
         #[serde(default)]

@@ -58,10 +58,12 @@ pub fn plan(
         .find(|s| s.state != SnapshotState::Ready)
     {
         return Err(ApiError::FailedPrecondition(format!(
-            "VM {}'s snapshot {} is {}; retry once that ends",
+            "VM {}'s snapshot {} is {}; if no operation on it runs any more, delete it with pvctl vm-snapshot-delete {} {}",
             vm.name,
             busy.id,
-            state_name(busy.state)
+            state_name(busy.state),
+            vm.name,
+            busy.id
         )));
     }
     if vm.snapshots.len() >= MAX_SNAPSHOTS {
@@ -121,16 +123,11 @@ pub fn plan(
     })
 }
 
-/// The snapshot `id` of `vm`, if it may be deleted (a failed deletion may be retried).
+/// The snapshot `id` of `vm`, if it may be deleted. The engine runs one snapshot operation
+/// per VM, so when it asks no operation runs: a snapshot left `Creating` or `Deleting` (by a
+/// failed write or an earlier controller) may be deleted too.
 pub fn check_delete<'a>(vm: &'a VmRecord, id: &str) -> Result<&'a Snapshot, ApiError> {
-    let snapshot = find(vm, id)?;
-    if snapshot.state == SnapshotState::Creating {
-        return Err(ApiError::FailedPrecondition(format!(
-            "VM {}'s snapshot {id} is being taken; delete it once that ends",
-            vm.name
-        )));
-    }
-    Ok(snapshot)
+    find(vm, id)
 }
 
 /// The snapshot `id` of `vm`, if it may be restored now.

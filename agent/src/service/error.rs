@@ -160,6 +160,7 @@ impl From<Error> for Status {
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
             Error::Iso(
                 isos::Error::Size { .. }
+                | isos::Error::Checksum { .. }
                 | isos::Error::Storage(
                     storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
                 ),
@@ -168,6 +169,7 @@ impl From<Error> for Status {
             Error::Snapshot(
                 snapshot::Error::Missing { .. }
                 | snapshot::Error::Running { .. }
+                | snapshot::Error::NotLocal { .. }
                 | snapshot::Error::DiskUnknown { .. }
                 | snapshot::Error::Libvirt(libvirt::Error::DomainNotRunning { .. }),
             ) => Status::failed_precondition(message),

@@ -26,7 +26,9 @@ impl Inner {
         let iso = header.iso.unwrap_or_default();
         self.deps.fence.admit_term(header.term)?;
         tracing::info!(node = %self.node, iso = %iso.name, group = %iso.storage_group, size = header.size_bytes, "ISO upload begin");
-        let outcome = self.receive_iso(&iso, header.size_bytes, &mut stream).await;
+        let outcome = self
+            .receive_iso(&iso, header.size_bytes, header.term, &mut stream)
+            .await;
         match &outcome {
             Ok(file) => {
                 tracing::info!(node = %self.node, iso = %iso.name, group = %iso.storage_group, sha256 = %file.sha256, "ISO upload end: stored");
@@ -47,6 +49,7 @@ impl Inner {
         &self,
         iso: &pb::IsoRef,
         size_bytes: u64,
+        term: i64,
         stream: &mut Streaming<pb::PutIsoRequest>,
     ) -> Result<isos::IsoFile, Error> {
         let mut upload = Upload::begin(
@@ -56,25 +59,41 @@ impl Inner {
             size_bytes,
         )?;
         loop {
-            let data = match stream.message().await {
-                Ok(Some(pb::PutIsoRequest {
-                    part: Some(pb::put_iso_request::Part::Data(data)),
-                })) => data,
-                Ok(None) => break,
-                Ok(Some(_)) => return Err(invalid("an ISO upload has one header, first")),
+            let part = match stream.message().await {
+                Ok(Some(pb::PutIsoRequest { part: Some(part) })) => part,
+                Ok(None) => {
+                    return Err(invalid(
+                        "the ISO upload ended without its commit; nothing was kept",
+                    ));
+                }
+                Ok(Some(pb::PutIsoRequest { part: None })) => {
+                    return Err(invalid("an ISO upload part is empty"));
+                }
                 Err(status) => {
                     return Err(invalid(format!("the ISO upload broke off: {status}")));
                 }
             };
-            // File writes block: off the runtime, one chunk at a time.
-            upload = tokio::task::spawn_blocking(move || upload.write(&data).map(|()| upload))
-                .await
-                .map_err(|e| worker_failed(&e))??;
+            match part {
+                pb::put_iso_request::Part::Data(data) => {
+                    // File writes block: off the runtime, one chunk at a time.
+                    upload =
+                        tokio::task::spawn_blocking(move || upload.write(&data).map(|()| upload))
+                            .await
+                            .map_err(|e| worker_failed(&e))??;
+                }
+                pb::put_iso_request::Part::CommitSha256(sha256) => {
+                    // The serving controller may have changed while the bytes flowed.
+                    self.deps.fence.admit_term(term)?;
+                    return tokio::task::spawn_blocking(move || upload.finish(&sha256))
+                        .await
+                        .map_err(|e| worker_failed(&e))?
+                        .map_err(Error::from);
+                }
+                pb::put_iso_request::Part::Header(_) => {
+                    return Err(invalid("an ISO upload has one header, first"));
+                }
+            }
         }
-        tokio::task::spawn_blocking(move || upload.finish())
-            .await
-            .map_err(|e| worker_failed(&e))?
-            .map_err(Error::from)
     }
 
     /// Deletes an ISO from the library.

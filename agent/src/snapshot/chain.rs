@@ -161,6 +161,12 @@ impl Chain {
 
     /// Writes generation `id`'s disk (its whole chain read as one) over the volume.
     pub async fn restore(&self, id: &str) -> Result<(), Error> {
+        let tmp = self.restore_to_temp(id).await?;
+        self.replace_volume(&tmp)
+    }
+
+    /// Writes generation `id`'s disk into a temporary file next to the volume.
+    pub async fn restore_to_temp(&self, id: &str) -> Result<PathBuf, Error> {
         let file = self.file(id);
         if !file.is_file() {
             return Err(Error::Missing {
@@ -182,7 +188,12 @@ impl Chain {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        daemon::fsutil::sync_rename(&tmp, &self.volume).map_err(io_err(
+        Ok(tmp)
+    }
+
+    /// Makes the restored `tmp` the volume (synced, renamed over it).
+    pub fn replace_volume(&self, tmp: &Path) -> Result<(), Error> {
+        daemon::fsutil::sync_rename(tmp, &self.volume).map_err(io_err(
             "syncing the restored volume into place",
             &self.volume,
         ))

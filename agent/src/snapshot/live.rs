@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use super::Error;
 use crate::domain::DiskFormat;
 use crate::libvirt::{Libvirt, Monitor};
-use crate::qmp_block::{self as qmp, JobStatus, find_bitmap, source_node};
+use crate::qmp_block::{self as qmp, JobStatus, disk_file, find_bitmap, source_node};
 
 /// Prefix of the snapshots' bitmaps; the snapshot ID follows.
 const BITMAP_PREFIX: &str = "pv-snap-";
@@ -81,6 +81,14 @@ pub async fn plan(
                             device: device.clone(),
                         };
                         let top = source_node(&blocks, &device).ok_or_else(unknown)?;
+                        // A disk moved onto the peer's copy (its local disk failed) is not the
+                        // local file any more: copying that would copy stale data.
+                        if disk_file(&blocks, &device).map(Path::new) != Some(path.as_path()) {
+                            return Err(Error::NotLocal {
+                                uuid: vm.clone(),
+                                device: device.clone(),
+                            });
+                        }
                         let node = match format {
                             DiskFormat::Qcow2 => top,
                             DiskFormat::Raw => nodes

@@ -65,6 +65,16 @@ pub enum Error {
         /// Guest device.
         device: String,
     },
+    /// The disk runs on the peer's copy, not on its local file.
+    #[error(
+        "disk {device} of domain {uuid} runs on the peer's copy (its local disk failed); snapshots resume once it runs on a local disk again"
+    )]
+    NotLocal {
+        /// Domain UUID.
+        uuid: String,
+        /// Guest device.
+        device: String,
+    },
     /// QEMU's copy failed.
     #[error("QEMU's snapshot copy {job} failed: {error}")]
     CopyFailed {
@@ -166,8 +176,10 @@ pub async fn take(
         take_offline(groups, id, parent, &chains).await
     };
     if result.is_err() {
+        // IDs are never reused: whatever carries this ID is from this failed attempt.
         for chain in &chains {
             let _ = std::fs::remove_file(chain.creating(id));
+            let _ = std::fs::remove_file(chain.file(id));
         }
     }
     result
@@ -317,8 +329,22 @@ pub async fn restore(
             path: missing.file(id),
         });
     }
+    // Every disk's copy is written first, then all are renamed: a failure part way leaves
+    // every volume as it was, never some restored and some not.
+    let mut written = Vec::with_capacity(chains.len());
     for chain in &chains {
-        chain.restore(id).await?;
+        match chain.restore_to_temp(id).await {
+            Ok(tmp) => written.push(tmp),
+            Err(e) => {
+                for tmp in &written {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for (chain, tmp) in chains.iter().zip(&written) {
+        chain.replace_volume(tmp)?;
     }
     Ok(())
 }

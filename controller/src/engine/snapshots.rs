@@ -147,17 +147,19 @@ impl Engine {
         self.run_snapshot(record, id.to_string(), SnapshotOp::Restore(reply));
     }
 
-    /// Snapshots left being taken or deleted by an earlier serving controller are deleted:
-    /// what the agent kept of them is not known.
+    /// A snapshot left being taken or deleted by an earlier serving controller is deleted:
+    /// what the agent kept of it is not known. One per VM, as every snapshot operation (two
+    /// deletions at once could rebase onto a file the other removes); others left so are
+    /// deleted by `vm-snapshot-delete`.
     pub(super) async fn resume_snapshots(&mut self) {
         let unfinished: Vec<(String, String)> = self
             .vms
             .iter()
-            .flat_map(|(uuid, e)| {
+            .filter_map(|(uuid, e)| {
                 e.record
                     .snapshots
                     .iter()
-                    .filter(|s| s.state != SnapshotState::Ready)
+                    .find(|s| s.state != SnapshotState::Ready)
                     .map(|s| (uuid.clone(), s.id.clone()))
             })
             .collect();

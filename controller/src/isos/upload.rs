@@ -1,8 +1,8 @@
 //! An ISO upload's bytes, carried to every host at once. Each chunk goes to every agent's
 //! stream before the next is read, so the slowest host paces the upload and memory stays
-//! bounded. The SHA-256 is computed on the way; the agents' streams end cleanly (and the
-//! agents keep their copies) only once the uploader's checksum and size match. Any failure
-//! cancels the agents' calls, which makes them discard what they wrote.
+//! bounded. The SHA-256 is computed on the way; the agents get the commit (and keep their
+//! copies) only once the uploader's checksum and size match. Any failure ends their streams
+//! without a commit, which makes them discard what they wrote.
 
 use std::time::Duration;
 
@@ -165,10 +165,17 @@ async fn send(copy: &mut Copy, data: Vec<u8>) -> Result<(), ApiError> {
     }
 }
 
-/// Ends every copy's stream and checks each host's SHA-256.
+/// Commits every copy with the verified SHA-256 (an agent keeps its copy only on this
+/// commit, and only if its own checksum matches) and checks each host's answer.
 async fn finish(copies: Vec<Copy>, sha256: &str) -> Result<(), ApiError> {
     let mut errors = Vec::new();
     for Copy { node, tx, call } in copies {
+        let commit = pb::PutIsoRequest {
+            part: Some(pb::put_iso_request::Part::CommitSha256(sha256.to_string())),
+        };
+        if tx.send(commit).await.is_err() {
+            errors.push(format!("node {node} ended the upload before its commit"));
+        }
         drop(tx);
         match call.await {
             Ok(Ok(file)) if file.sha256 == sha256 => {}
