@@ -3,8 +3,9 @@
 //! byte of guest data.
 //!
 //! One connection per file: the sender writes a JSON header line (group, path inside the
-//! group, size, SHA-256) and the bytes; the receiver writes `PATH.creating`, checks size and
-//! checksum, syncs and renames it into place, and answers one JSON line. Only paths of
+//! group, size), the bytes, and a trailer line with their SHA-256 (computed as they are sent:
+//! the file is read once); the receiver writes `PATH.creating`, checks size and checksum,
+//! syncs and renames it into place, and answers one JSON line. Only paths of
 //! snapshot generations (`.snapshots/VOLUME/ID.qcow2`) are accepted.
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,10 @@ struct Header {
     group: String,
     path: String,
     size: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Trailer {
     sha256: String,
 }
 
@@ -64,7 +69,6 @@ pub async fn send(socket: &Path, group: &str, path: &str, file: &Path) -> Result
         let op = format!("{op} {}", file.display());
         move |source| Error::Io { op, source }
     };
-    let sha256 = hash(file).await.map_err(io("hashing"))?;
     let mut source = tokio::fs::File::open(file).await.map_err(io("opening"))?;
     let size = source
         .metadata()
@@ -79,17 +83,31 @@ pub async fn send(socket: &Path, group: &str, path: &str, file: &Path) -> Result
         group: group.to_string(),
         path: path.to_string(),
         size,
-        sha256,
     };
-    let mut line = serde_json::to_vec(&header).unwrap_or_default();
-    line.push(b'\n');
     write
-        .write_all(&line)
+        .write_all(&json_line(&header))
         .await
         .map_err(io("sending the header of"))?;
-    tokio::io::copy(&mut source, &mut write)
+    let mut hasher = Sha256::new();
+    let mut left = size;
+    let mut buf = vec![0u8; CHUNK];
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+        let n = source.read(&mut buf[..want]).await.map_err(io("reading"))?;
+        if n == 0 {
+            return Err(io("reading")(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        hasher.update(&buf[..n]);
+        write.write_all(&buf[..n]).await.map_err(io("sending"))?;
+        left -= n as u64;
+    }
+    let trailer = Trailer {
+        sha256: format!("{:x}", hasher.finalize()),
+    };
+    write
+        .write_all(&json_line(&trailer))
         .await
-        .map_err(io("sending"))?;
+        .map_err(io("sending the checksum of"))?;
     write.flush().await.map_err(io("sending"))?;
     let mut answer = String::new();
     BufReader::new(read)
@@ -131,9 +149,7 @@ pub async fn serve(listener: UnixListener, groups: StorageGroups) {
                 }
                 Err(e) => tracing::warn!(error = %e, "snapshot file from the peer refused"),
             }
-            let mut line = serde_json::to_vec(&answer).unwrap_or_default();
-            line.push(b'\n');
-            let _ = write.write_all(&line).await;
+            let _ = write.write_all(&json_line(&answer)).await;
         });
     }
 }
@@ -155,19 +171,25 @@ async fn receive(
             // Read what was sent, so the sender gets this answer rather than a broken pipe.
             let _ =
                 tokio::io::copy(&mut (&mut read).take(header.size), &mut tokio::io::sink()).await;
+            let _ = read_trailer(&mut read).await;
             return Err(e);
         }
     };
     let tmp = path.with_extension("qcow2.creating");
     let written = write_file(&mut read, &tmp, header.size).await;
+    let announced = match &written {
+        Ok(_) => read_trailer(&mut read).await,
+        Err(_) => Err(String::new()),
+    };
     let checked = written.and_then(|sha256| {
-        if sha256 == header.sha256 {
+        let announced = announced?;
+        if sha256 == announced.sha256 {
             daemon::fsutil::sync_rename(&tmp, &path)
                 .map_err(|e| format!("syncing {} into place: {e}", path.display()))
         } else {
             Err(format!(
                 "checksum mismatch: received {sha256}, announced {}",
-                header.sha256
+                announced.sha256
             ))
         }
     });
@@ -229,17 +251,23 @@ async fn write_file(
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-async fn hash(path: &Path) -> std::io::Result<String> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(format!("{:x}", hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
+/// The sender's checksum line after the bytes.
+async fn read_trailer(
+    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Trailer, String> {
+    let mut line = String::new();
+    read.take(MAX_HEADER)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| format!("reading the checksum: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad checksum line {line:?}: {e}"))
+}
+
+/// `value` as one JSON line.
+fn json_line(value: &impl Serialize) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 #[cfg(test)]
