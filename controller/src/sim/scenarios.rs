@@ -690,3 +690,33 @@ proptest! {
         prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
     }
 }
+
+/// Found by the FT property test: n1's agent died right as its simplex primary was
+/// re-protected. The model removed the stale mark before the primary checkpointed again, so
+/// the primary's output flowed while the pair resumed the standby on n0. The engine removes a
+/// mark only once an epoch has committed (`engine::protect::protection_of`); so does the
+/// model now.
+#[test]
+fn ft_agent_death_as_its_primary_is_reprotected_never_shows_two_runs() {
+    let mut world = World::new(15_971_829_531_090_831_900, 239);
+    world.make_ft("a");
+    world.run(3_000);
+    world.requests.push_back(Request::Start("a".into()));
+    world.requests.push_back(Request::Start("b".into()));
+    let faults = [
+        (Fault::Isolate(0, true, 2_751), 251),
+        (Fault::Isolate(0, false, 2_851), 101),
+        (Fault::KillAgent(1), 0),
+    ];
+    for (fault, pause) in &faults {
+        inject(&mut world, fault);
+        world.run(*pause + STEP_MS);
+    }
+    world.heal();
+    world.set_witness(true);
+    world.restart_processes(0);
+    world.restart_processes(1);
+    world.run(10_000);
+
+    assert_safe(&world);
+}

@@ -13,7 +13,8 @@ use crate::vm::VmEvent;
 impl World {
     /// The FT runs of the agent on `host`: a primary whose epochs fail holds its output until
     /// its stale mark lands (on its registration and the run's owner generation); a simplex
-    /// run whose mark the pair removed (re-protection) checkpoints again.
+    /// run checkpoints again once its standby can take epochs (re-protection: the pair
+    /// removes the mark only after that, see [`World::checkpointing`]).
     pub(super) fn ft_epochs(&mut self, host: usize) {
         let runs: Vec<(String, u64)> = self.hosts[host]
             .agent
@@ -25,9 +26,7 @@ impl World {
         for (vm, generation) in runs {
             let agent = &self.hosts[host].agent;
             if agent.simplex.contains(&vm) {
-                let reprotected = self.store.get(&stale_key(&vm)).is_none()
-                    && self.owner_is(&vm, generation)
-                    && !self.epochs_fail(host, &vm);
+                let reprotected = self.owner_is(&vm, generation) && !self.epochs_fail(host, &vm);
                 if reprotected {
                     self.hosts[host].agent.simplex.remove(&vm);
                     self.note(&format!("{} checkpoints {vm} again", HOSTS[host]));
@@ -46,6 +45,18 @@ impl World {
             }
             self.try_mark(host, &vm, generation);
         }
+    }
+
+    /// Whether the run of FT VM `vm` on `host` checkpoints (its output flows only for epochs
+    /// its standby acknowledged): what the engine waits for, a committed epoch, before it
+    /// counts the VM protected and removes its stale mark (`engine::protect::protection_of`).
+    pub(super) fn checkpointing(&self, host: usize, vm: &str) -> bool {
+        let h = &self.hosts[host];
+        h.power
+            && h.agent_proc == Proc::Running
+            && h.agent.domains.contains_key(vm)
+            && !h.agent.held.contains(vm)
+            && !h.agent.simplex.contains(vm)
     }
 
     /// Whether the standby of `vm` can no longer commit epochs of the run on `host`: its host

@@ -291,9 +291,12 @@ impl World {
             record.protection = protection;
             self.commit(host, key, term, vm, &record);
         }
-        // Re-protected (the sim's mirror is in sync once epochs can run): the obsolete stale
-        // mark goes, as the engine removes it with the new protection.
-        let synced = peer_up && !self.epochs_fail(record.host, vm);
+        // Re-protected (the sim's mirror is in sync once epochs can run; an FT primary must
+        // checkpoint again first): the obsolete stale mark goes, as the engine removes it
+        // with the new protection.
+        let synced = peer_up
+            && !self.epochs_fail(record.host, vm)
+            && (!record.ft || self.checkpointing(record.host, vm));
         if synced && self.mark_of(vm).is_some() && self.vm(vm).protection.current.len() == 2 {
             self.store.delete(&stale_key(vm));
             self.note(&format!(
