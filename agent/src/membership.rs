@@ -11,7 +11,7 @@
 //!  agent                                        etcd
 //!    │ LeaseGrant(ttl) ─────────────────────────► host lease H
 //!    │ Txn: nodes/<node> (lease H), members/<node> ►
-//!    │ KeepAlive(H) every ttl/6 ────────────────►   (daemon::lease)
+//!    │ KeepAlive(H) every ttl/10 ───────────────►   (daemon::lease)
 //!    │ Watch(leader) ◄─────────────────────────── term T  → fence: refuse terms < T
 //!    │ facts changed → Txn again
 //! ```

@@ -1,8 +1,7 @@
 //! Stale marks against a real etcd: a mark lands only while this host holds the lease and
 //! the VM's owner generation that its mirror path was made under.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent::stale::{Grant, LocalMark, Marker};
 use daemon::etcd::Etcd;
@@ -10,59 +9,12 @@ use daemon::pair;
 use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 
+mod etcd_member;
 mod process;
 
-use process::{Reaped, free_port};
+use etcd_member::EtcdMember;
 
 const VM: &str = "6f9a3c1e-0000-4000-8000-0000000000a1";
-
-/// One etcd member on loopback in a temp dir, killed by PID on drop.
-struct EtcdMember {
-    _child: Reaped,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl EtcdMember {
-    fn start() -> EtcdMember {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &endpoint])
-            .args(["--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd runs (install etcd-server)");
-        EtcdMember {
-            _child: Reaped(child),
-            endpoint,
-            _dir: dir,
-        }
-    }
-
-    /// A plain client, once the member answers.
-    async fn client(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut client) = Client::connect([self.endpoint.as_str()], None).await
-                && client.status().await.is_ok()
-            {
-                return client;
-            }
-            assert!(Instant::now() < deadline, "etcd did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 /// Registers host n0 under a new lease and records the VM's owner generation; answers the
 /// lease and a marker for n0.

@@ -8,7 +8,7 @@
 //!     │ Campaign(serving, {node, api}, L) ──────────► blocks while the peer serves
 //!     │ ◄────────────────────────────── elected: key serving/<L> at revision R (the term)
 //!     │ role = Serving(key, R)          every write: txn if create_revision(key) == R
-//!     │ KeepAlive(L) every ttl/6 ────────────────────► (daemon::lease: Alive / Doubt / Expired)
+//!     │ KeepAlive(L) every ttl/10 ───────────────────► (daemon::lease: Alive / Doubt / Expired)
 //!     │ etcd says L expired: role = Standby; start a new term
 //! ```
 //! An etcd member's death, the Raft leader's included, never ends a term: a new etcd leader

@@ -184,6 +184,73 @@ impl Etcd {
             }
         }
     }
+
+    /// Sends `request` to every member at once, each given `attempt`, and returns the first
+    /// success. Only for idempotent requests that every member answers alike (a lease
+    /// renewal, which etcd serves on its Raft leader whichever member receives it): a dead
+    /// member, or one still forwarding to a dead leader, then costs nothing while another
+    /// answers. Fails with a lasting failure if a member reported one, else the last failure.
+    pub async fn request_any<T, F, Fut>(
+        &self,
+        op: &'static str,
+        attempt: Duration,
+        request: F,
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let mut calls = tokio::task::JoinSet::new();
+        for (endpoint, client) in &self.inner.members {
+            let (endpoint, call) = (endpoint.clone(), request(client.clone()));
+            calls.spawn(async move {
+                let result = tokio::time::timeout(attempt, call)
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()));
+                (endpoint, result)
+            });
+        }
+        let mut failure: Option<(String, etcd_client::Error)> = None;
+        while let Some(joined) = calls.join_next().await {
+            let (endpoint, source) = match joined {
+                Ok((_, Ok(value))) => return Ok(value),
+                Ok((endpoint, Err(source))) => (endpoint, source),
+                Err(e) => (
+                    "(task)".to_string(),
+                    etcd_client::Error::IoError(std::io::Error::other(e)),
+                ),
+            };
+            let lasting = failure.as_ref().is_some_and(|(_, e)| !member_failure(e));
+            if !lasting {
+                failure = Some((endpoint, source));
+            }
+        }
+        // `connect` refuses an empty member list, so at least one call failed here.
+        let (endpoint, source) = failure.unwrap_or_else(|| (String::new(), timed_out()));
+        if member_failure(&source) {
+            Err(Error::Unreachable {
+                op,
+                budget: attempt,
+                endpoint,
+                source,
+            })
+        } else {
+            Err(Error::Request {
+                op,
+                endpoint,
+                source,
+            })
+        }
+    }
+}
+
+/// The error of a call that got no answer in time.
+fn timed_out() -> etcd_client::Error {
+    etcd_client::Error::IoError(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer in time",
+    ))
 }
 
 /// Whether `e` means the member (or its connection) failed, so another member may succeed.

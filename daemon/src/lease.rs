@@ -13,7 +13,7 @@
 //! ```text
 //!  holder                                  etcd
 //!    │ LeaseGrant(ttl) ─────────────────────► lease L        valid_until = sent + ttl
-//!    │ KeepAlive(L) every ttl/6 ────────────► TTL=ttl        valid_until = sent + ttl
+//!    │ KeepAlive(L) every ttl/10 ───────────► TTL=ttl        valid_until = sent + ttl
 //!    │ ... no answer (member died, Raft election) ...
 //!    │ now > valid_until: Doubt (stop acting, keep trying)
 //!    │ KeepAlive(L) ────────────────────────► TTL=ttl        Alive again
@@ -27,8 +27,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::etcd::Etcd;
 
-/// How long to wait for one member to answer one renewal before trying the next.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long one renewal waits for an answer. A member still following a dead Raft leader
+/// holds a renewal until a new leader is elected, so it can still be confirmed then; later
+/// renewals are on their way meanwhile.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
 
 /// Errors granting or keeping a lease.
 #[derive(Debug, thiserror::Error)]
@@ -174,8 +176,20 @@ pub async fn grant(
     Ok((lease.id(), sent))
 }
 
-/// Renews `lease` every `ttl / 6`, publishing what it knows on `view`, until etcd says it has
-/// expired; returns that error. Doubt never ends the lease by itself.
+/// How often a keeper sends a renewal: a tenth of the TTL. Renewals do not wait for each
+/// other, so a short period makes the last confirmed one recent when etcd answers again.
+pub fn renew_period(ttl: Duration) -> Duration {
+    ttl / 10
+}
+
+/// Renews `lease` every [`renew_period`], publishing what it knows on `view`, until etcd says
+/// it has expired; returns that error. Doubt never ends the lease by itself.
+///
+/// Each renewal goes to every member at once ([`Etcd::request_any`]) and runs on its own: one
+/// stuck on a dead member, or held by a member until a new Raft leader is elected, never
+/// delays the next; so the lease is confirmed again as soon as etcd has a leader. (Before,
+/// one member at a time and one renewal at a time: a dead leader's member cost a whole
+/// attempt, and a survivor under load self-fenced its guests during a 1 s election.)
 pub async fn keep(
     etcd: Etcd,
     lease: i64,
@@ -187,26 +201,34 @@ pub async fn keep(
     view.send_replace(LeaseView {
         validity: Some(validity),
     });
-    let mut tick = tokio::time::interval(ttl / 6);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(renew_period(ttl));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut renewals = tokio::task::JoinSet::new();
     let mut was = LeaseStatus::Alive;
     loop {
-        tick.tick().await;
-        let sent = Instant::now();
-        match renew_once(&etcd, lease, ttl / 6).await {
-            Ok(true) => {
-                validity.confirmed(sent);
-                view.send_replace(LeaseView {
-                    validity: Some(validity),
-                });
+        tokio::select! {
+            _ = tick.tick() => {
+                let (etcd, sent) = (etcd.clone(), Instant::now());
+                renewals.spawn(async move { (sent, renew_once(&etcd, lease).await) });
             }
-            Ok(false) => {
-                view.send_replace(LeaseView::NONE);
-                return Error::Expired { lease };
-            }
-            Err(e) => {
-                tracing::debug!(lease = format!("{lease:x}"), error = %crate::error_chain(&e), "lease renewal failed; retrying");
-            }
+            Some(done) = renewals.join_next() => match done {
+                Ok((sent, Ok(true))) => {
+                    validity.confirmed(sent);
+                    view.send_replace(LeaseView {
+                        validity: Some(validity),
+                    });
+                }
+                Ok((_, Ok(false))) => {
+                    view.send_replace(LeaseView::NONE);
+                    return Error::Expired { lease };
+                }
+                Ok((_, Err(e))) => {
+                    tracing::debug!(lease = format!("{lease:x}"), error = %crate::error_chain(&e), "lease renewal failed; the next one is on its way");
+                }
+                Err(e) => {
+                    tracing::debug!(lease = format!("{lease:x}"), error = %e, "lease renewal task ended without an answer");
+                }
+            },
         }
         let now = validity.status(Instant::now());
         if now != was {
@@ -227,24 +249,20 @@ pub async fn keep(
     }
 }
 
-/// Renews `lease` once, trying members for up to `budget`; `Ok(false)` when etcd says it has
+/// Renews `lease` once through every member at once; `Ok(false)` when etcd says it has
 /// expired.
-async fn renew_once(etcd: &Etcd, lease: i64, budget: Duration) -> Result<bool, crate::etcd::Error> {
-    etcd.request("renewing lease", budget, |mut c| async move {
+async fn renew_once(etcd: &Etcd, lease: i64) -> Result<bool, crate::etcd::Error> {
+    etcd.request_any("renewing lease", ATTEMPT_TIMEOUT, move |mut c| async move {
         // Opening the keep-alive stream sends one renewal and reads its answer: success means
         // etcd granted a TTL; etcd-client reports a TTL of 0 (lease gone) as "lease not found".
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, c.lease_keep_alive(lease)).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(reason)))
+        match c.lease_keep_alive(lease).await {
+            Ok(_) => Ok(true),
+            Err(etcd_client::Error::LeaseKeepAliveError(reason))
                 if reason.contains("not found") =>
             {
                 Ok(false)
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no keep-alive answer",
-            ))),
+            Err(e) => Err(e),
         }
     })
     .await

@@ -429,7 +429,7 @@ fn etcd_daemon(plan: &Plan, host: &Host) -> Daemon {
         "--logger",
         "zap",
         "--log-level",
-        "warn",
+        "info",
     ]
     .map(String::from);
     Daemon {

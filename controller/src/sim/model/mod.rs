@@ -21,9 +21,10 @@ use crate::model::VmState;
 pub const STEP_MS: u64 = 50;
 /// TTL of every lease (the lab's).
 const TTL_MS: u64 = 2000;
-/// Renewal period: TTL / 6, as `daemon::lease::keep`.
-const RENEW_MS: u64 = TTL_MS / 6;
-/// A renewal unanswered this long is given up and sent again (the keeper's attempt timeout).
+/// Renewal period, as `daemon::lease::keep`: renewals go out on this beat whether or not the
+/// earlier ones were answered.
+const RENEW_MS: u64 = TTL_MS / 10;
+/// A renewal unanswered this long is given up (`daemon::lease::ATTEMPT_TIMEOUT`).
 const ATTEMPT_MS: u64 = 700;
 /// Reports of a VM this soon after a command to it are stale (the engine drops reports taken
 /// before its last command finished).
@@ -46,8 +47,6 @@ struct Held {
     id: i64,
     validity: Validity,
     next_renew_ms: u64,
-    /// When the renewal in flight was sent, if one is.
-    renewing: Option<u64>,
 }
 
 /// An agent: its fence, the domains it runs (VM → generation, and whether it self-fences
@@ -520,7 +519,8 @@ impl World {
                 sent_ms,
                 answer: None,
             } => {
-                // At etcd: renewed if it is reachable, else the request is lost.
+                // At etcd: renewed if some member of the majority is reachable (the keeper
+                // sends each renewal to every member), else the request is lost.
                 if self.etcd_from(host) {
                     let answer = self.store.keep_alive(self.now_ms, lease);
                     self.send(Message::KeepAlive {
@@ -530,8 +530,6 @@ impl World {
                         sent_ms,
                         answer: Some(answer),
                     });
-                } else {
-                    self.renew_failed(host, holder, lease);
                 }
             }
             Message::KeepAlive {
@@ -560,12 +558,6 @@ impl World {
         }
     }
 
-    fn renew_failed(&mut self, host: usize, holder: Holder, lease: i64) {
-        if let Some(held) = self.held_mut(host, holder).filter(|h| h.id == lease) {
-            held.renewing = None;
-        }
-    }
-
     /// A renewal's answer reaches its holder (if it still runs and holds that lease).
     fn renewed(
         &mut self,
@@ -580,14 +572,14 @@ impl World {
                 Holder::Agent => self.hosts[host].agent_proc == Proc::Running,
                 Holder::Controller => self.hosts[host].controller_proc == Proc::Running,
             };
-        if !running {
+        // The keeper gave the renewal up: a late answer is dropped with its task.
+        if !running || self.now_ms > sent_ms + ATTEMPT_MS {
             return;
         }
         let sent = self.at(sent_ms);
         let Some(held) = self.held_mut(host, holder).filter(|h| h.id == lease) else {
             return;
         };
-        held.renewing = None;
         match answer {
             Some(_) => held.validity.confirmed(sent),
             None => self.lease_lost(host, holder),
@@ -633,7 +625,6 @@ impl World {
                 id,
                 validity: Validity::granted(self.at(now), Duration::from_millis(TTL_MS)),
                 next_renew_ms: now + RENEW_MS,
-                renewing: None,
             };
             match holder {
                 Holder::Agent => self.hosts[host].agent.lease = Some(held),
@@ -644,11 +635,9 @@ impl World {
         let Some(held) = self.held_mut(host, holder) else {
             return;
         };
-        let waiting = held.renewing.is_some_and(|sent| now < sent + ATTEMPT_MS);
-        if waiting || now < held.next_renew_ms {
+        if now < held.next_renew_ms {
             return;
         }
-        held.renewing = Some(now);
         held.next_renew_ms = now + RENEW_MS;
         let lease = held.id;
         self.send(Message::KeepAlive {
@@ -681,4 +670,17 @@ fn encode(vm: &SimVm) -> String {
 
 fn decode(text: &str) -> Option<SimVm> {
     serde_json::from_str(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_timing_is_the_keepers() {
+        let ttl = Duration::from_millis(TTL_MS);
+
+        assert_eq!(Duration::from_millis(RENEW_MS), lease::renew_period(ttl));
+        assert_eq!(Duration::from_millis(ATTEMPT_MS), lease::ATTEMPT_TIMEOUT);
+    }
 }
