@@ -116,7 +116,9 @@ async fn transfer_with_link_cut_and_restored_is_identical_and_link_returns() {
 
     assert!(got == expected, "received bytes differ from sent bytes");
     let stats = client.stats();
-    assert_eq!(stats.links[0].ups, 2);
+    // At least the first up and the return after the cut; a box too loaded to send a
+    // keepalive within the link timeout may drop and restore the link once more.
+    assert!(stats.links[0].ups >= 2, "link 0 never returned: {stats:?}");
     assert!(
         stats.links[0].bytes_sent > sent_before,
         "link 0 should carry data again: {stats:?}"
