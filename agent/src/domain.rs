@@ -12,6 +12,7 @@
 //! a user alias (`ua-vda`, see [`disk_alias`]) so its QEMU device, and through it the block
 //! node the mirror copies from, is found by name rather than guessed from libvirt's numbering.
 
+use daemon::xml_escape as escape;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -396,22 +397,6 @@ pub fn virtio_disk_name(index: usize) -> String {
 /// it to QEMU as the device's ID, so QMP shows the disk as `/machine/peripheral/ua-vda/...`.
 pub fn disk_alias(device: &str) -> String {
     format!("ua-{device}")
-}
-
-/// Escapes text for an XML attribute or element.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -60,6 +60,23 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `text` escaped for an XML element or attribute: what the agent's domain XML and the
+/// controller's OVF descriptors put between quotes and tags.
+pub fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,26 +3,15 @@
 //! a host path is refused, a broken upload leaves nothing, and an ISO in use cannot go.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused};
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused, sha256sum};
 
 /// The Debian `grub-rescue-pc` package's ISO (`scripts/install-deps.sh` installs it).
 const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
 /// Time for a failed upload's copies and record to be removed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// The ISO directory of storage group sg0 on `node`.
 fn iso_dir(lab: &Lab, node: &str) -> PathBuf {

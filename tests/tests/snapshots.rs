@@ -18,17 +18,9 @@ use tests::{
 const DATA_OFFSET: u64 = 1 << 20;
 const DATA_LEN: usize = 8 << 20;
 
-/// Pseudo-random bytes (xorshift), the same for the same length.
+/// The test's data: pseudo-random bytes, the same every time.
 fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    tests::pattern(0x9e37_79b9_7f4a_7c15, len)
 }
 
 fn write_data(volume: &Path) {
