@@ -8,6 +8,7 @@ pub mod config;
 pub mod disk_fault;
 pub mod domain;
 pub mod embed;
+pub mod export;
 pub mod facts;
 pub mod fence;
 pub mod ft;

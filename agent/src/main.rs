@@ -56,6 +56,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node, %uri, ms = opened.elapsed().as_millis(), "libvirt connection open");
     let storage = StorageGroups::open(config.storage_groups.clone())?;
     agent::isos::sweep(&storage);
+    agent::export::sweep(&storage);
     let facts = Collector::new(
         storage.clone(),
         config.image_dir.clone(),

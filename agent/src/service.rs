@@ -27,6 +27,7 @@ use crate::stale::Marker;
 use crate::storage::StorageGroups;
 
 mod error;
+mod export;
 mod ft;
 mod isos;
 mod mirrors;
@@ -609,6 +610,17 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::SnapshotDone>, Status> {
         self.inner.restore_snapshot(request.into_inner()).await?;
         Ok(Response::new(pb::SnapshotDone {}))
+    }
+
+    type ExportVolumeStream = export::ExportStream;
+
+    async fn export_volume(
+        &self,
+        request: Request<pb::ExportVolumeRequest>,
+    ) -> Result<Response<export::ExportStream>, Status> {
+        Ok(Response::new(
+            self.inner.export_volume(request.into_inner()).await?,
+        ))
     }
 
     async fn get_peer_health(

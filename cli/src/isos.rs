@@ -2,9 +2,8 @@
 //! the way (and a progress line on a terminal, none under cron), the listing, a deletion.
 
 use std::fs::File;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
 use proto::v1 as pb;
@@ -14,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client;
+use crate::progress::Progress;
 use crate::units::{human, utc};
 
 /// Bytes per upload message.
@@ -105,51 +105,6 @@ fn read_parts(
         progress.done();
     }
     Ok(())
-}
-
-/// A one-line progress display on stderr.
-struct Progress {
-    name: String,
-    total: u64,
-    started: Instant,
-    last: Option<Instant>,
-}
-
-impl Progress {
-    fn new(name: &str, total: u64) -> Progress {
-        Progress {
-            name: name.to_string(),
-            total,
-            started: Instant::now(),
-            last: None,
-        }
-    }
-
-    fn show(&mut self, sent: u64) {
-        if self
-            .last
-            .is_some_and(|l| l.elapsed().as_millis() < 200 && sent < self.total)
-        {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let percent = sent.saturating_mul(100) / self.total.max(1);
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let rate = (sent as f64 / secs) as u64;
-        eprint!(
-            "\r{}: {percent:>3}% ({} of {}, {}/s)   ",
-            self.name,
-            human(sent),
-            human(self.total),
-            human(rate)
-        );
-        let _ = std::io::stderr().flush();
-    }
-
-    fn done(&mut self) {
-        eprintln!();
-    }
 }
 
 /// The state's name as pvctl shows it.

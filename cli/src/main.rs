@@ -2,9 +2,11 @@
 //! `--json`; the exit code is 0 only on success, so cron jobs and UPS scripts can rely on it.
 
 mod client;
+mod export;
 mod isos;
 mod lab;
 mod output;
+mod progress;
 mod snapshots;
 mod units;
 
@@ -186,6 +188,19 @@ enum ApiCmd {
     },
     /// List the ISO library.
     IsoList,
+    /// Export a stopped VM, or a snapshot of it, to an OVA archive (OVF descriptor, disks as
+    /// stream-optimized VMDKs, SHA-256 manifest); a progress line shows on a terminal;
+    /// --timeout does not bound the transfer. FILE is written whole or not at all.
+    VmExport {
+        /// VM name or UUID.
+        vm: String,
+        /// Export this snapshot (the VM may then run) instead of the stopped VM's disks.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// The archive to write, e.g. web.ova (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Delete an ISO from the library (refused while a VM boots from it).
     IsoDelete {
         /// The ISO's name.
@@ -433,6 +448,14 @@ async fn run_api(
         } => {
             let iso = isos::add(endpoint, &file, name, storage_group).await?;
             print(json, &isos::iso_json(&iso), &isos::iso_text(&iso));
+        }
+        ApiCmd::VmExport { vm, snapshot, to } => {
+            let exported = export::export(endpoint, &vm, snapshot, &to).await?;
+            print(
+                json,
+                &export::exported_json(&exported),
+                &export::exported_text(&exported),
+            );
         }
         ApiCmd::IsoList => {
             let list = api

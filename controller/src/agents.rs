@@ -495,6 +495,33 @@ impl Agent {
         Ok(())
     }
 
+    /// Streams `volume` of `vm`, or its snapshot `snapshot`, converted to a VMDK for an
+    /// export. The call itself is bounded by [`CALL_TIMEOUT`]; the stream has no deadline (a
+    /// large disk converts for long), it ends with the agent's last chunk or error.
+    pub async fn export_volume(
+        &self,
+        vm: &VmRecord,
+        volume: pb::VolumeRef,
+        snapshot: Option<&str>,
+        token: Token,
+    ) -> Result<tonic::Streaming<pb::ExportVolumeChunk>, Error> {
+        let message = pb::ExportVolumeRequest {
+            vm_uuid: vm.uuid.clone(),
+            volume: Some(volume),
+            snapshot: snapshot.unwrap_or_default().to_string(),
+            fence: fence(token),
+        };
+        let op = "exporting a volume";
+        let mut client = self.client.clone();
+        let call = client.export_volume(tonic::Request::new(message));
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(result) => Ok(result.map_err(self.failed(op))?.into_inner()),
+            Err(_) => Err(self.failed(op)(tonic::Status::deadline_exceeded(format!(
+                "no answer within {CALL_TIMEOUT:?}"
+            )))),
+        }
+    }
+
     /// The serial console of `uuid`: its last `tail_bytes`, then new output if `follow`.
     pub async fn stream_serial(
         &self,
@@ -533,8 +560,8 @@ fn volume_format(format: DiskFormat) -> pb::VolumeFormat {
     }
 }
 
-/// The volumes of `vm` as the replica and snapshot calls name them, in disk order.
-fn replica_volumes(vm: &VmRecord) -> Vec<pb::VolumeRef> {
+/// The volumes of `vm` as the replica, snapshot and export calls name them, in disk order.
+pub fn replica_volumes(vm: &VmRecord) -> Vec<pb::VolumeRef> {
     vm.disks
         .iter()
         .map(|d| pb::VolumeRef {

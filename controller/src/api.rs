@@ -31,6 +31,7 @@ use crate::store::{self, ELECTION, PREFIX};
 use daemon::pair::LeaderInfo;
 
 mod convert;
+mod export;
 mod isos;
 mod snapshots;
 
@@ -436,6 +437,23 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 .await?;
             Ok(vm_reply(&engine, &vm))
         })
+    }
+
+    type ExportVmStream = export::ExportStream;
+
+    async fn export_vm(
+        &self,
+        request: Request<pb::ExportVmRequest>,
+    ) -> Result<Response<export::ExportStream>, Status> {
+        match self.target(&request).await? {
+            Target::Peer(mut peer) => {
+                let stream = peer.export_vm(forwarded(request)).await?.into_inner();
+                Ok(Response::new(Box::pin(stream)))
+            }
+            Target::Local(engine) => Ok(Response::new(
+                export::serve(engine, request.into_inner()).await?,
+            )),
+        }
     }
 
     async fn add_iso(

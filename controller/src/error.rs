@@ -116,7 +116,8 @@ impl From<crate::agents::Error> for ApiError {
                     tonic::Code::InvalidArgument
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::AlreadyExists
-                    | tonic::Code::NotFound,
+                    | tonic::Code::NotFound
+                    | tonic::Code::ResourceExhausted,
                 ..
             } => ApiError::FailedPrecondition(message),
             _ => ApiError::Unavailable(message),

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod ft;
 pub mod ha;
 pub mod health;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use tonic::Status;
 
+use crate::export;
 use crate::fence;
 use crate::isos;
 use crate::libvirt;
@@ -104,6 +105,9 @@ pub enum Error {
     /// An ISO library operation failed.
     #[error(transparent)]
     Iso(#[from] isos::Error),
+    /// Converting a volume for export failed.
+    #[error(transparent)]
+    Export(#[from] export::Error),
     /// The spec names a network this host does not have.
     #[error("network {name} is not configured on this host (known: {known})")]
     UnknownNetwork {
@@ -178,6 +182,15 @@ impl From<Error> for Status {
                 storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
             )) => Status::invalid_argument(message),
             Error::Iso(isos::Error::NoSpace { .. }) => Status::resource_exhausted(message),
+            Error::Export(export::Error::NoSpace { .. }) => Status::resource_exhausted(message),
+            Error::Export(
+                export::Error::Missing { .. }
+                | export::Error::Running { .. }
+                | export::Error::Snapshot(snapshot::Error::Missing { .. }),
+            ) => Status::failed_precondition(message),
+            Error::Export(export::Error::Storage(
+                storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
+            )) => Status::invalid_argument(message),
             Error::Standby { .. } => Status::failed_precondition(message),
             Error::Libvirt(_)
             | Error::Mirror(_)
@@ -185,6 +198,7 @@ impl From<Error> for Status {
             | Error::Storage(_)
             | Error::Iso(_)
             | Error::Snapshot(_)
+            | Error::Export(_)
             | Error::Worker { .. }
             | Error::Epoch(_)
             | Error::FtDir { .. }

@@ -339,6 +339,17 @@ impl Engine {
             Command::SnapshotRestore { vm, id, reply } => {
                 self.snapshot_restore(&vm, &id, reply).await;
             }
+            Command::ExportBegin {
+                vm,
+                snapshot,
+                reply,
+            } => {
+                let _ = reply.send(self.export_begin(&vm, snapshot));
+            }
+            Command::ExportEnd { uuid, reply } => {
+                self.snapshotting.remove(&uuid);
+                let _ = reply.send(Ok(()));
+            }
             Command::SetHealthConfig { config, reply } => {
                 let result = self.set_health_config(config).await;
                 let _ = reply.send(result);

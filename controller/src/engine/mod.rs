@@ -159,6 +159,23 @@ pub enum Command {
         /// Reply.
         reply: Reply<VmRecord>,
     },
+    /// Admit an export of a stopped VM, or of its snapshot: the VM is held (not started,
+    /// deleted, changed or snapshotted) until [`Command::ExportEnd`].
+    ExportBegin {
+        /// Name or UUID.
+        vm: String,
+        /// The snapshot to export, if one.
+        snapshot: Option<String>,
+        /// Reply: what to read, and where.
+        reply: Reply<crate::export::Plan>,
+    },
+    /// An export ended (however it ended): the VM is free again.
+    ExportEnd {
+        /// The VM's UUID.
+        uuid: String,
+        /// Reply.
+        reply: Reply<()>,
+    },
     /// Change the host-health timeouts.
     SetHealthConfig {
         /// The new configuration.

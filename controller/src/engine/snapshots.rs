@@ -169,11 +169,37 @@ impl Engine {
         }
     }
 
-    /// Whether VM `uuid` has a snapshot operation running: it must not start, go or change.
+    /// Admits an export of `vm` (its snapshot `snapshot` if given): the host to read, held
+    /// like a snapshot operation until the export ends.
+    pub(super) fn export_begin(
+        &mut self,
+        vm: &str,
+        snapshot: Option<String>,
+    ) -> Result<crate::export::Plan, ApiError> {
+        let uuid = self.snapshot_vm(vm)?;
+        let record = self.vms[&uuid].record.clone();
+        let node = crate::export::check(&record, snapshot.as_deref(), |n| self.node_usable(n))?;
+        let agent = self.agent_of(&node)?;
+        let token = Token {
+            term: self.ctx.writer.term(),
+            generation: record.generation,
+        };
+        self.snapshotting.insert(uuid);
+        Ok(crate::export::Plan {
+            record,
+            node,
+            agent,
+            snapshot,
+            token,
+        })
+    }
+
+    /// Whether VM `uuid` has a snapshot operation or an export running: it must not start,
+    /// go or change.
     pub(super) fn snapshot_busy(&self, uuid: &str) -> Result<(), ApiError> {
         match self.snapshotting.contains(uuid) {
             true => Err(ApiError::FailedPrecondition(format!(
-                "VM {} has a snapshot operation running; retry once it ends",
+                "VM {} has a snapshot operation or an export running; retry once it ends",
                 self.vms.get(uuid).map_or(uuid, |e| e.record.name.as_str())
             ))),
             false => Ok(()),

@@ -1,0 +1,277 @@
+//! A volume, or one of its snapshots, converted for an export: a stream-optimized VMDK, the
+//! disk format every OVA consumer reads (compressed, written front to back).
+//!
+//! The archive's header needs the file's size before its bytes, so `qemu-img convert` writes
+//! a temporary file in the volume's storage group first (`.exports/`, after a space check),
+//! which the caller streams and which is removed when its [`Converted`] is dropped: when the
+//! stream ends, fails or its reader goes away. The agent removes any left by a crash at start.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use crate::snapshot::{self, SnapVolume};
+use crate::storage::{self, StorageGroups, fs_space};
+
+/// Where an export's temporary files live, inside a storage group.
+pub const DIR: &str = ".exports";
+/// Slack over `qemu-img measure`'s qcow2 estimate: a compressed VMDK of incompressible data
+/// adds a grain marker and padding per 64 KiB.
+const SLACK_BYTES: u64 = 1 << 20;
+
+/// Errors converting a volume for export.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The group or volume name is unusable.
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    /// The snapshot's generation is not on this host.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    /// The volume's file is missing.
+    #[error("volume {path} is not on this host")]
+    Missing {
+        /// Its path.
+        path: PathBuf,
+    },
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img` failed.
+    #[error("qemu-img {args}: {stderr}")]
+    QemuImg {
+        /// Its arguments.
+        args: String,
+        /// Its error output.
+        stderr: String,
+    },
+    /// The volume's VM runs: its disk would be read while it changes.
+    #[error(
+        "domain {uuid} runs; its disks are exported only while it is stopped (or export a snapshot)"
+    )]
+    Running {
+        /// Domain UUID.
+        uuid: String,
+    },
+    /// The converted disk would not fit; nothing was written.
+    #[error(
+        "exporting needs about {needed} bytes of scratch space in storage group {group} but only {free} are free; free space there"
+    )]
+    NoSpace {
+        /// Storage group.
+        group: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
+}
+
+/// A converted disk in its temporary file, removed on drop.
+#[derive(Debug)]
+pub struct Converted {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Converts `volume` (or its snapshot `snapshot`) into a temporary stream-optimized VMDK.
+/// A volume's VM must be stopped; a snapshot's generation never changes.
+pub async fn convert(
+    groups: &StorageGroups,
+    volume: &SnapVolume,
+    snapshot: Option<&str>,
+) -> Result<Converted, Error> {
+    let source = match snapshot {
+        Some(id) => snapshot::generation(groups, volume, id)?.1,
+        None => groups.volume_path(&volume.group, &volume.name)?,
+    };
+    if !source.is_file() {
+        return Err(Error::Missing { path: source });
+    }
+    let dir = groups.group_dir(&volume.group)?.join(DIR);
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let needed = measure(&source).await? + SLACK_BYTES;
+    let free = fs_space(&dir)
+        .map_err(io_err("reading free space of", &dir))?
+        .1;
+    if needed > free {
+        return Err(Error::NoSpace {
+            group: volume.group.clone(),
+            needed,
+            free,
+        });
+    }
+    // Unique per export: two exports of one volume may overlap.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut converted = Converted {
+        path: dir.join(format!(".{}.{nonce}.vmdk", volume.name)),
+        size: 0,
+    };
+    let args = [
+        "convert".as_ref(),
+        "-O".as_ref(),
+        "vmdk".as_ref(),
+        "-o".as_ref(),
+        "subformat=streamOptimized".as_ref(),
+        source.as_os_str(),
+        converted.path.as_os_str(),
+    ];
+    qemu_img(&args).await?;
+    converted.size = std::fs::metadata(&converted.path)
+        .map_err(io_err("reading the size of", &converted.path))?
+        .len();
+    Ok(converted)
+}
+
+/// Removes temporary files an earlier agent left in every group's export directory.
+pub fn sweep(groups: &StorageGroups) {
+    for dir in groups.dirs().map(|d| d.join(DIR)) {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed an export's leftover temporary file")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "removing an export's leftover temporary file failed")
+                }
+            }
+        }
+    }
+}
+
+/// Bytes `source` (with its backing chain) would take as qcow2: its allocated data.
+async fn measure(source: &Path) -> Result<u64, Error> {
+    let args = [
+        "measure".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        "--output=json".as_ref(),
+        source.as_os_str(),
+    ];
+    let out = qemu_img(&args).await?;
+    #[derive(serde::Deserialize)]
+    struct Measured {
+        required: u64,
+    }
+    let measured: Measured = serde_json::from_slice(&out).map_err(|e| Error::QemuImg {
+        args: format!("measure {}", source.display()),
+        stderr: format!("unreadable answer: {e}"),
+    })?;
+    Ok(measured.required + measured.required / 100)
+}
+
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, Error> {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(io_err("running qemu-img for", Path::new("export")))?;
+    if !output.status.success() {
+        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();
+        return Err(Error::QemuImg {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(output.stdout)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { op, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::domain::DiskFormat;
+
+    fn group() -> (tempfile::TempDir, StorageGroups) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let groups = StorageGroups::open(BTreeMap::from([(
+            "default".to_string(),
+            dir.path().to_path_buf(),
+        )]))
+        .expect("groups");
+        (dir, groups)
+    }
+
+    fn volume(name: &str) -> SnapVolume {
+        SnapVolume {
+            group: "default".into(),
+            name: name.into(),
+            format: DiskFormat::Raw,
+            size_bytes: 4 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_raw_volume_converts_to_a_vmdk_with_the_same_contents() {
+        let (dir, groups) = group();
+        let raw = dir.path().join("d.raw");
+        let mut data = vec![0u8; 4 << 20];
+        data[1 << 20..(1 << 20) + 11].copy_from_slice(b"COUNTER 42\n");
+        std::fs::write(&raw, &data).expect("volume");
+
+        let converted = convert(&groups, &volume("d.raw"), None)
+            .await
+            .expect("converted");
+
+        let back = dir.path().join("back.raw");
+        let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
+        let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
+        all.extend([converted.path.as_os_str(), back.as_os_str()]);
+        qemu_img(&all).await.expect("converted back");
+        assert_eq!(std::fs::read(&back).expect("read back"), data);
+        assert!(converted.size > 0 && converted.size < 1 << 20);
+        let temp = converted.path.clone();
+        drop(converted);
+        assert!(!temp.exists(), "the temporary file stays after drop");
+    }
+
+    #[tokio::test]
+    async fn a_missing_volume_is_refused() {
+        let (_dir, groups) = group();
+
+        let refused = convert(&groups, &volume("none.raw"), None).await;
+
+        assert!(matches!(refused, Err(Error::Missing { .. })), "{refused:?}");
+    }
+
+    #[test]
+    fn sweep_removes_leftovers() {
+        let (dir, groups) = group();
+        let exports = dir.path().join(DIR);
+        std::fs::create_dir_all(&exports).expect("dir");
+        std::fs::write(exports.join(".d.raw.1.vmdk"), b"x").expect("leftover");
+
+        sweep(&groups);
+
+        assert_eq!(std::fs::read_dir(&exports).expect("dir").count(), 0);
+    }
+}
