@@ -97,16 +97,21 @@ pub async fn convert(
     volume: &SnapVolume,
     snapshot: Option<&str>,
 ) -> Result<Converted, Error> {
-    let source = match snapshot {
-        Some(id) => snapshot::generation(groups, volume, id)?.1,
-        None => groups.volume_path(&volume.group, &volume.name)?,
+    // The format is always given, never probed: a guest can write what looks like a qcow2
+    // header, naming any host file as its backing file, at the start of its raw disk.
+    let (source, format) = match snapshot {
+        Some(id) => (snapshot::generation(groups, volume, id)?.1, "qcow2"),
+        None => (
+            groups.volume_path(&volume.group, &volume.name)?,
+            volume.format.as_str(),
+        ),
     };
     if !source.is_file() {
         return Err(Error::Missing { path: source });
     }
     let dir = groups.group_dir(&volume.group)?.join(DIR);
     std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-    let needed = measure(&source).await? + SLACK_BYTES;
+    let needed = measure(&source, format).await? + SLACK_BYTES;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;
@@ -127,6 +132,8 @@ pub async fn convert(
     };
     let args = [
         "convert".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
         "-O".as_ref(),
         "vmdk".as_ref(),
         "-o".as_ref(),
@@ -161,10 +168,13 @@ pub fn sweep(groups: &StorageGroups) {
     }
 }
 
-/// Bytes `source` (with its backing chain) would take as qcow2: its allocated data.
-async fn measure(source: &Path) -> Result<u64, Error> {
+/// Bytes `source` of `format` (with its backing chain) would take as qcow2: its allocated
+/// data.
+async fn measure(source: &Path, format: &str) -> Result<u64, Error> {
     let args = [
         "measure".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
         "-O".as_ref(),
         "qcow2".as_ref(),
         "--output=json".as_ref(),
@@ -252,6 +262,40 @@ mod tests {
         let temp = converted.path.clone();
         drop(converted);
         assert!(!temp.exists(), "the temporary file stays after drop");
+    }
+
+    #[tokio::test]
+    async fn a_raw_volume_that_looks_like_qcow2_is_exported_as_its_raw_bytes() {
+        let (dir, groups) = group();
+        let fake = dir.path().join("fake.qcow2");
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/hostname",
+            "-F",
+            "raw",
+        ];
+        let mut all: Vec<&std::ffi::OsStr> = args.map(std::ffi::OsStr::new).to_vec();
+        let size = std::ffi::OsString::from("4M");
+        all.extend([fake.as_os_str(), size.as_os_str()]);
+        qemu_img(&all).await.expect("a qcow2 header");
+        let mut data = std::fs::read(&fake).expect("header bytes");
+        data.resize(4 << 20, 0);
+        std::fs::write(dir.path().join("d.raw"), &data).expect("a raw volume");
+
+        let converted = convert(&groups, &volume("d.raw"), None)
+            .await
+            .expect("converted");
+
+        let back = dir.path().join("back.raw");
+        let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
+        let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
+        all.extend([converted.path.as_os_str(), back.as_os_str()]);
+        qemu_img(&all).await.expect("converted back");
+        assert_eq!(std::fs::read(&back).expect("read back"), data);
     }
 
     #[tokio::test]
