@@ -7,9 +7,13 @@ use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
 use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused, tiny_guest};
+
+/// How soon a failed export lets its VM go (the pair notices the client left).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Data that does not compress, so the archive is large.
 fn pattern(len: usize) -> Vec<u8> {
@@ -202,6 +206,19 @@ async fn a_stopped_vm_and_a_snapshot_export_to_whole_ovas() {
     assert!(refused.contains("nothing was kept"), "{refused}");
     assert_eq!(std::fs::read_dir(small.dir.path()).unwrap().count(), 0);
 
-    // The VM is free again: it starts.
-    pvctl_ok(&lab.pvctl(&["vm-start", "exp"]));
+    // The VM is free again once the pair notices the client left: it starts.
+    let deadline = Instant::now() + RELEASE_TIMEOUT;
+    loop {
+        let started = lab.pvctl(&["vm-start", "exp"]);
+        if started.status.success() {
+            break;
+        }
+        let refused = String::from_utf8_lossy(&started.stderr).into_owned();
+        assert!(refused.contains("export running"), "{refused}");
+        assert!(
+            Instant::now() < deadline,
+            "the export still holds the VM: {refused}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -35,7 +35,14 @@ pub(super) async fn serve(
         let (vm, node) = (plan.record.name.clone(), plan.node.clone());
         let snapshot = plan.snapshot.clone();
         tracing::info!(vm = %vm, node = %node, snapshot = ?snapshot, "export begin");
-        let outcome = crate::export::run(&plan, &tx).await;
+        // A client that leaves while the disks convert ends the export at once: dropping
+        // the agents' streams makes them remove their temporary files.
+        let outcome = tokio::select! {
+            outcome = crate::export::run(&plan, &tx) => outcome,
+            () = tx.closed() => Err(ApiError::Unavailable(
+                "the client stopped reading the export".into(),
+            )),
+        };
         let uuid = plan.record.uuid.clone();
         if let Err(e) = engine
             .call(|reply| Command::ExportEnd { uuid, reply })

@@ -177,6 +177,11 @@ impl Engine {
         snapshot: Option<String>,
     ) -> Result<crate::export::Plan, ApiError> {
         let uuid = self.snapshot_vm(vm)?;
+        if self.vms[&uuid].busy {
+            return Err(ApiError::Unavailable(format!(
+                "VM {vm} is busy with its agent; retry in a moment"
+            )));
+        }
         let record = self.vms[&uuid].record.clone();
         let node = crate::export::check(&record, snapshot.as_deref(), |n| self.node_usable(n))?;
         let agent = self.agent_of(&node)?;
