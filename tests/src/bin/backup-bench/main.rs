@@ -23,7 +23,7 @@
 //!   (the counter's writes aside). The target assumes 1 MiB of writes.
 //! - `snapshot_ms_gen1`, `snapshot_ms_gen2`: each `pvctl vm-snapshot-create` from call to
 //!   answer (copy to the peer included).
-//! - `export_mbps` [>= 0.5 x `cp_mbps`]: `pvctl vm-export --snapshot` of the second snapshot
+//! - `export_mbps` (target: at least half of `cp_mbps`): `pvctl vm-export --snapshot` of the second snapshot
 //!   (the VM runs on), archive bytes per second from call to answer: the agent converts every
 //!   disk to a compressed VMDK first, then the archive streams through the controller to a
 //!   file that pvctl syncs. `export_bytes`: the archive's size.
