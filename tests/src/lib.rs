@@ -483,14 +483,7 @@ impl Console {
         let start = usize::try_from(self.mark)
             .unwrap_or(usize::MAX)
             .min(bytes.len());
-        let end = bytes[start..]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(start, |i| start + i + 1);
-        String::from_utf8_lossy(&bytes[start..end])
-            .lines()
-            .map(str::to_string)
-            .collect()
+        complete_lines(&bytes[start..])
     }
 
     /// The counter lines since the mark.
@@ -544,6 +537,16 @@ impl Lab {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The complete lines of `bytes`: a last line still being written (no newline yet) is left
+/// for the next read, never parsed half-written.
+pub fn complete_lines(bytes: &[u8]) -> Vec<String> {
+    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Pseudo-random bytes (xorshift from `seed`, not 0): the same for the same arguments, and
