@@ -240,6 +240,16 @@ mod tests {
         }
     }
 
+    /// The raw bytes of a converted disk.
+    async fn read_back(converted: &Converted, dir: &Path) -> Vec<u8> {
+        let back = dir.join("back.raw");
+        let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
+        let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
+        all.extend([converted.path.as_os_str(), back.as_os_str()]);
+        qemu_img(&all).await.expect("converted back");
+        std::fs::read(&back).expect("read back")
+    }
+
     #[tokio::test]
     async fn a_raw_volume_converts_to_a_vmdk_with_the_same_contents() {
         let (dir, groups) = group();
@@ -252,12 +262,7 @@ mod tests {
             .await
             .expect("converted");
 
-        let back = dir.path().join("back.raw");
-        let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
-        let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
-        all.extend([converted.path.as_os_str(), back.as_os_str()]);
-        qemu_img(&all).await.expect("converted back");
-        assert_eq!(std::fs::read(&back).expect("read back"), data);
+        assert_eq!(read_back(&converted, dir.path()).await, data);
         assert!(converted.size > 0 && converted.size < 1 << 20);
         let temp = converted.path.clone();
         drop(converted);
@@ -290,12 +295,7 @@ mod tests {
             .await
             .expect("converted");
 
-        let back = dir.path().join("back.raw");
-        let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
-        let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
-        all.extend([converted.path.as_os_str(), back.as_os_str()]);
-        qemu_img(&all).await.expect("converted back");
-        assert_eq!(std::fs::read(&back).expect("read back"), data);
+        assert_eq!(read_back(&converted, dir.path()).await, data);
     }
 
     #[tokio::test]

@@ -647,6 +647,23 @@ fn inject(world: &mut World, fault: &Fault) {
     }
 }
 
+/// Starts both VMs, injects `faults` (each followed by its pause), then heals everything and
+/// lets the pair settle: what the property tests run for each random schedule.
+fn run_schedule(world: &mut World, faults: &[(Fault, u64)]) {
+    world.run(3_000);
+    world.requests.push_back(Request::Start("a".into()));
+    world.requests.push_back(Request::Start("b".into()));
+    for (fault, pause) in faults {
+        inject(world, fault);
+        world.run(*pause + STEP_MS);
+    }
+    world.heal();
+    world.set_witness(true);
+    world.restart_processes(0);
+    world.restart_processes(1);
+    world.run(10_000);
+}
+
 fn request(start: bool, vm: usize) -> Request {
     let vm = ["a", "b"][vm].to_string();
     if start {
@@ -668,18 +685,7 @@ proptest! {
         faults in proptest::collection::vec((fault(), 0u64..2_000), 1..8),
     ) {
         let mut world = World::new(seed, delay);
-        world.run(3_000);
-        world.requests.push_back(Request::Start("a".into()));
-        world.requests.push_back(Request::Start("b".into()));
-        for (fault, pause) in &faults {
-            inject(&mut world, fault);
-            world.run(*pause + STEP_MS);
-        }
-        world.heal();
-        world.set_witness(true);
-        world.restart_processes(0);
-        world.restart_processes(1);
-        world.run(10_000);
+        run_schedule(&mut world, &faults);
 
         let found = violations(&world);
         prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
@@ -696,18 +702,7 @@ proptest! {
     ) {
         let mut world = World::new(seed, delay);
         world.make_ft("a");
-        world.run(3_000);
-        world.requests.push_back(Request::Start("a".into()));
-        world.requests.push_back(Request::Start("b".into()));
-        for (fault, pause) in &faults {
-            inject(&mut world, fault);
-            world.run(*pause + STEP_MS);
-        }
-        world.heal();
-        world.set_witness(true);
-        world.restart_processes(0);
-        world.restart_processes(1);
-        world.run(10_000);
+        run_schedule(&mut world, &faults);
 
         let found = violations(&world);
         prop_assert!(found.is_empty(), "{:?}\ntrace:\n{}", found, world.trace.join("\n"));
@@ -723,23 +718,12 @@ proptest! {
 fn ft_agent_death_as_its_primary_is_reprotected_never_shows_two_runs() {
     let mut world = World::new(15_971_829_531_090_831_900, 239);
     world.make_ft("a");
-    world.run(3_000);
-    world.requests.push_back(Request::Start("a".into()));
-    world.requests.push_back(Request::Start("b".into()));
     let faults = [
         (Fault::Isolate(0, true, 2_751), 251),
         (Fault::Isolate(0, false, 2_851), 101),
         (Fault::KillAgent(1), 0),
     ];
-    for (fault, pause) in &faults {
-        inject(&mut world, fault);
-        world.run(*pause + STEP_MS);
-    }
-    world.heal();
-    world.set_witness(true);
-    world.restart_processes(0);
-    world.restart_processes(1);
-    world.run(10_000);
+    run_schedule(&mut world, &faults);
 
     assert_safe(&world);
 }
