@@ -8,8 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::process::Command;
-
+use crate::qemu_img;
 use crate::snapshot::{self, SnapVolume};
 use crate::storage::{self, StorageGroups, fs_space};
 
@@ -46,13 +45,8 @@ pub enum Error {
         source: std::io::Error,
     },
     /// `qemu-img` failed.
-    #[error("qemu-img {args}: {stderr}")]
-    QemuImg {
-        /// Its arguments.
-        args: String,
-        /// Its error output.
-        stderr: String,
-    },
+    #[error(transparent)]
+    QemuImg(#[from] qemu_img::Failed),
     /// The volume's VM runs: its disk would be read while it changes.
     #[error(
         "domain {uuid} runs; its disks are exported only while it is stopped (or export a snapshot)"
@@ -111,7 +105,7 @@ pub async fn convert(
     }
     let dir = groups.group_dir(&volume.group)?.join(DIR);
     std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-    let needed = measure(&source, format).await? + SLACK_BYTES;
+    let needed = qemu_img::measure(&source, format, "qcow2").await? + SLACK_BYTES;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;
@@ -141,7 +135,7 @@ pub async fn convert(
         source.as_os_str(),
         converted.path.as_os_str(),
     ];
-    qemu_img(&args).await?;
+    qemu_img::run(&args, None).await?;
     converted.size = std::fs::metadata(&converted.path)
         .map_err(io_err("reading the size of", &converted.path))?
         .len();
@@ -150,63 +144,7 @@ pub async fn convert(
 
 /// Removes temporary files an earlier agent left in every group's export directory.
 pub fn sweep(groups: &StorageGroups) {
-    for dir in groups.dirs().map(|d| d.join(DIR)) {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed an export's leftover temporary file")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "removing an export's leftover temporary file failed")
-                }
-            }
-        }
-    }
-}
-
-/// Bytes `source` of `format` (with its backing chain) would take as qcow2: its allocated
-/// data.
-async fn measure(source: &Path, format: &str) -> Result<u64, Error> {
-    let args = [
-        "measure".as_ref(),
-        "-f".as_ref(),
-        format.as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        "--output=json".as_ref(),
-        source.as_os_str(),
-    ];
-    let out = qemu_img(&args).await?;
-    #[derive(serde::Deserialize)]
-    struct Measured {
-        required: u64,
-    }
-    let measured: Measured = serde_json::from_slice(&out).map_err(|e| Error::QemuImg {
-        args: format!("measure {}", source.display()),
-        stderr: format!("unreadable answer: {e}"),
-    })?;
-    Ok(measured.required + measured.required / 100)
-}
-
-async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, Error> {
-    let output = Command::new("qemu-img")
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(io_err("running qemu-img for", Path::new("export")))?;
-    if !output.status.success() {
-        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();
-        return Err(Error::QemuImg {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    Ok(output.stdout)
+    storage::sweep(groups, DIR, "an export's leftover temporary file");
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -216,24 +154,13 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::domain::DiskFormat;
 
-    fn group() -> (tempfile::TempDir, StorageGroups) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let groups = StorageGroups::open(BTreeMap::from([(
-            "default".to_string(),
-            dir.path().to_path_buf(),
-        )]))
-        .expect("groups");
-        (dir, groups)
-    }
-
     fn volume(name: &str) -> SnapVolume {
         SnapVolume {
-            group: "default".into(),
+            group: "sg0".into(),
             name: name.into(),
             format: DiskFormat::Raw,
             size_bytes: 4 << 20,
@@ -246,13 +173,13 @@ mod tests {
         let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
         let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
         all.extend([converted.path.as_os_str(), back.as_os_str()]);
-        qemu_img(&all).await.expect("converted back");
+        qemu_img::run(&all, None).await.expect("converted back");
         std::fs::read(&back).expect("read back")
     }
 
     #[tokio::test]
     async fn a_raw_volume_converts_to_a_vmdk_with_the_same_contents() {
-        let (dir, groups) = group();
+        let (dir, groups) = storage::test_group();
         let raw = dir.path().join("d.raw");
         let mut data = vec![0u8; 4 << 20];
         data[1 << 20..(1 << 20) + 11].copy_from_slice(b"COUNTER 42\n");
@@ -271,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_raw_volume_that_looks_like_qcow2_is_exported_as_its_raw_bytes() {
-        let (dir, groups) = group();
+        let (dir, groups) = storage::test_group();
         let fake = dir.path().join("fake.qcow2");
         let args = [
             "create",
@@ -286,7 +213,7 @@ mod tests {
         let mut all: Vec<&std::ffi::OsStr> = args.map(std::ffi::OsStr::new).to_vec();
         let size = std::ffi::OsString::from("4M");
         all.extend([fake.as_os_str(), size.as_os_str()]);
-        qemu_img(&all).await.expect("a qcow2 header");
+        qemu_img::run(&all, None).await.expect("a qcow2 header");
         let mut data = std::fs::read(&fake).expect("header bytes");
         data.resize(4 << 20, 0);
         std::fs::write(dir.path().join("d.raw"), &data).expect("a raw volume");
@@ -300,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_volume_is_refused() {
-        let (_dir, groups) = group();
+        let (_dir, groups) = storage::test_group();
 
         let refused = convert(&groups, &volume("none.raw"), None).await;
 
@@ -309,7 +236,7 @@ mod tests {
 
     #[test]
     fn sweep_removes_leftovers() {
-        let (dir, groups) = group();
+        let (dir, groups) = storage::test_group();
         let exports = dir.path().join(DIR);
         std::fs::create_dir_all(&exports).expect("dir");
         std::fs::write(exports.join(".d.raw.1.vmdk"), b"x").expect("leftover");

@@ -57,6 +57,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
     let storage = StorageGroups::open(config.storage_groups.clone())?;
     agent::isos::sweep(&storage);
     agent::export::sweep(&storage);
+    agent::import::sweep(&storage);
     let facts = Collector::new(
         storage.clone(),
         config.image_dir.clone(),

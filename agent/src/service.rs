@@ -29,6 +29,7 @@ use crate::storage::StorageGroups;
 mod error;
 mod export;
 mod ft;
+mod import;
 mod isos;
 mod mirrors;
 mod snapshots;
@@ -576,6 +577,15 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::IsoFile>, Status> {
         Ok(Response::new(
             self.inner.put_iso(request.into_inner()).await?,
+        ))
+    }
+
+    async fn import_volume(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportVolumeRequest>>,
+    ) -> Result<Response<pb::ImportedVolume>, Status> {
+        Ok(Response::new(
+            self.inner.import_volume(request.into_inner()).await?,
         ))
     }
 

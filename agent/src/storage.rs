@@ -155,7 +155,7 @@ impl StorageGroups {
             format,
         };
         if path.exists() {
-            let (found_format, found_size) = probe(&path)?;
+            let (found_format, found_size) = probe(&path, format)?;
             if (found_format, found_size) == (format, size_bytes) {
                 return Ok(volume);
             }
@@ -225,6 +225,37 @@ impl StorageGroups {
     }
 }
 
+/// Removes every file in directory `dir` of each group: the temporary files of work (exports,
+/// imports) an earlier agent did not finish, logged as `what`.
+pub fn sweep(groups: &StorageGroups, dir: &str, what: &str) {
+    for dir in groups.dirs().map(|d| d.join(dir)) {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed {what}"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove {what}")
+                }
+            }
+        }
+    }
+}
+
+/// A storage group `sg0` in a temporary directory, for tests.
+#[cfg(test)]
+pub(crate) fn test_group() -> (tempfile::TempDir, StorageGroups) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let groups = StorageGroups::open(BTreeMap::from([(
+        "sg0".to_string(),
+        dir.path().to_path_buf(),
+    )]))
+    .expect("groups");
+    (dir, groups)
+}
+
 /// Checks that a volume (or ISO) name is a plain, safe file name.
 pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     let valid = (1..=128).contains(&name.len())
@@ -241,13 +272,18 @@ pub(crate) fn check_name(name: &str) -> Result<(), Error> {
     }
 }
 
-/// Format and virtual size of an existing volume file.
-fn probe(path: &Path) -> Result<(DiskFormat, u64), Error> {
+/// Format and virtual size of an existing volume file meant to be in `format`. A raw volume
+/// is never read for a header: its first bytes are the guest's (or an imported image's), and
+/// may look like anything.
+fn probe(path: &Path, format: DiskFormat) -> Result<(DiskFormat, u64), Error> {
     let mut file = fs::File::open(path).map_err(io_err("opening volume", path))?;
     let mut header = [0u8; 32];
-    let read = file
-        .read(&mut header)
-        .map_err(io_err("reading volume header of", path))?;
+    let read = match format {
+        DiskFormat::Qcow2 => file
+            .read(&mut header)
+            .map_err(io_err("reading volume header of", path))?,
+        DiskFormat::Raw => 0,
+    };
     if read == header.len() && &header[..4] == QCOW2_MAGIC {
         let mut size = [0u8; 8];
         size.copy_from_slice(&header[24..32]);
@@ -322,9 +358,23 @@ mod tests {
         header[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
         fs::write(&path, header).unwrap();
 
-        let found = probe(&path).unwrap();
+        let found = probe(&path, DiskFormat::Qcow2).unwrap();
 
         assert_eq!(found, (DiskFormat::Qcow2, 1 << 30));
+    }
+
+    #[test]
+    fn a_raw_volume_that_starts_like_a_qcow2_is_still_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.raw");
+        let mut data = vec![0u8; 4096];
+        data[..4].copy_from_slice(QCOW2_MAGIC);
+        data[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        fs::write(&path, data).unwrap();
+
+        let found = probe(&path, DiskFormat::Raw).unwrap();
+
+        assert_eq!(found, (DiskFormat::Raw, 4096));
     }
 
     #[test]

@@ -1,25 +1,15 @@
 //! The ISO library's commands: an upload streamed from a file with its SHA-256 computed on
 //! the way (and a progress line on a terminal, none under cron), the listing, a deletion.
 
-use std::fs::File;
-use std::io::{IsTerminal, Read};
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use proto::v1 as pb;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client;
-use crate::progress::Progress;
 use crate::units::{human, utc};
-
-/// Bytes per upload message.
-const CHUNK: usize = 1 << 20;
-/// Chunks read ahead of the network.
-const DEPTH: usize = 4;
+use crate::upload::Source;
 
 /// Uploads the ISO at `path` into the library as `name` (default: the file's name).
 pub async fn add(
@@ -28,83 +18,36 @@ pub async fn add(
     name: Option<String>,
     storage_group: Option<String>,
 ) -> anyhow::Result<pb::Iso> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size_bytes = file
-        .metadata()
-        .with_context(|| format!("reading the size of {}", path.display()))?
-        .len();
-    if size_bytes == 0 {
-        bail!("{} is empty", path.display());
-    }
-    let name = match name {
+    let source = Source::open(path)?;
+    let name = match name.or_else(|| source.file_name()) {
         Some(name) => name,
-        None => path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .with_context(|| format!("{} has no file name; give --name", path.display()))?,
+        None => bail!("{} has no file name; give --name", path.display()),
     };
     let header = pb::AddIsoRequest {
         part: Some(pb::add_iso_request::Part::Header(pb::IsoHeader {
             name: name.clone(),
             storage_group: storage_group.unwrap_or_default(),
-            size_bytes,
+            size_bytes: source.size_bytes,
         })),
     };
-    let (tx, rx) = mpsc::channel(DEPTH);
-    tx.send(header)
-        .await
-        .context("queueing the upload's header")?;
-    let progress = std::io::stderr()
-        .is_terminal()
-        .then(|| Progress::new(&name, size_bytes));
-    let reader = tokio::task::spawn_blocking(move || read_parts(file, &tx, progress));
+    let (parts, reader) = source
+        .stream(
+            header,
+            |data| pb::AddIsoRequest {
+                part: Some(pb::add_iso_request::Part::Data(data)),
+            },
+            |sha256| pb::AddIsoRequest {
+                part: Some(pb::add_iso_request::Part::Sha256(sha256)),
+            },
+        )
+        .await?;
     let mut client = client::connect(endpoints).await?;
-    let uploaded = client.add_iso(ReceiverStream::new(rx)).await;
-    let read = reader
-        .await
-        .context("the file reader stopped")?
-        .with_context(|| format!("reading {}", path.display()));
+    let uploaded = client.add_iso(parts).await;
+    let read = reader.finish().await;
     let iso = uploaded?.into_inner();
     // A read error makes the server refuse the short upload; the read error says why.
     read?;
     Ok(iso)
-}
-
-/// Sends the file's bytes, then their SHA-256; stops early if the upload ended.
-fn read_parts(
-    mut file: File,
-    tx: &mpsc::Sender<pb::AddIsoRequest>,
-    mut progress: Option<Progress>,
-) -> std::io::Result<()> {
-    let mut hasher = Sha256::new();
-    let mut sent: u64 = 0;
-    loop {
-        let mut buf = vec![0u8; CHUNK];
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        buf.truncate(n);
-        hasher.update(&buf);
-        let part = pb::AddIsoRequest {
-            part: Some(pb::add_iso_request::Part::Data(buf)),
-        };
-        if tx.blocking_send(part).is_err() {
-            return Ok(());
-        }
-        sent += n as u64;
-        if let Some(progress) = &mut progress {
-            progress.show(sent);
-        }
-    }
-    let sha256 = format!("{:x}", hasher.finalize());
-    let _ = tx.blocking_send(pb::AddIsoRequest {
-        part: Some(pb::add_iso_request::Part::Sha256(sha256)),
-    });
-    if let Some(progress) = &mut progress {
-        progress.done();
-    }
-    Ok(())
 }
 
 /// The state's name as pvctl shows it.

@@ -3,12 +3,14 @@
 
 mod client;
 mod export;
+mod import;
 mod isos;
 mod lab;
 mod output;
 mod progress;
 mod snapshots;
 mod units;
+mod upload;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -200,6 +202,43 @@ enum ApiCmd {
         /// The archive to write, e.g. web.ova (must not exist).
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Create a stopped VM from an OVA archive (as vm-export writes, or another platform's)
+    /// or a bare raw, qcow2 or VMDK disk image; a progress line shows on a terminal;
+    /// --timeout does not bound the transfer. A refused or broken import leaves nothing.
+    VmImport {
+        /// The OVA or disk image.
+        file: PathBuf,
+        /// What FILE is: ova, raw, qcow2 or vmdk [default: by its extension].
+        #[arg(long)]
+        format: Option<String>,
+        /// The VM's name [default: the archive's, or the image's file name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Virtual CPUs [default: the archive's, or 1].
+        #[arg(long)]
+        cpu: Option<u32>,
+        /// Memory, e.g. 512M or 2G [default: the archive's, or 256M].
+        #[arg(long)]
+        memory: Option<String>,
+        /// Protection mode [default: the archive's, or ha].
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// The storage group of its disks [default: sg0].
+        #[arg(long)]
+        storage_group: Option<String>,
+        /// The format of its volumes: raw or qcow2 [default: raw].
+        #[arg(long)]
+        disk_format: Option<String>,
+        /// A business network to attach, replacing the archive's (repeat for more NICs).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+        /// Boot from this kernel image (a bare image needs a boot source).
+        #[arg(long, conflicts_with = "iso")]
+        kernel_image: Option<String>,
+        /// Boot from this ISO of the pair's ISO library.
+        #[arg(long)]
+        iso: Option<String>,
     },
     /// Delete an ISO from the library (refused while a VM boots from it).
     IsoDelete {
@@ -456,6 +495,42 @@ async fn run_api(
                 &export::exported_json(&exported),
                 &export::exported_text(&exported),
             );
+        }
+        ApiCmd::VmImport {
+            file,
+            format,
+            name,
+            cpu,
+            memory,
+            mode,
+            storage_group,
+            disk_format,
+            networks,
+            kernel_image,
+            iso,
+        } => {
+            let overrides = import::Overrides {
+                name,
+                mode: mode.map(pb::ProtectionMode::from),
+                vcpus: cpu,
+                memory_mib: memory.as_deref().map(units::parse_mib).transpose()?,
+                storage_group,
+                disk_format: match disk_format.as_deref() {
+                    None => None,
+                    Some("raw") => Some(pb::DiskFormat::Raw),
+                    Some("qcow2") => Some(pb::DiskFormat::Qcow2),
+                    Some(other) => bail!("unknown disk format {other:?}; use raw or qcow2"),
+                },
+                networks,
+                boot: match (kernel_image, iso) {
+                    (Some(image), _) => Some(pb::import_vm_header::Boot::KernelImage(image)),
+                    (None, Some(iso)) => Some(pb::import_vm_header::Boot::Iso(iso)),
+                    (None, None) => None,
+                },
+            };
+            let format = format.as_deref().map(import::format_named).transpose()?;
+            let vm = import::import(endpoint, &file, format, overrides).await?;
+            print(json, &vm_json(&vm), &vm_text(&vm));
         }
         ApiCmd::IsoList => {
             let list = api

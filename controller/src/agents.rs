@@ -34,7 +34,7 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 pub use daemon::fence::Token;
 
 /// A token as the agent API carries it.
-fn fence(token: Token) -> Option<pb::Fence> {
+pub fn fence(token: Token) -> Option<pb::Fence> {
     Some(pb::Fence {
         term: token.term,
         generation: token.generation,
@@ -66,6 +66,14 @@ pub enum Error {
         op: &'static str,
         /// The agent's message.
         message: String,
+    },
+    /// The task running a streaming call failed (panicked or was cancelled).
+    #[error("the call to the agent on {node} failed: {reason}")]
+    Task {
+        /// Node.
+        node: String,
+        /// The join error.
+        reason: String,
     },
     /// The agent's address is not a valid endpoint.
     #[error("agent address {address} of node {node} is invalid")]
@@ -236,6 +244,20 @@ impl Agent {
             .await
             .map(tonic::Response::into_inner)
             .map_err(self.failed("uploading an ISO"))
+    }
+
+    /// Fills a new volume from the image whose header, bytes and commit `parts` yields; the
+    /// agent answers once the volume is in place.
+    pub async fn import_volume(
+        &self,
+        parts: impl tokio_stream::Stream<Item = pb::ImportVolumeRequest> + Send + 'static,
+    ) -> Result<pb::ImportedVolume, Error> {
+        self.client
+            .clone()
+            .import_volume(tonic::Request::new(parts))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(self.failed("importing a volume"))
     }
 
     /// Takes snapshot `id` of `vm`'s volumes on top of `parent`, copied to the peer if

@@ -32,6 +32,7 @@ use daemon::pair::LeaderInfo;
 
 mod convert;
 mod export;
+mod import;
 mod isos;
 mod snapshots;
 
@@ -471,6 +472,25 @@ impl pb::pairvisor_server::Pairvisor for Api {
             Target::Local(engine) => Ok(Response::new(
                 isos::add(engine, request.into_inner()).await?,
             )),
+        }
+    }
+
+    async fn import_vm(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportVmRequest>>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        match self.target(&request).await? {
+            Target::Peer(mut peer) => {
+                // A broken import ends the forwarded stream early: the serving controller
+                // then refuses it for its missing bytes or checksum.
+                let request = forwarded(request)
+                    .map(|parts| tokio_stream::StreamExt::map_while(parts, Result::ok));
+                peer.import_vm(request).await
+            }
+            Target::Local(engine) => {
+                let vm = import::import(engine.clone(), request.into_inner()).await?;
+                Ok(vm_reply(&engine, &vm))
+            }
         }
     }
 

@@ -12,12 +12,16 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod feed;
 pub mod ft;
 pub mod ha;
 pub mod health;
+pub mod import;
+pub mod incoming;
 pub mod isos;
 pub mod membership;
 pub mod model;
+pub mod ova;
 pub mod placement;
 pub mod serving;
 #[cfg(test)]

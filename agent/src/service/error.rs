@@ -6,12 +6,14 @@ use tonic::Status;
 
 use crate::export;
 use crate::fence;
+use crate::import;
 use crate::isos;
 use crate::libvirt;
 use crate::mirror;
 use crate::replica;
 use crate::snapshot;
 use crate::storage;
+use crate::upload;
 
 /// Errors of agent requests; each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,9 @@ pub enum Error {
     /// An ISO library operation failed.
     #[error(transparent)]
     Iso(#[from] isos::Error),
+    /// Importing an image into a new volume failed.
+    #[error(transparent)]
+    Import(#[from] import::Error),
     /// Converting a volume for export failed.
     #[error(transparent)]
     Export(#[from] export::Error),
@@ -163,8 +168,7 @@ impl From<Error> for Status {
             ) => Status::invalid_argument(message),
             Error::Storage(storage::Error::Exists { .. }) => Status::already_exists(message),
             Error::Iso(
-                isos::Error::Size { .. }
-                | isos::Error::Checksum { .. }
+                isos::Error::Upload(upload::Error::Size { .. } | upload::Error::Checksum { .. })
                 | isos::Error::Storage(
                     storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
                 ),
@@ -181,7 +185,21 @@ impl From<Error> for Status {
             Error::Snapshot(snapshot::Error::Storage(
                 storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
             )) => Status::invalid_argument(message),
-            Error::Iso(isos::Error::NoSpace { .. }) => Status::resource_exhausted(message),
+            Error::Iso(isos::Error::Upload(upload::Error::NoSpace { .. }))
+            | Error::Import(
+                import::Error::NoSpace { .. }
+                | import::Error::Upload(upload::Error::NoSpace { .. }),
+            ) => Status::resource_exhausted(message),
+            Error::Import(
+                import::Error::Upload(upload::Error::Size { .. } | upload::Error::Checksum { .. })
+                | import::Error::Unreadable { .. }
+                | import::Error::NotSelfContained { .. }
+                | import::Error::TooLarge { .. }
+                | import::Error::Storage(
+                    storage::Error::InvalidName { .. } | storage::Error::UnknownGroup { .. },
+                ),
+            ) => Status::invalid_argument(message),
+            Error::Import(import::Error::Exists { .. }) => Status::already_exists(message),
             Error::Export(export::Error::NoSpace { .. }) => Status::resource_exhausted(message),
             Error::Export(
                 export::Error::Missing { .. }
@@ -199,6 +217,7 @@ impl From<Error> for Status {
             | Error::Iso(_)
             | Error::Snapshot(_)
             | Error::Export(_)
+            | Error::Import(_)
             | Error::Worker { .. }
             | Error::Epoch(_)
             | Error::FtDir { .. }

@@ -8,7 +8,8 @@ use proto::agent as pb;
 use tonic::Streaming;
 
 use super::{Error, Inner, invalid};
-use crate::isos::{self, Upload};
+use crate::isos;
+use crate::upload::Received;
 
 impl Inner {
     /// Writes the ISO `stream` carries, logging begin and end.
@@ -51,8 +52,8 @@ impl Inner {
         size_bytes: u64,
         term: i64,
         stream: &mut Streaming<pb::PutIsoRequest>,
-    ) -> Result<isos::IsoFile, Error> {
-        let mut upload = Upload::begin(
+    ) -> Result<Received, Error> {
+        let mut upload = isos::begin(
             &self.deps.storage,
             &iso.storage_group,
             &iso.name,
@@ -76,18 +77,12 @@ impl Inner {
             match part {
                 pb::put_iso_request::Part::Data(data) => {
                     // File writes block: off the runtime, one chunk at a time.
-                    upload =
-                        tokio::task::spawn_blocking(move || upload.write(&data).map(|()| upload))
-                            .await
-                            .map_err(|e| worker_failed(&e))??;
+                    upload = upload.append(data).await.map_err(isos::Error::from)?;
                 }
                 pb::put_iso_request::Part::CommitSha256(sha256) => {
                     // The serving controller may have changed while the bytes flowed.
                     self.deps.fence.admit_term(term)?;
-                    return tokio::task::spawn_blocking(move || upload.finish(&sha256))
-                        .await
-                        .map_err(|e| worker_failed(&e))?
-                        .map_err(Error::from);
+                    return Ok(upload.commit(sha256).await.map_err(isos::Error::from)?);
                 }
                 pb::put_iso_request::Part::Header(_) => {
                     return Err(invalid("an ISO upload has one header, first"));
@@ -112,12 +107,5 @@ impl Inner {
             &iso.storage_group,
             &iso.name,
         )?)
-    }
-}
-
-fn worker_failed(e: &tokio::task::JoinError) -> Error {
-    Error::Worker {
-        op: "writing an ISO",
-        reason: e.to_string(),
     }
 }

@@ -9,7 +9,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tokio::process::Command;
 
 use super::{Error, io_err};
 use crate::domain::DiskFormat;
@@ -238,19 +237,12 @@ impl Chain {
     }
 
     async fn qemu_img(&self, args: &[String]) -> Result<Vec<u8>, Error> {
-        let output = Command::new("qemu-img")
-            .args(args)
-            .current_dir(&self.dir)
-            .output()
+        crate::qemu_img::run(args, Some(&self.dir))
             .await
-            .map_err(io_err("running qemu-img in", &self.dir))?;
-        if !output.status.success() {
-            return Err(Error::QemuImg {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-            });
-        }
-        Ok(output.stdout)
+            .map_err(|f| Error::QemuImg {
+                args: f.args,
+                stderr: f.reason,
+            })
     }
 }
 

@@ -18,6 +18,14 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 /// Longest grace period a shutdown may ask for.
 const MAX_GRACE_SECONDS: u32 = 3600;
 
+/// A client's stream that broke mid-way (an upload, an import).
+pub(super) fn broke_off(status: &tonic::Status) -> ApiError {
+    ApiError::Unavailable(format!(
+        "the upload broke off ({}); nothing was kept",
+        status.message()
+    ))
+}
+
 pub(super) fn grace_from_pb(seconds: u32) -> Result<Duration, ApiError> {
     match seconds {
         0 => Ok(DEFAULT_GRACE),
@@ -51,7 +59,7 @@ fn mode_to_pb(mode: Mode) -> pb::ProtectionMode {
     }
 }
 
-fn format_from_pb(format: i32) -> Result<DiskFormat, ApiError> {
+pub(super) fn format_from_pb(format: i32) -> Result<DiskFormat, ApiError> {
     match pb::DiskFormat::try_from(format) {
         Ok(pb::DiskFormat::Invalid | pb::DiskFormat::Raw) => Ok(DiskFormat::Raw),
         Ok(pb::DiskFormat::Qcow2) => Ok(DiskFormat::Qcow2),

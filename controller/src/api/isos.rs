@@ -5,9 +5,11 @@ use proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 
+use super::convert::broke_off;
 use crate::engine::{Command, EngineHandle, Snapshot};
 use crate::error::ApiError;
-use crate::isos::upload::{self, Part};
+use crate::incoming::Part;
+use crate::isos::upload;
 use crate::isos::{self, Header};
 use crate::model::{IsoRecord, IsoState};
 
@@ -71,13 +73,6 @@ async fn upload_to_end(
         .await;
     outcome?;
     Ok(iso_to_pb(&record?, Vec::new()))
-}
-
-fn broke_off(status: &tonic::Status) -> ApiError {
-    ApiError::Unavailable(format!(
-        "the upload broke off ({}); nothing was kept",
-        status.message()
-    ))
 }
 
 /// The library, each ISO with the VMs that boot from it.

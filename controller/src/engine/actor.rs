@@ -346,6 +346,14 @@ impl Engine {
             } => {
                 let _ = reply.send(self.export_begin(&vm, snapshot));
             }
+            Command::ImportBegin { spec, reply } => {
+                let _ = reply.send(self.import_begin(spec).await);
+            }
+            Command::ImportFinish {
+                uuid,
+                outcome,
+                reply,
+            } => self.import_finish(&uuid, outcome, reply).await,
             Command::ExportEnd { uuid, reply } => {
                 self.snapshotting.remove(&uuid);
                 let _ = reply.send(Ok(()));

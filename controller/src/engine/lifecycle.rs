@@ -96,7 +96,7 @@ impl Engine {
     }
 
     /// Validates `spec`, checks capacity and chooses a node: the new VM's record.
-    fn admit(&self, mut spec: VmSpec) -> Result<VmRecord, ApiError> {
+    pub(super) fn admit(&self, mut spec: VmSpec) -> Result<VmRecord, ApiError> {
         crate::isos::resolve_boot(&mut spec.boot, &self.isos)?;
         let inventory = self.inventory()?;
         validate::spec(&spec, &inventory)?;

@@ -24,6 +24,7 @@ mod actor;
 mod effects;
 mod fencing;
 mod ft;
+mod import;
 mod isos;
 mod lifecycle;
 mod observe;
@@ -168,6 +169,23 @@ pub enum Command {
         snapshot: Option<String>,
         /// Reply: what to read, and where.
         reply: Reply<crate::export::Plan>,
+    },
+    /// Admit an import: the VM of `spec` recorded as `Creating` and held until
+    /// [`Command::ImportFinish`].
+    ImportBegin {
+        /// The VM to create.
+        spec: crate::model::VmSpec,
+        /// Reply: the record, its host's agent and the token.
+        reply: Reply<crate::import::Begun>,
+    },
+    /// An import's disks are in place (or it failed): define the VM, or roll it back.
+    ImportFinish {
+        /// The VM's UUID.
+        uuid: String,
+        /// The outcome.
+        outcome: Result<(), String>,
+        /// Reply: the stopped VM, or why the import failed.
+        reply: Reply<VmRecord>,
     },
     /// An export ended (however it ended): the VM is free again.
     ExportEnd {

@@ -13,9 +13,6 @@
 //! The client writes the archive to a temporary file and keeps it only when the size and the
 //! final SHA-256 match.
 
-pub mod ovf;
-pub mod tar;
-
 use proto::agent as agent_pb;
 use proto::v1 as pb;
 use sha2::{Digest, Sha256};
@@ -25,6 +22,7 @@ use tonic::Status;
 use crate::agents::{self, Agent, Token};
 use crate::error::ApiError;
 use crate::model::{SnapshotState, VmRecord, VmState};
+use crate::ova::{ovf, tar};
 
 /// Bytes per message to the client.
 const CHUNK: usize = 1 << 20;
