@@ -105,7 +105,8 @@ pub async fn convert(
     }
     let dir = groups.group_dir(&volume.group)?.join(DIR);
     std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-    let needed = qemu_img::measure(&source, format, "qcow2").await? + SLACK_BYTES;
+    let needed =
+        qemu_img::measure(&source, format, "qcow2", qemu_img::Trust::Own).await? + SLACK_BYTES;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;

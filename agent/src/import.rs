@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::domain::DiskFormat;
-use crate::qemu_img;
+use crate::qemu_img::{self, Trust};
 use crate::storage::{self, StorageGroups, fs_space, io_err};
 use crate::upload::{self, Upload};
 
@@ -76,6 +76,9 @@ pub enum Error {
         /// The volume's size.
         size_bytes: u64,
     },
+    /// The controller that asked no longer serves: its successor rolls the import back.
+    #[error("another controller took over during the import; the volume was not kept")]
+    Superseded,
     /// The volume exists: an import only creates.
     #[error("volume {path} already exists; an import never overwrites a volume")]
     Exists {
@@ -148,14 +151,33 @@ pub fn receive(
     }
     let dir = groups.group_dir(&target.group)?.join(DIR);
     Ok(Upload::begin(
+        &target.group,
         dir.join(format!("{}.image", target.name)),
         source_bytes,
     )?)
 }
 
+/// Commits `upload` with its verified `sha256`: the received image, as a guard that removes
+/// it, made on the writing thread so that a caller gone meanwhile still has it removed.
+pub async fn commit(upload: Upload, sha256: String, format: ImageFormat) -> Result<Image, Error> {
+    Ok(upload
+        .commit(sha256, move |received| Image {
+            path: received.path,
+            format,
+        })
+        .await?)
+}
+
 /// Checks the received `image` and converts it into `target`, grown to its size; returns
-/// the image's virtual size.
-pub async fn install(groups: &StorageGroups, image: &Image, target: &Target) -> Result<u64, Error> {
+/// the image's virtual size. `still_asked` is asked last, just before the volume is renamed
+/// into place: a controller that took over meanwhile deletes what it finds, so a volume
+/// renamed after its deletion would be left behind.
+pub async fn install(
+    groups: &StorageGroups,
+    image: &Image,
+    target: &Target,
+    still_asked: impl FnOnce() -> bool,
+) -> Result<u64, Error> {
     let image_bytes = inspect(image).await?;
     if image_bytes > target.size_bytes {
         return Err(Error::TooLarge {
@@ -169,7 +191,8 @@ pub async fn install(groups: &StorageGroups, image: &Image, target: &Target) -> 
     }
     let dir = groups.group_dir(&target.group)?.join(DIR);
     let to = target.format.as_str();
-    let needed = qemu_img::measure(&image.path, image.format.as_str(), to).await?;
+    let needed =
+        qemu_img::measure(&image.path, image.format.as_str(), to, Trust::Untrusted).await?;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;
@@ -207,6 +230,9 @@ pub async fn install(groups: &StorageGroups, image: &Image, target: &Target) -> 
             size.as_ref(),
         ];
         qemu_img::run(&args, None).await?;
+    }
+    if !still_asked() {
+        return Err(Error::Superseded);
     }
     daemon::fsutil::sync_rename(&building.path, &volume).map_err(|source| Error::Io {
         op: "syncing the imported volume into place",
@@ -264,7 +290,7 @@ async fn inspect(image: &Image) -> Result<u64, Error> {
         format.as_ref(),
         image.path.as_os_str(),
     ];
-    let info: Info = qemu_img::json(&args)
+    let info: Info = qemu_img::json(&args, Trust::Untrusted)
         .await
         .map_err(|source| Error::Unreadable { format, source })?;
     self_contained(&info, &image.path)?;
@@ -374,7 +400,7 @@ mod tests {
         let target = target("v.raw", DiskFormat::Raw, 2 << 20);
         let image = received(&groups, &target, &vmdk, ImageFormat::Vmdk);
 
-        let image_bytes = install(&groups, &image, &target).await.unwrap();
+        let image_bytes = install(&groups, &image, &target, || true).await.unwrap();
         drop(image);
 
         assert_eq!(image_bytes, 1 << 20);
@@ -382,6 +408,28 @@ mod tests {
         assert_eq!(volume.len(), 2 << 20);
         assert_eq!(&volume[..1 << 20], &data[..]);
         assert!(volume[1 << 20..].iter().all(|b| *b == 0));
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_import_superseded_before_its_rename_leaves_no_volume() {
+        let (dir, groups) = storage::test_group();
+        let raw = dir.path().join("src.raw");
+        std::fs::write(&raw, vec![3u8; 65536]).unwrap();
+        let target = target("v.raw", DiskFormat::Raw, 1 << 20);
+        let image = received(&groups, &target, &raw, ImageFormat::Raw);
+
+        let err = install(&groups, &image, &target, || false)
+            .await
+            .unwrap_err();
+        drop(image);
+
+        assert!(matches!(err, Error::Superseded), "{err}");
+        assert!(!dir.path().join("v.raw").exists());
         assert!(
             leftovers(dir.path()).is_empty(),
             "{:?}",
@@ -409,7 +457,9 @@ mod tests {
         let target = target("v.qcow2", DiskFormat::Qcow2, 1 << 20);
         let image = received(&groups, &target, &evil, ImageFormat::Qcow2);
 
-        let err = install(&groups, &image, &target).await.unwrap_err();
+        let err = install(&groups, &image, &target, || true)
+            .await
+            .unwrap_err();
 
         assert!(matches!(err, Error::NotSelfContained { .. }), "{err}");
         assert!(!dir.path().join("v.qcow2").exists());
@@ -435,7 +485,9 @@ mod tests {
         let target = target("v.raw", DiskFormat::Raw, 1 << 20);
         let image = received(&groups, &target, &evil, ImageFormat::Qcow2);
 
-        let err = install(&groups, &image, &target).await.unwrap_err();
+        let err = install(&groups, &image, &target, || true)
+            .await
+            .unwrap_err();
 
         assert!(matches!(err, Error::NotSelfContained { .. }), "{err}");
     }
@@ -453,7 +505,9 @@ mod tests {
         let target = target("v.raw", DiskFormat::Raw, 1 << 20);
         let image = received(&groups, &target, &evil, ImageFormat::Vmdk);
 
-        let err = install(&groups, &image, &target).await.unwrap_err();
+        let err = install(&groups, &image, &target, || true)
+            .await
+            .unwrap_err();
 
         assert!(matches!(err, Error::NotSelfContained { .. }), "{err}");
         assert!(!dir.path().join("v.raw").exists());
@@ -467,7 +521,9 @@ mod tests {
         let target = target("v.raw", DiskFormat::Raw, 1 << 20);
         let image = received(&groups, &target, &raw, ImageFormat::Qcow2);
 
-        let err = install(&groups, &image, &target).await.unwrap_err();
+        let err = install(&groups, &image, &target, || true)
+            .await
+            .unwrap_err();
 
         assert!(matches!(err, Error::Unreadable { .. }), "{err}");
     }
@@ -480,7 +536,9 @@ mod tests {
         let target = target("v.raw", DiskFormat::Raw, 1 << 20);
         let image = received(&groups, &target, &raw, ImageFormat::Raw);
 
-        let err = install(&groups, &image, &target).await.unwrap_err();
+        let err = install(&groups, &image, &target, || true)
+            .await
+            .unwrap_err();
 
         assert!(matches!(err, Error::TooLarge { .. }), "{err}");
         assert!(!dir.path().join("v.raw").exists());

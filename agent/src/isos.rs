@@ -97,7 +97,11 @@ pub fn begin(
     name: &str,
     size_bytes: u64,
 ) -> Result<Upload, Error> {
-    Ok(Upload::begin(path(groups, group, name)?, size_bytes)?)
+    Ok(Upload::begin(
+        group,
+        path(groups, group, name)?,
+        size_bytes,
+    )?)
 }
 
 #[cfg(test)]

@@ -29,11 +29,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The file system lacks room for the announced size.
-    #[error("{dir} has {free_bytes} bytes free, too few for the {size_bytes} bytes announced")]
+    /// The storage group lacks room for the announced size.
+    #[error(
+        "storage group {group} has {free_bytes} bytes free, too few for the {size_bytes} bytes announced; free space there or choose another group"
+    )]
     NoSpace {
-        /// The directory.
-        dir: PathBuf,
+        /// The storage group.
+        group: String,
         /// Space available.
         free_bytes: u64,
         /// The size announced.
@@ -92,15 +94,15 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// Starts receiving `size_bytes` bytes for `path`, refusing them up front if its file
-    /// system lacks the room.
-    pub fn begin(path: PathBuf, size_bytes: u64) -> Result<Upload, Error> {
+    /// Starts receiving `size_bytes` bytes for `path` in storage group `group`, refusing them
+    /// up front if its file system lacks the room.
+    pub fn begin(group: &str, path: PathBuf, size_bytes: u64) -> Result<Upload, Error> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         let (_, free_bytes) = fs_space(&dir).map_err(io_err("reading free space of", &dir))?;
         if free_bytes < size_bytes {
             return Err(Error::NoSpace {
-                dir,
+                group: group.to_string(),
                 free_bytes,
                 size_bytes,
             });
@@ -173,9 +175,14 @@ impl Upload {
         blocking(move || self.write(&data).map(|()| self)).await
     }
 
-    /// [`Upload::finish`] on a blocking thread.
-    pub async fn commit(self, sha256: String) -> Result<Received, Error> {
-        blocking(move || self.finish(&sha256)).await
+    /// [`Upload::finish`] on a blocking thread, handing the file to `keep` there: a caller
+    /// that goes away meanwhile drops what `keep` made (a guard that removes the file, say).
+    pub async fn commit<T: Send + 'static>(
+        self,
+        sha256: String,
+        keep: impl FnOnce(Received) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        blocking(move || self.finish(&sha256).map(keep)).await
     }
 
     fn size_error(&self, got: u64) -> Error {
@@ -230,7 +237,7 @@ mod tests {
     #[test]
     fn finished_upload_is_in_place_with_its_sha256() {
         let dir = tempfile::tempdir().unwrap();
-        let mut upload = Upload::begin(dir.path().join("abc"), 3).unwrap();
+        let mut upload = Upload::begin("sg0", dir.path().join("abc"), 3).unwrap();
         upload.write(b"ab").unwrap();
         upload.write(b"c").unwrap();
 
@@ -245,7 +252,7 @@ mod tests {
     #[test]
     fn short_upload_is_refused_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut upload = Upload::begin(dir.path().join("a"), 4).unwrap();
+        let mut upload = Upload::begin("sg0", dir.path().join("a"), 4).unwrap();
         upload.write(b"abc").unwrap();
 
         let err = upload.finish("x").unwrap_err();
@@ -267,7 +274,7 @@ mod tests {
     #[test]
     fn upload_whose_bytes_do_not_hash_to_the_commit_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut upload = Upload::begin(dir.path().join("a"), 3).unwrap();
+        let mut upload = Upload::begin("sg0", dir.path().join("a"), 3).unwrap();
         upload.write(b"abd").unwrap();
 
         let err = upload.finish(ABC).unwrap_err();
@@ -279,7 +286,7 @@ mod tests {
     #[test]
     fn long_upload_is_refused_at_the_first_extra_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let mut upload = Upload::begin(dir.path().join("a"), 2).unwrap();
+        let mut upload = Upload::begin("sg0", dir.path().join("a"), 2).unwrap();
 
         let err = upload.write(b"abc").unwrap_err();
 
@@ -300,7 +307,7 @@ mod tests {
     fn upload_larger_than_free_space_is_refused_before_writing() {
         let dir = tempfile::tempdir().unwrap();
 
-        let err = Upload::begin(dir.path().join("big"), u64::MAX).unwrap_err();
+        let err = Upload::begin("sg0", dir.path().join("big"), u64::MAX).unwrap_err();
 
         assert!(matches!(err, Error::NoSpace { .. }), "{err}");
         assert!(entries(dir.path()).is_empty());

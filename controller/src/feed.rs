@@ -84,8 +84,14 @@ impl<M: Send + 'static, R: Send + 'static> Feed<M, R> {
     /// Sends `last`, ends the stream and waits for the agent's answer.
     pub async fn close(mut self, last: M) -> Result<R, agents::Error> {
         if let Some(tx) = self.tx.take() {
-            // A call that ended early answers below with its error.
-            let _ = tx.send(last).await;
+            // A call that ended early answers below with its error; one that takes nothing
+            // for that long is cancelled.
+            if tokio::time::timeout(MESSAGE_TIMEOUT, tx.send(last))
+                .await
+                .is_err()
+            {
+                self.call.abort();
+            }
         }
         match (&mut self.call).await {
             Ok(result) => result,

@@ -3,10 +3,16 @@
 //! end against the SHA-256 the client sends last. A short, long or altered stream is refused
 //! with what was wrong, so the caller keeps nothing of it.
 
+use std::time::Duration;
+
 use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::error::ApiError;
+
+/// How long a client may send nothing before its upload is dropped: a suspended laptop must
+/// not hold a VM (or an ISO name) and its hosts' partial files for ever.
+const PART_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A part of an upload after its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +102,7 @@ where
                 "the file goes on past its end; nothing was kept",
             ));
         }
-        if self.parts.next().await.is_some() {
+        if self.next_part().await?.is_some() {
             return Err(ApiError::invalid(
                 "sha256",
                 "the checksum must be the upload's last part; nothing was kept",
@@ -127,13 +133,23 @@ where
         }
     }
 
+    /// The client's next part, if it sends one within [`PART_TIMEOUT`].
+    async fn next_part(&mut self) -> Result<Option<Part>, ApiError> {
+        match tokio::time::timeout(PART_TIMEOUT, self.parts.next()).await {
+            Ok(part) => part.transpose(),
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "the upload sent nothing for {PART_TIMEOUT:?}; nothing was kept"
+            ))),
+        }
+    }
+
     /// Appends the next data part to the buffer; false once the parts have ended.
     async fn fill(&mut self) -> Result<bool, ApiError> {
         loop {
             if self.ended {
                 return Ok(false);
             }
-            match self.parts.next().await.transpose()? {
+            match self.next_part().await? {
                 None => {
                     self.ended = true;
                 }

@@ -200,6 +200,7 @@ impl From<Error> for Status {
                 ),
             ) => Status::invalid_argument(message),
             Error::Import(import::Error::Exists { .. }) => Status::already_exists(message),
+            Error::Import(import::Error::Superseded) => Status::aborted(message),
             Error::Export(export::Error::NoSpace { .. }) => Status::resource_exhausted(message),
             Error::Export(
                 export::Error::Missing { .. }

@@ -6,7 +6,7 @@ use proto::agent as pb;
 use tonic::Streaming;
 
 use super::{Error, Inner, disk_format, invalid, uuid_invalid};
-use crate::import::{self, Image, ImageFormat, Target};
+use crate::import::{self, ImageFormat, Target};
 
 impl Inner {
     /// Receives, checks and converts the image `stream` carries into a new volume.
@@ -88,12 +88,12 @@ impl Inner {
         // Another controller may serve now (and roll this import back): it must not make the
         // volume after that.
         self.admit("import-volume", &header.vm_uuid, header.fence)?;
-        let received = upload.commit(sha256).await.map_err(import::Error::from)?;
-        let image = Image {
-            path: received.path,
-            format,
+        let image = import::commit(upload, sha256, format).await?;
+        let still_asked = || {
+            self.admit("import-volume", &header.vm_uuid, header.fence)
+                .is_ok()
         };
-        let image_virtual_bytes = import::install(storage, &image, target).await?;
+        let image_virtual_bytes = import::install(storage, &image, target, still_asked).await?;
         Ok(pb::ImportedVolume {
             image_virtual_bytes,
             size_bytes: target.size_bytes,

@@ -82,7 +82,10 @@ impl Inner {
                 pb::put_iso_request::Part::CommitSha256(sha256) => {
                     // The serving controller may have changed while the bytes flowed.
                     self.deps.fence.admit_term(term)?;
-                    return Ok(upload.commit(sha256).await.map_err(isos::Error::from)?);
+                    return Ok(upload
+                        .commit(sha256, |received| received)
+                        .await
+                        .map_err(isos::Error::from)?);
                 }
                 pb::put_iso_request::Part::Header(_) => {
                     return Err(invalid("an ISO upload has one header, first"));

@@ -91,17 +91,21 @@ impl Engine {
             }
             Err(reason) => {
                 tracing::warn!(vm = %name, uuid = %uuid, error = %reason, "import end: failed; removing what it made");
-                let (gone, removed) = oneshot::channel();
-                self.waiters
-                    .entry(uuid.to_string())
-                    .or_default()
-                    .push(Waiter::Deleted(gone));
                 let event = VmEvent::ProvisionFailed {
                     reason: format!("import failed: {reason}"),
                 };
                 if let Err(e) = self.drive(uuid, event, None).await {
                     tracing::warn!(vm = %name, uuid = %uuid, error = %e, "rolling back the import failed");
+                    let _ = reply.send(Err(ApiError::Unavailable(format!(
+                        "import failed ({reason}); rolling VM {name} back failed too ({e}): it stays listed as creating until the next controller takeover removes it"
+                    ))));
+                    return;
                 }
+                let (gone, removed) = oneshot::channel();
+                self.waiters
+                    .entry(uuid.to_string())
+                    .or_default()
+                    .push(Waiter::Deleted(gone));
                 tokio::spawn(async move {
                     let outcome = match removed.await {
                         Ok(Ok(_)) => format!("import failed ({reason}); nothing was kept"),

@@ -204,7 +204,7 @@ impl Engine {
     pub(super) fn snapshot_busy(&self, uuid: &str) -> Result<(), ApiError> {
         match self.snapshotting.contains(uuid) {
             true => Err(ApiError::FailedPrecondition(format!(
-                "VM {} has a snapshot operation or an export running; retry once it ends",
+                "VM {} has a snapshot operation or an export running, or is being imported; retry once it ends",
                 self.vms.get(uuid).map_or(uuid, |e| e.record.name.as_str())
             ))),
             false => Ok(()),

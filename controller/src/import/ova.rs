@@ -70,8 +70,12 @@ where
                 let text = String::from_utf8_lossy(&text);
                 manifest =
                     Some(read::manifest(&text).map_err(|e| invalid(format!("{file}: {e}")))?);
+            } else if entry.name.ends_with(".cert") {
+                // It signs the manifest and is not listed in it; the signature is not checked.
+                while tar.read_some().await?.is_some() {}
+                tracing::info!(vm = %begun.record.name, file = %entry.name, "import: the archive is signed; its certificate is not checked");
             } else {
-                // A certificate, or a file the descriptor does not use: hashed, not kept.
+                // A file the descriptor does not use: hashed for the manifest, not kept.
                 let mut hasher = Sha256::new();
                 while let Some(data) = tar.read_some().await? {
                     hasher.update(&data);

@@ -285,13 +285,14 @@ pub fn manifest(text: &str) -> Result<BTreeMap<String, String>, Error> {
             .to_ascii_lowercase();
         if algorithm.trim() != "SHA256" {
             return Err(bad(&format!(
-                "it uses {}; only SHA256 manifests are checked",
+                "it uses {}; only SHA256 manifests are checked: re-create the archive with a SHA-256 manifest (ovftool --shaAlgorithm=SHA256), or remove its .mf to import it unchecked",
                 algorithm.trim()
             )));
         }
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("the checksum is not 64 hex digits"));
         }
+        let name = name.strip_prefix("./").unwrap_or(name);
         sums.insert(name.to_string(), hex);
     }
     Ok(sums)

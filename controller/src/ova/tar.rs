@@ -65,7 +65,9 @@ pub enum Error {
         field: &'static str,
     },
     /// The entry is not a plain file.
-    #[error("entry {name} is of tar type {kind:?}; an OVA holds plain files only")]
+    #[error(
+        "entry {name} is of tar type {kind:?}; an OVA holds plain files in ustar or GNU format only (pax or long-name headers are not read): re-create it with `tar --format=gnu -cf FILE.ova` and names under 100 characters"
+    )]
     NotAFile {
         /// Its name.
         name: String,
@@ -103,6 +105,10 @@ pub fn parse_header(h: &[u8; 512]) -> Result<Option<Entry>, Error> {
         if !prefix.is_empty() {
             name = format!("{prefix}/{name}");
         }
+    }
+    // GNU tar writes `./NAME` when given `.`; the descriptor's references have no prefix.
+    if let Some(plain) = name.strip_prefix("./") {
+        name = plain.to_string();
     }
     let kind = h[156];
     if kind != b'0' && kind != 0 {
@@ -263,6 +269,8 @@ mod tests {
             Err(Error::NotAFile { kind: '2', .. })
         ));
         assert_eq!(parse_header(&[0; 512]), Ok(None));
+        let dotted = parse_header(&header("./vm.ovf", 1, 0)).unwrap().unwrap();
+        assert_eq!(dotted.name, "vm.ovf");
     }
 
     #[test]
