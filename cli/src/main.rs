@@ -312,7 +312,19 @@ enum LabCmd {
         #[command(flatten)]
         lab: LabArgs,
     },
-    /// Remove every isolate and cut-path fault from the lab's namespaces; reconnect cut BMCs.
+    /// Hold what a node sends on one link to a byte rate (queued, not dropped) until heal.
+    SlowPath {
+        /// The node: n0 or n1.
+        host: String,
+        /// The link: priv0, alink1 or alink2.
+        path: String,
+        /// What the node may send on it per second.
+        #[arg(long)]
+        bytes_per_second: u64,
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Remove every isolate, cut-path and slow-path fault from the lab; reconnect cut BMCs.
     Heal(LabArgs),
     /// A BMC's chassis control: ipmi_sim runs it with `get power`, `set power 0|1`, ….
     #[command(hide = true)]
@@ -698,6 +710,12 @@ async fn run_lab(command: LabCmd) -> anyhow::Result<()> {
             path,
             lab: args,
         } => lab::faults::cut_path(&args.plan()?, &host, &path),
+        LabCmd::SlowPath {
+            host,
+            path,
+            bytes_per_second,
+            lab: args,
+        } => lab::shaping::slow_path(&args.plan()?, &host, &path, bytes_per_second),
         LabCmd::CutBmc { host, lab: args } => lab::bmc::cut(&args.plan()?, &host),
         LabCmd::Heal(args) => lab::faults::heal(&args.plan()?),
         LabCmd::BmcHook {

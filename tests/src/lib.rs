@@ -139,6 +139,13 @@ impl Lab {
         self.lab_ok(&args);
     }
 
+    /// Holds what node `host` sends on role link `path` (`priv0`, `alink1` or `alink2`) to
+    /// `bytes_per_second`, queued rather than dropped, until `heal`.
+    pub fn slow_path(&self, host: &str, path: &str, bytes_per_second: u64) {
+        let rate = bytes_per_second.to_string();
+        self.lab_ok(&["slow-path", host, path, "--bytes-per-second", &rate]);
+    }
+
     /// Makes node `host`'s BMC unreachable (its management switch port goes down) until `heal`.
     pub fn cut_bmc(&self, host: &str) {
         self.lab_ok(&["cut-bmc", host]);

@@ -1,6 +1,13 @@
 //! A host lost during a resync: an HA VM failed over to n1 and its old host is resyncing from
 //! it when n1 loses power. The half-copied host holds a copy that is behind, so it never
 //! starts the VM; the VM waits for n1 and comes back there with every write it acknowledged.
+//!
+//! The returning host's resync copies only the guest's few writes, then verifies the whole
+//! disk by 8-byte digests at memory speed: unchecked, it ends within a second, before a test
+//! can act. So the returning host's A-Links are slowed first: the verify needs one digest
+//! reply per extent from it, and at [`RESYNC_ALINK_RATE`] those alone take tens of seconds,
+//! however fast or loaded the machine. The test then proves from the logs that it cut the
+//! resync before the verify ended, so it can never pass on a resync that had finished.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
@@ -8,14 +15,21 @@ use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
 use tests::ha::{FAILOVER_TIMEOUT, other, protected};
-use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
-/// The disk: big enough that copying its data takes seconds, so a test can act mid-copy.
-const DISK_BYTES: u64 = 1 << 30;
+/// The disk: 4096 extents for the verify, each costing a digest reply from the slowed host.
+const DISK_BYTES: u64 = 4 << 30;
 /// Data written into the disk before the first start, past the guest's counter block.
 const DATA_BYTES: u64 = 768 << 20;
 /// Copying the data over the A-Links (and verifying it) on a loaded machine.
 const BIG_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+/// What the returning host may send per second on each A-Link during its resync. Idle, with
+/// the guest's counter mirrored, a host sends about 3200 (keepalives every 100 ms, acks), so
+/// the links stay up; measured, the rest carries about 128 digest replies a second, so the
+/// verify of [`DISK_BYTES`] takes about 30 s, while the test needs a second or two to act.
+const RESYNC_ALINK_RATE: u64 = 6000;
+/// The A-Links, which carry the resync.
+const ALINKS: [&str; 2] = ["alink1", "alink2"];
 
 /// Fills `len` bytes of the volume at `path` from offset 1 MiB with bytes no two blocks share,
 /// so that no copy can skip them as zeroes.
@@ -33,6 +47,15 @@ fn fill(path: &Path, len: u64) {
         file.write_all(&block).unwrap();
     }
     file.sync_all().unwrap();
+}
+
+/// How many verify passes `host`'s agent finished with the copies equal (the last step of a
+/// resync before the peer's copy is current).
+fn verified(lab: &Lab, host: &str) -> usize {
+    lab.log(host, "agent")
+        .lines()
+        .filter(|l| l.contains("verify end: equal"))
+        .count()
 }
 
 /// How many times `host`'s agent was asked to start the domain `uuid` (its log survives the
@@ -73,9 +96,14 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     // Its host dies: the VM restarts on the peer, simplex.
     lab.kill_host(&first);
     let moved = lab.wait_running_on("s", second, FAILOVER_TIMEOUT).await;
-    Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT);
+    let console = Console::new(&lab, &moved);
+    console.wait_counters(1, GUEST_BOOT_TIMEOUT);
 
-    // The old host returns and is resynced from the peer; the peer dies mid-copy.
+    // The old host returns, slowed, and is resynced from the peer; the peer dies mid-copy.
+    for alink in ALINKS {
+        lab.slow_path(&first, alink, RESYNC_ALINK_RATE);
+    }
+    let verified_before = verified(&lab, second);
     lab.restore_host(&first);
     let syncing = lab
         .wait_vm(
@@ -95,9 +123,6 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
         progress.sync_bytes_per_second > 0 && progress.sync_eta_seconds.is_some(),
         "no rate or ETA in {progress:?}"
     );
-    let console = Console::new(&lab, &moved);
-    console.wait_counters(1, COUNTER_PERIOD_TIMEOUT);
-    let last_printed = console.counters().last().cloned().unwrap();
     let starts_before = starts(&lab, &first, &vm.uuid);
     assert!(
         starts_before >= 1,
@@ -105,6 +130,13 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
     );
     let cut = Instant::now();
     lab.kill_host(second);
+    assert_eq!(
+        verified(&lab, second),
+        verified_before,
+        "the resync's verify ended before {second} was killed: this test cut nothing"
+    );
+    // Every counter the guest printed was on its disk first.
+    let last_printed = console.counters().last().cloned().unwrap();
     eprintln!(
         "killed {second} at {} of {} bytes ({}) to {first} ({} bytes/s, ETA {:?} s)",
         progress.sync_done_bytes,

@@ -333,7 +333,7 @@ fn shown_cmdline(raw: &[u8]) -> String {
 
 /// Runs `program args` (with `stdin` as its input), returning its output; fails with its
 /// error output.
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+pub(super) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
@@ -378,7 +378,7 @@ fn require_nft() -> anyhow::Result<()> {
 }
 
 /// Node `name` of the lab and its namespace, after checking root and that the namespace exists.
-fn lab_node(plan: &Plan, name: &str) -> anyhow::Result<(&'static Host, String)> {
+pub(super) fn lab_node(plan: &Plan, name: &str) -> anyhow::Result<(&'static Host, String)> {
     let host = node(name)?;
     super::require_root()?;
     let ns = plan.ns(host);
@@ -552,12 +552,12 @@ fn apply_fault(plan: &Plan, name: &str, fault: Fault) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pvctl lab heal`: removes the fault tables from every namespace of the lab and reconnects
-/// cut BMCs.
+/// `pvctl lab heal`: removes the fault tables and slow-path queues from every namespace of
+/// the lab and reconnects cut BMCs.
 pub fn heal(plan: &Plan) -> anyhow::Result<()> {
     super::require_root()?;
     require_nft()?;
-    let mut healed = super::bmc::heal(plan)?;
+    let mut healed = super::bmc::heal(plan)? + super::shaping::heal(plan)?;
     for host in HOSTS.iter().filter(|h| net::host_exists(plan, h)) {
         let ns = plan.ns(host);
         let had = has_fault_table(&nft(&ns, &["list", "tables"], None)?);

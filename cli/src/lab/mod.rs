@@ -8,6 +8,7 @@ pub mod faults;
 mod net;
 pub mod plan;
 mod procs;
+pub mod shaping;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
