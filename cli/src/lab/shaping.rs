@@ -42,10 +42,12 @@ pub fn slow_path(plan: &Plan, name: &str, path: &str, rate: u64) -> anyhow::Resu
     Ok(())
 }
 
-/// Removes every slow-path queue from the lab's nodes; how many it removed.
+/// Removes every slow-path queue from the lab's nodes (the witness has no role links); how
+/// many it removed.
 pub fn heal(plan: &Plan) -> anyhow::Result<usize> {
     let mut healed = 0;
-    for host in HOSTS.iter().filter(|h| net::host_exists(plan, h)) {
+    let nodes = HOSTS.iter().filter(|h| !h.is_witness());
+    for host in nodes.filter(|h| net::host_exists(plan, h)) {
         let ns = plan.ns(host);
         for (link, _) in ROLE_LINKS {
             if is_slowed(&tc(&ns, &["qdisc", "show", "dev", link, "root"])?) {
