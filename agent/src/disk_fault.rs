@@ -10,6 +10,14 @@
 //! unreachable) leaves the guest paused: a paused guest loses nothing, a guest resumed on a
 //! copy no one knows is current could. The controller sees the disks on the peer's copy in
 //! the next listing and raises the simplex alert.
+//!
+//! One fault is the peer's, not the disk's: a resync's backup copies the old data of a
+//! dirty extent into the peer's copy before the guest may overwrite it (copy-before-write),
+//! and when the peer or the A-Links fail, QEMU fails the guest's write. Then the watch drops
+//! the resync ([`mirror::stop`]: the resync bitmaps keep every write since the peer was in
+//! sync, so the next resync is incremental again) and resumes the guest, whose parked write
+//! QEMU retries on the local disk. Were the local disk the one failing, the retry fails too
+//! and the guest pauses again, now with no resync, and the steps above follow.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -44,6 +52,7 @@ pub struct Watch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
     Moved,
+    Resumed,
     Waiting(String),
 }
 
@@ -86,6 +95,7 @@ impl Watch {
         let plan = tokio::time::timeout(MONITOR_BUDGET, mirror::pivot_plan(&self.libvirt, uuid));
         let devices = match plan.await {
             Ok(Ok(PivotPlan::Move(devices))) => devices,
+            Ok(Ok(PivotPlan::Resyncing(devices))) => return self.drop_resync(uuid, &devices).await,
             Ok(Ok(PivotPlan::OnPeer)) => {
                 return Outcome::Waiting(
                     "its disks already run on the peer's copy and the path to it failed; it runs again only from the peer's copy".into(),
@@ -133,6 +143,46 @@ impl Watch {
             Ok(()) => Outcome::Moved,
             Err(e) => Outcome::Waiting(format!("moving its disks failed: {e}")),
         }
+    }
+
+    /// Drops the resync whose copy into the peer's copy of `devices` broke a guest write of
+    /// the domain `uuid`, and resumes the guest on its local disks (see the module doc).
+    async fn drop_resync(&self, uuid: &str, devices: &[String]) -> Outcome {
+        let node = self.node.as_str();
+        tracing::warn!(
+            vm = uuid,
+            node,
+            op = "resync-drop",
+            ?devices,
+            "resync drop begin: the copy into the peer's copy failed a guest write; stopping the resync, then resuming the guest on its local disks"
+        );
+        if let Err(e) = mirror::stop(&self.libvirt, node, uuid).await {
+            let why = format!("stopping the resync failed: {}", daemon::error_chain(&e));
+            tracing::error!(
+                vm = uuid,
+                node,
+                op = "resync-drop",
+                "resync drop end: {why}"
+            );
+            return Outcome::Waiting(why);
+        }
+        if let Err(e) = self.libvirt.resume(uuid).await {
+            let why = format!("resuming the guest failed: {}", daemon::error_chain(&e));
+            tracing::error!(
+                vm = uuid,
+                node,
+                op = "resync-drop",
+                "resync drop end: {why}"
+            );
+            return Outcome::Waiting(why);
+        }
+        tracing::warn!(
+            vm = uuid,
+            node,
+            op = "resync-drop",
+            "resync drop end: ok; the guest runs on its local disks, the peer's copy is behind until the next resync"
+        );
+        Outcome::Resumed
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::ha::{FAILOVER_TIMEOUT, other, protected};
+use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
 use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 
 /// The disk: 4096 extents for the verify, each costing a digest reply from the slowed host.
@@ -178,4 +178,64 @@ async fn a_host_lost_mid_resync_is_never_started_from_the_half_copied_peer() {
         "acknowledged counter {} lost: {again:?}",
         last_printed.0
     );
+}
+
+/// Waits until `host`'s agent log has a line containing `text`, returning it.
+async fn wait_logged(lab: &Lab, host: &str, text: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(line) = lab.log(host, "agent").lines().find(|l| l.contains(text)) {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in {host}'s agent log within {} s",
+            timeout.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The returning host dies while the resync copies the guest's writes to it: the backup's
+/// copy-before-write into its copy breaks the guest's next write, QEMU pauses the guest, and
+/// the agent drops the resync and resumes the guest on its local disk, same boot, no count
+/// lost. The host returns, and the next resync completes where the VM runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_lost_mid_copy_leaves_the_guest_running() {
+    if tests::skip() {
+        return;
+    }
+    let lab = Lab::up("pvtz", 180);
+    let vm = lab.start_protected("r", SYNC_TIMEOUT).await;
+    let first = vm.node.clone();
+    let second = other(&first);
+    lab.kill_host(&first);
+    let moved = lab.wait_running_on("r", second, FAILOVER_TIMEOUT).await;
+    let before = Console::new(&lab, &moved).wait_counters(1, GUEST_BOOT_TIMEOUT)[0].clone();
+
+    // The copy of the guest's writes (64 KiB) crawls over the slowed links, and every
+    // counter write waits for it; the host it goes to dies meanwhile.
+    for alink in ALINKS {
+        lab.slow_path(second, alink, RESYNC_ALINK_RATE);
+    }
+    lab.restore_host(&first);
+    lab.wait_vm("r", "copying to the returning host", SYNC_TIMEOUT, |vm| {
+        vm.protection
+            .as_ref()
+            .is_some_and(|p| p.state == "syncing" && p.sync_phase == "copy")
+    })
+    .await;
+    lab.kill_host(&first);
+    let dropped = wait_logged(&lab, second, "resync drop end", FAILOVER_TIMEOUT).await;
+    assert!(dropped.contains("resync drop end: ok"), "{dropped}");
+    let counted = assert_counts_on(&lab, &moved, &before, 3);
+
+    lab.wait_fenced(&first, FAILOVER_TIMEOUT).await;
+    lab.heal();
+    lab.restore_host(&first);
+    let back = lab
+        .wait_vm("r", "protected again", SYNC_TIMEOUT, protected)
+        .await;
+    assert_eq!(back.node, second);
+    assert_counts_on(&lab, &back, counted.last().unwrap(), 2);
 }

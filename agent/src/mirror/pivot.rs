@@ -25,7 +25,7 @@ use serde_json::json;
 use super::qmp::{BlockInfo, BlockJob, execute, query_blocks, query_jobs};
 use std::time::{Duration, Instant};
 
-use super::{Error, JOB_PREFIX, PEER_PREFIX, Wait, wait_ended};
+use super::{BACKUP_PREFIX, Error, JOB_PREFIX, PEER_PREFIX, Wait, wait_ended};
 use crate::libvirt::Monitor;
 
 /// How long a completing mirror may take to end, and how often to look: the guest is paused
@@ -42,6 +42,11 @@ pub enum Plan {
     Move(Vec<String>),
     /// Every disk already runs on the peer's copy: the error came from the path to it.
     OnPeer,
+    /// A resync's backup copies these disks (guest devices) into the peer's copy. Its
+    /// copy-before-write breaks a guest write whose old data it cannot copy there (the peer
+    /// or the A-Links failed), so the error is the peer's: the local copy is current and
+    /// whole, and the guest runs on once the resync is dropped.
+    Resyncing(Vec<String>),
     /// A disk cannot move: the guest must stay paused.
     Stuck {
         /// Guest device.
@@ -69,6 +74,13 @@ fn plan_of(blocks: &[BlockInfo], jobs: &[BlockJob]) -> Plan {
     }
     if disks.iter().all(|(_, on_peer)| *on_peer) {
         return Plan::OnPeer;
+    }
+    let resyncing: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| j.device.strip_prefix(BACKUP_PREFIX).map(String::from))
+        .collect();
+    if !resyncing.is_empty() {
+        return Plan::Resyncing(resyncing);
     }
     let mut moving = Vec::new();
     for (device, on_peer) in disks {
@@ -233,6 +245,25 @@ mod tests {
             matches!(&plan, Plan::Stuck { why, .. } if why.contains("no mirror")),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn plan_backup_running_or_failed_is_the_resyncs_fault() {
+        let blocks = [
+            block("vda", "libvirt-2-format"),
+            block("vdb", "libvirt-1-format"),
+        ];
+        let failed = BlockJob {
+            device: format!("{BACKUP_PREFIX}vdb"),
+            status: JobStatus::Concluded,
+            ready: false,
+            error: Some("Input/output error".into()),
+            ..mirror("vdb", false)
+        };
+
+        let plan = plan_of(&blocks, &[mirror("vda", true), failed]);
+
+        assert_eq!(plan, Plan::Resyncing(vec!["vdb".into()]));
     }
 
     #[test]
