@@ -69,7 +69,7 @@ enum Cmd {
     /// Run a whole two-node pair on this machine in network namespaces (needs root).
     Lab {
         #[command(subcommand)]
-        command: LabCmd,
+        command: lab::command::LabCmd,
     },
 }
 
@@ -256,110 +256,6 @@ enum ApiCmd {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum LabCmd {
-    /// Create the hosts, networks, etcd members, agents and controllers (safe to re-run).
-    Up(LabArgs),
-    /// Stop everything the lab started (by PID) and remove its networks and data.
-    Down {
-        #[command(flatten)]
-        lab: LabArgs,
-        /// Keep the lab's data directory (VM disks, etcd data).
-        #[arg(long)]
-        keep_data: bool,
-    },
-    /// Show the lab's processes and addresses.
-    Status(LabArgs),
-    /// Cut a node's power: kill -9 every process in its namespace (guests too), drop the system
-    /// IP, take its links down.
-    KillHost {
-        /// The node: n0 or n1.
-        host: String,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Power a node on again: links up, then its etcd member, agent and controller.
-    RestoreHost {
-        /// The node: n0 or n1.
-        host: String,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Drop every packet between a node and the other node, the system IP and the witness
-    /// (links stay up).
-    Isolate {
-        /// The node: n0 or n1.
-        host: String,
-        /// Keep the node's traffic to and from the witness flowing.
-        #[arg(long)]
-        keep_witness: bool,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Drop one path between a node and the other node (faults add up until heal).
-    CutPath {
-        /// The node: n0 or n1.
-        host: String,
-        /// The path: priv0, alink1, alink2 or mgmt (management traffic to the other node).
-        path: String,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Make a node's BMC unreachable (its management switch port goes down) until heal.
-    CutBmc {
-        /// The node: n0 or n1.
-        host: String,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Hold what a node sends on one link to a byte rate (queued, not dropped) until heal.
-    SlowPath {
-        /// The node: n0 or n1.
-        host: String,
-        /// The link: priv0, alink1 or alink2.
-        path: String,
-        /// What the node may send on it per second.
-        #[arg(long)]
-        bytes_per_second: u64,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-    /// Remove every isolate, cut-path and slow-path fault from the lab; reconnect cut BMCs.
-    Heal(LabArgs),
-    /// A BMC's chassis control: ipmi_sim runs it with `get power`, `set power 0|1`, ….
-    #[command(hide = true)]
-    BmcHook {
-        /// The node whose BMC asks.
-        host: String,
-        /// get or set.
-        op: String,
-        /// What to get, or parameter and value pairs to set.
-        #[arg(allow_hyphen_values = true)]
-        params: Vec<String>,
-        #[command(flatten)]
-        lab: LabArgs,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-struct LabArgs {
-    /// Directory for the lab's state, disks and logs.
-    #[arg(long, env = "PV_LAB_DIR", default_value = lab::plan::DEFAULT_DIR)]
-    dir: PathBuf,
-    /// Prefix of the lab's namespaces and bridge.
-    #[arg(long, env = "PV_LAB_PREFIX", default_value = lab::plan::DEFAULT_PREFIX)]
-    prefix: String,
-    /// Second octet of the lab's subnets (10.N.0.0/24 management, N+1..N+3 private links).
-    #[arg(long, env = "PV_LAB_SUBNET", default_value_t = lab::plan::DEFAULT_SUBNET)]
-    subnet: u8,
-}
-
-impl LabArgs {
-    fn plan(&self) -> anyhow::Result<lab::Plan> {
-        lab::Plan::new(&self.prefix, self.subnet, &self.dir)
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -396,7 +292,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let timeout = Duration::from_secs(args.timeout);
             run_api(command, &endpoint, args.json, timeout).await
         }
-        Cmd::Lab { command } => run_lab(command).await,
+        Cmd::Lab { command } => lab::command::run(command).await,
     }
 }
 
@@ -685,46 +581,6 @@ async fn run_api(
         }
     }
     Ok(())
-}
-
-async fn run_lab(command: LabCmd) -> anyhow::Result<()> {
-    match command {
-        LabCmd::Up(args) => lab::up(&args.plan()?).await,
-        LabCmd::Down {
-            lab: args,
-            keep_data,
-        } => lab::down(&args.plan()?, keep_data),
-        LabCmd::Status(args) => {
-            print!("{}", lab::status(&args.plan()?));
-            Ok(())
-        }
-        LabCmd::KillHost { host, lab: args } => lab::faults::kill_host(&args.plan()?, &host),
-        LabCmd::RestoreHost { host, lab: args } => lab::faults::restore_host(&args.plan()?, &host),
-        LabCmd::Isolate {
-            host,
-            keep_witness,
-            lab: args,
-        } => lab::faults::isolate(&args.plan()?, &host, keep_witness),
-        LabCmd::CutPath {
-            host,
-            path,
-            lab: args,
-        } => lab::faults::cut_path(&args.plan()?, &host, &path),
-        LabCmd::SlowPath {
-            host,
-            path,
-            bytes_per_second,
-            lab: args,
-        } => lab::shaping::slow_path(&args.plan()?, &host, &path, bytes_per_second),
-        LabCmd::CutBmc { host, lab: args } => lab::bmc::cut(&args.plan()?, &host),
-        LabCmd::Heal(args) => lab::faults::heal(&args.plan()?),
-        LabCmd::BmcHook {
-            host,
-            op,
-            params,
-            lab: args,
-        } => lab::bmc::hook(&args.plan()?, &host, &op, &params),
-    }
 }
 
 /// Prints console output; with `until`, returns once a line contains it.

@@ -4,6 +4,7 @@
 //! [`plan`] for names and addresses.
 
 pub mod bmc;
+pub mod command;
 pub mod faults;
 mod net;
 pub mod plan;
