@@ -156,18 +156,19 @@ impl Watch {
             ?devices,
             "resync drop begin: the copy into the peer's copy failed a guest write; stopping the resync, then resuming the guest on its local disks"
         );
-        if let Err(e) = mirror::stop(&self.libvirt, node, uuid).await {
-            let why = format!("stopping the resync failed: {}", daemon::error_chain(&e));
-            tracing::error!(
-                vm = uuid,
-                node,
-                op = "resync-drop",
-                "resync drop end: {why}"
-            );
-            return Outcome::Waiting(why);
-        }
-        if let Err(e) = self.libvirt.resume(uuid).await {
-            let why = format!("resuming the guest failed: {}", daemon::error_chain(&e));
+        let dropped = match mirror::stop(&self.libvirt, node, uuid).await {
+            Err(e) => Err(format!(
+                "stopping the resync failed: {}",
+                daemon::error_chain(&e)
+            )),
+            Ok(()) => self
+                .libvirt
+                .resume(uuid)
+                .await
+                .map(drop)
+                .map_err(|e| format!("resuming the guest failed: {}", daemon::error_chain(&e))),
+        };
+        if let Err(why) = dropped {
             tracing::error!(
                 vm = uuid,
                 node,
