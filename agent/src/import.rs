@@ -154,7 +154,8 @@ pub fn receive(
         &target.group,
         dir.join(format!("{}.image", target.name)),
         source_bytes,
-    )?)
+    )?
+    .scratch())
 }
 
 /// Commits `upload` with its verified `sha256`: the received image, as a guard that removes

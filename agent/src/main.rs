@@ -126,7 +126,7 @@ async fn serve(
     let service = AgentService::new(config, deps);
     tokio::spawn(service.recover());
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
-    tonic::transport::Server::builder()
+    proto::transport::server()
         .add_service(proto::agent::agent_server::AgentServer::new(service))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await

@@ -91,6 +91,7 @@ pub struct Upload {
     expected: u64,
     written: u64,
     hasher: Sha256,
+    durable: bool,
 }
 
 impl Upload {
@@ -129,7 +130,17 @@ impl Upload {
             expected: size_bytes,
             written: 0,
             hasher: Sha256::new(),
+            durable: true,
         })
+    }
+
+    /// Marks the file as scratch: renamed into place unsynced. For a file read once soon
+    /// after and removed (an imported image, converted into its volume, which is synced):
+    /// syncing it too would write every byte to disk twice.
+    #[must_use]
+    pub fn scratch(mut self) -> Upload {
+        self.durable = false;
+        self
     }
 
     /// Appends `data`; refuses bytes beyond the size announced.
@@ -147,7 +158,7 @@ impl Upload {
     }
 
     /// Checks the size and that the bytes hash to `sha256` (the checksum the sender and the
-    /// controller verified), then syncs the file and renames it into place.
+    /// controller verified), then syncs the file (unless scratch) and renames it into place.
     pub fn finish(mut self, sha256: &str) -> Result<Received, Error> {
         if self.written != self.expected {
             return Err(self.size_error(self.written));
@@ -160,8 +171,12 @@ impl Upload {
                 theirs: sha256.to_string(),
             });
         }
-        daemon::fsutil::sync_rename(&self.tmp, &self.path)
-            .map_err(io_err("syncing into place", &self.path))?;
+        if self.durable {
+            daemon::fsutil::sync_rename(&self.tmp, &self.path)
+                .map_err(io_err("syncing into place", &self.path))?;
+        } else {
+            fs::rename(&self.tmp, &self.path).map_err(io_err("renaming into place", &self.path))?;
+        }
         self.finished = true;
         Ok(Received {
             path: self.path.clone(),

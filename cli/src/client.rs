@@ -32,7 +32,7 @@ pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>
             format!("http://{address}")
         };
         let endpoint = match Endpoint::from_shared(uri) {
-            Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
+            Ok(e) => proto::transport::endpoint(e).connect_timeout(CONNECT_TIMEOUT),
             Err(e) => {
                 failures.push(format!("{address}: {e}"));
                 continue;

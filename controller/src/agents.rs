@@ -111,12 +111,15 @@ impl AgentPool {
         let channel = match channels.get(address) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = Endpoint::from_shared(format!("http://{address}"))
-                    .map_err(|source| Error::Endpoint {
-                        node: node.to_string(),
-                        address: address.to_string(),
-                        source,
-                    })?
+                let endpoint =
+                    Endpoint::from_shared(format!("http://{address}")).map_err(|source| {
+                        Error::Endpoint {
+                            node: node.to_string(),
+                            address: address.to_string(),
+                            source,
+                        }
+                    })?;
+                let channel = proto::transport::endpoint(endpoint)
                     .connect_timeout(CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(KEEP_ALIVE)
                     .keep_alive_timeout(KEEP_ALIVE)

@@ -126,8 +126,10 @@ impl Api {
         if let Some(client) = peers.get(address) {
             return Ok(client.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| ApiError::Internal(format!("serving controller address {address}: {e}")))?
+        let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
+            ApiError::Internal(format!("serving controller address {address}: {e}"))
+        })?;
+        let channel = proto::transport::endpoint(endpoint)
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))

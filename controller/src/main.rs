@@ -65,7 +65,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(serving::follow(deps, role_rx, route_tx));
     let api = Api::new(route_rx, client.clone(), agents);
     tracing::info!(node = %config.node, listen = %config.listen, "controller API listening");
-    tonic::transport::Server::builder()
+    proto::transport::server()
         .add_service(proto::v1::pairvisor_server::PairvisorServer::new(api))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await

@@ -2,6 +2,8 @@
 //! use, and the agent's internal API (`pairvisor.agent.v1`) that the controllers call.
 #![deny(missing_docs)]
 
+pub mod transport;
+
 /// Public API, served by the pair's elected controller.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -57,8 +57,12 @@ impl Inner {
         tokio::spawn(async move {
             let snapshot = (!req.snapshot.is_empty()).then_some(req.snapshot.as_str());
             tracing::info!(vm = %req.vm_uuid, node = %node, volume = %volume.name, snapshot = ?snapshot, "export volume begin");
+            let began = std::time::Instant::now();
             let outcome = match export::convert(&storage, &volume, snapshot).await {
-                Ok(converted) => send(converted, &tx).await,
+                Ok(converted) => {
+                    let convert_ms = began.elapsed().as_millis();
+                    send(converted, &tx).await.map(|bytes| (bytes, convert_ms))
+                }
                 Err(e) => {
                     let status = Status::from(Error::from(e));
                     let message = status.message().to_string();
@@ -67,8 +71,9 @@ impl Inner {
                 }
             };
             match outcome {
-                Ok(bytes) => {
-                    tracing::info!(vm = %req.vm_uuid, node = %node, volume = %volume.name, bytes, "export volume end: sent");
+                Ok((bytes, convert_ms)) => {
+                    let total_ms = began.elapsed().as_millis();
+                    tracing::info!(vm = %req.vm_uuid, node = %node, volume = %volume.name, bytes, convert_ms, total_ms, "export volume end: sent");
                 }
                 Err(e) => {
                     tracing::warn!(vm = %req.vm_uuid, node = %node, volume = %volume.name, error = %e, "export volume end: failed; its temporary file is removed");

@@ -15,9 +15,9 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 
 use super::{PAGE, PAGE_BYTES, to_u64};
+use crate::seek::seek;
 
 /// The ranges of pages among the file's first `pages` that hold data, ascending and
 /// disjoint. A page partly data counts as data.
@@ -78,26 +78,6 @@ pub fn is_hole(file: &File, offset: u64) -> io::Result<bool> {
 pub fn is_zero(page: &[u8]) -> bool {
     debug_assert_eq!(page.len(), PAGE);
     page.iter().all(|&b| b == 0)
-}
-
-/// `lseek(fd, offset, whence)`: the offset found, or `None` when SEEK_DATA finds no data at
-/// or after `offset` (ENXIO).
-#[allow(unsafe_code)]
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
-    // SAFETY: lseek only reads the descriptor, which `file` keeps open for the call; it
-    // touches no memory of this process.
-    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if found >= 0 {
-        return Ok(u64::try_from(found).ok());
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None)
-    } else {
-        Err(error)
-    }
 }
 
 /// Splits `range` into its runs of data and holes by `data` (from [`data_ranges`]): each run

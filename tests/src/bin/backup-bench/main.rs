@@ -1,10 +1,10 @@
 //! `backup-bench`: what a snapshot costs, measured on one tiny guest in a lab of its own
 //! (`pvbb`, subnets `10.246.*`), printed as a table, or as one JSON object with `--json`. A
 //! bench reports; it asserts no timing. Needs root (network namespaces) and the workspace
-//! built:
+//! built; its daemons are the ones beside it, so release numbers need a release build:
 //!
 //! ```text
-//! cargo build --workspace && target/debug/backup-bench [--json] [--mode ha|unprotected]
+//! cargo build --release --workspace && target/release/backup-bench [--json] [--mode ha|unprotected]
 //! ```
 //!
 //! The VM (HA by default: its disks are mirrored to the peer and its snapshots copied there)
@@ -24,9 +24,10 @@
 //! - `snapshot_ms_gen1`, `snapshot_ms_gen2`: each `pvctl vm-snapshot-create` from call to
 //!   answer (copy to the peer included).
 //! - `export_mbps` (target: at least half of `cp_mbps`): `pvctl vm-export --snapshot` of the second snapshot
-//!   (the VM runs on), archive bytes per second from call to answer: the agent converts every
-//!   disk to a compressed VMDK first, then the archive streams through the controller to a
-//!   file that pvctl syncs. `export_bytes`: the archive's size.
+//!   (the VM runs on), archive bytes per second from call to answer: the agent flattens each
+//!   disk's snapshot chain and writes it as a VMDK first, then the archive streams through
+//!   the controller to a file that pvctl syncs, every byte hashed (SHA-256) on both sides of
+//!   each hop. `export_bytes`: the archive's size.
 //! - `cp_mbps`: a plain copy of the same archive to a new file, synced: the speed the export
 //!   is compared with.
 //! - `import_mbps` (target: at least half of `cp_mbps`): `pvctl vm-import` of that archive

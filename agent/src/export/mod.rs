@@ -1,12 +1,16 @@
 //! A volume, or one of its snapshots, converted for an export: a stream-optimized VMDK, the
-//! disk format every OVA consumer reads (compressed, written front to back).
+//! disk format every OVA consumer reads (compressed, written front to back), by [`vmdk`].
 //!
-//! The archive's header needs the file's size before its bytes, so `qemu-img convert` writes
-//! a temporary file in the volume's storage group first (`.exports/`, after a space check),
+//! The archive's header needs the file's size before its bytes, so the VMDK is written to a
+//! temporary file in the volume's storage group first (`.exports/`, after a space check),
 //! which the caller streams and which is removed when its [`Converted`] is dropped: when the
-//! stream ends, fails or its reader goes away. The agent removes any left by a crash at start.
+//! stream ends, fails or its reader goes away. A qcow2 source (a snapshot generation, which
+//! reads through its chain) is first flattened by `qemu-img convert` into a sparse raw file
+//! there too, removed once the VMDK is written. The agent removes any left by a crash at start.
 
 use std::path::{Path, PathBuf};
+
+pub mod vmdk;
 
 use crate::qemu_img;
 use crate::snapshot::{self, SnapVolume};
@@ -14,8 +18,9 @@ use crate::storage::{self, StorageGroups, fs_space};
 
 /// Where an export's temporary files live, inside a storage group.
 pub const DIR: &str = ".exports";
-/// Slack over `qemu-img measure`'s qcow2 estimate: a compressed VMDK of incompressible data
-/// adds a grain marker and padding per 64 KiB.
+/// Slack over `qemu-img measure`'s qcow2 estimate of the data: a VMDK of data that does not
+/// shrink adds a marker and padding per 64 KiB grain (under 1 %, which the estimate adds),
+/// its header, descriptor and two copies of its grain tables (8 KiB per 32 MiB of disk).
 const SLACK_BYTES: u64 = 1 << 20;
 
 /// Errors converting a volume for export.
@@ -105,8 +110,10 @@ pub async fn convert(
     }
     let dir = groups.group_dir(&volume.group)?.join(DIR);
     std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-    let needed =
-        qemu_img::measure(&source, format, "qcow2", qemu_img::Trust::Own).await? + SLACK_BYTES;
+    let data = qemu_img::measure(&source, format, "qcow2", qemu_img::Trust::Own).await?;
+    let flatten = format != "raw";
+    let tables = volume.size_bytes / (32 << 20) * (8 << 10);
+    let needed = data * (1 + u64::from(flatten)) + tables + SLACK_BYTES;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;
@@ -125,21 +132,51 @@ pub async fn convert(
         path: dir.join(format!(".{}.{nonce}.vmdk", volume.name)),
         size: 0,
     };
-    let args = [
-        "convert".as_ref(),
-        "-f".as_ref(),
-        format.as_ref(),
-        "-O".as_ref(),
-        "vmdk".as_ref(),
-        "-o".as_ref(),
-        "subformat=streamOptimized".as_ref(),
-        source.as_os_str(),
-        converted.path.as_os_str(),
-    ];
-    qemu_img::run(&args, None).await?;
-    converted.size = std::fs::metadata(&converted.path)
-        .map_err(io_err("reading the size of", &converted.path))?
-        .len();
+    let raw = if flatten {
+        let raw = Converted {
+            path: dir.join(format!(".{}.{nonce}.raw", volume.name)),
+            size: 0,
+        };
+        let args = [
+            "convert".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            source.as_os_str(),
+            raw.path.as_os_str(),
+        ];
+        qemu_img::run(&args, None).await?;
+        Some(raw)
+    } else {
+        None
+    };
+    let read = raw.as_ref().map_or(source.as_path(), |r| r.path.as_path());
+    let input = std::fs::File::open(read).map_err(io_err("opening", read))?;
+    let output =
+        std::fs::File::create_new(&converted.path).map_err(io_err("creating", &converted.path))?;
+    let capacity = input
+        .metadata()
+        .map_err(io_err("reading the size of", read))?
+        .len()
+        .next_multiple_of(512);
+    let name = converted
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
+        .unwrap_or_default();
+    let out_path = converted.path.clone();
+    let written =
+        tokio::task::spawn_blocking(move || vmdk::write(&input, capacity, &output, &name))
+            .await
+            .map_err(|e| Error::Io {
+                op: "writing",
+                path: out_path.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io_err("writing", &out_path))?;
+    converted.size = written.bytes;
+    tracing::debug!(volume = %volume.name, grains = written.grains, stored = written.stored, bytes = written.bytes, "export volume converted");
     Ok(converted)
 }
 
