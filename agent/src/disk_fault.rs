@@ -18,6 +18,10 @@
 //! sync, so the next resync is incremental again) and resumes the guest, whose parked write
 //! QEMU retries on the local disk. Were the local disk the one failing, the retry fails too
 //! and the guest pauses again, now with no resync, and the steps above follow.
+//!
+//! A snapshot's copy has the same copy-before-write; while its jobs run, the snapshot
+//! (`snapshot/live.rs`) owns such a fault: it drops its copy and resumes the guest. The
+//! watch waits for that and looks again: a retried write that fails once more is the disk's.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -53,6 +57,8 @@ pub struct Watch {
 enum Outcome {
     Moved,
     Resumed,
+    /// A snapshot's copy broke the write: the snapshot drops it and resumes the guest.
+    Snapshot,
     Waiting(String),
 }
 
@@ -79,12 +85,23 @@ impl Watch {
                     continue;
                 }
                 let outcome = self.handle(&domain.uuid).await;
-                if was.map(|(o, _)| o) != Some(&outcome)
-                    && let Outcome::Waiting(why) = &outcome
-                {
-                    tracing::error!(vm = %domain.uuid, node = %self.node, op = "disk-pivot", "disk fault: the guest stays paused: {why}");
+                if was.map(|(o, _)| o) != Some(&outcome) {
+                    match &outcome {
+                        Outcome::Waiting(why) => {
+                            tracing::error!(vm = %domain.uuid, node = %self.node, op = "disk-pivot", "disk fault: the guest stays paused: {why}")
+                        }
+                        Outcome::Snapshot => {
+                            tracing::info!(vm = %domain.uuid, node = %self.node, op = "disk-pivot", "disk fault during a snapshot's copy: the snapshot drops its copy and resumes the guest; looking again after it")
+                        }
+                        Outcome::Moved | Outcome::Resumed => {}
+                    }
                 }
-                seen.insert(domain.uuid.clone(), (outcome, Instant::now() + RETRY));
+                // Look again soon after a snapshot: its drop takes a poll or two.
+                let next = match outcome {
+                    Outcome::Snapshot => TICK,
+                    _ => RETRY,
+                };
+                seen.insert(domain.uuid.clone(), (outcome, Instant::now() + next));
             }
         }
     }
@@ -96,6 +113,7 @@ impl Watch {
         let devices = match plan.await {
             Ok(Ok(PivotPlan::Move(devices))) => devices,
             Ok(Ok(PivotPlan::Resyncing(devices))) => return self.drop_resync(uuid, &devices).await,
+            Ok(Ok(PivotPlan::Snapshotting(_))) => return Outcome::Snapshot,
             Ok(Ok(PivotPlan::OnPeer)) => {
                 return Outcome::Waiting(
                     "its disks already run on the peer's copy and the path to it failed; it runs again only from the peer's copy".into(),

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use super::{BACKUP_PREFIX, Error, JOB_PREFIX, PEER_PREFIX, Wait, wait_ended};
 use crate::libvirt::Monitor;
+use crate::snapshot::live::JOB_PREFIX as SNAPSHOT_JOB_PREFIX;
 
 /// How long a completing mirror may take to end, and how often to look: the guest is paused
 /// meanwhile, so look often (a ready mirror ends within milliseconds).
@@ -47,6 +48,11 @@ pub enum Plan {
     /// or the A-Links failed), so the error is the peer's: the local copy is current and
     /// whole, and the guest runs on once the resync is dropped.
     Resyncing(Vec<String>),
+    /// A snapshot's backup copies these disks (guest devices): its copy-before-write broke
+    /// the write if the snapshot's target failed, and the snapshot drops its copy and resumes
+    /// the guest itself (`snapshot/live.rs`). A local disk that failed fails the retried
+    /// write again, once the snapshot's jobs are gone, and the guest moves then.
+    Snapshotting(Vec<String>),
     /// A disk cannot move: the guest must stay paused.
     Stuck {
         /// Guest device.
@@ -65,6 +71,13 @@ pub fn plan(m: &Monitor<'_>) -> Result<Plan, Error> {
 
 /// [`plan`] on what QEMU showed.
 fn plan_of(blocks: &[BlockInfo], jobs: &[BlockJob]) -> Plan {
+    let snapshotting: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| j.device.strip_prefix(SNAPSHOT_JOB_PREFIX).map(String::from))
+        .collect();
+    if !snapshotting.is_empty() {
+        return Plan::Snapshotting(snapshotting);
+    }
     let disks = disks_of(blocks);
     if disks.is_empty() {
         return Plan::Stuck {
@@ -264,6 +277,19 @@ mod tests {
         let plan = plan_of(&blocks, &[mirror("vda", true), failed]);
 
         assert_eq!(plan, Plan::Resyncing(vec!["vdb".into()]));
+    }
+
+    #[test]
+    fn plan_snapshot_copy_running_leaves_the_guest_to_the_snapshot() {
+        let blocks = [block("vda", "libvirt-1-format")];
+        let snapshot = BlockJob {
+            device: format!("{SNAPSHOT_JOB_PREFIX}vda"),
+            ..mirror("vda", false)
+        };
+
+        let plan = plan_of(&blocks, &[mirror("vda", true), snapshot]);
+
+        assert_eq!(plan, Plan::Snapshotting(vec!["vda".into()]));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! every one logs a begin and an end line with the VM, the snapshot and the outcome.
 
 use proto::agent as pb;
+use tracing::Instrument;
 
 use super::{Error, Inner, disk_format, invalid, plain_name, uuid_invalid};
 use crate::snapshot::{self, SnapVolume, Taken, transfer};
@@ -32,6 +33,8 @@ impl Inner {
             parent,
             &volumes,
         )
+        // The copy's own recovery (a dropped copy, see snapshot::live) logs within this span.
+        .instrument(tracing::info_span!("snapshot", node = %self.node, snapshot = %req.id))
         .await;
         match &taken {
             Ok(Taken {

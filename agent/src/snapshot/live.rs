@@ -8,6 +8,15 @@
 //! Targets are opened with `backing: null` (their header names the parent, which QEMU must
 //! not open) and `detect-zeroes: on` (zeros stored as data take no space in the copy).
 //!
+//! The copy-before-write that fixes the instant has a failure mode of its own: when QEMU cannot
+//! write a block's old data into the target (the target's file system filled up or failed),
+//! it fails the guest's write instead (QEMU 10's `blockdev-backup` exposes no `on-cbw-error`),
+//! and the guest pauses on an I/O error. The copy is then dropped ([`wait`] sees the pause):
+//! the jobs are cancelled, which removes the filter, the guest is resumed, and QEMU retries its
+//! parked write on the disk alone. The snapshot fails; the guest never sees the error. Until
+//! the jobs have ended the disk fault watch leaves such a guest to this module (its plan is
+//! `Snapshotting`), so an HA guest does not move onto the peer's copy for a snapshot's fault.
+//!
 //! A raw disk is copied from its file node, below the format node: an HA mirror's job holds
 //! the format node (QEMU refuses a backup from it: "block device is in use by block job"),
 //! not the file node, and for raw both read the same bytes. A qcow2 disk (never mirrored: a
@@ -21,18 +30,21 @@ use serde_json::{Value, json};
 
 use super::Error;
 use crate::domain::DiskFormat;
-use crate::libvirt::{Libvirt, Monitor};
+use crate::libvirt::{DomainState, Libvirt, Monitor};
 use crate::qmp_block::{self as qmp, JobStatus, disk_file, find_bitmap, source_node};
 
 /// Prefix of the snapshots' bitmaps; the snapshot ID follows.
 const BITMAP_PREFIX: &str = "pv-snap-";
 /// Prefix of the backup jobs' IDs and target nodes; the guest device follows.
-const JOB_PREFIX: &str = "pv-snap-job-";
+pub const JOB_PREFIX: &str = "pv-snap-job-";
 const TARGET_PREFIX: &str = "pv-snap-target-";
 /// How often the jobs are looked at.
 const POLL: Duration = Duration::from_millis(200);
 /// How long the copy may take before it is given up.
 const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long cancelled jobs may take to end, and how often to look (the guest is paused).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+const CANCEL_POLL: Duration = Duration::from_millis(10);
 
 /// What QEMU has for one disk before the snapshot.
 #[derive(Clone, Debug)]
@@ -141,7 +153,10 @@ pub async fn copy(
             return Err(e);
         }
     };
-    let outcome = wait(libvirt, uuid, &plans).await;
+    let mut outcome = wait(libvirt, uuid, &plans).await;
+    if let Err(Error::GuestWriteBroken) = outcome {
+        outcome = drop_copy(libvirt, uuid, &plans).await;
+    }
     let ended = end(libvirt, uuid, &plans, &new_bitmap, outcome.is_ok()).await;
     outcome?;
     ended.map(|()| freeze)
@@ -177,7 +192,8 @@ fn start(
     Ok(began.elapsed())
 }
 
-/// Waits until every job has concluded; the first failure is the error.
+/// Waits until every job has concluded; the first failure is the error, and a guest paused
+/// on an I/O error meanwhile is [`Error::GuestWriteBroken`].
 async fn wait(libvirt: &Libvirt, uuid: &str, plans: &[DiskPlan]) -> Result<(), Error> {
     let ids: Vec<String> = plans
         .iter()
@@ -189,6 +205,10 @@ async fn wait(libvirt: &Libvirt, uuid: &str, plans: &[DiskPlan]) -> Result<(), E
             .with_monitor(uuid, |m| qmp::query_jobs(m).map_err(Error::from))
             .await?;
         let ours: Vec<_> = jobs.iter().filter(|j| ids.contains(&j.device)).collect();
+        let status = libvirt.status(uuid).await?;
+        if status.state == DomainState::Paused && status.reason == "ioerror" {
+            return Err(Error::GuestWriteBroken);
+        }
         if let Some(failed) = ours.iter().find(|j| j.error.is_some()) {
             return Err(Error::CopyFailed {
                 job: failed.device.clone(),
@@ -211,6 +231,75 @@ async fn wait(libvirt: &Libvirt, uuid: &str, plans: &[DiskPlan]) -> Result<(), E
             });
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Drops a copy whose copy-before-write broke a guest write (see the module doc): cancels the
+/// jobs, waits until they have ended (their filters gone), then resumes the guest; the error
+/// the snapshot fails with. The jobs stay listed (not dismissed) until then, so the disk
+/// fault watch keeps its hands off.
+async fn drop_copy(libvirt: &Libvirt, uuid: &str, plans: &[DiskPlan]) -> Result<(), Error> {
+    let ids: Vec<String> = plans
+        .iter()
+        .map(|p| format!("{JOB_PREFIX}{}", p.device))
+        .collect();
+    tracing::warn!(vm = uuid, op = "snapshot-drop", jobs = ?ids, "snapshot drop begin: the copy into the snapshot failed a guest write; cancelling the copy, then resuming the guest");
+    let resumed = async {
+        let cancel = ids.clone();
+        libvirt
+            .with_monitor(uuid, move |m| {
+                for id in &cancel {
+                    let _ = qmp::execute::<IgnoredAny>(
+                        m,
+                        "block-job-cancel",
+                        &json!({"device": id, "force": true}),
+                    );
+                }
+                Ok::<_, Error>(())
+            })
+            .await?;
+        ended(libvirt, uuid, &ids).await?;
+        libvirt.resume(uuid).await?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    match &resumed {
+        Ok(()) => tracing::warn!(
+            vm = uuid,
+            op = "snapshot-drop",
+            "snapshot drop end: ok; the guest runs on, the snapshot is not kept"
+        ),
+        Err(e) => {
+            tracing::error!(vm = uuid, op = "snapshot-drop", error = %e, "snapshot drop end: failed; the guest stays paused")
+        }
+    }
+    resumed?;
+    Err(Error::CopyFailed {
+        job: ids.join(", "),
+        error: "writing into the snapshot failed a guest write; the snapshot was dropped and the guest resumed (is the storage group's file system full or failing?)".into(),
+    })
+}
+
+/// Waits until none of the jobs `ids` runs any more.
+async fn ended(libvirt: &Libvirt, uuid: &str, ids: &[String]) -> Result<(), Error> {
+    let deadline = Instant::now() + CANCEL_TIMEOUT;
+    loop {
+        let jobs = libvirt
+            .with_monitor(uuid, |m| qmp::query_jobs(m).map_err(Error::from))
+            .await?;
+        let running = jobs
+            .iter()
+            .any(|j| ids.contains(&j.device) && j.status != JobStatus::Concluded);
+        if !running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::CopyFailed {
+                job: ids.join(", "),
+                error: format!("not ended within {CANCEL_TIMEOUT:?} of its cancel"),
+            });
+        }
+        tokio::time::sleep(CANCEL_POLL).await;
     }
 }
 

@@ -11,7 +11,7 @@
 //! stopped one's by `qemu-img convert`, which writes only what differs from the parent.
 
 pub mod chain;
-mod live;
+pub mod live;
 pub mod transfer;
 
 use std::collections::BTreeMap;
@@ -75,6 +75,9 @@ pub enum Error {
         /// Guest device.
         device: String,
     },
+    /// The copy-before-write failed a guest write: the guest paused on an I/O error.
+    #[error("the snapshot's copy failed a guest write")]
+    GuestWriteBroken,
     /// QEMU's copy failed.
     #[error("QEMU's snapshot copy {job} failed: {error}")]
     CopyFailed {
