@@ -375,12 +375,13 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
-        serve_or_forward!(self, request, create_snapshot, |engine, message, _id| {
+        serve_or_forward!(self, request, create_snapshot, |engine, message, id| {
             let consistency = snapshots::ask_from_pb(message.consistency());
             let vm = message.vm;
             let (snapshot, warnings) = engine
                 .call(|reply| Command::SnapshotCreate {
                     consistency,
+                    request: id,
                     vm: vm.clone(),
                     description: message.description,
                     reply,

@@ -145,6 +145,9 @@ pub struct RequestRecord {
     pub op: String,
     /// The VM it acted on.
     pub vm: String,
+    /// The snapshot it took, for a snapshot's creation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot: String,
 }
 
 /// An open alert.

@@ -444,6 +444,18 @@ pub fn pvctl_refused(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `message` with request ID `id`, as pvctl sends it: a retry with the same ID never
+/// applies twice.
+pub fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "x-pairvisor-request-id",
+        id.parse()
+            .unwrap_or_else(|e| panic!("request ID {id}: {e}")),
+    );
+    request
+}
+
 /// A pvctl `--json` run that must succeed: its JSON.
 pub fn pvctl_json(output: &Output) -> serde_json::Value {
     serde_json::from_str(&pvctl_ok(output)).unwrap_or_else(|e| panic!("pvctl printed no JSON: {e}"))

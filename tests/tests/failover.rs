@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use tests::{Lab, Spinner, TAKEOVER_TIMEOUT, tiny_guest};
+use tests::{Lab, Spinner, TAKEOVER_TIMEOUT, tiny_guest, with_request_id};
 
 /// A VM that is only created, changed and deleted: small, one 1 MiB disk.
 fn request(name: &str, vcpus: u32) -> pb::CreateVmRequest {
@@ -120,17 +120,6 @@ async fn serving_controller_death_keeps_every_acknowledged_change() {
 
 /// The request ID of the create retried across the takeover.
 const RETRIED_ID: &str = "5e1d7a1c-0000-4000-8000-00000000beef";
-
-/// `message` with request ID `id`, as pvctl sends it.
-fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "x-pairvisor-request-id",
-        id.parse()
-            .unwrap_or_else(|e| panic!("request ID {id}: {e}")),
-    );
-    request
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_leader_death_fails_no_request_and_moves_no_controller() {

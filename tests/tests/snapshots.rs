@@ -11,8 +11,11 @@ use proto::v1 as pb;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, other};
 use tests::{
     COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused,
-    tiny_guest,
+    tiny_guest, with_request_id,
 };
+
+/// The request ID of the snapshot request retried.
+const RETRIED_ID: &str = "5e1d7a1c-0000-4000-8000-00000000cafe";
 
 /// Where the test's data sits on the disk (the guest writes only its first block).
 const DATA_OFFSET: u64 = 1 << 20;
@@ -63,6 +66,24 @@ fn snapshot(
     ]));
     let after = last_counter(console);
     (taken, before, after + 1)
+}
+
+/// Takes a snapshot of "snap" with request ID [`RETRIED_ID`]; its ID.
+async fn retried_snapshot(
+    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
+) -> String {
+    let request = pb::CreateSnapshotRequest {
+        vm: "snap".into(),
+        description: "gen 4".into(),
+        consistency: pb::Consistency::Crash.into(),
+    };
+    api.create_snapshot(with_request_id(request, RETRIED_ID))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .id
 }
 
 /// Restores snapshot `id` of the stopped VM, starts it and returns the counter it resumed
@@ -136,7 +157,14 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
 
     // Up to 16; the 17th is refused naming the oldest, and nothing changes.
     let (_, before3, after3) = snapshot(&lab, "snap", &console, "three");
-    for n in 4..=16 {
+    // A retried request (the answer was lost, say) returns its first snapshot, takes none.
+    let fourth = retried_snapshot(&mut api).await;
+    assert_eq!(
+        retried_snapshot(&mut api).await,
+        fourth,
+        "a retry took a second snapshot"
+    );
+    for n in 5..=16 {
         snapshot(&lab, "snap", &console, &format!("gen {n}"));
     }
     let listed = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
@@ -148,6 +176,11 @@ async fn snapshots_of_a_running_guest_restore_its_counter() {
     );
     let listed = pvctl_json(&lab.pvctl(&["--json", "vm-snapshot-list", "snap"]));
     assert_eq!(listed.as_array().unwrap().len(), 16);
+    assert_eq!(
+        retried_snapshot(&mut api).await,
+        fourth,
+        "a retry is answered even with 16 kept"
+    );
 
     // Bad requests: restore while running, an unknown snapshot.
     let running = pvctl_refused(&lab.pvctl(&["vm-snapshot-restore", "snap", "1"]));

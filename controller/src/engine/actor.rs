@@ -328,9 +328,10 @@ impl Engine {
                 vm,
                 description,
                 consistency,
+                request,
                 reply,
             } => {
-                self.snapshot_create(&vm, &description, consistency, reply)
+                self.snapshot_create(&vm, &description, consistency, request, reply)
                     .await;
             }
             Command::SnapshotDelete { vm, id, reply } => {

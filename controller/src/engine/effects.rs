@@ -105,7 +105,7 @@ impl Engine {
         if changed || !transition.actions.is_empty() {
             self.persist(uuid, &transition, tag.as_ref()).await?;
             if let Some(tag) = tag {
-                self.requests.insert(tag.id, (tag.record, Instant::now()));
+                self.remember(tag);
             }
         }
         if changed {

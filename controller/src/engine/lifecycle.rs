@@ -19,15 +19,21 @@ use crate::vm::{PROVISION, VmEvent};
 
 impl Engine {
     /// The tag for request `id` doing `op` on VM `vm`.
-    fn tag(&self, id: Option<String>, op: &str, vm: &str) -> Option<Tag> {
+    pub(super) fn tag(&self, id: Option<String>, op: &str, vm: &str) -> Option<Tag> {
         id.map(|id| Tag {
             id,
             record: RequestRecord {
                 op: op.to_string(),
                 vm: vm.to_string(),
+                snapshot: String::new(),
             },
             lease: self.request_lease.0,
         })
+    }
+
+    /// Remembers that the request of `tag` applied (its record is in etcd with it).
+    pub(super) fn remember(&mut self, tag: Tag) {
+        self.requests.insert(tag.id, (tag.record, Instant::now()));
     }
 
     /// The VM a request with ID `id` already acted on, if it did.
@@ -86,7 +92,7 @@ impl Engine {
             }
         }
         if let Some(tag) = tag {
-            self.requests.insert(tag.id, (tag.record, Instant::now()));
+            self.remember(tag);
         }
         self.waiters
             .entry(uuid.clone())
@@ -323,7 +329,7 @@ impl Engine {
             Err(e) => return Err(self.after_store_error(&uuid, e).await),
         };
         if let Some(tag) = tag {
-            self.requests.insert(tag.id, (tag.record, Instant::now()));
+            self.remember(tag);
         }
         tracing::info!(vm = %record.name, mode = record.mode.as_str(), vcpus = record.vcpus, memory_mib = record.memory_mib, "VM modified");
         let entry = self

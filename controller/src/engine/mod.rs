@@ -139,6 +139,8 @@ pub enum Command {
         description: String,
         /// The consistency asked for.
         consistency: crate::snapshots::Ask,
+        /// The request ID: a retry returns the first attempt's snapshot.
+        request: Option<String>,
         /// Reply: the snapshot and warnings for the caller.
         reply: Reply<Created>,
     },

@@ -11,6 +11,10 @@ use crate::agents::{Agent, Token};
 use crate::error::{ApiError, chain};
 use crate::model::{Snapshot, SnapshotState, VmRecord};
 use crate::snapshots::{self, Ask};
+use crate::store::Tag;
+
+/// The request record's name for taking a snapshot.
+const CREATE_OP: &str = "snapshot-create";
 
 /// A taken snapshot and what the caller should be told.
 pub type Created = (Snapshot, Vec<String>);
@@ -46,14 +50,20 @@ pub(super) struct SnapshotDone {
 }
 
 impl Engine {
-    /// Takes a snapshot of a running or stopped VM.
+    /// Takes a snapshot of a running or stopped VM. A retry of request `request` is answered
+    /// with the snapshot its first attempt took, never takes a second.
     pub(super) async fn snapshot_create(
         &mut self,
         vm: &str,
         description: &str,
         ask: Ask,
+        request: Option<String>,
         reply: Reply<Created>,
     ) {
+        if let Some(answer) = self.snapshot_replayed(request.as_deref()) {
+            let _ = reply.send(answer);
+            return;
+        }
         let planned = match self.snapshot_vm(vm).and_then(|uuid| {
             let record = &self.vms[&uuid].record;
             let peer = self.peer_of(&record.node);
@@ -76,8 +86,12 @@ impl Engine {
         let id = planned.snapshot.id.clone();
         let next = self.vms[&uuid].record.next_snapshot.max(1) + 1;
         let snapshot = planned.snapshot.clone();
+        let tag = self.tag(request, CREATE_OP, &uuid).map(|mut tag| {
+            tag.record.snapshot.clone_from(&id);
+            tag
+        });
         let record = match self
-            .save(&uuid, |r| {
+            .save_tagged(&uuid, tag, |r| {
                 r.snapshots.push(snapshot);
                 r.next_snapshot = next;
             })
@@ -97,6 +111,26 @@ impl Engine {
             reply,
         };
         self.run_snapshot(record, id, op);
+    }
+
+    /// The answer to a retry of request `id` whose first attempt took a snapshot: the
+    /// snapshot once it is ready; until then, retry. `None` when no attempt took one that is
+    /// still listed (a failed one left nothing): the request is then taken anew.
+    fn snapshot_replayed(&self, id: Option<&str>) -> Option<Result<Created, ApiError>> {
+        let (request, _) = self.requests.get(id?)?;
+        if request.op != CREATE_OP {
+            return None;
+        }
+        let record = &self.vms.get(&request.vm)?.record;
+        let snapshot = record.snapshots.iter().find(|s| s.id == request.snapshot)?;
+        tracing::info!(vm = %record.name, snapshot = %snapshot.id, "snapshot request retried: answering with the first attempt's snapshot");
+        Some(match snapshot.state {
+            SnapshotState::Ready => Ok((snapshot.clone(), Vec::new())),
+            _ => Err(ApiError::Unavailable(format!(
+                "snapshot {} of VM {}, which this request began, is still being taken; retry",
+                snapshot.id, record.name
+            ))),
+        })
     }
 
     /// Deletes a snapshot.
@@ -387,6 +421,16 @@ impl Engine {
         uuid: &str,
         change: impl FnOnce(&mut VmRecord),
     ) -> Result<VmRecord, ApiError> {
+        self.save_tagged(uuid, None, change).await
+    }
+
+    /// [`Engine::save`], recording in the same transaction that request `tag` applied.
+    async fn save_tagged(
+        &mut self,
+        uuid: &str,
+        tag: Option<Tag>,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmRecord, ApiError> {
         let entry = self
             .vms
             .get(uuid)
@@ -397,13 +441,16 @@ impl Engine {
         match self
             .ctx
             .writer
-            .update_vm(&record, entry.revision, None)
+            .update_vm(&record, entry.revision, tag.as_ref())
             .await
         {
             Ok(revision) => {
                 if let Some(entry) = self.vms.get_mut(uuid) {
                     entry.record = record.clone();
                     entry.revision = revision;
+                }
+                if let Some(tag) = tag {
+                    self.remember(tag);
                 }
                 Ok(record)
             }
