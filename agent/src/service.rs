@@ -52,6 +52,7 @@ struct Inner {
     state_dir: PathBuf,
     networks: BTreeMap<String, String>,
     ft: ft::FtRuns,
+    snapshots: snapshots::Locks,
 }
 
 /// The parts of the agent the service uses.
@@ -93,6 +94,7 @@ impl AgentService {
                 state_dir: config.state_dir.clone(),
                 networks: config.networks.clone(),
                 ft: ft::FtRuns::default(),
+                snapshots: snapshots::Locks::default(),
             }),
         }
     }
@@ -601,16 +603,19 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::TakeSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotTaken>, Status> {
-        Ok(Response::new(
-            self.inner.take_snapshot(request.into_inner()).await?,
-        ))
+        let inner = Arc::clone(&self.inner);
+        let req = request.into_inner();
+        let taken = snapshots::detached(async move { inner.take_snapshot(req).await }).await?;
+        Ok(Response::new(taken))
     }
 
     async fn delete_snapshot(
         &self,
         request: Request<pb::SnapshotCommand>,
     ) -> Result<Response<pb::SnapshotDone>, Status> {
-        self.inner.delete_snapshot(request.into_inner()).await?;
+        let inner = Arc::clone(&self.inner);
+        let req = request.into_inner();
+        snapshots::detached(async move { inner.delete_snapshot(req).await }).await?;
         Ok(Response::new(pb::SnapshotDone {}))
     }
 
@@ -618,7 +623,9 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::SnapshotCommand>,
     ) -> Result<Response<pb::SnapshotDone>, Status> {
-        self.inner.restore_snapshot(request.into_inner()).await?;
+        let inner = Arc::clone(&self.inner);
+        let req = request.into_inner();
+        snapshots::detached(async move { inner.restore_snapshot(req).await }).await?;
         Ok(Response::new(pb::SnapshotDone {}))
     }
 

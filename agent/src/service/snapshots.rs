@@ -1,11 +1,50 @@
 //! Snapshot requests: each passes the fence for its VM, then runs the [`snapshot`] module;
 //! every one logs a begin and an end line with the VM, the snapshot and the outcome.
+//!
+//! Each runs on a task of its own ([`detached`]): a controller that dies mid-call does not
+//! cut it short, which would leave QEMU's copy jobs running into files its successor deletes.
+//! One VM's operations run one at a time ([`Locks`]): that successor's cleanup waits for the
+//! operation its predecessor began.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use proto::agent as pb;
+use tonic::Status;
 use tracing::Instrument;
 
 use super::{Error, Inner, disk_format, invalid, plain_name, uuid_invalid};
 use crate::snapshot::{self, SnapVolume, Taken, transfer};
+
+/// One lock per VM for its snapshot operations.
+#[derive(Debug, Default)]
+pub(super) struct Locks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    /// Waits until no other snapshot operation of VM `uuid` runs; holds it off until dropped.
+    async fn hold(&self, uuid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = Arc::clone(
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(uuid.to_string())
+                .or_default(),
+        );
+        lock.lock_owned().await
+    }
+}
+
+/// Runs `work` to its end on a task of its own, whether or not its caller waits for it.
+pub(super) async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(work).await {
+        Ok(outcome) => outcome.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!(
+            "the agent's snapshot task failed: {e}"
+        ))),
+    }
+}
 
 impl Inner {
     /// Takes a snapshot of a VM's volumes.
@@ -13,6 +52,7 @@ impl Inner {
         &self,
         req: pb::TakeSnapshotRequest,
     ) -> Result<pb::SnapshotTaken, Error> {
+        let _held = self.snapshots.hold(&req.vm_uuid).await;
         let volumes = self.checked(
             "take-snapshot",
             &req.vm_uuid,
@@ -100,6 +140,7 @@ impl Inner {
 
     /// Deletes a snapshot of a VM's volumes.
     pub(super) async fn delete_snapshot(&self, req: pb::SnapshotCommand) -> Result<(), Error> {
+        let _held = self.snapshots.hold(&req.vm_uuid).await;
         let volumes = self.checked(
             "delete-snapshot",
             &req.vm_uuid,
@@ -120,6 +161,7 @@ impl Inner {
 
     /// Writes a snapshot over a stopped VM's volumes.
     pub(super) async fn restore_snapshot(&self, req: pb::SnapshotCommand) -> Result<(), Error> {
+        let _held = self.snapshots.hold(&req.vm_uuid).await;
         let volumes = self.checked(
             "restore-snapshot",
             &req.vm_uuid,
@@ -187,5 +229,42 @@ fn log_end(what: &str, req: &pb::SnapshotCommand, node: &str, error: Option<&sna
         Some(e) => {
             tracing::warn!(vm = %req.vm_uuid, node = %node, snapshot = %req.id, error = %daemon::error_chain(e), "{what}: failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn one_vms_operations_wait_for_each_other_and_not_for_another_vms() {
+        let locks = Locks::default();
+        let first = locks.hold("a").await;
+
+        let other_vm = tokio::time::timeout(Duration::from_secs(5), locks.hold("b")).await;
+        let same_vm = tokio::time::timeout(Duration::from_millis(50), locks.hold("a")).await;
+
+        assert!(other_vm.is_ok(), "another VM's operation waited");
+        assert!(same_vm.is_err(), "the same VM's operation did not wait");
+        drop(first);
+        let after = tokio::time::timeout(Duration::from_secs(5), locks.hold("a")).await;
+        assert!(after.is_ok(), "the lock was not released");
+    }
+
+    #[tokio::test]
+    async fn detached_work_runs_to_its_end_when_its_caller_leaves() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = detached(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tx.send("done");
+            Ok(())
+        });
+
+        // The caller gives up at once.
+        let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
+
+        assert_eq!(rx.await, Ok("done"));
     }
 }
