@@ -51,7 +51,7 @@ pub enum Error {
     #[error("receiving the image: {0}")]
     Upload(#[from] upload::Error),
     /// `qemu-img` failed: the image is not of its stated format, or damaged.
-    #[error("the image is not a readable {format} image: {source}")]
+    #[error("the image is not a readable {format} image")]
     Unreadable {
         /// The stated format.
         format: &'static str,

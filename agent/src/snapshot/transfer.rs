@@ -27,7 +27,7 @@ const MAX_HEADER: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The connection or a file failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         /// What was being done.
         op: String,
