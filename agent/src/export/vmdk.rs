@@ -356,15 +356,7 @@ mod tests {
 
     #[test]
     fn random_bytes_are_incompressible_and_text_is_not() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let random: Vec<u8> = (0..GRAIN_BYTES)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()[0]
-            })
-            .collect();
+        let random = random(GRAIN_USIZE);
         let text: Vec<u8> = b"COUNTER 42 the quick brown fox\n"
             .iter()
             .copied()
