@@ -11,7 +11,7 @@
 //! The copy-before-write that fixes the instant has a failure mode of its own: when QEMU cannot
 //! write a block's old data into the target (the target's file system filled up or failed),
 //! it fails the guest's write instead (QEMU 10's `blockdev-backup` exposes no `on-cbw-error`),
-//! and the guest pauses on an I/O error. The copy is then dropped ([`wait`] sees the pause):
+//! and the guest pauses on an I/O error. The copy is then dropped (its wait sees the pause):
 //! the jobs are cancelled, which removes the filter, the guest is resumed, and QEMU retries its
 //! parked write on the disk alone. The snapshot fails; the guest never sees the error. Until
 //! the jobs have ended the disk fault watch leaves such a guest to this module (its plan is
