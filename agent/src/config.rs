@@ -23,6 +23,10 @@
 //! [alink]                             # optional: the HA replica service over the A-Links
 //! role = "listen"                     # "listen" on one host, "connect" on the other
 //! links = ["10.102.0.1:7710", "10.103.0.1:7710"]  # listen: this host's; connect: the peer's
+//! [tls]                               # the agent API admits only the controllers
+//! cert = "/etc/pairvisor/pki/n0-agent.pem"
+//! key = "/etc/pairvisor/pki/n0-agent.key"
+//! ca = "/etc/pairvisor/pki/controllers-ca.pem"
 //! ```
 
 use std::collections::BTreeMap;
@@ -116,6 +120,10 @@ pub struct Config {
     /// replicas and mirrors to none.
     #[serde(default)]
     pub alink: Option<AlinkConfig>,
+    /// TLS of the agent API: its certificate and key, and the CA of the only clients it
+    /// admits (the controllers'). Without it the API is plain HTTP/2, for tests only.
+    #[serde(default)]
+    pub tls: Option<proto::transport::TlsFiles>,
 }
 
 /// The A-Link set to the peer (see `replicator`): one host listens, the other connects.

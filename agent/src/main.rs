@@ -126,7 +126,18 @@ async fn serve(
     let service = AgentService::new(config, deps);
     tokio::spawn(service.recover());
     tracing::info!(node = %config.node, listen = %config.listen, domain_type = config.domain_type.as_str(), "agent serving");
-    proto::transport::server()
+    let mut server = proto::transport::server();
+    match &config.tls {
+        Some(tls) => {
+            server = server
+                .tls_config(tls.server()?)
+                .context("setting up the agent API's TLS")?;
+        }
+        None => {
+            tracing::warn!(node = %config.node, "the agent API runs without TLS: anyone who reaches {} can command this host; set [tls] in the config", config.listen);
+        }
+    }
+    server
         .add_service(proto::agent::agent_server::AgentServer::new(service))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proto::agent as pb;
 use proto::agent::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::model::{Boot, DiskFormat, Mode, VmRecord};
 
@@ -92,6 +92,9 @@ pub enum Error {
 #[derive(Clone, Debug, Default)]
 pub struct AgentPool {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This controller's client TLS (its certificate, the CA the agents' chain to); `None`
+    /// calls the agents in plain HTTP/2 (tests only).
+    tls: Option<ClientTlsConfig>,
 }
 
 /// One node's agent.
@@ -102,6 +105,14 @@ pub struct Agent {
 }
 
 impl AgentPool {
+    /// A pool that calls the agents over TLS with `tls`.
+    pub fn with_tls(tls: ClientTlsConfig) -> AgentPool {
+        AgentPool {
+            channels: Arc::default(),
+            tls: Some(tls),
+        }
+    }
+
     /// The agent of `node` at `address`.
     pub fn get(&self, node: &str, address: &str) -> Result<Agent, Error> {
         let mut channels = self
@@ -111,14 +122,17 @@ impl AgentPool {
         let channel = match channels.get(address) {
             Some(channel) => channel.clone(),
             None => {
-                let endpoint =
-                    Endpoint::from_shared(format!("http://{address}")).map_err(|source| {
-                        Error::Endpoint {
-                            node: node.to_string(),
-                            address: address.to_string(),
-                            source,
-                        }
-                    })?;
+                let invalid = |source| Error::Endpoint {
+                    node: node.to_string(),
+                    address: address.to_string(),
+                    source,
+                };
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let mut endpoint =
+                    Endpoint::from_shared(format!("{scheme}://{address}")).map_err(invalid)?;
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
+                }
                 let channel = proto::transport::endpoint(endpoint)
                     .connect_timeout(CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(KEEP_ALIVE)

@@ -22,6 +22,10 @@
 //! port = 623                            # the default
 //! user = "fence"
 //! password = "fencepw"
+//! [agent_tls]                           # calls to the agents: this controller's certificate
+//! cert = "/etc/pairvisor/pki/n0-controller.pem"
+//! key = "/etc/pairvisor/pki/n0-controller.key"
+//! ca = "/etc/pairvisor/pki/ca.pem"      # the CA the agents' certificates chain to
 //! ```
 //!
 //! Fencing (see `docs/fencing.md`): when a host is lost, the serving controller waits
@@ -103,6 +107,11 @@ pub struct Config {
     /// moved to the peer (recover locally first).
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// This controller's client certificate and key for the agent API, and the CA the
+    /// agents' certificates chain to. Without it the agents are called in plain HTTP/2
+    /// (tests only).
+    #[serde(default)]
+    pub agent_tls: Option<proto::transport::TlsFiles>,
 }
 
 /// How the serving controller fences a lost host, from its [`Config`].

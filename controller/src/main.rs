@@ -39,7 +39,13 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let client = store::Etcd::connect(&config.etcd_endpoints, Some(store::REQUEST_TIMEOUT)).await?;
     let waiting = store::Etcd::connect(&config.etcd_endpoints, None).await?;
-    let agents = AgentPool::default();
+    let agents = match &config.agent_tls {
+        Some(tls) => AgentPool::with_tls(tls.client()?),
+        None => {
+            tracing::warn!(node = %config.node, "calling the agents without TLS; set [agent_tls] in the config");
+            AgentPool::default()
+        }
+    };
     let (role_tx, role_rx) = watch::channel(Role::Standby);
     let (lease_tx, lease_rx) = watch::channel(LeaseView::NONE);
     let (lease_id_tx, lease_id) = watch::channel(0);

@@ -2,8 +2,13 @@
 //! flow-control window makes a bulk stream (an export, an import, an ISO upload) stop for a
 //! round trip every 64 KiB; larger windows let it run at memory speed. They bound only how
 //! much a peer may send ahead, not what is allocated.
+//!
+//! And mutual TLS from the pair's certificates ([`TlsFiles`]): the agent API admits only
+//! clients with a controller's certificate.
 
-use tonic::transport::{Endpoint, Server};
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
 /// Bytes a stream may send before its receiver acknowledges them.
 pub const STREAM_WINDOW: u32 = 8 << 20;
@@ -22,4 +27,56 @@ pub fn server() -> Server {
     Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+}
+
+/// The files of one side of a mutually authenticated TLS connection.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This side's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificate (PEM) the other side's certificate must chain to: for a server,
+    /// the CA of the clients it admits; for a client, the CA of the servers it trusts.
+    pub ca: PathBuf,
+}
+
+/// A TLS file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading TLS file {path}")]
+pub struct TlsError {
+    /// The file.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl TlsFiles {
+    /// A server's TLS: this side's identity, and only clients whose certificate chains to
+    /// `ca` (a client without one is refused in the handshake).
+    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
+    }
+
+    /// A client's TLS: servers whose certificate chains to `ca`, and this side's identity.
+    pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(self.identity()?))
+    }
+
+    fn identity(&self) -> Result<Identity, TlsError> {
+        Ok(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError {
+        path: path.to_path_buf(),
+        source,
+    })
 }

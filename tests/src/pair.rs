@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use proto::agent as agent_pb;
 use proto::agent::agent_client::AgentClient;
 use proto::v1 as pb;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::Lab;
 
@@ -30,12 +30,36 @@ impl Lab {
         self.node_address(index)
     }
 
-    /// A client of `node`'s agent.
+    /// A client of `node`'s agent, with n0's controller's certificate (the agents admit
+    /// only the controllers').
     pub async fn agent(&self, node: &str) -> AgentClient<Channel> {
-        let address = format!("http://{}:{AGENT_PORT}", self.address_of(node));
-        AgentClient::connect(address.clone())
+        let endpoint = self.agent_endpoint(node, Some("n0-controller"));
+        let channel = endpoint
+            .connect()
             .await
-            .unwrap_or_else(|e| panic!("agent at {address}: {e}"))
+            .unwrap_or_else(|e| panic!("agent at {}: {e}", endpoint.uri()));
+        AgentClient::new(channel)
+    }
+
+    /// The endpoint of `node`'s agent over TLS, trusting the lab's CA, with the lab's
+    /// certificate `identity` (`<lab>/pki/<identity>.pem|key`) if given.
+    pub fn agent_endpoint(&self, node: &str, identity: Option<&str>) -> Endpoint {
+        let pki = self.dir().join("pki");
+        let read = |file: &str| {
+            std::fs::read(pki.join(file))
+                .unwrap_or_else(|e| panic!("reading the lab's {file}: {e}"))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
+        if let Some(name) = identity {
+            tls = tls.identity(Identity::from_pem(
+                read(&format!("{name}.pem")),
+                read(&format!("{name}.key")),
+            ));
+        }
+        let address = format!("https://{}:{AGENT_PORT}", self.address_of(node));
+        Endpoint::from_shared(address)
+            .and_then(|e| e.tls_config(tls))
+            .unwrap_or_else(|e| panic!("the endpoint of {node}'s agent: {e}"))
     }
 
     /// The node whose controller serves, asked through any controller that answers.

@@ -7,6 +7,7 @@ pub mod bmc;
 pub mod command;
 pub mod faults;
 mod net;
+pub mod pki;
 pub mod plan;
 mod procs;
 pub mod shaping;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::v1 as pb;
 
+use pki::Pki;
 pub use plan::Plan;
 use plan::{
     AGENT_PORT, API_PORT, BMC_PASSWORD, BMC_PORT, BMC_USER, BUSINESS_BRIDGE, BUSINESS_NETWORK,
@@ -117,6 +119,7 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
     done(t, "");
 
     let t = step(6, "agents (libvirt embed roots, storage, serial capture)");
+    Pki::of(plan).ensure(plan)?;
     for host in HOSTS.iter().filter(|h| !h.is_witness()) {
         write_agent_config(plan, host)?;
         start(plan, &agent_daemon(plan, host, &bins.agent))?;
@@ -475,6 +478,7 @@ fn controller_daemon(plan: &Plan, host: &Host, bin: &Path) -> Daemon {
 
 fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
+    let pki = Pki::of(plan);
     let endpoints = quoted(&plan.etcd_endpoints_from(host));
     let paths: Vec<String> = plan
         .heartbeat_paths(host)
@@ -486,7 +490,7 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let (alink_role, alinks) = plan.alink(host);
     let alinks: Vec<String> = alinks.iter().map(ToString::to_string).collect();
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nram_dir = \"{ram}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nram_dir = \"{ram}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n\n# Only the controllers' certificates are admitted.\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
         state = dir.join("agent").display(),
@@ -496,6 +500,9 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         paths = paths.join("\n"),
         system = plan.system_ip(),
         alinks = quoted(&alinks),
+        cert = pki.agent(host).cert.display(),
+        key = pki.agent(host).key.display(),
+        ca = pki.controllers_ca().display(),
     );
     write(&dir.join("agent.toml"), &text)
 }
@@ -511,6 +518,7 @@ fn quoted(items: &[String]) -> String {
 
 fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let dir = plan.host_dir(host);
+    let pki = Pki::of(plan);
     let endpoints = quoted(&plan.etcd_endpoints_from(host));
     let fence_delay_ms = if host.index == 1 {
         LAB_N1_FENCE_DELAY_MS
@@ -518,11 +526,14 @@ fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         0
     };
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n{bmcs}",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n\n# The agents are called with this controller's certificate.\n[agent_tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n{bmcs}",
         node = host.name,
         ip = plan.mgmt_ip(host),
         system = plan.system_ip(),
         bmcs = bmc_sections(plan),
+        cert = pki.controller(host).cert.display(),
+        key = pki.controller(host).key.display(),
+        ca = pki.ca().display(),
     );
     write(&dir.join("controller.toml"), &text)
 }

@@ -28,8 +28,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// The lab's nodes that run guests.
 pub(crate) const NODES: [&str; 2] = ["n0", "n1"];
-/// The lab's agent port (as in the fixture).
-const AGENT_PORT: u16 = 7701;
 
 /// The VM as one GetVm showed it.
 #[derive(Clone, Debug)]
@@ -167,7 +165,7 @@ struct Task {
     timeline: Arc<Mutex<Timeline>>,
     tails: Vec<Tail>,
     /// Each node and its agent's address.
-    agents: Vec<(String, String)>,
+    agents: Vec<(String, Endpoint)>,
 }
 
 impl Sampler {
@@ -186,8 +184,8 @@ impl Sampler {
             agents: NODES
                 .iter()
                 .map(|node| {
-                    let address = format!("http://{}:{AGENT_PORT}", lab.address_of(node));
-                    ((*node).to_string(), address)
+                    let endpoint = lab.agent_endpoint(node, Some("n0-controller"));
+                    ((*node).to_string(), endpoint)
                 })
                 .collect(),
         };
@@ -297,11 +295,12 @@ impl Task {
     /// Lists the domains of the agent of the VM's host (as last sampled) for its mirrors.
     async fn sample_mirrors(&self, agent: &mut Option<(String, AgentClient<Channel>)>) {
         let node = lock(&self.timeline).last_vm().map(|s| s.node.clone());
-        let Some((_, address)) = self.agents.iter().find(|(n, _)| Some(n) == node.as_ref()) else {
+        let Some((name, endpoint)) = self.agents.iter().find(|(n, _)| Some(n) == node.as_ref())
+        else {
             return;
         };
-        if agent.as_ref().is_none_or(|(a, _)| a != address) {
-            *agent = connect_agent(address).await.map(|c| (address.clone(), c));
+        if agent.as_ref().is_none_or(|(a, _)| a != name) {
+            *agent = connect_agent(endpoint).await.map(|c| (name.clone(), c));
         }
         let Some((_, client)) = agent.as_ref() else {
             return;
@@ -327,9 +326,9 @@ impl Task {
     }
 }
 
-async fn connect_agent(address: &str) -> Option<AgentClient<Channel>> {
-    let endpoint = Endpoint::from_shared(address.to_string()).ok()?;
+async fn connect_agent(endpoint: &Endpoint) -> Option<AgentClient<Channel>> {
     let channel = endpoint
+        .clone()
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await

@@ -1,0 +1,157 @@
+//! The lab's certificates, made once per lab (`<lab>/pki/`): a root CA, and under it a CA
+//! that signs only the controllers' client certificates. Each agent serves its API with a
+//! certificate for its management address, signed by the root, and admits only clients whose
+//! certificate chains to the controllers' CA: an agent's or any other certificate the root
+//! signed is refused. Each controller calls the agents with its own client certificate and
+//! trusts the root for their server certificates. Keys are ECDSA P-256, written 0600.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use super::plan::{HOSTS, Host, Plan};
+
+/// The PEM files of one certificate and its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pair {
+    /// The certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// Where the lab's certificates are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// The lab's certificates (made by [`Pki::ensure`]).
+    pub fn of(plan: &Plan) -> Pki {
+        Pki {
+            dir: plan.dir().join("pki"),
+        }
+    }
+
+    /// The root CA's certificate: what clients of an agent trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The controllers' CA certificate: the only clients an agent admits.
+    pub fn controllers_ca(&self) -> PathBuf {
+        self.dir.join("controllers-ca.pem")
+    }
+
+    /// Node `host`'s agent's server certificate.
+    pub fn agent(&self, host: &Host) -> Pair {
+        self.pair(&format!("{}-agent", host.name))
+    }
+
+    /// Node `host`'s controller's client certificate.
+    pub fn controller(&self, host: &Host) -> Pair {
+        self.pair(&format!("{}-controller", host.name))
+    }
+
+    fn pair(&self, name: &str) -> Pair {
+        Pair {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+        }
+    }
+
+    /// Makes the certificates unless the lab has them (they last as long as the lab).
+    pub fn ensure(&self, plan: &Plan) -> anyhow::Result<()> {
+        if self.ca().exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let root =
+            CertifiedIssuer::self_signed(ca_params("Pairvisor lab CA")?, KeyPair::generate()?)?;
+        let controllers_key = KeyPair::generate()?;
+        let controllers_params = ca_params("Pairvisor lab controllers CA")?;
+        let controllers_cert = controllers_params.signed_by(&controllers_key, &root)?;
+        let controllers = Issuer::new(controllers_params, controllers_key);
+        for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+            let ip = plan.mgmt_ip(host);
+            let agent = leaf(&format!("{} agent", host.name), host.name, Some(ip), true)?;
+            self.write_leaf(&self.agent(host), &agent, &root)?;
+            let controller = leaf(&format!("{} controller", host.name), host.name, None, false)?;
+            self.write_leaf(&self.controller(host), &controller, &controllers)?;
+        }
+        write_file(&self.controllers_ca(), &controllers_cert.pem(), 0o644)?;
+        // The root last: its presence says the set is whole.
+        write_file(&self.ca(), &root.as_ref().pem(), 0o644)
+    }
+
+    fn write_leaf(
+        &self,
+        pair: &Pair,
+        params: &CertificateParams,
+        issuer: &Issuer<'_, KeyPair>,
+    ) -> anyhow::Result<()> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, issuer)?;
+        write_file(&pair.key, &key.serialize_pem(), 0o600)?;
+        write_file(&pair.cert, &cert.pem(), 0o644)
+    }
+}
+
+fn ca_params(name: &str) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// A leaf certificate's parameters: a server's (for `ip` and `dns`) or a client's.
+fn leaf(
+    name: &str,
+    dns: &str,
+    ip: Option<Ipv4Addr>,
+    server: bool,
+) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(vec![dns.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    if let Some(ip) = ip {
+        params.subject_alt_names.push(SanType::IpAddress(ip.into()));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // A server's certificate is good for client use too (a host calls its peer): only the
+    // controllers' CA, not the use, keeps it off the agent API.
+    params.extended_key_usages = if server {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    Ok(params)
+}
+
+/// Writes `text` to `path` with `mode`, through a synced temporary file.
+fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}
