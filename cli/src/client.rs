@@ -4,6 +4,7 @@
 //! command's deadline; every attempt carries the same request ID, so a retried change is
 //! never applied twice (the API answers a retry with the first attempt's outcome).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -18,10 +19,74 @@ const RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// Metadata key of the request ID (the API's `x-pairvisor-request-id`).
 const REQUEST_ID: &str = "x-pairvisor-request-id";
 
-/// Connects to the first endpoint of the comma-separated list that accepts a connection.
-pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>> {
+/// Where the pair's API is, and the CA its certificates chain to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Endpoints tried in order (host:port, comma separated).
+    pub list: String,
+    /// The pair's CA certificate: the API is then called over TLS, trusting only it.
+    pub ca: Option<PathBuf>,
+}
+
+/// Where pvctl finds the pair's CA unless told: the installed pair's, then the default lab's.
+const DEFAULT_CAS: [&str; 2] = [
+    "/etc/pairvisor/pki/ca.pem",
+    "/var/lib/pairvisor-lab/pki/ca.pem",
+];
+
+/// The CA file to trust: `given`, else the first of [`DEFAULT_CAS`] that exists.
+pub fn find_ca(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| DEFAULT_CAS.iter().map(PathBuf::from).find(|p| p.exists()))
+}
+
+/// The API's certificate does not chain to the CA pvctl trusts.
+#[derive(Debug)]
+struct Untrusted {
+    address: String,
+    ca: PathBuf,
+    why: String,
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the pair's API at {} is not vouched for by the CA in {} ({}); give the pair's CA certificate with --ca or PVCTL_CA",
+            self.address,
+            self.ca.display(),
+            self.why
+        )
+    }
+}
+
+impl std::error::Error for Untrusted {}
+
+/// An error with its causes, as one line.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Wrappers often repeat their cause's words.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Connects to the first endpoint of the list that accepts a connection.
+pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Channel>> {
+    let tls = match &endpoints.ca {
+        Some(ca) => Some(proto::transport::trusting(ca)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut failures = Vec::new();
     for address in endpoints
+        .list
         .split(',')
         .map(str::trim)
         .filter(|a| !a.is_empty())
@@ -29,9 +94,13 @@ pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>
         let uri = if address.contains("://") {
             address.to_string()
         } else {
-            format!("http://{address}")
+            format!("{scheme}://{address}")
         };
-        let endpoint = match Endpoint::from_shared(uri) {
+        let endpoint = Endpoint::from_shared(uri).and_then(|e| match &tls {
+            Some(tls) => e.tls_config(tls.clone()),
+            None => Ok(e),
+        });
+        let endpoint = match endpoint {
             Ok(e) => proto::transport::endpoint(e).connect_timeout(CONNECT_TIMEOUT),
             Err(e) => {
                 failures.push(format!("{address}: {e}"));
@@ -40,11 +109,23 @@ pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>
         };
         match endpoint.connect().await {
             Ok(channel) => return Ok(PairvisorClient::new(channel)),
-            Err(e) => failures.push(format!("{address}: {e}")),
+            Err(e) => {
+                let why = causes(&e);
+                // A certificate the CA does not vouch for stays so: no retry helps.
+                if why.contains("invalid peer certificate") {
+                    return Err(Untrusted {
+                        address: address.to_string(),
+                        ca: endpoints.ca.clone().unwrap_or_default(),
+                        why,
+                    }
+                    .into());
+                }
+                failures.push(format!("{address}: {why}"));
+            }
         }
     }
     bail!(
-        "cannot reach the pair's API ({}); is the pair up (`pvctl lab up`)? set --endpoint or PVCTL_ENDPOINT",
+        "cannot reach the pair's API ({}); is the pair up (`pvctl lab up`)? set --endpoint or PVCTL_ENDPOINT, and --ca or PVCTL_CA to the pair's CA certificate",
         failures.join("; ")
     )
 }
@@ -52,16 +133,16 @@ pub async fn connect(endpoints: &str) -> anyhow::Result<PairvisorClient<Channel>
 /// One pvctl command's calls: its endpoints, its deadline and its request ID.
 #[derive(Debug)]
 pub struct Api {
-    endpoints: String,
+    endpoints: Endpoints,
     deadline: Instant,
     request_id: String,
 }
 
 impl Api {
     /// Calls for one command against `endpoints`, giving up `timeout` from now.
-    pub fn new(endpoints: &str, timeout: Duration) -> Api {
+    pub fn new(endpoints: &Endpoints, timeout: Duration) -> Api {
         Api {
-            endpoints: endpoints.to_string(),
+            endpoints: endpoints.clone(),
             deadline: Instant::now() + timeout,
             request_id: uuid::Uuid::new_v4().to_string(),
         }
@@ -79,8 +160,18 @@ impl Api {
                 Ok(client) => match method(client, self.request(message.clone())).await {
                     Ok(response) => return Ok(response.into_inner()),
                     Err(status) if retryable(&status) => anyhow::Error::new(status),
+                    Err(status)
+                        if self.endpoints.ca.is_none()
+                            && status.message().contains("h2 protocol error") =>
+                    {
+                        bail!(
+                            "the pair's API did not answer plain HTTP/2: it speaks TLS; give the pair's CA certificate with --ca or PVCTL_CA ({})",
+                            status.message()
+                        )
+                    }
                     Err(status) => return Err(status.into()),
                 },
+                Err(e) if e.is::<Untrusted>() => return Err(e),
                 Err(e) => e,
             };
             if Instant::now() + RETRY_PAUSE >= self.deadline {

@@ -49,7 +49,7 @@ impl Drop for Partial {
 
 /// Exports `vm` (its snapshot `snapshot` if given) to the new file `to`.
 pub async fn export(
-    endpoints: &str,
+    endpoints: &client::Endpoints,
     vm: &str,
     snapshot: Option<String>,
     to: &Path,

@@ -61,7 +61,7 @@ fn format_of(path: &Path) -> anyhow::Result<pb::ImportFormat> {
 
 /// Imports `path` (of `format`, or as its extension says) with `overrides`; the new VM.
 pub async fn import(
-    endpoints: &str,
+    endpoints: &client::Endpoints,
     path: &Path,
     format: Option<pb::ImportFormat>,
     overrides: Overrides,

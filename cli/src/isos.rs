@@ -13,7 +13,7 @@ use crate::upload::Source;
 
 /// Uploads the ISO at `path` into the library as `name` (default: the file's name).
 pub async fn add(
-    endpoints: &str,
+    endpoints: &client::Endpoints,
     path: &Path,
     name: Option<String>,
     storage_group: Option<String>,

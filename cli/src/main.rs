@@ -35,6 +35,10 @@ struct Args {
     /// IP, then its two controllers].
     #[arg(long, global = true, env = "PVCTL_ENDPOINT")]
     endpoint: Option<String>,
+    /// The pair's CA certificate: the API is called over TLS, trusting only it [default:
+    /// /etc/pairvisor/pki/ca.pem, else the lab's, if there].
+    #[arg(long, global = true, env = "PVCTL_CA")]
+    ca: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -288,7 +292,10 @@ fn message(e: &anyhow::Error) -> String {
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Cmd::Api(command) => {
-            let endpoint = args.endpoint.unwrap_or_else(lab::Plan::default_endpoints);
+            let endpoint = client::Endpoints {
+                list: args.endpoint.unwrap_or_else(lab::Plan::default_endpoints),
+                ca: client::find_ca(args.ca),
+            };
             let timeout = Duration::from_secs(args.timeout);
             run_api(command, &endpoint, args.json, timeout).await
         }
@@ -298,7 +305,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn run_api(
     command: ApiCmd,
-    endpoint: &str,
+    endpoint: &client::Endpoints,
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {

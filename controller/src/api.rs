@@ -18,7 +18,7 @@ use proto::v1::pairvisor_client::PairvisorClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentPool;
@@ -67,6 +67,8 @@ struct Inner {
     client: Etcd,
     agents: AgentPool,
     peers: Mutex<HashMap<String, PairvisorClient<Channel>>>,
+    /// TLS to the peer's public API, for forwarded calls; `None` forwards in plain HTTP/2.
+    peer_tls: Option<ClientTlsConfig>,
 }
 
 enum Target {
@@ -76,13 +78,19 @@ enum Target {
 
 impl Api {
     /// An API that routes by `route`, reading etcd through `client`.
-    pub fn new(route: watch::Receiver<Route>, client: Etcd, agents: AgentPool) -> Api {
+    pub fn new(
+        route: watch::Receiver<Route>,
+        client: Etcd,
+        agents: AgentPool,
+        peer_tls: Option<ClientTlsConfig>,
+    ) -> Api {
         Api {
             inner: Arc::new(Inner {
                 route,
                 client,
                 agents,
                 peers: Mutex::new(HashMap::new()),
+                peer_tls,
             }),
         }
     }
@@ -126,9 +134,17 @@ impl Api {
         if let Some(client) = peers.get(address) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
-            ApiError::Internal(format!("serving controller address {address}: {e}"))
-        })?;
+        let invalid = |e| ApiError::Internal(format!("serving controller address {address}: {e}"));
+        let scheme = if self.inner.peer_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{address}")).map_err(invalid)?;
+        if let Some(tls) = &self.inner.peer_tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
+        }
         let channel = proto::transport::endpoint(endpoint)
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(5))

@@ -26,6 +26,10 @@
 //! cert = "/etc/pairvisor/pki/n0-controller.pem"
 //! key = "/etc/pairvisor/pki/n0-controller.key"
 //! ca = "/etc/pairvisor/pki/ca.pem"      # the CA the agents' certificates chain to
+//! [api_tls]                             # the public API's TLS
+//! cert = "/etc/pairvisor/pki/n0-api.pem"
+//! key = "/etc/pairvisor/pki/n0-api.key"
+//! ca = "/etc/pairvisor/pki/ca.pem"      # the CA the peer controller's API chains to
 //! ```
 //!
 //! Fencing (see `docs/fencing.md`): when a host is lost, the serving controller waits
@@ -112,6 +116,11 @@ pub struct Config {
     /// (tests only).
     #[serde(default)]
     pub agent_tls: Option<proto::transport::TlsFiles>,
+    /// The public API's certificate and key, and the CA the peer controller's chains to (a
+    /// call this controller forwards goes to the peer's API). Without it the API is plain
+    /// HTTP/2 (tests only).
+    #[serde(default)]
+    pub api_tls: Option<proto::transport::TlsFiles>,
 }
 
 /// How the serving controller fences a lost host, from its [`Config`].

@@ -69,9 +69,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         lease_id: lease_id.clone(),
     };
     tokio::spawn(serving::follow(deps, role_rx, route_tx));
-    let api = Api::new(route_rx, client.clone(), agents);
+    let peer_tls = config.api_tls.as_ref().map(|t| t.trusting()).transpose()?;
+    let api = Api::new(route_rx, client.clone(), agents, peer_tls);
     tracing::info!(node = %config.node, listen = %config.listen, "controller API listening");
-    proto::transport::server()
+    let mut server = proto::transport::server();
+    match &config.api_tls {
+        Some(tls) => {
+            server = server
+                .tls_config(tls.open_server()?)
+                .context("setting up the public API's TLS")?;
+        }
+        None => {
+            tracing::warn!(node = %config.node, "the public API runs without TLS; set [api_tls] in the config");
+        }
+    }
+    server
         .add_service(proto::v1::pairvisor_server::PairvisorServer::new(api))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await

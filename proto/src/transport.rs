@@ -3,8 +3,8 @@
 //! round trip every 64 KiB; larger windows let it run at memory speed. They bound only how
 //! much a peer may send ahead, not what is allocated.
 //!
-//! And mutual TLS from the pair's certificates ([`TlsFiles`]): the agent API admits only
-//! clients with a controller's certificate.
+//! And TLS from the pair's certificates ([`TlsFiles`]): the agent API admits only clients
+//! with a controller's certificate; the public API is TLS for everyone.
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +62,18 @@ impl TlsFiles {
             .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
     }
 
+    /// A server's TLS that asks clients for no certificate: the public API, whose callers
+    /// authenticate otherwise.
+    pub fn open_server(&self) -> Result<ServerTlsConfig, TlsError> {
+        Ok(ServerTlsConfig::new().identity(self.identity()?))
+    }
+
+    /// A client's TLS that trusts servers whose certificate chains to `ca` and shows no
+    /// certificate of its own (a controller forwarding to its peer's public API).
+    pub fn trusting(&self) -> Result<ClientTlsConfig, TlsError> {
+        trusting(&self.ca)
+    }
+
     /// A client's TLS: servers whose certificate chains to `ca`, and this side's identity.
     pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
         Ok(ClientTlsConfig::new()
@@ -72,6 +84,11 @@ impl TlsFiles {
     fn identity(&self) -> Result<Identity, TlsError> {
         Ok(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
     }
+}
+
+/// A client's TLS that trusts servers whose certificate chains to the CA in file `ca`.
+pub fn trusting(ca: &Path) -> Result<ClientTlsConfig, TlsError> {
+    Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?)))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -20,7 +20,41 @@ use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// A lab's API at some of its endpoints, trusting the lab's CA: cheap to clone into a task
+/// that must not borrow the lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiAt {
+    endpoints: String,
+    ca: PathBuf,
+}
+
+impl ApiAt {
+    /// A client of the first endpoint that accepts a connection within `connect`; each call
+    /// gives up after `call`.
+    pub async fn connect(
+        &self,
+        connect: Duration,
+        call: Duration,
+    ) -> Result<PairvisorClient<Channel>, String> {
+        let ca = std::fs::read(&self.ca).map_err(|e| format!("{}: {e}", self.ca.display()))?;
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        let mut errors = Vec::new();
+        for address in self.endpoints.split(',') {
+            let endpoint = Endpoint::from_shared(format!("https://{address}"))
+                .and_then(|e| e.tls_config(tls.clone()))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(connect)
+                .timeout(call);
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(PairvisorClient::new(channel)),
+                Err(e) => errors.push(format!("{address}: {e}")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+}
 
 /// A TCG guest prints its first COUNTER 7–9 s after start on an idle 2-core machine; allow
 /// for a loaded CI machine.
@@ -182,27 +216,33 @@ impl Lab {
 
     /// Runs `pvctl ARGS` against this lab.
     pub fn pvctl(&self, args: &[&str]) -> Output {
+        self.pvctl_env(args, &[])
+    }
+
+    /// Runs `pvctl ARGS` against this lab with `env` set on top of the lab's.
+    pub fn pvctl_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
         Command::new(self.bin.join("pvctl"))
             .args(args)
             .env("PVCTL_ENDPOINT", self.endpoints())
+            .env("PVCTL_CA", self.api(&self.endpoints()).ca)
+            .envs(env.iter().copied())
             .output()
             .unwrap_or_else(|e| panic!("running pvctl: {e}"))
     }
 
     /// An API client connected to the first endpoint of `endpoints` that answers.
     pub async fn client_at(&self, endpoints: &str) -> Result<PairvisorClient<Channel>, String> {
-        let mut errors = Vec::new();
-        for address in endpoints.split(',') {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(120));
-            match endpoint.connect().await {
-                Ok(channel) => return Ok(PairvisorClient::new(channel)),
-                Err(e) => errors.push(format!("{address}: {e}")),
-            }
+        self.api(endpoints)
+            .connect(Duration::from_secs(1), Duration::from_secs(120))
+            .await
+    }
+
+    /// The API at `endpoints` (host:port, comma separated) of this lab, over TLS.
+    pub fn api(&self, endpoints: &str) -> ApiAt {
+        ApiAt {
+            endpoints: endpoints.to_string(),
+            ca: self.dir.join("pki").join("ca.pem"),
         }
-        Err(errors.join("; "))
     }
 
     /// An API client through the usual endpoints.

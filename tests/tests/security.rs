@@ -2,12 +2,15 @@
 //! lab's certificates; an agent serves TLS and admits only a client certificate from the
 //! controllers' CA. Plain HTTP/2, TLS without a client certificate and TLS with another
 //! certificate of the lab (an agent's) are refused; a controller's certificate is admitted,
-//! and the pair, which calls the agents that way, creates and starts a VM.
+//! and the pair, which calls the agents that way, creates and starts a VM. The public API is
+//! TLS only: plain HTTP/2 is refused, and pvctl trusts no other CA than the pair's.
 
 use std::time::Duration;
 
 use proto::agent as agent_pb;
 use proto::agent::agent_client::AgentClient;
+use proto::v1 as pb;
+use proto::v1::pairvisor_client::PairvisorClient;
 use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_ok, tiny_guest};
 use tonic::transport::Endpoint;
 
@@ -34,7 +37,7 @@ async fn facts(lab: &Lab, tls: bool, identity: Option<&str>) -> Result<String, S
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_api_admits_only_the_controllers() {
+async fn only_controllers_reach_the_agents_and_the_api_is_tls_only() {
     if tests::skip() {
         return;
     }
@@ -61,6 +64,30 @@ async fn the_agent_api_admits_only_the_controllers() {
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();
     assert_eq!(key_mode, 0o600, "a private key is readable by others");
+
+    // The public API is TLS only, and pvctl trusts only the pair's CA.
+    let plain_api = Endpoint::from_shared(format!("http://{}:7400", lab.node_address(0)))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await;
+    let answered = match plain_api {
+        Ok(channel) => PairvisorClient::new(channel)
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!answered, "the public API answered plain HTTP/2");
+    let other_ca = lab.pvctl_env(
+        &["node-info"],
+        &[("PVCTL_CA", &pki.join("controllers-ca.pem"))],
+    );
+    let refused = String::from_utf8_lossy(&other_ca.stderr);
+    assert!(!other_ca.status.success(), "pvctl trusted another CA");
+    assert!(refused.contains("--ca"), "{refused}");
+    pvctl_ok(&lab.pvctl(&["node-info"]));
 
     // The controllers call the agents over it: a VM is created and boots.
     let mut api = lab.client().await;

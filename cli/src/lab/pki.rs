@@ -3,7 +3,9 @@
 //! certificate for its management address, signed by the root, and admits only clients whose
 //! certificate chains to the controllers' CA: an agent's or any other certificate the root
 //! signed is refused. Each controller calls the agents with its own client certificate and
-//! trusts the root for their server certificates. Keys are ECDSA P-256, written 0600.
+//! trusts the root for their server certificates. Each controller serves the public API with
+//! a certificate for its address and the system IP; pvctl trusts the root. Keys are ECDSA
+//! P-256, written 0600.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,11 @@ impl Pki {
         self.pair(&format!("{}-agent", host.name))
     }
 
+    /// Node `host`'s controller's public API certificate (its address and the system IP).
+    pub fn api(&self, host: &Host) -> Pair {
+        self.pair(&format!("{}-api", host.name))
+    }
+
     /// Node `host`'s controller's client certificate.
     pub fn controller(&self, host: &Host) -> Pair {
         self.pair(&format!("{}-controller", host.name))
@@ -66,9 +73,9 @@ impl Pki {
         }
     }
 
-    /// Makes the certificates unless the lab has them (they last as long as the lab).
+    /// Makes the certificates unless the lab has them all (they last as long as the lab).
     pub fn ensure(&self, plan: &Plan) -> anyhow::Result<()> {
-        if self.ca().exists() {
+        if self.files().iter().all(|f| f.exists()) {
             return Ok(());
         }
         std::fs::create_dir_all(&self.dir)
@@ -81,14 +88,31 @@ impl Pki {
         let controllers = Issuer::new(controllers_params, controllers_key);
         for host in HOSTS.iter().filter(|h| !h.is_witness()) {
             let ip = plan.mgmt_ip(host);
-            let agent = leaf(&format!("{} agent", host.name), host.name, Some(ip), true)?;
+            let agent = leaf(&format!("{} agent", host.name), host.name, &[ip], true)?;
             self.write_leaf(&self.agent(host), &agent, &root)?;
-            let controller = leaf(&format!("{} controller", host.name), host.name, None, false)?;
+            let api = leaf(
+                &format!("{} API", host.name),
+                host.name,
+                &[ip, plan.system_ip()],
+                true,
+            )?;
+            self.write_leaf(&self.api(host), &api, &root)?;
+            let controller = leaf(&format!("{} controller", host.name), host.name, &[], false)?;
             self.write_leaf(&self.controller(host), &controller, &controllers)?;
         }
         write_file(&self.controllers_ca(), &controllers_cert.pem(), 0o644)?;
-        // The root last: its presence says the set is whole.
         write_file(&self.ca(), &root.as_ref().pem(), 0o644)
+    }
+
+    /// Every file of a whole set.
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.ca(), self.controllers_ca()];
+        for host in HOSTS.iter().filter(|h| !h.is_witness()) {
+            for pair in [self.agent(host), self.api(host), self.controller(host)] {
+                files.extend([pair.cert, pair.key]);
+            }
+        }
+        files
     }
 
     fn write_leaf(
@@ -112,17 +136,19 @@ fn ca_params(name: &str) -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-/// A leaf certificate's parameters: a server's (for `ip` and `dns`) or a client's.
+/// A leaf certificate's parameters: a server's (for `ips` and `dns`) or a client's.
 fn leaf(
     name: &str,
     dns: &str,
-    ip: Option<Ipv4Addr>,
+    ips: &[Ipv4Addr],
     server: bool,
 ) -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(vec![dns.to_string()])?;
     params.distinguished_name.push(DnType::CommonName, name);
-    if let Some(ip) = ip {
-        params.subject_alt_names.push(SanType::IpAddress(ip.into()));
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress((*ip).into()));
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // A server's certificate is good for client use too (a host calls its peer): only the

@@ -67,7 +67,7 @@ pub(crate) fn measure(
     let survivor = if victim == "n0" { "n1" } else { "n0" }.to_string();
     let victim_served = runtime.block_on(lab.serving()).as_deref() == Some(victim.as_str());
     let etcd_leader = lab.etcd_leader();
-    sampler.use_endpoints(&format!("{}:{API_PORT}", lab.address_of(&survivor)));
+    sampler.use_endpoints(lab.api(&format!("{}:{API_PORT}", lab.address_of(&survivor))));
     pause(RECONNECT_SETTLE)?;
     let (killed, killed_unix_ms) = (Instant::now(), unix_ms_now());
     lab.kill_host(&victim);
@@ -130,7 +130,7 @@ pub(crate) fn restore(
     sampler.watch_mirrors(true);
     let restored = Instant::now();
     lab.restore_host(victim);
-    sampler.use_endpoints(&lab.endpoints());
+    sampler.use_endpoints(lab.api(&lab.endpoints()));
     wait_resync(sampler, "restore", restored, disk_sizes)
 }
 

@@ -13,7 +13,7 @@ use proto::agent as agent_pb;
 use proto::agent::agent_client::AgentClient;
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
-use tests::Lab;
+use tests::{ApiAt, Lab};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -151,7 +151,7 @@ impl Timeline {
 #[derive(Debug)]
 pub(crate) struct Sampler {
     timeline: Arc<Mutex<Timeline>>,
-    endpoints: Arc<Mutex<String>>,
+    endpoints: Arc<Mutex<ApiAt>>,
     mirrors: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
@@ -160,7 +160,7 @@ pub(crate) struct Sampler {
 #[derive(Debug)]
 struct Task {
     vm: pb::Vm,
-    endpoints: Arc<Mutex<String>>,
+    endpoints: Arc<Mutex<ApiAt>>,
     mirrors: Arc<AtomicBool>,
     timeline: Arc<Mutex<Timeline>>,
     tails: Vec<Tail>,
@@ -174,7 +174,7 @@ impl Sampler {
     pub(crate) fn start(runtime: &Runtime, lab: &Lab, vm: &pb::Vm) -> Sampler {
         let task = Task {
             vm: vm.clone(),
-            endpoints: Arc::new(Mutex::new(lab.endpoints())),
+            endpoints: Arc::new(Mutex::new(lab.api(&lab.endpoints()))),
             mirrors: Arc::new(AtomicBool::new(false)),
             timeline: Arc::new(Mutex::new(Timeline::default())),
             tails: NODES
@@ -202,9 +202,9 @@ impl Sampler {
         self.mirrors.store(on, Ordering::SeqCst);
     }
 
-    /// Asks through `endpoints` (comma-separated) from the next poll on.
-    pub(crate) fn use_endpoints(&self, endpoints: &str) {
-        *lock(&self.endpoints) = endpoints.to_string();
+    /// Asks through `api` from the next poll on.
+    pub(crate) fn use_endpoints(&self, api: ApiAt) {
+        *lock(&self.endpoints) = api;
     }
 
     /// The record so far (the sampler waits while it is held).
@@ -267,7 +267,7 @@ impl Task {
     /// Until aborted or interrupted: one VM sample, the nodes, the new serial lines (and the
     /// mirrors when watched) every [`SAMPLE_POLL`].
     async fn run(mut self) {
-        let mut client: Option<(String, PairvisorClient<Channel>)> = None;
+        let mut client: Option<(ApiAt, PairvisorClient<Channel>)> = None;
         let mut agent: Option<(String, AgentClient<Channel>)> = None;
         while !interrupted() {
             let wanted = lock(&self.endpoints).clone();
@@ -336,17 +336,11 @@ async fn connect_agent(endpoint: &Endpoint) -> Option<AgentClient<Channel>> {
     Some(AgentClient::new(channel))
 }
 
-/// A client of the first of the comma-separated `endpoints` that accepts a connection.
-async fn connect(endpoints: &str) -> Option<PairvisorClient<Channel>> {
-    for address in endpoints.split(',') {
-        let Ok(endpoint) = Endpoint::from_shared(format!("http://{address}")) else {
-            continue;
-        };
-        if let Ok(channel) = endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
-            return Some(PairvisorClient::new(channel));
-        }
-    }
-    None
+/// A client of the first of `api`'s endpoints that accepts a connection.
+async fn connect(api: &ApiAt) -> Option<PairvisorClient<Channel>> {
+    api.connect(CONNECT_TIMEOUT, Duration::from_secs(60))
+        .await
+        .ok()
 }
 
 /// One GetVm and one ListNodes; `None` / empty for a call that failed.

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
-use tests::Lab;
-use tonic::transport::{Channel, Endpoint};
+use tests::{ApiAt, Lab};
+use tonic::transport::Channel;
 
 use crate::{HEALTH_POLL, PAIR_RECOVERY_TIMEOUT, check_interrupted};
 
@@ -32,7 +32,7 @@ pub(crate) type Client = PairvisorClient<Channel>;
 /// `give_up`; the connection is kept until an attempt fails.
 #[derive(Debug)]
 pub(crate) struct Retrying {
-    endpoints: String,
+    api: ApiAt,
     client: Option<Client>,
     pub(crate) give_up: Duration,
     /// Attempts that failed and were retried, over all calls.
@@ -40,9 +40,9 @@ pub(crate) struct Retrying {
 }
 
 impl Retrying {
-    pub(crate) fn new(endpoints: &str) -> Retrying {
+    pub(crate) fn new(api: ApiAt) -> Retrying {
         Retrying {
-            endpoints: endpoints.to_string(),
+            api,
             client: None,
             give_up: REQUEST_GIVE_UP,
             retried: 0,
@@ -83,7 +83,7 @@ impl Retrying {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
-        let client = connect(&self.endpoints).await?;
+        let client = connect(&self.api).await?;
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -99,24 +99,12 @@ fn retryable(status: &tonic::Status) -> bool {
     }
 }
 
-/// A client of the first of the comma-separated `endpoints` that accepts a connection.
-///
-/// Kept beside `Lab::client_at`, which connects the same way: that one borrows the lab, but
-/// [`Retrying`] reconnects from inside the etcd measurement's write loop, a spawned
-/// (`'static`) task. Sharing the lab with that task (an `Arc`) would let the lab's teardown
-/// slip into the runtime's shutdown, after the log copy and outside a panic's unwinding.
-pub(crate) async fn connect(endpoints: &str) -> anyhow::Result<Client> {
-    let mut failures = Vec::new();
-    for address in endpoints.split(',') {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .with_context(|| format!("endpoint {address}"))?
-            .connect_timeout(CONNECT_TIMEOUT);
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(PairvisorClient::new(channel)),
-            Err(e) => failures.push(format!("{address}: {e}")),
-        }
-    }
-    bail!("no API endpoint answers: {}", failures.join("; "))
+/// A client of the first of `api`'s endpoints that accepts a connection (each call's own
+/// timeout bounds it; the endpoint's is a backstop).
+pub(crate) async fn connect(api: &ApiAt) -> anyhow::Result<Client> {
+    api.connect(CONNECT_TIMEOUT, Duration::from_secs(120))
+        .await
+        .map_err(|e| anyhow::anyhow!("no API endpoint answers: {e}"))
 }
 
 /// `message` with a timeout.
@@ -140,19 +128,19 @@ pub(crate) fn with_id<M>(
     Ok(request)
 }
 
-/// ListNodes through `endpoints`.
-async fn list_nodes(endpoints: &str) -> anyhow::Result<Vec<pb::Node>> {
-    let mut client = connect(endpoints).await?;
+/// ListNodes through `api`.
+async fn list_nodes(api: &ApiAt) -> anyhow::Result<Vec<pb::Node>> {
+    let mut client = connect(api).await?;
     let request = with_timeout(pb::ListNodesRequest {}, ATTEMPT_TIMEOUT);
     Ok(client.list_nodes(request).await?.into_inner().nodes)
 }
 
 /// Waits until both nodes are UP with their agent and controller, one of them serving.
-pub(crate) async fn wait_pair_healthy(endpoints: &str, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_pair_healthy(api: &ApiAt, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         check_interrupted()?;
-        let last = match list_nodes(endpoints).await {
+        let last = match list_nodes(api).await {
             Ok(nodes) if healthy(&nodes) => return Ok(()),
             Ok(nodes) => describe_nodes(&nodes),
             Err(e) => format!("{e:#}"),
@@ -167,7 +155,7 @@ pub(crate) async fn wait_pair_healthy(endpoints: &str, timeout: Duration) -> any
 
 /// Waits for a healthy pair, then returns the node that serves (`Lab::serving`).
 pub(crate) async fn serving_when_healthy(lab: &Lab) -> anyhow::Result<String> {
-    wait_pair_healthy(&lab.endpoints(), PAIR_RECOVERY_TIMEOUT).await?;
+    wait_pair_healthy(&lab.api(&lab.endpoints()), PAIR_RECOVERY_TIMEOUT).await?;
     lab.serving()
         .await
         .context("the pair was healthy, then no controller told which node serves")

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tests::Lab;
+use tests::{ApiAt, Lab};
 use tokio::runtime::Runtime;
 
 use crate::api::{Retrying, delete_vm, small_vm, wait_pair_healthy};
@@ -54,7 +54,7 @@ pub(crate) struct Writes {
 /// Kills etcd's leader under the write loop and measures the longest write gap; then
 /// restarts the member and waits for a healthy etcd and pair.
 pub(crate) fn measure(runtime: &Runtime, lab: &Lab) -> anyhow::Result<WriteGap> {
-    let endpoints = lab.endpoints();
+    let endpoints = lab.api(&lab.endpoints());
     runtime.block_on(wait_pair_healthy(&endpoints, PAIR_RECOVERY_TIMEOUT))?;
     let leader = lab.etcd_leader();
     let stop = Arc::new(AtomicBool::new(false));
@@ -98,8 +98,8 @@ pub(crate) fn measure(runtime: &Runtime, lab: &Lab) -> anyhow::Result<WriteGap> 
 }
 
 /// Creates and deletes VMs `gap-<i>` back to back until `stop`, each request retried.
-async fn write_loop(endpoints: &str, stop: &AtomicBool) -> Writes {
-    let mut api = Retrying::new(endpoints);
+async fn write_loop(endpoints: &ApiAt, stop: &AtomicBool) -> Writes {
+    let mut api = Retrying::new(endpoints.clone());
     let mut writes = Writes::default();
     for i in 0.. {
         if stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {

@@ -40,11 +40,11 @@ pub(crate) struct HostLost {
 
 /// One round: kill the non-serving host, time its detection, restore it; adds to `rounds`.
 pub(crate) fn round(runtime: &Runtime, lab: &Lab, rounds: &mut HostLost) -> anyhow::Result<()> {
-    let endpoints = lab.endpoints();
+    let endpoints = lab.api(&lab.endpoints());
     let serving = runtime.block_on(serving_when_healthy(lab))?;
     let victim = if serving == "n0" { "n1" } else { "n0" };
     let serving_api = format!("{}:{API_PORT}", lab.address_of(&serving));
-    let client = runtime.block_on(connect(&serving_api))?;
+    let client = runtime.block_on(connect(&lab.api(&serving_api)))?;
     let etcd_leader = lab.etcd_leader();
     let started = Instant::now();
     let poll = runtime.spawn({

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::v1 as pb;
 use serde_json::{Value, json};
-use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
+use tests::{ApiAt, Console, GUEST_BOOT_TIMEOUT, Lab, tiny_guest};
 use tokio::runtime::Runtime;
 
 use crate::api::{Client, Retrying, connect, remove_vm, wait_pair_healthy, with_id, with_timeout};
@@ -67,9 +67,9 @@ pub(crate) fn measure(
     lab: &Lab,
     count: usize,
 ) -> anyhow::Result<(Reads, Stall)> {
-    let endpoints = lab.endpoints();
+    let endpoints = lab.api(&lab.endpoints());
     runtime.block_on(wait_pair_healthy(&endpoints, PAIR_RECOVERY_TIMEOUT))?;
-    let mut api = Retrying::new(&endpoints);
+    let mut api = Retrying::new(endpoints.clone());
     let vm = runtime.block_on(api.call(tiny_guest(STALL_VM), |mut c, r| async move {
         c.create_vm(r).await
     }))?;
@@ -111,7 +111,7 @@ fn frozen_reads(
 ) -> anyhow::Result<Stall> {
     let frozen = Frozen::stop(pid)?;
     let shutdown = runtime.spawn({
-        let endpoints = lab.endpoints();
+        let endpoints = lab.api(&lab.endpoints());
         async move { shutdown_call(&endpoints).await }
     });
     // The fixture's wait panics after the timeout: the freeze guard still continues QEMU
@@ -138,7 +138,7 @@ fn frozen_reads(
 }
 
 /// ShutdownVm of the stall VM with a 30 s grace, one attempt (it must hang, not be retried).
-async fn shutdown_call(endpoints: &str) -> anyhow::Result<pb::Vm> {
+async fn shutdown_call(endpoints: &ApiAt) -> anyhow::Result<pb::Vm> {
     let mut client = connect(endpoints).await?;
     let message = pb::ShutdownVmRequest {
         vm: STALL_VM.into(),

@@ -32,11 +32,11 @@ pub(crate) struct Rounds {
 /// One takeover: kill the serving controller, create through the survivor until it works.
 /// Returns the milliseconds from the kill to the success and the attempts it took.
 pub(crate) fn round(runtime: &Runtime, lab: &Lab, round: usize) -> anyhow::Result<(f64, usize)> {
-    let endpoints = lab.endpoints();
+    let endpoints = lab.api(&lab.endpoints());
     let serving = runtime.block_on(serving_when_healthy(lab))?;
     let survivor = if serving == "n0" { "n1" } else { "n0" };
     let survivor_api = format!("{}:{API_PORT}", lab.address_of(survivor));
-    let client = runtime.block_on(connect(&survivor_api))?;
+    let client = runtime.block_on(connect(&lab.api(&survivor_api)))?;
     let name = format!("takeover-{round}");
     let killed = Instant::now();
     lab.kill9(&format!("{serving}-controller"));
@@ -49,7 +49,7 @@ pub(crate) fn round(runtime: &Runtime, lab: &Lab, round: usize) -> anyhow::Resul
     lab.repair();
     runtime.block_on(wait_pair_healthy(&endpoints, PAIR_RECOVERY_TIMEOUT))?;
     runtime.block_on(async {
-        let mut api = Retrying::new(&endpoints);
+        let mut api = Retrying::new(endpoints.clone());
         delete_vm(&mut api, &name).await
     })?;
     Ok((ms, attempts))
