@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::domain::DiskFormat;
 use crate::qemu_img::{self, Trust};
-use crate::storage::{self, StorageGroups, fs_space, io_err};
+use crate::storage::{self, Scratch, StorageGroups, fs_space, io_err};
 use crate::upload::{self, Upload};
 
 /// Where imports' temporary files live, inside a storage group.
@@ -127,15 +127,9 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Image {
     /// The file.
-    pub path: PathBuf,
+    pub file: Scratch,
     /// Its format.
     pub format: ImageFormat,
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// Starts receiving the `source_bytes` of the image for `target`, refusing up front a
@@ -163,7 +157,7 @@ pub fn receive(
 pub async fn commit(upload: Upload, sha256: String, format: ImageFormat) -> Result<Image, Error> {
     Ok(upload
         .commit(sha256, move |received| Image {
-            path: received.path,
+            file: Scratch::new(received.path),
             format,
         })
         .await?)
@@ -192,8 +186,13 @@ pub async fn install(
     }
     let dir = groups.group_dir(&target.group)?.join(DIR);
     let to = target.format.as_str();
-    let needed =
-        qemu_img::measure(&image.path, image.format.as_str(), to, Trust::Untrusted).await?;
+    let needed = qemu_img::measure(
+        image.file.path(),
+        image.format.as_str(),
+        to,
+        Trust::Untrusted,
+    )
+    .await?;
     let free = fs_space(&dir)
         .map_err(io_err("reading free space of", &dir))?
         .1;
@@ -205,19 +204,16 @@ pub async fn install(
         });
     }
     // Removed on drop unless renamed into place.
-    let building = Image {
-        path: dir.join(format!("{}.building", target.name)),
-        format: ImageFormat::Raw,
-    };
-    let _ = std::fs::remove_file(&building.path);
+    let building = Scratch::new(dir.join(format!("{}.building", target.name)));
+    let _ = std::fs::remove_file(building.path());
     let args = [
         "convert".as_ref(),
         "-f".as_ref(),
         image.format.as_str().as_ref(),
         "-O".as_ref(),
         to.as_ref(),
-        image.path.as_os_str(),
-        building.path.as_os_str(),
+        image.file.path().as_os_str(),
+        building.path().as_os_str(),
     ];
     qemu_img::run(&args, None).await?;
     if image_bytes < target.size_bytes {
@@ -227,7 +223,7 @@ pub async fn install(
             "-q".as_ref(),
             "-f".as_ref(),
             to.as_ref(),
-            building.path.as_os_str(),
+            building.path().as_os_str(),
             size.as_ref(),
         ];
         qemu_img::run(&args, None).await?;
@@ -235,7 +231,7 @@ pub async fn install(
     if !still_asked() {
         return Err(Error::Superseded);
     }
-    daemon::fsutil::sync_rename(&building.path, &volume).map_err(|source| Error::Io {
+    daemon::fsutil::sync_rename(building.path(), &volume).map_err(|source| Error::Io {
         op: "syncing the imported volume into place",
         path: volume.clone(),
         source,
@@ -289,12 +285,12 @@ async fn inspect(image: &Image) -> Result<u64, Error> {
         "--output=json".as_ref(),
         "-f".as_ref(),
         format.as_ref(),
-        image.path.as_os_str(),
+        image.file.path().as_os_str(),
     ];
     let info: Info = qemu_img::json(&args, Trust::Untrusted)
         .await
         .map_err(|source| Error::Unreadable { format, source })?;
-    self_contained(&info, &image.path)?;
+    self_contained(&info, image.file.path())?;
     Ok(info.virtual_size)
 }
 
@@ -362,7 +358,7 @@ mod tests {
         upload.write(&bytes).unwrap();
         let sha = format!("{:x}", Sha256::digest(&bytes));
         Image {
-            path: upload.finish(&sha).unwrap().path,
+            file: Scratch::new(upload.finish(&sha).unwrap().path),
             format,
         }
     }

@@ -226,6 +226,28 @@ impl StorageGroups {
 }
 
 /// Removes every file in directory `dir` of each group: the temporary files of work (exports,
+/// A temporary file, removed when dropped: an export's converted disk, an import's image.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Takes charge of the file at `path` (it need not exist yet).
+    pub fn new(path: PathBuf) -> Scratch {
+        Scratch(path)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// imports) an earlier agent did not finish, logged as `what`.
 pub fn sweep(groups: &StorageGroups, dir: &str, what: &str) {
     for dir in groups.dirs().map(|d| d.join(dir)) {

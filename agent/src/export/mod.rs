@@ -14,7 +14,7 @@ pub mod vmdk;
 
 use crate::qemu_img;
 use crate::snapshot::{self, SnapVolume};
-use crate::storage::{self, StorageGroups, fs_space};
+use crate::storage::{self, Scratch, StorageGroups, fs_space};
 
 /// Where an export's temporary files live, inside a storage group.
 pub const DIR: &str = ".exports";
@@ -78,15 +78,9 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Converted {
     /// The file.
-    pub path: PathBuf,
+    pub file: Scratch,
     /// Its size in bytes.
     pub size: u64,
-}
-
-impl Drop for Converted {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// Converts `volume` (or its snapshot `snapshot`) into a temporary stream-optimized VMDK.
@@ -129,14 +123,11 @@ pub async fn convert(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let mut converted = Converted {
-        path: dir.join(format!(".{}.{nonce}.vmdk", volume.name)),
+        file: Scratch::new(dir.join(format!(".{}.{nonce}.vmdk", volume.name))),
         size: 0,
     };
     let raw = if flatten {
-        let raw = Converted {
-            path: dir.join(format!(".{}.{nonce}.raw", volume.name)),
-            size: 0,
-        };
+        let raw = Scratch::new(dir.join(format!(".{}.{nonce}.raw", volume.name)));
         let args = [
             "convert".as_ref(),
             "-f".as_ref(),
@@ -144,28 +135,29 @@ pub async fn convert(
             "-O".as_ref(),
             "raw".as_ref(),
             source.as_os_str(),
-            raw.path.as_os_str(),
+            raw.path().as_os_str(),
         ];
         qemu_img::run(&args, None).await?;
         Some(raw)
     } else {
         None
     };
-    let read = raw.as_ref().map_or(source.as_path(), |r| r.path.as_path());
+    let read = raw.as_ref().map_or(source.as_path(), Scratch::path);
     let input = std::fs::File::open(read).map_err(io_err("opening", read))?;
-    let output =
-        std::fs::File::create_new(&converted.path).map_err(io_err("creating", &converted.path))?;
+    let output = std::fs::File::create_new(converted.file.path())
+        .map_err(io_err("creating", converted.file.path()))?;
     let capacity = input
         .metadata()
         .map_err(io_err("reading the size of", read))?
         .len()
         .next_multiple_of(512);
     let name = converted
-        .path
+        .file
+        .path()
         .file_name()
         .map(|n| n.to_string_lossy().trim_start_matches('.').to_string())
         .unwrap_or_default();
-    let out_path = converted.path.clone();
+    let out_path = converted.file.path().to_path_buf();
     let written =
         tokio::task::spawn_blocking(move || vmdk::write(&input, capacity, &output, &name))
             .await
@@ -210,7 +202,7 @@ mod tests {
         let back = dir.join("back.raw");
         let args = ["convert", "-O", "raw"].map(std::ffi::OsStr::new);
         let mut all: Vec<&std::ffi::OsStr> = args.to_vec();
-        all.extend([converted.path.as_os_str(), back.as_os_str()]);
+        all.extend([converted.file.path().as_os_str(), back.as_os_str()]);
         qemu_img::run(&all, None).await.expect("converted back");
         std::fs::read(&back).expect("read back")
     }
@@ -229,7 +221,7 @@ mod tests {
 
         assert_eq!(read_back(&converted, dir.path()).await, data);
         assert!(converted.size > 0 && converted.size < 1 << 20);
-        let temp = converted.path.clone();
+        let temp = converted.file.path().to_path_buf();
         drop(converted);
         assert!(!temp.exists(), "the temporary file stays after drop");
     }

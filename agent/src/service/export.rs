@@ -96,16 +96,16 @@ async fn send(
     )))
     .await
     .map_err(|_| gone())?;
-    let mut file = tokio::fs::File::open(&converted.path)
+    let mut file = tokio::fs::File::open(converted.file.path())
         .await
-        .map_err(|e| format!("opening {}: {e}", converted.path.display()))?;
+        .map_err(|e| format!("opening {}: {e}", converted.file.path().display()))?;
     let (mut hash, mut sent) = (Sha256::new(), 0u64);
     loop {
         let mut buf = vec![0u8; CHUNK];
         let n = file
             .read(&mut buf)
             .await
-            .map_err(|e| format!("reading {}: {e}", converted.path.display()))?;
+            .map_err(|e| format!("reading {}: {e}", converted.file.path().display()))?;
         if n == 0 {
             break;
         }
@@ -119,7 +119,7 @@ async fn send(
     if sent != converted.size {
         let message = format!(
             "{} changed while it was sent ({sent} of {} bytes)",
-            converted.path.display(),
+            converted.file.path().display(),
             converted.size
         );
         let _ = tx.send(Err(Status::internal(message.clone()))).await;
