@@ -14,6 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// How long to wait for each endpoint to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a connection and its TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// Metadata key of the request ID (the API's `x-pairvisor-request-id`).
@@ -107,7 +109,18 @@ pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Ch
                 continue;
             }
         };
-        match endpoint.connect().await {
+        // The connect timeout covers TCP only: a stopped controller accepts the connection in
+        // its kernel and never answers the TLS handshake; the next endpoint may.
+        let connected = match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
+            Ok(connected) => connected,
+            Err(_) => {
+                failures.push(format!(
+                    "{address}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                ));
+                continue;
+            }
+        };
+        match connected {
             Ok(channel) => return Ok(PairvisorClient::new(channel)),
             Err(e) => {
                 let why = causes(&e);

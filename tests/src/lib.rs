@@ -47,9 +47,12 @@ impl ApiAt {
                 .map_err(|e| e.to_string())?
                 .connect_timeout(connect)
                 .timeout(call);
-            match endpoint.connect().await {
-                Ok(channel) => return Ok(PairvisorClient::new(channel)),
-                Err(e) => errors.push(format!("{address}: {e}")),
+            // The connect timeout covers TCP only: a stopped controller (SIGSTOP) accepts the
+            // connection in its kernel and never answers the TLS handshake.
+            match tokio::time::timeout(connect, endpoint.connect()).await {
+                Ok(Ok(channel)) => return Ok(PairvisorClient::new(channel)),
+                Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+                Err(_) => errors.push(format!("{address}: no TLS handshake within {connect:?}")),
             }
         }
         Err(errors.join("; "))
