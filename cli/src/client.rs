@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::bail;
 use proto::v1::pairvisor_client::PairvisorClient;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long to wait for each endpoint to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -85,7 +85,6 @@ pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Ch
         Some(ca) => Some(proto::transport::trusting(ca)?),
         None => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut failures = Vec::new();
     for address in endpoints
         .list
@@ -93,17 +92,8 @@ pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Ch
         .map(str::trim)
         .filter(|a| !a.is_empty())
     {
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("{scheme}://{address}")
-        };
-        let endpoint = Endpoint::from_shared(uri).and_then(|e| match &tls {
-            Some(tls) => e.tls_config(tls.clone()),
-            None => Ok(e),
-        });
-        let endpoint = match endpoint {
-            Ok(e) => proto::transport::endpoint(e).connect_timeout(CONNECT_TIMEOUT),
+        let endpoint = match proto::transport::endpoint_at(address, tls.as_ref()) {
+            Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
             Err(e) => {
                 failures.push(format!("{address}: {e}"));
                 continue;

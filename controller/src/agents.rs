@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proto::agent as pb;
 use proto::agent::agent_client::AgentClient;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::model::{Boot, DiskFormat, Mode, VmRecord};
 
@@ -122,18 +122,14 @@ impl AgentPool {
         let channel = match channels.get(address) {
             Some(channel) => channel.clone(),
             None => {
-                let invalid = |source| Error::Endpoint {
-                    node: node.to_string(),
-                    address: address.to_string(),
-                    source,
-                };
-                let scheme = if self.tls.is_some() { "https" } else { "http" };
-                let mut endpoint =
-                    Endpoint::from_shared(format!("{scheme}://{address}")).map_err(invalid)?;
-                if let Some(tls) = &self.tls {
-                    endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
-                }
-                let channel = proto::transport::endpoint(endpoint)
+                let endpoint = proto::transport::endpoint_at(address, self.tls.as_ref()).map_err(
+                    |source| Error::Endpoint {
+                        node: node.to_string(),
+                        address: address.to_string(),
+                        source,
+                    },
+                )?;
+                let channel = endpoint
                     .connect_timeout(CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(KEEP_ALIVE)
                     .keep_alive_timeout(KEEP_ALIVE)

@@ -18,7 +18,7 @@ use proto::v1::pairvisor_client::PairvisorClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentPool;
@@ -134,18 +134,11 @@ impl Api {
         if let Some(client) = peers.get(address) {
             return Ok(client.clone());
         }
-        let invalid = |e| ApiError::Internal(format!("serving controller address {address}: {e}"));
-        let scheme = if self.inner.peer_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let mut endpoint =
-            Endpoint::from_shared(format!("{scheme}://{address}")).map_err(invalid)?;
-        if let Some(tls) = &self.inner.peer_tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(invalid)?;
-        }
-        let channel = proto::transport::endpoint(endpoint)
+        let endpoint = proto::transport::endpoint_at(address, self.inner.peer_tls.as_ref())
+            .map_err(|e| {
+                ApiError::Internal(format!("serving controller address {address}: {e}"))
+            })?;
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))

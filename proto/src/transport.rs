@@ -22,6 +22,25 @@ pub fn endpoint(endpoint: Endpoint) -> Endpoint {
         .initial_connection_window_size(CONNECTION_WINDOW)
 }
 
+/// The endpoint of `address` (host:port, or a URI with its scheme) with the pair's windows:
+/// `https` with `tls`, else `http`.
+pub fn endpoint_at(
+    address: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = match (address.contains("://"), tls) {
+        (true, _) => address.to_string(),
+        (false, Some(_)) => format!("https://{address}"),
+        (false, None) => format!("http://{address}"),
+    };
+    let at = Endpoint::from_shared(uri)?;
+    let at = match tls {
+        Some(tls) => at.tls_config(tls.clone())?,
+        None => at,
+    };
+    Ok(endpoint(at))
+}
+
 /// A server builder with the pair's flow-control windows.
 pub fn server() -> Server {
     Server::builder()
