@@ -8,9 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
+use proto::auth::{Bearer, Token};
 use proto::v1::pairvisor_client::PairvisorClient;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A client of the pair's API whose every call carries pvctl's token.
+pub type Client = PairvisorClient<InterceptedService<Channel, Bearer>>;
 
 /// How long to wait for each endpoint to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -28,6 +33,8 @@ pub struct Endpoints {
     pub list: String,
     /// The pair's CA certificate: the API is then called over TLS, trusting only it.
     pub ca: Option<PathBuf>,
+    /// The token every call carries.
+    pub token: Option<Token>,
 }
 
 /// Where pvctl finds the pair's CA unless told: the installed pair's, then the default lab's.
@@ -80,7 +87,7 @@ fn causes(e: &dyn std::error::Error) -> String {
 }
 
 /// Connects to the first endpoint of the list that accepts a connection.
-pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Channel>> {
+pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<Client> {
     let tls = match &endpoints.ca {
         Some(ca) => Some(proto::transport::trusting(ca)?),
         None => None,
@@ -111,7 +118,13 @@ pub async fn connect(endpoints: &Endpoints) -> anyhow::Result<PairvisorClient<Ch
             }
         };
         match connected {
-            Ok(channel) => return Ok(PairvisorClient::new(channel)),
+            Ok(channel) => {
+                let bearer = endpoints.token.as_ref().map(Token::bearer);
+                return Ok(PairvisorClient::with_interceptor(
+                    channel,
+                    bearer.unwrap_or_default(),
+                ));
+            }
             Err(e) => {
                 let why = causes(&e);
                 // A certificate the CA does not vouch for stays so: no retry helps.
@@ -155,7 +168,7 @@ impl Api {
     pub async fn call<M, T, F, Fut>(&self, message: M, method: F) -> anyhow::Result<T>
     where
         M: Clone,
-        F: Fn(PairvisorClient<Channel>, tonic::Request<M>) -> Fut,
+        F: Fn(Client, tonic::Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         loop {

@@ -1,6 +1,7 @@
 //! `pvctl`: the Pairvisor command line, modelled on everRun's avcli. Every command takes
 //! `--json`; the exit code is 0 only on success, so cron jobs and UPS scripts can rely on it.
 
+mod access;
 mod client;
 mod export;
 mod import;
@@ -39,6 +40,10 @@ struct Args {
     /// /etc/pairvisor/pki/ca.pem, else the lab's, if there].
     #[arg(long, global = true, env = "PVCTL_CA")]
     ca: Option<PathBuf>,
+    /// A file holding the token to present (PVCTL_TOKEN, the token's text, comes first)
+    /// [default: the one `pvctl login` stored, else the lab's admin token, if readable].
+    #[arg(long, global = true, env = "PVCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -80,6 +85,8 @@ enum Cmd {
 /// Commands on the pair's public API.
 #[derive(Debug, Subcommand)]
 enum ApiCmd {
+    #[command(flatten)]
+    Access(access::AccessCmd),
     #[command(flatten)]
     Snapshot(snapshots::SnapshotCmd),
     /// Show the nodes: which one serves, each host's health and heartbeat paths, capacity left.
@@ -292,12 +299,19 @@ fn message(e: &anyhow::Error) -> String {
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Cmd::Api(command) => {
+            // Login presents the token it is given, not the one in use.
+            let token = match &command {
+                ApiCmd::Access(access::AccessCmd::Login) => None,
+                _ => access::find_token(args.token_file.as_deref())?,
+            };
             let endpoint = client::Endpoints {
                 list: args.endpoint.unwrap_or_else(lab::Plan::default_endpoints),
                 ca: client::find_ca(args.ca),
+                token,
             };
             let timeout = Duration::from_secs(args.timeout);
-            run_api(command, &endpoint, args.json, timeout).await
+            let token_file = args.token_file.as_deref();
+            run_api(command, &endpoint, token_file, args.json, timeout).await
         }
         Cmd::Lab { command } => lab::command::run(command).await,
     }
@@ -306,6 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn run_api(
     command: ApiCmd,
     endpoint: &client::Endpoints,
+    token_file: Option<&std::path::Path>,
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -313,6 +328,9 @@ async fn run_api(
     // and is retried within it (same request ID) while the pair elects or loses an etcd member.
     let api = client::Api::new(endpoint, timeout);
     match command {
+        ApiCmd::Access(command) => {
+            access::run(command, endpoint, token_file, timeout, json).await?;
+        }
         ApiCmd::Snapshot(command) => {
             // A snapshot's copy or restore takes as long as the disks need, like an upload.
             let api = client::Api::new(endpoint, timeout.max(snapshots::MIN_TIMEOUT));

@@ -22,6 +22,8 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentPool;
+use crate::audit::{self, Audit, Subject};
+use crate::auth::tokens::Tokens;
 use crate::engine::{Command, EngineHandle, Modify};
 use crate::error::{ApiError, chain};
 use crate::events::{self, Change};
@@ -30,6 +32,7 @@ use crate::model::VmRecord;
 use crate::store::{self, ELECTION, PREFIX};
 use daemon::pair::LeaderInfo;
 
+mod access;
 mod convert;
 mod export;
 mod import;
@@ -69,6 +72,19 @@ struct Inner {
     peers: Mutex<HashMap<String, PairvisorClient<Channel>>>,
     /// TLS to the peer's public API, for forwarded calls; `None` forwards in plain HTTP/2.
     peer_tls: Option<ClientTlsConfig>,
+    /// The pair's tokens (`None`: the API runs without them, tests only).
+    tokens: Option<Arc<Tokens>>,
+    /// The audit log.
+    audit: Arc<Audit>,
+}
+
+/// What guards the API: its tokens and its audit log.
+#[derive(Clone, Debug)]
+pub struct Access {
+    /// The pair's tokens (`None`: every call is admitted, tests only).
+    pub tokens: Option<Arc<Tokens>>,
+    /// The audit log.
+    pub audit: Arc<Audit>,
 }
 
 enum Target {
@@ -83,6 +99,7 @@ impl Api {
         client: Etcd,
         agents: AgentPool,
         peer_tls: Option<ClientTlsConfig>,
+        access: Access,
     ) -> Api {
         Api {
             inner: Arc::new(Inner {
@@ -91,7 +108,19 @@ impl Api {
                 agents,
                 peers: Mutex::new(HashMap::new()),
                 peer_tls,
+                tokens: access.tokens,
+                audit: access.audit,
             }),
+        }
+    }
+
+    /// Records `result` of the call `request` was in the audit log, if its method is audited.
+    async fn audit(&self, request: &Audited, id: Option<&str>, outcome: String) {
+        if let Some((caller, subject)) = request {
+            self.inner
+                .audit
+                .record(caller, subject.clone(), id, outcome)
+                .await;
         }
     }
 
@@ -150,14 +179,32 @@ impl Api {
     }
 }
 
-/// The same request, marked as forwarded, with its request ID.
+/// The caller and subject of a call to record in the audit log (`None`: not audited).
+type Audited = Option<(crate::auth::Caller, String)>;
+
+/// What the audit log records of `request`, if its method is audited.
+fn audit_of<T: Subject>(request: &Request<T>) -> Audited {
+    let caller = access::caller(request).ok()?;
+    caller
+        .audited()
+        .then(|| (caller, request.get_ref().subject()))
+}
+
+/// The same request, marked as forwarded, with its request ID and token (the serving
+/// controller checks the token again).
 fn forwarded<T>(request: Request<T>) -> Request<T> {
-    let id = request.metadata().get(REQUEST_ID).cloned();
+    let keep =
+        [REQUEST_ID, proto::auth::AUTHORIZATION].map(|key| request.metadata().get(key).cloned());
     let mut out = Request::new(request.into_inner());
     out.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    if let Some(id) = id {
-        out.metadata_mut().insert(REQUEST_ID, id);
+    for (key, value) in [REQUEST_ID, proto::auth::AUTHORIZATION]
+        .into_iter()
+        .zip(keep)
+    {
+        if let Some(value) = value {
+            out.metadata_mut().insert(key, value);
+        }
     }
     out
 }
@@ -184,16 +231,22 @@ fn vm_reply(engine: &EngineHandle, vm: &VmRecord) -> Response<pb::Vm> {
     Response::new(vm_to_pb(vm, engine.snapshot().ft(vm)))
 }
 
-/// Runs `$body` with the local engine (and the call's request ID), or forwards the call to
-/// the serving controller.
+/// Runs `$body` with the local engine (and the call's request ID), recording an admin
+/// call's outcome in the audit log, or forwards the call to the serving controller.
 macro_rules! serve_or_forward {
     ($self:ident, $request:ident, $method:ident, |$engine:ident, $message:ident, $id:ident| $body:expr) => {
         match $self.target(&$request).await? {
             Target::Peer(mut peer) => peer.$method(forwarded($request)).await,
             Target::Local($engine) => {
                 let $id = request_id(&$request)?;
+                let audited = audit_of(&$request);
+                let recorded_id = $id.clone();
                 let $message = $request.into_inner();
-                $body
+                let result: Result<_, Status> = async { $body }.await;
+                $self
+                    .audit(&audited, recorded_id.as_deref(), audit::outcome(&result))
+                    .await;
+                result
             }
         }
     };
@@ -463,9 +516,15 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 let stream = peer.export_vm(forwarded(request)).await?.into_inner();
                 Ok(Response::new(Box::pin(stream)))
             }
-            Target::Local(engine) => Ok(Response::new(
-                export::serve(engine, request.into_inner()).await?,
-            )),
+            Target::Local(engine) => {
+                let audited = audit_of(&request);
+                let result = export::serve(engine, request.into_inner())
+                    .await
+                    .map(Response::new)
+                    .map_err(Status::from);
+                self.audit(&audited, None, audit::outcome(&result)).await;
+                result
+            }
         }
     }
 
@@ -481,9 +540,19 @@ impl pb::pairvisor_server::Pairvisor for Api {
                     .map(|parts| tokio_stream::StreamExt::map_while(parts, Result::ok));
                 peer.add_iso(request).await
             }
-            Target::Local(engine) => Ok(Response::new(
-                isos::add(engine, request.into_inner()).await?,
-            )),
+            Target::Local(engine) => {
+                let caller = access::caller(&request)?;
+                let result = isos::add(engine, request.into_inner())
+                    .await
+                    .map(Response::new)
+                    .map_err(Status::from);
+                let subject = result
+                    .as_ref()
+                    .map_or(String::new(), |iso| format!("ISO {}", iso.get_ref().name));
+                self.audit(&Some((caller, subject)), None, audit::outcome(&result))
+                    .await;
+                result
+            }
         }
     }
 
@@ -500,8 +569,17 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 peer.import_vm(request).await
             }
             Target::Local(engine) => {
-                let vm = import::import(engine.clone(), request.into_inner()).await?;
-                Ok(vm_reply(&engine, &vm))
+                let caller = access::caller(&request)?;
+                let result = import::import(engine.clone(), request.into_inner())
+                    .await
+                    .map(|vm| vm_reply(&engine, &vm))
+                    .map_err(Status::from);
+                let subject = result
+                    .as_ref()
+                    .map_or(String::new(), |vm| vm.get_ref().name.clone());
+                self.audit(&Some((caller, subject)), None, audit::outcome(&result))
+                    .await;
+                result
             }
         }
     }
@@ -528,6 +606,43 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 .await?;
             Ok(Response::new(pb::DeleteIsoResponse {}))
         })
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::Caller>, Status> {
+        access::who_am_i(&request)
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let inner = &self.inner;
+        access::create_token(inner.tokens.as_deref(), &inner.audit, request).await
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        access::list_tokens(self.inner.tokens.as_deref()).await
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        let inner = &self.inner;
+        access::delete_token(inner.tokens.as_deref(), &inner.audit, request).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        access::list_audit(&self.inner.audit, request).await
     }
 
     type WatchEventsStream = EventStream;

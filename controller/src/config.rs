@@ -30,6 +30,8 @@
 //! cert = "/etc/pairvisor/pki/n0-api.pem"
 //! key = "/etc/pairvisor/pki/n0-api.key"
 //! ca = "/etc/pairvisor/pki/ca.pem"      # the CA the peer controller's API chains to
+//! [auth]                                # every API call needs a token
+//! tokens_file = "/etc/pairvisor/tokens.json"  # the install's tokens (hashes), e.g. the first admin's
 //! ```
 //!
 //! Fencing (see `docs/fencing.md`): when a host is lost, the serving controller waits
@@ -121,6 +123,19 @@ pub struct Config {
     /// HTTP/2 (tests only).
     #[serde(default)]
     pub api_tls: Option<proto::transport::TlsFiles>,
+    /// Tokens: every API call must carry one. Without it the API admits every call (tests
+    /// only).
+    #[serde(default)]
+    pub auth: Option<Auth>,
+}
+
+/// The `[auth]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// A JSON list of token records (`proto::auth::TokenRecord`: hashes, no secrets) known
+    /// besides those made through the API: the install's first admin token.
+    pub tokens_file: PathBuf,
 }
 
 /// How the serving controller fences a lost host, from its [`Config`].

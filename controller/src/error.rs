@@ -71,6 +71,9 @@ pub enum ApiError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// No token has that ID (the message says so).
+    #[error("{0}")]
+    TokenNotFound(String),
     /// The pair cannot serve the request now; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
@@ -93,9 +96,9 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists { .. } | ApiError::IsoExists { .. } => {
                 Status::already_exists(message)
             }
-            ApiError::IsoNotFound { .. } | ApiError::SnapshotNotFound { .. } => {
-                Status::not_found(message)
-            }
+            ApiError::IsoNotFound { .. }
+            | ApiError::SnapshotNotFound { .. }
+            | ApiError::TokenNotFound(_) => Status::not_found(message),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
             ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
             ApiError::Internal(_) => Status::internal(message),

@@ -6,6 +6,8 @@
 
 pub mod agents;
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod bmc;
 pub mod config;
 pub mod engine;
@@ -13,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod feed;
+pub mod front;
 pub mod ft;
 pub mod ha;
 pub mod health;
@@ -27,6 +30,7 @@ pub mod serving;
 #[cfg(test)]
 mod sim;
 pub mod snapshots;
+pub mod status;
 pub mod store;
 pub mod validate;
 pub mod vm;

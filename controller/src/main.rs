@@ -1,6 +1,7 @@
 //! `pv-controller`: Pairvisor's per-host controller daemon.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,10 +10,13 @@ use daemon::lease::LeaseView;
 use tokio::sync::watch;
 
 use controller::agents::AgentPool;
-use controller::api::{Api, Route};
+use controller::api::{Access, Api, Route};
+use controller::audit::Audit;
+use controller::auth::tokens::Tokens;
 use controller::config::Config;
 use controller::membership::{self, Published, Role};
 use controller::serving::{self, Deps};
+use controller::status::Health;
 use controller::store;
 
 /// Pairvisor controller: elects the serving controller through etcd and serves the public API.
@@ -70,9 +74,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     tokio::spawn(serving::follow(deps, role_rx, route_tx));
     let peer_tls = config.api_tls.as_ref().map(|t| t.trusting()).transpose()?;
-    let api = Api::new(route_rx, client.clone(), agents, peer_tls);
+    let tokens = match &config.auth {
+        Some(auth) => Some(Arc::new(Tokens::load(
+            &auth.tokens_file,
+            Some(client.clone()),
+        )?)),
+        None => {
+            tracing::warn!(node = %config.node, "the public API admits every call without a token; set [auth] in the config");
+            None
+        }
+    };
+    let access = Access {
+        tokens,
+        audit: Arc::new(Audit::new(client.clone(), &config.node)),
+    };
+    let api = Api::new(route_rx, client.clone(), agents, peer_tls, access.clone());
+    let health = Arc::new(Health::new(client.clone(), &config.node));
     tracing::info!(node = %config.node, listen = %config.listen, "controller API listening");
-    let mut server = proto::transport::server();
+    // HTTP/1.1 too: monitoring tools fetch /health without HTTP/2.
+    let mut server = proto::transport::server().accept_http1(true);
     match &config.api_tls {
         Some(tls) => {
             server = server
@@ -84,7 +104,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     server
-        .add_service(proto::v1::pairvisor_server::PairvisorServer::new(api))
+        .add_routes(controller::front::routes(api, &access, health))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await
         .with_context(|| format!("serving the API on {}", config.listen))?;

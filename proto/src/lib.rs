@@ -2,6 +2,7 @@
 //! use, and the agent's internal API (`pairvisor.agent.v1`) that the controllers call.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod transport;
 
 /// Public API, served by the pair's elected controller.

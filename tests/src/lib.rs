@@ -10,6 +10,7 @@ pub mod client;
 pub mod disk;
 pub mod ft_rig;
 pub mod ha;
+pub mod http;
 mod pair;
 
 pub use pair::Spinner;
@@ -18,26 +19,43 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use proto::auth::{Bearer, Token};
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-/// A lab's API at some of its endpoints, trusting the lab's CA: cheap to clone into a task
-/// that must not borrow the lab.
+/// A client of a lab's API whose calls carry a token.
+pub type Client = PairvisorClient<InterceptedService<Channel, Bearer>>;
+
+/// A lab's API at some of its endpoints, trusting the lab's CA and presenting its admin
+/// token: cheap to clone into a task that must not borrow the lab.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiAt {
     endpoints: String,
     ca: PathBuf,
+    token: PathBuf,
 }
 
 impl ApiAt {
     /// A client of the first endpoint that accepts a connection within `connect`; each call
     /// gives up after `call`.
-    pub async fn connect(
+    pub async fn connect(&self, connect: Duration, call: Duration) -> Result<Client, String> {
+        let token = std::fs::read_to_string(&self.token)
+            .map_err(|e| format!("{}: {e}", self.token.display()))?;
+        let bearer = Token::parse(&token)
+            .map_err(|e| format!("{}: {e}", self.token.display()))?
+            .bearer();
+        self.connect_as(bearer, connect, call).await
+    }
+
+    /// Like [`ApiAt::connect`], presenting `bearer` instead of the lab's admin token.
+    pub async fn connect_as(
         &self,
+        bearer: Bearer,
         connect: Duration,
         call: Duration,
-    ) -> Result<PairvisorClient<Channel>, String> {
+    ) -> Result<Client, String> {
         let ca = std::fs::read(&self.ca).map_err(|e| format!("{}: {e}", self.ca.display()))?;
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         let mut errors = Vec::new();
@@ -50,7 +68,9 @@ impl ApiAt {
             // The connect timeout covers TCP only: a stopped controller (SIGSTOP) accepts the
             // connection in its kernel and never answers the TLS handshake.
             match tokio::time::timeout(connect, endpoint.connect()).await {
-                Ok(Ok(channel)) => return Ok(PairvisorClient::new(channel)),
+                Ok(Ok(channel)) => {
+                    return Ok(PairvisorClient::with_interceptor(channel, bearer));
+                }
                 Ok(Err(e)) => errors.push(format!("{address}: {e}")),
                 Err(_) => errors.push(format!("{address}: no TLS handshake within {connect:?}")),
             }
@@ -228,13 +248,20 @@ impl Lab {
             .args(args)
             .env("PVCTL_ENDPOINT", self.endpoints())
             .env("PVCTL_CA", self.api(&self.endpoints()).ca)
+            .env("PVCTL_TOKEN_FILE", self.admin_token())
+            .env_remove("PVCTL_TOKEN")
             .envs(env.iter().copied())
             .output()
             .unwrap_or_else(|e| panic!("running pvctl: {e}"))
     }
 
+    /// The file holding the lab's first admin token.
+    pub fn admin_token(&self) -> PathBuf {
+        self.dir.join("pki").join("admin.token")
+    }
+
     /// An API client connected to the first endpoint of `endpoints` that answers.
-    pub async fn client_at(&self, endpoints: &str) -> Result<PairvisorClient<Channel>, String> {
+    pub async fn client_at(&self, endpoints: &str) -> Result<Client, String> {
         self.api(endpoints)
             .connect(Duration::from_secs(1), Duration::from_secs(120))
             .await
@@ -245,11 +272,12 @@ impl Lab {
         ApiAt {
             endpoints: endpoints.to_string(),
             ca: self.dir.join("pki").join("ca.pem"),
+            token: self.admin_token(),
         }
     }
 
     /// An API client through the usual endpoints.
-    pub async fn client(&self) -> PairvisorClient<Channel> {
+    pub async fn client(&self) -> Client {
         self.client_at(&self.endpoints())
             .await
             .unwrap_or_else(|e| panic!("no API endpoint answers: {e}"))

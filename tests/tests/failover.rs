@@ -22,9 +22,7 @@ fn request(name: &str, vcpus: u32) -> pb::CreateVmRequest {
 }
 
 /// name → (uuid, vcpus, state) of every VM.
-async fn snapshot(
-    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
-) -> BTreeMap<String, (String, u32, i32)> {
+async fn snapshot(api: &mut tests::Client) -> BTreeMap<String, (String, u32, i32)> {
     api.list_vms(pb::ListVmsRequest {})
         .await
         .unwrap()

@@ -42,7 +42,7 @@ fn library(lab: &Lab) -> Vec<String> {
 
 /// Uploads `data` as `name` through the API, announcing `size_bytes` and `sha256`.
 async fn upload(
-    api: &mut pb::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
+    api: &mut tests::Client,
     name: &str,
     size_bytes: u64,
     data: Vec<u8>,

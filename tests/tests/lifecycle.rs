@@ -197,10 +197,7 @@ async fn vm_lifecycle_keeps_every_acknowledged_write() {
 const EVENT_REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The events of VM `name` from the start of the log until it was deleted, as "kind state".
-async fn vm_story(
-    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
-    name: &str,
-) -> Vec<String> {
+async fn vm_story(api: &mut tests::Client, name: &str) -> Vec<String> {
     let mut stream = api
         .watch_events(pb::WatchEventsRequest { since_revision: 1 })
         .await

@@ -69,9 +69,7 @@ fn snapshot(
 }
 
 /// Takes a snapshot of "snap" with request ID [`RETRIED_ID`]; its ID.
-async fn retried_snapshot(
-    api: &mut proto::v1::pairvisor_client::PairvisorClient<tonic::transport::Channel>,
-) -> String {
+async fn retried_snapshot(api: &mut tests::Client) -> String {
     let request = pb::CreateSnapshotRequest {
         vm: "snap".into(),
         description: "gen 4".into(),

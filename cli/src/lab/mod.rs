@@ -137,11 +137,15 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
     let serving = wait_pair(plan).await?;
     done(t, &format!(": {serving} serves on {}", plan.system_ip()));
 
+    let pki = Pki::of(plan);
+    let token = crate::access::lab_token(&pki.admin_token())?;
     println!(
-        "lab up in {:.1} s. API endpoints (TLS, CA {}): {}\n  pvctl node-info\n  pvctl vm-create demo --mode ha --disk 16M --network {BUSINESS_NETWORK} --kernel-image {}\n  pvctl lab down",
+        "lab up in {:.1} s. API endpoints (TLS, CA {}): {}\nadmin token (also in {}, which pvctl reads as root): {token}\nhealth: https://{}:{API_PORT}/health\n  pvctl node-info\n  pvctl vm-create demo --mode ha --disk 16M --network {BUSINESS_NETWORK} --kernel-image {}\n  pvctl lab down",
         total.elapsed().as_secs_f64(),
-        Pki::of(plan).ca().display(),
+        pki.ca().display(),
         plan.endpoints(),
+        pki.admin_token().display(),
+        plan.system_ip(),
         images::TINY_GUEST_NAME,
     );
     Ok(())
@@ -527,7 +531,7 @@ fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         0
     };
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n\n# The agents are called with this controller's certificate.\n[agent_tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n[api_tls]\ncert = \"{api_cert}\"\nkey = \"{api_key}\"\nca = \"{ca}\"\n{bmcs}",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n\n# The agents are called with this controller's certificate.\n[agent_tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n[api_tls]\ncert = \"{api_cert}\"\nkey = \"{api_key}\"\nca = \"{ca}\"\n\n[auth]\ntokens_file = \"{tokens}\"\n{bmcs}",
         node = host.name,
         ip = plan.mgmt_ip(host),
         system = plan.system_ip(),
@@ -537,6 +541,7 @@ fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         ca = pki.ca().display(),
         api_cert = pki.api(host).cert.display(),
         api_key = pki.api(host).key.display(),
+        tokens = pki.tokens_file().display(),
     );
     write(&dir.join("controller.toml"), &text)
 }
@@ -660,9 +665,11 @@ async fn wait_pair(plan: &Plan) -> anyhow::Result<String> {
 }
 
 async fn nodes(plan: &Plan) -> anyhow::Result<pb::ListNodesResponse> {
+    let pki = Pki::of(plan);
     let endpoints = crate::client::Endpoints {
         list: plan.endpoints(),
-        ca: Some(Pki::of(plan).ca()),
+        ca: Some(pki.ca()),
+        token: Some(crate::access::lab_token(&pki.admin_token())?),
     };
     let mut api = crate::client::connect(&endpoints).await?;
     Ok(api.list_nodes(pb::ListNodesRequest {}).await?.into_inner())

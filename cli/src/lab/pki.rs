@@ -6,6 +6,9 @@
 //! trusts the root for their server certificates. Each controller serves the public API with
 //! a certificate for its address and the system IP; pvctl trusts the root. Keys are ECDSA
 //! P-256, written 0600.
+//!
+//! And the lab's first admin token: its text in `admin.token` (0600, what `lab up` prints and
+//! pvctl uses by default), its hash in `tokens.json`, the controllers' token file.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -66,6 +69,16 @@ impl Pki {
         self.pair(&format!("{}-controller", host.name))
     }
 
+    /// The first admin token's text (0600).
+    pub fn admin_token(&self) -> PathBuf {
+        self.dir.join("admin.token")
+    }
+
+    /// The controllers' token file: the first admin token's record.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.dir.join("tokens.json")
+    }
+
     fn pair(&self, name: &str) -> Pair {
         Pair {
             cert: self.dir.join(format!("{name}.pem")),
@@ -75,6 +88,30 @@ impl Pki {
 
     /// Makes the certificates unless the lab has them all (they last as long as the lab).
     pub fn ensure(&self, plan: &Plan) -> anyhow::Result<()> {
+        self.ensure_certificates(plan)?;
+        self.ensure_admin_token()
+    }
+
+    /// Makes the first admin token unless the lab has it.
+    fn ensure_admin_token(&self) -> anyhow::Result<()> {
+        if self.admin_token().exists() && self.tokens_file().exists() {
+            return Ok(());
+        }
+        let token = proto::auth::Token::generate()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let record =
+            proto::auth::TokenRecord::of(&token, "admin", proto::auth::Role::Admin, "install", now);
+        write_file(
+            &self.tokens_file(),
+            &serde_json::to_string_pretty(&[record])?,
+            0o644,
+        )?;
+        write_file(&self.admin_token(), &format!("{token}\n"), 0o600)
+    }
+
+    fn ensure_certificates(&self, plan: &Plan) -> anyhow::Result<()> {
         if self.files().iter().all(|f| f.exists()) {
             return Ok(());
         }

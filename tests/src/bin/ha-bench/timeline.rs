@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use proto::agent as agent_pb;
 use proto::agent::agent_client::AgentClient;
 use proto::v1 as pb;
-use proto::v1::pairvisor_client::PairvisorClient;
 use tests::{ApiAt, Lab};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -267,7 +266,7 @@ impl Task {
     /// Until aborted or interrupted: one VM sample, the nodes, the new serial lines (and the
     /// mirrors when watched) every [`SAMPLE_POLL`].
     async fn run(mut self) {
-        let mut client: Option<(ApiAt, PairvisorClient<Channel>)> = None;
+        let mut client: Option<(ApiAt, tests::Client)> = None;
         let mut agent: Option<(String, AgentClient<Channel>)> = None;
         while !interrupted() {
             let wanted = lock(&self.endpoints).clone();
@@ -337,14 +336,14 @@ async fn connect_agent(endpoint: &Endpoint) -> Option<AgentClient<Channel>> {
 }
 
 /// A client of the first of `api`'s endpoints that accepts a connection.
-async fn connect(api: &ApiAt) -> Option<PairvisorClient<Channel>> {
+async fn connect(api: &ApiAt) -> Option<tests::Client> {
     api.connect(CONNECT_TIMEOUT, Duration::from_secs(60))
         .await
         .ok()
 }
 
 /// One GetVm and one ListNodes; `None` / empty for a call that failed.
-async fn ask(api: &PairvisorClient<Channel>, vm: &str) -> (Option<VmSample>, Vec<NodeSample>) {
+async fn ask(api: &tests::Client, vm: &str) -> (Option<VmSample>, Vec<NodeSample>) {
     let mut request = tonic::Request::new(pb::GetVmRequest { vm: vm.into() });
     request.set_timeout(CALL_TIMEOUT);
     let got = api.clone().get_vm(request).await;

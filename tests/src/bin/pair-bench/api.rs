@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use proto::v1 as pb;
-use proto::v1::pairvisor_client::PairvisorClient;
 use tests::{ApiAt, Lab};
-use tonic::transport::Channel;
 
 use crate::{HEALTH_POLL, PAIR_RECOVERY_TIMEOUT, check_interrupted};
 
@@ -25,7 +23,7 @@ const REQUEST_GIVE_UP: Duration = Duration::from_secs(60);
 /// enough not to busy-loop on the two cores the pair runs on.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-pub(crate) type Client = PairvisorClient<Channel>;
+pub(crate) type Client = tests::Client;
 
 /// Mutating calls through a list of endpoints, each logical request with its own request ID
 /// and retried (same ID) on UNAVAILABLE, a broken connection or an attempt's timeout, until
