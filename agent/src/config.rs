@@ -134,6 +134,24 @@ pub struct AlinkConfig {
     pub role: AlinkRole,
     /// One address per link: this host's (listen) or the peer's (connect).
     pub links: Vec<SocketAddr>,
+    /// TLS on the links. Without it they are plain TCP, for tests only.
+    #[serde(default)]
+    pub tls: Option<AlinkTls>,
+}
+
+/// The A-Links' TLS: both hosts present their certificate and admit only one of the pair's
+/// agents' CA; the dialing host also checks that the listener's names the peer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlinkTls {
+    /// This host's certificate (PEM; good for server and client use).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The agents' CA certificate (PEM): the only CA the peer's certificate may chain to.
+    pub ca: PathBuf,
+    /// The peer host's name, as its certificate carries it (checked by the dialing host).
+    pub peer: String,
 }
 
 /// The side of the A-Link set a host takes; the two hosts take different sides.
@@ -364,7 +382,23 @@ sg0 = "/var/lib/pv/sg0"
                     "10.102.0.1:7710".parse().unwrap(),
                     "10.103.0.1:7710".parse().unwrap()
                 ],
+                tls: None,
             })
+        );
+    }
+
+    #[test]
+    fn parse_alink_tls_reads_its_files_and_peer() {
+        let text = format!(
+            "{MINIMAL}[alink]\nrole = \"listen\"\nlinks = [\"10.102.0.1:7710\"]\n[alink.tls]\ncert = \"a.pem\"\nkey = \"a.key\"\nca = \"agents-ca.pem\"\npeer = \"n1\"\n"
+        );
+
+        let config = Config::parse(&text, Path::new("agent.toml")).unwrap();
+
+        let tls = config.alink.and_then(|a| a.tls).unwrap();
+        assert_eq!(
+            (tls.ca, tls.peer),
+            (PathBuf::from("agents-ca.pem"), "n1".to_string())
         );
     }
 

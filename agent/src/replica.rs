@@ -30,7 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use replicator::proxy::{Egress, Hold, Ingress, LocalAddr, ProxyError, Target};
-use replicator::{Endpoint, LinkError, StreamError};
+use replicator::{Endpoint, LinkError, LinkTls, StreamError};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
@@ -63,6 +63,22 @@ const PEER_FILES_SOCKET: &str = "peer-files.sock";
 /// Errors of the replica service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file of the A-Links' TLS could not be read.
+    #[error("reading the A-Link TLS file {path}")]
+    ReadTls {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The A-Links' TLS could not be set up from its files.
+    #[error("setting up the A-Links' TLS (see [alink.tls] in the config)")]
+    LinkTls {
+        /// The cause.
+        #[source]
+        source: replicator::TlsError,
+    },
     /// The NBD server's Unix socket could not be bound.
     #[error("binding the NBD server socket {path}")]
     BindNbd {
@@ -247,7 +263,7 @@ impl Replicas {
             path: peer_dir.clone(),
             source,
         })?;
-        let endpoint = Endpoint::start(link_config(config))
+        let endpoint = Endpoint::start(link_config(config)?)
             .await
             .map_err(|source| Error::StartLinks { source })?;
         let listener = UnixListener::bind(&nbd_socket).map_err(|source| Error::BindNbd {
@@ -544,11 +560,29 @@ impl Drop for Replicas {
 }
 
 /// The replicator's configuration for this host's side of the A-Links.
-fn link_config(config: &AlinkConfig) -> replicator::Config {
-    match config.role {
-        AlinkRole::Listen => replicator::Config::listen(config.links.clone()),
-        AlinkRole::Connect => replicator::Config::connect(config.links.clone()),
+fn link_config(config: &AlinkConfig) -> Result<replicator::Config, Error> {
+    let links = config.links.clone();
+    let plain = match config.role {
+        AlinkRole::Listen => replicator::Config::listen(links),
+        AlinkRole::Connect => replicator::Config::connect(links),
+    };
+    let Some(tls) = &config.tls else {
+        tracing::warn!("the A-Links run without TLS; set [alink.tls] in the config");
+        return Ok(plain);
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| Error::ReadTls {
+            path: path.clone(),
+            source,
+        })
+    };
+    let (cert, key, ca) = (read(&tls.cert)?, read(&tls.key)?, read(&tls.ca)?);
+    let secured = match config.role {
+        AlinkRole::Listen => LinkTls::listen(&cert, &key, &ca),
+        AlinkRole::Connect => LinkTls::connect(&cert, &key, &ca, &tls.peer),
     }
+    .map_err(|source| Error::LinkTls { source })?;
+    Ok(plain.with_tls(secured))
 }
 
 /// Removes the socket file at `path` if there is one.
@@ -695,13 +729,38 @@ mod tests {
     }
 
     #[test]
+    fn link_config_with_a_missing_tls_file_names_it() {
+        let config = AlinkConfig {
+            role: AlinkRole::Listen,
+            links: vec!["127.0.0.1:0".parse().unwrap()],
+            tls: Some(crate::config::AlinkTls {
+                cert: "/nonexistent/n0-agent.pem".into(),
+                key: "/nonexistent/n0-agent.key".into(),
+                ca: "/nonexistent/agents-ca.pem".into(),
+                peer: "n1".into(),
+            }),
+        };
+
+        let refused = link_config(&config);
+
+        let Err(e) = refused else {
+            panic!("built without its files")
+        };
+        assert!(
+            matches!(&e, Error::ReadTls { path, .. } if path.ends_with("n0-agent.pem")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn link_config_of_the_connect_side_dials_the_peer() {
         let config = AlinkConfig {
             role: AlinkRole::Connect,
             links: vec!["10.102.0.1:7710".parse().unwrap()],
+            tls: None,
         };
 
-        let links = link_config(&config);
+        let links = link_config(&config).unwrap();
 
         assert_eq!(
             (links.role, links.links),

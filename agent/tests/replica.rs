@@ -43,6 +43,7 @@ impl Pair {
         let listen = AlinkConfig {
             role: AlinkRole::Listen,
             links: vec![loopback, loopback],
+            tls: None,
         };
         let a = Replicas::start("a", &listen, dir_a.path(), Self::groups(dir_a.path()))
             .await
@@ -50,6 +51,7 @@ impl Pair {
         let connect = AlinkConfig {
             role: AlinkRole::Connect,
             links: a.link_addrs().to_vec(),
+            tls: None,
         };
         let b = Replicas::start("b", &connect, dir_b.path(), Self::groups(dir_b.path()))
             .await

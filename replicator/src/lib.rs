@@ -35,8 +35,10 @@ pub mod proxy;
 mod session;
 pub mod stats;
 pub mod stream;
+pub mod tls;
 
 pub use link::{Config, Endpoint, LinkError, Role, StatsHandle};
 pub use session::ProtocolError;
 pub use stats::{EndpointStats, LinkState, LinkStats, StreamStats};
 pub use stream::{Stream, StreamError, StreamListener, StreamReceiver, StreamSender};
+pub use tls::{LinkTls, TlsError};

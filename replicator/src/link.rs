@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
@@ -44,6 +43,7 @@ pub use crate::session::Role;
 use crate::session::{Conn, Limits, Outgoing, ProtocolError, Session, SessionConfig};
 use crate::stats::{EndpointStats, LinkCounters, LinkState};
 use crate::stream::{Stream, StreamError, StreamListener};
+use crate::tls::{LinkTls, ReadHalf, WriteHalf, secure};
 
 /// Bytes of free space a link's read buffer offers to each read.
 const READ_CHUNK: usize = 256 * 1024;
@@ -133,6 +133,16 @@ pub enum LinkError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake of a link failed: the peer's certificate is not of the pair, or
+    /// the peer speaks no (or other) TLS.
+    #[error("TLS handshake on link {link}")]
+    Tls {
+        /// Index of the link.
+        link: usize,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Configuration of an [`Endpoint`].
@@ -162,6 +172,8 @@ pub struct Config {
     pub max_streams: usize,
     /// Streams opened by the peer and not accepted yet, per service (default 16).
     pub accept_backlog: usize,
+    /// TLS on every link, of this side's role (default none: plain TCP).
+    pub tls: Option<LinkTls>,
 }
 
 impl Config {
@@ -180,7 +192,15 @@ impl Config {
             stream_window: 8 * 1024 * 1024,
             max_streams: 32,
             accept_backlog: 16,
+            tls: None,
         }
+    }
+
+    /// The same configuration with TLS on every link.
+    #[must_use]
+    pub fn with_tls(mut self, tls: LinkTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Defaults for the listening side.
@@ -223,7 +243,13 @@ impl Config {
         if self.chunk_size == 0 || self.max_streams == 0 {
             return fail("chunk_size and max_streams must be non-zero");
         }
-        Ok(())
+        match (&self.tls, self.role) {
+            (Some(LinkTls::Listen(_)), Role::Connect)
+            | (Some(LinkTls::Connect { .. }), Role::Listen) => {
+                fail("the TLS side must match the role (listen or connect)")
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -525,7 +551,23 @@ async fn run_conn(inner: &Arc<Inner>, link: usize, socket: TcpStream) -> Result<
     if let Err(error) = socket.set_nodelay(true) {
         debug!(link, reason = %error, "setting TCP_NODELAY failed");
     }
-    let (mut rd, mut wr) = socket.into_split();
+    let timeout = inner.config.link_timeout * 2;
+    let secured = tokio::time::timeout(timeout, secure(inner.config.tls.as_ref(), socket)).await;
+    let (mut rd, mut wr) = match secured {
+        Ok(Ok(halves)) => halves,
+        Ok(Err(source)) => {
+            warn!(link, reason = %source, "TLS handshake failed; connection closed");
+            return Err(LinkError::Tls { link, source });
+        }
+        Err(_) => {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TLS handshake within {timeout:?}"),
+            );
+            warn!(link, reason = %source, "TLS handshake failed; connection closed");
+            return Err(LinkError::Tls { link, source });
+        }
+    };
     let mut codec = FrameCodec::new(inner.config.max_payload);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let hello = match handshake(inner, link, &mut rd, &mut wr, &mut codec, &mut buf).await {
@@ -586,8 +628,8 @@ async fn run_conn(inner: &Arc<Inner>, link: usize, socket: TcpStream) -> Result<
 async fn handshake(
     inner: &Inner,
     link: usize,
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+    rd: &mut ReadHalf,
+    wr: &mut WriteHalf,
     codec: &mut FrameCodec,
     buf: &mut BytesMut,
 ) -> Result<Hello, LinkError> {
@@ -603,6 +645,9 @@ async fn handshake(
         .map_err(|source| LinkError::Encode { source })?;
     let exchange = async {
         wr.write_all(&out)
+            .await
+            .map_err(|source| LinkError::Write { source })?;
+        wr.flush()
             .await
             .map_err(|source| LinkError::Write { source })?;
         loop {
@@ -710,7 +755,7 @@ impl RecvBuffers {
 impl Reader<'_> {
     async fn run(
         mut self,
-        rd: &mut OwnedReadHalf,
+        rd: &mut ReadHalf,
         stop: &Notify,
         writer: &mut JoinHandle<Result<(), LinkError>>,
     ) -> Result<(), LinkError> {
@@ -790,7 +835,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut wr: OwnedWriteHalf) -> Result<(), LinkError> {
+    async fn run(mut self, mut wr: WriteHalf) -> Result<(), LinkError> {
         let mut ping = tokio::time::interval(self.inner.config.keepalive_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH_FRAMES);
@@ -820,6 +865,10 @@ impl Writer {
             let frames = batch.len();
             let (total, cost) = encode_batch(&mut batch, &mut chunks)?;
             write_chunks(&mut wr, &mut chunks)
+                .await
+                .map_err(|source| LinkError::Write { source })?;
+            // TLS may hold the batch's last record until flushed; plain TCP holds nothing.
+            wr.flush()
                 .await
                 .map_err(|source| LinkError::Write { source })?;
             self.queued.fetch_sub(cost, Ordering::Relaxed);
@@ -856,10 +905,7 @@ fn encode_batch(
 }
 
 /// Writes every chunk with vectored writes.
-async fn write_chunks(
-    wr: &mut OwnedWriteHalf,
-    chunks: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
+async fn write_chunks(wr: &mut WriteHalf, chunks: &mut VecDeque<Bytes>) -> std::io::Result<()> {
     while !chunks.is_empty() {
         let written = {
             let slices: Vec<IoSlice<'_>> = chunks

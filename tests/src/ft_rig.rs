@@ -271,6 +271,7 @@ async fn joined(dir: &Path) -> (Replicas, Replicas, Vec<Relay>) {
     let listen = AlinkConfig {
         role: AlinkRole::Listen,
         links: vec![loopback, loopback],
+        tls: None,
     };
     let n1 = Replicas::start("n1", &listen, &dir1, rig_groups(&dir1))
         .await
@@ -282,6 +283,7 @@ async fn joined(dir: &Path) -> (Replicas, Replicas, Vec<Relay>) {
     let connect = AlinkConfig {
         role: AlinkRole::Connect,
         links: links.iter().map(Relay::addr).collect(),
+        tls: None,
     };
     let n0 = Replicas::start("n0", &connect, &dir0, rig_groups(&dir0))
         .await

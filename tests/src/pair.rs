@@ -49,7 +49,8 @@ impl Lab {
             std::fs::read(pki.join(file))
                 .unwrap_or_else(|e| panic!("reading the lab's {file}: {e}"))
         };
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
+        let agents_ca = Certificate::from_pem(read("agents-ca.pem"));
+        let mut tls = ClientTlsConfig::new().ca_certificate(agents_ca);
         if let Some(name) = identity {
             tls = tls.identity(Identity::from_pem(
                 read(&format!("{name}.pem")),

@@ -495,7 +495,7 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
     let (alink_role, alinks) = plan.alink(host);
     let alinks: Vec<String> = alinks.iter().map(ToString::to_string).collect();
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nram_dir = \"{ram}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n\n# Only the controllers' certificates are admitted.\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"{ip}:{AGENT_PORT}\"\nstate_dir = \"{state}\"\nram_dir = \"{ram}\"\nimage_dir = \"{images}\"\ndomain_type = \"qemu\"\netcd_endpoints = [{endpoints}]\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[heartbeat]\nport = {HEARTBEAT_PORT}\ninterval_ms = 100\npaths = [\n{paths}\n]\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[storage_groups]\n{STORAGE_GROUP} = \"{storage}\"\n\n[networks]\n{BUSINESS_NETWORK} = \"{BUSINESS_BRIDGE}\"\n\n[alink]\nrole = \"{alink_role}\"\nlinks = [{alinks}]\n\n# Only the peer agent's certificate is admitted.\n[alink.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{agents_ca}\"\npeer = \"{peer}\"\n\n# Only the controllers' certificates are admitted.\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n",
         node = host.name,
         ip = plan.mgmt_ip(host),
         state = dir.join("agent").display(),
@@ -508,6 +508,8 @@ fn write_agent_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         cert = pki.agent(host).cert.display(),
         key = pki.agent(host).key.display(),
         ca = pki.controllers_ca().display(),
+        agents_ca = pki.agents_ca().display(),
+        peer = Plan::peer(host).name,
     );
     write(&dir.join("agent.toml"), &text)
 }
@@ -531,7 +533,7 @@ fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         0
     };
     let text = format!(
-        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n\n# The agents are called with this controller's certificate.\n[agent_tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n[api_tls]\ncert = \"{api_cert}\"\nkey = \"{api_key}\"\nca = \"{ca}\"\n\n[auth]\ntokens_file = \"{tokens}\"\n{bmcs}",
+        "# Written by `pvctl lab up`.\nnode = \"{node}\"\nlisten = \"0.0.0.0:{API_PORT}\"\napi_address = \"{ip}:{API_PORT}\"\netcd_endpoints = [{endpoints}]\nlease_ttl_seconds = {LAB_CONTROLLER_LEASE_TTL}\n# Fencing: only n1 waits before it fences, so the two never fence each other at once.\nfence_delay_ms = {fence_delay_ms}\nhost_lease_ttl_seconds = {LAB_HOST_LEASE_TTL}\n\n[system_ip]\naddress = \"{system}/24\"\ndevice = \"{MGMT_DEV}\"\n\n[capacity]\nreserve_vcpus = 2\nreserve_memory_mib = 4096\nvcpu_overcommit = {LAB_VCPU_OVERCOMMIT}\n\n# The agents are called with this controller's certificate; only the agents' CA is trusted.\n[agent_tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{agents_ca}\"\n\n[api_tls]\ncert = \"{api_cert}\"\nkey = \"{api_key}\"\nca = \"{ca}\"\n\n[auth]\ntokens_file = \"{tokens}\"\n{bmcs}",
         node = host.name,
         ip = plan.mgmt_ip(host),
         system = plan.system_ip(),
@@ -542,6 +544,7 @@ fn write_controller_config(plan: &Plan, host: &Host) -> anyhow::Result<()> {
         api_cert = pki.api(host).cert.display(),
         api_key = pki.api(host).key.display(),
         tokens = pki.tokens_file().display(),
+        agents_ca = pki.agents_ca().display(),
     );
     write(&dir.join("controller.toml"), &text)
 }

@@ -1,11 +1,13 @@
 //! The lab's certificates, made once per lab (`<lab>/pki/`): a root CA, and under it a CA
-//! that signs only the controllers' client certificates. Each agent serves its API with a
-//! certificate for its management address, signed by the root, and admits only clients whose
-//! certificate chains to the controllers' CA: an agent's or any other certificate the root
-//! signed is refused. Each controller calls the agents with its own client certificate and
-//! trusts the root for their server certificates. Each controller serves the public API with
-//! a certificate for its address and the system IP; pvctl trusts the root. Keys are ECDSA
-//! P-256, written 0600.
+//! that signs only the controllers' client certificates and one that signs only the agents'
+//! certificates. Each agent serves its API with a certificate for its management address
+//! and node name, signed by the agents' CA, and admits only clients whose certificate chains
+//! to the controllers' CA: an agent's or any other certificate of the pair is refused. Each
+//! controller calls the agents with its own client certificate and trusts only the agents'
+//! CA for theirs. The agents' A-Links admit only the agents' CA (the dialer also checks the
+//! listener's name). Each controller serves the public API with a certificate for its address
+//! and the system IP, signed by the root; pvctl trusts the root. Keys are ECDSA P-256, written
+//! 0600.
 //!
 //! And the lab's first admin token: its text in `admin.token` (0600, what `lab up` prints and
 //! pvctl uses by default), its hash in `tokens.json`, the controllers' token file.
@@ -54,7 +56,12 @@ impl Pki {
         self.dir.join("controllers-ca.pem")
     }
 
-    /// Node `host`'s agent's server certificate.
+    /// The agents' CA certificate: the only CA an agent's certificate chains to.
+    pub fn agents_ca(&self) -> PathBuf {
+        self.dir.join("agents-ca.pem")
+    }
+
+    /// Node `host`'s agent's certificate (server and client use: its API and A-Links).
     pub fn agent(&self, host: &Host) -> Pair {
         self.pair(&format!("{}-agent", host.name))
     }
@@ -123,10 +130,14 @@ impl Pki {
         let controllers_params = ca_params("Pairvisor lab controllers CA")?;
         let controllers_cert = controllers_params.signed_by(&controllers_key, &root)?;
         let controllers = Issuer::new(controllers_params, controllers_key);
+        let agents_key = KeyPair::generate()?;
+        let agents_params = ca_params("Pairvisor lab agents CA")?;
+        let agents_cert = agents_params.signed_by(&agents_key, &root)?;
+        let agents = Issuer::new(agents_params, agents_key);
         for host in HOSTS.iter().filter(|h| !h.is_witness()) {
             let ip = plan.mgmt_ip(host);
             let agent = leaf(&format!("{} agent", host.name), host.name, &[ip], true)?;
-            self.write_leaf(&self.agent(host), &agent, &root)?;
+            self.write_leaf(&self.agent(host), &agent, &agents)?;
             let api = leaf(
                 &format!("{} API", host.name),
                 host.name,
@@ -138,12 +149,13 @@ impl Pki {
             self.write_leaf(&self.controller(host), &controller, &controllers)?;
         }
         write_file(&self.controllers_ca(), &controllers_cert.pem(), 0o644)?;
+        write_file(&self.agents_ca(), &agents_cert.pem(), 0o644)?;
         write_file(&self.ca(), &root.as_ref().pem(), 0o644)
     }
 
     /// Every file of a whole set.
     fn files(&self) -> Vec<PathBuf> {
-        let mut files = vec![self.ca(), self.controllers_ca()];
+        let mut files = vec![self.ca(), self.controllers_ca(), self.agents_ca()];
         for host in HOSTS.iter().filter(|h| !h.is_witness()) {
             for pair in [self.agent(host), self.api(host), self.controller(host)] {
                 files.extend([pair.cert, pair.key]);

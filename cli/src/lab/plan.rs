@@ -215,10 +215,15 @@ impl Plan {
         Ipv4Addr::new(10, self.subnet + offset, 0, 1 + host.index)
     }
 
+    /// The other node of the pair (for the witness: n0's peer).
+    pub fn peer(host: &Host) -> &'static Host {
+        &HOSTS[usize::from(1 - host.index.min(1))]
+    }
+
     /// The heartbeat paths of node `host` to the other node: (name, local address, peer
     /// address) on each role link, then the management network.
     pub fn heartbeat_paths(&self, host: &Host) -> Vec<(&'static str, Ipv4Addr, Ipv4Addr)> {
-        let peer = &HOSTS[usize::from(1 - host.index.min(1))];
+        let peer = Plan::peer(host);
         ROLE_LINKS
             .iter()
             .map(|(name, offset)| {

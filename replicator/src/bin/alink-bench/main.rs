@@ -9,9 +9,12 @@
 //! Each peer runs a single-threaded tokio runtime by default (`--threads`): the two
 //! simulated hosts share this machine's two cores, one each.
 //!
+//! The 2-link throughput is also measured with TLS on the links (issue 11), as the pair runs.
+//!
 //! Targets (issue 4): replicated throughput ≥ 90 % of raw TCP; failover stall < 1000 ms;
 //! codec ≥ 2 GB/s. Measure release builds: `cargo run --release -p replicator --bin alink-bench`.
 
+mod certs;
 mod peer;
 
 use std::io::{BufRead, BufReader};
@@ -90,14 +93,19 @@ fn main() -> anyhow::Result<()> {
     }
     PEER_THREADS.store(cli.threads, std::sync::atomic::Ordering::Relaxed);
     let (encode_gbps, decode_gbps) = codec_speed();
-    let loopback = measure_path(&cli, &Path::Loopback).context("measuring on loopback")?;
+    let certs = certs::Certs::make().context("making the TLS measurements' certificates")?;
+    let bench = Bench {
+        cli: &cli,
+        tls: certs.dir(),
+    };
+    let loopback = measure_path(&bench, &Path::Loopback).context("measuring on loopback")?;
     let netns = if !cli.loopback_only && NetnsPair::available() {
         let pair = NetnsPair::create("bench", 2).context("creating the namespace pair")?;
         if !pair.wait_carrier(Duration::from_secs(5)) {
             bail!("veth carrier did not come up");
         }
         Some(
-            measure_path(&cli, &Path::Netns(&pair))
+            measure_path(&bench, &Path::Netns(&pair))
                 .context("measuring on veth between namespaces")?,
         )
     } else {
@@ -271,30 +279,40 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 /// Results on one path.
+/// The command line and the TLS certificates' directory.
+struct Bench<'a> {
+    cli: &'a Cli,
+    tls: &'a std::path::Path,
+}
+
 struct PathResult {
     name: &'static str,
     raw_tcp_mbps: f64,
     replicated_mbps_1link: f64,
     replicated_mbps_2links: f64,
+    replicated_tls_mbps_2links: f64,
     rtt_4k_us_p50: f64,
     rtt_4k_us_p99: f64,
     failover_stall_ms: f64,
     samples: Value,
 }
 
-fn measure_path(cli: &Cli, path: &Path<'_>) -> anyhow::Result<PathResult> {
+fn measure_path(bench: &Bench<'_>, path: &Path<'_>) -> anyhow::Result<PathResult> {
+    let cli = bench.cli;
     let bytes = cli.mib * 1024 * 1024;
-    // The machine's speed drifts (shared host): interleave the three and take medians.
-    let (mut raw, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
+    // The machine's speed drifts (shared host): interleave the four and take medians.
+    let (mut raw, mut one, mut two, mut tls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cli.rounds.max(1) {
         raw.push(raw_tcp(path, bytes).context("raw TCP")?);
-        one.push(replicated(path, 1, bytes).context("replicated, 1 link")?);
-        two.push(replicated(path, 2, bytes).context("replicated, 2 links")?);
+        one.push(replicated(path, 1, bytes, None).context("replicated, 1 link")?);
+        two.push(replicated(path, 2, bytes, None).context("replicated, 2 links")?);
+        tls.push(replicated(path, 2, bytes, Some(bench.tls)).context("replicated, 2 TLS links")?);
     }
     let samples = json!({"raw_tcp_mbps": rounded(&raw), "replicated_mbps_1link": rounded(&one),
-        "replicated_mbps_2links": rounded(&two)});
+        "replicated_mbps_2links": rounded(&two), "replicated_tls_mbps_2links": rounded(&tls)});
     let (raw_tcp_mbps, replicated_mbps_1link, replicated_mbps_2links) =
         (median(raw), median(one), median(two));
+    let replicated_tls_mbps_2links = median(tls);
     let (rtt_4k_us_p50, rtt_4k_us_p99) =
         rtt(path, cli.rtt_iterations).context("4 KiB round trip")?;
     let failover_stall_ms = failover(path, cli.failover_seconds).context("failover stall")?;
@@ -303,6 +321,7 @@ fn measure_path(cli: &Cli, path: &Path<'_>) -> anyhow::Result<PathResult> {
         raw_tcp_mbps,
         replicated_mbps_1link,
         replicated_mbps_2links,
+        replicated_tls_mbps_2links,
         rtt_4k_us_p50,
         rtt_4k_us_p99,
         failover_stall_ms,
@@ -360,13 +379,22 @@ fn connector(path: &Path<'_>, addrs: &[String], extra: &[&str]) -> anyhow::Resul
     path.spawn(Side::A, &list)
 }
 
-fn replicated(path: &Path<'_>, links: usize, bytes: u64) -> anyhow::Result<f64> {
-    let (sink, addrs) = listener(path, links, &["--mode", "sink"])?;
-    let source = connector(
-        path,
-        &addrs,
-        &["--mode", "source", "--bytes", &bytes.to_string()],
-    )?;
+/// Throughput of one stream over `links` links, with TLS from `tls` if given.
+fn replicated(
+    path: &Path<'_>,
+    links: usize,
+    bytes: u64,
+    tls: Option<&std::path::Path>,
+) -> anyhow::Result<f64> {
+    let tls_args: Vec<String> = tls
+        .map(|dir| vec!["--tls-dir".to_string(), dir.display().to_string()])
+        .unwrap_or_default();
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    let sink_args = [&["--mode", "sink"][..], &tls_args].concat();
+    let (sink, addrs) = listener(path, links, &sink_args)?;
+    let bytes = bytes.to_string();
+    let source_args = [&["--mode", "source", "--bytes", &bytes][..], &tls_args].concat();
+    let source = connector(path, &addrs, &source_args)?;
     let done = sink.wait("done", RUN_TIMEOUT)?;
     source.wait("done", RUN_TIMEOUT)?;
     mbps(&done)
@@ -443,6 +471,8 @@ impl PathResult {
             "failover_stall_ms": (self.failover_stall_ms * 10.0).round() / 10.0,
             "replicated_ratio_1link": ratio(self.replicated_mbps_1link, self.raw_tcp_mbps),
             "replicated_ratio_2links": ratio(self.replicated_mbps_2links, self.raw_tcp_mbps),
+            "replicated_tls_mbps_2links": self.replicated_tls_mbps_2links.round(),
+            "replicated_tls_ratio_2links": ratio(self.replicated_tls_mbps_2links, self.raw_tcp_mbps),
             "throughput_samples": self.samples,
         })
     }
@@ -488,7 +518,7 @@ impl Report {
         }
         println!("{header}  target");
         type Getter = fn(&PathResult) -> String;
-        let rows: [(&str, Getter, &str); 6] = [
+        let rows: [(&str, Getter, &str); 7] = [
             (
                 "raw_tcp_mbps",
                 |p| format!("{:.0}", p.raw_tcp_mbps),
@@ -515,6 +545,17 @@ impl Report {
                     )
                 },
                 ">= 90% of raw",
+            ),
+            (
+                "replicated_tls_mbps_2links",
+                |p| {
+                    format!(
+                        "{:.0} ({:.0}%)",
+                        p.replicated_tls_mbps_2links,
+                        100.0 * p.replicated_tls_mbps_2links / p.raw_tcp_mbps
+                    )
+                },
+                "(TLS cost)",
             ),
             ("rtt_4k_us_p50", |p| format!("{:.0}", p.rtt_4k_us_p50), ""),
             ("rtt_4k_us_p99", |p| format!("{:.0}", p.rtt_4k_us_p99), ""),

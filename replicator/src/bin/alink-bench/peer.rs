@@ -92,6 +92,9 @@ pub struct PeerArgs {
     /// Exit after this many seconds whatever happens.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
+    /// TLS on the links, with the certificates of this directory (see `certs.rs`).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// `--role` values.
@@ -140,6 +143,9 @@ async fn run(args: &PeerArgs) -> anyhow::Result<()> {
     let mut config = Config::new(role, args.links.clone());
     config.link_timeout = Duration::from_millis(args.timeout_ms);
     config.keepalive_interval = config.link_timeout / 4;
+    if let Some(dir) = &args.tls_dir {
+        config = config.with_tls(crate::certs::link_tls(dir, role == Role::Listen)?);
+    }
     let endpoint = Endpoint::start(config).await?;
     let addrs: Vec<String> = endpoint
         .local_addrs()
