@@ -78,13 +78,15 @@ struct Inner {
     audit: Arc<Audit>,
 }
 
-/// What guards the API: its tokens and its audit log.
+/// What guards the API: its tokens, its audit log, and the calls' metrics.
 #[derive(Clone, Debug)]
 pub struct Access {
     /// The pair's tokens (`None`: every call is admitted, tests only).
     pub tokens: Option<Arc<Tokens>>,
     /// The audit log.
     pub audit: Arc<Audit>,
+    /// Counts and latencies of the calls.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 enum Target {
@@ -112,6 +114,24 @@ impl Api {
                 audit: access.audit,
             }),
         }
+    }
+
+    /// The pair as the API shows it, if this controller serves (for `/metrics`).
+    pub fn pair_view(&self) -> Option<crate::metrics::PairView> {
+        let engine = match &*self.inner.route.borrow() {
+            Route::Local(engine) => engine.clone(),
+            Route::Forward => return None,
+        };
+        let snapshot = engine.snapshot();
+        Some(crate::metrics::PairView {
+            vms: snapshot
+                .vms
+                .values()
+                .map(|vm| vm_to_pb(vm, snapshot.ft(vm)))
+                .collect(),
+            nodes: nodes_to_pb(&snapshot.nodes).nodes,
+            alerts: snapshot.alerts.len(),
+        })
     }
 
     /// Records `result` of the call `request` was in the audit log, if its method is audited.

@@ -1,32 +1,79 @@
 //! What a controller serves on its API port: the public gRPC API behind the token guard,
-//! and the unauthenticated `GET /health` ([`crate::status`]).
+//! the unauthenticated `GET /health` ([`crate::status`]) and `GET /metrics`
+//! ([`crate::metrics`], for any token: Prometheus' `authorization` with a read-only one).
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 
 use crate::api::{Access, Api};
-use crate::auth::guard::Guarded;
+use crate::auth::guard::{Guarded, admit};
 use crate::status::{Health, Level};
 
-/// The routes of the API port.
-pub fn routes(api: Api, access: &Access, health: Arc<Health>) -> Routes {
+/// The routes of the API port of controller `node`.
+pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Routes {
     let grpc = Guarded::new(
-        proto::v1::pairvisor_server::PairvisorServer::new(api),
-        access.tokens.clone(),
-        access.audit.clone(),
+        proto::v1::pairvisor_server::PairvisorServer::new(api.clone()),
+        access.clone(),
     );
-    let router = Routes::new(grpc).prepare().into_axum_router().route(
-        "/health",
-        axum::routing::get(move || async move {
-            let level = health.level().await;
-            let code = match level {
-                Level::Failed => StatusCode::SERVICE_UNAVAILABLE,
-                Level::Ok | Level::Warning => StatusCode::OK,
-            };
-            (code, format!("{}\n", level.word()))
-        }),
-    );
+    let status = health.clone();
+    let scrape = Scrape {
+        api,
+        access: access.clone(),
+        health,
+        node: node.to_string(),
+    };
+    let router = Routes::new(grpc)
+        .prepare()
+        .into_axum_router()
+        .route(
+            "/health",
+            axum::routing::get(move || async move {
+                let level = status.level().await;
+                let code = match level {
+                    Level::Failed => StatusCode::SERVICE_UNAVAILABLE,
+                    Level::Ok | Level::Warning => StatusCode::OK,
+                };
+                (code, format!("{}\n", level.word()))
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(
+                move |headers: HeaderMap| async move { scrape.answer(headers).await },
+            ),
+        );
     Routes::from(router)
+}
+
+/// What `/metrics` needs.
+#[derive(Clone, Debug)]
+struct Scrape {
+    api: Api,
+    access: Access,
+    health: Arc<Health>,
+    node: String,
+}
+
+impl Scrape {
+    async fn answer(&self, headers: HeaderMap) -> axum::response::Response {
+        let metadata = MetadataMap::from_headers(headers);
+        if let Err(refused) = admit(self.access.tokens.as_deref(), &metadata, "/metrics").await {
+            let code = match refused.status.code() {
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return (code, format!("{}\n", refused.status.message())).into_response();
+        }
+        let level = self.health.level().await;
+        let text = self
+            .access
+            .metrics
+            .render(&self.node, level, self.api.pair_view().as_ref());
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    }
 }

@@ -23,6 +23,7 @@ pub mod import;
 pub mod incoming;
 pub mod isos;
 pub mod membership;
+pub mod metrics;
 pub mod model;
 pub mod ova;
 pub mod placement;

@@ -87,6 +87,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let access = Access {
         tokens,
         audit: Arc::new(Audit::new(client.clone(), &config.node)),
+        metrics: Arc::new(controller::metrics::Metrics::default()),
     };
     let api = Api::new(route_rx, client.clone(), agents, peer_tls, access.clone());
     let health = Arc::new(Health::new(client.clone(), &config.node));
@@ -104,7 +105,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     server
-        .add_routes(controller::front::routes(api, &access, health))
+        .add_routes(controller::front::routes(
+            api,
+            &access,
+            health,
+            &config.node,
+        ))
         .serve_with_shutdown(config.listen, daemon::shutdown_signal())
         .await
         .with_context(|| format!("serving the API on {}", config.listen))?;

@@ -27,6 +27,44 @@ async fn start_ft(lab: &Lab, name: &str) -> pb::Vm {
     lab.start_protected_from(request, SYNC_TIMEOUT).await
 }
 
+/// The serving controller's `/metrics` parse as Prometheus' text format and show FT VM
+/// `vm`'s committed checkpoint moving on.
+async fn metrics_move_while_protected(lab: &Lab, vm: &str) {
+    let ca = lab.dir().join("pki").join("ca.pem");
+    let token = std::fs::read_to_string(lab.admin_token()).unwrap();
+    let token = proto::auth::Token::parse(&token).unwrap();
+    let system_ip = lab.endpoints().split(',').next().unwrap().to_string();
+    let series = format!("pairvisor_ft_committed_epoch{{vm=\"{vm}\"}}");
+    let epoch = || async {
+        let (code, text) = tests::http::get(&ca, &system_ip, "/metrics", Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{text}");
+        let samples = tests::http::prometheus(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let serving = samples
+            .iter()
+            .any(|(k, v)| k.starts_with("pairvisor_controller_serving{") && *v == 1.0);
+        assert!(
+            serving,
+            "the system IP's controller does not say it serves:\n{text}"
+        );
+        samples
+            .get(&series)
+            .copied()
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    let first = epoch().await;
+    let deadline = Instant::now() + COUNTER_PERIOD_TIMEOUT;
+    loop {
+        let now = epoch().await;
+        if now > first {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} stayed at {first}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// Connects the lab's client to `vm`'s counter service.
 fn connect_client(lab: &Lab, vm: &pb::Vm) -> CounterClient {
     let mac = &vm.nics.first().expect("the FT VM has a NIC").mac;
@@ -153,6 +191,7 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
     let (a, b) = (vm.node.clone(), other(&vm.node).to_string());
     let console = Console::new(&lab, &vm);
     let before = console.wait_counters(2, COUNTER_PERIOD_TIMEOUT);
+    metrics_move_while_protected(&lab, "s").await;
 
     // B (the standby's host) loses power: the guest runs on at once, unprotected.
     lab.kill_host(&b);
@@ -210,13 +249,19 @@ async fn the_standby_host_dies_and_the_guest_runs_on_then_is_protected_again() {
         )
         .await;
     assert_eq!(again.node, b);
-    // The returning agent left the old run stopped (the pair had moved the VM), and the new
-    // standby replaced it.
+    // The returning agent did not resume the old run (the pair had moved the VM), and the
+    // new standby replaced it. The old run may be found stopped (the orphan resume is
+    // skipped) or running again: the stop above can lose a race with what the killed agent's
+    // last checkpoint left in flight in QEMU (a CI run found it running at re-attach). Either
+    // way its output stays held (no agent releases it) and the standby destroys it.
     let returned = lab.log(&a, "agent");
     assert!(
-        returned.contains("FT orphan resume skipped")
-            && returned.contains("which the pair moved to the peer"),
-        "the old run on {a} was not left stopped and replaced"
+        returned.contains("which the pair moved to the peer"),
+        "the old run on {a} was not replaced"
+    );
+    assert!(
+        !returned.contains("FT orphan resume begin"),
+        "the returning agent on {a} resumed a run the pair had moved"
     );
     let after = Console::new(&lab, &taken).wait_counters(2, COUNTER_PERIOD_TIMEOUT);
     let last = printed.last().expect("counters before the agent died");

@@ -219,6 +219,13 @@ async fn tokens_and_roles(lab: &Lab) {
     }
 
     // /health needs no token and says one word: the pair is whole and its VM runs.
-    let (code, body) = tests::http::get(&ca, &system_ip, "/health").await.unwrap();
+    let (code, body) = tests::http::get(&ca, &system_ip, "/health", None)
+        .await
+        .unwrap();
     assert_eq!((code, body.as_str()), (200, "OK\n"));
+    // /metrics needs a token.
+    let (code, _) = tests::http::get(&ca, &system_ip, "/metrics", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 401);
 }

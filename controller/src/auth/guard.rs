@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
@@ -16,24 +15,20 @@ use tonic::server::NamedService;
 
 use super::tokens::{Refusal, Tokens};
 use super::{Caller, policy};
-use crate::audit::Audit;
+use crate::api::Access;
 
 /// `inner` (a gRPC service) behind the token check.
 #[derive(Clone, Debug)]
 pub struct Guarded<S> {
     inner: S,
-    tokens: Option<Arc<Tokens>>,
-    audit: Arc<Audit>,
+    access: Access,
 }
 
 impl<S> Guarded<S> {
-    /// Guards `inner` with `tokens`; `None` admits every call as an anonymous admin (tests).
-    pub fn new(inner: S, tokens: Option<Arc<Tokens>>, audit: Arc<Audit>) -> Guarded<S> {
-        Guarded {
-            inner,
-            tokens,
-            audit,
-        }
+    /// Guards `inner` with `access`' tokens (none: every call is admitted as an anonymous
+    /// admin, tests only), recording refusals in its audit log and every call in its metrics.
+    pub fn new(inner: S, access: Access) -> Guarded<S> {
+        Guarded { inner, access }
     }
 }
 
@@ -63,26 +58,44 @@ where
         // The clone is not ready; the one polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let tokens = self.tokens.clone();
-        let audit = self.audit.clone();
+        let access = self.access.clone();
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let method = policy::method_of(request.uri().path()).to_string();
             let metadata = MetadataMap::from_headers(request.headers().clone());
-            match admit(tokens.as_deref(), &metadata, &method).await {
+            let response = match admit(access.tokens.as_deref(), &metadata, &method).await {
                 Ok(caller) => {
                     request.extensions_mut().insert(caller);
-                    inner.call(request).await
+                    inner.call(request).await?
                 }
                 Err(refused) => {
                     if let Some(caller) = &refused.caller {
-                        audit.refused(caller, &refused.status).await;
+                        access.audit.refused(caller, &refused.status).await;
                     }
                     tracing::warn!(method, code = ?refused.status.code(), reason = refused.status.message(), "API call refused");
-                    Ok(refused.status.into_http())
+                    refused.status.into_http()
                 }
-            }
+            };
+            let code = code_of(&response);
+            access.metrics.observe_call(
+                &method,
+                &format!("{code:?}"),
+                started.elapsed().as_secs_f64(),
+            );
+            Ok(response)
         })
     }
+}
+
+/// The gRPC code of a response: in its headers when it failed at once (trailers-only),
+/// else OK (a unary call's status follows its message, a stream's its end).
+fn code_of(response: &http::Response<Body>) -> tonic::Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
 }
 
 /// A refused call: the status to answer, and the caller if the token was good.

@@ -18,9 +18,12 @@ const READ_ONLY: [&str; 10] = [
     "WhoAmI",
 ];
 
-/// The role method `method` (its gRPC name, e.g. "CreateVm") needs.
+/// Plain HTTP paths of the API port that any token may read (`/health` needs none).
+const READ_ONLY_PATHS: [&str; 1] = ["/metrics"];
+
+/// The role method `method` (its gRPC name, e.g. "CreateVm", or an HTTP path) needs.
 pub fn needs(method: &str) -> Role {
-    if READ_ONLY.contains(&method) {
+    if READ_ONLY.contains(&method) || READ_ONLY_PATHS.contains(&method) {
         Role::ReadOnly
     } else {
         Role::Admin
@@ -61,6 +64,7 @@ mod tests {
             assert_eq!(needs(method), Role::Admin, "{method}");
         }
         assert_eq!(needs("ListVms"), Role::ReadOnly);
+        assert_eq!(needs("/metrics"), Role::ReadOnly);
     }
 
     #[test]
