@@ -6,7 +6,7 @@
 //! (`$XDG_CONFIG_HOME/pairvisor/token` or `~/.config/pairvisor/token`, mode 0600), else the
 //! default lab's first admin token if this user may read it.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -104,9 +104,9 @@ pub fn find_token(token_file: Option<&Path>) -> anyhow::Result<Option<Token>> {
     Ok(read_token(Path::new(LAB_TOKEN)).ok())
 }
 
-/// Writes `token` to `path` (mode 0600) through a synced temporary file.
+/// Writes `token` to `path` (mode 0600, its directory 0700) through a synced temporary file.
 fn store(path: &Path, token: &Token) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -114,18 +114,7 @@ fn store(path: &Path, token: &Token) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(format!("{token}\n").as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+    crate::files::write_file(path, &format!("{token}\n"), 0o600)
 }
 
 fn role_name(role: pb::Role) -> &'static str {

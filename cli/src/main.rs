@@ -4,6 +4,7 @@
 mod access;
 mod client;
 mod export;
+mod files;
 mod import;
 mod isos;
 mod lab;
