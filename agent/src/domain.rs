@@ -203,6 +203,11 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
             );
         }
     }
+    // A screen for `screendump` (an ISO installer shows itself there). Not for FT: its
+    // checkpoints track the guest's RAM, not video memory.
+    if spec.ft.is_none() {
+        xml.push_str("    <video><model type='vga' vram='16384' heads='1'/></video>\n");
+    }
     xml.push_str("    <memballoon model='none'/>\n");
     xml.push_str("  </devices>\n");
     if let Some(ft) = &spec.ft {
@@ -473,6 +478,7 @@ mod tests {
     <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/sg0/b.qcow2'/><target dev='vdb' bus='virtio'/><alias name='ua-vdb'/></disk>
     <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/><alias name='ua-net0'/></interface>
     <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
+    <video><model type='vga' vram='16384' heads='1'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -571,6 +577,15 @@ mod tests {
         assert!(xml.contains(
             "<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/pv/ft,,a.qmp,server=on,wait=off'/><qemu:arg value='-object'/><qemu:arg value='filter-buffer,id=ft-net0,netdev=hostua-net0,queue=rx,interval=4294967295,status=off'/><qemu:arg value='-incoming'/><qemu:arg value='defer'/><qemu:arg value='-global'/><qemu:arg value='migration.send-configuration=off'/><qemu:arg value='-machine'/><qemu:arg value='suppress-vmdesc=on'/></qemu:commandline>\n</domain>"
         ));
+    }
+
+    #[test]
+    fn domain_xml_ft_has_no_screen_and_others_have_one() {
+        let ft = domain_xml(&ft_spec("/run/pv/a.qmp", false), &tcg());
+        let ha = domain_xml(&kernel_spec(), &tcg());
+
+        assert!(!ft.contains("<video>"));
+        assert!(ha.contains("<video><model type='vga'"));
     }
 
     #[test]

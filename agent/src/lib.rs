@@ -22,6 +22,7 @@ pub mod nbd;
 pub mod qemu_img;
 pub mod qmp_block;
 pub mod replica;
+pub mod screen;
 pub mod seek;
 pub mod serial;
 pub mod service;

@@ -742,6 +742,21 @@ impl pb::agent_server::Agent for AgentService {
         ))
     }
 
+    async fn screenshot(
+        &self,
+        request: Request<pb::ScreenshotRequest>,
+    ) -> Result<Response<pb::ScreenshotReply>, Status> {
+        let uuid = request.into_inner().uuid;
+        if uuid_invalid(&uuid) {
+            return Err(invalid(format!("{uuid:?} is not a UUID")).into());
+        }
+        let dir = self.inner.state_dir.join("screens");
+        let png = crate::screen::png(&self.inner.deps.libvirt, &uuid, &dir)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ScreenshotReply { png }))
+    }
+
     type StreamSerialStream = SerialStream;
 
     async fn stream_serial(

@@ -114,7 +114,7 @@ fn store(path: &Path, token: &Token) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    crate::files::write_file(path, &format!("{token}\n"), 0o600)
+    crate::files::write_file(path, format!("{token}\n"), 0o600)
 }
 
 fn role_name(role: pb::Role) -> &'static str {

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use anyhow::Context;
 
-/// Writes `text` to `path` with `mode`, through a synced temporary file renamed over it: a
+/// Writes `bytes` to `path` with `mode`, through a synced temporary file renamed over it: a
 /// crash leaves the old file or the new one, never a part.
-pub fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub fn write_file(path: &Path, bytes: impl AsRef<[u8]>, mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -17,7 +17,7 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
+    file.write_all(bytes.as_ref())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))

@@ -171,6 +171,13 @@ enum ApiCmd {
         #[arg(long)]
         memory: Option<String>,
     },
+    /// Save a running VM's screen as a PNG (FT VMs have none: see vm-console).
+    VmScreenshot {
+        /// VM name or UUID.
+        vm: String,
+        /// The PNG file to write (written whole or not at all).
+        file: PathBuf,
+    },
     /// Show a VM's serial console.
     VmConsole {
         /// VM name or UUID.
@@ -558,6 +565,17 @@ async fn run_api(
                 .call(request, |mut c, r| async move { c.modify_vm(r).await })
                 .await?;
             print(json, &vm_json(&vm), &vm_text(&vm));
+        }
+        ApiCmd::VmScreenshot { vm, file } => {
+            let shot = api
+                .call(pb::ScreenshotVmRequest { vm }, |mut c, r| async move {
+                    c.screenshot_vm(r).await
+                })
+                .await?;
+            files::write_file(&file, &shot.png, 0o644)?;
+            let value = serde_json::json!({ "file": file, "bytes": shot.png.len() });
+            let text = format!("{} ({} bytes)\n", file.display(), shot.png.len());
+            print(json, &value, &text);
         }
         ApiCmd::VmConsole {
             vm,

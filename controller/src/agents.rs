@@ -577,6 +577,21 @@ impl Agent {
             .map_err(self.failed("reading serial console"))?
             .into_inner())
     }
+
+    /// The screen of running domain `uuid`, as PNG bytes.
+    pub async fn screenshot(&self, uuid: &str) -> Result<Vec<u8>, Error> {
+        let message = pb::ScreenshotRequest {
+            uuid: uuid.to_string(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .screenshot(tonic::Request::new(message))
+            .await
+            .map_err(self.failed("taking a screenshot"))?
+            .into_inner()
+            .png)
+    }
 }
 
 fn command(uuid: &str, token: Token) -> pb::DomainCommand {

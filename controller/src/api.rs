@@ -134,6 +134,29 @@ impl Api {
         })
     }
 
+    /// VM `vm` (a name or UUID) and the agent of the host it runs on, read from etcd: what
+    /// any controller serves the VM's console and screen through.
+    async fn agent_of(&self, vm: &str) -> Result<(VmRecord, crate::agents::Agent), ApiError> {
+        let unavailable = |e: store::Error| ApiError::Unavailable(chain(&e));
+        let client = &self.inner.client;
+        let vm = store::find_vm(client, vm)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| ApiError::NotFound { vm: vm.to_string() })?;
+        let node = store::find_node(client, &vm.node)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!("node {} of VM {} is down", vm.node, vm.name))
+            })?;
+        let agent = self
+            .inner
+            .agents
+            .get(&node.name, &node.agent_address)
+            .map_err(|e| ApiError::Internal(chain(&e)))?;
+        Ok((vm, agent))
+    }
+
     /// Records `result` of the call `request` was in the audit log, if its method is audited.
     async fn audit(&self, request: &Audited, id: Option<&str>, outcome: String) {
         if let Some((caller, subject)) = request {
@@ -684,25 +707,7 @@ impl pb::pairvisor_server::Pairvisor for Api {
         request: Request<pb::StreamConsoleRequest>,
     ) -> Result<Response<ConsoleStream>, Status> {
         let message = request.into_inner();
-        let unavailable = |e: store::Error| ApiError::Unavailable(chain(&e));
-        let client = &self.inner.client;
-        let vm = store::find_vm(client, &message.vm)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| ApiError::NotFound {
-                vm: message.vm.clone(),
-            })?;
-        let node = store::find_node(client, &vm.node)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!("node {} of VM {} is down", vm.node, vm.name))
-            })?;
-        let agent = self
-            .inner
-            .agents
-            .get(&node.name, &node.agent_address)
-            .map_err(|e| ApiError::Internal(chain(&e)))?;
+        let (vm, agent) = self.agent_of(&message.vm).await?;
         let serial = agent
             .stream_serial(&vm.uuid, message.tail_bytes, message.follow)
             .await
@@ -714,6 +719,15 @@ impl pb::pairvisor_server::Pairvisor for Api {
             })
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn screenshot_vm(
+        &self,
+        request: Request<pb::ScreenshotVmRequest>,
+    ) -> Result<Response<pb::ScreenshotVmResponse>, Status> {
+        let (vm, agent) = self.agent_of(&request.into_inner().vm).await?;
+        let png = agent.screenshot(&vm.uuid).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ScreenshotVmResponse { png }))
     }
 }
 

@@ -14,6 +14,23 @@ const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The ISO directory of storage group sg0 on `node`.
+/// How many different pixels a PNG has (1: blank).
+fn distinct_colours(png: &Path) -> usize {
+    let file = std::fs::File::open(png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap_or_else(|e| panic!("{} is not a PNG: {e}", png.display()));
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    let bytes_per_pixel = frame.color_type.samples() * usize::from(frame.bit_depth as u8) / 8;
+    assert!(frame.width >= 320 && frame.height >= 200, "{frame:?}");
+    let pixels = &pixels[..frame.buffer_size()];
+    let mut seen: Vec<&[u8]> = pixels.chunks(bytes_per_pixel.max(1)).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
 fn iso_dir(lab: &Lab, node: &str) -> PathBuf {
     lab.volume_path(node, "x").with_file_name(".isos")
 }
@@ -172,6 +189,11 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     console.wait_line("the CD's GRUB", GUEST_BOOT_TIMEOUT, |l| {
         l.contains("GNU GRUB")
     });
+    // Its screen can be saved: a PNG that is not blank (the firmware and GRUB wrote on it).
+    let shot = lab.dir().join("cdvm.png");
+    pvctl_ok(&lab.pvctl(&["vm-screenshot", "cdvm", shot.to_str().unwrap()]));
+    let colours = distinct_colours(&shot);
+    assert!(colours >= 2, "the screenshot {} is blank", shot.display());
     let listed = pvctl_json(&lab.pvctl(&["--json", "iso-list"]));
     assert_eq!(listed[0]["used_by"][0], "cdvm");
 

@@ -113,6 +113,9 @@ pub enum Error {
     /// Converting a volume for export failed.
     #[error(transparent)]
     Export(#[from] export::Error),
+    /// A screenshot failed.
+    #[error(transparent)]
+    Screen(#[from] crate::screen::Error),
     /// The spec names a network this host does not have.
     #[error("network {name} is not configured on this host (known: {known})")]
     UnknownNetwork {
@@ -153,10 +156,15 @@ impl From<Error> for Status {
                 Status::failed_precondition(message)
             }
             Error::Fence(fence::Error::Refused(_)) => Status::aborted(message),
-            Error::Libvirt(libvirt::Error::DomainRunning { .. }) => {
-                Status::failed_precondition(message)
-            }
+            Error::Libvirt(libvirt::Error::DomainRunning { .. })
+            | Error::Screen(
+                crate::screen::Error::NoScreen { .. }
+                | crate::screen::Error::Libvirt(libvirt::Error::DomainNotRunning { .. }),
+            ) => Status::failed_precondition(message),
             Error::Libvirt(libvirt::Error::DomainUnknown { .. })
+            | Error::Screen(crate::screen::Error::Libvirt(libvirt::Error::DomainUnknown {
+                ..
+            }))
             | Error::Mirror(mirror::Error::Libvirt(libvirt::Error::DomainUnknown { .. })) => {
                 Status::not_found(message)
             }
@@ -212,6 +220,7 @@ impl From<Error> for Status {
             )) => Status::invalid_argument(message),
             Error::Standby { .. } => Status::failed_precondition(message),
             Error::Libvirt(_)
+            | Error::Screen(_)
             | Error::Mirror(_)
             | Error::Replica(_)
             | Error::Storage(_)

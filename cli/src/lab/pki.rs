@@ -117,7 +117,7 @@ impl Pki {
             &serde_json::to_string_pretty(&[record])?,
             0o644,
         )?;
-        write_file(&self.admin_token(), &format!("{token}\n"), 0o600)
+        write_file(&self.admin_token(), format!("{token}\n"), 0o600)
     }
 
     fn ensure_certificates(&self, plan: &Plan) -> anyhow::Result<()> {
@@ -150,9 +150,9 @@ impl Pki {
             let controller = leaf(&format!("{} controller", host.name), host.name, &[], false)?;
             self.write_leaf(&self.controller(host), &controller, &controllers)?;
         }
-        write_file(&self.controllers_ca(), &controllers_cert.pem(), 0o644)?;
-        write_file(&self.agents_ca(), &agents_cert.pem(), 0o644)?;
-        write_file(&self.ca(), &root.as_ref().pem(), 0o644)
+        write_file(&self.controllers_ca(), controllers_cert.pem(), 0o644)?;
+        write_file(&self.agents_ca(), agents_cert.pem(), 0o644)?;
+        write_file(&self.ca(), root.as_ref().pem(), 0o644)
     }
 
     /// Every file of a whole set.
@@ -174,8 +174,8 @@ impl Pki {
     ) -> anyhow::Result<()> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, issuer)?;
-        write_file(&pair.key, &key.serialize_pem(), 0o600)?;
-        write_file(&pair.cert, &cert.pem(), 0o644)
+        write_file(&pair.key, key.serialize_pem(), 0o600)?;
+        write_file(&pair.cert, cert.pem(), 0o644)
     }
 }
 

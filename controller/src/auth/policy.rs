@@ -5,7 +5,7 @@ use super::Role;
 
 /// The methods a read-only token may call: they change nothing and reveal no disk content
 /// (ExportVm does) nor who holds access (ListTokens, ListAudit).
-const READ_ONLY: [&str; 10] = [
+const READ_ONLY: [&str; 11] = [
     "GetVm",
     "ListVms",
     "ListNodes",
@@ -13,6 +13,7 @@ const READ_ONLY: [&str; 10] = [
     "GetHealthConfig",
     "WatchEvents",
     "StreamConsole",
+    "ScreenshotVm",
     "ListSnapshots",
     "ListIsos",
     "WhoAmI",
