@@ -3,8 +3,9 @@
 //! Three layers:
 //! - [`frame`]: the wire codec (header with magic, version, kind, flags, stream id, sequence,
 //!   length and CRC32);
-//! - [`link`]: the link set — TCP connections, handshake, keepalives, failure detection,
-//!   reconnects — and the [`Endpoint`] that owns the session (acks, resend, dedupe);
+//! - [`link`]: the link set — dialing and accepting TCP connections (each run by `conn.rs`:
+//!   [`tls`], handshake, frames, keepalives), failure detection, reconnects — and the
+//!   [`Endpoint`] that owns the session (acks, resend, dedupe);
 //! - [`stream`]: named streams with backpressure, and [`proxy`] to carry local TCP or Unix
 //!   socket connections (QEMU NBD, migration) over them.
 //!
@@ -25,6 +26,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod conn;
 pub mod fault;
 pub mod frame;
 #[cfg(feature = "fuzzing")]
