@@ -533,6 +533,11 @@ impl Replicas {
         self.endpoint.local_addrs()
     }
 
+    /// Each A-Link's state and counters.
+    pub fn link_stats(&self) -> Vec<replicator::LinkStats> {
+        self.endpoint.stats().links
+    }
+
     /// Waits until `links` A-Links to the peer are up; whether that happened within `timeout`.
     pub async fn wait_links_up(&self, links: usize, timeout: Duration) -> bool {
         self.endpoint.wait_links_up(links, timeout).await

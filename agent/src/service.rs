@@ -655,6 +655,14 @@ impl pb::agent_server::Agent for AgentService {
                 .collect(),
             term: deps.fence.term(),
             lease_alive: deps.lease.borrow().status() == LeaseStatus::Alive,
+            alinks: deps
+                .replicas
+                .as_deref()
+                .map(Replicas::link_stats)
+                .unwrap_or_default()
+                .iter()
+                .map(alink_to_pb)
+                .collect(),
         }))
     }
 
@@ -778,6 +786,17 @@ impl pb::agent_server::Agent for AgentService {
             .map_err(|e| Status::internal(format!("reading serial log: {e}")))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn alink_to_pb(link: &replicator::LinkStats) -> pb::AlinkStats {
+    pb::AlinkStats {
+        index: u32::try_from(link.index).unwrap_or(u32::MAX),
+        up: link.state == replicator::LinkState::Up,
+        bytes_sent: link.bytes_sent,
+        bytes_received: link.bytes_received,
+        retransmits: link.retransmits,
+        rtt_us: link.rtt_us,
     }
 }
 

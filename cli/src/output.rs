@@ -337,6 +337,11 @@ pub fn nodes_json(resp: &pb::ListNodesResponse) -> Value {
             "paths": n.paths.iter().map(|p| json!({
                 "name": p.name, "up": p.up, "ms_since_heard": p.ms_since_heard,
             })).collect::<Vec<_>>(),
+            "alinks": n.alinks.iter().map(|l| json!({
+                "name": l.name, "up": l.up, "bytes_sent": l.bytes_sent,
+                "bytes_received": l.bytes_received, "retransmits": l.retransmits,
+                "rtt_us": l.rtt_us,
+            })).collect::<Vec<_>>(),
             "api_address": n.api_address,
             "cpus": n.cpus,
             "memory_mib": n.memory_mib,
@@ -408,6 +413,17 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
                 paths.join(", ")
             },
         ));
+        for l in &n.alinks {
+            let rtt = l.rtt_us.map_or("-".to_string(), |us| format!("{us} us"));
+            text.push_str(&format!(
+                "  {} {}: sent {}, received {}, {} retransmits, rtt {rtt}\n",
+                l.name,
+                if l.up { "up" } else { "down" },
+                human(l.bytes_sent),
+                human(l.bytes_received),
+                l.retransmits
+            ));
+        }
     }
     if let Some(c) = &resp.capacity {
         text.push_str(&format!(

@@ -201,6 +201,7 @@ fn render_pair(out: &mut Out, pair: &PairView) {
             );
         }
     }
+    alinks(out, &pair.nodes);
     out.family("pairvisor_vm_running", "gauge", "Whether the VM runs.");
     for vm in &pair.vms {
         let running = vm.state() == pb::VmState::Running;
@@ -212,6 +213,59 @@ fn render_pair(out: &mut Out, pair: &PairView) {
     }
     vm_protection(out, &pair.vms);
     vm_ft(out, &pair.vms);
+}
+
+/// Each host's side of each A-Link: counters since its agent started.
+fn alinks(out: &mut Out, nodes: &[pb::Node]) {
+    out.family(
+        "pairvisor_alink_up",
+        "gauge",
+        "Whether the A-Link is up, as the host's replicator sees it.",
+    );
+    out.family(
+        "pairvisor_alink_sent_bytes_total",
+        "counter",
+        "Bytes the host sent on the A-Link.",
+    );
+    out.family(
+        "pairvisor_alink_received_bytes_total",
+        "counter",
+        "Bytes the host received on the A-Link.",
+    );
+    out.family(
+        "pairvisor_alink_retransmits_total",
+        "counter",
+        "Frames first sent on the A-Link and resent on the other after it failed.",
+    );
+    out.family(
+        "pairvisor_alink_rtt_seconds",
+        "gauge",
+        "The A-Link's last keepalive round trip.",
+    );
+    for node in nodes {
+        for link in &node.alinks {
+            let labels = [("node", node.name.as_str()), ("link", link.name.as_str())];
+            out.sample("pairvisor_alink_up", &labels, f64::from(u8::from(link.up)));
+            out.sample(
+                "pairvisor_alink_sent_bytes_total",
+                &labels,
+                as_f64(link.bytes_sent),
+            );
+            out.sample(
+                "pairvisor_alink_received_bytes_total",
+                &labels,
+                as_f64(link.bytes_received),
+            );
+            out.sample(
+                "pairvisor_alink_retransmits_total",
+                &labels,
+                as_f64(link.retransmits),
+            );
+            if let Some(rtt) = link.rtt_us {
+                out.sample("pairvisor_alink_rtt_seconds", &labels, as_f64(rtt) / 1e6);
+            }
+        }
+    }
 }
 
 fn vm_protection(out: &mut Out, vms: &[pb::Vm]) {
@@ -381,9 +435,20 @@ mod tests {
             }),
             ..pb::Vm::default()
         };
+        let node = pb::Node {
+            name: "n0".into(),
+            alinks: vec![pb::Alink {
+                name: "alink1".into(),
+                up: true,
+                bytes_sent: 4096,
+                rtt_us: Some(250),
+                ..pb::Alink::default()
+            }],
+            ..pb::Node::default()
+        };
         let pair = PairView {
             vms: vec![vm],
-            nodes: Vec::new(),
+            nodes: vec![node],
             alerts: 2,
         };
 
@@ -396,6 +461,12 @@ mod tests {
         assert!(text.contains("pairvisor_ft_last_pause_seconds{vm=\"we\\\"b\"} 0.0125\n"));
         assert!(text.contains("pairvisor_vm_running{vm=\"we\\\"b\"} 1\n"));
         assert!(text.contains("pairvisor_alerts_open 2\n"));
+        assert!(
+            text.contains("pairvisor_alink_sent_bytes_total{node=\"n0\",link=\"alink1\"} 4096\n")
+        );
+        assert!(
+            text.contains("pairvisor_alink_rtt_seconds{node=\"n0\",link=\"alink1\"} 0.00025\n")
+        );
         assert!(text.contains("pairvisor_controller_serving{node=\"n1\"} 1\n"));
     }
 

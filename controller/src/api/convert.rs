@@ -272,6 +272,18 @@ pub(super) fn nodes_to_pb(view: &NodesView) -> pb::ListNodesResponse {
                         ms_since_heard: p.since_ms,
                     })
                     .collect(),
+                alinks: n
+                    .alinks
+                    .iter()
+                    .map(|l| pb::Alink {
+                        name: l.name.clone(),
+                        up: l.up,
+                        bytes_sent: l.bytes_sent,
+                        bytes_received: l.bytes_received,
+                        retransmits: l.retransmits,
+                        rtt_us: l.rtt_us,
+                    })
+                    .collect(),
             }
         })
         .collect();

@@ -609,6 +609,11 @@ impl Engine {
                         .cloned()
                         .unwrap_or_default(),
                     paths: self.path_views(&member.name),
+                    alinks: self
+                        .last_health
+                        .as_ref()
+                        .map(|p| p.alinks_of(&member.name))
+                        .unwrap_or_default(),
                     running_vms: view::running_on(
                         self.vms.values().map(|e| &e.record),
                         &member.name,

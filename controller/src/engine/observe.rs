@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::actor::{Engine, Internal};
 use super::effects::stopped_event;
 use super::fencing::held;
-use super::view::PathView;
+use super::view::{AlinkView, PathView};
 use crate::error::chain;
 use crate::health::{self, HostState, Observation, PathHeard};
 use crate::model::{Intent, VmState};
@@ -80,6 +80,25 @@ impl HealthPoll {
     /// Whether `node`'s agent answered this poll.
     pub fn answered(&self, node: &str) -> bool {
         self.reports.get(node).is_some_and(Option::is_some)
+    }
+
+    /// `node`'s side of each A-Link, from its own report (none if it did not answer).
+    pub fn alinks_of(&self, node: &str) -> Vec<AlinkView> {
+        let Some(Some(report)) = self.reports.get(node) else {
+            return Vec::new();
+        };
+        report
+            .alinks
+            .iter()
+            .map(|l| AlinkView {
+                name: format!("alink{}", l.index.saturating_add(1)),
+                up: l.up,
+                bytes_sent: l.bytes_sent,
+                bytes_received: l.bytes_received,
+                retransmits: l.retransmits,
+                rtt_us: l.rtt_us,
+            })
+            .collect()
     }
 
     /// What the host other than `node` hears of it on each path; `None` if that host's agent

@@ -21,6 +21,23 @@ pub struct PathView {
     pub since_ms: Option<u64>,
 }
 
+/// One A-Link as a host's agent last reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlinkView {
+    /// Its name ("alink1", "alink2").
+    pub name: String,
+    /// Whether it is up.
+    pub up: bool,
+    /// Bytes sent since the agent started.
+    pub bytes_sent: u64,
+    /// Bytes received since the agent started.
+    pub bytes_received: u64,
+    /// Frames resent on the other link after this one failed.
+    pub retransmits: u64,
+    /// The last keepalive round trip, in microseconds.
+    pub rtt_us: Option<u64>,
+}
+
 /// A node as the serving controller sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeView {
@@ -40,6 +57,8 @@ pub struct NodeView {
     pub api_address: String,
     /// What the other host hears of it on each path.
     pub paths: Vec<PathView>,
+    /// Its side of each A-Link (empty when its agent did not answer).
+    pub alinks: Vec<AlinkView>,
     /// VMs running there.
     pub running_vms: u32,
 }
