@@ -27,8 +27,8 @@ async fn start_ft(lab: &Lab, name: &str) -> pb::Vm {
     lab.start_protected_from(request, SYNC_TIMEOUT).await
 }
 
-/// The serving controller's `/metrics` parse as Prometheus' text format and show FT VM
-/// `vm`'s committed checkpoint moving on.
+/// The serving controller's `/metrics` parse as Prometheus' text format, show the A-Links
+/// carrying bytes and FT VM `vm`'s committed checkpoint moving on.
 async fn metrics_move_while_protected(lab: &Lab, vm: &str) {
     let ca = lab.dir().join("pki").join("ca.pem");
     let token = std::fs::read_to_string(lab.admin_token()).unwrap();
@@ -47,6 +47,13 @@ async fn metrics_move_while_protected(lab: &Lab, vm: &str) {
         assert!(
             serving,
             "the system IP's controller does not say it serves:\n{text}"
+        );
+        let carried = samples
+            .iter()
+            .any(|(k, v)| k.starts_with("pairvisor_alink_sent_bytes_total{") && *v > 0.0);
+        assert!(
+            carried,
+            "no A-Link carried a byte for a protected FT VM:\n{text}"
         );
         samples
             .get(&series)
