@@ -1,6 +1,7 @@
-//! What a controller serves on its API port: the public gRPC API behind the token guard,
-//! the unauthenticated `GET /health` ([`crate::status`]) and `GET /metrics`
-//! ([`crate::metrics`], for any token: Prometheus' `authorization` with a read-only one).
+//! What a controller serves on its API port: the public gRPC API behind the token guard (also
+//! as gRPC-Web, for the browser console), the console's files ([`crate::console`]), the
+//! unauthenticated `GET /health` ([`crate::status`]) and `GET /metrics` ([`crate::metrics`],
+//! for any token: Prometheus' `authorization` with a read-only one).
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
+use tower_layer::Layer;
 
 use crate::api::{Access, Api};
 use crate::auth::guard::{Guarded, admit};
@@ -15,10 +17,11 @@ use crate::status::{Health, Level};
 
 /// The routes of the API port of controller `node`.
 pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Routes {
-    let grpc = Guarded::new(
+    // gRPC-Web is translated to gRPC before the guard, so both meet the same checks.
+    let grpc = tonic_web::GrpcWebLayer::new().layer(Guarded::new(
         proto::v1::pairvisor_server::PairvisorServer::new(api.clone()),
         access.clone(),
-    );
+    ));
     let status = health.clone();
     let scrape = Scrape {
         api,
@@ -26,9 +29,8 @@ pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Rou
         health,
         node: node.to_string(),
     };
-    let router = Routes::new(grpc)
-        .prepare()
-        .into_axum_router()
+    let router = Routes::new(grpc).prepare().into_axum_router();
+    let router = crate::console::add_routes(router)
         .route(
             "/health",
             axum::routing::get(move || async move {

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod bmc;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -11,6 +11,9 @@ pub mod v1 {
     tonic::include_proto!("pairvisor.v1");
 }
 
+/// The public API's definition, as the browser console parses it to speak gRPC-Web.
+pub const PUBLIC_API_PROTO: &str = include_str!("../proto/pairvisor/v1/api.proto");
+
 /// Internal API of the per-host agent.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod agent {
