@@ -15,7 +15,8 @@ GUEST_PKGS=(busybox-static gzip)
 # openipmi: ipmi_sim, the lab's simulated BMC per host (controller/tests/bmc.rs uses it too);
 # python3: the processes that write pages for the dirty-page trackers' tests.
 # grub-rescue-pc: the GRUB rescue ISO the ISO library test uploads and boots.
-TEST_PKGS=(nftables socat openipmi e2fsprogs python3 grub-rescue-pc)
+# chromium: the browser the console's end-to-end test drives headless.
+TEST_PKGS=(nftables socat openipmi e2fsprogs python3 grub-rescue-pc chromium)
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()

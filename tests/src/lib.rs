@@ -6,6 +6,7 @@
 //! These tests need root (namespaces) and the packages of `scripts/install-deps.sh`. Set
 //! `PV_SKIP_E2E=1` to skip them in a quick local loop.
 
+pub mod browser;
 pub mod client;
 pub mod disk;
 pub mod ft_rig;
