@@ -28,7 +28,9 @@ for _ in $(seq 120); do
 done
 $pvctl vm-info "$VM"
 $pvctl node-info
-echo "== console of $VM (each COUNTER line was written to its disk with O_DIRECT + fsync first)"
+lab_dir=${PV_LAB_DIR:-/var/lib/pairvisor-lab}
+echo "== browser console: https://10.100.0.10:7400/  token: $(cat "$lab_dir/pki/admin.token")  (CA: $lab_dir/pki/ca.pem)"
+echo "== serial console of $VM (each COUNTER line was written to its disk with O_DIRECT + fsync first)"
 if [ -t 1 ]; then
   $pvctl vm-console "$VM" --follow
 else

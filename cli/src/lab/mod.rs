@@ -140,13 +140,14 @@ pub async fn up(plan: &Plan) -> anyhow::Result<()> {
     let pki = Pki::of(plan);
     let token = crate::access::lab_token(&pki.admin_token())?;
     println!(
-        "lab up in {:.1} s. API endpoints (TLS, CA {}): {}\nadmin token (also in {}, which pvctl reads as root): {token}\nhealth: https://{}:{API_PORT}/health\n  pvctl node-info\n  pvctl vm-create demo --mode ha --disk 16M --network {BUSINESS_NETWORK} --kernel-image {}\n  pvctl lab down",
+        "lab up in {:.1} s. API endpoints (TLS, CA {}): {}\nadmin token (also in {}, which pvctl reads as root): {token}\nconsole: https://{sysip}:{API_PORT}/ (log in with the admin token; the browser must trust {} or accept the certificate)\nhealth: https://{sysip}:{API_PORT}/health\n  pvctl node-info\n  pvctl vm-create demo --mode ha --disk 16M --network {BUSINESS_NETWORK} --kernel-image {}\n  pvctl lab down",
         total.elapsed().as_secs_f64(),
         pki.ca().display(),
         plan.endpoints(),
         pki.admin_token().display(),
-        plan.system_ip(),
+        pki.ca().display(),
         images::TINY_GUEST_NAME,
+        sysip = plan.system_ip(),
     );
     Ok(())
 }
