@@ -103,6 +103,13 @@ fn ft_json(ft: &pb::FtInfo) -> Value {
         "committed_epoch": ft.committed_epoch,
         "last_error": ft.last_error,
         "waiting_for_mirror": ft.waiting_for_mirror,
+        "pauses": {
+            "count": ft.pause_count,
+            "sum_ms": ft.pause_sum_ms,
+            "buckets": ft.pause_histogram.iter()
+                .map(|b| json!({ "le_ms": b.le_ms, "count": b.count }))
+                .collect::<Vec<_>>(),
+        },
     })
 }
 
@@ -118,6 +125,14 @@ pub fn ft_text(ft: &pb::FtInfo) -> String {
     }
     if let Some(pause) = ft.last_pause_ms {
         parts.push(format!("last pause {pause:.1} ms"));
+    }
+    if ft.pause_count > 0 {
+        #[allow(clippy::cast_precision_loss, reason = "counts far below 2^53")]
+        let mean = ft.pause_sum_ms / ft.pause_count as f64;
+        parts.push(format!(
+            "mean pause {mean:.1} ms over {} checkpoints",
+            ft.pause_count
+        ));
     }
     if ft.waiting_for_mirror {
         parts.push("waiting for the mirror".into());
@@ -606,6 +621,12 @@ mod tests {
                 committed_epoch: 1234,
                 last_error: "the standby refused epoch 17".into(),
                 waiting_for_mirror: false,
+                pause_histogram: vec![pb::PauseBucket {
+                    le_ms: 5.0,
+                    count: 3,
+                }],
+                pause_count: 4,
+                pause_sum_ms: 14.0,
             }),
             ..Default::default()
         }
@@ -617,7 +638,7 @@ mod tests {
 
         assert_eq!(
             text,
-            "protected, epoch 1234, 9.8 epochs/s, last pause 3.2 ms, last error: the standby refused epoch 17"
+            "protected, epoch 1234, 9.8 epochs/s, last pause 3.2 ms, mean pause 3.5 ms over 4 checkpoints, last error: the standby refused epoch 17"
         );
     }
 
@@ -652,6 +673,8 @@ mod tests {
         assert_eq!(value["ft"]["epochs_per_second"], 9.84);
         assert_eq!(value["ft"]["last_pause_ms"], 3.25);
         assert_eq!(value["ft"]["committed_epoch"], 1234);
+        assert_eq!(value["ft"]["pauses"]["count"], 4);
+        assert_eq!(value["ft"]["pauses"]["buckets"][0]["le_ms"], 5.0);
         assert_eq!(value["protection"]["last_failover"]["downtime_ms"], 450);
     }
 

@@ -98,6 +98,19 @@ pub struct FtSeen {
     pub error: String,
     /// Whether the epochs wait for the disks' mirrors to be in sync.
     pub waiting_for_mirror: bool,
+    /// Every checkpoint pause of the run.
+    pub pauses: PauseHistogram,
+}
+
+/// Checkpoint pauses of one run as a cumulative histogram.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PauseHistogram {
+    /// `(bound in µs, pauses of at most it)`, bounds ascending.
+    pub buckets: Vec<(u64, u64)>,
+    /// All pauses, above the last bound too.
+    pub count: u64,
+    /// Their sum in µs.
+    pub sum_us: u64,
 }
 
 /// What the phase is derived from.
@@ -339,6 +352,8 @@ pub struct Metrics {
     pub last_error: Option<String>,
     /// Whether the epochs wait for the mirrors.
     pub waiting_for_mirror: bool,
+    /// The run's checkpoint pauses.
+    pub pauses: PauseHistogram,
 }
 
 /// The figures after report `seen` from `node` at `now_ms` (monotonic), given the last ones.
@@ -364,6 +379,7 @@ pub fn metrics(prev: Option<&Metrics>, node: &str, seen: &FtSeen, now_ms: u64) -
         last_pause_ms: (seen.committed_epoch > 0).then(|| as_f64(seen.last_pause_us) / 1000.0),
         last_error,
         waiting_for_mirror: seen.waiting_for_mirror,
+        pauses: seen.pauses.clone(),
     }
 }
 

@@ -324,6 +324,11 @@ fn vm_ft(out: &mut Out, vms: &[pb::Vm]) {
         "gauge",
         "The last checkpoint's pause of the guest.",
     );
+    out.family(
+        "pairvisor_ft_checkpoint_pause_seconds",
+        "histogram",
+        "Every checkpoint's pause of the guest in the FT VM's current run.",
+    );
     for vm in vms {
         let Some(ft) = &vm.ft else {
             continue;
@@ -340,7 +345,32 @@ fn vm_ft(out: &mut Out, vms: &[pb::Vm]) {
         if let Some(pause) = ft.last_pause_ms {
             out.sample("pairvisor_ft_last_pause_seconds", &labels, pause / 1000.0);
         }
+        pause_histogram(out, &vm.name, ft);
     }
+}
+
+/// `ft`'s checkpoint pauses as a Prometheus histogram (none before its run reported any).
+fn pause_histogram(out: &mut Out, vm: &str, ft: &pb::FtInfo) {
+    if ft.pause_histogram.is_empty() {
+        return;
+    }
+    let name = "pairvisor_ft_checkpoint_pause_seconds";
+    for bucket in &ft.pause_histogram {
+        let le = number(bucket.le_ms / 1000.0);
+        out.sample(
+            &format!("{name}_bucket"),
+            &[("vm", vm), ("le", &le)],
+            as_f64(bucket.count),
+        );
+    }
+    let labels = [("vm", vm)];
+    out.sample(
+        &format!("{name}_bucket"),
+        &[("vm", vm), ("le", "+Inf")],
+        as_f64(ft.pause_count),
+    );
+    out.sample(&format!("{name}_sum"), &labels, ft.pause_sum_ms / 1000.0);
+    out.sample(&format!("{name}_count"), &labels, as_f64(ft.pause_count));
 }
 
 #[allow(clippy::cast_precision_loss, reason = "counters far below 2^53")]
@@ -431,6 +461,18 @@ mod tests {
             ft: Some(pb::FtInfo {
                 committed_epoch: 42,
                 last_pause_ms: Some(12.5),
+                pause_histogram: vec![
+                    pb::PauseBucket {
+                        le_ms: 10.0,
+                        count: 3,
+                    },
+                    pb::PauseBucket {
+                        le_ms: 20.0,
+                        count: 5,
+                    },
+                ],
+                pause_count: 6,
+                pause_sum_ms: 75.0,
                 ..pb::FtInfo::default()
             }),
             ..pb::Vm::default()
@@ -459,6 +501,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("pairvisor_ft_last_pause_seconds{vm=\"we\\\"b\"} 0.0125\n"));
+        for line in [
+            "pairvisor_ft_checkpoint_pause_seconds_bucket{vm=\"we\\\"b\",le=\"0.01\"} 3\n",
+            "pairvisor_ft_checkpoint_pause_seconds_bucket{vm=\"we\\\"b\",le=\"0.02\"} 5\n",
+            "pairvisor_ft_checkpoint_pause_seconds_bucket{vm=\"we\\\"b\",le=\"+Inf\"} 6\n",
+            "pairvisor_ft_checkpoint_pause_seconds_sum{vm=\"we\\\"b\"} 0.075\n",
+            "pairvisor_ft_checkpoint_pause_seconds_count{vm=\"we\\\"b\"} 6\n",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
         assert!(text.contains("pairvisor_vm_running{vm=\"we\\\"b\"} 1\n"));
         assert!(text.contains("pairvisor_alerts_open 2\n"));
         assert!(

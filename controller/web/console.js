@@ -406,6 +406,25 @@
     return `<tr><th>${esc(label)}</th><td>${value}</td></tr>`;
   }
 
+  /** The run's checkpoint pauses per bucket (the API's buckets are cumulative). */
+  function pauseHistogram(ft) {
+    const buckets = ft.pauseHistogram || [];
+    if (!buckets.length || !ft.pauseCount) return '<span class="muted">none yet</span>';
+    let below = 0;
+    const bars = buckets.map((b) => {
+      const n = Number(b.count) - below;
+      below = Number(b.count);
+      return { label: `≤ ${b.leMs} ms`, n };
+    });
+    bars.push({ label: `> ${buckets[buckets.length - 1].leMs} ms`, n: Number(ft.pauseCount) - below });
+    const most = Math.max(...bars.map((b) => b.n), 1);
+    const mean = Number(ft.pauseSumMs) / Number(ft.pauseCount);
+    return `<table id="ft-pauses" class="histogram">${bars.map((b) => `<tr data-bucket="${esc(b.label)}">
+      <td>${esc(b.label)}</td><td><span class="bar"><span style="width:${(100 * b.n) / most}%"></span></span></td>
+      <td>${esc(b.n)}</td></tr>`).join('')}</table>
+      <span class="muted">${esc(ft.pauseCount)} checkpoints, mean pause ${esc(mean.toFixed(2))} ms</span>`;
+  }
+
   function renderVm(name) {
     const el = document.getElementById('vm-details');
     if (!el) return;
@@ -439,6 +458,7 @@
         ${ft.lastPauseMs === null || ft.lastPauseMs === undefined ? '' : 'last pause ' + esc(Number(ft.lastPauseMs).toFixed(1)) + ' ms,'}
         committed epoch ${esc(ft.committedEpoch)}${ft.waitingForMirror ? ', waiting for the disk mirror' : ''}
         <span class="error">${esc(ft.lastError)}</span>`));
+      rows.push(field('checkpoint pauses', pauseHistogram(ft)));
     }
     if (f && f.toNode) {
       rows.push(field('last failover', `<span id="vm-failover">${esc(f.fromNode)} → ${esc(f.toNode)}</span>

@@ -230,6 +230,14 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
             DASHBOARD_LAG,
         )
         .await;
+    let pauses = browser
+        .wait_for(
+            "checkpoint pauses in the VM page's histogram",
+            "[...document.querySelectorAll('#ft-pauses tr td:last-child')].reduce((n, td) => n + Number(td.textContent), 0)",
+            DASHBOARD_LAG,
+        )
+        .await;
+    eprintln!("the console's pause histogram counts {pauses} checkpoints");
     let before = shown_counters(&mut browser).await;
     let (last_before, boot) = before.last().cloned().expect("COUNTER lines shown");
     browser.screenshot("04-vm-serial-console").await;

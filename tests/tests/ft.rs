@@ -55,6 +55,12 @@ async fn metrics_move_while_protected(lab: &Lab, vm: &str) {
             carried,
             "no A-Link carried a byte for a protected FT VM:\n{text}"
         );
+        let pauses = format!("pairvisor_ft_checkpoint_pause_seconds_count{{vm=\"{vm}\"}}");
+        let inf =
+            format!("pairvisor_ft_checkpoint_pause_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}}");
+        let counted = samples.get(&pauses).copied().unwrap_or_default();
+        assert!(counted > 0.0, "no checkpoint pause in {pauses}:\n{text}");
+        assert_eq!(samples.get(&inf), Some(&counted), "{text}");
         samples
             .get(&series)
             .copied()

@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod epoch;
 pub mod netbuf;
 pub mod output;
+pub mod pauses;
 pub mod qmp;
 pub mod ramblocks;
 pub mod standby;

@@ -47,6 +47,7 @@ struct Run {
     /// When the last epoch committed (ms since the Unix epoch; 0 before the first).
     committed_at_ms: AtomicU64,
     last_pause_us: AtomicU64,
+    pauses: crate::ft::pauses::Pauses,
     waiting: AtomicBool,
     ended: AtomicBool,
     error: Mutex<String>,
@@ -434,6 +435,7 @@ impl Inner {
                     run.committed_at_ms.store(unix_ms(), Ordering::SeqCst);
                     let us = u64::try_from(report.pause.as_micros()).unwrap_or(u64::MAX);
                     run.last_pause_us.store(us, Ordering::SeqCst);
+                    run.pauses.record(report.pause);
                 }
             }
         }
@@ -494,6 +496,7 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
                 waiting_for_mirror: run.waiting.load(Ordering::SeqCst),
+                pauses: Some(run.pauses.report()),
             });
         }
         let committed = self

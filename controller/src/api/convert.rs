@@ -180,7 +180,24 @@ fn ft_to_pb(ft: &FtView) -> pb::FtInfo {
         committed_epoch: metrics.committed_epoch,
         last_error: metrics.last_error.unwrap_or_default(),
         waiting_for_mirror: metrics.waiting_for_mirror,
+        pause_histogram: metrics
+            .pauses
+            .buckets
+            .iter()
+            .map(|(le_us, count)| pb::PauseBucket {
+                le_ms: as_ms(*le_us),
+                count: *count,
+            })
+            .collect(),
+        pause_count: metrics.pauses.count,
+        pause_sum_ms: as_ms(metrics.pauses.sum_us),
     }
+}
+
+/// Microseconds as milliseconds.
+#[allow(clippy::cast_precision_loss, reason = "durations far below 2^53 µs")]
+fn as_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {

@@ -90,6 +90,15 @@ fn primary_report(domain: &pb::DomainStatus) -> Option<FtSeen> {
         last_pause_us: report.last_pause_us,
         error: report.error.clone(),
         waiting_for_mirror: report.waiting_for_mirror,
+        pauses: report
+            .pauses
+            .as_ref()
+            .map(|p| ft::PauseHistogram {
+                buckets: p.buckets.iter().map(|b| (b.le_us, b.count)).collect(),
+                count: p.count,
+                sum_us: p.sum_us,
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -137,6 +146,14 @@ mod tests {
                 last_pause_us: 1_500,
                 error: String::new(),
                 waiting_for_mirror: false,
+                pauses: Some(pb::PauseHistogram {
+                    buckets: vec![pb::PauseBucket {
+                        le_us: 2_000,
+                        count: 4,
+                    }],
+                    count: 5,
+                    sum_us: 9_000,
+                }),
             }),
             ..pb::DomainStatus::default()
         }
@@ -152,6 +169,12 @@ mod tests {
         let report = primary_report(&domain(pb::FtRole::Primary, 3)).unwrap();
 
         assert_eq!((report.committed_epoch, report.last_pause_us), (3, 1_500));
+        let pauses = ft::PauseHistogram {
+            buckets: vec![(2_000, 4)],
+            count: 5,
+            sum_us: 9_000,
+        };
+        assert_eq!(report.pauses, pauses);
     }
 
     #[test]
