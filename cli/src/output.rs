@@ -372,7 +372,23 @@ pub fn nodes_json(resp: &pb::ListNodesResponse) -> Value {
         "capacity": resp.capacity.as_ref().map(|c| json!({
             "free_vcpus": c.free_vcpus, "free_memory_mib": c.free_memory_mib,
         })),
+        "quorum": resp.quorum.iter().map(|m| json!({
+            "name": m.name, "endpoint": m.endpoint, "up": m.up, "leader": m.leader,
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// The quorum's members in a line: `n0 up (leader), n1 up, w down`.
+fn quorum_text(quorum: &[pb::QuorumMember]) -> String {
+    quorum
+        .iter()
+        .map(|m| {
+            let state = if m.up { "up" } else { "down" };
+            let leads = if m.leader { " (leader)" } else { "" };
+            format!("{} {state}{leads}", m.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Nodes as a table, each node's health and heartbeat paths, then the free capacity.
@@ -439,6 +455,9 @@ pub fn nodes_text(resp: &pb::ListNodesResponse) -> String {
                 l.retransmits
             ));
         }
+    }
+    if !resp.quorum.is_empty() {
+        text.push_str(&format!("\netcd quorum: {}\n", quorum_text(&resp.quorum)));
     }
     if let Some(c) = &resp.capacity {
         text.push_str(&format!(
@@ -640,6 +659,23 @@ mod tests {
             text,
             "protected, epoch 1234, 9.8 epochs/s, last pause 3.2 ms, mean pause 3.5 ms over 4 checkpoints, last error: the standby refused epoch 17"
         );
+    }
+
+    #[test]
+    fn quorum_text_names_each_member_its_state_and_the_leader() {
+        let member = |name: &str, up, leader| pb::QuorumMember {
+            name: name.into(),
+            endpoint: String::new(),
+            up,
+            leader,
+        };
+        let quorum = [
+            member("n0", true, true),
+            member("n1", false, false),
+            member("w", true, false),
+        ];
+
+        assert_eq!(quorum_text(&quorum), "n0 up (leader), n1 down, w up");
     }
 
     #[test]

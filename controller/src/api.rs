@@ -64,6 +64,13 @@ pub struct Api {
     inner: Arc<Inner>,
 }
 
+/// The WatchEvents response header with the revision after which its events follow.
+pub const REVISION_HEADER: &str = "x-pairvisor-revision";
+
+/// How long ListNodes waits for each etcd member's status: a dead witness costs this once
+/// per call (members are asked at once).
+const QUORUM_TIMEOUT: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Inner {
     route: watch::Receiver<Route>,
@@ -434,7 +441,21 @@ impl pb::pairvisor_server::Pairvisor for Api {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         serve_or_forward!(self, request, list_nodes, |engine, _message, _id| {
-            Ok(Response::new(nodes_to_pb(&engine.snapshot().nodes)))
+            let mut nodes = nodes_to_pb(&engine.snapshot().nodes);
+            nodes.quorum = self
+                .inner
+                .client
+                .member_health(QUORUM_TIMEOUT)
+                .await
+                .into_iter()
+                .map(|m| pb::QuorumMember {
+                    name: m.name,
+                    endpoint: m.endpoint,
+                    up: m.up,
+                    leader: m.leader,
+                })
+                .collect();
+            Ok(Response::new(nodes))
         })
     }
 
@@ -694,10 +715,20 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let since = request.into_inner().since_revision;
+        let since = match request.into_inner().since_revision {
+            0 => self.current_revision().await? + 1,
+            since => since,
+        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(stream_events(self.inner.client.clone(), since, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as EventStream);
+        // Every event after this revision follows: a client whose stream breaks before any
+        // event (a browser that just loaded) resumes from here and misses nothing.
+        let after = (since - 1).to_string();
+        if let Ok(value) = after.parse() {
+            response.metadata_mut().insert(REVISION_HEADER, value);
+        }
+        Ok(response)
     }
 
     type StreamConsoleStream = ConsoleStream;
@@ -732,6 +763,36 @@ impl pb::pairvisor_server::Pairvisor for Api {
 }
 
 /// Sends the pair's events from revision `since` (0: from now) until the receiver goes away.
+impl Api {
+    /// The store's revision now.
+    async fn current_revision(&self) -> Result<i64, Status> {
+        let read = self
+            .inner
+            .client
+            .request(
+                "reading the store's revision",
+                REVISION_BUDGET,
+                |mut c| async move {
+                    c.get(
+                        PREFIX,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+                },
+            )
+            .await
+            .map_err(|e| ApiError::Unavailable(chain(&e)))?;
+        Ok(read.header().map_or(0, |h| h.revision()))
+    }
+}
+
+/// How long WatchEvents tries to learn the store's revision.
+const REVISION_BUDGET: Duration = Duration::from_secs(5);
+
 async fn stream_events(etcd: Etcd, since: i64, tx: mpsc::Sender<Result<pb::Event, Status>>) {
     let mut watch = etcd.watch(WatchSpec {
         key: PREFIX.to_string(),

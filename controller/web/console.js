@@ -18,6 +18,7 @@
     }
   }
   const UNAUTHENTICATED = 16;
+  const FAILED_PRECONDITION = 9;
 
   async function loadTypes() {
     const text = await (await fetch('/console/api.proto')).text();
@@ -57,8 +58,9 @@
     return new RpcError(Number(status), text || `gRPC status ${status}`);
   }
 
-  /** Calls `method`; `onMessage` gets each response message as a plain object. */
-  async function rpc(method, request, onMessage, signal) {
+  /** Calls `method`; `onMessage` gets each response message as a plain object, `onHeaders`
+   * (if any) the response's headers first. */
+  async function rpc(method, request, onMessage, signal, onHeaders) {
     const m = types.methods[method];
     const body = frame(m.request.encode(m.request.fromObject(request || {})).finish());
     const response = await fetch(SERVICE + method, {
@@ -76,6 +78,7 @@
     if (early !== null && early !== '0') {
       throw statusError(early, response.headers.get('grpc-message'));
     }
+    if (onHeaders) onHeaders(response.headers);
     const reader = response.body.getReader();
     let buffer = new Uint8Array(0);
     let trailers = null;
@@ -127,6 +130,7 @@
     health: '',
     nodes: [],
     capacity: null,
+    quorum: [],
     vms: [],
     alerts: [],
     isos: [],
@@ -189,6 +193,7 @@
       noteAlinks(nodes.nodes, Date.now());
       state.nodes = nodes.nodes;
       state.capacity = nodes.capacity;
+      state.quorum = nodes.quorum;
       state.vms = vms.vms;
       state.alerts = alerts.alerts;
       state.isos = isos.isos;
@@ -216,7 +221,8 @@
   /** Follows WatchEvents, resuming after the last revision when the stream breaks. */
   function startWatch() {
     if (watch) return;
-    watch = new AbortController();
+    const mine = new AbortController();
+    watch = mine;
     const since = state.lastRevision ? state.lastRevision + 1 : 0;
     setLive(true);
     rpc('WatchEvents', { sinceRevision: since }, (event) => {
@@ -224,15 +230,21 @@
       state.events.unshift(event);
       if (state.events.length > MAX_EVENTS) state.events.length = MAX_EVENTS;
       refreshSoon();
-    }, watch.signal).catch((e) => {
+    }, mine.signal, (headers) => {
+      // Events after this revision follow: resume from it even if none came before a break.
+      const after = Number(headers.get('x-pairvisor-revision'));
+      if (after > state.lastRevision) state.lastRevision = after;
+    }).catch((e) => {
       console.warn('event stream ended', e);
       if (e.code === UNAUTHENTICATED) showLogin(e.message);
+      // The revision was compacted away: start over from now.
+      if (e.code === FAILED_PRECONDITION) state.lastRevision = 0;
     }).finally(() => {
-      const stopped = watch && watch.signal.aborted;
+      if (watch !== mine) return; // logged out (and maybe in again) meanwhile
       watch = null;
       setLive(false);
       // The serving controller may have moved: the system IP follows it.
-      if (!stopped && token()) setTimeout(() => { startWatch(); refreshSoon(); }, 1000);
+      if (token()) setTimeout(() => { startWatch(); refreshSoon(); }, 1000);
     });
   }
 
@@ -344,8 +356,12 @@
     const alerts = state.alerts.map((a) => `<tr data-alert="${esc(a.id)}"><td>${esc(time(a.raisedUnixMs))}</td>
       <td>${esc(a.id)}</td><td>${esc(a.message)}</td></tr>`).join('');
     const cap = state.capacity;
+    const quorum = state.quorum.map((m) => `<span class="member" data-member="${esc(m.name)}">${esc(state.nodes.some((n) => n.name === m.name) ? m.name : `${m.name} (witness)`)}
+      <span class="state ${m.up ? 'up' : 'down'}">${m.up ? 'up' : 'down'}</span>${m.leader ? ' <span class="muted">leader</span>' : ''}</span>`).join(' ');
     el.innerHTML = `<h1>The pair</h1>
       <div id="hosts" class="hosts">${state.nodes.map(hostCard).join('')}</div>
+      <h2>Quorum (etcd on both hosts and the witness)</h2>
+      <div id="quorum">${quorum || '<span class="muted">not reported</span>'}</div>
       <h2>Open alerts</h2>
       <table id="alerts"><tr><th>raised</th><th>alert</th><th>message</th></tr>
       ${alerts || '<tr><td colspan="3" class="muted">none</td></tr>'}</table>
@@ -603,7 +619,7 @@
 
   function showLogin(message) {
     sessionStorage.removeItem(TOKEN_KEY);
-    if (watch) { watch.abort(); watch = null; }
+    if (watch) { watch.abort(); watch = null; setLive(false); }
     document.getElementById('login').hidden = false;
     document.getElementById('view').hidden = true;
     document.getElementById('logout').hidden = true;

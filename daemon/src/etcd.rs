@@ -68,6 +68,20 @@ pub enum Error {
     },
 }
 
+/// One etcd member as its own endpoint answered a status request (or did not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberHealth {
+    /// The member's name (e.g. `n0`, `w`), or its endpoint when the member list was
+    /// unreachable.
+    pub name: String,
+    /// Its client endpoint, as configured.
+    pub endpoint: String,
+    /// Whether it answered within the timeout.
+    pub up: bool,
+    /// Whether it says it leads the cluster.
+    pub leader: bool,
+}
+
 /// A handle to the cluster; cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
@@ -122,6 +136,64 @@ impl Etcd {
                 current: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Each configured member's health, asked of the member itself (all at once, each
+    /// within `timeout`): which of the quorum's members (the hosts' and the witness's) are
+    /// up, and which leads.
+    pub async fn member_health(&self, timeout: Duration) -> Vec<MemberHealth> {
+        let listed = self
+            .request("listing members", timeout, |mut c| async move {
+                c.member_list().await
+            })
+            .await;
+        let names: Vec<(String, String)> = match &listed {
+            Ok(list) => list
+                .members()
+                .iter()
+                .flat_map(|m| {
+                    m.client_urls()
+                        .iter()
+                        .map(|url| (url.clone(), m.name().to_string()))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut asked = tokio::task::JoinSet::new();
+        for (index, (_, client)) in self.inner.members.iter().enumerate() {
+            let mut client = client.clone();
+            asked.spawn(async move {
+                let status = tokio::time::timeout(timeout, client.status()).await;
+                let (up, leader) = match status {
+                    Ok(Ok(status)) => (
+                        true,
+                        status.header().map(|h| h.member_id()) == Some(status.leader()),
+                    ),
+                    Ok(Err(_)) | Err(_) => (false, false),
+                };
+                (index, up, leader)
+            });
+        }
+        let mut health: Vec<MemberHealth> = self
+            .inner
+            .members
+            .iter()
+            .map(|(endpoint, _)| MemberHealth {
+                name: member_name(&names, endpoint),
+                endpoint: endpoint.clone(),
+                up: false,
+                leader: false,
+            })
+            .collect();
+        while let Some(answer) = asked.join_next().await {
+            if let Ok((index, up, leader)) = answer
+                && let Some(member) = health.get_mut(index)
+            {
+                member.up = up;
+                member.leader = leader;
+            }
+        }
+        health
     }
 
     /// The current member's endpoint and client.
@@ -251,6 +323,21 @@ fn timed_out() -> etcd_client::Error {
         std::io::ErrorKind::TimedOut,
         "no answer in time",
     ))
+}
+
+/// The name of the member whose client URL is `endpoint` (host:port, or a URL), else the
+/// endpoint itself.
+fn member_name(names: &[(String, String)], endpoint: &str) -> String {
+    let bare = |url: &str| {
+        url.split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .trim_end_matches('/')
+            .to_string()
+    };
+    names
+        .iter()
+        .find(|(url, _)| bare(url) == bare(endpoint))
+        .map_or_else(|| endpoint.to_string(), |(_, name)| name.clone())
 }
 
 /// Whether `e` means the member (or its connection) failed, so another member may succeed.
@@ -446,5 +533,21 @@ impl Etcd {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_named_by_its_client_url_with_or_without_scheme() {
+        let names = vec![
+            ("http://10.1.0.11:2379".to_string(), "n0".to_string()),
+            ("https://10.1.0.13:2379/".to_string(), "w".to_string()),
+        ];
+        assert_eq!(member_name(&names, "10.1.0.11:2379"), "n0");
+        assert_eq!(member_name(&names, "https://10.1.0.13:2379"), "w");
+        assert_eq!(member_name(&names, "10.1.0.12:2379"), "10.1.0.12:2379");
     }
 }

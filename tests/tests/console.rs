@@ -3,7 +3,8 @@
 //! hosts, gets the API's validation error inline in the create wizard, creates an FT VM there,
 //! starts it and reads its COUNTER lines in the serial console. When the VM's host loses
 //! power the dashboard shows the host lost and the failover event within 5 s of the API, and
-//! the serial console shows the guest counting on. Screenshots of each step are kept under
+//! the serial console shows the guest counting on; a read-only token is refused the VM's
+//! actions with the API's error on the page. Screenshots of each step are kept under
 //! the target directory's `tmp/console/`.
 
 use std::path::Path;
@@ -167,6 +168,21 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
         "console dashboard loaded in {} ms",
         loading.elapsed().as_millis()
     );
+    let quorum = browser
+        .eval("[...document.querySelectorAll('#quorum .member')].map((m) => m.innerText.replace(/\\s+/g, ' ').trim())")
+        .await
+        .unwrap();
+    let quorum: Vec<&str> = quorum
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    assert_eq!(quorum.len(), 3, "quorum members shown: {quorum:?}");
+    assert!(
+        quorum.iter().all(|m| m.contains(" up")) && quorum.iter().any(|m| m.contains("witness")),
+        "quorum shown: {quorum:?}"
+    );
     browser.screenshot("02-dashboard").await;
 
     // The wizard shows the API's validation error where the admin typed.
@@ -316,4 +332,57 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
         "a new boot after an FT failover: {after:?}"
     );
     browser.screenshot("06-vm-after-failover").await;
+
+    // A read-only token sees the VM and is refused its actions, in the API's words.
+    let made = tests::pvctl_json(&lab.pvctl(&[
+        "--json",
+        "token-create",
+        "watcher",
+        "--role",
+        "read-only",
+    ]));
+    let reader = made["token"].as_str().unwrap().to_string();
+    click(&mut browser, "#logout").await;
+    fill(&mut browser, "login-token", &reader).await;
+    click(&mut browser, "#login-button").await;
+    browser
+        .wait_for(
+            "the read-only login",
+            "document.getElementById('who').textContent.includes('read-only')",
+            PAGE_TIMEOUT,
+        )
+        .await;
+    browser.goto(&format!("{url}#/vm/web1")).await;
+    browser
+        .wait_for(
+            "the VM page as read-only",
+            "document.getElementById('vm-state').textContent === 'RUNNING'",
+            PAGE_TIMEOUT,
+        )
+        .await;
+    click(&mut browser, "button[data-action=PowerOffVm]").await;
+    let denied = browser
+        .wait_for(
+            "the refused power-off",
+            "document.getElementById('vm-error').textContent",
+            PAGE_TIMEOUT,
+        )
+        .await;
+    assert!(
+        denied.as_str().unwrap_or_default().contains("read-only"),
+        "a read-only power-off showed {denied}"
+    );
+    browser.screenshot("07-read-only-refused").await;
+    let vm = lab
+        .client()
+        .await
+        .get_vm(pb::GetVmRequest { vm: "web1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        vm.state(),
+        pb::VmState::Running,
+        "a read-only token powered the VM off"
+    );
 }

@@ -310,6 +310,8 @@ pub(super) fn nodes_to_pb(view: &NodesView) -> pb::ListNodesResponse {
             free_vcpus: u32::try_from(view.free.vcpus).unwrap_or(u32::MAX),
             free_memory_mib: view.free.memory_mib,
         }),
+        // Asked of etcd by the caller: not part of the engine's view.
+        quorum: Vec::new(),
     }
 }
 
