@@ -7,6 +7,7 @@ pub mod config;
 pub mod etcd;
 pub mod fence;
 pub mod fsutil;
+pub mod https;
 pub mod lease;
 pub mod pair;
 pub mod sysip;

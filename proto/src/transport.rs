@@ -4,7 +4,7 @@
 //! much a peer may send ahead, not what is allocated.
 //!
 //! And TLS from the pair's certificates ([`TlsFiles`]): the agent API admits only clients
-//! with a controller's certificate; the public API is TLS for everyone.
+//! with a controller's certificate. (The public API's TLS, for everyone, is `daemon::https`.)
 
 use std::path::{Path, PathBuf};
 
@@ -79,12 +79,6 @@ impl TlsFiles {
         Ok(ServerTlsConfig::new()
             .identity(self.identity()?)
             .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
-    }
-
-    /// A server's TLS that asks clients for no certificate: the public API, whose callers
-    /// authenticate otherwise.
-    pub fn open_server(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new().identity(self.identity()?))
     }
 
     /// A client's TLS that trusts servers whose certificate chains to `ca` and shows no

@@ -223,6 +223,27 @@ async fn tokens_and_roles(lab: &Lab) {
         .await
         .unwrap();
     assert_eq!((code, body.as_str()), (200, "OK\n"));
+    // Also to a client that offers only HTTP/1.1 by ALPN (monitoring scripts, WebSockets).
+    let (host, port) = system_ip.split_once(':').unwrap();
+    let script = "import http.client, ssl, sys\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[1])\n\
+        ctx.set_alpn_protocols(['http/1.1'])\n\
+        c = http.client.HTTPSConnection(sys.argv[2], int(sys.argv[3]), context=ctx, timeout=10)\n\
+        c.request('GET', '/health')\n\
+        r = c.getresponse()\n\
+        print(r.status, c.sock.selected_alpn_protocol(), r.read().decode().strip())\n";
+    let http1 = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&ca)
+        .args([host, port])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&http1.stdout).trim(),
+        "200 http/1.1 OK",
+        "{}",
+        String::from_utf8_lossy(&http1.stderr)
+    );
     // /metrics needs a token.
     let (code, _) = tests::http::get(&ca, &system_ip, "/metrics", None)
         .await
