@@ -276,6 +276,7 @@
     const key = JSON.stringify(r);
     if (navigated || shown !== key) {
       closeSerial();
+      closeScreen();
       shown = key;
       const view = document.getElementById('view');
       if (r.view === 'vm') view.innerHTML = vmFrame(r.vm);
@@ -392,7 +393,10 @@
       <p id="vm-error" class="error"></p>
       <div id="vm-details"></div>
       <h2>Serial console</h2>
-      <div id="serial"></div>`;
+      <div id="serial"></div>
+      <h2>Screen</h2>
+      <p id="screen-note" class="muted"></p>
+      <img id="screen" alt="the VM's screen">`;
   }
 
   function openVm(name) {
@@ -400,6 +404,50 @@
       button.addEventListener('click', () => vmAction(name, button.dataset.action));
     }
     openSerial(name);
+    openScreen(name);
+  }
+
+  // -------- screen (QMP screendump through ScreenshotVm, refreshed)
+
+  let screen = null;
+  const SCREEN_PERIOD_MS = 2000;
+
+  function openScreen(name) {
+    screen = { name, url: null, timer: null, closed: false };
+    const s = screen;
+    const take = async () => {
+      if (s.closed) return;
+      const vm = state.vms.find((v) => v.name === name);
+      const note = document.getElementById('screen-note');
+      if (vm && short(vm.mode, 'PROTECTION_MODE_') === 'FT') {
+        // FT domains have no video device (a checkpoint would have to carry its state).
+        note.textContent = 'an FT VM has no screen: use its serial console';
+      } else if (vm && short(vm.state, 'VM_STATE_') === 'RUNNING') {
+        try {
+          const shot = await call('ScreenshotVm', { vm: name });
+          if (s.closed) return;
+          const url = URL.createObjectURL(new Blob([shot.png], { type: 'image/png' }));
+          document.getElementById('screen').src = url;
+          if (s.url) URL.revokeObjectURL(s.url);
+          s.url = url;
+          note.textContent = `as of ${new Date().toLocaleTimeString()}`;
+        } catch (e) {
+          note.textContent = e.message;
+        }
+      } else {
+        note.textContent = 'the VM is not running';
+      }
+      if (!s.closed) s.timer = setTimeout(take, SCREEN_PERIOD_MS);
+    };
+    take();
+  }
+
+  function closeScreen() {
+    if (!screen) return;
+    screen.closed = true;
+    clearTimeout(screen.timer);
+    if (screen.url) URL.revokeObjectURL(screen.url);
+    screen = null;
   }
 
   async function vmAction(name, action) {
@@ -451,6 +499,12 @@
     }
     const vmState = short(vm.state, 'VM_STATE_');
     const p = vm.protection || {};
+    const mode = document.getElementById('vm-mode');
+    if (mode && !mode.dataset.set) {
+      // Start the mode picker at the VM's mode, once: later the admin's choice stays.
+      mode.value = vm.mode;
+      mode.dataset.set = '1';
+    }
     const f = p.lastFailover;
     const rows = [
       field('state', `<span id="vm-state" class="state ${esc(vmState)}">${esc(vmState)}</span> <span class="muted">${esc(vm.stateReason)}</span>`),

@@ -177,6 +177,52 @@ impl Browser {
         }
     }
 
+    /// Sets form field `id` to `value` as typing would.
+    pub async fn fill(&mut self, id: &str, value: &str) {
+        let script = format!(
+            "(() => {{ const el = document.getElementById({id}); el.value = {value}; \
+             el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); \
+             return el.value === {value}; }})()",
+            id = json!(id),
+            value = json!(value),
+        );
+        let set = self.eval(&script).await;
+        assert_eq!(set, Ok(json!(true)), "setting #{id} to {value:?}");
+    }
+
+    /// Clicks the first element that `selector` matches.
+    pub async fn click(&mut self, selector: &str) {
+        let script = format!(
+            "(() => {{ const el = document.querySelector({s}); if (!el) return false; \
+             el.click(); return true; }})()",
+            s = json!(selector),
+        );
+        assert_eq!(
+            self.eval(&script).await,
+            Ok(json!(true)),
+            "clicking {selector}"
+        );
+    }
+
+    /// Opens the console at `url` and logs in with `token`; waits until it shows who that is.
+    pub async fn log_in(&mut self, url: &str, token: &str, timeout: Duration) {
+        self.goto(url).await;
+        self.wait_for(
+            "the login form",
+            "!document.getElementById('login').hidden",
+            timeout,
+        )
+        .await;
+        self.fill("login-token", token.trim()).await;
+        self.click("#login-button").await;
+        self.wait_for(
+            "the console logged in",
+            "document.getElementById('who').textContent",
+            timeout,
+        )
+        .await;
+    }
+
     /// Keeps a PNG of the page as `NAME.png` in the artefacts directory and returns its path.
     pub async fn screenshot(&mut self, name: &str) -> PathBuf {
         let shot = self

@@ -20,35 +20,6 @@ const DASHBOARD_LAG: Duration = Duration::from_secs(5);
 /// How long the console's page may take to load and log in, on a busy machine.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sets form field `id` to `value` as typing would.
-async fn fill(browser: &mut Browser, id: &str, value: &str) {
-    let script = format!(
-        "(() => {{ const el = document.getElementById({id}); el.value = {value}; \
-         el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); \
-         return el.value === {value}; }})()",
-        id = serde_json::json!(id),
-        value = serde_json::json!(value),
-    );
-    let set = browser.eval(&script).await;
-    assert_eq!(
-        set,
-        Ok(serde_json::json!(true)),
-        "setting #{id} to {value:?}"
-    );
-}
-
-async fn click(browser: &mut Browser, selector: &str) {
-    let script = format!(
-        "(() => {{ const el = document.querySelector({s}); if (!el) return false; el.click(); return true; }})()",
-        s = serde_json::json!(selector),
-    );
-    assert_eq!(
-        browser.eval(&script).await,
-        Ok(serde_json::json!(true)),
-        "clicking {selector}"
-    );
-}
-
 /// The COUNTER lines the console's terminal shows.
 async fn shown_counters(browser: &mut Browser) -> Vec<(u64, String)> {
     let text = browser
@@ -118,8 +89,10 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
             PAGE_TIMEOUT,
         )
         .await;
-    fill(&mut browser, "login-token", "pv_nosuchid_nosuchsecret").await;
-    click(&mut browser, "#login-button").await;
+    browser
+        .fill("login-token", "pv_nosuchid_nosuchsecret")
+        .await;
+    browser.click("#login-button").await;
     let refused = browser
         .wait_for(
             "a refused login",
@@ -134,8 +107,8 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
     browser.screenshot("01-login-refused").await;
 
     let token = std::fs::read_to_string(lab.admin_token()).unwrap();
-    fill(&mut browser, "login-token", token.trim()).await;
-    click(&mut browser, "#login-button").await;
+    browser.fill("login-token", token.trim()).await;
+    browser.click("#login-button").await;
     let both_up = format!(
         "{} === 'UP' && {} === 'UP'",
         host_state_script("n0"),
@@ -195,19 +168,18 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
         )
         .await;
     let guest = tiny_guest("web1");
-    fill(&mut browser, "c-name", "no spaces allowed").await;
-    fill(&mut browser, "c-mode", "PROTECTION_MODE_FT").await;
-    fill(&mut browser, "c-vcpus", &guest.vcpus.to_string()).await;
-    fill(&mut browser, "c-memory", &guest.memory_mib.to_string()).await;
-    fill(
-        &mut browser,
-        "c-disk",
-        &(guest.disks[0].size_bytes >> 20).to_string(),
-    )
-    .await;
-    fill(&mut browser, "c-network", "business").await;
-    fill(&mut browser, "c-boot", "kernel:tiny").await;
-    click(&mut browser, "#c-submit").await;
+    browser.fill("c-name", "no spaces allowed").await;
+    browser.fill("c-mode", "PROTECTION_MODE_FT").await;
+    browser.fill("c-vcpus", &guest.vcpus.to_string()).await;
+    browser
+        .fill("c-memory", &guest.memory_mib.to_string())
+        .await;
+    browser
+        .fill("c-disk", &(guest.disks[0].size_bytes >> 20).to_string())
+        .await;
+    browser.fill("c-network", "business").await;
+    browser.fill("c-boot", "kernel:tiny").await;
+    browser.click("#c-submit").await;
     let invalid = browser
         .wait_for(
             "the wizard's error",
@@ -221,8 +193,8 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
     );
     browser.screenshot("03-wizard-error").await;
 
-    fill(&mut browser, "c-name", "web1").await;
-    click(&mut browser, "#c-submit").await;
+    browser.fill("c-name", "web1").await;
+    browser.click("#c-submit").await;
     browser
         .wait_for(
             "the new VM's page",
@@ -230,7 +202,7 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
             PAGE_TIMEOUT,
         )
         .await;
-    click(&mut browser, "button[data-action=StartVm]").await;
+    browser.click("button[data-action=StartVm]").await;
     browser
         .wait_for("COUNTER lines in the serial console", "((document.querySelector('#serial .xterm-rows') || {}).innerText || '').includes('COUNTER ')", GUEST_BOOT_TIMEOUT)
         .await;
@@ -342,9 +314,9 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
         "read-only",
     ]));
     let reader = made["token"].as_str().unwrap().to_string();
-    click(&mut browser, "#logout").await;
-    fill(&mut browser, "login-token", &reader).await;
-    click(&mut browser, "#login-button").await;
+    browser.click("#logout").await;
+    browser.fill("login-token", &reader).await;
+    browser.click("#login-button").await;
     browser
         .wait_for(
             "the read-only login",
@@ -360,7 +332,7 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
             PAGE_TIMEOUT,
         )
         .await;
-    click(&mut browser, "button[data-action=PowerOffVm]").await;
+    browser.click("button[data-action=PowerOffVm]").await;
     let denied = browser
         .wait_for(
             "the refused power-off",

@@ -1,15 +1,28 @@
 //! End to end in the lab: the ISO library. An ISO uploaded with `pvctl iso-add` lands on both
 //! hosts intact, a VM created from it boots from the CD (GRUB shows on its serial console),
-//! a host path is refused, a broken upload leaves nothing, and an ISO in use cannot go.
+//! a host path is refused, a broken upload leaves nothing, and an ISO in use cannot go. Its
+//! screen is not blank, saved by `pvctl vm-screenshot` and shown on the console's VM page.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
+use tests::browser::Browser;
 use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refused, sha256sum};
 
 /// The Debian `grub-rescue-pc` package's ISO (`scripts/install-deps.sh` installs it).
 const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
+/// How long the console may take to load and show a screen, on a busy machine.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The distinct colours of the console's screen image once it has loaded one of at least
+/// 320x200 (0 before).
+const SCREEN_COLOURS: &str = "(() => { const img = document.getElementById('screen'); \
+    if (!img || !img.complete || img.naturalWidth < 320 || img.naturalHeight < 200) return 0; \
+    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight; \
+    const g = c.getContext('2d'); g.drawImage(img, 0, 0); \
+    const d = g.getImageData(0, 0, c.width, c.height).data; const seen = new Set(); \
+    for (let i = 0; i < d.length; i += 4) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]); \
+    return seen.size; })()";
 /// Time for a failed upload's copies and record to be removed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -194,6 +207,26 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     pvctl_ok(&lab.pvctl(&["vm-screenshot", "cdvm", shot.to_str().unwrap()]));
     let colours = distinct_colours(&shot);
     assert!(colours >= 2, "the screenshot {} is blank", shot.display());
+    // And the browser console shows it on the VM's page.
+    let artefacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
+    let mut browser = Browser::launch(&artefacts).await;
+    let system_ip = lab.endpoints().split(',').next().unwrap().to_string();
+    let token = std::fs::read_to_string(lab.admin_token()).unwrap();
+    let url = format!("https://{system_ip}/");
+    browser.log_in(&url, &token, PAGE_TIMEOUT).await;
+    browser.goto(&format!("{url}#/vm/cdvm")).await;
+    let shown = browser
+        .wait_for("the VM's screen on its page", SCREEN_COLOURS, PAGE_TIMEOUT)
+        .await;
+    assert!(
+        shown.as_u64().unwrap_or_default() >= 2,
+        "the console's screen view is blank ({shown} colours)"
+    );
+    let _ = browser
+        .eval("document.getElementById('screen').scrollIntoView()")
+        .await;
+    browser.screenshot("iso-vm-screen").await;
+    drop(browser);
     let listed = pvctl_json(&lab.pvctl(&["--json", "iso-list"]));
     assert_eq!(listed[0]["used_by"][0], "cdvm");
 
