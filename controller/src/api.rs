@@ -12,12 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::Etcd;
-use daemon::etcd::{WatchSpec, Watched};
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -26,18 +24,20 @@ use crate::audit::{self, Audit, Subject};
 use crate::auth::tokens::Tokens;
 use crate::engine::{Command, EngineHandle, Modify};
 use crate::error::{ApiError, chain};
-use crate::events::{self, Change};
 use crate::health;
 use crate::model::VmRecord;
-use crate::store::{self, ELECTION, PREFIX};
+use crate::store::{self, ELECTION};
 use daemon::pair::LeaderInfo;
 
 mod access;
 mod convert;
+mod event_watch;
 mod export;
 mod import;
 mod isos;
 mod snapshots;
+
+pub use event_watch::REVISION_HEADER;
 
 use convert::{
     alert_to_pb, grace_from_pb, health_config_to_pb, mode_from_pb, nodes_to_pb, spec_from_pb,
@@ -63,9 +63,6 @@ pub enum Route {
 pub struct Api {
     inner: Arc<Inner>,
 }
-
-/// The WatchEvents response header with the revision after which its events follow.
-pub const REVISION_HEADER: &str = "x-pairvisor-revision";
 
 /// How long ListNodes waits for each etcd member's status: a dead witness costs this once
 /// per call (members are asked at once).
@@ -715,20 +712,7 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let since = match request.into_inner().since_revision {
-            0 => self.current_revision().await? + 1,
-            since => since,
-        };
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(stream_events(self.inner.client.clone(), since, tx));
-        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as EventStream);
-        // Every event after this revision follows: a client whose stream breaks before any
-        // event (a browser that just loaded) resumes from here and misses nothing.
-        let after = (since - 1).to_string();
-        if let Ok(value) = after.parse() {
-            response.metadata_mut().insert(REVISION_HEADER, value);
-        }
-        Ok(response)
+        event_watch::events(&self.inner.client, request.into_inner().since_revision).await
     }
 
     type StreamConsoleStream = ConsoleStream;
@@ -760,82 +744,4 @@ impl pb::pairvisor_server::Pairvisor for Api {
         let png = agent.screenshot(&vm.uuid).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::ScreenshotVmResponse { png }))
     }
-}
-
-/// Sends the pair's events from revision `since` (0: from now) until the receiver goes away.
-impl Api {
-    /// The store's revision now.
-    async fn current_revision(&self) -> Result<i64, Status> {
-        let read = self
-            .inner
-            .client
-            .request(
-                "reading the store's revision",
-                REVISION_BUDGET,
-                |mut c| async move {
-                    c.get(
-                        PREFIX,
-                        Some(
-                            etcd_client::GetOptions::new()
-                                .with_prefix()
-                                .with_count_only(),
-                        ),
-                    )
-                    .await
-                },
-            )
-            .await
-            .map_err(|e| ApiError::Unavailable(chain(&e)))?;
-        Ok(read.header().map_or(0, |h| h.revision()))
-    }
-}
-
-/// How long WatchEvents tries to learn the store's revision.
-const REVISION_BUDGET: Duration = Duration::from_secs(5);
-
-async fn stream_events(etcd: Etcd, since: i64, tx: mpsc::Sender<Result<pb::Event, Status>>) {
-    let mut watch = etcd.watch(WatchSpec {
-        key: PREFIX.to_string(),
-        prefix: true,
-        start_revision: since,
-    });
-    loop {
-        let watched = tokio::select! {
-            watched = watch.recv() => watched,
-            () = tx.closed() => return,
-        };
-        match watched {
-            Some(Watched::Events(events)) => {
-                for api_event in events.iter().flat_map(api_events) {
-                    if tx.send(Ok(api_event)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Some(Watched::Cancelled { reason }) => {
-                let reason = format!("event watch cancelled: {reason}");
-                let _ = tx
-                    .send(Err(ApiError::FailedPrecondition(reason).into()))
-                    .await;
-                return;
-            }
-            None => return,
-        }
-    }
-}
-
-/// The API events a watched change means.
-fn api_events(event: &etcd_client::Event) -> Vec<pb::Event> {
-    let Some(kv) = event.kv() else {
-        return Vec::new();
-    };
-    let is_put = matches!(event.event_type(), etcd_client::EventType::Put);
-    let change = Change {
-        revision: kv.mod_revision(),
-        key: &String::from_utf8_lossy(kv.key()),
-        value: is_put.then(|| kv.value()),
-        prev: event.prev_kv().map(|p| p.value()),
-        now_unix_ms: crate::now_unix_ms(),
-    };
-    events::from_change(&change)
 }
