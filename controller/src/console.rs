@@ -14,43 +14,37 @@ struct Asset {
     body: &'static [u8],
 }
 
+/// A console file under `web/`, at `path`.
+macro_rules! web_file {
+    ($path:literal, $content_type:expr, $file:literal) => {
+        Asset {
+            path: $path,
+            content_type: $content_type,
+            body: include_bytes!(concat!("../web/", $file)),
+        }
+    };
+}
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
 /// Every file, at the path the browser fetches it from.
 const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../web/index.html"),
-    },
-    Asset {
-        path: "/console/console.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../web/console.js"),
-    },
-    Asset {
-        path: "/console/console.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../web/console.css"),
-    },
+    web_file!("/", "text/html; charset=utf-8", "index.html"),
+    web_file!("/console/console.js", JS, "console.js"),
+    web_file!("/console/console.css", CSS, "console.css"),
     Asset {
         path: "/console/api.proto",
         content_type: "text/plain; charset=utf-8",
         body: proto::PUBLIC_API_PROTO.as_bytes(),
     },
-    Asset {
-        path: "/console/vendor/protobuf.min.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../web/vendor/protobuf.min.js"),
-    },
-    Asset {
-        path: "/console/vendor/xterm.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../web/vendor/xterm.js"),
-    },
-    Asset {
-        path: "/console/vendor/xterm.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../web/vendor/xterm.css"),
-    },
+    web_file!(
+        "/console/vendor/protobuf.min.js",
+        JS,
+        "vendor/protobuf.min.js"
+    ),
+    web_file!("/console/vendor/xterm.js", JS, "vendor/xterm.js"),
+    web_file!("/console/vendor/xterm.css", CSS, "vendor/xterm.css"),
 ];
 
 /// Only our own files run: no inline script, no other origin (the token lives in the page).

@@ -29,6 +29,7 @@
 
 use std::fmt;
 
+use crate::as_f64;
 use crate::ha::{Protection, Sync};
 use crate::model::{Intent, Mode, VmRecord, VmState};
 
@@ -391,11 +392,6 @@ pub fn unreported(prev: &Metrics) -> Metrics {
         waiting_for_mirror: false,
         ..prev.clone()
     }
-}
-
-/// `n` as a float, for rates (counts stay far below 2^53).
-fn as_f64(n: u64) -> f64 {
-    n as f64
 }
 
 #[cfg(test)]

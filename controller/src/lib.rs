@@ -38,3 +38,12 @@ pub mod validate;
 pub mod vm;
 
 pub use daemon::now_unix_ms;
+
+/// A counter or duration as a float, for rates and metrics (they stay far below 2^53).
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "counts and durations far below 2^53"
+)]
+pub(crate) fn as_f64(n: u64) -> f64 {
+    n as f64
+}

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use proto::v1 as pb;
 
+use crate::as_f64;
 use crate::status::Level;
 
 /// Upper bounds (seconds) of the API latency histogram's buckets.
@@ -371,11 +372,6 @@ fn pause_histogram(out: &mut Out, vm: &str, ft: &pb::FtInfo) {
     );
     out.sample(&format!("{name}_sum"), &labels, ft.pause_sum_ms / 1000.0);
     out.sample(&format!("{name}_count"), &labels, as_f64(ft.pause_count));
-}
-
-#[allow(clippy::cast_precision_loss, reason = "counters far below 2^53")]
-fn as_f64(value: u64) -> f64 {
-    value as f64
 }
 
 /// Text being written.

@@ -195,9 +195,8 @@ fn ft_to_pb(ft: &FtView) -> pb::FtInfo {
 }
 
 /// Microseconds as milliseconds.
-#[allow(clippy::cast_precision_loss, reason = "durations far below 2^53 µs")]
 fn as_ms(us: u64) -> f64 {
-    us as f64 / 1000.0
+    crate::as_f64(us) / 1000.0
 }
 
 fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
