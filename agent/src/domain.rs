@@ -104,6 +104,9 @@ pub struct DomainSpec {
     pub boot: Boot,
     /// File the first serial port appends to.
     pub serial_log: PathBuf,
+    /// The Unix socket QEMU serves the screen on over VNC (`None`: no VNC server); FT
+    /// domains have no screen.
+    pub vnc_socket: Option<PathBuf>,
     /// Destroy the domain when this host's lease cannot be renewed (HA and FT VMs).
     pub self_fence: bool,
     /// The VM's ownership generation of the command that defined it, kept in the metadata: a
@@ -207,6 +210,14 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     // checkpoints track the guest's RAM, not video memory.
     if spec.ft.is_none() {
         xml.push_str("    <video><model type='vga' vram='16384' heads='1'/></video>\n");
+        // VNC on a Unix socket only: the agent relays it to the console (`vnc.rs`).
+        if let Some(socket) = &spec.vnc_socket {
+            let _ = writeln!(
+                xml,
+                "    <graphics type='vnc' socket='{}'/>",
+                escape(&socket.to_string_lossy())
+            );
+        }
     }
     xml.push_str("    <memballoon model='none'/>\n");
     xml.push_str("  </devices>\n");
@@ -442,6 +453,7 @@ mod tests {
                 cmdline: "console=ttyS0 quiet".into(),
             }),
             serial_log: "/state/serial/web1.log".into(),
+            vnc_socket: Some("/state/vnc/web1.sock".into()),
             self_fence: false,
             generation: 3,
             ft: None,
@@ -479,6 +491,7 @@ mod tests {
     <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/><alias name='ua-net0'/></interface>
     <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
     <video><model type='vga' vram='16384' heads='1'/></video>
+    <graphics type='vnc' socket='/state/vnc/web1.sock'/>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -585,7 +598,9 @@ mod tests {
         let ha = domain_xml(&kernel_spec(), &tcg());
 
         assert!(!ft.contains("<video>"));
+        assert!(!ft.contains("<graphics"));
         assert!(ha.contains("<video><model type='vga'"));
+        assert!(ha.contains("<graphics type='vnc' socket='/state/vnc/web1.sock'/>"));
     }
 
     #[test]

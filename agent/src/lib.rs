@@ -30,3 +30,4 @@ pub mod snapshot;
 pub mod stale;
 pub mod storage;
 pub mod upload;
+pub mod vnc;

@@ -11,7 +11,6 @@ use daemon::lease::{LeaseStatus, LeaseView};
 use proto::agent as pb;
 use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
@@ -32,6 +31,7 @@ mod ft;
 mod import;
 mod isos;
 mod mirrors;
+mod screens;
 mod snapshots;
 
 pub use error::Error;
@@ -49,6 +49,7 @@ struct Inner {
     host: HostProfile,
     image_dir: PathBuf,
     serial_dir: PathBuf,
+    vnc_dir: PathBuf,
     state_dir: PathBuf,
     networks: BTreeMap<String, String>,
     ft: ft::FtRuns,
@@ -91,6 +92,7 @@ impl AgentService {
                 },
                 image_dir: config.image_dir.clone(),
                 serial_dir: config.serial_dir(),
+                vnc_dir: crate::vnc::dir(&config.state_dir),
                 state_dir: config.state_dir.clone(),
                 networks: config.networks.clone(),
                 ft: ft::FtRuns::default(),
@@ -159,6 +161,7 @@ impl Inner {
         let ft = spec.ft.then(|| self.ft_domain(&spec.uuid, false));
         Ok(DomainSpec {
             serial_log: serial::log_path(&self.serial_dir, &spec.uuid),
+            vnc_socket: crate::vnc::socket_path(&self.vnc_dir, &spec.uuid).filter(|_| !spec.ft),
             uuid: spec.uuid,
             name: spec.name,
             vcpus: spec.vcpus,
@@ -407,7 +410,7 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
     }
 }
 
-type SerialStream = Pin<Box<dyn Stream<Item = Result<pb::SerialChunk, Status>> + Send>>;
+pub(crate) type SerialStream = Pin<Box<dyn Stream<Item = Result<pb::SerialChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
@@ -754,15 +757,17 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::ScreenshotRequest>,
     ) -> Result<Response<pb::ScreenshotReply>, Status> {
-        let uuid = request.into_inner().uuid;
-        if uuid_invalid(&uuid) {
-            return Err(invalid(format!("{uuid:?} is not a UUID")).into());
-        }
-        let dir = self.inner.state_dir.join("screens");
-        let png = crate::screen::png(&self.inner.deps.libvirt, &uuid, &dir)
-            .await
-            .map_err(Error::from)?;
+        let png = self.inner.screenshot(request.into_inner().uuid).await?;
         Ok(Response::new(pb::ScreenshotReply { png }))
+    }
+
+    type VncStream = crate::vnc::Replies;
+
+    async fn vnc(
+        &self,
+        request: Request<tonic::Streaming<pb::VncData>>,
+    ) -> Result<Response<crate::vnc::Replies>, Status> {
+        Ok(Response::new(self.inner.vnc(request.into_inner()).await?))
     }
 
     type StreamSerialStream = SerialStream;
@@ -771,21 +776,9 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::StreamSerialRequest>,
     ) -> Result<Response<SerialStream>, Status> {
-        let req = request.into_inner();
-        if uuid_invalid(&req.uuid) {
-            return Err(invalid(format!("{:?} is not a UUID", req.uuid)).into());
-        }
-        let path = serial::log_path(&self.inner.serial_dir, &req.uuid);
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(serial::stream(path, req.tail_bytes, req.follow, tx));
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |item| {
-            item.map(|c| pb::SerialChunk {
-                offset: c.offset,
-                data: c.data,
-            })
-            .map_err(|e| Status::internal(format!("reading serial log: {e}")))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(
+            self.inner.stream_serial(&request.into_inner())?,
+        ))
     }
 }
 
