@@ -155,6 +155,21 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 type Client = AgentClient<Channel>;
 
 impl Agent {
+    /// The stream a streaming call `call` opens, or why it did not open within
+    /// [`CALL_TIMEOUT`] (the stream itself may then run for as long as it needs).
+    async fn opened<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
+    ) -> Result<tonic::Streaming<T>, Error> {
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(result) => Ok(result.map_err(self.failed(op))?.into_inner()),
+            Err(_) => Err(self.failed(op)(tonic::Status::deadline_exceeded(format!(
+                "no answer within {CALL_TIMEOUT:?}"
+            )))),
+        }
+    }
+
     fn failed(&self, op: &'static str) -> impl FnOnce(tonic::Status) -> Error {
         let node = self.node.clone();
         move |status| match status.code() {
@@ -549,12 +564,7 @@ impl Agent {
         let op = "exporting a volume";
         let mut client = self.client.clone();
         let call = client.export_volume(tonic::Request::new(message));
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(result) => Ok(result.map_err(self.failed(op))?.into_inner()),
-            Err(_) => Err(self.failed(op)(tonic::Status::deadline_exceeded(format!(
-                "no answer within {CALL_TIMEOUT:?}"
-            )))),
-        }
+        self.opened(op, call).await
     }
 
     /// The serial console of `uuid`: its last `tail_bytes`, then new output if `follow`.
@@ -576,6 +586,28 @@ impl Agent {
             .await
             .map_err(self.failed("reading serial console"))?
             .into_inner())
+    }
+
+    /// A VNC session to running domain `uuid`'s screen: `input` (RFB bytes from the viewer)
+    /// goes to its QEMU, the returned stream brings QEMU's bytes back. Fails at once when
+    /// the domain has no screen on this host.
+    pub async fn vnc<S>(&self, uuid: &str, input: S) -> Result<tonic::Streaming<pb::VncData>, Error>
+    where
+        S: tokio_stream::Stream<Item = Vec<u8>> + Send + 'static,
+    {
+        let first = pb::VncData {
+            uuid: uuid.to_string(),
+            data: Vec::new(),
+        };
+        let rest = tokio_stream::StreamExt::map(input, |data| pb::VncData {
+            uuid: String::new(),
+            data,
+        });
+        let requests = tokio_stream::StreamExt::chain(tokio_stream::once(first), rest);
+        let op = "opening the VM's screen";
+        let mut client = self.client.clone();
+        let call = client.vnc(tonic::Request::new(requests));
+        self.opened(op, call).await
     }
 
     /// The screen of running domain `uuid`, as PNG bytes.

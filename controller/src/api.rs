@@ -140,7 +140,10 @@ impl Api {
 
     /// VM `vm` (a name or UUID) and the agent of the host it runs on, read from etcd: what
     /// any controller serves the VM's console and screen through.
-    async fn agent_of(&self, vm: &str) -> Result<(VmRecord, crate::agents::Agent), ApiError> {
+    pub(crate) async fn agent_of(
+        &self,
+        vm: &str,
+    ) -> Result<(VmRecord, crate::agents::Agent), ApiError> {
         let unavailable = |e: store::Error| ApiError::Unavailable(chain(&e));
         let client = &self.inner.client;
         let vm = store::find_vm(client, vm)

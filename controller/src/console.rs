@@ -1,7 +1,8 @@
 //! The browser console's files, built into the controller so that any serving controller
 //! serves the same console with no files to install and no CDN. The console is static: it
 //! speaks gRPC-Web to the very API pvctl uses (same methods, same token guard, same audit),
-//! so it has no semantics of its own to keep in step.
+//! so it has no semantics of its own to keep in step. The one exception is the VM's live
+//! screen, a websocket ([`crate::vnc`]) behind the same tokens.
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +46,7 @@ const ASSETS: &[Asset] = &[
     ),
     web_file!("/console/vendor/xterm.js", JS, "vendor/xterm.js"),
     web_file!("/console/vendor/xterm.css", CSS, "vendor/xterm.css"),
+    web_file!("/console/vendor/novnc.js", JS, "vendor/novnc.js"),
 ];
 
 /// Only our own files run: no inline script, no other origin (the token lives in the page).

@@ -1,7 +1,8 @@
 //! What a controller serves on its API port: the public gRPC API behind the token guard (also
-//! as gRPC-Web, for the browser console), the console's files ([`crate::console`]), the
-//! unauthenticated `GET /health` ([`crate::status`]) and `GET /metrics` ([`crate::metrics`],
-//! for any token: Prometheus' `authorization` with a read-only one).
+//! as gRPC-Web, for the browser console), the console's files ([`crate::console`]) and its
+//! VNC websocket ([`crate::vnc`]), the unauthenticated `GET /health` ([`crate::status`]) and
+//! `GET /metrics` ([`crate::metrics`], for any token: Prometheus' `authorization` with a
+//! read-only one). [`crate::serve`] serves them.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::auth::guard::{Guarded, admit};
 use crate::status::{Health, Level};
 
 /// The routes of the API port of controller `node`.
-pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Routes {
+pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> axum::Router {
     // gRPC-Web is translated to gRPC before the guard, so both meet the same checks.
     let grpc = tonic_web::GrpcWebLayer::new().layer(Guarded::new(
         proto::v1::pairvisor_server::PairvisorServer::new(api.clone()),
@@ -24,13 +25,14 @@ pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Rou
     ));
     let status = health.clone();
     let scrape = Scrape {
-        api,
+        api: api.clone(),
         access: access.clone(),
         health,
         node: node.to_string(),
     };
     let router = Routes::new(grpc).prepare().into_axum_router();
-    let router = crate::console::add_routes(router)
+    let router = crate::console::add_routes(router);
+    crate::vnc::add_route(router, api, access.clone())
         .route(
             "/health",
             axum::routing::get(move || async move {
@@ -47,8 +49,20 @@ pub fn routes(api: Api, access: &Access, health: Arc<Health>, node: &str) -> Rou
             axum::routing::get(
                 move |headers: HeaderMap| async move { scrape.answer(headers).await },
             ),
-        );
-    Routes::from(router)
+        )
+}
+
+/// A refused token check as a plain HTTP answer: its status code and the API's words.
+pub fn http_refusal(status: &tonic::Status) -> axum::response::Response {
+    let code = match status.code() {
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, format!("{}\n", status.message())).into_response()
 }
 
 /// What `/metrics` needs.
@@ -64,12 +78,7 @@ impl Scrape {
     async fn answer(&self, headers: HeaderMap) -> axum::response::Response {
         let metadata = MetadataMap::from_headers(headers);
         if let Err(refused) = admit(self.access.tokens.as_deref(), &metadata, "/metrics").await {
-            let code = match refused.status.code() {
-                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-                tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::UNAUTHORIZED,
-            };
-            return (code, format!("{}\n", refused.status.message())).into_response();
+            return http_refusal(&refused.status);
         }
         let level = self.health.level().await;
         let text = self

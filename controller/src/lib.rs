@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod ova;
 pub mod placement;
+pub mod serve;
 pub mod serving;
 #[cfg(test)]
 mod sim;
@@ -36,6 +37,7 @@ pub mod status;
 pub mod store;
 pub mod validate;
 pub mod vm;
+pub mod vnc;
 
 pub use daemon::now_unix_ms;
 

@@ -94,11 +94,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %config.node, listen = %config.listen, "controller API listening");
     // HTTP/1.1 too: monitoring tools fetch /health without HTTP/2.
     let routes = controller::front::routes(api, &access, health, &config.node);
-    let server = proto::transport::server()
-        .accept_http1(true)
-        .add_routes(routes);
     let shutdown = daemon::shutdown_signal();
-    let served = match &config.api_tls {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    match &config.api_tls {
         Some(tls) => {
             // Our own TLS listener: tonic's offers only h2 by ALPN (see daemon::https).
             let read = |path: &std::path::Path| {
@@ -106,19 +106,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             };
             let tls = daemon::https::server_config(&read(&tls.cert)?, &read(&tls.key)?)
                 .context("setting up the public API's TLS")?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("listening on {}", config.listen))?;
-            server
-                .serve_with_incoming_shutdown(daemon::https::incoming(listener, tls), shutdown)
-                .await
+            controller::serve::run(daemon::https::incoming(listener, tls), routes, shutdown).await;
         }
         None => {
             tracing::warn!(node = %config.node, "the public API runs without TLS; set [api_tls] in the config");
-            server.serve_with_shutdown(config.listen, shutdown).await
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            controller::serve::run(incoming, routes, shutdown).await;
         }
-    };
-    served.with_context(|| format!("serving the API on {}", config.listen))?;
+    }
     if let Some(ip) = &config.system_ip {
         let _ = daemon::sysip::release(ip).await;
     }

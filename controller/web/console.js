@@ -396,6 +396,7 @@
       <div id="serial"></div>
       <h2>Screen</h2>
       <p id="screen-note" class="muted"></p>
+      <div id="vnc"></div>
       <img id="screen" alt="the VM's screen">`;
   }
 
@@ -407,34 +408,37 @@
     openScreen(name);
   }
 
-  // -------- screen (QMP screendump through ScreenshotVm, refreshed)
+  // -------- screen: live over VNC for an admin (noVNC on the controller's /vnc websocket,
+  // which only admins may open), else QMP screendumps through ScreenshotVm, refreshed.
 
   let screen = null;
   const SCREEN_PERIOD_MS = 2000;
+  // After a VNC session failed to open or dropped, screenshots until the next try.
+  const VNC_RETRY_MS = 10000;
+
+  function isAdmin() {
+    return state.caller && short(state.caller.role, 'ROLE_') === 'ADMIN';
+  }
 
   function openScreen(name) {
-    screen = { name, url: null, timer: null, closed: false };
+    screen = { name, url: null, timer: null, closed: false, rfb: null, vncAfter: 0 };
     const s = screen;
     const take = async () => {
       if (s.closed) return;
       const vm = state.vms.find((v) => v.name === name);
       const note = document.getElementById('screen-note');
+      const running = vm && short(vm.state, 'VM_STATE_') === 'RUNNING';
       if (vm && short(vm.mode, 'PROTECTION_MODE_') === 'FT') {
         // FT domains have no video device (a checkpoint would have to carry its state).
         note.textContent = 'an FT VM has no screen: use its serial console';
-      } else if (vm && short(vm.state, 'VM_STATE_') === 'RUNNING') {
-        try {
-          const shot = await call('ScreenshotVm', { vm: name });
-          if (s.closed) return;
-          const url = URL.createObjectURL(new Blob([shot.png], { type: 'image/png' }));
-          document.getElementById('screen').src = url;
-          if (s.url) URL.revokeObjectURL(s.url);
-          s.url = url;
-          note.textContent = `as of ${new Date().toLocaleTimeString()}`;
-        } catch (e) {
-          note.textContent = e.message;
-        }
+      } else if (running && s.rfb) {
+        // Live: noVNC draws as the guest does.
+      } else if (running && isAdmin() && window.RFB && Date.now() >= s.vncAfter) {
+        openVnc(s, note);
+      } else if (running) {
+        await screenshot(s, note);
       } else {
+        closeVnc(s);
         note.textContent = 'the VM is not running';
       }
       if (!s.closed) s.timer = setTimeout(take, SCREEN_PERIOD_MS);
@@ -442,10 +446,57 @@
     take();
   }
 
+  function openVnc(s, note) {
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    const url = `${scheme}://${location.host}/vnc/${encodeURIComponent(s.name)}`;
+    const view = document.getElementById('vnc');
+    // A browser cannot set headers on a websocket: the token rides as a subprotocol.
+    const rfb = new window.RFB(view, url, { wsProtocols: ['binary', 'pairvisor.token.' + token()] });
+    rfb.scaleViewport = true;
+    rfb.addEventListener('connect', () => {
+      if (s.rfb !== rfb) return;
+      view.dataset.connected = '1';
+      document.getElementById('screen').hidden = true;
+      note.textContent = 'live (VNC): click into the screen to type';
+    });
+    rfb.addEventListener('disconnect', (ev) => {
+      if (s.rfb !== rfb) return;
+      s.rfb = null;
+      s.vncAfter = Date.now() + VNC_RETRY_MS;
+      delete view.dataset.connected;
+      document.getElementById('screen').hidden = false;
+      if (!s.closed) note.textContent = ev.detail.clean ? 'the screen session ended' : 'the screen connection failed; showing screenshots';
+    });
+    s.rfb = rfb;
+    note.textContent = 'connecting to the screen…';
+  }
+
+  function closeVnc(s) {
+    if (!s.rfb) return;
+    const rfb = s.rfb;
+    s.rfb = null;
+    rfb.disconnect();
+  }
+
+  async function screenshot(s, note) {
+    try {
+      const shot = await call('ScreenshotVm', { vm: s.name });
+      if (s.closed) return;
+      const url = URL.createObjectURL(new Blob([shot.png], { type: 'image/png' }));
+      document.getElementById('screen').src = url;
+      if (s.url) URL.revokeObjectURL(s.url);
+      s.url = url;
+      note.textContent = `as of ${new Date().toLocaleTimeString()}`;
+    } catch (e) {
+      note.textContent = e.message;
+    }
+  }
+
   function closeScreen() {
     if (!screen) return;
     screen.closed = true;
     clearTimeout(screen.timer);
+    closeVnc(screen);
     if (screen.url) URL.revokeObjectURL(screen.url);
     screen = null;
   }

@@ -204,6 +204,39 @@ impl Browser {
         );
     }
 
+    /// Types `text` (lower-case letters, digits, spaces and `\n` for Enter) as key presses
+    /// into the focused element, as a keyboard would: keydown and keyup per key.
+    pub async fn press_keys(&mut self, text: &str) {
+        for c in text.chars() {
+            let (key, code, vk) = match c {
+                '\n' => ("Enter".to_string(), "Enter".to_string(), 13),
+                ' ' => (" ".to_string(), "Space".to_string(), 32),
+                'a'..='z' => (
+                    c.to_string(),
+                    format!("Key{}", c.to_ascii_uppercase()),
+                    c.to_ascii_uppercase() as u32,
+                ),
+                '0'..='9' => (c.to_string(), format!("Digit{c}"), c as u32),
+                _ => panic!("press_keys cannot type {c:?}"),
+            };
+            let typed = if c == '\n' {
+                "\r".to_string()
+            } else {
+                key.clone()
+            };
+            for kind in ["keyDown", "keyUp"] {
+                let mut event = json!({
+                    "type": kind, "key": key, "code": code,
+                    "windowsVirtualKeyCode": vk, "nativeVirtualKeyCode": vk,
+                });
+                if kind == "keyDown" {
+                    event["text"] = json!(typed);
+                }
+                self.command("Input.dispatchKeyEvent", event).await;
+            }
+        }
+    }
+
     /// Opens the console at `url` and logs in with `token`; waits until it shows who that is.
     pub async fn log_in(&mut self, url: &str, token: &str, timeout: Duration) {
         self.goto(url).await;

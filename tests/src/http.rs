@@ -1,6 +1,6 @@
 //! Plain HTTPS requests to a controller's API port (`/health`, `/metrics`), over the same
-//! TLS and HTTP/2 as the gRPC API, trusting only the lab's CA; and a checking reader of
-//! Prometheus' text format.
+//! TLS and HTTP/2 as the gRPC API, trusting only the lab's CA; the console's websocket as a
+//! browser opens it; and a checking reader of Prometheus' text format.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -49,6 +49,93 @@ pub async fn get(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// What opening a websocket got: refused with an HTTP status and body, or opened, with the
+/// first binary message the server sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WebSocketOutcome {
+    /// The upgrade was refused.
+    Refused(u16, String),
+    /// The upgrade succeeded; the first message.
+    Opened(Vec<u8>),
+}
+
+/// Opens `wss://{address}{path}` as a browser does (HTTP/1.1 by ALPN, an Upgrade request)
+/// offering `protocols`, trusting only `ca`; reads the first binary message if it opens.
+pub async fn websocket(
+    ca: &Path,
+    address: &str,
+    path: &str,
+    protocols: &str,
+) -> Result<WebSocketOutcome, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring};
+    use tokio_stream::StreamExt;
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut config =
+        ClientConfig::builder_with_provider(std::sync::Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("{address}: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{address}: TLS: {e}"))?;
+    let mut request = format!("wss://{address}{path}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        protocols
+            .parse()
+            .map_err(|e| format!("{protocols:?}: {e}"))?,
+    );
+    let opened = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, tls),
+    )
+    .await
+    .map_err(|_| format!("{address}{path}: no answer to the upgrade within 10 s"))?;
+    let mut socket = match opened {
+        Ok((socket, _)) => socket,
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            return Ok(WebSocketOutcome::Refused(
+                response.status().as_u16(),
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+        }
+        Err(e) => return Err(format!("{address}{path}: {e}")),
+    };
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .map_err(|_| format!("{address}{path}: no message within 10 s"))?;
+        match next {
+            Some(Ok(tungstenite::Message::Binary(data))) => {
+                return Ok(WebSocketOutcome::Opened(data.to_vec()));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("{address}{path}: {e}")),
+            None => return Err(format!("{address}{path}: closed before any message")),
+        }
+    }
 }
 
 /// The samples of a Prometheus text exposition by `name{labels}` as written, checked line by

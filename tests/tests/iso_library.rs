@@ -14,15 +14,14 @@ use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_json, pvctl_ok, pvctl_refuse
 const RESCUE_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
 /// How long the console may take to load and show a screen, on a busy machine.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The distinct colours of the console's screen image once it has loaded one of at least
-/// 320x200 (0 before).
-const SCREEN_COLOURS: &str = "(() => { const img = document.getElementById('screen'); \
-    if (!img || !img.complete || img.naturalWidth < 320 || img.naturalHeight < 200) return 0; \
-    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight; \
-    const g = c.getContext('2d'); g.drawImage(img, 0, 0); \
-    const d = g.getImageData(0, 0, c.width, c.height).data; const seen = new Set(); \
+/// The distinct colours of the console's live VNC view (noVNC's canvas) once it is connected
+/// and at least 320x200 (0 before).
+const SCREEN_COLOURS: &str = "(() => { const v = document.getElementById('vnc'); \
+    if (!v || !v.dataset.connected) return 0; const c = v.querySelector('canvas'); \
+    if (!c || c.width < 320 || c.height < 200) return 0; \
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; const seen = new Set(); \
     for (let i = 0; i < d.length; i += 4) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]); \
-    return seen.size; })()";
+    return seen.size >= 2 ? seen.size : 0; })()";
 /// Time for a failed upload's copies and record to be removed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -207,7 +206,8 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
     pvctl_ok(&lab.pvctl(&["vm-screenshot", "cdvm", shot.to_str().unwrap()]));
     let colours = distinct_colours(&shot);
     assert!(colours >= 2, "the screenshot {} is blank", shot.display());
-    // And the browser console shows it on the VM's page.
+    // And the browser console shows it live on the VM's page (noVNC over the API port's
+    // websocket, relayed by the agent from QEMU's VNC socket).
     let artefacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
     let mut browser = Browser::launch(&artefacts).await;
     let system_ip = lab.endpoints().split(',').next().unwrap().to_string();
@@ -223,8 +223,28 @@ async fn iso_library_boots_a_vm_from_an_uploaded_cd_and_refuses_host_paths() {
         "the console's screen view is blank ({shown} colours)"
     );
     let _ = browser
-        .eval("document.getElementById('screen').scrollIntoView()")
+        .eval("document.getElementById('vnc').scrollIntoView()")
         .await;
+    // Keys typed into the view reach the guest: GRUB leaves its menu for its command line
+    // and runs the command typed there (GRUB draws on the serial console too).
+    let focused = browser
+        .eval("(() => { const c = document.querySelector('#vnc canvas'); c.focus(); return document.activeElement === c; })()")
+        .await;
+    assert_eq!(
+        focused,
+        Ok(serde_json::json!(true)),
+        "focusing the VNC view"
+    );
+    browser.press_keys("c").await;
+    console.wait_line("GRUB's command line", PAGE_TIMEOUT, |l| {
+        l.contains("Minimal BASH-like line editing")
+    });
+    browser.press_keys("echo typed over vnc\n").await;
+    console.wait_line(
+        "GRUB's answer to keys typed in the console",
+        PAGE_TIMEOUT,
+        |l| l.contains("typed over vnc") && !l.contains("echo"),
+    );
     browser.screenshot("iso-vm-screen").await;
     drop(browser);
     let listed = pvctl_json(&lab.pvctl(&["--json", "iso-list"]));

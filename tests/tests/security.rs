@@ -16,6 +16,7 @@ use proto::agent::agent_client::AgentClient;
 use proto::auth::{Bearer, Token};
 use proto::v1 as pb;
 use proto::v1::pairvisor_client::PairvisorClient;
+use tests::http::WebSocketOutcome;
 use tests::{Console, GUEST_BOOT_TIMEOUT, Lab, pvctl_ok, pvctl_refused, tiny_guest};
 use tonic::transport::Endpoint;
 
@@ -182,6 +183,33 @@ async fn tokens_and_roles(lab: &Lab) {
         "login without a token file succeeded"
     );
 
+    // The VM's screen (the console's VNC websocket) is for admins: the token rides as a
+    // subprotocol; none or a read-only one is refused before the upgrade; an admin's gets
+    // the RFB greeting of the VM's QEMU, relayed from its agent.
+    let admin = std::fs::read_to_string(lab.admin_token()).unwrap();
+    let screen = |protocols: String| {
+        let (ca, system_ip) = (ca.clone(), system_ip.clone());
+        async move {
+            tests::http::websocket(&ca, &system_ip, "/vnc/tls", &protocols)
+                .await
+                .unwrap()
+        }
+    };
+    match screen("binary".into()).await {
+        WebSocketOutcome::Refused(401, body) => assert!(body.contains("needs a token"), "{body}"),
+        other => panic!("a websocket without a token got {other:?}"),
+    }
+    match screen(format!("binary, pairvisor.token.{reader}")).await {
+        WebSocketOutcome::Refused(403, body) => {
+            assert!(body.contains("/vnc needs an admin token"), "{body}")
+        }
+        other => panic!("a read-only websocket got {other:?}"),
+    }
+    assert_eq!(
+        screen(format!("binary, pairvisor.token.{}", admin.trim())).await,
+        WebSocketOutcome::Opened(b"RFB 003.008\n".to_vec())
+    );
+
     // The audit log says who did what: the admin's create, the reader's refused power-off.
     let audit = pvctl_ok(&lab.pvctl(&["--json", "audit", "--limit", "1000"]));
     let audit: Vec<serde_json::Value> = serde_json::from_str(&audit).unwrap();
@@ -202,6 +230,8 @@ async fn tokens_and_roles(lab: &Lab) {
         has("watcher", "PowerOffVm", "", "PermissionDenied"),
         "{audit:#?}"
     );
+    assert!(has("admin", "/vnc", "vm tls", "opened"), "{audit:#?}");
+    assert!(has("watcher", "/vnc", "", "PermissionDenied"), "{audit:#?}");
 
     // A deleted token is refused within seconds.
     pvctl_ok(&lab.pvctl(&["token-delete", &reader.id]));

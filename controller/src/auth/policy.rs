@@ -60,6 +60,7 @@ mod tests {
             "ExportVm",
             "CreateToken",
             "ListAudit",
+            "/vnc",
             "Nope",
         ] {
             assert_eq!(needs(method), Role::Admin, "{method}");
