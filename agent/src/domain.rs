@@ -104,9 +104,9 @@ pub struct DomainSpec {
     pub boot: Boot,
     /// File the first serial port appends to.
     pub serial_log: PathBuf,
-    /// The Unix socket QEMU serves the screen on over VNC (`None`: no VNC server); FT
-    /// domains have no screen.
-    pub vnc_socket: Option<PathBuf>,
+    /// Whether QEMU serves the screen over VNC, on a Unix socket libvirt makes in the
+    /// domain's private directory (FT domains have no screen).
+    pub vnc: bool,
     /// Destroy the domain when this host's lease cannot be renewed (HA and FT VMs).
     pub self_fence: bool,
     /// The VM's ownership generation of the command that defined it, kept in the metadata: a
@@ -210,13 +210,10 @@ pub fn domain_xml(spec: &DomainSpec, host: &HostProfile) -> String {
     // checkpoints track the guest's RAM, not video memory.
     if spec.ft.is_none() {
         xml.push_str("    <video><model type='vga' vram='16384' heads='1'/></video>\n");
-        // VNC on a Unix socket only: the agent relays it to the console (`vnc.rs`).
-        if let Some(socket) = &spec.vnc_socket {
-            let _ = writeln!(
-                xml,
-                "    <graphics type='vnc' socket='{}'/>",
-                escape(&socket.to_string_lossy())
-            );
+        // VNC on a Unix socket only, which libvirt makes in the domain's private directory
+        // for QEMU's user: the agent relays it to the console (`vnc.rs`).
+        if spec.vnc {
+            xml.push_str("    <graphics type='vnc'><listen type='socket'/></graphics>\n");
         }
     }
     xml.push_str("    <memballoon model='none'/>\n");
@@ -303,6 +300,21 @@ pub fn generation_in(metadata: &str) -> Option<u64> {
             .then(|| text.trim().parse().ok())
             .flatten()
     })
+}
+
+/// The Unix socket a live domain XML's VNC server listens on, as libvirt chose it.
+pub fn vnc_socket_in(xml: &str) -> Option<PathBuf> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let graphics = doc
+        .descendants()
+        .find(|n| n.has_tag_name("graphics") && n.attribute("type") == Some("vnc"))?;
+    let listen = graphics
+        .children()
+        .find(|n| n.has_tag_name("listen") && n.attribute("type") == Some("socket"));
+    listen
+        .and_then(|l| l.attribute("socket"))
+        .or_else(|| graphics.attribute("socket"))
+        .map(PathBuf::from)
 }
 
 /// Whether the agent's metadata element, as libvirt returns it, marks the domain self-fencing.
@@ -453,7 +465,7 @@ mod tests {
                 cmdline: "console=ttyS0 quiet".into(),
             }),
             serial_log: "/state/serial/web1.log".into(),
-            vnc_socket: Some("/state/vnc/web1.sock".into()),
+            vnc: true,
             self_fence: false,
             generation: 3,
             ft: None,
@@ -491,7 +503,7 @@ mod tests {
     <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='biz0'/><model type='virtio'/><alias name='ua-net0'/></interface>
     <serial type='file'><source path='/state/serial/web1.log' append='on'/><target port='0'/></serial>
     <video><model type='vga' vram='16384' heads='1'/></video>
-    <graphics type='vnc' socket='/state/vnc/web1.sock'/>
+    <graphics type='vnc'><listen type='socket'/></graphics>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -593,6 +605,20 @@ mod tests {
     }
 
     #[test]
+    fn vnc_socket_is_read_from_the_live_xml() {
+        let live = "<domain><devices><graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-web1/vnc.sock'>\
+            <listen type='socket' socket='/var/lib/libvirt/qemu/domain-3-web1/vnc.sock'/></graphics></devices></domain>";
+        assert_eq!(
+            vnc_socket_in(live),
+            Some(PathBuf::from(
+                "/var/lib/libvirt/qemu/domain-3-web1/vnc.sock"
+            ))
+        );
+        assert_eq!(vnc_socket_in("<domain><devices/></domain>"), None);
+        assert_eq!(vnc_socket_in("not xml"), None);
+    }
+
+    #[test]
     fn domain_xml_ft_has_no_screen_and_others_have_one() {
         let ft = domain_xml(&ft_spec("/run/pv/a.qmp", false), &tcg());
         let ha = domain_xml(&kernel_spec(), &tcg());
@@ -600,7 +626,7 @@ mod tests {
         assert!(!ft.contains("<video>"));
         assert!(!ft.contains("<graphics"));
         assert!(ha.contains("<video><model type='vga'"));
-        assert!(ha.contains("<graphics type='vnc' socket='/state/vnc/web1.sock'/>"));
+        assert!(ha.contains("<graphics type='vnc'><listen type='socket'/></graphics>"));
     }
 
     #[test]

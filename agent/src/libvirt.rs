@@ -284,6 +284,22 @@ impl Libvirt {
         .await
     }
 
+    /// Where the running domain `uuid`'s QEMU serves VNC (libvirt chose the socket, in the
+    /// domain's private directory); `None` when it has no VNC server.
+    pub async fn vnc_socket(&self, uuid: &str) -> Result<Option<std::path::PathBuf>, Error> {
+        let owned = uuid.to_string();
+        self.run(move |conn| {
+            let dom = lookup(conn, &owned)?.ok_or(Error::DomainUnknown {
+                uuid: owned.clone(),
+            })?;
+            let xml = dom
+                .xml_desc(0)
+                .map_err(call("reading the live domain XML"))?;
+            Ok(domain::vnc_socket_in(&xml))
+        })
+        .await
+    }
+
     /// The ownership generation the domain's definition (the live one while it runs) was
     /// made under; `None` when it is not defined or records none.
     pub async fn generation(&self, uuid: &str) -> Result<Option<u64>, Error> {

@@ -46,7 +46,6 @@ fn run(config: &Config) -> anyhow::Result<()> {
     for dir in [&config.state_dir, &config.serial_dir(), &config.image_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    agent::vnc::prepare_dir(&agent::vnc::dir(&config.state_dir))?;
     let fence = Arc::new(Fence::open(&config.state_dir.join("fence.json"))?);
     if config.libvirt_uri.is_none() {
         agent::embed::prepare(&config.embed_root(), &config.ram_dir)?;

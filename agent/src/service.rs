@@ -49,7 +49,6 @@ struct Inner {
     host: HostProfile,
     image_dir: PathBuf,
     serial_dir: PathBuf,
-    vnc_dir: PathBuf,
     state_dir: PathBuf,
     networks: BTreeMap<String, String>,
     ft: ft::FtRuns,
@@ -92,7 +91,6 @@ impl AgentService {
                 },
                 image_dir: config.image_dir.clone(),
                 serial_dir: config.serial_dir(),
-                vnc_dir: crate::vnc::dir(&config.state_dir),
                 state_dir: config.state_dir.clone(),
                 networks: config.networks.clone(),
                 ft: ft::FtRuns::default(),
@@ -161,7 +159,7 @@ impl Inner {
         let ft = spec.ft.then(|| self.ft_domain(&spec.uuid, false));
         Ok(DomainSpec {
             serial_log: serial::log_path(&self.serial_dir, &spec.uuid),
-            vnc_socket: crate::vnc::socket_path(&self.vnc_dir, &spec.uuid).filter(|_| !spec.ft),
+            vnc: !spec.ft,
             uuid: spec.uuid,
             name: spec.name,
             vcpus: spec.vcpus,
@@ -407,6 +405,7 @@ fn status_to_pb(s: DomainStatus) -> pb::DomainStatus {
         mirror_path: 0,
         mirrors_unknown: false,
         ft: None,
+        disk_writes: Vec::new(),
     }
 }
 

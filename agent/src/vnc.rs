@@ -1,9 +1,9 @@
-//! A guest's screen over VNC: QEMU serves it on a Unix socket in a directory only the agent
-//! (root) can enter, never on the network; the agent relays one RFB session at a time per
-//! caller between that socket and a gRPC stream (the controller's console websocket).
+//! A guest's screen over VNC: QEMU serves it on a Unix socket that libvirt makes in the
+//! domain's private directory (reachable by root and QEMU's user only), never on the network;
+//! the agent relays one RFB session per caller between that socket and a gRPC stream (the
+//! controller's console websocket).
 
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use proto::agent as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,8 +12,6 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
-/// A Unix socket path's limit (`sun_path` is 108 bytes with its NUL).
-const SOCKET_PATH_MAX: usize = 107;
 /// Largest piece read from QEMU at once.
 const CHUNK: usize = 64 * 1024;
 /// Pieces queued towards the caller before the relay waits for it.
@@ -22,15 +20,6 @@ const QUEUE: usize = 16;
 /// A relay that could not begin.
 #[derive(Debug, thiserror::Error)]
 pub enum VncError {
-    /// The directory for the sockets could not be made.
-    #[error("creating the VNC socket directory {dir}")]
-    Dir {
-        /// The directory.
-        dir: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// QEMU does not listen on the domain's socket.
     #[error(
         "domain {uuid} has no screen here (not running on this host, an FT VM, or started before VNC was enabled): {source}"
@@ -47,38 +36,9 @@ pub enum VncError {
 impl From<VncError> for Status {
     fn from(e: VncError) -> Status {
         match &e {
-            VncError::Dir { .. } => Status::internal(daemon::error_chain(&e)),
             VncError::NoScreen { .. } => Status::failed_precondition(daemon::error_chain(&e)),
         }
     }
-}
-
-/// The directory of the VNC sockets under the agent's state directory.
-pub fn dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("vnc")
-}
-
-/// Creates `dir` root-only, and warns when its sockets' paths would be too long to serve.
-pub fn prepare_dir(dir: &Path) -> Result<(), VncError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| VncError::Dir {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
-    if socket_path(dir, "00000000-0000-0000-0000-000000000000").is_none() {
-        tracing::warn!(dir = %dir.display(), "the state directory's path is too long for VNC sockets: guests run without a screen on the console");
-    }
-    Ok(())
-}
-
-/// Where domain `uuid`'s QEMU serves VNC, or `None` when that path would not fit a Unix
-/// socket address (the domain then runs without a VNC server rather than failing to start).
-pub fn socket_path(dir: &Path, uuid: &str) -> Option<PathBuf> {
-    let path = dir.join(format!("{uuid}.vnc"));
-    (path.as_os_str().len() <= SOCKET_PATH_MAX).then_some(path)
 }
 
 /// The bytes QEMU sends, as a stream of replies.
@@ -144,18 +104,6 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn socket_path_is_refused_when_it_cannot_be_a_socket_address() {
-        let uuid = "0b6f4a2e-9d41-4c3f-8a57-2f5d1f0c9e11";
-        let short = socket_path(Path::new("/var/lib/pairvisor/vnc"), uuid);
-        assert_eq!(
-            short,
-            Some(PathBuf::from(format!("/var/lib/pairvisor/vnc/{uuid}.vnc")))
-        );
-        let long = "/x".repeat(40);
-        assert_eq!(socket_path(Path::new(&long), uuid), None);
-    }
-
     fn piece(data: &[u8]) -> Result<pb::VncData, Status> {
         Ok(pb::VncData {
             uuid: String::new(),
@@ -219,15 +167,5 @@ mod tests {
             "{}",
             status.message()
         );
-    }
-
-    #[test]
-    fn the_socket_directory_is_root_only() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let made = super::dir(dir.path());
-        prepare_dir(&made).unwrap();
-        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
     }
 }

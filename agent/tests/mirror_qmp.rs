@@ -229,7 +229,7 @@ fn spec(dir: &Path, local: &Path, uuid: &str, name: &str) -> DomainSpec {
         nics: vec![],
         boot: Boot::Kernel(images::BootImage::open(&image()).unwrap()),
         serial_log: dir.join("serial.log"),
-        vnc_socket: None,
+        vnc: false,
         self_fence: true,
         generation: 1,
         ft: None,

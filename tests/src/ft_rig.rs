@@ -393,7 +393,7 @@ fn spec(
         nics: vec![],
         boot: Boot::Kernel(image),
         serial_log: dir.join(format!("{name}.log")),
-        vnc_socket: None,
+        vnc: false,
         self_fence: true,
         generation: 1,
         ft: Some(FtDomain {

@@ -35,11 +35,18 @@ impl Inner {
         if uuid_invalid(&first.uuid) {
             return Err(invalid(format!("{:?} is not a UUID", first.uuid)).into());
         }
-        let Some(socket) = crate::vnc::socket_path(&self.vnc_dir, &first.uuid) else {
-            return Err(Status::failed_precondition(
-                "this host's state directory is too long a path for VNC sockets",
-            ));
-        };
+        let socket = self
+            .deps
+            .libvirt
+            .vnc_socket(&first.uuid)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "domain {} has no VNC server (an FT VM, or started before the console had screens)",
+                    first.uuid
+                ))
+            })?;
         Ok(crate::vnc::relay(first.uuid, &socket, self.node.clone(), input).await?)
     }
 
