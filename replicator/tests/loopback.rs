@@ -205,12 +205,16 @@ async fn open_with_no_peer_fails_with_peer_unreachable_after_timeout() {
 
 #[tokio::test]
 async fn slow_reader_blocks_sender_and_bounds_buffered_bytes() {
+    // A starved test runtime must not read as a dead peer (which ends the send instead of
+    // blocking it): this test is about flow control, not failure detection.
+    let patient = Duration::from_secs(5);
     let mut config = Config::listen(loopback(2));
     config.stream_window = 256 * 1024;
+    config.link_timeout = patient;
     let server = server(config).await;
-    let client = Endpoint::start(Config::connect(server.local_addrs().to_vec()))
-        .await
-        .unwrap();
+    let mut config = Config::connect(server.local_addrs().to_vec());
+    config.link_timeout = patient;
+    let client = Endpoint::start(config).await.unwrap();
     assert!(client.wait_links_up(2, LINK_UP_TIMEOUT).await);
     let mut listener = server.listen("svc").unwrap();
     let mut stream = client.open("svc").await.unwrap();
@@ -220,7 +224,10 @@ async fn slow_reader_blocks_sender_and_bounds_buffered_bytes() {
     let accepted = listener.accept().await.unwrap();
     let stats = server.stats();
 
-    assert!(blocked.is_err(), "send should wait for the reader");
+    assert!(
+        blocked.is_err(),
+        "send should wait for the reader, it returned {blocked:?}"
+    );
     assert!(
         stats.streams[0].recv_backlog_bytes <= 256 * 1024,
         "{stats:?}"

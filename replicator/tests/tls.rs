@@ -56,6 +56,16 @@ impl Ca {
     }
 }
 
+/// `config` with a link timeout for a loaded test machine: these tests are about TLS, not
+/// failure detection, and a starved test runtime (3 MiB through debug-built rustls on one
+/// thread) must not read as a dead peer (it did under two busy cores at the default 400 ms).
+fn patient(config: Config) -> Config {
+    Config {
+        link_timeout: Duration::from_secs(5),
+        ..config
+    }
+}
+
 fn loopback(links: usize) -> Vec<SocketAddr> {
     vec![SocketAddr::from(([127, 0, 0, 1], 0)); links]
 }
@@ -67,7 +77,7 @@ async fn listener(ca: &Ca, host: &Host) -> Endpoint {
         ca.pem().as_bytes(),
     )
     .unwrap();
-    Endpoint::start(Config::listen(loopback(2)).with_tls(tls))
+    Endpoint::start(patient(Config::listen(loopback(2)).with_tls(tls)))
         .await
         .unwrap()
 }
@@ -80,9 +90,11 @@ async fn dialer(server: &Endpoint, ca: &Ca, host: &Host, peer: &str) -> Endpoint
         peer,
     )
     .unwrap();
-    Endpoint::start(Config::connect(server.local_addrs().to_vec()).with_tls(tls))
-        .await
-        .unwrap()
+    Endpoint::start(patient(
+        Config::connect(server.local_addrs().to_vec()).with_tls(tls),
+    ))
+    .await
+    .unwrap()
 }
 
 /// Whether any link of `endpoint` comes up within [`REFUSED_FOR`].
