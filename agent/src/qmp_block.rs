@@ -70,6 +70,30 @@ pub(crate) fn query_blocks(m: &Monitor<'_>) -> Result<Vec<BlockInfo>, Error> {
     execute(m, "query-block", &json!({}))
 }
 
+/// Every guest device's I/O counters since its QEMU started.
+pub(crate) fn query_blockstats(m: &Monitor<'_>) -> Result<Vec<BlockStatsEntry>, Error> {
+    execute(m, "query-blockstats", &json!({}))
+}
+
+/// An entry of `query-blockstats`: a guest device's counters.
+#[derive(Debug, Deserialize)]
+pub(crate) struct BlockStatsEntry {
+    /// The guest device's QOM path (or its ID).
+    #[serde(default)]
+    pub qdev: String,
+    /// Its counters.
+    pub stats: BlockStats,
+}
+
+/// The write counters of a `query-blockstats` entry.
+#[derive(Debug, Deserialize)]
+pub(crate) struct BlockStats {
+    /// Writes completed.
+    pub wr_operations: u64,
+    /// Their total time from submission to completion, in nanoseconds.
+    pub wr_total_time_ns: u64,
+}
+
 /// A QMP reply: `{"return": ...}` or `{"error": {"class", "desc"}}`.
 #[derive(Debug, Deserialize)]
 struct Reply<T> {
@@ -243,11 +267,15 @@ fn block_of<'a>(blocks: &'a [BlockInfo], device: &str) -> Option<&'a BlockInfo> 
 
 /// The guest device of a `query-block` entry of ours (its alias `ua-<device>`).
 pub(crate) fn device_of_block(block: &BlockInfo) -> Option<String> {
-    let id = block
-        .qdev
+    device_of_qdev(&block.qdev)
+}
+
+/// The guest device of one of our disks' QOM path or ID.
+pub(crate) fn device_of_qdev(qdev: &str) -> Option<String> {
+    let id = qdev
         .strip_prefix("/machine/peripheral/")
         .and_then(|rest| rest.strip_suffix("/virtio-backend"))
-        .unwrap_or(&block.qdev);
+        .unwrap_or(qdev);
     let device = id.strip_prefix(&domain::disk_alias(""))?;
     (!device.is_empty() && domain::disk_alias(device) == id).then(|| device.to_string())
 }

@@ -93,7 +93,17 @@ enum ApiCmd {
     /// Show the nodes: which one serves, each host's health and heartbeat paths, capacity left.
     NodeInfo,
     /// Show the open alerts (a heartbeat path down, a host lost, a domain outside the API).
-    Alerts,
+    Alerts {
+        /// Also the alerts an admin cleared whose cause is still there.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Clear an open alert by its ID (`pvctl alerts` lists them): it stays cleared while its
+    /// cause stays as it is.
+    AlertClear {
+        /// The alert's ID.
+        id: String,
+    },
     /// Show the host-health timeouts, or change them (takes effect at once).
     HealthConfig {
         /// A heartbeat path is silent after this many milliseconds without a heartbeat.
@@ -352,14 +362,24 @@ async fn run_api(
                 .await?;
             print(json, &nodes_json(&nodes), &nodes_text(&nodes));
         }
-        ApiCmd::Alerts => {
+        ApiCmd::Alerts { all } => {
+            let request = pb::ListAlertsRequest {
+                include_cleared: all,
+            };
             let alerts = api
-                .call(pb::ListAlertsRequest {}, |mut c, r| async move {
-                    c.list_alerts(r).await
-                })
+                .call(request, |mut c, r| async move { c.list_alerts(r).await })
                 .await?
                 .alerts;
             print(json, &alerts_json(&alerts), &alerts_text(&alerts));
+        }
+        ApiCmd::AlertClear { id } => {
+            let alert = api
+                .call(pb::ClearAlertRequest { id }, |mut c, r| async move {
+                    c.clear_alert(r).await
+                })
+                .await?;
+            let text = format!("cleared {} (by {})\n", alert.id, alert.cleared_by);
+            print(json, &alerts_json(std::slice::from_ref(&alert))[0], &text);
         }
         ApiCmd::HealthConfig {
             path_timeout_ms,

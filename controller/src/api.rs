@@ -131,10 +131,10 @@ impl Api {
             vms: snapshot
                 .vms
                 .values()
-                .map(|vm| vm_to_pb(vm, snapshot.ft(vm)))
+                .map(|vm| vm_to_pb(vm, snapshot.ft(vm), snapshot.disk_writes(vm)))
                 .collect(),
             nodes: nodes_to_pb(&snapshot.nodes).nodes,
-            alerts: snapshot.alerts.len(),
+            alerts: snapshot.alerts.values().filter(|a| a.open()).count(),
         })
     }
 
@@ -278,7 +278,8 @@ fn request_id<T>(request: &Request<T>) -> Result<Option<String>, ApiError> {
 
 /// The reply to a call about VM `vm`: its record with the engine's FT view of it.
 fn vm_reply(engine: &EngineHandle, vm: &VmRecord) -> Response<pb::Vm> {
-    Response::new(vm_to_pb(vm, engine.snapshot().ft(vm)))
+    let snapshot = engine.snapshot();
+    Response::new(vm_to_pb(vm, snapshot.ft(vm), snapshot.disk_writes(vm)))
 }
 
 /// Runs `$body` with the local engine (and the call's request ID), recording an admin
@@ -416,7 +417,11 @@ impl pb::pairvisor_server::Pairvisor for Api {
         serve_or_forward!(self, request, get_vm, |engine, message, _id| {
             let snapshot = engine.snapshot();
             let vm = snapshot.vm(&message.vm)?;
-            Ok(Response::new(vm_to_pb(&vm, snapshot.ft(&vm))))
+            Ok(Response::new(vm_to_pb(
+                &vm,
+                snapshot.ft(&vm),
+                snapshot.disk_writes(&vm),
+            )))
         })
     }
 
@@ -430,7 +435,7 @@ impl pb::pairvisor_server::Pairvisor for Api {
                 vms: snapshot
                     .vms
                     .values()
-                    .map(|vm| vm_to_pb(vm, snapshot.ft(vm)))
+                    .map(|vm| vm_to_pb(vm, snapshot.ft(vm), snapshot.disk_writes(vm)))
                     .collect(),
             }))
         })
@@ -463,10 +468,29 @@ impl pb::pairvisor_server::Pairvisor for Api {
         &self,
         request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
-        serve_or_forward!(self, request, list_alerts, |engine, _message, _id| {
-            Ok(Response::new(pb::ListAlertsResponse {
-                alerts: engine.snapshot().alerts.values().map(alert_to_pb).collect(),
-            }))
+        serve_or_forward!(self, request, list_alerts, |engine, message, _id| {
+            let snapshot = engine.snapshot();
+            let alerts = snapshot
+                .alerts
+                .values()
+                .filter(|a| a.open() || message.include_cleared)
+                .map(alert_to_pb)
+                .collect();
+            Ok(Response::new(pb::ListAlertsResponse { alerts }))
+        })
+    }
+
+    async fn clear_alert(
+        &self,
+        request: Request<pb::ClearAlertRequest>,
+    ) -> Result<Response<pb::Alert>, Status> {
+        let by = access::caller(&request)?.name;
+        serve_or_forward!(self, request, clear_alert, |engine, message, _id| {
+            let id = message.id;
+            let alert = engine
+                .call(|reply| Command::ClearAlert { id, by, reply })
+                .await?;
+            Ok(Response::new(alert_to_pb(&alert)))
         })
     }
 

@@ -71,6 +71,9 @@ pub enum ApiError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// No open alert has that ID.
+    #[error("no open alert {0}; `pvctl alerts` lists them with their IDs")]
+    AlertNotFound(String),
     /// No token has that ID (the message says so).
     #[error("{0}")]
     TokenNotFound(String),
@@ -98,7 +101,8 @@ impl From<ApiError> for Status {
             }
             ApiError::IsoNotFound { .. }
             | ApiError::SnapshotNotFound { .. }
-            | ApiError::TokenNotFound(_) => Status::not_found(message),
+            | ApiError::TokenNotFound(_)
+            | ApiError::AlertNotFound(_) => Status::not_found(message),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
             ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
             ApiError::Internal(_) => Status::internal(message),

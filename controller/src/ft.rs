@@ -100,15 +100,17 @@ pub struct FtSeen {
     /// Whether the epochs wait for the disks' mirrors to be in sync.
     pub waiting_for_mirror: bool,
     /// Every checkpoint pause of the run.
-    pub pauses: PauseHistogram,
+    pub pauses: DurationHistogram,
+    /// Every epoch's length of the run, commit to commit.
+    pub epochs: DurationHistogram,
 }
 
-/// Checkpoint pauses of one run as a cumulative histogram.
+/// Durations of one run (checkpoint pauses, epoch lengths) as a cumulative histogram.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PauseHistogram {
-    /// `(bound in µs, pauses of at most it)`, bounds ascending.
+pub struct DurationHistogram {
+    /// `(bound in µs, durations of at most it)`, bounds ascending.
     pub buckets: Vec<(u64, u64)>,
-    /// All pauses, above the last bound too.
+    /// All durations, above the last bound too.
     pub count: u64,
     /// Their sum in µs.
     pub sum_us: u64,
@@ -354,7 +356,9 @@ pub struct Metrics {
     /// Whether the epochs wait for the mirrors.
     pub waiting_for_mirror: bool,
     /// The run's checkpoint pauses.
-    pub pauses: PauseHistogram,
+    pub pauses: DurationHistogram,
+    /// The run's epoch lengths.
+    pub epochs: DurationHistogram,
 }
 
 /// The figures after report `seen` from `node` at `now_ms` (monotonic), given the last ones.
@@ -381,6 +385,7 @@ pub fn metrics(prev: Option<&Metrics>, node: &str, seen: &FtSeen, now_ms: u64) -
         last_error,
         waiting_for_mirror: seen.waiting_for_mirror,
         pauses: seen.pauses.clone(),
+        epochs: seen.epochs.clone(),
     }
 }
 

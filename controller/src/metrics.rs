@@ -285,6 +285,16 @@ fn vm_protection(out: &mut Out, vms: &[pb::Vm]) {
         "gauge",
         "Bytes of the initial copy to do.",
     );
+    out.family(
+        "pairvisor_mirror_writes_total",
+        "counter",
+        "Writes to each mirrored disk since its QEMU started; each completes only once on both hosts.",
+    );
+    out.family(
+        "pairvisor_mirror_write_seconds_total",
+        "counter",
+        "Their total time: rate(this) / rate(pairvisor_mirror_writes_total) is the mirror's write latency.",
+    );
     for vm in vms {
         let Some(protection) = &vm.protection else {
             continue;
@@ -306,6 +316,15 @@ fn vm_protection(out: &mut Out, vms: &[pb::Vm]) {
             &labels,
             as_f64(protection.sync_total_bytes),
         );
+        for disk in &protection.disk_writes {
+            let labels = [("vm", vm.name.as_str()), ("disk", disk.device.as_str())];
+            out.sample("pairvisor_mirror_writes_total", &labels, as_f64(disk.count));
+            out.sample(
+                "pairvisor_mirror_write_seconds_total",
+                &labels,
+                disk.total_seconds,
+            );
+        }
     }
 }
 
@@ -330,6 +349,11 @@ fn vm_ft(out: &mut Out, vms: &[pb::Vm]) {
         "histogram",
         "Every checkpoint's pause of the guest in the FT VM's current run.",
     );
+    out.family(
+        "pairvisor_ft_epoch_length_seconds",
+        "histogram",
+        "Every epoch's length, commit to commit, in the FT VM's current run: how far the standby can be behind.",
+    );
     for vm in vms {
         let Some(ft) = &vm.ft else {
             continue;
@@ -346,17 +370,39 @@ fn vm_ft(out: &mut Out, vms: &[pb::Vm]) {
         if let Some(pause) = ft.last_pause_ms {
             out.sample("pairvisor_ft_last_pause_seconds", &labels, pause / 1000.0);
         }
-        pause_histogram(out, &vm.name, ft);
+        histogram(
+            out,
+            "pairvisor_ft_checkpoint_pause_seconds",
+            &vm.name,
+            &ft.pause_histogram,
+            ft.pause_count,
+            ft.pause_sum_ms,
+        );
+        histogram(
+            out,
+            "pairvisor_ft_epoch_length_seconds",
+            &vm.name,
+            &ft.epoch_histogram,
+            ft.epoch_count,
+            ft.epoch_sum_ms,
+        );
     }
 }
 
-/// `ft`'s checkpoint pauses as a Prometheus histogram (none before its run reported any).
-fn pause_histogram(out: &mut Out, vm: &str, ft: &pb::FtInfo) {
-    if ft.pause_histogram.is_empty() {
+/// A histogram of `ft` in milliseconds as the Prometheus histogram `name` in seconds (none
+/// before its run reported any).
+fn histogram(
+    out: &mut Out,
+    name: &str,
+    vm: &str,
+    buckets: &[pb::DurationBucket],
+    count: u64,
+    sum_ms: f64,
+) {
+    if buckets.is_empty() {
         return;
     }
-    let name = "pairvisor_ft_checkpoint_pause_seconds";
-    for bucket in &ft.pause_histogram {
+    for bucket in buckets {
         let le = number(bucket.le_ms / 1000.0);
         out.sample(
             &format!("{name}_bucket"),
@@ -368,10 +414,10 @@ fn pause_histogram(out: &mut Out, vm: &str, ft: &pb::FtInfo) {
     out.sample(
         &format!("{name}_bucket"),
         &[("vm", vm), ("le", "+Inf")],
-        as_f64(ft.pause_count),
+        as_f64(count),
     );
-    out.sample(&format!("{name}_sum"), &labels, ft.pause_sum_ms / 1000.0);
-    out.sample(&format!("{name}_count"), &labels, as_f64(ft.pause_count));
+    out.sample(&format!("{name}_sum"), &labels, sum_ms / 1000.0);
+    out.sample(&format!("{name}_count"), &labels, as_f64(count));
 }
 
 /// Text being written.
@@ -458,18 +504,33 @@ mod tests {
                 committed_epoch: 42,
                 last_pause_ms: Some(12.5),
                 pause_histogram: vec![
-                    pb::PauseBucket {
+                    pb::DurationBucket {
                         le_ms: 10.0,
                         count: 3,
                     },
-                    pb::PauseBucket {
+                    pb::DurationBucket {
                         le_ms: 20.0,
                         count: 5,
                     },
                 ],
                 pause_count: 6,
                 pause_sum_ms: 75.0,
+                epoch_histogram: vec![pb::DurationBucket {
+                    le_ms: 200.0,
+                    count: 4,
+                }],
+                epoch_count: 5,
+                epoch_sum_ms: 900.0,
                 ..pb::FtInfo::default()
+            }),
+            protection: Some(pb::Protection {
+                state: "protected".into(),
+                disk_writes: vec![pb::DiskWrites {
+                    device: "vda".into(),
+                    count: 40,
+                    total_seconds: 0.5,
+                }],
+                ..pb::Protection::default()
             }),
             ..pb::Vm::default()
         };
@@ -503,10 +564,20 @@ mod tests {
             "pairvisor_ft_checkpoint_pause_seconds_bucket{vm=\"we\\\"b\",le=\"+Inf\"} 6\n",
             "pairvisor_ft_checkpoint_pause_seconds_sum{vm=\"we\\\"b\"} 0.075\n",
             "pairvisor_ft_checkpoint_pause_seconds_count{vm=\"we\\\"b\"} 6\n",
+            "pairvisor_ft_epoch_length_seconds_bucket{vm=\"we\\\"b\",le=\"0.2\"} 4\n",
+            "pairvisor_ft_epoch_length_seconds_bucket{vm=\"we\\\"b\",le=\"+Inf\"} 5\n",
+            "pairvisor_ft_epoch_length_seconds_sum{vm=\"we\\\"b\"} 0.9\n",
         ] {
             assert!(text.contains(line), "no {line} in {text}");
         }
         assert!(text.contains("pairvisor_vm_running{vm=\"we\\\"b\"} 1\n"));
+        assert!(text.contains("pairvisor_vm_protected{vm=\"we\\\"b\"} 1\n"));
+        assert!(text.contains("pairvisor_mirror_writes_total{vm=\"we\\\"b\",disk=\"vda\"} 40\n"));
+        assert!(
+            text.contains(
+                "pairvisor_mirror_write_seconds_total{vm=\"we\\\"b\",disk=\"vda\"} 0.5\n"
+            )
+        );
         assert!(text.contains("pairvisor_alerts_open 2\n"));
         assert!(
             text.contains("pairvisor_alink_sent_bytes_total{node=\"n0\",link=\"alink1\"} 4096\n")

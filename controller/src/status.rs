@@ -103,7 +103,11 @@ pub async fn gather(etcd: &Etcd) -> Result<Facts, store::Error> {
         .collect();
     Ok(Facts {
         serving,
-        alerts: store::load_alerts(etcd).await?.len(),
+        alerts: store::load_alerts(etcd)
+            .await?
+            .iter()
+            .filter(|a| a.open())
+            .count(),
         hosts_down,
         vms_down,
     })

@@ -163,6 +163,16 @@ pub struct Alert {
     pub message: String,
     /// When it was raised.
     pub raised_unix_ms: i64,
+    /// Who cleared it while its cause stays (empty: open).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cleared_by: String,
+}
+
+impl Alert {
+    /// Whether it is open: raised and not cleared by an admin.
+    pub fn open(&self) -> bool {
+        self.cleared_by.is_empty()
+    }
 }
 
 /// A request's tag for the transaction that applies it.
@@ -727,5 +737,25 @@ impl Writer {
         Ok(Outcome::CompareFailed {
             retried: attempts.load(Ordering::Relaxed) > 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_alert_stored_before_clearing_existed_reads_as_open_and_stays_compact() {
+        let stored = r#"{"id":"host/n1","node":"n1","vm":"","message":"lost","raised_unix_ms":5}"#;
+        let alert: Alert = serde_json::from_str(stored).unwrap();
+        assert!(alert.open());
+        assert_eq!(serde_json::to_string(&alert).unwrap(), stored);
+        let cleared = Alert {
+            cleared_by: "admin".into(),
+            ..alert
+        };
+        assert!(!cleared.open());
+        let again: Alert = serde_json::from_str(&serde_json::to_string(&cleared).unwrap()).unwrap();
+        assert_eq!(again, cleared);
     }
 }

@@ -133,6 +133,7 @@
     quorum: [],
     vms: [],
     alerts: [],
+    alertError: '',
     isos: [],
     events: [],
     live: false,
@@ -351,11 +352,34 @@
       <td>${esc(e.message)}</td></tr>`).join('');
   }
 
+  /** The open alerts, each with a Clear button for an admin (ClearAlert by its ID). */
+  function alertsTable(id) {
+    const rows = state.alerts.map((a) => `<tr data-alert="${esc(a.id)}"><td>${esc(time(a.raisedUnixMs))}</td>
+      <td>${esc(a.id)}</td><td>${esc(a.message)}</td>
+      <td>${isAdmin() ? `<button type="button" data-clear-alert="${esc(a.id)}">Clear</button>` : ''}</td></tr>`).join('');
+    return `<table id="${id}"><tr><th>raised</th><th>alert</th><th>message</th><th></th></tr>
+      ${rows || '<tr><td colspan="4" class="muted">none</td></tr>'}</table>
+      <p class="error" id="${id}-error">${esc(state.alertError)}</p>`;
+  }
+
+  /** Clears the alert whose button was clicked; the API says whether it could. */
+  async function clearAlert(button) {
+    const id = button.dataset.clearAlert;
+    button.disabled = true;
+    try {
+      await call('ClearAlert', { id });
+      state.alerts = state.alerts.filter((a) => a.id !== id);
+      state.alertError = '';
+    } catch (e) {
+      state.alertError = e.message;
+    }
+    render(false);
+    refreshSoon();
+  }
+
   function renderDashboard() {
     const el = document.getElementById('dashboard');
     if (!el) return;
-    const alerts = state.alerts.map((a) => `<tr data-alert="${esc(a.id)}"><td>${esc(time(a.raisedUnixMs))}</td>
-      <td>${esc(a.id)}</td><td>${esc(a.message)}</td></tr>`).join('');
     const cap = state.capacity;
     const quorum = state.quorum.map((m) => `<span class="member" data-member="${esc(m.name)}">${esc(state.nodes.some((n) => n.name === m.name) ? m.name : `${m.name} (witness)`)}
       <span class="state ${m.up ? 'up' : 'down'}">${m.up ? 'up' : 'down'}</span>${m.leader ? ' <span class="muted">leader</span>' : ''}</span>`).join(' ');
@@ -364,8 +388,7 @@
       <h2>Quorum (etcd on both hosts and the witness)</h2>
       <div id="quorum">${quorum || '<span class="muted">not reported</span>'}</div>
       <h2>Open alerts</h2>
-      <table id="alerts"><tr><th>raised</th><th>alert</th><th>message</th></tr>
-      ${alerts || '<tr><td colspan="3" class="muted">none</td></tr>'}</table>
+      ${alertsTable('alerts')}
       <h2>Virtual machines</h2>
       <p class="muted">${cap ? `free for new VMs: ${esc(cap.freeVcpus)} vCPUs, ${esc(cap.freeMemoryMib)} MiB` : ''}</p>
       <table id="vms"><tr><th>name</th><th>mode</th><th>state</th><th>host</th><th>protection</th><th>FT epochs/s</th></tr>
@@ -521,23 +544,23 @@
     return `<tr><th>${esc(label)}</th><td>${value}</td></tr>`;
   }
 
-  /** The run's checkpoint pauses per bucket (the API's buckets are cumulative). */
-  function pauseHistogram(ft) {
-    const buckets = ft.pauseHistogram || [];
-    if (!buckets.length || !ft.pauseCount) return '<span class="muted">none yet</span>';
+  /** A run's durations per bucket (the API's buckets are cumulative), as bars. */
+  function histogram(id, buckets, count, sumMs, what) {
+    buckets = buckets || [];
+    if (!buckets.length || !Number(count)) return '<span class="muted">none yet</span>';
     let below = 0;
     const bars = buckets.map((b) => {
       const n = Number(b.count) - below;
       below = Number(b.count);
       return { label: `≤ ${b.leMs} ms`, n };
     });
-    bars.push({ label: `> ${buckets[buckets.length - 1].leMs} ms`, n: Number(ft.pauseCount) - below });
+    bars.push({ label: `> ${buckets[buckets.length - 1].leMs} ms`, n: Number(count) - below });
     const most = Math.max(...bars.map((b) => b.n), 1);
-    const mean = Number(ft.pauseSumMs) / Number(ft.pauseCount);
-    return `<table id="ft-pauses" class="histogram">${bars.map((b) => `<tr data-bucket="${esc(b.label)}">
+    const mean = Number(sumMs) / Number(count);
+    return `<table id="${id}" class="histogram">${bars.map((b) => `<tr data-bucket="${esc(b.label)}">
       <td>${esc(b.label)}</td><td><span class="bar"><span style="width:${(100 * b.n) / most}%"></span></span></td>
       <td>${esc(b.n)}</td></tr>`).join('')}</table>
-      <span class="muted">${esc(ft.pauseCount)} checkpoints, mean pause ${esc(mean.toFixed(2))} ms</span>`;
+      <span class="muted">${esc(count)} ${esc(what)}, mean ${esc(mean.toFixed(2))} ms</span>`;
   }
 
   function renderVm(name) {
@@ -572,6 +595,12 @@
         ${esc(p.syncPercent)}% ${esc(p.syncPhase)}, ${esc(bytes(p.syncDoneBytes))} of ${esc(bytes(p.syncTotalBytes))},
         ${esc(bytes(p.syncBytesPerSecond))}/s${p.syncEtaSeconds !== null && p.syncEtaSeconds !== undefined ? `, ETA ${esc(p.syncEtaSeconds)} s` : ''}`));
     }
+    if ((p.diskWrites || []).length) {
+      // Each write completes only once it is on both hosts: the mirror's write latency.
+      rows.push(field('mirrored writes', `<span id="vm-writes">${(p.diskWrites || []).map((w) => Number(w.count)
+        ? `${esc(w.device)}: ${esc(w.count)} writes, mean ${esc((1000 * Number(w.totalSeconds) / Number(w.count)).toFixed(2))} ms`
+        : `${esc(w.device)}: none yet`).join('; ')}</span>`));
+    }
     if (vm.ft && vm.ft.phase && vm.ft.phase !== 'FT_PHASE_INVALID') {
       const ft = vm.ft;
       rows.push(field('FT', `phase ${esc(short(ft.phase, 'FT_PHASE_'))},
@@ -579,7 +608,8 @@
         ${ft.lastPauseMs === null || ft.lastPauseMs === undefined ? '' : 'last pause ' + esc(Number(ft.lastPauseMs).toFixed(1)) + ' ms,'}
         committed epoch ${esc(ft.committedEpoch)}${ft.waitingForMirror ? ', waiting for the disk mirror' : ''}
         <span class="error">${esc(ft.lastError)}</span>`));
-      rows.push(field('checkpoint pauses', pauseHistogram(ft)));
+      rows.push(field('checkpoint pauses', histogram('ft-pauses', ft.pauseHistogram, ft.pauseCount, ft.pauseSumMs, 'checkpoints')));
+      rows.push(field('epoch lengths', histogram('ft-epochs', ft.epochHistogram, ft.epochCount, ft.epochSumMs, 'epochs')));
     }
     if (f && f.toNode) {
       rows.push(field('last failover', `<span id="vm-failover">${esc(f.fromNode)} → ${esc(f.toNode)}</span>
@@ -701,6 +731,9 @@
       <div class="filters">kind <select id="f-kind"><option value="">any</option>${options(names, '')}</select>
         VM or host <input id="f-text" placeholder="name">
         <button id="f-clear" type="button">Clear the log</button></div>
+      <h2>Open alerts</h2>
+      <div id="event-alerts"></div>
+      <h2>Log</h2>
       <table id="events"></table>`;
   }
 
@@ -718,6 +751,7 @@
     const shownEvents = state.events.filter((e) => (!kind || short(e.kind, 'EVENT_KIND_') === kind)
       && (!text || e.vmName.includes(text) || e.node.includes(text)));
     el.innerHTML = `<tr><th>time</th><th>kind</th><th>VM</th><th>host</th><th>what</th></tr>${eventRows(shownEvents)}`;
+    document.getElementById('event-alerts').innerHTML = alertsTable('event-alerts-table');
   }
 
   // ---------------------------------------------------------------- login
@@ -758,6 +792,11 @@
       if (ev.key === 'Enter') logIn(ev.target.value.trim());
     });
     document.getElementById('logout').addEventListener('click', () => showLogin(''));
+    // Alert tables are redrawn on every refresh: one listener serves every Clear button.
+    document.addEventListener('click', (ev) => {
+      const button = ev.target.closest('button[data-clear-alert]');
+      if (button) clearAlert(button);
+    });
     window.addEventListener('hashchange', () => { if (token()) render(true); });
     setInterval(() => { if (token()) refresh(); }, 3000);
     if (token()) logIn(token());

@@ -80,7 +80,7 @@ impl Lab {
     /// time: one pinned to an address a fault has cut would hang); `None` if none answers.
     pub async fn alerts(&self) -> Option<Vec<pb::Alert>> {
         let mut api = self.client_at(&self.endpoints()).await.ok()?;
-        let mut request = tonic::Request::new(pb::ListAlertsRequest {});
+        let mut request = tonic::Request::new(pb::ListAlertsRequest::default());
         request.set_timeout(POLL_CALL_TIMEOUT);
         Some(api.list_alerts(request).await.ok()?.into_inner().alerts)
     }

@@ -305,6 +305,55 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
     );
     browser.screenshot("06-vm-after-failover").await;
 
+    // The lost host's alert is cleared by its ID from the event log's page: it leaves the
+    // open alerts (the API's too) and stays listed as cleared while the host is away.
+    browser.goto(&format!("{url}#/events")).await;
+    let alert = browser
+        .wait_for(
+            &format!("an open alert about {host} on the events page"),
+            &format!(
+                "(() => {{ const row = [...document.querySelectorAll('#event-alerts-table tr[data-alert]')]\
+                 .find((r) => r.dataset.alert.includes({h})); return row ? row.dataset.alert : ''; }})()",
+                h = serde_json::json!(host)
+            ),
+            PAGE_TIMEOUT,
+        )
+        .await;
+    let alert = alert.as_str().unwrap().to_string();
+    let button = format!(
+        "#event-alerts-table button[data-clear-alert={}]",
+        serde_json::json!(alert)
+    );
+    browser.click(&button).await;
+    browser
+        .wait_for(
+            "the cleared alert gone from the page",
+            &format!(
+                "![...document.querySelectorAll('#event-alerts-table tr[data-alert]')].some((r) => r.dataset.alert === {a})",
+                a = serde_json::json!(alert)
+            ),
+            PAGE_TIMEOUT,
+        )
+        .await;
+    browser.screenshot("07-alert-cleared").await;
+    let open = tests::pvctl_json(&lab.pvctl(&["--json", "alerts"]));
+    assert!(
+        !open
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] == alert.as_str()),
+        "{alert} still open: {open}"
+    );
+    let all = tests::pvctl_json(&lab.pvctl(&["--json", "alerts", "--all"]));
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] == alert.as_str() && a["cleared_by"] == "admin"),
+        "{alert} not listed as cleared by admin: {all}"
+    );
+
     // A read-only token sees the VM and is refused its actions, in the API's words.
     let made = tests::pvctl_json(&lab.pvctl(&[
         "--json",
@@ -344,7 +393,7 @@ async fn console_creates_an_ft_vm_and_shows_its_failover() {
         denied.as_str().unwrap_or_default().contains("read-only"),
         "a read-only power-off showed {denied}"
     );
-    browser.screenshot("07-read-only-refused").await;
+    browser.screenshot("08-read-only-refused").await;
     let vm = lab
         .client()
         .await

@@ -55,12 +55,26 @@ async fn metrics_move_while_protected(lab: &Lab, vm: &str) {
             carried,
             "no A-Link carried a byte for a protected FT VM:\n{text}"
         );
-        let pauses = format!("pairvisor_ft_checkpoint_pause_seconds_count{{vm=\"{vm}\"}}");
-        let inf =
-            format!("pairvisor_ft_checkpoint_pause_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}}");
-        let counted = samples.get(&pauses).copied().unwrap_or_default();
-        assert!(counted > 0.0, "no checkpoint pause in {pauses}:\n{text}");
-        assert_eq!(samples.get(&inf), Some(&counted), "{text}");
+        // Every checkpoint's pause and every epoch's length (commit to commit, so one fewer
+        // than the checkpoints committed), as histograms.
+        let committed = samples.get(&series).copied().unwrap_or_default();
+        for (histogram, least) in [
+            ("pairvisor_ft_checkpoint_pause_seconds", committed.max(1.0)),
+            ("pairvisor_ft_epoch_length_seconds", committed - 1.0),
+        ] {
+            let count = format!("{histogram}_count{{vm=\"{vm}\"}}");
+            let inf = format!("{histogram}_bucket{{vm=\"{vm}\",le=\"+Inf\"}}");
+            let counted = samples.get(&count).copied().unwrap_or_default();
+            assert!(
+                counted >= least,
+                "{count} counts {counted}, committed {committed}:\n{text}"
+            );
+            assert_eq!(
+                samples.get(&inf).copied().unwrap_or_default(),
+                counted,
+                "{text}"
+            );
+        }
         samples
             .get(&series)
             .copied()

@@ -14,6 +14,36 @@ use proto::v1 as pb;
 use tests::ha::{FAILOVER_TIMEOUT, SYNC_TIMEOUT, assert_counts_on, other, protected};
 use tests::{COUNTER_PERIOD_TIMEOUT, Console, GUEST_BOOT_TIMEOUT, Lab};
 
+/// The API reports the guest's writes to its mirrored disk (its counter lands there) and
+/// their time: the mirror's write latency.
+async fn mirrored_writes_are_counted(lab: &Lab, vm: &str) {
+    let mut api = lab.client().await;
+    let deadline = Instant::now() + COUNTER_PERIOD_TIMEOUT;
+    loop {
+        let got = api
+            .get_vm(pb::GetVmRequest { vm: vm.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let writes = got.protection.unwrap_or_default().disk_writes;
+        if let Some(vda) = writes.iter().find(|w| w.device == "vda" && w.count > 0) {
+            assert!(vda.total_seconds > 0.0, "{writes:?}");
+            #[allow(clippy::cast_precision_loss, reason = "a test's counts")]
+            let mean_ms = vda.total_seconds * 1000.0 / vda.count as f64;
+            eprintln!(
+                "mirrored writes on vda: {} writes, mean {mean_ms:.2} ms",
+                vda.count
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write to the mirrored vda reported: {writes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write() {
     if tests::skip() {
@@ -27,6 +57,7 @@ async fn host_death_restarts_the_ha_vm_on_the_peer_with_every_acknowledged_write
     assert_eq!(protection.current_on, ["n0", "n1"]);
     let console = Console::new(&lab, &vm);
     console.wait_counters(3, COUNTER_PERIOD_TIMEOUT);
+    mirrored_writes_are_counted(&lab, "h").await;
 
     // Power cut of its host: the VM restarts on the peer from the replica.
     let last_printed = console.counters().last().cloned().unwrap();

@@ -8,9 +8,9 @@
 
 pub mod dirty;
 pub mod epoch;
+pub mod histogram;
 pub mod netbuf;
 pub mod output;
-pub mod pauses;
 pub mod qmp;
 pub mod ramblocks;
 pub mod standby;

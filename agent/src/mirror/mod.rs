@@ -325,6 +325,37 @@ pub async fn status(libvirt: &Libvirt, node: &str, uuid: &str) -> Result<Vec<Dis
     Ok(mirrors)
 }
 
+/// One disk's writes since its QEMU started: under a synchronous mirror a write completes
+/// only once it is on both hosts, so their mean time is the mirror's write latency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskWrites {
+    /// Guest device, e.g. "vda".
+    pub device: String,
+    /// Writes completed.
+    pub count: u64,
+    /// Their total time in nanoseconds.
+    pub total_ns: u64,
+}
+
+/// The writes to each virtio disk of the running domain `uuid` (QMP `query-blockstats`).
+pub async fn writes(libvirt: &Libvirt, uuid: &str) -> Result<Vec<DiskWrites>, Error> {
+    libvirt
+        .with_monitor(uuid, |m| {
+            let stats = qmp::query_blockstats(m)?;
+            Ok(stats
+                .into_iter()
+                .filter_map(|entry| {
+                    Some(DiskWrites {
+                        device: qmp::device_of_qdev(&entry.qdev)?,
+                        count: entry.stats.wr_operations,
+                        total_ns: entry.stats.wr_total_time_ns,
+                    })
+                })
+                .collect())
+        })
+        .await
+}
+
 /// Stops every mirror (and resync) of the domain `uuid` and removes its target nodes and
 /// verify marks; the peer's copy falls behind from here on. The resync bitmaps stay: they
 /// still hold every write since the peer was last in sync. A domain without mirrors, or not

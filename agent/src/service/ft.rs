@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::agent as pb;
 use tokio::sync::{mpsc, watch};
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Error, Inner, invalid, status_to_pb, uuid_invalid};
 use crate::domain::{self, FtDomain};
 use crate::ft::epoch::{self, Primary, Settings};
+use crate::ft::histogram::{self, Histogram};
 use crate::ft::output::OutputGate;
 use crate::ft::qmp::Qmp;
 use crate::libvirt::{DomainState, DomainStatus};
@@ -41,17 +42,34 @@ fn unix_ms() -> u64 {
 const MIRROR_POLL: Duration = Duration::from_millis(500);
 
 /// One primary's epoch loop and what it reports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Run {
     committed: AtomicU64,
     /// When the last epoch committed (ms since the Unix epoch; 0 before the first).
     committed_at_ms: AtomicU64,
     last_pause_us: AtomicU64,
-    pauses: crate::ft::pauses::Pauses,
+    pauses: Histogram,
+    epochs: Histogram,
     waiting: AtomicBool,
     ended: AtomicBool,
     error: Mutex<String>,
     stop: Mutex<Option<watch::Sender<bool>>>,
+}
+
+impl Default for Run {
+    fn default() -> Run {
+        Run {
+            committed: AtomicU64::new(0),
+            committed_at_ms: AtomicU64::new(0),
+            last_pause_us: AtomicU64::new(0),
+            pauses: Histogram::new(histogram::PAUSE_BOUNDS_US),
+            epochs: Histogram::new(histogram::EPOCH_BOUNDS_US),
+            waiting: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            error: Mutex::new(String::new()),
+            stop: Mutex::new(None),
+        }
+    }
 }
 
 impl Run {
@@ -424,6 +442,7 @@ impl Inner {
         let (reports_tx, mut reports) = mpsc::unbounded_channel();
         let looping = epoch::run(primary, Settings::default(), stop, reports_tx);
         tokio::pin!(looping);
+        let mut last_commit: Option<Instant> = None;
         loop {
             tokio::select! {
                 ended = &mut looping => return Ok(ended?),
@@ -431,11 +450,16 @@ impl Inner {
                     if report.epoch == 1 {
                         tracing::info!(vm = uuid, node = %self.node, pause_ms = report.pause.as_secs_f64() * 1e3, "FT: first checkpoint committed, the VM is protected");
                     }
-                    run.committed.store(report.epoch, Ordering::SeqCst);
-                    run.committed_at_ms.store(unix_ms(), Ordering::SeqCst);
+                    // The histograms first: a report that shows this epoch counts it.
+                    run.pauses.record(report.pause);
+                    let now = Instant::now();
+                    if let Some(last) = last_commit.replace(now) {
+                        run.epochs.record(now - last);
+                    }
                     let us = u64::try_from(report.pause.as_micros()).unwrap_or(u64::MAX);
                     run.last_pause_us.store(us, Ordering::SeqCst);
-                    run.pauses.record(report.pause);
+                    run.committed_at_ms.store(unix_ms(), Ordering::SeqCst);
+                    run.committed.store(report.epoch, Ordering::SeqCst);
                 }
             }
         }
@@ -497,6 +521,7 @@ impl Inner {
                     .clone(),
                 waiting_for_mirror: run.waiting.load(Ordering::SeqCst),
                 pauses: Some(run.pauses.report()),
+                epochs: Some(run.epochs.report()),
             });
         }
         let committed = self

@@ -9,7 +9,7 @@ use proto::agent as pb;
 use super::{Error, Inner, disk_format, invalid, plain_name, status_to_pb, uuid_invalid};
 use crate::domain;
 use crate::libvirt::{DomainState, DomainStatus};
-use crate::mirror::{self, DiskMirror, MirrorDisk, MirrorState};
+use crate::mirror::{self, DiskMirror, DiskWrites, MirrorDisk, MirrorState};
 use crate::stale::{Grant, Marker};
 
 /// How long a listing waits for one domain's mirrors: a domain whose monitor is busy with a
@@ -30,7 +30,7 @@ impl Inner {
             let live = matches!(d.state, DomainState::Running | DomainState::Paused);
             let read = mirrors.remove(&d.uuid);
             let mirrors_unknown = live && read.is_none();
-            let found = read.unwrap_or_default();
+            let (found, writes) = read.unwrap_or_default();
             let mirror_path = match (&self.deps.replicas, found.is_empty()) {
                 (Some(replicas), false) => replicas.path_serial(&d.uuid).await,
                 _ => 0,
@@ -38,6 +38,7 @@ impl Inner {
             let ft = self.ft_status(&d.uuid).await;
             listed.push(pb::DomainStatus {
                 mirrors: found.into_iter().map(mirror_to_pb).collect(),
+                disk_writes: writes.into_iter().map(writes_to_pb).collect(),
                 mirror_path,
                 mirrors_unknown,
                 ft,
@@ -111,12 +112,13 @@ impl Inner {
         Ok(status_to_pb(libvirt.status(&uuid).await?))
     }
 
-    /// The mirrors of the running and paused domains among `domains`, read concurrently. A
-    /// domain whose monitor fails or does not answer within the budget is logged and left out.
+    /// The mirrors of the running and paused domains among `domains`, read concurrently, and
+    /// the disk writes of those with mirrors. A domain whose monitor fails or does not
+    /// answer within the budget is logged and left out.
     async fn mirrors_of_running(
         &self,
         domains: &[DomainStatus],
-    ) -> BTreeMap<String, Vec<DiskMirror>> {
+    ) -> BTreeMap<String, (Vec<DiskMirror>, Vec<DiskWrites>)> {
         let mut reads = tokio::task::JoinSet::new();
         let live = domains
             .iter()
@@ -125,7 +127,15 @@ impl Inner {
             let (libvirt, uuid) = (self.deps.libvirt.clone(), d.uuid.clone());
             let node = self.node.clone();
             reads.spawn(async move {
-                let status = mirror::status(&libvirt, &node, &uuid);
+                let status = async {
+                    let mirrors = mirror::status(&libvirt, &node, &uuid).await?;
+                    let writes = if mirrors.is_empty() {
+                        Vec::new()
+                    } else {
+                        mirror::writes(&libvirt, &uuid).await?
+                    };
+                    Ok::<_, mirror::Error>((mirrors, writes))
+                };
                 let read = tokio::time::timeout(MIRROR_STATUS_BUDGET, status).await;
                 (uuid, read)
             });
@@ -191,6 +201,14 @@ fn mirror_disks(volumes: &[pb::VolumeRef]) -> Result<Vec<MirrorDisk>, Error> {
             })
         })
         .collect()
+}
+
+fn writes_to_pb(w: DiskWrites) -> pb::DiskWrites {
+    pb::DiskWrites {
+        device: w.device,
+        count: w.count,
+        total_ns: w.total_ns,
+    }
 }
 
 fn mirror_to_pb(m: DiskMirror) -> pb::DiskMirror {

@@ -198,6 +198,7 @@ subjects! {
     pb::ListVmsRequest => |_m| String::new(),
     pb::ListNodesRequest => |_m| String::new(),
     pb::ListAlertsRequest => |_m| String::new(),
+    pb::ClearAlertRequest => |m| format!("alert {}", m.id),
     pb::GetHealthConfigRequest => |_m| String::new(),
     pb::HealthConfig => |m| format!("health config (path timeout {} ms, lost after {} ms)", m.path_timeout_ms, m.lost_confirm_ms),
     pb::CreateSnapshotRequest => |m| m.vm.clone(),

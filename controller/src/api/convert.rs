@@ -112,7 +112,11 @@ pub(super) fn spec_from_pb(message: pb::CreateVmRequest) -> Result<VmSpec, ApiEr
 }
 
 /// The API's view of a VM record.
-pub(super) fn vm_to_pb(vm: &VmRecord, ft: Option<FtView>) -> pb::Vm {
+pub(super) fn vm_to_pb(
+    vm: &VmRecord,
+    ft: Option<FtView>,
+    writes: &[proto::agent::DiskWrites],
+) -> pb::Vm {
     let deadline = match vm.state {
         crate::model::VmState::Stopping {
             deadline_unix_ms,
@@ -157,7 +161,7 @@ pub(super) fn vm_to_pb(vm: &VmRecord, ft: Option<FtView>) -> pb::Vm {
         updated_unix_ms: vm.updated_unix_ms,
         shutdown_deadline_unix_ms: deadline,
         protection: (vm.mode != crate::model::Mode::Unprotected)
-            .then(|| protection_to_pb(&vm.protection)),
+            .then(|| protection_to_pb(&vm.protection, writes)),
         ft: ft.map(|ft| ft_to_pb(&ft)),
     }
 }
@@ -180,18 +184,25 @@ fn ft_to_pb(ft: &FtView) -> pb::FtInfo {
         committed_epoch: metrics.committed_epoch,
         last_error: metrics.last_error.unwrap_or_default(),
         waiting_for_mirror: metrics.waiting_for_mirror,
-        pause_histogram: metrics
-            .pauses
-            .buckets
-            .iter()
-            .map(|(le_us, count)| pb::PauseBucket {
-                le_ms: as_ms(*le_us),
-                count: *count,
-            })
-            .collect(),
+        pause_histogram: buckets(&metrics.pauses),
         pause_count: metrics.pauses.count,
         pause_sum_ms: as_ms(metrics.pauses.sum_us),
+        epoch_histogram: buckets(&metrics.epochs),
+        epoch_count: metrics.epochs.count,
+        epoch_sum_ms: as_ms(metrics.epochs.sum_us),
     }
+}
+
+/// A histogram's buckets with their bounds in milliseconds.
+fn buckets(histogram: &crate::ft::DurationHistogram) -> Vec<pb::DurationBucket> {
+    histogram
+        .buckets
+        .iter()
+        .map(|(le_us, count)| pb::DurationBucket {
+            le_ms: as_ms(*le_us),
+            count: *count,
+        })
+        .collect()
 }
 
 /// Microseconds as milliseconds.
@@ -199,7 +210,18 @@ fn as_ms(us: u64) -> f64 {
     crate::as_f64(us) / 1000.0
 }
 
-fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
+fn writes_to_pb(w: &proto::agent::DiskWrites) -> pb::DiskWrites {
+    pb::DiskWrites {
+        device: w.device.clone(),
+        count: w.count,
+        total_seconds: crate::as_f64(w.total_ns) / 1e9,
+    }
+}
+
+fn protection_to_pb(
+    p: &crate::ha::Protection,
+    writes: &[proto::agent::DiskWrites],
+) -> pb::Protection {
     use crate::ha::Sync;
     let (reason, since_unix_ms, done, total) = match &p.sync {
         Sync::Off => (String::new(), 0, 0, 0),
@@ -226,6 +248,7 @@ fn protection_to_pb(p: &crate::ha::Protection) -> pb::Protection {
         sync_eta_seconds: progress.and_then(|g| g.eta_seconds),
         sync_percent: progress.map_or(0, |g| u32::try_from(g.percent).unwrap_or(100)),
         sync_phase: p.sync.phase().unwrap_or_default().to_string(),
+        disk_writes: writes.iter().map(writes_to_pb).collect(),
         current_on: p.current.iter().cloned().collect(),
         last_failover: p.last_failover.as_ref().map(|f| pb::Failover {
             from_node: f.from.clone(),
@@ -321,6 +344,7 @@ pub(super) fn alert_to_pb(alert: &Alert) -> pb::Alert {
         vm_uuid: alert.vm.clone(),
         message: alert.message.clone(),
         raised_unix_ms: alert.raised_unix_ms,
+        cleared_by: alert.cleared_by.clone(),
     }
 }
 

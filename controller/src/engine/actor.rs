@@ -117,6 +117,8 @@ pub(super) struct Engine {
     pub ft: BTreeMap<String, FtRuntime>,
     /// FT VMs' phases as last logged, by UUID.
     pub ft_phases: BTreeMap<String, Option<FtPhase>>,
+    /// Mirrored VMs' disk writes as their hosts last reported them, by UUID (memory only).
+    pub disk_writes: BTreeMap<String, Vec<proto::agent::DiskWrites>>,
     pub health_config: health::Config,
     pub alerts: BTreeMap<String, Alert>,
     /// The ISO library, by name.
@@ -180,6 +182,7 @@ impl Engine {
             fences: Fences::default(),
             ft: BTreeMap::new(),
             ft_phases: BTreeMap::new(),
+            disk_writes: BTreeMap::new(),
             health_config,
             alerts: alerts.into_iter().map(|a| (a.id.clone(), a)).collect(),
             isos: isos.into_iter().map(|i| (i.name.clone(), i)).collect(),
@@ -358,6 +361,10 @@ impl Engine {
             Command::ExportEnd { uuid, reply } => {
                 self.snapshotting.remove(&uuid);
                 let _ = reply.send(Ok(()));
+            }
+            Command::ClearAlert { id, by, reply } => {
+                let result = self.clear_by_admin(&id, &by).await;
+                let _ = reply.send(result);
             }
             Command::SetHealthConfig { config, reply } => {
                 let result = self.set_health_config(config).await;
@@ -574,6 +581,7 @@ impl Engine {
                 .map(|(uuid, e)| (uuid.clone(), e.record.clone()))
                 .collect(),
             ft: self.ft.clone(),
+            disk_writes: self.disk_writes.clone(),
             nodes: self.nodes_view(),
             alerts: self.alerts.clone(),
             isos: self.isos.clone(),

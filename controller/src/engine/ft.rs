@@ -90,16 +90,20 @@ fn primary_report(domain: &pb::DomainStatus) -> Option<FtSeen> {
         last_pause_us: report.last_pause_us,
         error: report.error.clone(),
         waiting_for_mirror: report.waiting_for_mirror,
-        pauses: report
-            .pauses
-            .as_ref()
-            .map(|p| ft::PauseHistogram {
-                buckets: p.buckets.iter().map(|b| (b.le_us, b.count)).collect(),
-                count: p.count,
-                sum_us: p.sum_us,
-            })
-            .unwrap_or_default(),
+        pauses: histogram(report.pauses.as_ref()),
+        epochs: histogram(report.epochs.as_ref()),
     })
+}
+
+/// An agent's duration histogram as the controller keeps it (empty when none came).
+fn histogram(report: Option<&pb::DurationHistogram>) -> ft::DurationHistogram {
+    report
+        .map(|h| ft::DurationHistogram {
+            buckets: h.buckets.iter().map(|b| (b.le_us, b.count)).collect(),
+            count: h.count,
+            sum_us: h.sum_us,
+        })
+        .unwrap_or_default()
 }
 
 /// Logs a change of `record`'s FT phase: the end of the phase it left, then the begin of the
@@ -146,13 +150,21 @@ mod tests {
                 last_pause_us: 1_500,
                 error: String::new(),
                 waiting_for_mirror: false,
-                pauses: Some(pb::PauseHistogram {
-                    buckets: vec![pb::PauseBucket {
+                pauses: Some(pb::DurationHistogram {
+                    buckets: vec![pb::DurationBucket {
                         le_us: 2_000,
                         count: 4,
                     }],
                     count: 5,
                     sum_us: 9_000,
+                }),
+                epochs: Some(pb::DurationHistogram {
+                    buckets: vec![pb::DurationBucket {
+                        le_us: 100_000,
+                        count: 3,
+                    }],
+                    count: 4,
+                    sum_us: 330_000,
                 }),
             }),
             ..pb::DomainStatus::default()
@@ -169,12 +181,18 @@ mod tests {
         let report = primary_report(&domain(pb::FtRole::Primary, 3)).unwrap();
 
         assert_eq!((report.committed_epoch, report.last_pause_us), (3, 1_500));
-        let pauses = ft::PauseHistogram {
+        let pauses = ft::DurationHistogram {
             buckets: vec![(2_000, 4)],
             count: 5,
             sum_us: 9_000,
         };
         assert_eq!(report.pauses, pauses);
+        let epochs = ft::DurationHistogram {
+            buckets: vec![(100_000, 3)],
+            count: 4,
+            sum_us: 330_000,
+        };
+        assert_eq!(report.epochs, epochs);
     }
 
     #[test]

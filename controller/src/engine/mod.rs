@@ -196,6 +196,15 @@ pub enum Command {
         /// Reply.
         reply: Reply<()>,
     },
+    /// Clear an open alert (an admin has seen it).
+    ClearAlert {
+        /// Its ID.
+        id: String,
+        /// The token name that clears it.
+        by: String,
+        /// Reply: the alert as cleared.
+        reply: Reply<crate::store::Alert>,
+    },
     /// Change the host-health timeouts.
     SetHealthConfig {
         /// The new configuration.

@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::actor::{Engine, Internal};
-use super::effects::stopped_event;
+use super::effects::{stopped_event, store_error};
 use super::fencing::held;
 use super::view::{AlinkView, PathView};
-use crate::error::chain;
+use crate::error::{ApiError, chain};
 use crate::health::{self, HostState, Observation, PathHeard};
 use crate::model::{Intent, VmState};
 use crate::store::{self, Alert, CONTROLLERS, ControllerRecord, NODES};
@@ -481,6 +481,20 @@ impl Engine {
         self.sync_domain_alerts(alerts, &poll).await;
         self.observe_protection(&poll).await;
         self.observe_ft(&poll);
+        self.observe_disk_writes(&poll);
+    }
+
+    /// Keeps each running VM's disk writes as its host reports them (the mirrors' write
+    /// latency); a VM its host does not report keeps none.
+    fn observe_disk_writes(&mut self, poll: &DomainsPoll) {
+        self.disk_writes = self
+            .vms
+            .iter()
+            .filter_map(|(uuid, entry)| {
+                let domain = poll.domain(&entry.record.node, uuid)?;
+                (!domain.disk_writes.is_empty()).then(|| (uuid.clone(), domain.disk_writes.clone()))
+            })
+            .collect();
     }
 
     /// The VM events `node`'s report means for the VMs recorded there.
@@ -624,6 +638,7 @@ impl Engine {
             vm: vm.to_string(),
             message,
             raised_unix_ms: crate::now_unix_ms(),
+            cleared_by: String::new(),
         };
         match self.ctx.writer.raise_alert(&alert).await {
             Ok(()) => {
@@ -635,6 +650,27 @@ impl Engine {
                 self.note_store_error(&e);
             }
         }
+    }
+
+    /// Marks open alert `id` cleared by `by`: it stays out of the open alerts while its
+    /// cause stays as it is (raising it again with the same message keeps it cleared).
+    pub(super) async fn clear_by_admin(&mut self, id: &str, by: &str) -> Result<Alert, ApiError> {
+        let Some(open) = self.alerts.get(id).filter(|a| a.open()) else {
+            return Err(ApiError::AlertNotFound(id.to_string()));
+        };
+        let alert = Alert {
+            cleared_by: by.to_string(),
+            ..open.clone()
+        };
+        tracing::info!(alert = id, by, "alert clear begin");
+        if let Err(e) = self.ctx.writer.raise_alert(&alert).await {
+            tracing::warn!(alert = id, by, error = %chain(&e), "alert clear end: failed");
+            self.note_store_error(&e);
+            return Err(store_error(e));
+        }
+        tracing::info!(alert = id, by, "alert clear end: cleared");
+        self.alerts.insert(id.to_string(), alert.clone());
+        Ok(alert)
     }
 
     /// Clears alert `id` if it is open.

@@ -109,6 +109,8 @@ pub struct Snapshot {
     pub vms: BTreeMap<String, VmRecord>,
     /// FT VMs' checkpointing by UUID, as last seen.
     pub ft: BTreeMap<String, FtRuntime>,
+    /// Mirrored VMs' disk writes by UUID, as last reported.
+    pub disk_writes: BTreeMap<String, Vec<proto::agent::DiskWrites>>,
     /// The nodes.
     pub nodes: NodesView,
     /// Open alerts by ID.
@@ -141,6 +143,16 @@ impl Snapshot {
             phase: ft::phase_of(record, seen),
             metrics: runtime.and_then(|r| r.metrics.clone()),
         })
+    }
+}
+
+impl Snapshot {
+    /// The writes to `record`'s mirrored disks as its host last reported them (none when
+    /// it runs without mirrors).
+    pub fn disk_writes(&self, record: &VmRecord) -> &[proto::agent::DiskWrites] {
+        self.disk_writes
+            .get(&record.uuid)
+            .map_or(&[], Vec::as_slice)
     }
 }
 

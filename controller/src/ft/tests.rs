@@ -68,7 +68,8 @@ fn report(committed_epoch: u64, error: &str) -> FtSeen {
         last_pause_us: 2_500,
         error: error.into(),
         waiting_for_mirror: false,
-        pauses: PauseHistogram::default(),
+        pauses: DurationHistogram::default(),
+        epochs: DurationHistogram::default(),
     }
 }
 
