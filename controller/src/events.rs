@@ -180,11 +180,20 @@ fn node_event(change: &Change<'_>) -> Option<pb::Event> {
 
 fn alert_event(change: &Change<'_>) -> Option<pb::Event> {
     let (kind, raw, verb) = match (change.value, change.prev) {
-        (Some(value), _) => (pb::EventKind::AlertRaised, value, "alert"),
-        (None, Some(prev)) => (pb::EventKind::AlertCleared, prev, "cleared"),
+        (Some(value), _) => (pb::EventKind::AlertRaised, value, "alert".to_string()),
+        (None, Some(prev)) => (pb::EventKind::AlertCleared, prev, "cleared".to_string()),
         (None, None) => return None,
     };
     let alert: Alert = serde_json::from_slice(raw).ok()?;
+    // An admin's clear rewrites the alert marked cleared: its cause stays.
+    let (kind, verb) = if alert.open() {
+        (kind, verb)
+    } else {
+        (
+            pb::EventKind::AlertCleared,
+            format!("cleared by {} (its cause remains)", alert.cleared_by),
+        )
+    };
     Some(pb::Event {
         revision: change.revision,
         kind: kind.into(),
@@ -343,6 +352,23 @@ mod tests {
 
         assert_eq!(event.kind(), pb::EventKind::AlertCleared);
         assert_eq!(event.alert_id, "path/n0/alink1");
+    }
+
+    #[test]
+    fn from_change_alert_cleared_by_an_admin_is_cleared_event() {
+        let alert = br#"{"id":"host/n1","node":"n1","vm":"","message":"host n1 is lost","raised_unix_ms":5,"cleared_by":"ops"}"#;
+
+        let event = only(from_change(&change(
+            "/pairvisor/alerts/host/n1",
+            Some(alert),
+            None,
+        )));
+
+        assert_eq!(event.kind(), pb::EventKind::AlertCleared);
+        assert_eq!(
+            event.message,
+            "cleared by ops (its cause remains): host n1 is lost"
+        );
     }
 
     #[test]
