@@ -21,6 +21,7 @@
 //! - `view`: the snapshot that reads are answered from.
 
 mod actor;
+mod alerts;
 mod effects;
 mod fencing;
 mod ft;
