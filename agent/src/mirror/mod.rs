@@ -50,6 +50,7 @@ mod pivot;
 mod registry;
 mod resync;
 mod verify;
+mod writes;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -63,6 +64,7 @@ use self::qmp::{
     source_node,
 };
 pub use self::registry::{Resync, ResyncMode, Verify};
+pub use self::writes::DiskWrites;
 use crate::domain::DiskFormat;
 use crate::libvirt::{self, Libvirt, Monitor};
 use crate::qmp_block as qmp;
@@ -305,55 +307,50 @@ pub async fn start(
 /// resync bitmaps of in-sync mirrors, and starts the resync task again if QEMU shows resync
 /// work that no task drives (after an agent restart).
 pub async fn status(libvirt: &Libvirt, node: &str, uuid: &str) -> Result<Vec<DiskMirror>, Error> {
+    Ok(read(libvirt, node, uuid, false).await?.0)
+}
+
+/// As [`status`], with the writes to each disk when mirrors run, read in the same monitor
+/// session (a listing asks for both on every poll).
+pub async fn status_with_writes(
+    libvirt: &Libvirt,
+    node: &str,
+    uuid: &str,
+) -> Result<(Vec<DiskMirror>, Vec<DiskWrites>), Error> {
+    read(libvirt, node, uuid, true).await
+}
+
+async fn read(
+    libvirt: &Libvirt,
+    node: &str,
+    uuid: &str,
+    with_writes: bool,
+) -> Result<(Vec<DiskMirror>, Vec<DiskWrites>), Error> {
     let (vm, host) = (uuid.to_string(), node.to_string());
     let status = libvirt
         .with_monitor(uuid, move |m| {
-            read_status(
+            let status = read_status(
                 m,
                 Who {
                     vm: &vm,
                     node: &host,
                 },
-            )
+            )?;
+            let writes = if with_writes && !status.mirrors.is_empty() {
+                writes::read(m)?
+            } else {
+                Vec::new()
+            };
+            Ok::<_, Error>((status, writes))
         })
         .await?;
+    let (status, writes) = status;
     if status.pending {
         registry::resume(libvirt, node, uuid);
     }
     let mut mirrors = status.mirrors;
     registry::overlay(uuid, &mut mirrors);
-    Ok(mirrors)
-}
-
-/// One disk's writes since its QEMU started: under a synchronous mirror a write completes
-/// only once it is on both hosts, so their mean time is the mirror's write latency.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskWrites {
-    /// Guest device, e.g. "vda".
-    pub device: String,
-    /// Writes completed.
-    pub count: u64,
-    /// Their total time in nanoseconds.
-    pub total_ns: u64,
-}
-
-/// The writes to each virtio disk of the running domain `uuid` (QMP `query-blockstats`).
-pub async fn writes(libvirt: &Libvirt, uuid: &str) -> Result<Vec<DiskWrites>, Error> {
-    libvirt
-        .with_monitor(uuid, |m| {
-            let stats = qmp::query_blockstats(m)?;
-            Ok(stats
-                .into_iter()
-                .filter_map(|entry| {
-                    Some(DiskWrites {
-                        device: qmp::device_of_qdev(&entry.qdev)?,
-                        count: entry.stats.wr_operations,
-                        total_ns: entry.stats.wr_total_time_ns,
-                    })
-                })
-                .collect())
-        })
-        .await
+    Ok((mirrors, writes))
 }
 
 /// Stops every mirror (and resync) of the domain `uuid` and removes its target nodes and

@@ -127,15 +127,7 @@ impl Inner {
             let (libvirt, uuid) = (self.deps.libvirt.clone(), d.uuid.clone());
             let node = self.node.clone();
             reads.spawn(async move {
-                let status = async {
-                    let mirrors = mirror::status(&libvirt, &node, &uuid).await?;
-                    let writes = if mirrors.is_empty() {
-                        Vec::new()
-                    } else {
-                        mirror::writes(&libvirt, &uuid).await?
-                    };
-                    Ok::<_, mirror::Error>((mirrors, writes))
-                };
+                let status = mirror::status_with_writes(&libvirt, &node, &uuid);
                 let read = tokio::time::timeout(MIRROR_STATUS_BUDGET, status).await;
                 (uuid, read)
             });
